@@ -1,0 +1,2 @@
+//! The `kvmmu` command (placeholder: being written).
+fn main() {}

@@ -1,0 +1,1 @@
+//! The primary MMU (placeholder: being written).

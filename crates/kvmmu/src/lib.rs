@@ -1,0 +1,14 @@
+//! kvmmu: KVM's x86 MMU as a userspace library, on simulated hardware.
+//!
+//! (The crate tutorial is filled in as the layers land; see `README.md` and `DESIGN.md`.)
+
+pub mod addr;
+pub mod sync;
+
+#[cfg(not(loom))]
+pub mod host;
+pub mod mmu;
+#[cfg(not(loom))]
+pub mod vcpu;
+#[cfg(not(loom))]
+pub mod vm;

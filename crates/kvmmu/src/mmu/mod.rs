@@ -1,0 +1,3 @@
+//! The arch MMU (placeholder: being written).
+pub mod spte;
+pub mod tdp;

@@ -1,0 +1,1 @@
+//! SPTE format (placeholder: being written).

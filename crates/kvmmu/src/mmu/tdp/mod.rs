@@ -1,0 +1,1 @@
+//! TDP MMU (placeholder: being written).

@@ -1,0 +1,166 @@
+//! Synchronization primitives: the only module that names `std::sync`, `parking_lot`,
+//! `crossbeam-epoch` or `loom`.
+//!
+//! Everything else in the crate imports its atomics, `Arc`, locks and spin hints from here, so that
+//! building with `RUSTFLAGS="--cfg loom"` swaps every one of them for loom's model-checked twin
+//! without touching the code that uses them.
+//!
+//! What lives here:
+//! - the facade types ([`atomic`], [`Arc`], [`Mutex`], [`RwLock`], [`Condvar`], [`spin_hint`]);
+//! - [`srcu`]: our sleepable RCU, which protects the published memslot sets;
+//! - [`rcu`]: epoch-based reclamation for page-table pages (crossbeam-epoch, one collector per VM);
+//! - [`witness`]: zero-sized proofs that a lock is held, passed to functions that need it;
+//! - [`lock_rank`]: a debug-build checker of DESIGN.md's lock order.
+
+pub mod lock_rank;
+pub mod rcu;
+pub mod srcu;
+pub mod witness;
+
+/// Atomic integer types and orderings (std normally, loom under `cfg(loom)`).
+pub mod atomic {
+    #[cfg(loom)]
+    pub use loom::sync::atomic::{
+        AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+    };
+    #[cfg(not(loom))]
+    pub use std::sync::atomic::{
+        AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+    };
+}
+
+#[cfg(loom)]
+pub use loom::sync::Arc;
+#[cfg(not(loom))]
+pub use std::sync::Arc;
+
+/// Hint that the caller is spinning on a value another thread will change.
+///
+/// Under loom this yields to the scheduler, which loom requires of every spin loop (otherwise the
+/// model explores an unbounded number of iterations of the spinning thread).
+#[inline]
+pub fn spin_hint() {
+    #[cfg(loom)]
+    loom::thread::yield_now();
+    #[cfg(not(loom))]
+    core::hint::spin_loop();
+}
+
+/// Give up the CPU to another runnable thread (used by backoff loops that spun too long).
+#[inline]
+pub fn yield_now() {
+    #[cfg(loom)]
+    loom::thread::yield_now();
+    #[cfg(not(loom))]
+    std::thread::yield_now();
+}
+
+#[cfg(not(loom))]
+mod imp {
+    /// A mutual-exclusion lock (parking_lot).
+    pub type Mutex<T> = parking_lot::Mutex<T>;
+    /// Guard of a [`Mutex`].
+    pub type MutexGuard<'a, T> = parking_lot::MutexGuard<'a, T>;
+    /// A condition variable used with [`Mutex`].
+    pub type Condvar = parking_lot::Condvar;
+    /// A reader-writer lock (parking_lot, task-fair).
+    pub type RwLock<T> = parking_lot::RwLock<T>;
+    /// Shared guard of a [`RwLock`].
+    pub type RwLockReadGuard<'a, T> = parking_lot::RwLockReadGuard<'a, T>;
+    /// Exclusive guard of a [`RwLock`].
+    pub type RwLockWriteGuard<'a, T> = parking_lot::RwLockWriteGuard<'a, T>;
+}
+
+#[cfg(loom)]
+mod imp {
+    //! Thin wrappers that give loom's locks parking_lot's guard-returning API.
+
+    /// A mutual-exclusion lock (loom).
+    #[derive(Debug)]
+    pub struct Mutex<T>(loom::sync::Mutex<T>);
+    /// Guard of a [`Mutex`].
+    pub type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+    impl<T> Mutex<T> {
+        /// Creates the lock.
+        pub fn new(v: T) -> Self {
+            Self(loom::sync::Mutex::new(v))
+        }
+        /// Acquires the lock.
+        pub fn lock(&self) -> MutexGuard<'_, T> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+        /// Tries to acquire the lock without blocking.
+        pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+            self.0.try_lock().ok()
+        }
+    }
+
+    /// A condition variable (loom).
+    #[derive(Debug, Default)]
+    pub struct Condvar(loom::sync::Condvar);
+
+    impl Condvar {
+        /// Creates the condition variable.
+        pub fn new() -> Self {
+            Self(loom::sync::Condvar::new())
+        }
+        /// Blocks until notified, releasing and retaking the guard's lock.
+        pub fn wait<T>(&self, guard: &mut MutexGuard<'_, T>) {
+            // loom's Condvar consumes the guard; emulate parking_lot's `&mut` API by swapping
+            // through a raw read/write pair.
+            // SAFETY: `guard` is a valid, initialized guard that we move out of and immediately
+            // replace with the guard returned by `wait`, which holds the same lock; no code observes
+            // the moved-from slot in between (the call cannot unwind past us with the slot empty
+            // because loom's `wait` only returns Ok or an unwrapped poison error).
+            unsafe {
+                let g = core::ptr::read(guard);
+                let g = self.0.wait(g).unwrap_or_else(|e| e.into_inner());
+                core::ptr::write(guard, g);
+            }
+        }
+        /// Wakes every waiter.
+        pub fn notify_all(&self) -> bool {
+            self.0.notify_all();
+            true
+        }
+        /// Wakes one waiter.
+        pub fn notify_one(&self) -> bool {
+            self.0.notify_one();
+            true
+        }
+    }
+
+    /// A reader-writer lock (loom).
+    #[derive(Debug)]
+    pub struct RwLock<T>(loom::sync::RwLock<T>);
+    /// Shared guard of a [`RwLock`].
+    pub type RwLockReadGuard<'a, T> = loom::sync::RwLockReadGuard<'a, T>;
+    /// Exclusive guard of a [`RwLock`].
+    pub type RwLockWriteGuard<'a, T> = loom::sync::RwLockWriteGuard<'a, T>;
+
+    impl<T> RwLock<T> {
+        /// Creates the lock.
+        pub fn new(v: T) -> Self {
+            Self(loom::sync::RwLock::new(v))
+        }
+        /// Acquires the lock shared.
+        pub fn read(&self) -> RwLockReadGuard<'_, T> {
+            self.0.read().unwrap_or_else(|e| e.into_inner())
+        }
+        /// Acquires the lock exclusive.
+        pub fn write(&self) -> RwLockWriteGuard<'_, T> {
+            self.0.write().unwrap_or_else(|e| e.into_inner())
+        }
+        /// Tries to acquire the lock shared without blocking.
+        pub fn try_read(&self) -> Option<RwLockReadGuard<'_, T>> {
+            self.0.try_read().ok()
+        }
+        /// Tries to acquire the lock exclusive without blocking.
+        pub fn try_write(&self) -> Option<RwLockWriteGuard<'_, T>> {
+            self.0.try_write().ok()
+        }
+    }
+}
+
+pub use imp::*;

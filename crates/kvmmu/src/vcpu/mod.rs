@@ -1,0 +1,1 @@
+//! vCPUs (placeholder: being written).

@@ -1,0 +1,1 @@
+//! Memslots (placeholder: being written).

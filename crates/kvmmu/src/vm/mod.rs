@@ -1,0 +1,2 @@
+//! The VM (placeholder: being written).
+pub mod memslot;
