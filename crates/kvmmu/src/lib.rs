@@ -12,3 +12,11 @@ pub mod mmu;
 pub mod vcpu;
 #[cfg(not(loom))]
 pub mod vm;
+
+/// Under loom only the small protocols are compiled: the sync primitives, the SPTE format, the TDP
+/// tables and the TLB-flush request protocol.
+#[cfg(loom)]
+pub mod vm {
+    #[path = "request.rs"]
+    pub mod request;
+}

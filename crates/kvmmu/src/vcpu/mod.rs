@@ -1,1 +1,2 @@
 //! vCPUs (placeholder: being written).
+pub mod tlb;

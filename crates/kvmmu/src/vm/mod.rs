@@ -1,2 +1,3 @@
 //! The VM (placeholder: being written).
 pub mod memslot;
+pub mod request;

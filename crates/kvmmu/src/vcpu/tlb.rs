@@ -1,0 +1,1 @@
+//! Software TLB (placeholder: being written).

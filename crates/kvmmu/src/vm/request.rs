@@ -1,0 +1,1 @@
+//! vCPU requests and remote TLB flushes (placeholder: being written).
