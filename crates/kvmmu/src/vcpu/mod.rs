@@ -1,2 +1,264 @@
-//! vCPUs (placeholder: being written).
+//! Simulated vCPUs: the hardware that reads and writes guest memory through the MMU's translations.
+//!
+//! # How an access runs
+//! 1. Outside guest mode, make sure the vCPU has a valid root (`kvm_mmu_reload`), then enter guest
+//!    mode; pending requests (TLB flush, root reload) are handled on entry.
+//! 2. At every access (an instruction boundary) the vCPU checks its requests, which acknowledges
+//!    remote TLB flushes. It then looks up its software TLB; on a miss it walks the current root
+//!    with acquire loads, setting Accessed (and Dirty on a write) with an atomic OR as hardware does,
+//!    and fills the TLB.
+//! 3. The access itself is an atomic word access to the host frame, checked against the frame's owner
+//!    tag: an access through a stale translation is reported as
+//!    [`VcpuExit::StaleTranslation`], never silently performed.
+//! 4. A not-present or write-protected translation leaves guest mode and runs the page fault
+//!    handler; RETRY re-executes the access; an unresolvable fault is returned as a [`VcpuExit`].
+//!
+//! A vCPU never blocks on a lock while in guest mode (it only pins RCU and SRCU, which never block),
+//! so a thread that holds `mmu_lock` and waits for TLB-flush acknowledgements cannot deadlock with it.
+
 pub mod tlb;
+mod walker;
+
+use crate::addr::{AsId, Gpa, Hva};
+use crate::host::{GupError, StaleAccess};
+use crate::mmu::FaultError;
+use crate::mmu::tdp::{FaultOutcome, RootRef};
+use crate::sync::Arc;
+use crate::sync::atomic::Ordering;
+use crate::vm::VmInner;
+use crate::vm::request::VcpuHandle;
+use tlb::Tlb;
+
+/// Why a vCPU access could not complete: what KVM would report to its user as a `KVM_RUN` exit.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// The host refused the page (`-EFAULT`): the memory is unmapped, or it is a write to memory the
+    /// host mapped read-only.
+    #[error("host fault at gpa {gpa} (hva {hva}): {error}")]
+    HostFault {
+        /// The faulting guest physical address.
+        gpa: Gpa,
+        /// The host address the memslot maps it to.
+        hva: Hva,
+        /// What the host said.
+        error: GupError,
+    },
+    /// No memslot covers the address (KVM: an MMIO exit).
+    #[error("no memslot covers gpa {gpa}")]
+    NoMemslot {
+        /// The address.
+        gpa: Gpa,
+    },
+    /// A write to a read-only memslot (KVM: an MMIO exit).
+    #[error("write to read-only memslot at gpa {gpa}")]
+    ReadonlyMemslot {
+        /// The address.
+        gpa: Gpa,
+    },
+    /// Accesses are 8-byte words; the address was not 8-byte aligned.
+    #[error("gpa {gpa} is not 8-byte aligned")]
+    Unaligned {
+        /// The address.
+        gpa: Gpa,
+    },
+    /// The MMU handed the vCPU a translation to a frame that no longer backs that guest page. This is
+    /// a kvmmu bug (DESIGN invariant 2); it is reported so that tests and torture runs catch it.
+    #[error("stale translation used at gpa {gpa}: {source}")]
+    StaleTranslation {
+        /// The address.
+        gpa: Gpa,
+        /// What the frame check found.
+        source: StaleAccess,
+    },
+    /// The VM has been torn down.
+    #[error("the VM has been torn down")]
+    VmDead,
+}
+
+impl VcpuExit {
+    fn from_fault(e: FaultError) -> VcpuExit {
+        match e {
+            FaultError::NoMemslot { gpa } => VcpuExit::NoMemslot { gpa },
+            FaultError::ReadonlyMemslot { gpa } => VcpuExit::ReadonlyMemslot { gpa },
+            FaultError::HostFault { gpa, hva, error } => VcpuExit::HostFault { gpa, hva, error },
+            FaultError::VmDead => VcpuExit::VmDead,
+        }
+    }
+}
+
+/// Per-vCPU counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuStats {
+    /// Completed guest accesses.
+    pub accesses: u64,
+    /// TLB misses that walked the page tables.
+    pub tlb_misses: u64,
+    /// Faults taken (each attempt).
+    pub faults: u64,
+    /// Faults that returned RETRY.
+    pub fault_retries: u64,
+    /// Root (re)loads.
+    pub root_loads: u64,
+    /// TLB flushes performed because of remote requests.
+    pub tlb_flushes: u64,
+}
+
+/// A virtual CPU. Owned by one thread at a time.
+pub struct Vcpu {
+    vm: Arc<VmInner>,
+    handle: VcpuHandle,
+    tlb: Tlb,
+    root: Option<RootRef>,
+    as_id: AsId,
+    stats: VcpuStats,
+}
+
+impl Vcpu {
+    pub(crate) fn new(vm: Arc<VmInner>) -> Vcpu {
+        let handle = vm.requests.register();
+        let tlb = Tlb::new(vm.config.tlb_entries);
+        Vcpu {
+            vm,
+            handle,
+            tlb,
+            root: None,
+            as_id: AsId::new(0),
+            stats: VcpuStats::default(),
+        }
+    }
+
+    /// Reads the 8-byte word at `gpa` (one guest instruction).
+    pub fn read_u64(&mut self, gpa: Gpa) -> Result<u64, VcpuExit> {
+        self.enter().read_u64(gpa)
+    }
+
+    /// Writes the 8-byte word at `gpa` (one guest instruction).
+    pub fn write_u64(&mut self, gpa: Gpa, value: u64) -> Result<(), VcpuExit> {
+        self.enter().write_u64(gpa, value)
+    }
+
+    /// Enters guest mode for a run of accesses; guest mode ends when the returned value is dropped.
+    /// Running many accesses in one session is how a real guest runs, and is much cheaper than one
+    /// entry per access.
+    pub fn enter(&mut self) -> GuestMode<'_> {
+        let reqs = self.handle.enter_guest();
+        self.apply_requests(reqs);
+        GuestMode { vcpu: self }
+    }
+
+    /// Per-vCPU counters (the TLB's own counters are in [`Vcpu::tlb_stats`]).
+    pub fn stats(&self) -> VcpuStats {
+        self.stats
+    }
+
+    /// The software TLB's counters.
+    pub fn tlb_stats(&self) -> tlb::TlbStats {
+        self.tlb.stats()
+    }
+
+    fn apply_requests(&mut self, reqs: crate::vm::request::Requests) {
+        if reqs.tlb_flush() {
+            self.tlb.flush_all();
+            self.stats.tlb_flushes += 1;
+        }
+        if reqs.mmu_reload() {
+            self.tlb.flush_all();
+            self.root = None;
+        }
+    }
+
+    /// `kvm_mmu_reload`: outside guest mode, take a valid root.
+    fn load_root(&mut self) -> Result<(), VcpuExit> {
+        if self.vm.dead.load(Ordering::Acquire) {
+            return Err(VcpuExit::VmDead);
+        }
+        if self.root.as_ref().is_some_and(|r| !r.is_invalid()) {
+            return Ok(());
+        }
+        self.root = None;
+        self.tlb.flush_all();
+        let mmu = self.vm.mmu_lock.read();
+        let root = self.vm.tdp.get_root(self.as_id, mmu.witness());
+        drop(mmu);
+        self.root = Some(root);
+        self.stats.root_loads += 1;
+        Ok(())
+    }
+}
+
+/// A vCPU in guest mode. Dropping it leaves guest mode.
+pub struct GuestMode<'v> {
+    vcpu: &'v mut Vcpu,
+}
+
+impl GuestMode<'_> {
+    /// Reads the 8-byte word at `gpa`.
+    pub fn read_u64(&mut self, gpa: Gpa) -> Result<u64, VcpuExit> {
+        self.access(gpa, None)
+    }
+
+    /// Writes the 8-byte word at `gpa`.
+    pub fn write_u64(&mut self, gpa: Gpa, value: u64) -> Result<(), VcpuExit> {
+        self.access(gpa, Some(value)).map(|_| ())
+    }
+
+    /// One guest access: translate (TLB, walk, or fault) and perform it.
+    fn access(&mut self, gpa: Gpa, write: Option<u64>) -> Result<u64, VcpuExit> {
+        if gpa.raw() & 7 != 0 {
+            return Err(VcpuExit::Unaligned { gpa });
+        }
+        let mut spins = 0u32;
+        loop {
+            // An instruction boundary: acknowledge remote TLB flushes before translating.
+            let reqs = self.vcpu.handle.check_requests();
+            if !reqs.is_empty() {
+                self.vcpu.apply_requests(reqs);
+            }
+            if self.vcpu.root.as_ref().is_none_or(|r| r.is_invalid()) {
+                self.leave_guest_mode_for(|v| v.load_root())?;
+                continue;
+            }
+            match walker::translate_and_access(self.vcpu, gpa, write)? {
+                walker::Access::Done(v) => {
+                    self.vcpu.stats.accesses += 1;
+                    return Ok(v);
+                }
+                walker::Access::Fault => {
+                    let outcome = self.leave_guest_mode_for(|v| {
+                        let root = v.root.clone().ok_or(VcpuExit::VmDead)?;
+                        v.stats.faults += 1;
+                        v.vm
+                            .page_fault(&root, gpa, write.is_some())
+                            .map_err(VcpuExit::from_fault)
+                    })?;
+                    if let FaultOutcome::Retry(_) = outcome {
+                        self.vcpu.stats.fault_retries += 1;
+                        spins += 1;
+                        if spins > 64 {
+                            // An invalidation keeps racing us: let it finish.
+                            crate::sync::yield_now();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Leaves guest mode, runs `f` (which may block), and re-enters, handling requests raised meanwhile.
+    fn leave_guest_mode_for<T>(
+        &mut self,
+        f: impl FnOnce(&mut Vcpu) -> Result<T, VcpuExit>,
+    ) -> Result<T, VcpuExit> {
+        self.vcpu.handle.exit_guest();
+        let r = f(self.vcpu);
+        let reqs = self.vcpu.handle.enter_guest();
+        self.vcpu.apply_requests(reqs);
+        r
+    }
+}
+
+impl Drop for GuestMode<'_> {
+    fn drop(&mut self) {
+        self.vcpu.handle.exit_guest();
+    }
+}

@@ -1,3 +1,382 @@
-//! The VM (placeholder: being written).
+//! The VM (`struct kvm`, `virt/kvm/kvm_main.c`): memslots published under SRCU, `mmu_lock`, the
+//! invalidation state, vCPU requests, and the MMU-notifier subscription to the host.
+//!
+//! # Memslot updates (spec §1.3, §2.3)
+//! 1. `slots_lock` serializes updaters. The request is validated against the active sets
+//!    ([`memslot::plan_change`]); a refused request changes nothing.
+//! 2. Each swap waits, under `mn_invalidate_lock`, until no `invalidate_range_start`…`end` pair is in
+//!    flight (`mn_active_invalidate_count == 0`), publishes the new set while still holding that lock,
+//!    releases it, then waits for an SRCU grace period. So every start/end pair sees one set
+//!    (invariants 2–3) and no reader still uses the old set when the swap returns (invariant 8).
+//! 3. DELETE and MOVE first publish a copy of the slot marked INVALID (faults on it retry), zap every
+//!    SPTE of the slot under `mmu_lock` write with a TLB flush, then publish the final set.
+//! 4. Generations follow KVM: the in-progress bit (bit 63) is set before the publish, and the final
+//!    value is `old + address_spaces`, so each address space keeps its residue (invariant 7).
+//!
+//! # Teardown
+//! Dropping the [`Vm`] (or the host calling `release`) unsubscribes from the host, zaps every SPTE,
+//! frees every root and waits for the deferred page-table frees; vCPUs still alive then fail with
+//! [`crate::vcpu::VcpuExit::VmDead`].
+
+pub mod invalidate;
 pub mod memslot;
 pub mod request;
+
+use crate::addr::AsId;
+use crate::config::{AgingMode, ConfigError, VmConfig};
+use crate::host::{HostMm, NotifierId};
+use crate::mmu::seq::{InvalidateCounters, InvalidateState};
+use crate::mmu::tdp::{RemoteTlbFlush, TdpMmu, TdpStats};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::lock_rank::LockRank;
+use crate::sync::rcu::Rcu;
+use crate::sync::srcu::{Srcu, SrcuCell, SrcuGuard};
+use crate::sync::witness::{MmuLock, MmuLockStats, RankedMutex};
+use crate::sync::{Arc, Condvar};
+use memslot::{MemoryRegion, Memslot, MemslotChange, MemslotError, Memslots};
+use request::VcpuRequests;
+
+/// Bit 63 of a memslot generation: an update is being published (`KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS`).
+pub const MEMSLOT_GEN_UPDATE_IN_PROGRESS: u64 = 1 << 63;
+
+/// Why a VM could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The configuration was refused.
+    #[error("invalid VM configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The host was already released (its process exited).
+    #[error("the host address space has been released")]
+    HostReleased,
+    /// The VM was torn down (dropped or released by the host).
+    #[error("the VM has been torn down")]
+    Dead,
+}
+
+/// Why `set_user_memory_region` refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum SetMemoryRegionError {
+    /// The request is invalid; nothing changed.
+    #[error(transparent)]
+    Invalid(#[from] MemslotError),
+    /// The VM was torn down.
+    #[error("the VM has been torn down")]
+    Dead,
+}
+
+/// Counters of VM-level events, for reports and oracles.
+#[derive(Debug, Default)]
+pub(crate) struct VmCounters {
+    pub(crate) faults: AtomicU64,
+    pub(crate) fault_retries: AtomicU64,
+    pub(crate) memslot_swaps: AtomicU64,
+    pub(crate) invalidate_starts: AtomicU64,
+    pub(crate) invalidate_ends: AtomicU64,
+    pub(crate) age_calls: AtomicU64,
+    pub(crate) age_young: AtomicU64,
+    pub(crate) remote_tlb_flushes: AtomicU64,
+}
+
+/// A snapshot of the VM's statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmStats {
+    /// Page faults handled (each attempt, including retries).
+    pub faults: u64,
+    /// Faults that returned RETRY (raced with an invalidation, a frozen SPTE or a lost CAS).
+    pub fault_retries: u64,
+    /// Memslot set publications.
+    pub memslot_swaps: u64,
+    /// `invalidate_range_start` calls received.
+    pub invalidate_starts: u64,
+    /// `invalidate_range_end` calls received.
+    pub invalidate_ends: u64,
+    /// Aging notifier calls (`clear_young`, `clear_flush_young`, `test_young`).
+    pub age_calls: u64,
+    /// Aging calls that reported young.
+    pub age_young: u64,
+    /// Remote TLB flushes requested by the MMU.
+    pub remote_tlb_flushes: u64,
+    /// `mmu_invalidate_in_progress` and `mmu_invalidate_seq`.
+    pub invalidate: InvalidateCounters,
+    /// `mn_active_invalidate_count`.
+    pub mn_active_invalidate_count: u64,
+    /// `mmu_lock` acquisition counts.
+    pub mmu_lock: MmuLockStats,
+    /// TDP MMU page-table statistics.
+    pub tdp: TdpStats,
+}
+
+/// State shared by the VM handle, its vCPUs and its notifier subscription.
+pub(crate) struct VmInner {
+    pub(crate) config: VmConfig,
+    pub(crate) host: HostMm,
+    pub(crate) srcu: Srcu,
+    pub(crate) memslots: Vec<SrcuCell<Memslots>>,
+    pub(crate) generations: Vec<AtomicU64>,
+    pub(crate) slots_lock: RankedMutex<()>,
+    pub(crate) mn_invalidate: RankedMutex<u64>,
+    pub(crate) mn_memslots_update: Condvar,
+    pub(crate) mmu_lock: MmuLock,
+    pub(crate) invalidate: InvalidateState,
+    pub(crate) rcu: Arc<Rcu>,
+    pub(crate) tdp: TdpMmu,
+    pub(crate) requests: Arc<VcpuRequests>,
+    pub(crate) counters: VmCounters,
+    pub(crate) dead: AtomicBool,
+}
+
+/// A virtual machine on a [`HostMm`].
+///
+/// ```
+/// use kvmmu::prelude::*;
+/// let host = HostMm::new(HostConfig { frames: 1024 })?;
+/// let vm = Vm::new(&host, VmConfig::default())?;
+/// let hva = host.mmap(1 << 20, Prot::READ | Prot::WRITE)?;
+/// vm.set_user_memory_region(MemoryRegion {
+///     slot: SlotId::new(0), as_id: AsId::new(0), flags: MemFlags::empty(),
+///     gpa: Gpa::new(0), size: 1 << 20, hva,
+/// })?;
+/// let mut vcpu = vm.create_vcpu()?;
+/// vcpu.write_u64(Gpa::new(0x1000), 42)?;
+/// assert_eq!(vcpu.read_u64(Gpa::new(0x1000))?, 42);
+/// assert_eq!(host.read_u64(hva.checked_add(0x1000).unwrap())?, 42);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Vm {
+    inner: Arc<VmInner>,
+    subscription: NotifierId,
+}
+
+impl Vm {
+    /// Creates a VM on `host` and subscribes it to the host's MMU notifiers.
+    pub fn new(host: &HostMm, config: VmConfig) -> Result<Vm, VmError> {
+        config.validate()?;
+        let nr_as = config.address_spaces;
+        let rcu = Arc::new(Rcu::new());
+        let inner = Arc::new(VmInner {
+            host: host.clone(),
+            srcu: Srcu::new(),
+            memslots: (0..nr_as)
+                .map(|a| SrcuCell::new(Arc::new(Memslots::new(AsId::new(a as u8)))))
+                .collect(),
+            generations: (0..nr_as).map(|a| AtomicU64::new(a as u64)).collect(),
+            slots_lock: RankedMutex::new(LockRank::SlotsLock, ()),
+            mn_invalidate: RankedMutex::new(LockRank::MnInvalidate, 0),
+            mn_memslots_update: Condvar::new(),
+            mmu_lock: MmuLock::new(),
+            invalidate: InvalidateState::new(),
+            tdp: TdpMmu::new(nr_as, rcu.clone()),
+            rcu,
+            requests: VcpuRequests::new(),
+            counters: VmCounters::default(),
+            dead: AtomicBool::new(false),
+            config,
+        });
+        let subscription = host.register_notifier(Arc::new(invalidate::VmNotifier::new(&inner)));
+        Ok(Vm {
+            inner,
+            subscription,
+        })
+    }
+
+    /// The configuration the VM was created with.
+    pub fn config(&self) -> &VmConfig {
+        &self.inner.config
+    }
+
+    /// The host address space the VM sits on.
+    pub fn host(&self) -> &HostMm {
+        &self.inner.host
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION`: create (new slot id), delete (`size == 0`), move (new `gpa`) or
+    /// change the flags of a memslot, with KVM's validation. A refused request changes nothing.
+    pub fn set_user_memory_region(&self, region: MemoryRegion) -> Result<(), SetMemoryRegionError> {
+        self.inner.set_user_memory_region(&region)
+    }
+
+    /// Creates a vCPU. It is owned by one thread at a time (it is `Send`, not `Sync`).
+    pub fn create_vcpu(&self) -> Result<crate::vcpu::Vcpu, VmError> {
+        if self.inner.dead.load(Ordering::Acquire) {
+            return Err(VmError::Dead);
+        }
+        Ok(crate::vcpu::Vcpu::new(self.inner.clone()))
+    }
+
+    /// The memslot generation of an address space.
+    pub fn memslots_generation(&self, as_id: AsId) -> Option<u64> {
+        self.inner
+            .generations
+            .get(as_id.index())
+            .map(|g| g.load(Ordering::Acquire))
+    }
+
+    /// The active memslots of an address space, by base gfn.
+    pub fn memslots(&self, as_id: AsId) -> Option<Vec<Arc<Memslot>>> {
+        let cell = self.inner.memslots.get(as_id.index())?;
+        let guard = self.inner.srcu.read_lock();
+        Some(cell.load(&guard).iter().cloned().collect())
+    }
+
+    /// Invalidates every root (`kvm_mmu_zap_all_fast`, as a CR0.WP toggle or a memslot change does
+    /// in the kernel): vCPUs load fresh roots on their next entry.
+    pub fn reset_mmu(&self) {
+        self.inner.reset_mmu();
+    }
+
+    /// Statistics.
+    pub fn stats(&self) -> VmStats {
+        self.inner.stats()
+    }
+
+    /// Tears the VM down now (as dropping it does) and returns the final statistics, taken after every
+    /// SPTE was zapped and every deferred page-table free has run. With no vCPU left alive, the TDP
+    /// statistics then show as many tables freed as allocated (DESIGN invariant 5).
+    pub fn shutdown(self) -> VmStats {
+        self.inner.host.unregister_notifier(self.subscription);
+        self.inner.teardown();
+        self.inner.stats()
+    }
+
+    /// True once the VM has been torn down by the host's `release`.
+    pub fn is_dead(&self) -> bool {
+        self.inner.dead.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.inner.host.unregister_notifier(self.subscription);
+        self.inner.teardown();
+    }
+}
+
+impl VmInner {
+    fn set_user_memory_region(&self, req: &MemoryRegion) -> Result<(), SetMemoryRegionError> {
+        let _slots = self.slots_lock.lock();
+        if self.dead.load(Ordering::Acquire) {
+            return Err(SetMemoryRegionError::Dead);
+        }
+        let current: Vec<Arc<Memslots>> = self.memslots.iter().map(|c| c.current()).collect();
+        let refs: Vec<&Memslots> = current.iter().map(|s| &**s).collect();
+        let change = memslot::plan_change(&refs, req)?;
+        let as_id = req.as_id;
+        match change {
+            MemslotChange::Unchanged => {}
+            MemslotChange::Create { new } => {
+                self.swap_memslots(as_id, None, Some(Arc::new(new)));
+            }
+            MemslotChange::FlagsOnly { old, new } => {
+                self.swap_memslots(as_id, Some(&old), Some(Arc::new(new)));
+            }
+            MemslotChange::Delete { old } => {
+                let invalid = Arc::new(old.invalid_copy());
+                self.swap_memslots(as_id, Some(&old), Some(invalid.clone()));
+                self.flush_shadow_memslot(&old);
+                self.swap_memslots(as_id, Some(&invalid), None);
+            }
+            MemslotChange::Move { old, new } => {
+                let invalid = Arc::new(old.invalid_copy());
+                self.swap_memslots(as_id, Some(&old), Some(invalid.clone()));
+                self.flush_shadow_memslot(&old);
+                self.swap_memslots(as_id, Some(&invalid), Some(Arc::new(new)));
+            }
+        }
+        Ok(())
+    }
+
+    /// `kvm_swap_active_memslots`: publish a copy of the active set with `old` replaced by `new`.
+    /// Caller holds `slots_lock`.
+    fn swap_memslots(&self, as_id: AsId, old: Option<&Arc<Memslot>>, new: Option<Arc<Memslot>>) {
+        let cell = &self.memslots[as_id.index()];
+        let gen_cell = &self.generations[as_id.index()];
+        // ORDERING: generations are written only under slots_lock; Release/Acquire make a reader that
+        // sees the final value also see the set published before it.
+        let gen = gen_cell.load(Ordering::Acquire);
+        let final_gen = (gen & !MEMSLOT_GEN_UPDATE_IN_PROGRESS) + self.config.address_spaces as u64;
+        gen_cell.store(gen | MEMSLOT_GEN_UPDATE_IN_PROGRESS, Ordering::Release);
+        let next = Arc::new(cell.current().with_change(old, new, final_gen));
+
+        let mut mn = self.mn_invalidate.lock();
+        while *mn != 0 {
+            mn.wait(&self.mn_memslots_update);
+        }
+        let retired = cell.replace(next, &self.srcu);
+        drop(mn);
+        // Wait for every SRCU reader that may still see the old set.
+        drop(retired.wait());
+        gen_cell.store(final_gen, Ordering::Release);
+        self.counters.memslot_swaps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `kvm_arch_flush_shadow_memslot`: zap every SPTE of `slot`, flushing TLBs before the lock drops.
+    fn flush_shadow_memslot(&self, slot: &Memslot) {
+        let mut mmu = self.mmu_lock.write();
+        let flush = self
+            .tdp
+            .zap_leafs(slot.as_id(), slot.gfn_range(), &mut mmu, true, self);
+        if flush {
+            self.flush_remote_tlbs();
+        }
+        drop(mmu);
+    }
+
+    fn reset_mmu(&self) {
+        let mut mmu = self.mmu_lock.write();
+        self.tdp.invalidate_all_roots(mmu.witness());
+        self.requests
+            .make_all_request(request::Request::MmuReload);
+        self.tdp.zap_invalidated_roots(&mut mmu, self);
+        drop(mmu);
+    }
+
+    /// Zap everything and free every page table: the end of the VM's MMU.
+    pub(crate) fn teardown(&self) {
+        if self.dead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        {
+            let mut mmu = self.mmu_lock.write();
+            self.tdp.teardown(&mut mmu, self);
+            self.requests
+                .make_all_request(request::Request::MmuReload);
+        }
+        self.flush_remote_tlbs();
+        self.rcu.synchronize();
+    }
+
+    pub(crate) fn srcu_read(&self) -> SrcuGuard<'_> {
+        self.srcu.read_lock()
+    }
+
+    pub(crate) fn aging_lockless(&self) -> bool {
+        self.config.aging == AgingMode::Lockless
+    }
+
+    fn stats(&self) -> VmStats {
+        let c = &self.counters;
+        VmStats {
+            faults: c.faults.load(Ordering::Relaxed),
+            fault_retries: c.fault_retries.load(Ordering::Relaxed),
+            memslot_swaps: c.memslot_swaps.load(Ordering::Relaxed),
+            invalidate_starts: c.invalidate_starts.load(Ordering::Relaxed),
+            invalidate_ends: c.invalidate_ends.load(Ordering::Relaxed),
+            age_calls: c.age_calls.load(Ordering::Relaxed),
+            age_young: c.age_young.load(Ordering::Relaxed),
+            remote_tlb_flushes: c.remote_tlb_flushes.load(Ordering::Relaxed),
+            invalidate: self.invalidate.counters(),
+            mn_active_invalidate_count: *self.mn_invalidate.lock(),
+            mmu_lock: self.mmu_lock.stats(),
+            tdp: self.tdp.stats(),
+        }
+    }
+}
+
+impl RemoteTlbFlush for VmInner {
+    fn flush_remote_tlbs(&self) {
+        self.counters
+            .remote_tlb_flushes
+            .fetch_add(1, Ordering::Relaxed);
+        self.requests.flush_remote_tlbs();
+    }
+}

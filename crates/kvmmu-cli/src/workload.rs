@@ -1,0 +1,298 @@
+//! The default workload: populate, age, re-touch, find the hot pages, verify.
+
+use crate::{AgingArg, Cli, MmuArg};
+use anyhow::{Context, bail, ensure};
+use kvmmu::addr::PAGE_SIZE;
+use kvmmu::prelude::*;
+use std::fmt;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+/// Guest physical address of the test memslot (memstress puts it high; 4 GiB keeps gfns non-trivial).
+const TEST_GPA: u64 = 1 << 32;
+/// Largest guest the default workload accepts (the frame arena is lazily populated, but every
+/// populated page costs real memory).
+const MAX_TOTAL_BYTES: u64 = 16 << 30;
+
+/// What the workload measured.
+pub struct Report {
+    vcpus: usize,
+    pages: u64,
+    mmu: MmuArg,
+    aging: AgingArg,
+    populate: Duration,
+    faults: u64,
+    fault_retries: u64,
+    passes: Vec<(Duration, bool)>,
+    aged_sptes_first_pass: u64,
+    hot_pages: u64,
+    hot_seen_young: u64,
+    cold_seen_young: u64,
+    verify: Duration,
+    stats: VmStats,
+    tables_allocated: u64,
+    tables_freed_after_teardown: u64,
+}
+
+fn value_for(vcpu: usize, page: u64) -> u64 {
+    ((vcpu as u64) << 48) ^ (page.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16) ^ 0xA5
+}
+
+/// Runs the default workload described by `cli`.
+pub fn run(cli: &Cli) -> anyhow::Result<Report> {
+    ensure!(
+        (1..=256).contains(&cli.vcpus),
+        "--vcpus must be between 1 and 256 (got {})",
+        cli.vcpus
+    );
+    ensure!(
+        cli.bytes_per_vcpu >= PAGE_SIZE && cli.bytes_per_vcpu % PAGE_SIZE == 0,
+        "--bytes-per-vcpu must be a non-zero multiple of 4 KiB (got {})",
+        cli.bytes_per_vcpu
+    );
+    let total = cli
+        .bytes_per_vcpu
+        .checked_mul(cli.vcpus as u64)
+        .filter(|t| *t <= MAX_TOTAL_BYTES)
+        .with_context(|| format!("guest memory must be at most {} GiB in all", MAX_TOTAL_BYTES >> 30))?;
+    let pages = total / PAGE_SIZE;
+    let pages_per_vcpu = cli.bytes_per_vcpu / PAGE_SIZE;
+
+    let config = VmConfig {
+        mmu: match cli.mmu {
+            MmuArg::Tdp => MmuKind::Tdp,
+            MmuArg::Shadow => MmuKind::Shadow,
+        },
+        aging: match cli.aging {
+            AgingArg::Lockless => AgingMode::Lockless,
+            AgingArg::Locked => AgingMode::Locked,
+        },
+        tlb_entries: cli.tlb_entries,
+        ..VmConfig::default()
+    };
+    let host = HostMm::new(HostConfig {
+        frames: usize::try_from(pages + 1024).context("guest too large for this machine")?,
+    })?;
+    let vm = Vm::new(&host, config)?;
+    let hva = host.mmap(total, Prot::READ | Prot::WRITE)?;
+    vm.set_user_memory_region(MemoryRegion {
+        slot: SlotId::new(0),
+        as_id: AsId::new(0),
+        flags: MemFlags::empty(),
+        gpa: Gpa::new(TEST_GPA),
+        size: total,
+        hva,
+    })?;
+    let gpa_of = |vcpu: usize, page: u64| {
+        Gpa::new(TEST_GPA + (vcpu as u64 * pages_per_vcpu + page) * PAGE_SIZE)
+    };
+    let mut vcpus = (0..cli.vcpus)
+        .map(|_| vm.create_vcpu())
+        .collect::<Result<Vec<_>, _>>()?;
+
+    // Phase 1: populate (every page written once: a fault each).
+    let populate = run_vcpus(&mut vcpus, |i, vcpu| {
+        let mut g = vcpu.enter();
+        for p in 0..pages_per_vcpu {
+            g.write_u64(gpa_of(i, p), value_for(i, p))?;
+        }
+        Ok(())
+    })?;
+    let after_populate = vm.stats();
+
+    // Phase 2: full aging passes through the notifier path.
+    let mut passes = Vec::new();
+    let mut aged_first = 0;
+    for n in 0..cli.passes {
+        let before = vm.stats().tdp.aged_sptes;
+        let t = Instant::now();
+        let young = host.clear_young(hva, total)?;
+        passes.push((t.elapsed(), young));
+        if n == 0 {
+            aged_first = vm.stats().tdp.aged_sptes - before;
+        }
+    }
+
+    // Phase 3: touch hot_percent of each vCPU's pages again (reads), then ask which pages are young.
+    let hot_per_vcpu = pages_per_vcpu * u64::from(cli.hot_percent) / 100;
+    host.clear_young(hva, total)?;
+    run_vcpus(&mut vcpus, |i, vcpu| {
+        let mut g = vcpu.enter();
+        for p in 0..hot_per_vcpu {
+            g.read_u64(gpa_of(i, p))?;
+        }
+        Ok(())
+    })?;
+    let (mut hot_seen, mut cold_seen) = (0, 0);
+    for i in 0..cli.vcpus {
+        for p in 0..pages_per_vcpu {
+            let a = hva
+                .checked_add((i as u64 * pages_per_vcpu + p) * PAGE_SIZE)
+                .context("hva overflow")?;
+            if host.test_young(a)? {
+                if p < hot_per_vcpu {
+                    hot_seen += 1;
+                } else {
+                    cold_seen += 1;
+                }
+            }
+        }
+    }
+
+    // Phase 4: every value reads back as written.
+    let verify = run_vcpus(&mut vcpus, |i, vcpu| {
+        let mut g = vcpu.enter();
+        for p in 0..pages_per_vcpu {
+            let got = g.read_u64(gpa_of(i, p))?;
+            if got != value_for(i, p) {
+                bail!(
+                    "vCPU {i}: page {p} read {got:#x}, expected {:#x}",
+                    value_for(i, p)
+                );
+            }
+        }
+        Ok(())
+    })?;
+
+    let stats = vm.stats();
+    ensure!(
+        stats.invalidate.in_progress == 0 && stats.mn_active_invalidate_count == 0,
+        "invalidation counters unbalanced at the end: {:?}",
+        stats.invalidate
+    );
+    ensure!(
+        host.arena().stats().stale_accesses == 0,
+        "a stale translation was used"
+    );
+    drop(vcpus);
+    let final_stats = vm.shutdown();
+    ensure!(
+        final_stats.tdp.tables_allocated == final_stats.tdp.tables_freed,
+        "page-table pages leaked: {} allocated, {} freed",
+        final_stats.tdp.tables_allocated,
+        final_stats.tdp.tables_freed
+    );
+    Ok(Report {
+        vcpus: cli.vcpus,
+        pages,
+        mmu: cli.mmu,
+        aging: cli.aging,
+        populate,
+        faults: after_populate.faults,
+        fault_retries: after_populate.fault_retries,
+        passes,
+        aged_sptes_first_pass: aged_first,
+        hot_pages: hot_per_vcpu * cli.vcpus as u64,
+        hot_seen_young: hot_seen,
+        cold_seen_young: cold_seen,
+        verify,
+        stats,
+        tables_allocated: final_stats.tdp.tables_allocated,
+        tables_freed_after_teardown: final_stats.tdp.tables_freed,
+    })
+}
+
+/// Runs `f` on every vCPU in its own thread, released together by a barrier; returns the wall time
+/// from release to the last vCPU's finish.
+fn run_vcpus(
+    vcpus: &mut [Vcpu],
+    f: impl Fn(usize, &mut Vcpu) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<Duration> {
+    let barrier = Barrier::new(vcpus.len() + 1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = vcpus
+            .iter_mut()
+            .enumerate()
+            .map(|(i, v)| {
+                let (f, barrier) = (&f, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    f(i, v)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        for (i, h) in handles.into_iter().enumerate() {
+            match h.join() {
+                Ok(r) => r.with_context(|| format!("vCPU {i}"))?,
+                Err(_) => bail!("vCPU {i} panicked"),
+            }
+        }
+        Ok(start.elapsed())
+    })
+}
+
+fn rate(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib = self.pages * PAGE_SIZE >> 20;
+        writeln!(
+            f,
+            "kvmmu default workload: {} vCPUs, {} MiB guest ({} pages), mmu={:?}, aging={:?}",
+            self.vcpus, mib, self.pages, self.mmu, self.aging
+        )?;
+        writeln!(
+            f,
+            "  populate        {:>10.3} ms  {} faults ({} retries), {:.2} M faults/s per vCPU",
+            self.populate.as_secs_f64() * 1e3,
+            self.faults,
+            self.fault_retries,
+            rate(self.faults, self.populate) / self.vcpus as f64 / 1e6
+        )?;
+        for (i, (d, young)) in self.passes.iter().enumerate() {
+            let extra = if i == 0 {
+                format!(
+                    ", {} SPTEs aged, {:.1} M SPTEs/s",
+                    self.aged_sptes_first_pass,
+                    rate(self.pages, *d) / 1e6
+                )
+            } else {
+                format!(", {:.1} M SPTEs/s", rate(self.pages, *d) / 1e6)
+            };
+            writeln!(
+                f,
+                "  aging pass {:<2}   {:>10.3} ms  young={}{}",
+                i + 1,
+                d.as_secs_f64() * 1e3,
+                young,
+                extra
+            )?;
+        }
+        writeln!(
+            f,
+            "  hot/cold        {} of {} re-touched pages seen young; {} of {} untouched pages seen young",
+            self.hot_seen_young,
+            self.hot_pages,
+            self.cold_seen_young,
+            self.pages - self.hot_pages
+        )?;
+        writeln!(
+            f,
+            "                  (re-touches that hit a TLB entry cached before aging set no Accessed bit: x86 does not flush TLBs when aging)"
+        )?;
+        writeln!(
+            f,
+            "  verify          {:>10.3} ms  every page read back the value written",
+            self.verify.as_secs_f64() * 1e3
+        )?;
+        writeln!(
+            f,
+            "  checks          invalidations balanced (seq {}, in progress {}), no stale translation, {} page-table pages allocated = {} freed after teardown",
+            self.stats.invalidate.seq,
+            self.stats.invalidate.in_progress,
+            self.tables_allocated,
+            self.tables_freed_after_teardown
+        )?;
+        writeln!(
+            f,
+            "  mmu_lock        {} read, {} write acquisitions, {} contended",
+            self.stats.mmu_lock.read_acquisitions,
+            self.stats.mmu_lock.write_acquisitions,
+            self.stats.mmu_lock.contended
+        )
+    }
+}

@@ -1,0 +1,88 @@
+//! VM configuration: the kernel's Kconfig options and module parameters, as values.
+
+use crate::addr::AsId;
+
+/// Which MMU builds the guest's stage-2 translations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum MmuKind {
+    /// The TDP MMU (`tdp_mmu=Y`): faults run under `mmu_lock` read with atomic SPTE updates.
+    #[default]
+    Tdp,
+    /// The shadow MMU (`tdp_mmu=N`): shadow pages and reverse maps under `mmu_lock` write.
+    Shadow,
+}
+
+/// How the aging notifiers (`clear_young`, `clear_flush_young`, `test_young`) reach the SPTEs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum AgingMode {
+    /// `CONFIG_KVM_MMU_LOCKLESS_AGING`: no `mmu_lock`; SRCU for memslots, RCU for page tables.
+    #[default]
+    Lockless,
+    /// The pre-series baseline: every aging call takes `mmu_lock` for write.
+    Locked,
+}
+
+/// Configuration of one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Which MMU the VM uses.
+    pub mmu: MmuKind,
+    /// Lockless or locked aging.
+    pub aging: AgingMode,
+    /// `CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG`: `clear_flush_young` does not flush TLBs (x86 since 6.13).
+    pub elide_tlb_flush_if_young: bool,
+    /// Entries in each vCPU's software TLB.
+    pub tlb_entries: usize,
+    /// Number of address spaces (1, or 2 with SMM).
+    pub address_spaces: usize,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            mmu: MmuKind::Tdp,
+            aging: AgingMode::Lockless,
+            elide_tlb_flush_if_young: true,
+            tlb_entries: 2048,
+            address_spaces: 1,
+        }
+    }
+}
+
+/// Why a [`VmConfig`] was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `address_spaces` must be 1 or 2.
+    #[error("address_spaces must be between 1 and {max}, got {got}")]
+    AddressSpaces {
+        /// What was asked for.
+        got: usize,
+        /// The largest supported value.
+        max: usize,
+    },
+    /// The TLB needs at least one entry and at most 2^20.
+    #[error("tlb_entries must be between 1 and 1048576, got {0}")]
+    TlbEntries(usize),
+    /// The requested MMU is not built yet.
+    #[error("the {0:?} MMU is not available in this build")]
+    MmuUnavailable(MmuKind),
+}
+
+impl VmConfig {
+    /// Checks the configuration, returning the first problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.address_spaces == 0 || self.address_spaces > AsId::MAX_ADDRESS_SPACES {
+            return Err(ConfigError::AddressSpaces {
+                got: self.address_spaces,
+                max: AsId::MAX_ADDRESS_SPACES,
+            });
+        }
+        if self.tlb_entries == 0 || self.tlb_entries > 1 << 20 {
+            return Err(ConfigError::TlbEntries(self.tlb_entries));
+        }
+        if self.mmu == MmuKind::Shadow {
+            return Err(ConfigError::MmuUnavailable(MmuKind::Shadow));
+        }
+        Ok(())
+    }
+}

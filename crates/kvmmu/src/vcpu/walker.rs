@@ -1,0 +1,103 @@
+//! Translation in guest mode: TLB lookup, page walk on a miss, and the checked frame access.
+//!
+//! The checks that make a stale translation visible (DESIGN invariant 2):
+//! - a TLB entry remembers the owner tag of the frame it was filled from; every access compares it
+//!   with the frame's current tag (a frame freed or reused since the fill fails the check);
+//! - a fill validates that the frame backs the host page the memslot maps this gfn to (the memslot
+//!   set is loaded under SRCU *before* the walk, so a slot deleted after the walk is still visible).
+
+use super::tlb::TlbEntry;
+use super::{Vcpu, VcpuExit};
+use crate::addr::{Gpa, PAGE_SHIFT};
+use crate::host::{FrameTag, StaleAccess};
+use crate::mmu::tdp::HwWalk;
+
+/// The result of one attempt at an access.
+pub(super) enum Access {
+    /// The access completed; a read returns the value, a write returns the value written.
+    Done(u64),
+    /// The translation is missing or forbids the access: take a page fault.
+    Fault,
+}
+
+pub(super) fn translate_and_access(
+    vcpu: &mut Vcpu,
+    gpa: Gpa,
+    write: Option<u64>,
+) -> Result<Access, VcpuExit> {
+    let gfn = gpa.gfn();
+    let word = (gpa.page_offset() / 8) as usize;
+    let is_write = write.is_some();
+
+    if let Some(e) = vcpu.tlb.lookup(gfn)
+        && (!is_write || (e.writable && e.dirty))
+    {
+        let (pfn, tag) = (e.pfn, FrameTag::from_raw(e.tag));
+        return frame_access(vcpu, gpa, pfn, tag, word, write);
+    }
+
+    // TLB miss (or a write through an entry whose Dirty bit is not yet set: hardware re-walks).
+    vcpu.stats.tlb_misses += 1;
+    let vm = vcpu.vm.clone();
+    let Some(root) = vcpu.root.as_ref() else {
+        return Ok(Access::Fault);
+    };
+    let srcu = vm.srcu_read();
+    let slots = vm.memslots[root.as_id().index()].load(&srcu);
+    let rcu = vm.rcu.pin();
+    let hit = vm.tdp.hardware_walk(root, gfn, is_write, &rcu);
+    drop(rcu);
+    let HwWalk::Hit {
+        pfn,
+        writable,
+        dirty,
+        ..
+    } = hit
+    else {
+        return Ok(Access::Fault);
+    };
+    let tag = vm.host.arena().tag(pfn);
+    let expected_page = slots
+        .find_by_gfn(gfn)
+        .and_then(|s| s.gfn_to_hva(gfn))
+        .map(|hva| hva.raw() >> PAGE_SHIFT);
+    if tag == FrameTag::FREE || expected_page != Some(tag.host_page()) {
+        vm.host.arena().note_stale_access();
+        return Err(VcpuExit::StaleTranslation {
+            gpa,
+            source: StaleAccess {
+                pfn,
+                expected: FrameTag::FREE,
+                found: tag,
+            },
+        });
+    }
+    drop(srcu);
+    vcpu.tlb.insert(TlbEntry {
+        gfn,
+        pfn,
+        tag: tag.raw(),
+        writable,
+        dirty,
+    });
+    frame_access(vcpu, gpa, pfn, tag, word, write)
+}
+
+fn frame_access(
+    vcpu: &mut Vcpu,
+    gpa: Gpa,
+    pfn: crate::addr::Pfn,
+    tag: FrameTag,
+    word: usize,
+    write: Option<u64>,
+) -> Result<Access, VcpuExit> {
+    let arena = vcpu.vm.host.arena();
+    let r = match write {
+        Some(v) => arena.write_u64(pfn, word, tag, v).map(|()| v),
+        None => arena.read_u64(pfn, word, tag),
+    };
+    match r {
+        Ok(v) => Ok(Access::Done(v)),
+        Err(source) => Err(VcpuExit::StaleTranslation { gpa, source }),
+    }
+}
