@@ -305,21 +305,39 @@ fn deleting_a_nonexistent_slot_is_rejected() {
 #[test]
 fn checks_run_in_kvm_order() {
     let vm = Vm::new();
-    // Unknown flags come before everything else.
-    let mut req = region(SlotId::MAX, 0x1800, MIB + 1, HVA + 8);
+    let mut req = region(SlotId::MAX, 0x1800, MIB + 1, u64::MAX - 7);
     req.flags = MemFlags::from_bits_retain(8);
+    req.as_id = AsId::new(9);
+    // The ioctl checks the user slot id before anything else.
+    assert!(matches!(
+        err(&vm, req),
+        MemslotError::SlotIdOutOfRange { .. }
+    ));
+    req.slot = SlotId::new(0);
     assert!(matches!(err(&vm, req), MemslotError::UnknownFlags { .. }));
-    // Then size, gpa, hva alignment.
     req.flags = MemFlags::empty();
     assert!(matches!(err(&vm, req), MemslotError::UnalignedSize { .. }));
     req.size = MIB;
     assert!(matches!(err(&vm, req), MemslotError::UnalignedGpa { .. }));
-    req.gpa = Gpa::new(0);
+    req.gpa = Gpa::new(u64::MAX - (PAGE_SIZE - 1));
     assert!(matches!(err(&vm, req), MemslotError::UnalignedHva { .. }));
-    req.hva = Hva::new(HVA);
+    req.hva = Hva::new(u64::MAX - (PAGE_SIZE - 1));
     assert!(matches!(
         err(&vm, req),
-        MemslotError::SlotIdOutOfRange { .. }
+        MemslotError::SizeOverflow {
+            limit: SizeLimit::HvaEnd,
+            ..
+        }
+    ));
+    req.hva = Hva::new(HVA);
+    assert!(matches!(err(&vm, req), MemslotError::AsIdOutOfRange { .. }));
+    req.as_id = AsId::new(0);
+    assert!(matches!(
+        err(&vm, req),
+        MemslotError::SizeOverflow {
+            limit: SizeLimit::GpaEnd,
+            ..
+        }
     ));
     // A delete is validated like any request before the slot is looked up.
     let del = region(0, 0x1800, 0, 0);

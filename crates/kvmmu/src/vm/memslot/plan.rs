@@ -197,14 +197,19 @@ pub enum MemslotError {
 /// Validates `req` against the active sets and classifies it (`__kvm_set_memory_region`).
 ///
 /// `sets` holds the active set of every address space, indexed by address-space id, so
-/// `sets.len()` is the number of address spaces. Checks run in KVM's order: flags, size, gpa and
-/// hva alignment (with `hva + size`), address-space and slot id, `gpa + size`, page count; then a
+/// `sets.len()` is the number of address spaces. Checks run in KVM's order: slot id, flags, size,
+/// gpa and hva alignment (with `hva + size`), address space, `gpa + size`, page count; then a
 /// delete needs an existing slot, a change to an existing slot may only move it or flip
 /// `LOG_DIRTY_PAGES`, and a create or move must not overlap another slot of the same address space
 /// (other address spaces may map the same gfns; any slots may share host memory).
 ///
 /// Changes nothing: applying the result is the caller's job.
 pub fn plan_change(sets: &[&Memslots], req: &MemoryRegion) -> Result<MemslotChange, MemslotError> {
+    // The ioctl entry (`kvm_vm_ioctl_set_memory_region`) rejects non-user slot ids before
+    // `__kvm_set_memory_region` looks at anything else.
+    if req.slot.get() >= SlotId::MAX {
+        return Err(MemslotError::SlotIdOutOfRange { slot: req.slot });
+    }
     let unknown = req.flags.bits() & !MemFlags::all().bits();
     if unknown != 0 {
         return Err(MemslotError::UnknownFlags { bits: unknown });
@@ -238,9 +243,6 @@ pub fn plan_change(sets: &[&Memslots], req: &MemoryRegion) -> Result<MemslotChan
         req.as_id,
         "plan_change: sets must be indexed by as_id"
     );
-    if req.slot.get() >= SlotId::MAX {
-        return Err(MemslotError::SlotIdOutOfRange { slot: req.slot });
-    }
     if req.gpa.checked_add(req.size).is_none() {
         return Err(too_large(SizeLimit::GpaEnd));
     }
