@@ -147,8 +147,8 @@ impl Memslots {
     /// The id of the lowest slot other than `skip` whose gfns overlap `range`, if any.
     pub(super) fn first_overlap(&self, range: GfnRange, skip: SlotId) -> Option<SlotId> {
         // Slots ending at or before range.start cannot overlap; the rest are scanned in gfn order
-        // until they start at or after range.end. `skip` is the only slot passed over, so this
-        // looks at no more than two slots.
+        // until one starts at or after range.end. `skip` is the only overlapping slot passed
+        // over, so at most three slots are looked at after the binary search.
         let first = self.gfns.partition_point(|r| r.end() <= range.start());
         self.gfns[first..]
             .iter()
