@@ -1,1 +1,0 @@
-//! Memslots (placeholder: being written).
