@@ -16,6 +16,7 @@
 //! RETRY is control flow, not an error: the vCPU simply re-executes the access.
 
 pub mod seq;
+pub mod shadow;
 pub mod spte;
 pub mod tdp;
 

@@ -1,0 +1,2 @@
+//! The shadow MMU (placeholder: being written).
+pub mod rmap;

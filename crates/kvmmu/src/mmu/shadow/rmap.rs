@@ -1,0 +1,1 @@
+//! Reverse maps (placeholder: being written).
