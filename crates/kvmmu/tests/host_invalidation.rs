@@ -50,13 +50,13 @@ impl Recorder {
         let mut a = start.raw();
         while a < end.raw() {
             let hva = Hva::new(a);
-            if let Some(p) = host.host_pte(hva) {
-                if p.present {
-                    if host.arena().tag(p.pfn) != p.tag {
-                        self.freed_too_early.fetch_add(1, Ordering::SeqCst);
-                    }
-                    self.seen_in_start.lock().unwrap().push((hva, p));
+            if let Some(p) = host.host_pte(hva)
+                && p.present
+            {
+                if host.arena().tag(p.pfn) != p.tag {
+                    self.freed_too_early.fetch_add(1, Ordering::SeqCst);
                 }
+                self.seen_in_start.lock().unwrap().push((hva, p));
             }
             a += PAGE_SIZE;
         }
@@ -247,11 +247,9 @@ fn release_calls_release_before_freeing_and_drops_subscribers() {
 }
 
 /// Everything a test can observe about the host, to compare before and after a failed call.
-fn snapshot(
-    host: &HostMm,
-    hva: Hva,
-    pages: u64,
-) -> (Vec<(Hva, u64, Prot)>, Vec<Option<HostPte>>, FrameStats) {
+type Snapshot = (Vec<(Hva, u64, Prot)>, Vec<Option<HostPte>>, FrameStats);
+
+fn snapshot(host: &HostMm, hva: Hva, pages: u64) -> Snapshot {
     (
         host.mappings(),
         ptes(host, hva, pages),
