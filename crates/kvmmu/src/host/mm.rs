@@ -299,6 +299,10 @@ impl HostMm {
     }
 
     /// Unmaps `[hva, hva + len)`, which must be fully mapped; frees its frames.
+    ///
+    /// Errors (nothing changed, nobody called): [`HostError::ZeroLength`],
+    /// [`HostError::Unaligned`], [`HostError::Overflow`], [`HostError::OutOfRange`],
+    /// [`HostError::NotMapped`] (names the first unmapped page of the range).
     pub fn munmap(&self, hva: Hva, len: u64) -> Result<(), HostError> {
         let (s, e) = page_range(hva, len)?;
         self.change_range(
@@ -436,6 +440,8 @@ impl HostMm {
     }
 
     /// A userspace 8-byte read of `hva` (8-byte aligned), faulting the page in if needed.
+    ///
+    /// Errors: [`HostError::UnalignedAccess`], [`HostError::Gup`].
     pub fn read_u64(&self, hva: Hva) -> Result<u64, HostError> {
         self.access(hva, None)
     }
@@ -481,6 +487,9 @@ impl HostMm {
 
     /// Clears the young state of `[hva, hva + len)` in the host PTEs and, with one call per
     /// subscriber over the whole range, in every secondary MMU; true if anything was young.
+    /// Subscribers are called after the host bits are cleared, with no host lock held.
+    ///
+    /// Errors (nothing changed, nobody called): as [`HostMm::munmap`]'s range checks.
     pub fn clear_young(&self, hva: Hva, len: u64) -> Result<bool, HostError> {
         self.age(hva, len, |n, s, e| n.clear_young(s, e))
     }
@@ -491,7 +500,9 @@ impl HostMm {
     }
 
     /// True if the page containing `hva` is young in the host PTE or in any secondary MMU.
-    /// Changes nothing.
+    /// Changes nothing. `hva` need not be aligned.
+    ///
+    /// Errors: [`HostError::OutOfRange`] outside the user address space, [`HostError::NotMapped`].
     pub fn test_young(&self, hva: Hva) -> Result<bool, HostError> {
         if hva.raw() < MMAP_MIN_ADDR || hva.raw() >= TASK_SIZE {
             return Err(HostError::OutOfRange { hva, len: 1 });
@@ -549,8 +560,9 @@ impl HostMm {
         self.inner.notifiers.unregister(id)
     }
 
-    /// Process exit (`exit_mmap`): calls every subscriber's `release`, drops the subscribers,
-    /// then tears down every mapping and frees every frame. Idempotent.
+    /// Process exit (`exit_mmap`): calls every subscriber's `release` (before any frame is
+    /// freed), drops the subscribers, then tears down every mapping and frees every frame.
+    /// Idempotent; the address space stays usable afterwards (empty, no subscribers).
     pub fn release(&self) {
         let inner = &*self.inner;
         let _w = inner.mm_writer.lock();

@@ -179,3 +179,11 @@ pub enum HostError {
     #[error("anonymous mapping failed: {0}")]
     Mmap(std::io::Error),
 }
+
+// The handles are shared across vCPU threads: keep them Send + Sync (checked at compile time).
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<HostMm>();
+    send_sync::<FrameArena>();
+    send_sync::<GupPage>();
+};
