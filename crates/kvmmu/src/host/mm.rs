@@ -1,6 +1,6 @@
 //! The process address space: VMAs, host PTEs, GUP, mmap/munmap/mprotect/madvise, aging.
 //!
-//! See the `host` module doc for the locking protocol and its invariants (cited here as H1–H6).
+//! See the `host` module doc for the locking protocol and its invariants (cited here as H1–H7).
 
 use super::frames::{FrameArena, FrameTag};
 use super::notifier::{InvalidateEvent, MmuNotifier, NotifierId, NotifierList, NotifierRange};
@@ -102,7 +102,7 @@ pub struct HostStats {
 }
 
 #[derive(Default)]
-struct Counters {
+pub(super) struct Counters {
     mmap: AtomicU64,
     munmap: AtomicU64,
     mprotect: AtomicU64,
@@ -110,31 +110,31 @@ struct Counters {
     gup: StripedCounter,
     invalidate_start: AtomicU64,
     invalidate_end: AtomicU64,
-    aging_calls: AtomicU64,
+    pub(super) aging_calls: AtomicU64,
     release_calls: AtomicU64,
 }
 
 impl Counters {
-    fn bump(c: &AtomicU64, n: u64) {
+    pub(super) fn bump(c: &AtomicU64, n: u64) {
         // ORDERING: Relaxed: statistics, no data published through them.
         c.fetch_add(n, Ordering::Relaxed);
     }
 }
 
-struct Inner {
+pub(super) struct Inner {
     arena: FrameArena,
-    /// Serialises structural operations; held across invalidation callbacks (H4).
+    /// Serialises structural operations; held across invalidation callbacks (H1, H7).
     mm_writer: Mutex<()>,
-    /// VMAs and host PTEs; never held across a subscriber callback (H4).
-    mmap_lock: RwLock<Vmas>,
-    notifiers: NotifierList,
-    counters: Counters,
+    /// VMAs and host PTEs; never held across a subscriber callback (H7).
+    pub(super) mmap_lock: RwLock<Vmas>,
+    pub(super) notifiers: NotifierList,
+    pub(super) counters: Counters,
 }
 
 /// The simulated process address space (the primary MMU). Cheap to clone: clones share it.
 #[derive(Clone)]
 pub struct HostMm {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 impl core::fmt::Debug for HostMm {
@@ -146,7 +146,7 @@ impl core::fmt::Debug for HostMm {
 }
 
 /// Validates a page range and converts it to pages `[start, end)`.
-fn page_range(hva: Hva, len: u64) -> Result<(u64, u64), HostError> {
+pub(super) fn page_range(hva: Hva, len: u64) -> Result<(u64, u64), HostError> {
     if len == 0 {
         return Err(HostError::ZeroLength);
     }
@@ -164,7 +164,7 @@ fn page_range(hva: Hva, len: u64) -> Result<(u64, u64), HostError> {
 }
 
 /// Checks that a validated range is fully mapped.
-fn check_mapped(vmas: &Vmas, s: u64, e: u64) -> Result<(), HostError> {
+pub(super) fn check_mapped(vmas: &Vmas, s: u64, e: u64) -> Result<(), HostError> {
     match vmas.first_hole(s, e) {
         Some(p) => Err(HostError::NotMapped { hva: page_hva(p) }),
         None => Ok(()),
@@ -247,7 +247,7 @@ impl HostMm {
         Ok(hva)
     }
 
-    /// Runs a structural change of `[s, e)` under the invalidation protocol (H1, H2, H4).
+    /// Runs a structural change of `[s, e)` under the invalidation protocol (H1, H2, H4, H7).
     ///
     /// `validate` checks the request against the VMAs (an error returns before any notifier
     /// call); `needs_notify` says whether the change touches a present PTE; `apply` performs it
@@ -399,7 +399,7 @@ impl HostMm {
                 Ok(_) => return Ok(GupPage { pfn, tag, writable }),
                 Err(actual) => {
                     if let Err(e) = self.inner.arena.free(pfn, tag) {
-                        panic!("host invariant H5 violated: unpublished frame {pfn}: {e}");
+                        panic!("frame arena invariant 1 violated: unpublished frame {pfn}: {e}");
                     }
                     cur = actual;
                 }
@@ -449,77 +449,6 @@ impl HostMm {
     /// A userspace 8-byte write of `v` to `hva` (8-byte aligned), faulting the page in.
     pub fn write_u64(&self, hva: Hva, v: u64) -> Result<(), HostError> {
         self.access(hva, Some(v)).map(|_| ())
-    }
-
-    /// Clears the host young bits of a fully mapped range; true if any was set.
-    fn clear_host_young(&self, hva: Hva, len: u64) -> Result<(Hva, Hva, bool), HostError> {
-        let (s, e) = page_range(hva, len)?;
-        let vmas = self.inner.mmap_lock.read();
-        check_mapped(&vmas, s, e)?;
-        let mut young = false;
-        for v in vmas.overlapping(s, e) {
-            for (_, w) in v.ptes(s, e) {
-                // ORDERING: Relaxed: young is a hint; the AND clears only that bit, so a
-                // concurrent dirty update is never lost.
-                if w.load(Ordering::Relaxed) & pte::YOUNG != 0 {
-                    w.fetch_and(!pte::YOUNG, Ordering::Relaxed);
-                    young = true;
-                }
-            }
-        }
-        Ok((page_hva(s), page_hva(e), young))
-    }
-
-    fn age(
-        &self,
-        hva: Hva,
-        len: u64,
-        call: impl Fn(&dyn MmuNotifier, Hva, Hva) -> bool,
-    ) -> Result<bool, HostError> {
-        let (start, end, mut young) = self.clear_host_young(hva, len)?;
-        let subs = self.inner.notifiers.snapshot();
-        for (_, n) in subs.iter() {
-            young |= call(&**n, start, end);
-        }
-        Counters::bump(&self.inner.counters.aging_calls, subs.len() as u64);
-        Ok(young)
-    }
-
-    /// Clears the young state of `[hva, hva + len)` in the host PTEs and, with one call per
-    /// subscriber over the whole range, in every secondary MMU; true if anything was young.
-    /// Subscribers are called after the host bits are cleared, with no host lock held.
-    ///
-    /// Errors (nothing changed, nobody called): as [`HostMm::munmap`]'s range checks.
-    pub fn clear_young(&self, hva: Hva, len: u64) -> Result<bool, HostError> {
-        self.age(hva, len, |n, s, e| n.clear_young(s, e))
-    }
-
-    /// As [`HostMm::clear_young`], calling the subscribers' `clear_flush_young`.
-    pub fn clear_flush_young(&self, hva: Hva, len: u64) -> Result<bool, HostError> {
-        self.age(hva, len, |n, s, e| n.clear_flush_young(s, e))
-    }
-
-    /// True if the page containing `hva` is young in the host PTE or in any secondary MMU.
-    /// Changes nothing. `hva` need not be aligned.
-    ///
-    /// Errors: [`HostError::OutOfRange`] outside the user address space, [`HostError::NotMapped`].
-    pub fn test_young(&self, hva: Hva) -> Result<bool, HostError> {
-        if hva.raw() < MMAP_MIN_ADDR || hva.raw() >= TASK_SIZE {
-            return Err(HostError::OutOfRange { hva, len: 1 });
-        }
-        let page = hva.page();
-        let mut young = {
-            let vmas = self.inner.mmap_lock.read();
-            let v = vmas.find(page).ok_or(HostError::NotMapped { hva })?;
-            // ORDERING: Relaxed: a hint, read only.
-            v.pte(page).load(Ordering::Relaxed) & pte::YOUNG != 0
-        };
-        let subs = self.inner.notifiers.snapshot();
-        for (_, n) in subs.iter() {
-            young |= n.test_young(hva);
-        }
-        Counters::bump(&self.inner.counters.aging_calls, subs.len() as u64);
-        Ok(young)
     }
 
     /// A snapshot of the host PTE of the page containing `hva`; `None` if it is not mapped.

@@ -41,7 +41,10 @@
 //! - H5. Every mapped page lies below [`TASK_SIZE`], so its number fits a [`FrameTag`].
 //! - H6. Registration is serialised with invalidations (it takes `mm_writer`), and a start/end pair
 //!   uses one subscriber snapshot: every subscriber sees balanced pairs.
+//! - H7. No `mmap_lock` (read or write) is held while a subscriber is called; only `mm_writer`
+//!   is, for invalidations and `release`.
 
+mod aging;
 mod frames;
 mod mm;
 mod notifier;
