@@ -251,9 +251,11 @@ impl HostMm {
     ///
     /// `validate` checks the request against the VMAs (an error returns before any notifier
     /// call); `needs_notify` says whether the change touches a present PTE; `apply` performs it
-    /// under `mmap_lock` write and returns the frames to free. If a concurrent GUP faults a page
-    /// in after a first check found none present, the write lock is dropped, the subscribers are
-    /// notified, and the change re-validated: no present PTE is ever changed without a start.
+    /// under `mmap_lock` write. When no notification is needed, check and change happen in one
+    /// write-locked section, so no GUP can slip a present page in between. Otherwise the lock is
+    /// dropped for the start callbacks and retaken; pages a concurrent GUP faults in meanwhile
+    /// lie in the range whose start was already delivered (the secondary MMU's retry protocol,
+    /// spec §3.3, keeps it from mapping them).
     fn change_range(
         &self,
         (s, e): (u64, u64),

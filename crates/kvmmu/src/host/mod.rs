@@ -29,9 +29,9 @@
 //! Invariants:
 //! - H1. A present PTE is changed or removed only with `mm_writer` held, under `mmap_lock` write,
 //!   after `invalidate_range_start` over a covering range has returned from every subscriber of a
-//!   snapshot, and before `invalidate_range_end` is called on the same snapshot. If a concurrent
-//!   GUP populates a page after the first check found none present, the operation notifies before
-//!   it proceeds (no "skipped notifier" race).
+//!   snapshot, and before `invalidate_range_end` is called on the same snapshot. An operation
+//!   that skips the notifier (no present PTE affected) checks and changes in one write-locked
+//!   section, so a concurrent GUP cannot make a page present in between.
 //! - H2. A frame is freed only after the PTE naming it was swapped to 0 under `mmap_lock` write;
 //!   so a present PTE always names an allocated frame whose tag it records.
 //! - H3. Under `mmap_lock` read a PTE only goes from 0 to present (GUP's CAS) and gains or loses
