@@ -1,0 +1,469 @@
+//! Simulated physical memory: a frame arena with owner tags.
+//!
+//! Protocol. The arena is one anonymous mapping of `n * 4096` bytes viewed as `n` frames of 512
+//! `AtomicU64` words, plus one tag word per frame. A tag names the owner of an allocated frame
+//! (the host page it backs, `hva >> 12`) and a per-frame generation. [`FrameArena::alloc`] hands
+//! out a zero-filled frame with a fresh generation; [`FrameArena::free`] requires the exact tag it
+//! was given, swaps it for a free value carrying the next generation, and puts the frame on a
+//! free list. Every data access names the tag it believes the frame has; the arena checks it and
+//! reports a mismatch as [`StaleAccess`] (and counts it) instead of silently accessing a frame
+//! that belongs to somebody else.
+//!
+//! Allocation is a per-thread striped free list (one mutex per stripe, uncontended in the common
+//! case) in front of a bump pointer over never-used frames; a thread whose stripe and the bump
+//! region are empty steals a batch from another stripe.
+//!
+//! Invariants:
+//! 1. A frame is in exactly one of: never used (index ≥ bump pointer), on exactly one free list,
+//!    or allocated. Its tag word has host-page field 0 ("free") exactly when it is not allocated.
+//! 2. The generation of a frame's tag changes on every free, so a tag, once freed, never matches
+//!    that frame again (until the 32-bit generation wraps, after 2^32 reuses of one frame).
+//! 3. `alloc` writes the new tag *before* zero-filling a reused frame, with a `SeqCst` fence in
+//!    between; `write_u64` stores the word, then a `SeqCst` fence, then re-reads the tag. So a
+//!    stale write either lands before the zero fill (and is erased by it) or its re-check sees the
+//!    new tag and is reported: it never lands silently in a frame's new life.
+//! 4. `read_u64` re-reads the tag after the word (behind an acquire fence), so a read that returns
+//!    a value written in a frame's next life is reported too.
+//! 5. The frame counters satisfy `allocated = total_allocs − total_frees` whenever no alloc or
+//!    free is in flight.
+
+use super::HostError;
+use super::percpu::{STRIPES, stripe};
+use super::words::AtomicWords;
+use crate::addr::Pfn;
+use crate::sync::Mutex;
+use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
+
+/// Number of 64-bit words in one 4 KiB frame.
+pub const WORDS_PER_FRAME: usize = 512;
+
+/// The largest arena (in frames) we support: pfns must fit the 29-bit field of a host PTE.
+pub const MAX_FRAMES: usize = 1 << 29;
+
+/// Frames moved at once when a thread steals from another stripe's free list.
+const STEAL_BATCH: usize = 32;
+
+const HOST_PAGE_MASK: u64 = 0xffff_ffff;
+
+/// The owner tag of a frame: which host page it backs plus a generation.
+///
+/// Layout: bits 0..32 hold `host_page + 1` (0 means free), bits 32..64 the generation.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub struct FrameTag(u64);
+
+impl FrameTag {
+    /// The tag of a frame that is not allocated.
+    pub const FREE: FrameTag = FrameTag(0);
+
+    /// The largest host page number a tag can name (so the largest backed `hva` is just below
+    /// 16 TiB).
+    pub const MAX_HOST_PAGE: u64 = HOST_PAGE_MASK - 1;
+
+    /// Builds a tag; `host_page` must be at most [`FrameTag::MAX_HOST_PAGE`].
+    pub(crate) const fn from_parts(host_page: u64, generation: u32) -> FrameTag {
+        FrameTag(((generation as u64) << 32) | ((host_page + 1) & HOST_PAGE_MASK))
+    }
+
+    /// The canonical view of a raw tag word: every free value reads as [`FrameTag::FREE`].
+    const fn from_word(word: u64) -> FrameTag {
+        if word & HOST_PAGE_MASK == 0 {
+            FrameTag::FREE
+        } else {
+            FrameTag(word)
+        }
+    }
+
+    /// The host page (`hva >> 12`) the frame backs; `u64::MAX` for [`FrameTag::FREE`].
+    pub const fn host_page(self) -> u64 {
+        (self.0 & HOST_PAGE_MASK).wrapping_sub(1)
+    }
+
+    /// The frame's generation (0 for [`FrameTag::FREE`]).
+    pub const fn generation(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+
+    /// True for [`FrameTag::FREE`].
+    pub const fn is_free(self) -> bool {
+        self.0 & HOST_PAGE_MASK == 0
+    }
+}
+
+/// An access through a tag that no longer owns the frame.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+#[error("stale access to frame {pfn}: expected tag {expected:?}, found {found:?}")]
+pub struct StaleAccess {
+    /// The frame accessed.
+    pub pfn: Pfn,
+    /// The tag the accessor believed the frame had.
+    pub expected: FrameTag,
+    /// The tag the frame had (at the check that failed).
+    pub found: FrameTag,
+}
+
+/// A snapshot of the arena's counters.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct FrameStats {
+    /// Frames in the arena.
+    pub capacity: usize,
+    /// Frames allocated now (`total_allocs - total_frees`).
+    pub allocated: u64,
+    /// Successful allocations so far.
+    pub total_allocs: u64,
+    /// Successful frees so far.
+    pub total_frees: u64,
+    /// Stale accesses detected so far.
+    pub stale_accesses: u64,
+}
+
+/// One stripe of the free list, on its own cache lines.
+#[repr(align(128))]
+#[derive(Default)]
+struct Stripe {
+    inner: Mutex<StripeInner>,
+}
+
+#[derive(Default)]
+struct StripeInner {
+    free: Vec<u32>,
+    /// Allocations served from this stripe's free list (by any thread).
+    reuse_allocs: u64,
+    /// Frees pushed onto this stripe.
+    frees: u64,
+}
+
+/// The simulated physical memory: `capacity` frames of 512 atomic words each.
+pub struct FrameArena {
+    words: AtomicWords,
+    tags: AtomicWords,
+    nframes: usize,
+    /// Frames `next_fresh..nframes` have never been allocated (invariant 1).
+    next_fresh: AtomicUsize,
+    stripes: Box<[Stripe]>,
+    stale_accesses: AtomicU64,
+}
+
+impl core::fmt::Debug for FrameArena {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("FrameArena")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl FrameArena {
+    /// Creates an arena of `nframes` frames (lazily populated by the OS).
+    ///
+    /// Errors: [`HostError::InvalidFrameCount`] for 0 or more than [`MAX_FRAMES`];
+    /// [`HostError::Mmap`] if the OS refuses the mapping.
+    pub fn new(nframes: usize) -> Result<FrameArena, HostError> {
+        if nframes == 0 || nframes > MAX_FRAMES {
+            return Err(HostError::InvalidFrameCount { frames: nframes });
+        }
+        let nwords = nframes
+            .checked_mul(WORDS_PER_FRAME)
+            .ok_or(HostError::InvalidFrameCount { frames: nframes })?;
+        let words = AtomicWords::new(nwords).map_err(HostError::Mmap)?;
+        let tags = AtomicWords::new(nframes).map_err(HostError::Mmap)?;
+        let stripes = (0..STRIPES).map(|_| Stripe::default()).collect();
+        Ok(FrameArena {
+            words,
+            tags,
+            nframes,
+            next_fresh: AtomicUsize::new(0),
+            stripes,
+            stale_accesses: AtomicU64::new(0),
+        })
+    }
+
+    /// Number of frames in the arena.
+    pub fn capacity(&self) -> usize {
+        self.nframes
+    }
+
+    #[inline]
+    fn tag_word(&self, pfn: Pfn) -> Option<&AtomicU64> {
+        usize::try_from(pfn.raw())
+            .ok()
+            .and_then(|i| self.tags.as_slice().get(i))
+    }
+
+    #[inline]
+    fn frame_words(&self, index: usize) -> &[AtomicU64] {
+        &self.words.as_slice()[index * WORDS_PER_FRAME..(index + 1) * WORDS_PER_FRAME]
+    }
+
+    /// Allocates a zero-filled frame backing `host_page`, with a fresh generation.
+    ///
+    /// Errors: [`HostError::OutOfFrames`] when every frame is allocated;
+    /// [`HostError::BadHostPage`] if `host_page > FrameTag::MAX_HOST_PAGE`.
+    pub fn alloc(&self, host_page: u64) -> Result<(Pfn, FrameTag), HostError> {
+        if host_page > FrameTag::MAX_HOST_PAGE {
+            return Err(HostError::BadHostPage { host_page });
+        }
+        let home = stripe();
+        let (index, reused) = match self.pop(home) {
+            Some(i) => (i, true),
+            None => match self.bump() {
+                Some(i) => (i, false),
+                None => (self.steal(home).ok_or(HostError::OutOfFrames)?, true),
+            },
+        };
+        let word = &self.tags.as_slice()[index];
+        // ORDERING: Relaxed: we own the frame exclusively; the free that put it on the list
+        // happened-before our pop through the stripe mutex (invariant 1).
+        let old = word.load(Ordering::Relaxed);
+        assert!(
+            old & HOST_PAGE_MASK == 0,
+            "frame arena invariant 1 violated: frame {index} on a free list has an owner tag"
+        );
+        let tag = FrameTag::from_parts(host_page, (old >> 32) as u32);
+        // ORDERING: Relaxed store then a SeqCst fence before zeroing (invariant 3): a stale
+        // writer's post-check either sees this store or its write is ordered before the zero
+        // fill. Other threads learn (pfn, tag) only through the caller's own release (e.g. the
+        // host PTE CAS), which orders this store and the zero fill before their accesses.
+        word.store(tag.0, Ordering::Relaxed);
+        if reused {
+            fence(Ordering::SeqCst);
+            for w in self.frame_words(index) {
+                // ORDERING: Relaxed after the SeqCst fence, which also acts as the release fence
+                // that read_u64's acquire fence pairs with (invariant 4).
+                w.store(0, Ordering::Relaxed);
+            }
+        }
+        Ok((Pfn::new(index as u64), tag))
+    }
+
+    fn pop(&self, stripe: usize) -> Option<usize> {
+        let mut s = self.stripes[stripe].inner.lock();
+        let i = s.free.pop()?;
+        s.reuse_allocs += 1;
+        Some(i as usize)
+    }
+
+    fn bump(&self) -> Option<usize> {
+        // ORDERING: Relaxed: the bump pointer only partitions never-used frames among
+        // allocators; the frames' contents are OS-zeroed and published by the caller.
+        self.next_fresh
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.nframes).then_some(n + 1)
+            })
+            .ok()
+    }
+
+    /// Takes one frame from another stripe and moves up to a batch more to `home`.
+    fn steal(&self, home: usize) -> Option<usize> {
+        let mut batch = [0u32; STEAL_BATCH];
+        for k in 1..STRIPES {
+            let victim = (home + k) % STRIPES;
+            let (got, taken) = {
+                let mut v = self.stripes[victim].inner.lock();
+                let Some(got) = v.free.pop() else { continue };
+                v.reuse_allocs += 1;
+                let take = (v.free.len() / 2).min(STEAL_BATCH);
+                let from = v.free.len() - take;
+                batch[..take].copy_from_slice(&v.free[from..]);
+                v.free.truncate(from);
+                (got, take)
+            };
+            if taken > 0 {
+                self.stripes[home]
+                    .inner
+                    .lock()
+                    .free
+                    .extend_from_slice(&batch[..taken]);
+            }
+            return Some(got as usize);
+        }
+        None
+    }
+
+    /// Frees `pfn`, which must currently carry exactly `tag`; bumps the frame's generation.
+    ///
+    /// Errors (nothing changed): [`HostError::BadPfn`] for a pfn outside the arena;
+    /// [`HostError::StaleFree`] if the frame's tag is not `tag` (double free, or a free through
+    /// a stale tag).
+    pub fn free(&self, pfn: Pfn, tag: FrameTag) -> Result<(), HostError> {
+        let word = self.tag_word(pfn).ok_or(HostError::BadPfn { pfn })?;
+        let stale = |found: u64| HostError::StaleFree {
+            pfn,
+            expected: tag,
+            found: FrameTag::from_word(found),
+        };
+        if tag.is_free() {
+            // ORDERING: Relaxed: only reported in the error.
+            return Err(stale(word.load(Ordering::Relaxed)));
+        }
+        let freed = u64::from(tag.generation().wrapping_add(1)) << 32;
+        // ORDERING: AcqRel/Acquire: the CAS is the single point deciding which of several
+        // racing frees wins (invariant 1). The next owner is ordered after us by the stripe
+        // mutex, and stale accessors by invariant 3's fences, so nothing stronger is needed.
+        word.compare_exchange(tag.0, freed, Ordering::AcqRel, Ordering::Acquire)
+            .map_err(stale)?;
+        let mut s = self.stripes[stripe()].inner.lock();
+        s.free.push(pfn.raw() as u32);
+        s.frees += 1;
+        Ok(())
+    }
+
+    /// The frame's current tag ([`FrameTag::FREE`] when free or outside the arena).
+    pub fn tag(&self, pfn: Pfn) -> FrameTag {
+        // ORDERING: Acquire: a caller that sees an owner tag also sees the zero fill that
+        // preceded its publication (harmless extra strength on a query path).
+        self.tag_word(pfn).map_or(FrameTag::FREE, |w| {
+            FrameTag::from_word(w.load(Ordering::Acquire))
+        })
+    }
+
+    #[inline]
+    fn check(&self, pfn: Pfn, expect: FrameTag, word: u64) -> Result<(), HostError> {
+        if expect.is_free() || word != expect.0 {
+            // ORDERING: Relaxed: a statistics counter.
+            self.stale_accesses.fetch_add(1, Ordering::Relaxed);
+            return Err(HostError::Stale(StaleAccess {
+                pfn,
+                expected: expect,
+                found: FrameTag::from_word(word),
+            }));
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn locate(&self, pfn: Pfn, word: usize) -> Result<(&AtomicU64, &AtomicU64), HostError> {
+        if word >= WORDS_PER_FRAME {
+            return Err(HostError::BadWordIndex { word });
+        }
+        let tag = self.tag_word(pfn).ok_or(HostError::BadPfn { pfn })?;
+        Ok((tag, &self.frame_words(pfn.index())[word]))
+    }
+
+    /// Reads word `word` of frame `pfn`, which must carry tag `expect` before and after the read.
+    ///
+    /// Errors: [`HostError::Stale`] (counted in [`FrameStats::stale_accesses`]) on a tag
+    /// mismatch; [`HostError::BadWordIndex`] for `word >= 512`; [`HostError::BadPfn`].
+    #[inline]
+    pub fn read_u64(&self, pfn: Pfn, word: usize, expect: FrameTag) -> Result<u64, HostError> {
+        let (tag, data) = self.locate(pfn, word)?;
+        // ORDERING: Relaxed: the caller's knowledge of `expect` came through a release/acquire
+        // publication that already orders the frame's zero fill before this access.
+        self.check(pfn, expect, tag.load(Ordering::Relaxed))?;
+        // ORDERING: Relaxed load, then an acquire fence before re-reading the tag: if the value
+        // came from a later owner (a release store, or a zero fill behind alloc's SeqCst fence)
+        // the fence synchronises with it and the re-read sees the new tag (invariant 4).
+        let v = data.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        self.check(pfn, expect, tag.load(Ordering::Relaxed))?;
+        Ok(v)
+    }
+
+    /// Writes `v` to word `word` of frame `pfn`, which must carry tag `expect` before and after
+    /// the write. A write whose re-check fails was performed on a frame that changed owner: it is
+    /// reported, not hidden.
+    ///
+    /// Errors: as [`FrameArena::read_u64`].
+    #[inline]
+    pub fn write_u64(
+        &self,
+        pfn: Pfn,
+        word: usize,
+        expect: FrameTag,
+        v: u64,
+    ) -> Result<(), HostError> {
+        let (tag, data) = self.locate(pfn, word)?;
+        // ORDERING: Relaxed: see read_u64.
+        self.check(pfn, expect, tag.load(Ordering::Relaxed))?;
+        // ORDERING: Release so that a reader observing this value synchronises with us
+        // (invariant 4); then a SeqCst fence pairing with alloc's fence (invariant 3) so the
+        // re-read of the tag cannot miss a reallocation our store raced with.
+        data.store(v, Ordering::Release);
+        fence(Ordering::SeqCst);
+        self.check(pfn, expect, tag.load(Ordering::Relaxed))
+    }
+
+    /// The arena's counters (exact when no alloc/free is in flight, invariant 5).
+    pub fn stats(&self) -> FrameStats {
+        let (mut reuse, mut frees) = (0u64, 0u64);
+        for s in self.stripes.iter() {
+            let s = s.inner.lock();
+            reuse += s.reuse_allocs;
+            frees += s.frees;
+        }
+        // ORDERING: Relaxed: statistics.
+        let fresh = self.next_fresh.load(Ordering::Relaxed) as u64;
+        let total_allocs = fresh + reuse;
+        FrameStats {
+            capacity: self.nframes,
+            allocated: total_allocs.saturating_sub(frees),
+            total_allocs,
+            total_frees: frees,
+            stale_accesses: self.stale_accesses.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_round_trips_host_page_and_generation() {
+        let t = FrameTag::from_parts(FrameTag::MAX_HOST_PAGE, u32::MAX);
+        assert_eq!(t.host_page(), FrameTag::MAX_HOST_PAGE);
+        assert_eq!(t.generation(), u32::MAX);
+        assert!(!t.is_free());
+        assert!(FrameTag::FREE.is_free());
+        assert_eq!(FrameTag::from_parts(0, 0).host_page(), 0);
+        assert_ne!(FrameTag::from_parts(0, 0), FrameTag::FREE);
+    }
+
+    #[test]
+    fn invalid_frame_counts_are_rejected() {
+        assert!(matches!(
+            FrameArena::new(0),
+            Err(HostError::InvalidFrameCount { frames: 0 })
+        ));
+        assert!(matches!(
+            FrameArena::new(MAX_FRAMES + 1),
+            Err(HostError::InvalidFrameCount { .. })
+        ));
+    }
+
+    #[test]
+    fn reused_frame_is_zero_filled_with_new_generation() {
+        let a = FrameArena::new(1).unwrap();
+        let (p, t) = a.alloc(5).unwrap();
+        a.write_u64(p, 3, t, 0xdead).unwrap();
+        a.free(p, t).unwrap();
+        let (p2, t2) = a.alloc(6).unwrap();
+        assert_eq!(p2, p);
+        assert_ne!(t2, t);
+        assert_eq!(t2.generation(), t.generation() + 1);
+        assert_eq!(t2.host_page(), 6);
+        assert_eq!(a.read_u64(p2, 3, t2).unwrap(), 0);
+    }
+
+    #[test]
+    fn frames_freed_by_one_thread_serve_another() {
+        let a = FrameArena::new(64).unwrap();
+        let frames: Vec<_> = (0..64).map(|i| a.alloc(i).unwrap()).collect();
+        assert!(matches!(a.alloc(99), Err(HostError::OutOfFrames)));
+        for &(p, t) in &frames {
+            a.free(p, t).unwrap();
+        }
+        // Another thread (usually on another stripe, so it steals) reuses every freed frame.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let got: Vec<_> = (0..64).map(|i| a.alloc(i).unwrap()).collect();
+                assert!(matches!(a.alloc(99), Err(HostError::OutOfFrames)));
+                for (p, t) in got {
+                    a.free(p, t).unwrap();
+                }
+            });
+        });
+        let st = a.stats();
+        assert_eq!(st.allocated, 0);
+        assert_eq!(st.total_allocs, 128);
+        assert_eq!(st.total_frees, 128);
+    }
+}

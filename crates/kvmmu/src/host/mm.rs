@@ -1,0 +1,556 @@
+//! The process address space: VMAs, host PTEs, GUP, mmap/munmap/mprotect/madvise, aging.
+//!
+//! See the `host` module doc for the locking protocol and its invariants (cited here as H1–H7).
+
+use super::frames::{FrameArena, FrameTag};
+use super::notifier::{InvalidateEvent, MmuNotifier, NotifierId, NotifierList, NotifierRange};
+use super::percpu::StripedCounter;
+use super::vma::{Vma, Vmas, page_hva, pte, pte_frame};
+use super::{GupError, HostError};
+use crate::addr::{Hva, PAGE_SHIFT, Pfn, is_page_aligned};
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{Arc, Mutex, RwLock};
+
+/// Lowest mappable address (Linux's default `mmap_min_addr`).
+pub const MMAP_MIN_ADDR: u64 = 0x1_0000;
+/// One past the highest mappable address (8 TiB; every page's number fits a [`FrameTag`]).
+pub const TASK_SIZE: u64 = 1 << 43;
+/// Where [`HostMm::mmap`] starts looking for free address space.
+const MMAP_BASE: u64 = 1 << 32;
+/// Pages left unmapped on both sides of an [`HostMm::mmap`] placement.
+const GUARD_PAGES: u64 = 1;
+/// Mappings of at least 2 MiB are placed 2 MiB aligned (so a secondary MMU may map them huge).
+const HUGE_PAGES: u64 = 512;
+
+bitflags::bitflags! {
+    /// Protection of a mapping (`PROT_*`).
+    #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+    pub struct Prot: u32 {
+        /// Readable.
+        const READ = 1;
+        /// Writable (on x86 this implies readable).
+        const WRITE = 2;
+    }
+}
+
+/// Configuration of a [`HostMm`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct HostConfig {
+    /// Frames of simulated physical memory (4 KiB each).
+    pub frames: usize,
+}
+
+impl Default for HostConfig {
+    /// 1 GiB of simulated physical memory.
+    fn default() -> Self {
+        HostConfig { frames: 1 << 18 }
+    }
+}
+
+/// What [`HostMm::get_user_page`] returns: the frame backing a page, pinned by nothing (like
+/// KVM's use of GUP results, validity is guaranteed by the invalidation protocol, not a refcount).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct GupPage {
+    /// The frame.
+    pub pfn: Pfn,
+    /// The frame's tag at the time of the lookup.
+    pub tag: FrameTag,
+    /// Whether the mapping allows writes.
+    pub writable: bool,
+}
+
+/// A snapshot of one host PTE (for tests and oracles).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct HostPte {
+    /// The frame (0 when not present).
+    pub pfn: Pfn,
+    /// The frame's tag ([`FrameTag::FREE`] when not present).
+    pub tag: FrameTag,
+    /// A frame backs the page.
+    pub present: bool,
+    /// The mapping allows writes.
+    pub writable: bool,
+    /// Accessed since the last clear.
+    pub young: bool,
+    /// Written since faulted in.
+    pub dirty: bool,
+}
+
+/// Counters of host operations (successful ones, except `gup` which counts every call).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct HostStats {
+    /// Successful `mmap` and `mmap_fixed` calls.
+    pub mmap: u64,
+    /// Successful `munmap` calls.
+    pub munmap: u64,
+    /// Successful `mprotect` calls.
+    pub mprotect: u64,
+    /// Successful `madvise_dontneed` calls.
+    pub dontneed: u64,
+    /// `get_user_page` calls, including those made by `read_u64` / `write_u64`.
+    pub gup: u64,
+    /// `invalidate_range_start` calls made (one per subscriber per pair).
+    pub invalidate_start: u64,
+    /// `invalidate_range_end` calls made.
+    pub invalidate_end: u64,
+    /// Aging callback calls made (`clear_young`, `clear_flush_young`, `test_young`).
+    pub aging_calls: u64,
+    /// `release` callback calls made.
+    pub release_calls: u64,
+    /// Subscribers registered now.
+    pub subscribers: u64,
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    mmap: AtomicU64,
+    munmap: AtomicU64,
+    mprotect: AtomicU64,
+    dontneed: AtomicU64,
+    gup: StripedCounter,
+    invalidate_start: AtomicU64,
+    invalidate_end: AtomicU64,
+    pub(super) aging_calls: AtomicU64,
+    release_calls: AtomicU64,
+}
+
+impl Counters {
+    pub(super) fn bump(c: &AtomicU64, n: u64) {
+        // ORDERING: Relaxed: statistics, no data published through them.
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+pub(super) struct Inner {
+    arena: FrameArena,
+    /// Serialises structural operations; held across invalidation callbacks (H1, H7).
+    mm_writer: Mutex<()>,
+    /// VMAs and host PTEs; never held across a subscriber callback (H7).
+    pub(super) mmap_lock: RwLock<Vmas>,
+    pub(super) notifiers: NotifierList,
+    pub(super) counters: Counters,
+}
+
+/// The simulated process address space (the primary MMU). Cheap to clone: clones share it.
+#[derive(Clone)]
+pub struct HostMm {
+    pub(super) inner: Arc<Inner>,
+}
+
+impl core::fmt::Debug for HostMm {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HostMm")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Validates a page range and converts it to pages `[start, end)`.
+pub(super) fn page_range(hva: Hva, len: u64) -> Result<(u64, u64), HostError> {
+    if len == 0 {
+        return Err(HostError::ZeroLength);
+    }
+    if !hva.is_page_aligned() || !is_page_aligned(len) {
+        return Err(HostError::Unaligned { hva, len });
+    }
+    let end = hva
+        .raw()
+        .checked_add(len)
+        .ok_or(HostError::Overflow { hva, len })?;
+    if hva.raw() < MMAP_MIN_ADDR || end > TASK_SIZE {
+        return Err(HostError::OutOfRange { hva, len });
+    }
+    Ok((hva.page(), end >> PAGE_SHIFT))
+}
+
+/// Checks that a validated range is fully mapped.
+pub(super) fn check_mapped(vmas: &Vmas, s: u64, e: u64) -> Result<(), HostError> {
+    match vmas.first_hole(s, e) {
+        Some(p) => Err(HostError::NotMapped { hva: page_hva(p) }),
+        None => Ok(()),
+    }
+}
+
+/// True if some page of `[s, e)` in a VMA accepted by `filter` is present.
+fn any_present(vmas: &Vmas, s: u64, e: u64, filter: impl Fn(&Vma) -> bool) -> bool {
+    vmas.overlapping(s, e).filter(|v| filter(v)).any(|v| {
+        // ORDERING: Relaxed: under mmap_lock write no PTE changes concurrently (H3).
+        v.ptes(s, e)
+            .any(|(_, w)| w.load(Ordering::Relaxed) & pte::PRESENT != 0)
+    })
+}
+
+impl HostMm {
+    /// Creates an empty address space over a fresh frame arena.
+    pub fn new(cfg: HostConfig) -> Result<HostMm, HostError> {
+        Ok(HostMm {
+            inner: Arc::new(Inner {
+                arena: FrameArena::new(cfg.frames)?,
+                mm_writer: Mutex::new(()),
+                mmap_lock: RwLock::new(Vmas::default()),
+                notifiers: NotifierList::new(),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// The simulated physical memory.
+    pub fn arena(&self) -> &FrameArena {
+        &self.inner.arena
+    }
+
+    /// Maps `len` bytes of lazily populated anonymous memory at an address of the host's choosing
+    /// (page aligned, with unmapped guard pages around it, 2 MiB aligned if `len >= 2 MiB`).
+    pub fn mmap(&self, len: u64, prot: Prot) -> Result<Hva, HostError> {
+        if len == 0 {
+            return Err(HostError::ZeroLength);
+        }
+        if !is_page_aligned(len) {
+            return Err(HostError::Unaligned {
+                hva: Hva::new(0),
+                len,
+            });
+        }
+        let npages = len >> PAGE_SHIFT;
+        let align = if npages >= HUGE_PAGES { HUGE_PAGES } else { 1 };
+        let _w = self.inner.mm_writer.lock();
+        let mut vmas = self.inner.mmap_lock.write();
+        let start = vmas
+            .find_gap(
+                npages,
+                MMAP_BASE >> PAGE_SHIFT,
+                TASK_SIZE >> PAGE_SHIFT,
+                GUARD_PAGES,
+                align,
+            )
+            .ok_or(HostError::AddressSpaceExhausted)?;
+        vmas.insert(Vma::new(start, start + npages, prot).map_err(HostError::Mmap)?);
+        Counters::bump(&self.inner.counters.mmap, 1);
+        Ok(page_hva(start))
+    }
+
+    /// Maps `len` bytes at exactly `hva`; fails with [`HostError::Overlaps`] if any page of the
+    /// range is already mapped (unlike Linux's `MAP_FIXED`, nothing is replaced).
+    pub fn mmap_fixed(&self, hva: Hva, len: u64, prot: Prot) -> Result<Hva, HostError> {
+        let (s, e) = page_range(hva, len)?;
+        let _w = self.inner.mm_writer.lock();
+        let mut vmas = self.inner.mmap_lock.write();
+        if let Some(v) = vmas.first_overlap(s, e) {
+            return Err(HostError::Overlaps {
+                hva,
+                len,
+                existing: page_hva(v.start),
+            });
+        }
+        vmas.insert(Vma::new(s, e, prot).map_err(HostError::Mmap)?);
+        Counters::bump(&self.inner.counters.mmap, 1);
+        Ok(hva)
+    }
+
+    /// Runs a structural change of `[s, e)` under the invalidation protocol (H1, H2, H4, H7).
+    ///
+    /// `validate` checks the request against the VMAs (an error returns before any notifier
+    /// call); `needs_notify` says whether the change touches a present PTE; `apply` performs it
+    /// under `mmap_lock` write. When no notification is needed, check and change happen in one
+    /// write-locked section, so no GUP can slip a present page in between. Otherwise the lock is
+    /// dropped for the start callbacks and retaken; pages a concurrent GUP faults in meanwhile
+    /// lie in the range whose start was already delivered (the secondary MMU's retry protocol,
+    /// spec §3.3, keeps it from mapping them).
+    fn change_range(
+        &self,
+        (s, e): (u64, u64),
+        event: InvalidateEvent,
+        validate: impl Fn(&Vmas) -> Result<(), HostError>,
+        needs_notify: impl Fn(&Vmas) -> bool,
+        apply: impl FnOnce(&mut Vmas, &FrameArena),
+    ) -> Result<(), HostError> {
+        let inner = &*self.inner;
+        let _w = inner.mm_writer.lock();
+        let range = NotifierRange {
+            start: page_hva(s),
+            end: page_hva(e),
+            event,
+            blockable: true,
+        };
+        let mut notified: Option<Arc<[super::notifier::Subscriber]>> = None;
+        let result = loop {
+            let mut vmas = inner.mmap_lock.write();
+            if let Err(err) = validate(&vmas) {
+                break Err(err);
+            }
+            if notified.is_none() && needs_notify(&vmas) {
+                drop(vmas);
+                let subs = inner.notifiers.snapshot();
+                for (_, n) in subs.iter() {
+                    n.invalidate_range_start(&range);
+                }
+                Counters::bump(&inner.counters.invalidate_start, subs.len() as u64);
+                notified = Some(subs);
+                continue;
+            }
+            apply(&mut vmas, &inner.arena);
+            break Ok(());
+        };
+        if let Some(subs) = notified {
+            for (_, n) in subs.iter() {
+                n.invalidate_range_end(&range);
+            }
+            Counters::bump(&inner.counters.invalidate_end, subs.len() as u64);
+        }
+        result
+    }
+
+    /// Unmaps `[hva, hva + len)`, which must be fully mapped; frees its frames.
+    ///
+    /// Errors (nothing changed, nobody called): [`HostError::ZeroLength`],
+    /// [`HostError::Unaligned`], [`HostError::Overflow`], [`HostError::OutOfRange`],
+    /// [`HostError::NotMapped`] (names the first unmapped page of the range).
+    pub fn munmap(&self, hva: Hva, len: u64) -> Result<(), HostError> {
+        let (s, e) = page_range(hva, len)?;
+        self.change_range(
+            (s, e),
+            InvalidateEvent::Unmap,
+            |v| check_mapped(v, s, e),
+            |v| any_present(v, s, e, |_| true),
+            |vmas, arena| {
+                vmas.split_at(s);
+                vmas.split_at(e);
+                for v in vmas.remove_range(s, e) {
+                    zap_ptes(&v, s, e, arena);
+                }
+            },
+        )?;
+        Counters::bump(&self.inner.counters.munmap, 1);
+        Ok(())
+    }
+
+    /// Changes the protection of `[hva, hva + len)`, which must be fully mapped.
+    pub fn mprotect(&self, hva: Hva, len: u64, prot: Prot) -> Result<(), HostError> {
+        let (s, e) = page_range(hva, len)?;
+        self.change_range(
+            (s, e),
+            InvalidateEvent::Protect,
+            |v| check_mapped(v, s, e),
+            |v| any_present(v, s, e, |vma| vma.prot != prot),
+            |vmas, _| {
+                vmas.split_at(s);
+                vmas.split_at(e);
+                for v in vmas.range_mut(s, e) {
+                    v.prot = prot;
+                }
+            },
+        )?;
+        Counters::bump(&self.inner.counters.mprotect, 1);
+        Ok(())
+    }
+
+    /// Discards the pages of `[hva, hva + len)` (`madvise(MADV_DONTNEED)` on private anonymous
+    /// memory): their frames are freed and the next access faults in a zero-filled frame.
+    pub fn madvise_dontneed(&self, hva: Hva, len: u64) -> Result<(), HostError> {
+        let (s, e) = page_range(hva, len)?;
+        self.change_range(
+            (s, e),
+            InvalidateEvent::DontNeed,
+            |v| check_mapped(v, s, e),
+            |v| any_present(v, s, e, |_| true),
+            |vmas, arena| {
+                for v in vmas.overlapping(s, e) {
+                    zap_ptes(v, s, e, arena);
+                }
+            },
+        )?;
+        Counters::bump(&self.inner.counters.dontneed, 1);
+        Ok(())
+    }
+
+    /// GUP with `mmap_lock` held for read: the PTE of `hva`, faulting a zero-filled frame in if
+    /// needed, with young (and dirty on write) set.
+    #[inline]
+    fn gup_locked(&self, vmas: &Vmas, hva: Hva, write: bool) -> Result<GupPage, GupError> {
+        let page = hva.page();
+        let vma = vmas.find(page).ok_or(GupError::NotMapped { hva })?;
+        if (write && !vma.writable()) || !vma.readable() {
+            return Err(GupError::ProtectionViolation { hva, write });
+        }
+        let writable = vma.writable();
+        let word = vma.pte(page);
+        let want = pte::YOUNG | if write { pte::DIRTY } else { 0 };
+        // ORDERING: Acquire pairs with the Release of the CAS that installed the PTE, so the
+        // frame's tag and zero fill (done before the CAS) are visible to us and our caller.
+        let mut cur = word.load(Ordering::Acquire);
+        loop {
+            if cur & pte::PRESENT != 0 {
+                if cur & want != want {
+                    // ORDERING: Relaxed: young/dirty are hints for aging, ordered by nothing;
+                    // the PTE stays present with the same frame while we hold the read lock (H3).
+                    word.fetch_or(want, Ordering::Relaxed);
+                }
+                let (pfn, tag) = pte_frame(page, cur);
+                return Ok(GupPage { pfn, tag, writable });
+            }
+            let (pfn, tag) = match self.inner.arena.alloc(page) {
+                Ok(f) => f,
+                Err(HostError::OutOfFrames) => return Err(GupError::OutOfFrames),
+                Err(e) => panic!("host invariant H5 violated: mapped page {page:#x}: {e}"),
+            };
+            let new = pte::encode(pfn.raw(), tag.generation(), want);
+            // ORDERING: AcqRel: Release publishes the frame's tag and zero fill with the PTE;
+            // Acquire on failure reads the winner's frame like the load above. Non-present PTEs
+            // are exactly 0 (vma invariant 2), so 0 is the right expected value.
+            match word.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(GupPage { pfn, tag, writable }),
+                Err(actual) => {
+                    if let Err(e) = self.inner.arena.free(pfn, tag) {
+                        panic!("frame arena invariant 1 violated: unpublished frame {pfn}: {e}");
+                    }
+                    cur = actual;
+                }
+            }
+        }
+    }
+
+    /// Get-user-page: the frame backing `hva`, faulting in a zero-filled frame if none; sets the
+    /// host young bit (and dirty on `write`).
+    ///
+    /// Errors: [`GupError::NotMapped`], [`GupError::ProtectionViolation`] (write to a
+    /// non-writable mapping, or any access to a `Prot::empty()` one), [`GupError::OutOfFrames`].
+    #[inline]
+    pub fn get_user_page(&self, hva: Hva, write: bool) -> Result<GupPage, GupError> {
+        self.inner.counters.gup.add(1);
+        let vmas = self.inner.mmap_lock.read();
+        self.gup_locked(&vmas, hva, write)
+    }
+
+    fn access(&self, hva: Hva, write: Option<u64>) -> Result<u64, HostError> {
+        if !hva.raw().is_multiple_of(8) {
+            return Err(HostError::UnalignedAccess { hva });
+        }
+        self.inner.counters.gup.add(1);
+        let vmas = self.inner.mmap_lock.read();
+        let page = self.gup_locked(&vmas, hva, write.is_some())?;
+        let word = ((hva.raw() & ((1 << PAGE_SHIFT) - 1)) / 8) as usize;
+        // The frame cannot be freed while we hold mmap_lock read (H2, H3), so a stale error here
+        // would be a host bug; it is still reported rather than hidden.
+        match write {
+            Some(v) => self
+                .inner
+                .arena
+                .write_u64(page.pfn, word, page.tag, v)
+                .map(|()| v),
+            None => self.inner.arena.read_u64(page.pfn, word, page.tag),
+        }
+    }
+
+    /// A userspace 8-byte read of `hva` (8-byte aligned), faulting the page in if needed.
+    ///
+    /// Errors: [`HostError::UnalignedAccess`], [`HostError::Gup`].
+    pub fn read_u64(&self, hva: Hva) -> Result<u64, HostError> {
+        self.access(hva, None)
+    }
+
+    /// A userspace 8-byte write of `v` to `hva` (8-byte aligned), faulting the page in.
+    pub fn write_u64(&self, hva: Hva, v: u64) -> Result<(), HostError> {
+        self.access(hva, Some(v)).map(|_| ())
+    }
+
+    /// A snapshot of the host PTE of the page containing `hva`; `None` if it is not mapped.
+    pub fn host_pte(&self, hva: Hva) -> Option<HostPte> {
+        let page = hva.page();
+        let vmas = self.inner.mmap_lock.read();
+        let v = vmas.find(page)?;
+        // ORDERING: Acquire: like GUP's load, so the returned tag is the one published with it.
+        let w = v.pte(page).load(Ordering::Acquire);
+        let present = w & pte::PRESENT != 0;
+        let (pfn, tag) = if present {
+            pte_frame(page, w)
+        } else {
+            (Pfn::new(0), FrameTag::FREE)
+        };
+        Some(HostPte {
+            pfn,
+            tag,
+            present,
+            writable: v.writable(),
+            young: w & pte::YOUNG != 0,
+            dirty: w & pte::DIRTY != 0,
+        })
+    }
+
+    /// Subscribes a secondary MMU. Waits for any invalidation in flight, so the new subscriber
+    /// never sees an `invalidate_range_end` without its start (H6).
+    pub fn register_notifier(&self, n: Arc<dyn MmuNotifier>) -> NotifierId {
+        let _w = self.inner.mm_writer.lock();
+        self.inner.notifiers.register(n)
+    }
+
+    /// Unsubscribes; false if `id` is not subscribed. An invalidation pair already started on it
+    /// still delivers its end (H6), and an aging call that took its subscriber snapshot before
+    /// this returned may still reach it; nothing else calls it afterwards. It stays alive as long
+    /// as such a call holds it.
+    pub fn unregister_notifier(&self, id: NotifierId) -> bool {
+        self.inner.notifiers.unregister(id)
+    }
+
+    /// Process exit (`exit_mmap`): calls every subscriber's `release` (before any frame is
+    /// freed), drops the subscribers, then tears down every mapping and frees every frame.
+    /// Idempotent; the address space stays usable afterwards (empty, no subscribers).
+    pub fn release(&self) {
+        let inner = &*self.inner;
+        let _w = inner.mm_writer.lock();
+        let subs = inner.notifiers.take_all();
+        for (_, n) in subs.iter() {
+            n.release();
+        }
+        Counters::bump(&inner.counters.release_calls, subs.len() as u64);
+        drop(subs);
+        let mut vmas = inner.mmap_lock.write();
+        for v in vmas.take_all() {
+            zap_ptes(&v, v.start, v.end, &inner.arena);
+        }
+    }
+
+    /// Operation counters.
+    pub fn stats(&self) -> HostStats {
+        let c = &self.inner.counters;
+        // ORDERING: Relaxed: statistics.
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        HostStats {
+            mmap: ld(&c.mmap),
+            munmap: ld(&c.munmap),
+            mprotect: ld(&c.mprotect),
+            dontneed: ld(&c.dontneed),
+            gup: c.gup.sum(),
+            invalidate_start: ld(&c.invalidate_start),
+            invalidate_end: ld(&c.invalidate_end),
+            aging_calls: ld(&c.aging_calls),
+            release_calls: ld(&c.release_calls),
+            subscribers: self.inner.notifiers.len() as u64,
+        }
+    }
+
+    /// Mapped ranges in address order, as `(start, len, prot)` (for tests and oracles).
+    pub fn mappings(&self) -> Vec<(Hva, u64, Prot)> {
+        self.inner
+            .mmap_lock
+            .read()
+            .iter()
+            .map(|v| (page_hva(v.start), (v.end - v.start) << PAGE_SHIFT, v.prot))
+            .collect()
+    }
+}
+
+/// Clears the present PTEs of `v` in `[s, e)` and frees their frames. Called with `mmap_lock`
+/// held for write, after `invalidate_range_start` (H1, H2).
+fn zap_ptes(v: &Vma, s: u64, e: u64, arena: &FrameArena) {
+    for (page, w) in v.ptes(s, e) {
+        // ORDERING: Relaxed: mmap_lock write excludes every other PTE user (H3), and its
+        // release orders this before later readers.
+        let old = w.swap(0, Ordering::Relaxed);
+        if old & pte::PRESENT != 0 {
+            let (pfn, tag) = pte_frame(page, old);
+            if let Err(err) = arena.free(pfn, tag) {
+                panic!("host invariant H2 violated: present PTE of page {page:#x}: {err}");
+            }
+        }
+    }
+}

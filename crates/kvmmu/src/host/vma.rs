@@ -1,0 +1,232 @@
+//! Virtual memory areas and host page tables.
+//!
+//! A [`Vma`] is a page range `[start, end)` with a protection and a window into a host page
+//! table (an [`AtomicWords`] array of host PTEs). Splitting a VMA (partial `munmap`/`mprotect`)
+//! shares the table between the pieces, so a split never copies or moves a PTE.
+//!
+//! Host PTE word layout: bit 0 present, bit 1 young, bit 2 dirty, bits 3..32 pfn, bits 32..64
+//! the generation of the frame's tag (the tag's host page is the PTE's own page).
+//!
+//! Invariants:
+//! 1. Every PTE word belongs to at most one VMA; words of a table outside every VMA are 0.
+//! 2. A non-present PTE is exactly 0 (aging never touches a non-present PTE; removal swaps to 0).
+//! 3. VMAs in a [`Vmas`] never overlap.
+
+use std::collections::BTreeMap;
+
+use super::Prot;
+use super::frames::FrameTag;
+use super::words::AtomicWords;
+use crate::addr::{Hva, PAGE_SHIFT, Pfn};
+use crate::sync::Arc;
+use crate::sync::atomic::AtomicU64;
+
+/// Host PTE bits.
+pub(crate) mod pte {
+    /// The page is present.
+    pub(crate) const PRESENT: u64 = 1 << 0;
+    /// The page was accessed since the last clear.
+    pub(crate) const YOUNG: u64 = 1 << 1;
+    /// The page was written since it was faulted in.
+    pub(crate) const DIRTY: u64 = 1 << 2;
+    const PFN_SHIFT: u32 = 3;
+    const PFN_MASK: u64 = (1 << 29) - 1;
+
+    /// A present PTE for frame `pfn` whose tag has generation `generation`.
+    pub(crate) const fn encode(pfn: u64, generation: u32, flags: u64) -> u64 {
+        PRESENT | flags | ((pfn & PFN_MASK) << PFN_SHIFT) | ((generation as u64) << 32)
+    }
+    /// The frame of a present PTE.
+    pub(crate) const fn pfn(v: u64) -> u64 {
+        (v >> PFN_SHIFT) & PFN_MASK
+    }
+    /// The tag generation of a present PTE.
+    pub(crate) const fn generation(v: u64) -> u32 {
+        (v >> 32) as u32
+    }
+}
+
+/// The frame and tag a present PTE word for `page` names.
+pub(crate) fn pte_frame(page: u64, v: u64) -> (Pfn, FrameTag) {
+    (
+        Pfn::new(pte::pfn(v)),
+        FrameTag::from_parts(page, pte::generation(v)),
+    )
+}
+
+/// One mapping.
+#[derive(Clone, Debug)]
+pub(crate) struct Vma {
+    /// First page (`hva >> 12`).
+    pub(crate) start: u64,
+    /// One past the last page.
+    pub(crate) end: u64,
+    pub(crate) prot: Prot,
+    table: Arc<AtomicWords>,
+    /// Index in `table` of the PTE for `start`.
+    offset: usize,
+}
+
+impl Vma {
+    /// A fresh VMA with an all-zero page table.
+    pub(crate) fn new(start: u64, end: u64, prot: Prot) -> std::io::Result<Vma> {
+        let n = usize::try_from(end - start)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        Ok(Vma {
+            start,
+            end,
+            prot,
+            table: Arc::new(AtomicWords::new(n)?),
+            offset: 0,
+        })
+    }
+
+    /// The PTE of `page`, which must lie in the VMA.
+    #[inline]
+    pub(crate) fn pte(&self, page: u64) -> &AtomicU64 {
+        debug_assert!(page >= self.start && page < self.end);
+        &self.table.as_slice()[self.offset + (page - self.start) as usize]
+    }
+
+    /// The PTEs of the pages `[max(s, start), min(e, end))`, with their page numbers.
+    pub(crate) fn ptes(&self, s: u64, e: u64) -> impl Iterator<Item = (u64, &AtomicU64)> {
+        let lo = s.max(self.start);
+        let hi = e.min(self.end).max(lo);
+        let base = self.offset + (lo - self.start) as usize;
+        let n = (hi - lo) as usize;
+        self.table.as_slice()[base..base + n]
+            .iter()
+            .enumerate()
+            .map(move |(i, w)| (lo + i as u64, w))
+    }
+
+    /// True if the VMA allows reads (x86: a writable mapping is readable).
+    #[inline]
+    pub(crate) fn readable(&self) -> bool {
+        self.prot.intersects(Prot::READ | Prot::WRITE)
+    }
+
+    /// True if the VMA allows writes.
+    #[inline]
+    pub(crate) fn writable(&self) -> bool {
+        self.prot.contains(Prot::WRITE)
+    }
+}
+
+/// The VMAs of an address space, keyed by first page.
+#[derive(Default, Debug)]
+pub(crate) struct Vmas {
+    map: BTreeMap<u64, Vma>,
+}
+
+impl Vmas {
+    /// The VMA containing `page`.
+    #[inline]
+    pub(crate) fn find(&self, page: u64) -> Option<&Vma> {
+        self.map
+            .range(..=page)
+            .next_back()
+            .map(|(_, v)| v)
+            .filter(|v| page < v.end)
+    }
+
+    /// VMAs intersecting `[s, e)`, in address order.
+    pub(crate) fn overlapping(&self, s: u64, e: u64) -> impl Iterator<Item = &Vma> {
+        let from = self.find(s).map_or(s, |v| v.start);
+        self.map.range(from..e.max(from)).map(|(_, v)| v)
+    }
+
+    /// The first page of `[s, e)` no VMA covers, if any.
+    pub(crate) fn first_hole(&self, s: u64, e: u64) -> Option<u64> {
+        let mut next = s;
+        for v in self.overlapping(s, e) {
+            if v.start > next {
+                return Some(next);
+            }
+            next = v.end;
+            if next >= e {
+                return None;
+            }
+        }
+        (next < e).then_some(next)
+    }
+
+    /// Some VMA intersecting `[s, e)`.
+    pub(crate) fn first_overlap(&self, s: u64, e: u64) -> Option<&Vma> {
+        self.overlapping(s, e).next()
+    }
+
+    /// Splits the VMA containing `page` at `page` if `page` is strictly inside it.
+    pub(crate) fn split_at(&mut self, page: u64) {
+        let Some(v) = self.find(page) else { return };
+        if v.start == page {
+            return;
+        }
+        let lo_start = v.start;
+        let mut hi = v.clone();
+        hi.offset += (page - v.start) as usize;
+        hi.start = page;
+        if let Some(lo) = self.map.get_mut(&lo_start) {
+            lo.end = page;
+        }
+        self.map.insert(page, hi);
+    }
+
+    /// Inserts a VMA (the caller checked it overlaps nothing, invariant 3).
+    pub(crate) fn insert(&mut self, v: Vma) {
+        debug_assert!(self.first_overlap(v.start, v.end).is_none());
+        self.map.insert(v.start, v);
+    }
+
+    /// Removes and returns the VMAs starting in `[s, e)` (split first so they lie inside it).
+    pub(crate) fn remove_range(&mut self, s: u64, e: u64) -> Vec<Vma> {
+        let keys: Vec<u64> = self.map.range(s..e).map(|(k, _)| *k).collect();
+        keys.into_iter()
+            .filter_map(|k| self.map.remove(&k))
+            .collect()
+    }
+
+    /// Mutable access to the VMAs starting in `[s, e)`.
+    pub(crate) fn range_mut(&mut self, s: u64, e: u64) -> impl Iterator<Item = &mut Vma> {
+        self.map.range_mut(s..e).map(|(_, v)| v)
+    }
+
+    /// Removes every VMA.
+    pub(crate) fn take_all(&mut self) -> Vec<Vma> {
+        core::mem::take(&mut self.map).into_values().collect()
+    }
+
+    /// All VMAs in address order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Vma> {
+        self.map.values()
+    }
+
+    /// First-fit search for `npages` free pages in `[lo, hi)`, leaving `guard` free pages on
+    /// both sides and starting at a multiple of `align` pages.
+    pub(crate) fn find_gap(
+        &self,
+        npages: u64,
+        lo: u64,
+        hi: u64,
+        guard: u64,
+        align: u64,
+    ) -> Option<u64> {
+        let align_up = |p: u64| p.checked_add(align - 1).map(|x| x & !(align - 1));
+        let mut cand = align_up(lo)?;
+        for v in self.map.range(..hi).map(|(_, v)| v) {
+            if v.end.saturating_add(guard) <= cand {
+                continue;
+            }
+            if cand.checked_add(npages)?.checked_add(guard)? <= v.start {
+                break;
+            }
+            cand = align_up(v.end.checked_add(guard)?)?;
+        }
+        (cand.checked_add(npages)? <= hi).then_some(cand)
+    }
+}
+
+/// The address of page `page`.
+pub(crate) const fn page_hva(page: u64) -> Hva {
+    Hva::new(page << PAGE_SHIFT)
+}
