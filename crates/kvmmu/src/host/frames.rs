@@ -87,6 +87,16 @@ impl FrameTag {
     pub const fn is_free(self) -> bool {
         self.0 & HOST_PAGE_MASK == 0
     }
+
+    /// The raw tag word, for caching in a TLB entry.
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
+
+    /// Rebuilds a tag from [`FrameTag::raw`].
+    pub const fn from_raw(raw: u64) -> FrameTag {
+        FrameTag::from_word(raw)
+    }
 }
 
 /// An access through a tag that no longer owns the frame.
@@ -379,6 +389,18 @@ impl FrameArena {
         data.store(v, Ordering::Release);
         fence(Ordering::SeqCst);
         self.check(pfn, expect, tag.load(Ordering::Relaxed))
+    }
+
+    /// Records a stale translation found by a caller's own check (e.g. a vCPU validating a TLB fill
+    /// against the host page it expects) and returns it as an error, counted like the arena's own.
+    pub fn report_stale(&self, pfn: Pfn, expected: FrameTag, found: FrameTag) -> StaleAccess {
+        // ORDERING: Relaxed: a statistics counter.
+        self.stale_accesses.fetch_add(1, Ordering::Relaxed);
+        StaleAccess {
+            pfn,
+            expected,
+            found,
+        }
     }
 
     /// The arena's counters (exact when no alloc/free is in flight, invariant 5).

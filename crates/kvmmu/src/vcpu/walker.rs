@@ -9,7 +9,7 @@
 use super::tlb::TlbEntry;
 use super::{Vcpu, VcpuExit};
 use crate::addr::{Gpa, PAGE_SHIFT};
-use crate::host::{FrameTag, StaleAccess};
+use crate::host::{FrameTag, HostError, StaleAccess};
 use crate::mmu::tdp::HwWalk;
 
 /// The result of one attempt at an access.
@@ -61,16 +61,9 @@ pub(super) fn translate_and_access(
         .find_by_gfn(gfn)
         .and_then(|s| s.gfn_to_hva(gfn))
         .map(|hva| hva.raw() >> PAGE_SHIFT);
-    if tag == FrameTag::FREE || expected_page != Some(tag.host_page()) {
-        vm.host.arena().note_stale_access();
-        return Err(VcpuExit::StaleTranslation {
-            gpa,
-            source: StaleAccess {
-                pfn,
-                expected: FrameTag::FREE,
-                found: tag,
-            },
-        });
+    if tag.is_free() || expected_page != Some(tag.host_page()) {
+        let source = vm.host.arena().report_stale(pfn, FrameTag::FREE, tag);
+        return Err(VcpuExit::StaleTranslation { gpa, source });
     }
     drop(srcu);
     vcpu.tlb.insert(TlbEntry {
@@ -98,6 +91,15 @@ fn frame_access(
     };
     match r {
         Ok(v) => Ok(Access::Done(v)),
-        Err(source) => Err(VcpuExit::StaleTranslation { gpa, source }),
+        Err(HostError::Stale(source)) => Err(VcpuExit::StaleTranslation { gpa, source }),
+        // Any other arena error means the translation named no valid frame at all.
+        Err(_) => Err(VcpuExit::StaleTranslation {
+            gpa,
+            source: StaleAccess {
+                pfn,
+                expected: tag,
+                found: FrameTag::FREE,
+            },
+        }),
     }
 }
