@@ -295,7 +295,7 @@ impl AtomicSpte {
     /// Loads the SPTE (see O1 for when `Acquire` is required).
     #[inline]
     pub fn load(&self, order: Ordering) -> Spte {
-        Spte(self.0.load(order))
+        checked(Spte(self.0.load(order)))
     }
     /// Stores `v` (only where O3 allows a plain store, or on a table not yet published).
     #[inline]
@@ -305,7 +305,7 @@ impl AtomicSpte {
     /// Exchanges the SPTE and returns the old value (O3).
     #[inline]
     pub fn swap(&self, v: Spte, order: Ordering) -> Spte {
-        Spte(self.0.swap(v.0, order))
+        checked(Spte(self.0.swap(v.0, order)))
     }
     /// Compare-and-exchange: `Ok(previous)` if the slot held `current`, else `Err(actual)`.
     #[inline]
@@ -318,19 +318,36 @@ impl AtomicSpte {
     ) -> Result<Spte, Spte> {
         self.0
             .compare_exchange(current.0, new.0, success, failure)
-            .map(Spte)
-            .map_err(Spte)
+            .map(|v| checked(Spte(v)))
+            .map_err(|v| checked(Spte(v)))
+    }
+    /// Stores the loom poison value into a freed table (table.rs).
+    #[cfg(loom)]
+    pub(crate) fn store_poison(&self, v: Spte, order: Ordering) {
+        self.0.store(v.0, order)
     }
     /// Atomically ANDs `mask` into the SPTE and returns the old value (O4).
     #[inline]
     pub fn fetch_and(&self, mask: u64, order: Ordering) -> Spte {
-        Spte(self.0.fetch_and(mask, order))
+        checked(Spte(self.0.fetch_and(mask, order)))
     }
     /// Atomically ORs `bits` into the SPTE and returns the old value (O5).
     #[inline]
     pub fn fetch_or(&self, bits: u64, order: Ordering) -> Spte {
-        Spte(self.0.fetch_or(bits, order))
+        checked(Spte(self.0.fetch_or(bits, order)))
     }
+}
+
+/// Under loom, every access to SPTE memory asserts it did not read a freed (poisoned) table.
+#[inline(always)]
+fn checked(v: Spte) -> Spte {
+    #[cfg(loom)]
+    assert_ne!(
+        v,
+        crate::mmu::tdp::table::POISON,
+        "read SPTE memory of a freed page-table page (spec §4 item 29/20: use after free)"
+    );
+    v
 }
 
 impl fmt::Debug for AtomicSpte {
