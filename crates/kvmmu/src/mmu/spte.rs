@@ -391,7 +391,7 @@ mod tests {
         assert_ne!(huge.raw() & (1 << 7), 0, "PS is bit 7");
         let table = make_nonleaf_spte(0x7f12_3456_7000);
         assert_eq!(table.kind(Level::L2M), SpteKind::Table);
-        assert_eq!(table.pfn(), Pfn::new(0x7f12_3456_7));
+        assert_eq!(table.pfn(), Pfn::new(0x0007_f123_4567));
         assert!(!table.is_accessed(), "non-leaf SPTEs carry no A bit");
         assert_eq!(Spte::NONPRESENT.kind(Level::L4K), SpteKind::NonPresent);
         assert_eq!(Spte::NONPRESENT.raw(), 1 << 63);

@@ -38,20 +38,37 @@ impl TdpMmu {
     /// True if some present leaf of `as_id`'s valid root in `range` has Accessed set
     /// (`kvm_test_age_gfn`). Modifies nothing and returns at the first young leaf.
     pub fn test_age_gfn_range(&self, as_id: AsId, range: GfnRange, rcu: &RcuGuard<'_>) -> bool {
-        self.walk_leaves(as_id, range, ACCESSED_MASK, Action::Test, rcu).0 != 0
+        self.walk_leaves(as_id, range, ACCESSED_MASK, Action::Test, rcu)
+            .0
+            != 0
     }
 
     /// Clears Dirty on the present leaves of `as_id`'s valid root in `range` (the D-bit flavour of
     /// `kvm_tdp_mmu_clear_dirty_slot`, for dirty logging); returns true if any was dirty. Runs
     /// under `mmu_lock` read: one atomic AND per dirty leaf, so a racing CPU D-bit set either
     /// lands before (and is harvested) or after (and stays).
-    pub fn clear_dirty_gfn_range(&self, as_id: AsId, range: GfnRange, _mmu: &MmuRead, rcu: &RcuGuard<'_>) -> bool {
-        self.walk_leaves(as_id, range, DIRTY_MASK, Action::Clear, rcu).0 != 0
+    pub fn clear_dirty_gfn_range(
+        &self,
+        as_id: AsId,
+        range: GfnRange,
+        _mmu: &MmuRead,
+        rcu: &RcuGuard<'_>,
+    ) -> bool {
+        self.walk_leaves(as_id, range, DIRTY_MASK, Action::Clear, rcu)
+            .0
+            != 0
     }
 
     /// Visits the present leaves with `mask` set; returns how many were observed with it (at most
     /// 1 for [`Action::Test`]) and how many of those this call cleared itself.
-    fn walk_leaves(&self, as_id: AsId, range: GfnRange, mask: u64, action: Action, rcu: &RcuGuard<'_>) -> (u64, u64) {
+    fn walk_leaves(
+        &self,
+        as_id: AsId,
+        range: GfnRange,
+        mask: u64,
+        action: Action,
+        rcu: &RcuGuard<'_>,
+    ) -> (u64, u64) {
         let start = range.start().raw();
         let end = range.end().raw().min(GFN_LIMIT);
         if start >= end {

@@ -23,8 +23,17 @@ impl TdpMmu {
     /// If the gfn is already mapped to a different pfn (spec §4 item 13: the notifier must zap
     /// first; a bug in the caller's invalidation protocol), or if `root` belongs to another
     /// `TdpMmu`.
-    pub fn map(&self, root: &RootRef, req: &MapRequest, _mmu: &MmuRead, rcu: &RcuGuard<'_>) -> FaultOutcome {
-        assert!(root.belongs_to(self), "map: the root belongs to another TdpMmu");
+    pub fn map(
+        &self,
+        root: &RootRef,
+        req: &MapRequest,
+        _mmu: &MmuRead,
+        _rcu: &RcuGuard<'_>,
+    ) -> FaultOutcome {
+        assert!(
+            root.belongs_to(self),
+            "map: the root belongs to another TdpMmu"
+        );
         // ORDERING: `invalid` is written under `mmu_lock` write and we hold it for read (P5).
         if root.root().invalid.load(Ordering::Relaxed) {
             return FaultOutcome::Retry(RetryReason::InvalidRoot);
@@ -38,8 +47,8 @@ impl TdpMmu {
         let mut level = ROOT_LEVEL;
         while let Some(child_level) = level.down() {
             // SAFETY: `table` is the root table of a root we hold a reference to (P4), or a
-            // table read from a present non-leaf SPTE under `rcu`, which P1 keeps allocated
-            // while `rcu` is pinned; `rcu` outlives this function's use of it.
+            // table read from a present non-leaf SPTE under `_rcu`, which P1 keeps allocated
+            // while `_rcu` is pinned; `_rcu` outlives this function's use of it.
             let t = unsafe { table.get() };
             let sptep = t.entry(gfn, level);
             // ORDERING: O1 — we may follow the pointer into the child table.
@@ -55,7 +64,12 @@ impl TdpMmu {
                     Counters::add(&counters.tables_allocated, 1);
                     // ORDERING: O2 — Release publishes the child's initialised entries; Acquire
                     // on failure is not needed since we do not follow the value we lost to.
-                    match sptep.compare_exchange(old, child.to_spte(), Ordering::Release, Ordering::Relaxed) {
+                    match sptep.compare_exchange(
+                        old,
+                        child.to_spte(),
+                        Ordering::Release,
+                        Ordering::Relaxed,
+                    ) {
                         Ok(_) => child,
                         Err(_) => {
                             // SAFETY: the CAS failed, so `child` was never published (P1).
@@ -70,7 +84,7 @@ impl TdpMmu {
             level = child_level;
         }
         // SAFETY: as above — `table` is a root table we hold a reference to or was reached under
-        // `rcu` (P1, P4).
+        // `_rcu` (P1, P4).
         let sptep = unsafe { table.get() }.entry(gfn, Level::L4K);
         // ORDERING: a leaf slot; the CAS below validates the snapshot, and nothing is followed.
         let old = sptep.load(Ordering::Relaxed);

@@ -42,7 +42,12 @@ impl<'g> TdpIter<'g> {
     /// `root` must stay allocated for `'g`: it is the root table of a root the caller holds a
     /// reference to, or reached under an RCU guard that lives for `'g` (P4). Tables below it are
     /// reached under the same guard (P1), which `_rcu` ties to `'g`.
-    pub(crate) unsafe fn new(root: TablePtr, start: u64, end: u64, _rcu: &'g RcuGuard<'_>) -> TdpIter<'g> {
+    pub(crate) unsafe fn new(
+        root: TablePtr,
+        start: u64,
+        end: u64,
+        _rcu: &'g RcuGuard<'_>,
+    ) -> TdpIter<'g> {
         let mut path = [None; DEPTH];
         // SAFETY: the caller guarantees the root table is allocated for 'g (this function's
         // contract, P4).
@@ -71,11 +76,6 @@ impl<'g> TdpIter<'g> {
     pub(crate) fn level(&self) -> Level {
         self.level
     }
-    /// The base gfn of the current SPTE.
-    #[inline]
-    pub(crate) fn gfn(&self) -> u64 {
-        self.gfn
-    }
     /// The snapshot of the current SPTE (refreshed on every move, or by [`Self::set_old`]).
     #[inline]
     pub(crate) fn old(&self) -> Spte {
@@ -99,7 +99,8 @@ impl<'g> TdpIter<'g> {
 
     #[inline]
     fn table(&self, level: Level) -> &'g Table {
-        self.path[level.get() as usize - 1].expect("the iterator's path holds every table from the root down to its level")
+        self.path[level.get() as usize - 1]
+            .expect("the iterator's path holds every table from the root down to its level")
     }
 
     #[inline]
@@ -158,20 +159,6 @@ impl<'g> TdpIter<'g> {
             }
             if !self.try_step_up() {
                 // Past the last entry of the root table.
-                self.next_gfn = self.end;
-                self.valid = false;
-                return;
-            }
-        }
-    }
-
-    /// Moves past the current SPTE's whole span without stepping down into it.
-    pub(crate) fn skip_subtree(&mut self) {
-        loop {
-            if self.try_step_side() {
-                return;
-            }
-            if !self.try_step_up() {
                 self.next_gfn = self.end;
                 self.valid = false;
                 return;

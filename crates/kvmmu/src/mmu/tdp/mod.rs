@@ -218,6 +218,13 @@ impl RootPtr {
         // SAFETY: this function's contract.
         unsafe { self.0.as_ref() }
     }
+
+    /// # Safety
+    /// The root must be unreachable, unreferenced and freed only once (P4).
+    unsafe fn free(self) {
+        // SAFETY: the root came from `Box::leak` in `get_root`; this function's contract.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+    }
 }
 
 /// An entry of the root list (`tdp_mmu_roots`).
@@ -275,9 +282,8 @@ impl Inner {
             // any more, and every thread that found it earlier held a reference (now all gone) or
             // an RCU guard older than this callback. Its table is reachable only from the root.
             unsafe { zap::free_subtree(table, ROOT_LEVEL, &counters) };
-            // SAFETY: as above; the root came from `Box::leak` in `get_root` and this is its
-            // only free.
-            drop(unsafe { Box::from_raw(root.0.as_ptr()) });
+            // SAFETY: as above; this is the root's only free.
+            unsafe { root.free() };
             Counters::add(&counters.roots_freed, 1);
         });
     }
@@ -317,7 +323,10 @@ impl Clone for RootRef {
     fn clone(&self) -> RootRef {
         // ORDERING: taking a reference while already holding one needs no ordering (`Arc::clone`).
         self.root().refcount.fetch_add(1, Ordering::Relaxed);
-        RootRef { inner: Arc::clone(&self.inner), root: self.root }
+        RootRef {
+            inner: Arc::clone(&self.inner),
+            root: self.root,
+        }
     }
 }
 
@@ -343,7 +352,9 @@ pub struct TdpMmu {
 
 impl fmt::Debug for TdpMmu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TdpMmu").field("stats", &self.stats()).finish()
+        f.debug_struct("TdpMmu")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -409,7 +420,10 @@ impl TdpMmu {
         // ORDERING: Release publishes the initialised root and table to `valid_root` (P4).
         self.inner.valid_roots[as_id.index()]
             .store(root.0.as_ptr().expose_provenance(), Ordering::Release);
-        RootRef { inner: Arc::clone(&self.inner), root }
+        RootRef {
+            inner: Arc::clone(&self.inner),
+            root,
+        }
     }
 
     /// The valid root with a new reference, if there is one. The caller holds `mmu_lock` read,
@@ -426,7 +440,10 @@ impl TdpMmu {
         }
         // ORDERING: the TDP MMU's reference keeps the count above 0 meanwhile (as `Arc::clone`).
         r.refcount.fetch_add(1, Ordering::Relaxed);
-        Some(RootRef { inner: Arc::clone(&self.inner), root })
+        Some(RootRef {
+            inner: Arc::clone(&self.inner),
+            root,
+        })
     }
 
     /// Fast zap, first half (`kvm_tdp_mmu_invalidate_roots`): marks every root invalid and
@@ -465,5 +482,52 @@ impl Drop for TdpMmu {
         // Nobody else can call into this TdpMmu any more; `RootRef`s only put references.
         self.invalidate_all_roots_unlocked();
         self.zap_invalidated_roots_inner(&mut zap::NoResched, None);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::addr::Gfn;
+    use crate::sync::witness::MmuLock;
+
+    #[test]
+    fn dropping_the_tdp_mmu_frees_every_table_and_root() {
+        let rcu = Arc::new(Rcu::new());
+        let lock = MmuLock::new();
+        let tdp = TdpMmu::new(1, Arc::clone(&rcu));
+        let counters = Arc::clone(&tdp.inner.counters);
+        let root = {
+            let mmu = lock.read();
+            let root = tdp.get_root(AsId::new(0), mmu.witness());
+            let guard = rcu.pin();
+            for g in (0..600).chain([1 << 20]) {
+                let req = MapRequest {
+                    gfn: Gfn::new(g),
+                    pfn: Pfn::new(g),
+                    level: Level::L4K,
+                    host_writable: true,
+                    write_fault: false,
+                    prefetch: false,
+                };
+                assert_eq!(
+                    tdp.map(&root, &req, mmu.witness(), &guard),
+                    FaultOutcome::Fixed
+                );
+            }
+            root
+        };
+        drop(tdp);
+        assert!(
+            root.is_invalid(),
+            "dropping the TdpMmu invalidates its roots"
+        );
+        drop(root);
+        rcu.synchronize();
+        let s = counters.snapshot();
+        assert!(s.tables_allocated >= 7, "{s:?}");
+        assert_eq!(s.tables_allocated, s.tables_freed, "{s:?}");
+        assert_eq!((s.roots_allocated, s.roots_freed), (1, 1));
+        assert_eq!(s.leaves_zapped, 601);
     }
 }

@@ -13,6 +13,7 @@ use core::ptr::NonNull;
 
 use crate::addr::Level;
 use crate::mmu::spte::{AtomicSpte, BASE_ADDR_MASK, Spte, make_nonleaf_spte};
+#[cfg(any(loom, test))]
 use crate::sync::atomic::Ordering;
 
 /// Bits of gfn consumed per level.
@@ -115,7 +116,9 @@ impl TablePtr {
     pub(crate) fn from_spte(spte: Spte) -> TablePtr {
         let addr = (spte.raw() & BASE_ADDR_MASK) as usize;
         let ptr = core::ptr::with_exposed_provenance_mut::<Table>(addr);
-        TablePtr(NonNull::new(ptr).expect("a present non-leaf SPTE holds a non-null table address (P2)"))
+        TablePtr(
+            NonNull::new(ptr).expect("a present non-leaf SPTE holds a non-null table address (P2)"),
+        )
     }
 
     /// Borrows the table for `'a`.
@@ -184,7 +187,10 @@ mod tests {
         let gfn = (3u64 << 27) | (5 << 18) | (7 << 9) | 11;
         for l in 1..=4 {
             let level = Level::new(l).unwrap();
-            assert_eq!(index(gfn, level), crate::addr::Gfn::new(gfn).index_at(level));
+            assert_eq!(
+                index(gfn, level),
+                crate::addr::Gfn::new(gfn).index_at(level)
+            );
             assert_eq!(pages(level), level.pages());
         }
         assert_eq!(GFN_LIMIT, 1 << 36);

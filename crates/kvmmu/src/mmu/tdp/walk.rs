@@ -55,7 +55,9 @@ unsafe fn find_leaf<'g>(
             SpteKind::Leaf => return Some((sptep, spte, level)),
             SpteKind::Table => {
                 table = TablePtr::from_spte(spte);
-                level = level.down().expect("a 4K SPTE is never a table (is_leaf holds at 4K)");
+                level = level
+                    .down()
+                    .expect("a 4K SPTE is never a table (is_leaf holds at 4K)");
             }
             SpteKind::NonPresent | SpteKind::Frozen => return None,
         }
@@ -69,10 +71,20 @@ impl TdpMmu {
     /// with a compare-and-swap on the value it checked (spte.rs O5: A/D never lands on a value
     /// that stopped being a present leaf), re-evaluating on a lost race. A walk of an invalid root
     /// is allowed: a vCPU keeps using its root until it reloads.
-    pub fn hardware_walk(&self, root: &RootRef, gfn: Gfn, write: bool, rcu: &RcuGuard<'_>) -> HwWalk {
-        debug_assert!(root.belongs_to(self), "hardware_walk: the root belongs to another TdpMmu");
+    pub fn hardware_walk(
+        &self,
+        root: &RootRef,
+        gfn: Gfn,
+        write: bool,
+        rcu: &RcuGuard<'_>,
+    ) -> HwWalk {
+        debug_assert!(
+            root.belongs_to(self),
+            "hardware_walk: the root belongs to another TdpMmu"
+        );
         // SAFETY: we hold a reference to `root`, so its table is allocated (P4).
-        let Some((sptep, mut spte, level)) = (unsafe { find_leaf(root.table(), gfn.raw(), rcu) }) else {
+        let Some((sptep, mut spte, level)) = (unsafe { find_leaf(root.table(), gfn.raw(), rcu) })
+        else {
             return HwWalk::NotPresent;
         };
         let want = ACCESSED_MASK | if write { DIRTY_MASK } else { 0 };
@@ -84,7 +96,12 @@ impl TdpMmu {
                 return HwWalk::WriteProtected;
             }
             if spte.raw() & want == want {
-                return HwWalk::Hit { pfn: spte.pfn(), writable: spte.is_writable(), dirty: spte.is_dirty(), level };
+                return HwWalk::Hit {
+                    pfn: spte.pfn(),
+                    writable: spte.is_writable(),
+                    dirty: spte.is_dirty(),
+                    level,
+                };
             }
             let new = Spte::from_raw(spte.raw() | want);
             // ORDERING: O5 — atomicity keeps concurrent A/D/zap updates; on failure the fresh

@@ -9,10 +9,10 @@
 
 use crate::addr::{AsId, GfnRange, Level};
 use crate::mmu::spte::{AtomicSpte, Spte, SpteKind};
+use crate::sync::Arc;
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
 use crate::sync::witness::MmuWriteGuard;
-use crate::sync::Arc;
 
 use super::iter::TdpIter;
 use super::table::{ENTRIES, GFN_LIMIT, ROOT_LEVEL, TablePtr};
@@ -66,7 +66,12 @@ fn write_spte(sptep: &AtomicSpte, old: Spte, new: Spte, level: Level) -> Spte {
 /// # Safety
 /// `table` must be unreachable from every root and SPTE, unlinked by the caller under
 /// `mmu_lock` write while `rcu` is pinned, and handed to this function once (P1).
-unsafe fn handle_removed_pt(table: TablePtr, level: Level, rcu: &RcuGuard<'_>, counters: &Arc<Counters>) -> u64 {
+unsafe fn handle_removed_pt(
+    table: TablePtr,
+    level: Level,
+    rcu: &RcuGuard<'_>,
+    counters: &Arc<Counters>,
+) -> u64 {
     // SAFETY: the caller unlinked the table under `rcu`; it is freed only by the callback deferred
     // below, after `rcu` is dropped (P1).
     let t = unsafe { table.get() };
@@ -82,10 +87,14 @@ unsafe fn handle_removed_pt(table: TablePtr, level: Level, rcu: &RcuGuard<'_>, c
         match old.kind(level) {
             SpteKind::Leaf => leaves += 1,
             SpteKind::Table => {
-                let child_level = level.down().expect("a 4K SPTE is never a table (is_leaf holds at 4K)");
+                let child_level = level
+                    .down()
+                    .expect("a 4K SPTE is never a table (is_leaf holds at 4K)");
                 // SAFETY: the child was reachable only through this entry, now FROZEN in an
                 // unreachable table; we hand it over once, under the same `rcu` (P1).
-                leaves += unsafe { handle_removed_pt(TablePtr::from_spte(old), child_level, rcu, counters) };
+                leaves += unsafe {
+                    handle_removed_pt(TablePtr::from_spte(old), child_level, rcu, counters)
+                };
             }
             SpteKind::NonPresent | SpteKind::Frozen => {}
         }
@@ -161,7 +170,12 @@ impl TdpMmu {
             return false;
         }
         let roots = self.roots_of(Some(as_id));
-        let mut ctx = ZapCtx { resched: mmu, may_yield, flusher: Some(flusher), unflushed: 0 };
+        let mut ctx = ZapCtx {
+            resched: mmu,
+            may_yield,
+            flusher: Some(flusher),
+            unflushed: 0,
+        };
         for root in &roots {
             self.zap_leafs_in_root(root, start, end, &mut ctx);
         }
@@ -185,9 +199,17 @@ impl TdpMmu {
             // ORDERING: as `Arc::clone`; the list lock orders us with the freeing thread.
             let mut n = r.refcount.load(Ordering::Relaxed);
             while n != 0 {
-                match r.refcount.compare_exchange_weak(n, n + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                match r.refcount.compare_exchange_weak(
+                    n,
+                    n + 1,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
                     Ok(_) => {
-                        out.push(RootRef { inner: Arc::clone(&self.inner), root: e.root });
+                        out.push(RootRef {
+                            inner: Arc::clone(&self.inner),
+                            root: e.root,
+                        });
                         break;
                     }
                     Err(v) => n = v,
@@ -267,7 +289,9 @@ impl TdpMmu {
                 sptep.store(Spte::NONPRESENT, Ordering::Relaxed);
                 // SAFETY: unlinked just now under `mmu_lock` write with `guard` pinned; handed
                 // over once (P1).
-                let leaves = unsafe { handle_removed_pt(TablePtr::from_spte(old), child_level, &guard, counters) };
+                let leaves = unsafe {
+                    handle_removed_pt(TablePtr::from_spte(old), child_level, &guard, counters)
+                };
                 Counters::add(&counters.leaves_zapped, leaves);
                 removed = true;
                 if ctx.may_yield {
@@ -290,13 +314,27 @@ impl TdpMmu {
     /// entry and freed through RCU after a remote TLB flush, never while a walker can reach them.
     /// May yield `mmu_lock` when contended.
     pub fn zap_invalidated_roots(&self, mmu: &mut MmuWriteGuard<'_>, flusher: &dyn RemoteTlbFlush) {
-        let mut ctx = ZapCtx { resched: mmu, may_yield: true, flusher: Some(flusher), unflushed: 0 };
+        let mut ctx = ZapCtx {
+            resched: mmu,
+            may_yield: true,
+            flusher: Some(flusher),
+            unflushed: 0,
+        };
         self.zap_invalidated_roots_with(&mut ctx);
     }
 
     /// [`TdpMmu::zap_invalidated_roots`] with an explicit yield / flush policy.
-    pub(super) fn zap_invalidated_roots_inner(&self, resched: &mut dyn Resched, flusher: Option<&dyn RemoteTlbFlush>) {
-        let mut ctx = ZapCtx { resched, may_yield: false, flusher, unflushed: 0 };
+    pub(super) fn zap_invalidated_roots_inner(
+        &self,
+        resched: &mut dyn Resched,
+        flusher: Option<&dyn RemoteTlbFlush>,
+    ) {
+        let mut ctx = ZapCtx {
+            resched,
+            may_yield: false,
+            flusher,
+            unflushed: 0,
+        };
         self.zap_invalidated_roots_with(&mut ctx);
     }
 
@@ -314,7 +352,10 @@ impl TdpMmu {
                 .map(|e| {
                     // The TDP MMU's own reference moves into this `RootRef`.
                     e.owned = false;
-                    RootRef { inner: Arc::clone(&self.inner), root: e.root }
+                    RootRef {
+                        inner: Arc::clone(&self.inner),
+                        root: e.root,
+                    }
                 })
                 .collect()
         };
