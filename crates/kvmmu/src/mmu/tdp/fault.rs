@@ -1,0 +1,128 @@
+//! The fault path's map step (`kvm_tdp_mmu_map`, spec §3.4 step 7), under `mmu_lock` read.
+//!
+//! Walk from the root to the 4K level; link every missing table with a `Release` CAS (P2) — a
+//! lost CAS frees the never-published table and retries; FROZEN anywhere retries (P7); at the
+//! target, a present leaf that already allows the access is spurious, otherwise the new leaf is
+//! installed with one CAS from the value read (P3).
+
+use crate::addr::Level;
+use crate::mmu::spte::{LeafAttrs, SpteKind, make_spte};
+use crate::sync::atomic::Ordering;
+use crate::sync::rcu::RcuGuard;
+use crate::sync::witness::MmuRead;
+
+use super::table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
+use super::{Counters, FaultOutcome, MapRequest, RetryReason, RootRef, TdpMmu};
+
+impl TdpMmu {
+    /// Resolves one fault by installing a 4K leaf for `req.gfn` → `req.pfn` in `root`
+    /// (`kvm_tdp_mmu_map`). Returns [`FaultOutcome::Retry`] when the root is invalid, a CAS was
+    /// lost or an SPTE on the path is frozen; nothing is left half-done in those cases.
+    ///
+    /// # Panics
+    /// If the gfn is already mapped to a different pfn (spec §4 item 13: the notifier must zap
+    /// first; a bug in the caller's invalidation protocol), or if `root` belongs to another
+    /// `TdpMmu`.
+    pub fn map(
+        &self,
+        root: &RootRef,
+        req: &MapRequest,
+        _mmu: &MmuRead,
+        _rcu: &RcuGuard<'_>,
+    ) -> FaultOutcome {
+        assert!(
+            root.belongs_to(self),
+            "map: the root belongs to another TdpMmu"
+        );
+        // ORDERING: `invalid` is written under `mmu_lock` write and we hold it for read (P5).
+        if root.root().invalid.load(Ordering::Relaxed) {
+            return FaultOutcome::Retry(RetryReason::InvalidRoot);
+        }
+        let gfn = req.gfn.raw();
+        if gfn >= GFN_LIMIT {
+            return FaultOutcome::OutOfRange;
+        }
+        let counters: &Counters = &self.inner.counters;
+        let mut table = root.table();
+        let mut level = ROOT_LEVEL;
+        while let Some(child_level) = level.down() {
+            // SAFETY: `table` is the root table of a root we hold a reference to (P4), or a
+            // table read from a present non-leaf SPTE under `_rcu`, which P1 keeps allocated
+            // while `_rcu` is pinned; `_rcu` outlives this function's use of it.
+            let t = unsafe { table.get() };
+            let sptep = t.entry(gfn, level);
+            // ORDERING: O1 — we may follow the pointer into the child table.
+            let old = sptep.load(Ordering::Acquire);
+            table = match old.kind(level) {
+                SpteKind::Table => TablePtr::from_spte(old),
+                SpteKind::Frozen => return FaultOutcome::Retry(RetryReason::Frozen),
+                SpteKind::Leaf => panic!(
+                    "huge leaf at level {level:?} for gfn {gfn:#x}: the TDP MMU installs 4K leaves only (P2)"
+                ),
+                SpteKind::NonPresent => {
+                    let child = TablePtr::alloc();
+                    Counters::add(&counters.tables_allocated, 1);
+                    // ORDERING: O2 — Release publishes the child's initialised entries; Acquire
+                    // on failure is not needed since we do not follow the value we lost to.
+                    match sptep.compare_exchange(
+                        old,
+                        child.to_spte(),
+                        Ordering::Release,
+                        Ordering::Relaxed,
+                    ) {
+                        Ok(_) => child,
+                        Err(_) => {
+                            // SAFETY: the CAS failed, so `child` was never published (P1).
+                            unsafe { child.free() };
+                            Counters::add(&counters.tables_freed, 1);
+                            Counters::add(&counters.cas_retries, 1);
+                            return FaultOutcome::Retry(RetryReason::CasLost);
+                        }
+                    }
+                }
+            };
+            level = child_level;
+        }
+        // SAFETY: as above — `table` is a root table we hold a reference to or was reached under
+        // `_rcu` (P1, P4).
+        let sptep = unsafe { table.get() }.entry(gfn, Level::L4K);
+        // ORDERING: a leaf slot; the CAS below validates the snapshot, and nothing is followed.
+        let old = sptep.load(Ordering::Relaxed);
+        match old.kind(Level::L4K) {
+            SpteKind::Frozen => return FaultOutcome::Retry(RetryReason::Frozen),
+            SpteKind::Leaf => {
+                assert_eq!(
+                    old.pfn(),
+                    req.pfn,
+                    "gfn {gfn:#x} is mapped to another pfn: a present leaf may not change pfn (spec §4 item 13)"
+                );
+                if !req.write_fault || old.is_writable() {
+                    return FaultOutcome::Spurious;
+                }
+            }
+            SpteKind::NonPresent => {}
+            SpteKind::Table => unreachable!("a 4K SPTE is never a table (is_leaf holds at 4K)"),
+        }
+        let attrs = LeafAttrs {
+            host_writable: req.host_writable,
+            write_allowed: req.write_fault,
+            prefetch: req.prefetch,
+        };
+        let new = make_spte(req.pfn, Level::L4K, attrs);
+        if new == old {
+            return FaultOutcome::Spurious;
+        }
+        // ORDERING: Release, so a walker that Acquire-loads the leaf sees everything this thread
+        // saw before installing it (e.g. the host's initialisation of the frame, via GUP).
+        match sptep.compare_exchange(old, new, Ordering::Release, Ordering::Relaxed) {
+            Ok(_) => {
+                Counters::add(&counters.leaves_installed, 1);
+                FaultOutcome::Fixed
+            }
+            Err(_) => {
+                Counters::add(&counters.cas_retries, 1);
+                FaultOutcome::Retry(RetryReason::CasLost)
+            }
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Page-table pages and the one type that holds raw pointers to them ([`TablePtr`]).
+//!
+//! A page-table page is a 4 KiB-aligned heap object of [`ENTRIES`] [`AtomicSpte`]s. A non-leaf SPTE
+//! stores the child's address >> 12 in its pfn field, so following a table pointer is
+//! "load the SPTE with Acquire (spte.rs O1), turn the pfn back into a pointer". Every raw pointer
+//! of the TDP MMU lives in a [`TablePtr`]; its `unsafe` methods state the protocol rule
+//! (tdp/mod.rs P1–P7) the caller must cite.
+//!
+//! Geometry: 512 entries × 4 levels normally; under `cfg(loom)` 4 entries × 2 levels, so the
+//! model checker explores a tree of a handful of slots.
+
+use core::ptr::NonNull;
+
+use crate::addr::Level;
+use crate::mmu::spte::{AtomicSpte, BASE_ADDR_MASK, Spte, make_nonleaf_spte};
+#[cfg(any(loom, test))]
+use crate::sync::atomic::Ordering;
+
+/// Bits of gfn consumed per level.
+#[cfg(not(loom))]
+pub(crate) const ENT_BITS: u32 = 9;
+/// Bits of gfn consumed per level (tiny loom geometry).
+#[cfg(loom)]
+pub(crate) const ENT_BITS: u32 = 2;
+
+/// Entries per page-table page.
+pub(crate) const ENTRIES: usize = 1 << ENT_BITS;
+
+/// Level of a root table.
+#[cfg(not(loom))]
+pub(crate) const ROOT_LEVEL: Level = Level::ROOT;
+/// Level of a root table (tiny loom geometry).
+#[cfg(loom)]
+pub(crate) const ROOT_LEVEL: Level = Level::L2M;
+
+/// One past the last gfn a root can map (`1 << (ENT_BITS * root level)`): 2^36 normally, i.e. a
+/// 48-bit guest physical address space.
+pub(crate) const GFN_LIMIT: u64 = 1 << (ENT_BITS * ROOT_LEVEL.get() as u32);
+
+/// Number of 4 KiB pages one entry at `level` maps in this geometry.
+#[inline]
+pub(crate) const fn pages(level: Level) -> u64 {
+    1 << (ENT_BITS * (level.get() as u32 - 1))
+}
+
+/// Index of `gfn` in a table at `level`.
+#[inline]
+pub(crate) const fn index(gfn: u64, level: Level) -> usize {
+    ((gfn >> (ENT_BITS * (level.get() as u32 - 1))) as usize) & (ENTRIES - 1)
+}
+
+/// `gfn` rounded down to the first gfn mapped by its entry at `level`.
+#[inline]
+pub(crate) const fn align_down(gfn: u64, level: Level) -> u64 {
+    gfn & !(pages(level) - 1)
+}
+
+/// A page-table page.
+#[repr(C, align(4096))]
+pub(crate) struct Table {
+    entries: [AtomicSpte; ENTRIES],
+}
+
+impl Table {
+    /// The entry for `gfn` at this table's `level`.
+    #[inline]
+    pub(crate) fn entry(&self, gfn: u64, level: Level) -> &AtomicSpte {
+        &self.entries[index(gfn, level)]
+    }
+    /// The entry at position `i`.
+    #[inline]
+    pub(crate) fn at(&self, i: usize) -> &AtomicSpte {
+        &self.entries[i]
+    }
+}
+
+/// Under loom a "freed" table is poisoned and leaked instead of deallocated, so that a read of a
+/// freed table is a detected assertion failure (spte.rs checks every access) rather than undefined
+/// behaviour the model cannot see.
+#[cfg(loom)]
+pub(crate) const POISON: Spte = Spte::from_raw(0xdead_0000_0000_0bad);
+
+/// A pointer to a page-table page: the only holder of raw table pointers.
+///
+/// Ownership is protocol-level, not type-level: a `TablePtr` is either *owned* (freshly
+/// allocated and not yet published, or unlinked and handed to [`TablePtr::free`] through RCU) or
+/// a *borrowed view* of a reachable table valid for the RCU read section it was loaded in.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct TablePtr(NonNull<Table>);
+
+// SAFETY: a `TablePtr` is an address of a `Table`, whose contents are atomics (`Sync`); moving the
+// address to another thread moves only the right to use it under the protocol (P1: the RCU
+// callback that frees a table runs on whichever thread flushes the epoch).
+unsafe impl Send for TablePtr {}
+// SAFETY: as above; shared access to a `Table` is through atomics only.
+unsafe impl Sync for TablePtr {}
+
+impl TablePtr {
+    /// Allocates a table with every entry [`Spte::NONPRESENT`].
+    pub(crate) fn alloc() -> TablePtr {
+        let table = Box::new(Table {
+            entries: core::array::from_fn(|_| AtomicSpte::new(Spte::NONPRESENT)),
+        });
+        TablePtr(NonNull::from(Box::leak(table)))
+    }
+
+    /// The non-leaf SPTE that links this table (`make_nonleaf_spte`).
+    pub(crate) fn to_spte(self) -> Spte {
+        make_nonleaf_spte(self.0.as_ptr().expose_provenance() as u64)
+    }
+
+    /// The table a non-leaf SPTE points to.
+    ///
+    /// The pointer is only meaningful if `spte` is a present non-leaf read from a table that is
+    /// itself valid (P1); dereferencing it is what needs the proof, not building it.
+    pub(crate) fn from_spte(spte: Spte) -> TablePtr {
+        let addr = (spte.raw() & BASE_ADDR_MASK) as usize;
+        let ptr = core::ptr::with_exposed_provenance_mut::<Table>(addr);
+        TablePtr(
+            NonNull::new(ptr).expect("a present non-leaf SPTE holds a non-null table address (P2)"),
+        )
+    }
+
+    /// Borrows the table for `'a`.
+    ///
+    /// # Safety
+    /// The table must stay allocated for `'a`: either the caller owns it (P1: allocated and not
+    /// yet freed), or it was reached from a root or a present non-leaf SPTE while an RCU guard that
+    /// outlives `'a` was pinned (P1: unlinked tables are freed only after that guard is dropped),
+    /// or it is a root table of a root the caller holds a reference to or reached under RCU (P4).
+    #[inline]
+    pub(crate) unsafe fn get<'a>(self) -> &'a Table {
+        // SAFETY: the caller upholds this function's contract (the table is allocated for 'a);
+        // `Table` is only ever accessed through shared references to atomics.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// Frees the table.
+    ///
+    /// # Safety
+    /// The table must be unreachable from every root and every SPTE, and no thread may still hold
+    /// a reference to it: either it was never published (a lost link CAS), or this runs as an RCU
+    /// callback deferred after it was unlinked (P1). It must not be freed twice (P1).
+    pub(crate) unsafe fn free(self) {
+        #[cfg(loom)]
+        {
+            // SAFETY: the caller guarantees the table is still allocated (we never deallocate
+            // under loom); no reader may legitimately read it any more, and the POISON stores
+            // make an illegitimate read fail its assertion in spte.rs.
+            let table = unsafe { self.get() };
+            for e in &table.entries {
+                // ORDERING: the poison only needs to be seen by a (buggy) reader that is ordered
+                // after the free through the RCU grace period, which already synchronises.
+                e.store_poison(POISON, Ordering::Relaxed);
+            }
+        }
+        #[cfg(not(loom))]
+        {
+            // SAFETY: the table came from `Box::leak` in `alloc`, and the caller guarantees it is
+            // unreachable and freed only once.
+            drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_one_aligned_page_and_pointer_round_trips() {
+        assert_eq!(core::mem::size_of::<Table>(), 4096);
+        assert_eq!(core::mem::align_of::<Table>(), 4096);
+        let t = TablePtr::alloc();
+        let spte = t.to_spte();
+        assert_eq!(spte.kind(Level::L2M), crate::mmu::spte::SpteKind::Table);
+        assert_eq!(TablePtr::from_spte(spte), t);
+        // SAFETY: `t` was just allocated and is owned by this test.
+        let table = unsafe { t.get() };
+        assert!((0..ENTRIES).all(|i| table.at(i).load(Ordering::Relaxed) == Spte::NONPRESENT));
+        // SAFETY: never published; freed once.
+        unsafe { t.free() };
+    }
+
+    #[test]
+    fn geometry_matches_addr_helpers() {
+        let gfn = (3u64 << 27) | (5 << 18) | (7 << 9) | 11;
+        for l in 1..=4 {
+            let level = Level::new(l).unwrap();
+            assert_eq!(
+                index(gfn, level),
+                crate::addr::Gfn::new(gfn).index_at(level)
+            );
+            assert_eq!(pages(level), level.pages());
+        }
+        assert_eq!(GFN_LIMIT, 1 << 36);
+        assert_eq!(align_down(513, Level::L2M), 512);
+    }
+}

@@ -1,0 +1,127 @@
+//! Lockless lookups: the simulated CPU's page walk (`hardware_walk`) and the oracle lookup
+//! (`leaf`). Both hold only an RCU guard (P1) and load every SPTE with `Acquire` (spte.rs O1).
+
+use crate::addr::{AsId, Gfn, Level, Pfn};
+use crate::mmu::spte::{ACCESSED_MASK, DIRTY_MASK, Spte, SpteKind};
+use crate::sync::atomic::Ordering;
+use crate::sync::rcu::RcuGuard;
+
+use super::table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
+use super::{RootRef, TdpMmu};
+
+/// Result of the simulated CPU's page walk.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum HwWalk {
+    /// A present leaf allows the access; A (and D for a write) is now set in it.
+    Hit {
+        /// The host frame the gfn maps to.
+        pfn: Pfn,
+        /// The leaf is writable (the TLB may cache write permission).
+        writable: bool,
+        /// The leaf's Dirty bit after the walk.
+        dirty: bool,
+        /// The level of the leaf.
+        level: Level,
+    },
+    /// No present leaf maps the gfn (an EPT violation on a not-present entry).
+    NotPresent,
+    /// A present leaf maps the gfn but does not allow writes (a permission miss).
+    WriteProtected,
+}
+
+/// Walks the tree under `table` to the leaf for `gfn`; returns the leaf slot's value and level,
+/// or `None` at the first entry that is not present (FROZEN included).
+///
+/// # Safety
+/// `table` must be a root table valid for `'g` (the caller holds a reference to its root, or
+/// found it under the RCU guard `'g`; P4).
+unsafe fn find_leaf<'g>(
+    table: TablePtr,
+    gfn: u64,
+    _rcu: &'g RcuGuard<'_>,
+) -> Option<(&'g crate::mmu::spte::AtomicSpte, Spte, Level)> {
+    if gfn >= GFN_LIMIT {
+        return None;
+    }
+    let mut table = table;
+    let mut level = ROOT_LEVEL;
+    loop {
+        // SAFETY: `table` is the root table (this function's contract) or was read from a present
+        // non-leaf SPTE while `_rcu` is pinned, so P1 keeps it allocated for 'g.
+        let sptep = unsafe { table.get::<'g>() }.entry(gfn, level);
+        // ORDERING: O1 — the value may be followed into a child table.
+        let spte = sptep.load(Ordering::Acquire);
+        match spte.kind(level) {
+            SpteKind::Leaf => return Some((sptep, spte, level)),
+            SpteKind::Table => {
+                table = TablePtr::from_spte(spte);
+                level = level
+                    .down()
+                    .expect("a 4K SPTE is never a table (is_leaf holds at 4K)");
+            }
+            SpteKind::NonPresent | SpteKind::Frozen => return None,
+        }
+    }
+}
+
+impl TdpMmu {
+    /// The simulated CPU's page walk of `root` for `gfn`.
+    ///
+    /// On a present leaf that allows the access it sets A, and D if `write`, unless already set,
+    /// with a compare-and-swap on the value it checked (spte.rs O5: A/D never lands on a value
+    /// that stopped being a present leaf), re-evaluating on a lost race. A walk of an invalid root
+    /// is allowed: a vCPU keeps using its root until it reloads.
+    pub fn hardware_walk(
+        &self,
+        root: &RootRef,
+        gfn: Gfn,
+        write: bool,
+        rcu: &RcuGuard<'_>,
+    ) -> HwWalk {
+        debug_assert!(
+            root.belongs_to(self),
+            "hardware_walk: the root belongs to another TdpMmu"
+        );
+        // SAFETY: we hold a reference to `root`, so its table is allocated (P4).
+        let Some((sptep, mut spte, level)) = (unsafe { find_leaf(root.table(), gfn.raw(), rcu) })
+        else {
+            return HwWalk::NotPresent;
+        };
+        let want = ACCESSED_MASK | if write { DIRTY_MASK } else { 0 };
+        loop {
+            if !spte.is_present_leaf(level) {
+                return HwWalk::NotPresent;
+            }
+            if write && !spte.is_writable() {
+                return HwWalk::WriteProtected;
+            }
+            if spte.raw() & want == want {
+                return HwWalk::Hit {
+                    pfn: spte.pfn(),
+                    writable: spte.is_writable(),
+                    dirty: spte.is_dirty(),
+                    level,
+                };
+            }
+            let new = Spte::from_raw(spte.raw() | want);
+            // ORDERING: O5 — atomicity keeps concurrent A/D/zap updates; on failure the fresh
+            // value is re-checked, and Acquire matches the walk's loads (O1) in case it changed.
+            match sptep.compare_exchange(spte, new, Ordering::Relaxed, Ordering::Acquire) {
+                Ok(_) => spte = new,
+                Err(actual) => spte = actual,
+            }
+        }
+    }
+
+    /// The present leaf mapping `gfn` in the valid root of `as_id`, with its level (for test
+    /// oracles and debugging). Reads only.
+    pub fn leaf(&self, as_id: AsId, gfn: Gfn, rcu: &RcuGuard<'_>) -> Option<(Spte, Level)> {
+        let root = self.inner.valid_root(as_id)?;
+        // SAFETY: found through the valid-root slot under `rcu`, so the root and its table stay
+        // allocated while `rcu` is pinned (P4).
+        let table = unsafe { root.get() }.table;
+        // SAFETY: as above (P4).
+        let (_, spte, level) = unsafe { find_leaf(table, gfn.raw(), rcu) }?;
+        Some((spte, level))
+    }
+}
