@@ -194,6 +194,9 @@ impl Slot {
     }
 }
 
+/// The registry of slots (the leaf lock of the module doc's "Locks").
+type SlotList = RwLock<Vec<Arc<Slot>>>;
+
 /// Counters shared by every poster, apart from the registry lock's line.
 #[derive(Debug)]
 struct SharedCounters {
@@ -209,7 +212,8 @@ struct SharedCounters {
 /// returned.
 #[derive(Debug)]
 pub struct VcpuRequests {
-    slots: RwLock<Vec<Arc<Slot>>>,
+    /// Shared with every [`VcpuHandle`], which removes its slot on drop.
+    slots: Arc<SlotList>,
     counters: CachePadded<SharedCounters>,
 }
 
@@ -217,7 +221,7 @@ impl VcpuRequests {
     /// Creates an empty registry.
     pub fn new() -> Arc<VcpuRequests> {
         Arc::new(VcpuRequests {
-            slots: RwLock::new(Vec::new()),
+            slots: Arc::new(RwLock::new(Vec::new())),
             counters: CachePadded(SharedCounters {
                 flushes: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
@@ -228,13 +232,13 @@ impl VcpuRequests {
 
     /// Registers a new vCPU, outside guest mode with no pending request (its TLB starts empty and it
     /// loads its root on first entry). The slot is unregistered when the handle is dropped.
-    pub fn register(self: &Arc<Self>) -> VcpuHandle {
+    pub fn register(&self) -> VcpuHandle {
         let slot = Arc::new(Slot {
             word: CachePadded(AtomicU64::new(0)),
         });
         self.slots.write().push(Arc::clone(&slot));
         VcpuHandle {
-            registry: Arc::clone(self),
+            registry: Arc::clone(&self.slots),
             slot,
             in_guest: false,
             stats: VcpuRequestStats::default(),
@@ -340,7 +344,8 @@ pub enum VcpuMode {
 /// and unregisters the vCPU.
 #[derive(Debug)]
 pub struct VcpuHandle {
-    registry: Arc<VcpuRequests>,
+    /// The registry's slot list, to unregister on drop.
+    registry: Arc<SlotList>,
     slot: Arc<Slot>,
     /// Mirrors the IN_GUEST bit, which only this handle changes.
     in_guest: bool,
@@ -439,7 +444,7 @@ impl Drop for VcpuHandle {
         // Invariant 4: a flusher may be waiting for this vCPU; leaving guest mode acknowledges it
         // before we take the registry lock it holds shared.
         self.exit_guest();
-        let mut slots = self.registry.slots.write();
+        let mut slots = self.registry.write();
         if let Some(pos) = slots.iter().position(|s| Arc::ptr_eq(s, &self.slot)) {
             slots.swap_remove(pos);
         }
