@@ -104,12 +104,12 @@ pub fn run(cli: &Cli) -> anyhow::Result<Report> {
     let mut passes = Vec::new();
     let mut aged_first = 0;
     for n in 0..cli.passes {
-        let before = vm.stats().tdp.aged_sptes;
+        let before = vm.stats().tdp.accessed_cleared;
         let t = Instant::now();
         let young = host.clear_young(hva, total)?;
         passes.push((t.elapsed(), young));
         if n == 0 {
-            aged_first = vm.stats().tdp.aged_sptes - before;
+            aged_first = vm.stats().tdp.accessed_cleared - before;
         }
     }
 

@@ -30,7 +30,7 @@ fn clear_young_reports_young_once_then_old() {
         );
         assert!(f.host.clear_young(f.hva, f.bytes).unwrap(), "{aging:?}");
         assert!(!f.host.clear_young(f.hva, f.bytes).unwrap(), "{aging:?}");
-        assert_eq!(f.vm.stats().tdp.aged_sptes, 64, "{aging:?}: every SPTE aged once");
+        assert_eq!(f.vm.stats().tdp.accessed_cleared, 64, "{aging:?}: every SPTE aged once");
     }
 }
 

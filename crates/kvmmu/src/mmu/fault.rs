@@ -114,6 +114,10 @@ impl VmInner {
         drop(rcu);
         drop(mmu);
         drop(srcu);
-        Ok(outcome)
+        match outcome {
+            // Beyond what a root can map: no memslot can legitimately cover it either.
+            FaultOutcome::OutOfRange => Err(FaultError::NoMemslot { gpa }),
+            o => Ok(o),
+        }
     }
 }

@@ -40,7 +40,7 @@ pub struct InvalidateState {
 pub struct SeqSnapshot(u64);
 
 /// A copy of the counters, for statistics and tests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InvalidateCounters {
     /// `mmu_invalidate_in_progress`.
     pub in_progress: u64,

@@ -41,6 +41,9 @@ pub mod atomic {
 pub use loom::sync::Arc;
 #[cfg(not(loom))]
 pub use std::sync::Arc;
+/// A non-owning reference to an [`Arc`] (std only: nothing model-checked needs it).
+#[cfg(not(loom))]
+pub use std::sync::Weak;
 
 /// Hint that the caller is spinning on a value another thread will change.
 ///

@@ -292,9 +292,9 @@ impl VmInner {
         let gen_cell = &self.generations[as_id.index()];
         // ORDERING: generations are written only under slots_lock; Release/Acquire make a reader that
         // sees the final value also see the set published before it.
-        let gen = gen_cell.load(Ordering::Acquire);
-        let final_gen = (gen & !MEMSLOT_GEN_UPDATE_IN_PROGRESS) + self.config.address_spaces as u64;
-        gen_cell.store(gen | MEMSLOT_GEN_UPDATE_IN_PROGRESS, Ordering::Release);
+        let generation = gen_cell.load(Ordering::Acquire);
+        let final_gen = (generation & !MEMSLOT_GEN_UPDATE_IN_PROGRESS) + self.config.address_spaces as u64;
+        gen_cell.store(generation | MEMSLOT_GEN_UPDATE_IN_PROGRESS, Ordering::Release);
         let next = Arc::new(cell.current().with_change(old, new, final_gen));
 
         let mut mn = self.mn_invalidate.lock();
@@ -331,17 +331,19 @@ impl VmInner {
     }
 
     /// Zap everything and free every page table: the end of the VM's MMU.
+    ///
+    /// Idempotent. Every call waits for the deferred page-table frees, including those of roots that
+    /// vCPUs released after an earlier call.
     pub(crate) fn teardown(&self) {
-        if self.dead.swap(true, Ordering::AcqRel) {
-            return;
+        if !self.dead.swap(true, Ordering::AcqRel) {
+            {
+                let mut mmu = self.mmu_lock.write();
+                self.tdp.teardown(&mut mmu, self);
+                self.requests
+                    .make_all_request(request::Request::MmuReload);
+            }
+            self.flush_remote_tlbs();
         }
-        {
-            let mut mmu = self.mmu_lock.write();
-            self.tdp.teardown(&mut mmu, self);
-            self.requests
-                .make_all_request(request::Request::MmuReload);
-        }
-        self.flush_remote_tlbs();
         self.rcu.synchronize();
     }
 

@@ -92,6 +92,8 @@ pub enum RetryReason {
     /// An invalidation raced with the fault (`mmu_invalidate_retry_gfn`); set by the caller's
     /// sequence check, never returned by [`TdpMmu::map`].
     Invalidation,
+    /// The memslot is being deleted or moved (`KVM_MEMSLOT_INVALID`); set by the caller.
+    InvalidSlot,
 }
 
 /// One fault to resolve (`struct kvm_page_fault`, the parts the TDP MMU needs).
