@@ -289,10 +289,11 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  mmu_lock        {} read, {} write acquisitions, {} contended",
+            "  mmu_lock        {} read, {} write acquisitions; {} reads and {} writes had to wait",
             self.stats.mmu_lock.read_acquisitions,
             self.stats.mmu_lock.write_acquisitions,
-            self.stats.mmu_lock.contended
+            self.stats.mmu_lock.contended_reads,
+            self.stats.mmu_lock.contended_writes
         )
     }
 }
