@@ -105,13 +105,16 @@ fn thread_stripe() -> usize {
     })
 }
 
-/// Under loom the hint must be deterministic across re-executions: derive it from the loom thread.
+/// Under loom the hint must be deterministic across re-executions: derive it from the loom thread
+/// number.
 #[cfg(loom)]
 #[inline]
 fn thread_stripe() -> usize {
     use std::hash::{DefaultHasher, Hash, Hasher};
+    // `ThreadId`'s `Hash` includes loom's execution id, which changes between executions; its
+    // `Debug` form shows only the per-execution thread number.
     let mut h = DefaultHasher::new();
-    loom::thread::current().id().hash(&mut h);
+    format!("{:?}", loom::thread::current().id()).hash(&mut h);
     h.finish() as usize
 }
 
@@ -372,7 +375,8 @@ impl<T: Send + Sync> SrcuCell<T> {
 /// A value unpublished by [`SrcuCell::replace`] that readers may still be using.
 ///
 /// [`Retired::wait`] waits for the grace period and hands the value back; dropping it without
-/// waiting also waits (so the value is never freed under a reader).
+/// waiting also waits (so the value is never freed under a reader), except while unwinding from a
+/// panic, when the value is leaked instead.
 #[must_use = "dropping a Retired blocks for an SRCU grace period; call wait() where that is intended"]
 pub struct Retired<'s, T> {
     old: Option<Arc<T>>,
@@ -408,6 +412,12 @@ impl<'s, T> Retired<'s, T> {
 impl<T> Drop for Retired<'_, T> {
     fn drop(&mut self) {
         if let Some(old) = self.old.take() {
+            if std::thread::panicking() {
+                // Unwinding (perhaps from inside a read section, where waiting would deadlock or
+                // panic again): leak the value rather than free it under a reader.
+                core::mem::forget(old);
+                return;
+            }
             self.srcu.synchronize();
             drop(old);
         }
@@ -486,10 +496,10 @@ mod tests {
         let s = Srcu::new();
         let cell = SrcuCell::new(Arc::new(Val(std::sync::atomic::AtomicU64::new(0))));
         let stop = AtomicBool::new(false);
+        let sections = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|sc| {
             for _ in 0..2 {
                 sc.spawn(|| {
-                    let mut seen = 0u64;
                     while !stop.load(Ordering::Relaxed) {
                         let g = s.read_lock();
                         let v = cell.load(&g);
@@ -498,19 +508,22 @@ mod tests {
                         let b = v.0.load(Ordering::Relaxed);
                         assert_ne!(a, u64::MAX, "read a retired (poisoned) value");
                         assert_eq!(a, b, "value poisoned inside a read section");
-                        seen += 1;
+                        sections.fetch_add(1, Ordering::Relaxed);
                     }
-                    assert!(seen > 0);
                 });
             }
-            for i in 1..200u64 {
+            // Keep replacing until the readers have run a fair number of sections concurrently.
+            let mut i = 1u64;
+            while i < 200 || (sections.load(Ordering::Relaxed) < 200 && i < 100_000) {
                 let old = cell
                     .replace(Arc::new(Val(std::sync::atomic::AtomicU64::new(i))), &s)
                     .wait();
                 old.0.store(u64::MAX, Ordering::Relaxed);
+                i += 1;
             }
             stop.store(true, Ordering::Relaxed);
         });
+        assert!(sections.load(Ordering::Relaxed) > 0, "readers never ran");
     }
 
     #[test]
