@@ -162,6 +162,18 @@ mod violations {
     }
 
     #[test]
+    #[should_panic(expected = "retaking mmu_lock while holding RCU (epoch)")]
+    fn cond_resched_with_rcu_held_panics() {
+        // tdp_mmu_iter_cond_resched drops RCU before yielding mmu_lock; forgetting to is caught
+        // even when nobody is waiting for the lock.
+        let mmu = MmuLock::new();
+        let rcu = Rcu::new();
+        let mut w = mmu.write();
+        let _r = rcu.pin();
+        w.cond_resched();
+    }
+
+    #[test]
     #[should_panic(expected = "waiting for an SRCU grace period while holding mmu_lock")]
     fn synchronize_srcu_under_mmu_lock_panics() {
         let mmu = MmuLock::new();

@@ -137,6 +137,12 @@ impl Srcu {
         }
     }
 
+    /// A non-zero identity, unique among live domains and stable when the `Srcu` is moved: the
+    /// address of its heap-allocated stripes.
+    fn domain_id(&self) -> usize {
+        self.stripes.as_ptr() as usize
+    }
+
     /// Enters a read section (Linux's `srcu_read_lock`); the guard's drop leaves it.
     ///
     /// Writes only the calling thread's stripe; takes no lock and allocates nothing. Read sections
@@ -289,7 +295,7 @@ impl fmt::Debug for SrcuGuard<'_> {
 impl SrcuGuard<'_> {
     /// Identity of the domain this guard belongs to (its address).
     fn domain(&self) -> usize {
-        core::ptr::from_ref(self.srcu) as usize
+        self.srcu.domain_id()
     }
 }
 
@@ -310,7 +316,7 @@ impl Drop for SrcuGuard<'_> {
 pub struct SrcuCell<T> {
     /// `Arc::as_ptr` of the value owned by `published`.
     ptr: AtomicPtr<T>,
-    /// The domain (address of its `Srcu`) this cell is bound to; 0 until first use.
+    /// The domain (`Srcu::domain_id`) this cell is bound to; 0 until first use.
     domain: AtomicUsize,
     /// The published value's strong count; writers only.
     published: Mutex<Arc<T>>,
@@ -387,7 +393,7 @@ impl<T: Send + Sync> SrcuCell<T> {
     /// # Panics
     /// If `srcu` is not the domain this cell was first used with.
     pub fn replace<'s>(&self, new: Arc<T>, srcu: &'s Srcu) -> Retired<'s, T> {
-        self.check_domain(core::ptr::from_ref(srcu) as usize);
+        self.check_domain(srcu.domain_id());
         let mut published = self.published.lock();
         // ORDERING: Release publishes `new`'s contents to readers' Acquire loads. Writers are
         // serialized by `published`, so the pointer and the owning `Arc` change together.
@@ -578,6 +584,16 @@ mod tests {
         let _ = cell.replace(Arc::new(1), &a).wait();
         let g = b.read_lock();
         let _ = cell.load(&g);
+    }
+
+    #[test]
+    fn cell_binding_survives_moving_the_srcu() {
+        let s = Srcu::new();
+        let cell = SrcuCell::new(Arc::new(0u8));
+        let _ = cell.replace(Arc::new(1), &s).wait();
+        let moved = Box::new(s);
+        let g = moved.read_lock();
+        assert_eq!(*cell.load(&g), 1);
     }
 
     #[test]
