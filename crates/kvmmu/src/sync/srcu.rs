@@ -17,7 +17,7 @@
 //! 2. **Why twice.** A reader may read `idx` before a flip and increment the old index after the
 //!    writer checked it. It then sits, unseen, in an index the *next* single-flip synchronize would
 //!    not check. Draining both indices after flipping catches it (the classic SRCU bug that
-//!    [`Srcu::synchronize_broken_single_flip`] reproduces for the loom test).
+//!    `Srcu::synchronize_broken_single_flip` reproduces for the loom test).
 //! 3. **Counting.** `unlock` sums are read before `lock` sums (with the fence D between), so a
 //!    counted unlock always has its lock counted too; equality means no reader of that index is
 //!    in flight. Counters wrap; only equality is tested.
