@@ -186,3 +186,34 @@ fn rcu_deferred_free_waits_for_pinned_reader() {
         assert_eq!(frees.load(Ordering::Relaxed), 1, "freed exactly once");
     });
 }
+
+/// Grace periods from two threads at once (they serialize on the domain's grace-period lock) still
+/// protect a reader: three threads, the reader checks at both ends of its section.
+#[test]
+fn srcu_concurrent_synchronize_callers_protect_reader() {
+    loom::model(|| {
+        let srcu = Arc::new(Srcu::new());
+        let cell = Arc::new(SrcuCell::new(Obj::new(0)));
+
+        let reader = {
+            let (srcu, cell) = (srcu.clone(), cell.clone());
+            thread::spawn(move || {
+                let g = srcu.read_lock();
+                let v = cell.load(&g);
+                v.check();
+                thread::yield_now();
+                v.check();
+            })
+        };
+        let other = {
+            let srcu = srcu.clone();
+            thread::spawn(move || srcu.synchronize())
+        };
+
+        let old = cell.replace(Obj::new(1), &srcu).wait();
+        old.poisoned.store(true, Ordering::Relaxed);
+        reader.join().expect("reader panicked");
+        other.join().expect("synchronizer panicked");
+        drop(old);
+    });
+}

@@ -576,6 +576,64 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_writers_and_nested_readers_never_see_retired_values() {
+        // Two writers (serialized by a mutex, as slots_lock does) plus a thread calling
+        // `synchronize` on its own, against readers that nest sections.
+        let s = Srcu::new();
+        let cell = SrcuCell::new(Arc::new(std::sync::atomic::AtomicU64::new(0)));
+        let slots_lock = std::sync::Mutex::new(1u64);
+        let stop = AtomicBool::new(false);
+        let sections = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|sc| {
+            for _ in 0..2 {
+                sc.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        let outer = s.read_lock();
+                        let a = cell.load(&outer);
+                        let inner = s.read_lock();
+                        let b = cell.load(&inner);
+                        std::thread::yield_now();
+                        assert_ne!(b.load(Ordering::Relaxed), u64::MAX, "inner value retired");
+                        drop(inner);
+                        std::thread::yield_now();
+                        // The outer section still protects what it loaded.
+                        assert_ne!(a.load(Ordering::Relaxed), u64::MAX, "outer value retired");
+                        sections.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+            sc.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    s.synchronize();
+                }
+            });
+            let writers: Vec<_> = (0..2)
+                .map(|_| {
+                    sc.spawn(|| {
+                        for _ in 0..100 {
+                            let retired = {
+                                let mut next = slots_lock
+                                    .lock()
+                                    .expect("writer panicked holding the test lock");
+                                *next += 1;
+                                let v = Arc::new(std::sync::atomic::AtomicU64::new(*next));
+                                cell.replace(v, &s)
+                            };
+                            retired.wait().store(u64::MAX, Ordering::Relaxed);
+                        }
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.join().expect("writer panicked");
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert_eq!(cell.current().load(Ordering::Relaxed), 201);
+        assert!(sections.load(Ordering::Relaxed) > 0, "readers never ran");
+    }
+
+    #[test]
     #[should_panic(expected = "two different Srcu domains")]
     fn cell_rejects_second_domain() {
         let a = Srcu::new();
