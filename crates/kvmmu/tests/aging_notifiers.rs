@@ -30,7 +30,11 @@ fn clear_young_reports_young_once_then_old() {
         );
         assert!(f.host.clear_young(f.hva, f.bytes).unwrap(), "{aging:?}");
         assert!(!f.host.clear_young(f.hva, f.bytes).unwrap(), "{aging:?}");
-        assert_eq!(f.vm.stats().tdp.accessed_cleared, 64, "{aging:?}: every SPTE aged once");
+        assert_eq!(
+            f.vm.stats().tdp.accessed_cleared,
+            64,
+            "{aging:?}: every SPTE aged once"
+        );
     }
 }
 
@@ -43,7 +47,10 @@ fn test_young_reports_without_clearing() {
     let mut vcpu = f.vm.create_vcpu().unwrap();
     vcpu.read_u64(gpa(0)).unwrap(); // new vCPU: empty TLB, so the walk sets Accessed
     assert!(f.host.test_young(f.hva).unwrap());
-    assert!(f.host.test_young(f.hva).unwrap(), "test_young must not clear");
+    assert!(
+        f.host.test_young(f.hva).unwrap(),
+        "test_young must not clear"
+    );
     assert!(!f.host.test_young(hva_of(f.hva, 1)).unwrap());
 }
 

@@ -137,7 +137,10 @@ fn run(config: VmConfig) {
     assert_eq!(f.host.arena().stats().stale_accesses, 0);
     let host = f.host.clone();
     let final_stats = f.vm.shutdown();
-    assert_eq!(final_stats.tdp.tables_allocated, final_stats.tdp.tables_freed);
+    assert_eq!(
+        final_stats.tdp.tables_allocated,
+        final_stats.tdp.tables_freed
+    );
     drop(host);
 }
 

@@ -35,7 +35,11 @@ fn host_release_tears_the_vm_down() {
     drop(vcpu);
     let stats = f.vm.shutdown();
     assert_eq!(stats.tdp.tables_allocated, stats.tdp.tables_freed);
-    assert_eq!(f.host.arena().stats().allocated, 0, "release freed every frame");
+    assert_eq!(
+        f.host.arena().stats().allocated,
+        0,
+        "release freed every frame"
+    );
 }
 
 #[test]

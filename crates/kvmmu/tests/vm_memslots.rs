@@ -14,19 +14,17 @@ fn refused_update_changes_nothing() {
     let before = f.vm.memslots(AsId::new(0)).unwrap();
     let gen_before = f.vm.memslots_generation(AsId::new(0)).unwrap();
     // Overlaps slot 0's gfn range.
-    let err = f
-        .vm
-        .set_user_memory_region(region(1, BASE_GPA + 4096, 4096, f.hva))
-        .unwrap_err();
+    let err =
+        f.vm.set_user_memory_region(region(1, BASE_GPA + 4096, 4096, f.hva))
+            .unwrap_err();
     assert!(matches!(
         err,
         SetMemoryRegionError::Invalid(MemslotError::Overlap { .. })
     ));
     // Unaligned size.
-    let err = f
-        .vm
-        .set_user_memory_region(region(2, 0, 100, f.hva))
-        .unwrap_err();
+    let err =
+        f.vm.set_user_memory_region(region(2, 0, 100, f.hva))
+            .unwrap_err();
     assert!(matches!(
         err,
         SetMemoryRegionError::Invalid(MemslotError::UnalignedSize { .. })
@@ -57,7 +55,11 @@ fn generations_grow_by_address_space_count_and_keep_their_residue() {
             let g = vm.memslots_generation(AsId::new(as_id)).unwrap();
             assert_eq!(g & kvmmu::vm::MEMSLOT_GEN_UPDATE_IN_PROGRESS, 0);
             assert!(g > last, "generation must grow");
-            assert_eq!(g % 2, u64::from(as_id), "generation keeps its address-space residue");
+            assert_eq!(
+                g % 2,
+                u64::from(as_id),
+                "generation keeps its address-space residue"
+            );
             last = g;
         }
     }

@@ -199,6 +199,12 @@ impl HostMm {
         &self.inner.arena
     }
 
+    /// Backs the whole frame arena with memory now ([`FrameArena::prefault`]): for measurements
+    /// that should not include the simulator's own first-touch page faults.
+    pub fn prefault(&self) -> Result<(), HostError> {
+        self.inner.arena.prefault()
+    }
+
     /// Maps `len` bytes of lazily populated anonymous memory at an address of the host's choosing
     /// (page aligned, with unmapped guard pages around it, 2 MiB aligned if `len >= 2 MiB`).
     pub fn mmap(&self, len: u64, prot: Prot) -> Result<Hva, HostError> {

@@ -47,6 +47,36 @@ impl AtomicWords {
     }
 }
 
+impl AtomicWords {
+    /// Asks the OS to back words `from..len` with memory now (first-touch page faults taken here
+    /// instead of on a hot path). Contents are unchanged: the OS populates zero pages, and where
+    /// `MADV_POPULATE_WRITE` is unavailable every page is touched with an atomic `fetch_or(0)`,
+    /// which leaves any value in place.
+    pub(crate) fn populate(&self, from: usize) -> std::io::Result<()> {
+        if from >= self.len {
+            return Ok(());
+        }
+        let page = 4096 / size_of::<AtomicU64>();
+        let from = from - from % page;
+        let offset = from * size_of::<AtomicU64>();
+        let bytes = (self.len - from) * size_of::<AtomicU64>();
+        #[cfg(target_os = "linux")]
+        if self
+            .map
+            .advise_range(memmap2::Advice::PopulateWrite, offset, bytes)
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let _ = (offset, bytes);
+        for w in self.as_slice()[from..].iter().step_by(page) {
+            // ORDERING: Relaxed: an RMW that changes nothing; it only forces a write fault.
+            w.fetch_or(0, core::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
 impl core::fmt::Debug for AtomicWords {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("AtomicWords")

@@ -71,7 +71,9 @@ impl VmInner {
         if slot.is_invalid() {
             return Ok(FaultOutcome::Retry(RetryReason::InvalidSlot));
         }
-        let readonly_slot = slot.flags().contains(crate::vm::memslot::MemFlags::READONLY);
+        let readonly_slot = slot
+            .flags()
+            .contains(crate::vm::memslot::MemFlags::READONLY);
         if write && readonly_slot {
             return Err(FaultError::ReadonlyMemslot { gpa });
         }

@@ -227,8 +227,7 @@ impl GuestMode<'_> {
                     let outcome = self.leave_guest_mode_for(|v| {
                         let root = v.root.clone().ok_or(VcpuExit::VmDead)?;
                         v.stats.faults += 1;
-                        v.vm
-                            .page_fault(&root, gpa, write.is_some())
+                        v.vm.page_fault(&root, gpa, write.is_some())
                             .map_err(VcpuExit::from_fault)
                     })?;
                     if let FaultOutcome::Retry(_) = outcome {

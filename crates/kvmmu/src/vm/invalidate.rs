@@ -89,7 +89,9 @@ impl VmInner {
                             OnLock::Begin => self.invalidate.begin(guard.witness()),
                             OnLock::End => {
                                 if let Err(e) = self.invalidate.end(guard.witness()) {
-                                    panic!("kvmmu bug: unbalanced invalidation ({e}) (spec §4 item 4)");
+                                    panic!(
+                                        "kvmmu bug: unbalanced invalidation ({e}) (spec §4 item 4)"
+                                    );
                                 }
                             }
                             OnLock::Nothing => {}

@@ -293,8 +293,12 @@ impl VmInner {
         // ORDERING: generations are written only under slots_lock; Release/Acquire make a reader that
         // sees the final value also see the set published before it.
         let generation = gen_cell.load(Ordering::Acquire);
-        let final_gen = (generation & !MEMSLOT_GEN_UPDATE_IN_PROGRESS) + self.config.address_spaces as u64;
-        gen_cell.store(generation | MEMSLOT_GEN_UPDATE_IN_PROGRESS, Ordering::Release);
+        let final_gen =
+            (generation & !MEMSLOT_GEN_UPDATE_IN_PROGRESS) + self.config.address_spaces as u64;
+        gen_cell.store(
+            generation | MEMSLOT_GEN_UPDATE_IN_PROGRESS,
+            Ordering::Release,
+        );
         let next = Arc::new(cell.current().with_change(old, new, final_gen));
 
         let mut mn = self.mn_invalidate.lock();
@@ -324,8 +328,7 @@ impl VmInner {
     fn reset_mmu(&self) {
         let mut mmu = self.mmu_lock.write();
         self.tdp.invalidate_all_roots(mmu.witness());
-        self.requests
-            .make_all_request(request::Request::MmuReload);
+        self.requests.make_all_request(request::Request::MmuReload);
         self.tdp.zap_invalidated_roots(&mut mmu, self);
         drop(mmu);
     }
@@ -339,8 +342,7 @@ impl VmInner {
             {
                 let mut mmu = self.mmu_lock.write();
                 self.tdp.teardown(&mut mmu, self);
-                self.requests
-                    .make_all_request(request::Request::MmuReload);
+                self.requests.make_all_request(request::Request::MmuReload);
             }
             self.flush_remote_tlbs();
         }
