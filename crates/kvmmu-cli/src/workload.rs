@@ -47,7 +47,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<Report> {
         cli.vcpus
     );
     ensure!(
-        cli.bytes_per_vcpu >= PAGE_SIZE && cli.bytes_per_vcpu % PAGE_SIZE == 0,
+        cli.bytes_per_vcpu >= PAGE_SIZE && cli.bytes_per_vcpu.is_multiple_of(PAGE_SIZE),
         "--bytes-per-vcpu must be a non-zero multiple of 4 KiB (got {})",
         cli.bytes_per_vcpu
     );
@@ -241,7 +241,7 @@ fn rate(n: u64, d: Duration) -> f64 {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mib = self.pages * PAGE_SIZE >> 20;
+        let mib = (self.pages * PAGE_SIZE) >> 20;
         writeln!(
             f,
             "kvmmu default workload: {} vCPUs, {} MiB guest ({} pages), mmu={:?}, aging={:?}",
