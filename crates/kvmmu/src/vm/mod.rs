@@ -22,10 +22,11 @@ pub mod invalidate;
 pub mod memslot;
 pub mod request;
 
-use crate::addr::AsId;
+use crate::addr::{AsId, Gfn, Level};
 use crate::config::{AgingMode, ConfigError, VmConfig};
 use crate::host::{HostMm, NotifierId};
 use crate::mmu::seq::{InvalidateCounters, InvalidateState};
+use crate::mmu::spte::Spte;
 use crate::mmu::tdp::{RemoteTlbFlush, TdpMmu, TdpStats};
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::lock_rank::LockRank;
@@ -222,6 +223,14 @@ impl Vm {
     /// in the kernel): vCPUs load fresh roots on their next entry.
     pub fn reset_mmu(&self) {
         self.inner.reset_mmu();
+    }
+
+    /// The leaf SPTE that maps `gfn` in the address space's valid root, if any, with its level.
+    /// Lock-free and read-only: an oracle for tests and tools (it may be stale by the time it
+    /// returns if vCPUs or the host are running).
+    pub fn spte(&self, as_id: AsId, gfn: Gfn) -> Option<(Spte, Level)> {
+        let rcu = self.inner.rcu.pin();
+        self.inner.tdp.leaf(as_id, gfn, &rcu)
     }
 
     /// Statistics.
