@@ -60,7 +60,7 @@ impl Machine {
     }
 
     /// One guest access: check requests, then use the TLB (walk on a miss).
-    fn access(&self, vcpu: &mut VcpuHandle, tlb: &mut Tlb) {
+    fn access(&self, vcpu: &mut VcpuHandle, tlb: &mut Tlb, slow: bool) {
         let r = vcpu.check_requests();
         if r.tlb_flush() {
             tlb.flush_all();
@@ -69,6 +69,12 @@ impl Machine {
             self.walk(tlb);
         }
         let used = tlb.lookup(GFN).expect("just filled").pfn.raw();
+        // A long instruction: the translation stays in use while a flusher may run. The check
+        // below is still sound: a flush cannot return while this vCPU, in guest mode, has not
+        // acknowledged it, and it acknowledges only in `check_requests` above or in `exit_guest`.
+        if slow {
+            thread::yield_now();
+        }
         let flushed = self.flushed.load(Ordering::Acquire);
         assert!(
             used >= flushed,
@@ -100,18 +106,18 @@ fn vcpu_thread(
     machine: Arc<Machine>,
     mut vcpu: VcpuHandle,
     start: Arc<Barrier>,
-    after_stop: Arc<Barrier>,
-    rounds: usize,
+    min_rounds: usize,
+    max_rounds: usize,
 ) -> VcpuResult {
     let mut tlb = Tlb::new(64);
     start.wait();
-    for round in 0..rounds {
-        if machine.stop.load(Ordering::Acquire) {
+    for round in 0..max_rounds {
+        if round >= min_rounds && machine.stop.load(Ordering::Acquire) {
             break;
         }
         machine.enter(&mut vcpu, &mut tlb);
-        for _ in 0..8 {
-            machine.access(&mut vcpu, &mut tlb);
+        for i in 0..8 {
+            machine.access(&mut vcpu, &mut tlb, i % 2 == 1);
         }
         vcpu.exit_guest();
         if round % 4 == 0 {
@@ -121,10 +127,20 @@ fn vcpu_thread(
             thread::yield_now();
         }
     }
-    // Everyone (flushers too) is done: one more entry must deliver any flush not yet taken.
-    after_stop.wait();
+    // Wait (bounded) until every flusher is done; then one more entry must deliver any flush not
+    // yet taken.
+    for _ in 0..100_000_000u64 {
+        if machine.stop.load(Ordering::Acquire) {
+            break;
+        }
+        thread::yield_now();
+    }
+    assert!(
+        machine.stop.load(Ordering::Acquire),
+        "flushers never finished"
+    );
     machine.enter(&mut vcpu, &mut tlb);
-    machine.access(&mut vcpu, &mut tlb);
+    machine.access(&mut vcpu, &mut tlb, false);
     let final_pfn = tlb.lookup(GFN).expect("filled by access").pfn.raw();
     vcpu.exit_guest();
     assert_eq!(vcpu.mode(), VcpuMode::OutsideGuest);
@@ -139,7 +155,8 @@ fn racing_flushes_are_acknowledged_and_never_leave_stale_entries() {
     const VCPUS: usize = 3;
     const FLUSHERS: usize = 2;
     const FLUSHES_EACH: u64 = 300;
-    const ROUNDS: usize = 1_000_000;
+    const MIN_ROUNDS: usize = 300;
+    const MAX_ROUNDS: usize = 1_000_000;
 
     with_watchdog("racing flushes", || {
         let reqs = VcpuRequests::new();
@@ -150,16 +167,11 @@ fn racing_flushes_are_acknowledged_and_never_leave_stale_entries() {
             stop: AtomicBool::new(false),
         });
         let start = Arc::new(Barrier::new(VCPUS + FLUSHERS));
-        let after_stop = Arc::new(Barrier::new(VCPUS + 1));
         let vcpus: Vec<_> = (0..VCPUS)
             .map(|_| {
                 let handle = reqs.register();
-                let (m, s, a) = (
-                    Arc::clone(&machine),
-                    Arc::clone(&start),
-                    Arc::clone(&after_stop),
-                );
-                thread::spawn(move || vcpu_thread(m, handle, s, a, ROUNDS))
+                let (m, s) = (Arc::clone(&machine), Arc::clone(&start));
+                thread::spawn(move || vcpu_thread(m, handle, s, MIN_ROUNDS, MAX_ROUNDS))
             })
             .collect();
         let flushers: Vec<_> = (0..FLUSHERS)
@@ -169,6 +181,8 @@ fn racing_flushes_are_acknowledged_and_never_leave_stale_entries() {
                     s.wait();
                     for n in 0..FLUSHES_EACH {
                         m.zap_and_flush(&r);
+                        // Spread the flushes over the vCPUs' run.
+                        thread::yield_now();
                         if i == 0 && n % 50 == 0 {
                             r.make_all_request(Request::MmuReload);
                         }
@@ -180,7 +194,6 @@ fn racing_flushes_are_acknowledged_and_never_leave_stale_entries() {
             f.join().expect("flusher panicked");
         }
         machine.stop.store(true, Ordering::Release);
-        after_stop.wait();
         let results: Vec<VcpuResult> = vcpus
             .into_iter()
             .map(|v| v.join().expect("vCPU panicked"))

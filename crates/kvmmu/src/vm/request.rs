@@ -231,7 +231,9 @@ impl VcpuRequests {
     }
 
     /// Registers a new vCPU, outside guest mode with no pending request (its TLB starts empty and it
-    /// loads its root on first entry). The slot is unregistered when the handle is dropped.
+    /// loads its root on first entry). The slot is unregistered when the handle is dropped. Takes the
+    /// registry lock exclusive, so it waits for flushes in progress (never the reverse: flushes do not
+    /// wait for registrations).
     pub fn register(&self) -> VcpuHandle {
         let slot = Arc::new(Slot {
             word: CachePadded(AtomicU64::new(0)),
