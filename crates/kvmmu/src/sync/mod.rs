@@ -17,15 +17,23 @@ pub mod rcu;
 pub mod srcu;
 pub mod witness;
 
+pub use lock_rank::{LockRank, RankToken};
+pub use rcu::{Rcu, RcuGuard};
+pub use srcu::{Retired, Srcu, SrcuCell, SrcuGuard};
+pub use witness::{
+    MmuLock, MmuLockStats, MmuRead, MmuReadGuard, MmuWrite, MmuWriteGuard, RankedMutex,
+    RankedMutexGuard,
+};
+
 /// Atomic integer types and orderings (std normally, loom under `cfg(loom)`).
 pub mod atomic {
     #[cfg(loom)]
     pub use loom::sync::atomic::{
-        AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+        AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
     };
     #[cfg(not(loom))]
     pub use std::sync::atomic::{
-        AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+        AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
     };
 }
 

@@ -1,1 +1,545 @@
-//! (placeholder: being written)
+//! Sleepable RCU (SRCU) protecting the published memslot sets.
+//!
+//! Protocol (classic counter-based SRCU, as Linux's `srcu_read_lock` / `synchronize_srcu` before
+//! Tree SRCU): the domain has a current index `idx` ∈ {0, 1} and, per index, a `lock` and an
+//! `unlock` counter, striped over cache-padded stripes so readers on different threads write
+//! different cache lines. A reader reads `idx`, increments `lock[idx]` on its stripe, executes a
+//! full fence (B), and reads published pointers; on exit it increments `unlock[idx]` on the same
+//! stripe with Release. A writer publishes a new pointer (Release), then `synchronize` flips `idx`
+//! and waits until the old index's unlock sum equals its lock sum, and does so twice.
+//!
+//! Invariants:
+//! 1. **Grace period.** `synchronize` returns only after every read section that started before it
+//!    was called has ended: such a reader incremented `lock[i]` for some `i`, and both indices are
+//!    drained after a flip, so the reader is either counted (and waited for) or, if its increment
+//!    was not yet visible to the check, its fence (B) is ordered after the check's fence (D) and it
+//!    reads the newly published pointer, never the retired one.
+//! 2. **Why twice.** A reader may read `idx` before a flip and increment the old index after the
+//!    writer checked it. It then sits, unseen, in an index the *next* single-flip synchronize would
+//!    not check. Draining both indices after flipping catches it (the classic SRCU bug that
+//!    [`Srcu::synchronize_broken_single_flip`] reproduces for the loom test).
+//! 3. **Counting.** `unlock` sums are read before `lock` sums (with the fence D between), so a
+//!    counted unlock always has its lock counted too; equality means no reader of that index is
+//!    in flight. Counters wrap; only equality is tested.
+//! 4. **Readers never block writers' publication**, and writers never block readers: `read_lock` is
+//!    one RMW on the thread's own stripe plus a fence; it takes no lock and allocates nothing.
+//! 5. **Lifetimes.** [`SrcuCell::load`] returns a reference tied to the guard; the pointer it came
+//!    from is freed only by [`Retired`] after a grace period of the same [`Srcu`] (a cell is bound
+//!    to one domain at its first use and panics if used with another).
+//!
+//! Lock rank: a read section registers [`LockRank::MemslotsSrcu`] (reentrant); `synchronize`
+//! asserts the caller is in no read section and holds no inner lock (spec §2.2 rule 2).
+
+use core::fmt;
+
+use super::atomic::{AtomicPtr, AtomicUsize, Ordering, fence};
+use super::lock_rank::{self, LockRank, RankToken};
+use super::{Arc, Mutex};
+
+/// Number of counter stripes (a power of two). Small under loom to keep the state space small.
+#[cfg(not(loom))]
+const MAX_STRIPES: usize = 64;
+#[cfg(loom)]
+const MAX_STRIPES: usize = 2;
+
+/// One stripe: the lock and unlock counters of both indices, alone in its cache line(s).
+#[repr(align(128))]
+struct Stripe {
+    lock: [AtomicUsize; 2],
+    unlock: [AtomicUsize; 2],
+}
+
+impl Stripe {
+    fn new() -> Self {
+        Stripe {
+            lock: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            unlock: [AtomicUsize::new(0), AtomicUsize::new(0)],
+        }
+    }
+}
+
+/// A sleepable RCU domain (Linux's `struct srcu_struct`).
+pub struct Srcu {
+    /// Current index; only its low bit is used. Written only under `gp_lock`.
+    idx: AtomicUsize,
+    /// Serializes grace periods (Linux's `srcu_gp_mutex`).
+    gp_lock: Mutex<()>,
+    /// `stripes.len() - 1`; `stripes.len()` is a power of two.
+    stripe_mask: usize,
+    stripes: Box<[Stripe]>,
+}
+
+impl fmt::Debug for Srcu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Srcu")
+            .field("stripes", &self.stripes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Srcu {
+    fn default() -> Self {
+        Srcu::new()
+    }
+}
+
+/// The stripe index hint of the current thread (any value is correct; it only spreads writes).
+#[cfg(not(loom))]
+#[inline]
+fn thread_stripe() -> usize {
+    use std::cell::Cell;
+    use std::sync::atomic::AtomicUsize as StdAtomicUsize;
+    static NEXT: StdAtomicUsize = StdAtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    STRIPE.with(|s| {
+        let v = s.get();
+        if v != usize::MAX {
+            return v;
+        }
+        // ORDERING: Relaxed: the counter only hands out distinct-ish hints; no data is published.
+        let v = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        s.set(v);
+        v
+    })
+}
+
+/// Under loom the hint must be deterministic across re-executions: derive it from the loom thread.
+#[cfg(loom)]
+#[inline]
+fn thread_stripe() -> usize {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    loom::thread::current().id().hash(&mut h);
+    h.finish() as usize
+}
+
+impl Srcu {
+    /// Creates a domain with no readers.
+    pub fn new() -> Srcu {
+        #[cfg(not(loom))]
+        let n = std::thread::available_parallelism()
+            .map_or(8, |n| n.get())
+            .saturating_mul(2)
+            .next_power_of_two()
+            .min(MAX_STRIPES);
+        #[cfg(loom)]
+        let n = MAX_STRIPES;
+        Srcu {
+            idx: AtomicUsize::new(0),
+            gp_lock: Mutex::new(()),
+            stripe_mask: n - 1,
+            stripes: (0..n).map(|_| Stripe::new()).collect(),
+        }
+    }
+
+    /// Enters a read section (Linux's `srcu_read_lock`); the guard's drop leaves it.
+    ///
+    /// Writes only the calling thread's stripe; takes no lock and allocates nothing. Read sections
+    /// nest and may be held across blocking work.
+    ///
+    /// # Panics
+    /// In debug builds, if the thread holds a lock ranked after the memslots SRCU (lock order).
+    #[inline]
+    pub fn read_lock(&self) -> SrcuGuard<'_> {
+        let rank = lock_rank::acquire(LockRank::MemslotsSrcu);
+        let stripe = thread_stripe() & self.stripe_mask;
+        // ORDERING: Relaxed: a stale index is harmless (invariant 2: both indices are drained after
+        // every flip); the fence below orders the increment against the section's loads.
+        let idx = self.idx.load(Ordering::Relaxed) & 1;
+        // ORDERING: Relaxed RMW; its ordering with the section's loads comes from fence B.
+        self.stripes[stripe].lock[idx].fetch_add(1, Ordering::Relaxed);
+        // ORDERING: fence B (SeqCst) pairs with fence D in `readers_done`: either the writer's check
+        // sees this increment, or this section's loads see everything the writer did before its
+        // check, including publication of the new pointer (invariant 1).
+        fence(Ordering::SeqCst);
+        SrcuGuard {
+            srcu: self,
+            stripe,
+            idx,
+            _rank: rank,
+        }
+    }
+
+    /// Waits for a grace period (Linux's `synchronize_srcu`): returns only after every read section
+    /// that started before the call has ended.
+    ///
+    /// # Panics
+    /// In debug builds, if the calling thread is inside a read section or holds a lock ranked after
+    /// the memslots SRCU (that would deadlock: spec §2.2 rule 2).
+    pub fn synchronize(&self) {
+        lock_rank::assert_may_wait_for(LockRank::MemslotsSrcu, "an SRCU grace period");
+        let _gp = self.gp_lock.lock();
+        // ORDERING: fence A: everything the caller did before (e.g. publishing a new pointer with
+        // Release) is ordered before the flips and checks below, for fence B's pairing.
+        fence(Ordering::SeqCst);
+        self.flip_and_wait();
+        self.flip_and_wait();
+    }
+
+    /// The classic broken SRCU: flip once and wait once. Kept only so the loom test can show that
+    /// the model catches it (invariant 2); never use it.
+    #[cfg(any(loom, test, feature = "test-hooks"))]
+    pub fn synchronize_broken_single_flip(&self) {
+        let _gp = self.gp_lock.lock();
+        // ORDERING: as in `synchronize` (fence A).
+        fence(Ordering::SeqCst);
+        self.flip_and_wait();
+    }
+
+    /// Flips the index and waits until the old index has no reader in flight. Caller holds `gp_lock`.
+    fn flip_and_wait(&self) {
+        // ORDERING: Relaxed: `idx` is written only under `gp_lock`, so this reads our own last value.
+        let old = self.idx.load(Ordering::Relaxed) & 1;
+        // ORDERING: Relaxed store; readers tolerate stale indices (invariant 2) and the check below
+        // starts with fence D.
+        self.idx.store(old ^ 1, Ordering::Relaxed);
+        let mut spins = 0u32;
+        while !self.readers_done(old) {
+            backoff(&mut spins);
+        }
+        // ORDERING: fence (SeqCst) after the check: the caller's later frees are ordered after the
+        // Acquire reads of the unlock counters (readers' sections happen-before them).
+        fence(Ordering::SeqCst);
+    }
+
+    /// True if index `idx` has no reader in flight (Linux's `srcu_readers_active_idx_check`).
+    fn readers_done(&self, idx: usize) -> bool {
+        let mut unlocks = 0usize;
+        for s in self.stripes.iter() {
+            // ORDERING: Acquire pairs with the reader's Release unlock: its section happens-before
+            // whatever the writer does after the grace period (invariant 5), and its lock increment
+            // is visible to the lock sum below (invariant 3).
+            unlocks = unlocks.wrapping_add(s.unlock[idx].load(Ordering::Acquire));
+        }
+        // ORDERING: fence D (SeqCst) pairs with readers' fence B (invariant 1).
+        fence(Ordering::SeqCst);
+        let mut locks = 0usize;
+        for s in self.stripes.iter() {
+            // ORDERING: Relaxed: fence D orders these loads after the unlock sum and pairs with B.
+            locks = locks.wrapping_add(s.lock[idx].load(Ordering::Relaxed));
+        }
+        locks == unlocks
+    }
+}
+
+/// Waits politely: spin briefly, then yield, then (outside loom) sleep; readers may block for long.
+fn backoff(spins: &mut u32) {
+    *spins = spins.saturating_add(1);
+    if *spins < 64 {
+        super::spin_hint();
+    } else if *spins < 1024 || cfg!(loom) {
+        super::yield_now();
+    } else {
+        #[cfg(not(loom))]
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+}
+
+/// A read section of an [`Srcu`] domain (Linux's `srcu_read_lock` index); dropping it is
+/// `srcu_read_unlock`. It is also the witness functions take to prove they run inside SRCU.
+pub struct SrcuGuard<'a> {
+    srcu: &'a Srcu,
+    stripe: usize,
+    idx: usize,
+    _rank: RankToken,
+}
+
+impl fmt::Debug for SrcuGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SrcuGuard")
+            .field("idx", &self.idx)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SrcuGuard<'_> {
+    /// Identity of the domain this guard belongs to (its address).
+    fn domain(&self) -> usize {
+        core::ptr::from_ref(self.srcu) as usize
+    }
+}
+
+impl Drop for SrcuGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        // ORDERING: Release (Linux's fence C): every access of the section happens-before a writer's
+        // Acquire read of this counter, so before anything the writer frees after the grace period.
+        self.srcu.stripes[self.stripe].unlock[self.idx].fetch_add(1, Ordering::Release);
+    }
+}
+
+/// A pointer published to SRCU readers (Linux's `rcu_assign_pointer` / `srcu_dereference` pair).
+///
+/// The published `Arc` is owned by a writer-side mutex (never touched by readers); readers load the
+/// raw pointer and borrow the value for the life of their guard. The writer swaps in a new value and
+/// gets the old one back only after a grace period.
+pub struct SrcuCell<T> {
+    /// `Arc::as_ptr` of the value owned by `published`.
+    ptr: AtomicPtr<T>,
+    /// The domain (address of its `Srcu`) this cell is bound to; 0 until first use.
+    domain: AtomicUsize,
+    /// The published value's strong count; writers only.
+    published: Mutex<Arc<T>>,
+}
+
+impl<T> fmt::Debug for SrcuCell<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SrcuCell").finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + Sync> SrcuCell<T> {
+    /// Publishes `initial`.
+    pub fn new(initial: Arc<T>) -> SrcuCell<T> {
+        SrcuCell {
+            ptr: AtomicPtr::new(Arc::as_ptr(&initial).cast_mut()),
+            domain: AtomicUsize::new(0),
+            published: Mutex::new(initial),
+        }
+    }
+
+    /// Binds the cell to domain `d` on first use, and checks every later use is the same domain.
+    #[inline]
+    fn check_domain(&self, d: usize) {
+        // ORDERING: Relaxed: the binding is a single value written once by CAS; the CAS total order
+        // on this word alone decides the winner, and no other data depends on it.
+        let cur = self.domain.load(Ordering::Relaxed);
+        if cur == d {
+            return;
+        }
+        let bound = if cur == 0 {
+            // ORDERING: Relaxed, as above.
+            match self
+                .domain
+                .compare_exchange(0, d, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => d,
+                Err(other) => other,
+            }
+        } else {
+            cur
+        };
+        assert!(
+            bound == d,
+            "SrcuCell invariant 5 broken: the cell is used with two different Srcu domains"
+        );
+    }
+
+    /// Reads the published value (`srcu_dereference`); valid while `guard` lives.
+    ///
+    /// # Panics
+    /// If `guard` belongs to a different [`Srcu`] than the one this cell was first used with.
+    #[inline]
+    pub fn load<'g>(&'g self, guard: &'g SrcuGuard<'_>) -> &'g T {
+        self.check_domain(guard.domain());
+        // ORDERING: Acquire pairs with the Release in `replace`: the value's contents written before
+        // publication are visible here.
+        let p = self.ptr.load(Ordering::Acquire);
+        // SAFETY: `p` is `Arc::as_ptr` of a value that was published while `guard`'s section ran or
+        // before it: either `published` still owns it, or a `Retired` of this cell's domain owns it
+        // and drops it only after a grace period, which waits for `guard`'s section (invariants 1
+        // and 5). The result borrows `guard` and `self`, so it cannot outlive either.
+        unsafe { &*p }
+    }
+
+    /// The currently published value (writer side).
+    pub fn current(&self) -> Arc<T> {
+        self.published.lock().clone()
+    }
+
+    /// Publishes `new` (`rcu_assign_pointer`) and returns the old value, retired: it is handed back
+    /// (or dropped) only after a grace period of `srcu`.
+    ///
+    /// # Panics
+    /// If `srcu` is not the domain this cell was first used with.
+    pub fn replace<'s>(&self, new: Arc<T>, srcu: &'s Srcu) -> Retired<'s, T> {
+        self.check_domain(core::ptr::from_ref(srcu) as usize);
+        let mut published = self.published.lock();
+        // ORDERING: Release publishes `new`'s contents to readers' Acquire loads. Writers are
+        // serialized by `published`, so the pointer and the owning `Arc` change together.
+        self.ptr
+            .store(Arc::as_ptr(&new).cast_mut(), Ordering::Release);
+        let old = core::mem::replace(&mut *published, new);
+        Retired {
+            old: Some(old),
+            srcu,
+        }
+    }
+}
+
+/// A value unpublished by [`SrcuCell::replace`] that readers may still be using.
+///
+/// [`Retired::wait`] waits for the grace period and hands the value back; dropping it without
+/// waiting also waits (so the value is never freed under a reader).
+#[must_use = "dropping a Retired blocks for an SRCU grace period; call wait() where that is intended"]
+pub struct Retired<'s, T> {
+    old: Option<Arc<T>>,
+    srcu: &'s Srcu,
+}
+
+impl<T> fmt::Debug for Retired<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retired").finish_non_exhaustive()
+    }
+}
+
+impl<'s, T> Retired<'s, T> {
+    /// Waits for a grace period of the domain and returns the old value, now unreachable by readers.
+    pub fn wait(mut self) -> Arc<T> {
+        self.srcu.synchronize();
+        self.old
+            .take()
+            .expect("Retired invariant broken: the old value is taken only once")
+    }
+
+    /// Broken variant for the loom negative test: waits with a single flip (see
+    /// [`Srcu::synchronize_broken_single_flip`]).
+    #[cfg(any(loom, test, feature = "test-hooks"))]
+    pub fn wait_broken_single_flip(mut self) -> Arc<T> {
+        self.srcu.synchronize_broken_single_flip();
+        self.old
+            .take()
+            .expect("Retired invariant broken: the old value is taken only once")
+    }
+}
+
+impl<T> Drop for Retired<'_, T> {
+    fn drop(&mut self) {
+        if let Some(old) = self.old.take() {
+            self.srcu.synchronize();
+            drop(old);
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    #[test]
+    fn read_lock_then_unlock_balances_counters() {
+        let s = Srcu::new();
+        {
+            let _a = s.read_lock();
+            let _b = s.read_lock();
+            assert!(!s.readers_done(0));
+        }
+        assert!(s.readers_done(0));
+        assert!(s.readers_done(1));
+    }
+
+    #[test]
+    fn synchronize_without_readers_returns() {
+        let s = Srcu::new();
+        s.synchronize();
+        s.synchronize();
+        assert!(s.readers_done(0) && s.readers_done(1));
+    }
+
+    #[test]
+    fn synchronize_waits_for_preexisting_reader() {
+        let s = Srcu::new();
+        let released = AtomicBool::new(false);
+        let synced = AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            let g = s.read_lock();
+            sc.spawn(|| {
+                s.synchronize();
+                synced.store(true, Ordering::SeqCst);
+                assert!(
+                    released.load(Ordering::SeqCst),
+                    "synchronize returned while a pre-existing reader was inside"
+                );
+            });
+            std::thread::sleep(Duration::from_millis(30));
+            assert!(!synced.load(Ordering::SeqCst));
+            released.store(true, Ordering::SeqCst);
+            drop(g);
+        });
+        assert!(synced.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn replace_hands_back_old_value_after_grace_period() {
+        let s = Srcu::new();
+        let cell = SrcuCell::new(Arc::new(1u64));
+        let old = cell.replace(Arc::new(2), &s).wait();
+        assert_eq!(*old, 1);
+        assert_eq!(
+            Arc::strong_count(&old),
+            1,
+            "cell must drop its count of the old value"
+        );
+        assert_eq!(*cell.current(), 2);
+        let g = s.read_lock();
+        assert_eq!(*cell.load(&g), 2);
+    }
+
+    #[test]
+    fn retired_values_are_never_freed_under_readers() {
+        // Readers check a value the writer poisons only after `Retired::wait`.
+        struct Val(std::sync::atomic::AtomicU64);
+        let s = Srcu::new();
+        let cell = SrcuCell::new(Arc::new(Val(std::sync::atomic::AtomicU64::new(0))));
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            for _ in 0..2 {
+                sc.spawn(|| {
+                    let mut seen = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let g = s.read_lock();
+                        let v = cell.load(&g);
+                        let a = v.0.load(Ordering::Relaxed);
+                        std::thread::yield_now();
+                        let b = v.0.load(Ordering::Relaxed);
+                        assert_ne!(a, u64::MAX, "read a retired (poisoned) value");
+                        assert_eq!(a, b, "value poisoned inside a read section");
+                        seen += 1;
+                    }
+                    assert!(seen > 0);
+                });
+            }
+            for i in 1..200u64 {
+                let old = cell
+                    .replace(Arc::new(Val(std::sync::atomic::AtomicU64::new(i))), &s)
+                    .wait();
+                old.0.store(u64::MAX, Ordering::Relaxed);
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "two different Srcu domains")]
+    fn cell_rejects_second_domain() {
+        let a = Srcu::new();
+        let b = Srcu::new();
+        let cell = SrcuCell::new(Arc::new(0u8));
+        let _ = cell.replace(Arc::new(1), &a).wait();
+        let g = b.read_lock();
+        let _ = cell.load(&g);
+    }
+
+    #[test]
+    fn dropping_retired_waits_and_frees() {
+        let s = Srcu::new();
+        let v = Arc::new(5u32);
+        let cell = SrcuCell::new(v.clone());
+        drop(cell.replace(Arc::new(6), &s));
+        assert_eq!(Arc::strong_count(&v), 1);
+        drop(cell);
+    }
+
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "waiting for an SRCU grace period while holding memslots SRCU")]
+    fn synchronize_inside_read_section_panics() {
+        let s = Srcu::new();
+        let _g = s.read_lock();
+        s.synchronize();
+    }
+}
