@@ -111,7 +111,11 @@ fn two_readonly_lockers_exclude_each_other() {
                 assert!(g.is_locked());
                 // ORDERING: Relaxed: loom explores every interleaving; overlap shows as a nonzero
                 // value whatever the ordering.
-                assert_eq!(inside.fetch_add(1, Ordering::Relaxed), 0, "two holders of the bit");
+                assert_eq!(
+                    inside.fetch_add(1, Ordering::Relaxed),
+                    0,
+                    "two holders of the bit"
+                );
                 inside.fetch_sub(1, Ordering::Relaxed);
                 drop(g);
             }
@@ -119,7 +123,11 @@ fn two_readonly_lockers_exclude_each_other() {
         let t = loom::thread::spawn(reader(w.clone(), inside.clone()));
         reader(w.clone(), inside)();
         t.join().expect("reader panicked");
-        assert_eq!(w.head.raw_value(), w.ptr(0).addr(), "unlock did not restore the chain");
+        assert_eq!(
+            w.head.raw_value(),
+            w.ptr(0).addr(),
+            "unlock did not restore the chain"
+        );
         w.teardown();
     });
 }

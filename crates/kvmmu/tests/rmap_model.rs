@@ -3,9 +3,7 @@
 //! every descriptor allocated is freed.
 #![cfg(not(loom))]
 
-use kvmmu::mmu::shadow::rmap::{
-    PTE_LIST_EXT, RmapError, RmapHead, RmapShape, RmapStats, SptePtr,
-};
+use kvmmu::mmu::shadow::rmap::{PTE_LIST_EXT, RmapError, RmapHead, RmapShape, RmapStats, SptePtr};
 use kvmmu::sync::atomic::AtomicU64;
 use kvmmu::sync::witness::{MmuLock, MmuWrite};
 use proptest::prelude::*;
@@ -32,8 +30,16 @@ fn check(head: &RmapHead, w: &MmuWrite, stats: &RmapStats, model: &[SptePtr]) {
     let count = head.count(w);
     let mut listed = Vec::new();
     head.for_each_spte(w, stats, |s| listed.push(s));
-    assert_eq!(count, model.len(), "pte_list_count disagrees with the model");
-    assert_eq!(listed.len(), count, "iteration disagrees with pte_list_count");
+    assert_eq!(
+        count,
+        model.len(),
+        "pte_list_count disagrees with the model"
+    );
+    assert_eq!(
+        listed.len(),
+        count,
+        "iteration disagrees with pte_list_count"
+    );
     let mut want = model.to_vec();
     want.sort();
     listed.sort();
@@ -48,10 +54,16 @@ fn check(head: &RmapHead, w: &MmuWrite, stats: &RmapStats, model: &[SptePtr]) {
                 "head descriptor holds {} entries",
                 first.spte_count
             );
-            assert!(tails.iter().all(|d| d.spte_count == PTE_LIST_EXT), "a tail is not full: {descs:?}");
+            assert!(
+                tails.iter().all(|d| d.spte_count == PTE_LIST_EXT),
+                "a tail is not full: {descs:?}"
+            );
             for (i, d) in descs.iter().enumerate() {
                 let after: usize = descs[i + 1..].iter().map(|t| t.spte_count).sum();
-                assert_eq!(d.tail_count, after, "tail_count of descriptor {i} is wrong: {descs:?}");
+                assert_eq!(
+                    d.tail_count, after,
+                    "tail_count of descriptor {i} is wrong: {descs:?}"
+                );
             }
             assert_eq!(first.spte_count + first.tail_count, count);
             assert_eq!(head.raw_value() & 2, 0, "LOCKED left set");

@@ -34,7 +34,9 @@ impl Rng {
 
 #[test]
 fn lockless_agers_race_an_mmu_lock_writer_without_loss_or_leak() {
-    let slots: Box<[AtomicU64]> = (0..HEADS * SLOTS_PER_HEAD).map(|_| AtomicU64::new(0)).collect();
+    let slots: Box<[AtomicU64]> = (0..HEADS * SLOTS_PER_HEAD)
+        .map(|_| AtomicU64::new(0))
+        .collect();
     // SAFETY: `slots` outlives every rmap and every thread of this test (all joined by the scope,
     // and every rmap is zapped before the end).
     let ptr = |i: usize| unsafe { SptePtr::new(&slots[i]) };
@@ -42,7 +44,7 @@ fn lockless_agers_race_an_mmu_lock_writer_without_loss_or_leak() {
     let lock = MmuLock::new();
     let stats = RmapStats::new();
     let done = AtomicBool::new(false);
-    let mut present = vec![false; HEADS * SLOTS_PER_HEAD];
+    let mut present = [false; HEADS * SLOTS_PER_HEAD];
 
     std::thread::scope(|s| {
         let mut agers = Vec::new();
@@ -72,8 +74,11 @@ fn lockless_agers_race_an_mmu_lock_writer_without_loss_or_leak() {
                         assert_eq!(a.is_empty(), !g.is_locked());
                         drop(g);
                     } else {
-                        let action =
-                            if rng.below(2) == 0 { AgeAction::Clear } else { AgeAction::TestOnly };
+                        let action = if rng.below(2) == 0 {
+                            AgeAction::Clear
+                        } else {
+                            AgeAction::TestOnly
+                        };
                         young += u64::from(head.age_rmap(stats, action));
                     }
                 }
@@ -90,7 +95,9 @@ fn lockless_agers_race_an_mmu_lock_writer_without_loss_or_leak() {
             if present[i] {
                 // Zap the SPTE first, then drop it from the rmap (mmu_spte_clear_track_bits; drop_spte).
                 slots[i].store(1 << 63, Ordering::Relaxed);
-                heads[h].pte_list_remove(w, &stats, ptr(i)).expect("present entry must be listed");
+                heads[h]
+                    .pte_list_remove(w, &stats, ptr(i))
+                    .expect("present entry must be listed");
                 present[i] = false;
             } else {
                 slots[i].store(YOUNG, Ordering::Relaxed);
@@ -108,8 +115,14 @@ fn lockless_agers_race_an_mmu_lock_writer_without_loss_or_leak() {
             drop(g);
         }
         done.store(true, Ordering::Release);
-        let young: u64 = agers.into_iter().map(|h| h.join().expect("ager panicked")).sum();
-        assert!(young > 0, "the agers never saw a young SPTE: the test did not exercise aging");
+        let young: u64 = agers
+            .into_iter()
+            .map(|h| h.join().expect("ager panicked"))
+            .sum();
+        assert!(
+            young > 0,
+            "the agers never saw a young SPTE: the test did not exercise aging"
+        );
     });
 
     let g = lock.write();
