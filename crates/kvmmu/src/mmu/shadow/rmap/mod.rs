@@ -371,10 +371,8 @@ impl RmapHead {
         let lock = self.lock_write(w, stats);
         // SAFETY: `lock.val` was published by a writer of this module (invariant 3).
         match unsafe { decode(lock.val) } {
-            Chain::Empty => {
-                lock.unlock(0);
-                Err(RmapError::Empty { spte })
-            }
+            // Nothing was locked (invariant 4): leave the word alone.
+            Chain::Empty => Err(RmapError::Empty { spte }),
             Chain::Single(only) => {
                 if only == spte {
                     lock.unlock(0);
@@ -471,7 +469,10 @@ impl RmapHead {
     /// debug builds panic through the lock-rank checker).
     pub fn for_each_spte(&self, w: &MmuWrite, stats: &RmapStats, mut f: impl FnMut(SptePtr)) {
         let lock = self.lock_write(w, stats);
-        // SAFETY: we hold the bit (or the rmap is empty) and `mmu_lock` write.
+        if lock.val == 0 {
+            return;
+        }
+        // SAFETY: we hold the bit and `mmu_lock` write.
         let _ = unsafe {
             walk(lock.val, |spte| {
                 f(spte);
