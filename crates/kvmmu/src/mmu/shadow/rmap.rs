@@ -1,1 +1,0 @@
-//! Reverse maps (placeholder: being written).

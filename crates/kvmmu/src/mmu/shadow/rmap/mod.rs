@@ -1,0 +1,564 @@
+//! Reverse maps of the shadow MMU, with the per-rmap LOCKED bit (spec §1.6, §3.8, §3.9).
+//!
+//! # Protocol
+//! An rmap ([`RmapHead`], `struct kvm_rmap_head`) lists every shadow SPTE that maps one gfn at one
+//! level. It is one word: 0 (empty), a single SPTE address, or (bit 0, MANY) the address of the head
+//! [`PteListDesc`] of a chain. Bit 1 (LOCKED) is a bit spinlock that protects the *chain*, never the
+//! SPTE values:
+//! - **Lock** (`__kvm_rmap_lock`): load the word; if it is 0 return 0 *without locking*. Otherwise spin
+//!   with plain loads while LOCKED is set (returning 0 if the rmap became empty meanwhile), then
+//!   `compare_exchange_weak(old, old | LOCKED, Acquire)`. The result is the chain value, LOCKED clear.
+//! - **Writers** ([`RmapHead::pte_list_add`], [`RmapHead::pte_list_remove`], [`RmapHead::zap_all`])
+//!   hold `mmu_lock` for write (an [`MmuWrite`] witness), lock, build the new chain, and publish it
+//!   and unlock in one Release store of the new value.
+//! - **Read-only lockers** ([`RmapHead::lock_readonly`], used by lockless aging,
+//!   [`RmapHead::age_rmap`]) hold no `mmu_lock`: they lock, walk, and unlock by storing back exactly the
+//!   value they locked. Unlocking a lock that returned 0 does nothing.
+//!
+//! # Invariants (spec §4 items 21–27)
+//! 1. **Encoding.** 0 never carries LOCKED (item 22): a locker that reads 0 returns 0 and writes
+//!    nothing (item 21), and every unlock stores a value with LOCKED clear.
+//! 2. **Mutual exclusion and publication.** At most one thread holds the bit (item 24): it is taken
+//!    only by a successful CAS from a value without LOCKED, and released only by its holder. The
+//!    Acquire CAS reads the Release store of the previous holder, so everything a holder wrote to the
+//!    chain is visible to the next one; writers are in addition ordered among themselves by `mmu_lock`.
+//! 3. **Only writers change chains, and they never free what a walker can reach.** Chains (head word
+//!    and descriptors) change only under `mmu_lock` write (item 25), and a descriptor is freed only by
+//!    such a writer while it holds the bit, after unlinking it from the value it will publish. A
+//!    holder of the bit, and a holder of `mmu_lock` write, therefore never reach a freed descriptor.
+//! 4. **Empty is unlocked.** A writer that finds 0 holds no bit but may publish a new chain with its
+//!    Release store: read-only lockers that found 0 walk nothing and write nothing (seed 002), and
+//!    other writers are excluded by `mmu_lock`.
+//! 5. **SPTE memory (a requirement on callers).** Every [`SptePtr`] in a chain stays allocated until
+//!    it has been removed from the rmap (which takes the bit) *and* no walker that held the bit before
+//!    the removal can still use it, i.e. the shadow-page lifetime rule of spec §3.9 and item 33: a
+//!    shadow page is freed only after all its SPTEs left their rmaps and a remote TLB flush. Under the
+//!    bit an SPTE may go present → non-present (writers zap before they remove) but never
+//!    non-present → present (item 26).
+//! 6. **Read-only lockers restore.** While a read-only locker holds the bit, `val & !LOCKED` does not
+//!    change, and its unlock stores exactly that value back (item 23; checked by an assertion).
+//! 7. **Chain shape** (item 27). The head descriptor holds 1..=14 entries, every tail descriptor exactly
+//!    14, `head.tail_count` is the sum of the tails; removal fills the hole with the head's last entry;
+//!    a chain never converts from MANY back to a single pointer.
+//!
+//! # Lock order and waiting
+//! The bit ranks after `mmu_lock` and before RCU (DESIGN.md); debug builds register it with the lock-rank
+//! checker ([`LockRank::RmapBit`]), which also catches a nested rmap operation inside a
+//! [`RmapHead::for_each_spte`] callback (a self-deadlock). Lockers spin with [`spin_hint`] and fall back
+//! to [`yield_now`]: userspace cannot disable preemption, so a read-only holder must keep its critical
+//! section tiny and never block in it (spec §3.9 "Why disable preemption").
+
+mod desc;
+mod readonly;
+mod spte_ptr;
+mod stats;
+#[cfg(all(test, not(loom)))]
+mod tests;
+
+use core::fmt;
+use core::ops::ControlFlow;
+
+pub use desc::{PTE_LIST_EXT, PteListDesc};
+pub use readonly::RmapReadGuard;
+pub use spte_ptr::{SPTE_ACCESSED_MASK, SPTE_PRESENT_MASK, SptePtr, spte_is_young};
+pub use stats::{RmapStats, RmapStatsSnapshot};
+
+use desc::DescPtr;
+
+use crate::sync::atomic::{AtomicUsize, Ordering};
+use crate::sync::lock_rank::{self, LockRank, RankToken};
+use crate::sync::witness::MmuWrite;
+use crate::sync::{spin_hint, yield_now};
+
+/// Bit 0 of the head word: the rest points to a [`PteListDesc`] (`KVM_RMAP_MANY`).
+const RMAP_MANY: usize = 1 << 0;
+/// Bit 1 of the head word: the bit lock (`KVM_RMAP_LOCKED`).
+pub const RMAP_LOCKED: usize = 1 << 1;
+/// Both tag bits.
+const RMAP_TAGS: usize = RMAP_MANY | RMAP_LOCKED;
+
+/// When [`RmapHead::pte_list_add`] returns more than this, the caller zaps the whole rmap
+/// (`RMAP_RECYCLE_THRESHOLD` in `__rmap_add`).
+pub const RMAP_RECYCLE_THRESHOLD: usize = 1000;
+
+/// Spins with [`spin_hint`] before falling back to [`yield_now`].
+const SPINS_BEFORE_YIELD: u32 = 64;
+
+/// Errors of rmap writers. A failed operation leaves the rmap unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RmapError {
+    /// `pte_list_remove` on an empty rmap.
+    #[error("cannot remove {spte:?}: the rmap is empty")]
+    Empty {
+        /// The SPTE that was to be removed.
+        spte: SptePtr,
+    },
+    /// `pte_list_remove` of an SPTE the (nonempty) rmap does not list.
+    #[error("cannot remove {spte:?}: the rmap does not list it")]
+    NotFound {
+        /// The SPTE that was to be removed.
+        spte: SptePtr,
+    },
+}
+
+/// What [`RmapHead::age_rmap`] does with young SPTEs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgeAction {
+    /// `kvm_test_age_gfn`: modify nothing; stop at the first young SPTE.
+    TestOnly,
+    /// `kvm_age_gfn`: clear the Accessed bit of every young SPTE.
+    Clear,
+}
+
+/// The shape of one descriptor, for diagnostics and tests ([`RmapHead::shape`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DescShape {
+    /// Entries in the descriptor.
+    pub spte_count: usize,
+    /// Entries in all descriptors after it.
+    pub tail_count: usize,
+}
+
+/// The shape of an rmap chain, for diagnostics and tests ([`RmapHead::shape`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RmapShape {
+    /// No entries.
+    Empty,
+    /// One entry stored directly in the head word.
+    Single,
+    /// A chain of descriptors, head first.
+    Many(Vec<DescShape>),
+}
+
+/// The decoded value of a head word with LOCKED masked off.
+#[derive(Clone, Copy)]
+enum Chain {
+    Empty,
+    Single(SptePtr),
+    Many(DescPtr),
+}
+
+/// Decodes a chain value.
+///
+/// # Safety
+/// `val` (LOCKED clear) must be a value published by this module's writers.
+#[inline]
+unsafe fn decode(val: usize) -> Chain {
+    debug_assert_eq!(val & RMAP_LOCKED, 0, "decode of a locked value");
+    if val == 0 {
+        Chain::Empty
+    } else if val & RMAP_MANY == 0 {
+        // SAFETY: per the contract a single-entry value is an `SptePtr` word.
+        Chain::Single(unsafe { SptePtr::from_word(val) })
+    } else {
+        // SAFETY: per the contract a MANY value is a descriptor word with bit 0 set.
+        Chain::Many(unsafe { DescPtr::from_word(val & !RMAP_TAGS) })
+    }
+}
+
+/// Calls `f` on every SPTE of the chain `val`, head descriptor first, in order (`rmap_get_first/next`).
+///
+/// # Safety
+/// `val` is the current chain of an rmap, and the caller holds its bit or `mmu_lock` for write
+/// (invariant 3), for the whole call.
+#[inline]
+pub(super) unsafe fn walk(
+    val: usize,
+    mut f: impl FnMut(SptePtr) -> ControlFlow<()>,
+) -> ControlFlow<()> {
+    // SAFETY: per the contract `val` is a published chain value.
+    match unsafe { decode(val) } {
+        Chain::Empty => ControlFlow::Continue(()),
+        Chain::Single(spte) => f(spte),
+        Chain::Many(mut d) => loop {
+            // SAFETY: the caller holds the bit or `mmu_lock` write, so no descriptor of the chain is
+            // freed during the walk (invariant 3).
+            let desc = unsafe { d.get() };
+            for i in 0..desc.count() {
+                f(desc.get(i))?;
+            }
+            match desc.more() {
+                Some(next) => d = next,
+                None => return ControlFlow::Continue(()),
+            }
+        },
+    }
+}
+
+/// Waits one round for a bit holder: spin briefly, then yield.
+#[inline]
+fn backoff(spins: &mut u32) {
+    if *spins < SPINS_BEFORE_YIELD {
+        *spins += 1;
+        spin_hint();
+    } else {
+        yield_now();
+    }
+}
+
+/// The head of one rmap (`struct kvm_rmap_head`): a single word (invariant 1).
+pub struct RmapHead {
+    val: AtomicUsize,
+}
+
+impl Default for RmapHead {
+    fn default() -> Self {
+        RmapHead::new()
+    }
+}
+
+impl fmt::Debug for RmapHead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RmapHead({:#x})", self.raw_value())
+    }
+}
+
+impl Drop for RmapHead {
+    fn drop(&mut self) {
+        // Dropping a nonempty rmap leaks its descriptors: owners `zap_all` first (DESIGN.md
+        // invariant 5, allocations equal frees at teardown).
+        if !std::thread::panicking() {
+            debug_assert_eq!(
+                self.raw_value(),
+                0,
+                "rmap lifetime invariant broken: a nonempty rmap was dropped (zap_all it first)"
+            );
+        }
+    }
+}
+
+/// A writer's hold on the bit; `val` is 0 if the rmap was empty (nothing locked, invariant 4).
+struct WriteLock<'a> {
+    head: &'a RmapHead,
+    val: usize,
+    _rank: Option<RankToken>,
+}
+
+impl WriteLock<'_> {
+    /// Publishes `new` and releases the bit in one store (`kvm_rmap_unlock`).
+    #[inline]
+    fn unlock(self, new: usize) {
+        debug_assert_eq!(
+            new & RMAP_LOCKED,
+            0,
+            "rmap invariant 1: unlock value has LOCKED"
+        );
+        // ORDERING: Release: publishes the descriptors written under the bit to the next locker's
+        // Acquire CAS (invariant 2).
+        self.head.val.store(new, Ordering::Release);
+    }
+}
+
+impl RmapHead {
+    /// An empty rmap.
+    pub fn new() -> RmapHead {
+        RmapHead {
+            val: AtomicUsize::new(0),
+        }
+    }
+
+    /// The head word as it is now, LOCKED bit included (diagnostics and tests): 0 when empty, the
+    /// SPTE's [`SptePtr::addr`] for a single entry, a descriptor address with bit 0 set otherwise.
+    pub fn raw_value(&self) -> usize {
+        // ORDERING: Relaxed: a diagnostic snapshot; nothing is dereferenced through it.
+        self.val.load(Ordering::Relaxed)
+    }
+
+    /// True if the rmap lists no SPTE (a racy hint for lockless callers).
+    pub fn is_empty(&self) -> bool {
+        self.raw_value() == 0
+    }
+
+    /// `__kvm_rmap_lock`: returns the chain value (LOCKED clear), or 0 without locking if the rmap
+    /// is or becomes empty (invariant 1).
+    #[inline]
+    fn lock_raw(&self, stats: &RmapStats) -> usize {
+        // ORDERING: Relaxed: a hint; only the Acquire CAS below synchronizes with the previous
+        // holder. Returning 0 after a Relaxed load is sound: the caller then walks nothing
+        // (invariants 1 and 4), and writers see the latest chain through `mmu_lock`.
+        let mut old = self.val.load(Ordering::Relaxed);
+        if old == 0 {
+            return 0;
+        }
+        let mut contended = false;
+        let mut spins = 0;
+        let locked = loop {
+            while old & RMAP_LOCKED != 0 {
+                contended = true;
+                backoff(&mut spins);
+                // ORDERING: Relaxed: spinning on a plain load keeps the line shared; see above.
+                old = self.val.load(Ordering::Relaxed);
+            }
+            if old == 0 {
+                break 0;
+            }
+            // ORDERING: Acquire on success: lock acquisition, pairs with the previous holder's
+            // Release unlock (invariant 2). Relaxed on failure: we retry.
+            match self.val.compare_exchange_weak(
+                old,
+                old | RMAP_LOCKED,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break old,
+                Err(cur) => old = cur,
+            }
+        };
+        if contended {
+            stats.note_contended();
+        }
+        locked
+    }
+
+    /// `kvm_rmap_lock`: a writer's lock, registered with the lock-rank checker.
+    #[inline]
+    fn lock_write(&self, _w: &MmuWrite, stats: &RmapStats) -> WriteLock<'_> {
+        let rank = lock_rank::acquire(LockRank::RmapBit);
+        let val = self.lock_raw(stats);
+        WriteLock {
+            head: self,
+            val,
+            _rank: (val != 0).then_some(rank),
+        }
+    }
+
+    /// Adds `spte` (`pte_list_add`) and returns how many entries the rmap had before.
+    ///
+    /// The caller compares the result with [`RMAP_RECYCLE_THRESHOLD`]. Allocates a descriptor when
+    /// the rmap goes from one entry to two, or when the head descriptor is full.
+    pub fn pte_list_add(&self, w: &MmuWrite, stats: &RmapStats, spte: SptePtr) -> usize {
+        let lock = self.lock_write(w, stats);
+        // SAFETY: `lock.val` was published by a writer of this module (invariant 3).
+        let (before, new) = match unsafe { decode(lock.val) } {
+            Chain::Empty => (0, spte.to_word()),
+            Chain::Single(first) => {
+                let d = DescPtr::alloc(stats, None, 0);
+                // SAFETY: freshly allocated and not yet published.
+                let desc = unsafe { d.get() };
+                desc.push(first);
+                desc.push(spte);
+                (1, d.to_word() | RMAP_MANY)
+            }
+            Chain::Many(h) => {
+                // SAFETY: we hold the bit and `mmu_lock` write (invariant 3).
+                let head = unsafe { h.get() };
+                let total = head.count() + head.tail_count();
+                if head.count() == PTE_LIST_EXT {
+                    let d = DescPtr::alloc(stats, Some(h), total);
+                    // SAFETY: freshly allocated and not yet published.
+                    unsafe { d.get() }.push(spte);
+                    (total, d.to_word() | RMAP_MANY)
+                } else {
+                    head.push(spte);
+                    (total, lock.val)
+                }
+            }
+        };
+        lock.unlock(new);
+        before
+    }
+
+    /// Removes one occurrence of `spte` (`pte_list_remove`).
+    ///
+    /// The hole is filled with the head descriptor's last entry, so tails stay full; an emptied head
+    /// descriptor is freed and its successor becomes the head. On error the rmap is unchanged.
+    pub fn pte_list_remove(
+        &self,
+        w: &MmuWrite,
+        stats: &RmapStats,
+        spte: SptePtr,
+    ) -> Result<(), RmapError> {
+        let lock = self.lock_write(w, stats);
+        // SAFETY: `lock.val` was published by a writer of this module (invariant 3).
+        match unsafe { decode(lock.val) } {
+            // Nothing was locked (invariant 4): leave the word alone.
+            Chain::Empty => Err(RmapError::Empty { spte }),
+            Chain::Single(only) => {
+                if only == spte {
+                    lock.unlock(0);
+                    Ok(())
+                } else {
+                    let old = lock.val;
+                    lock.unlock(old);
+                    Err(RmapError::NotFound { spte })
+                }
+            }
+            Chain::Many(h) => {
+                // SAFETY: we hold the bit and `mmu_lock` write (invariant 3).
+                let Some((d, i)) = (unsafe { find(h, spte) }) else {
+                    let old = lock.val;
+                    lock.unlock(old);
+                    return Err(RmapError::NotFound { spte });
+                };
+                // SAFETY: as above; `h` and `d` are descriptors of the locked chain.
+                let (head, desc) = unsafe { (h.get(), d.get()) };
+                let last = head.pop();
+                if (d, i) != (h, head.count()) {
+                    desc.set(i, last);
+                }
+                let new = if head.count() == 0 {
+                    let new = head.more().map_or(0, |m| m.to_word() | RMAP_MANY);
+                    // SAFETY: we hold the bit and `mmu_lock` write, and `h` is unlinked from `new`,
+                    // the value we publish; nothing uses `head` after this (invariant 3).
+                    unsafe { h.free(stats) };
+                    new
+                } else {
+                    lock.val
+                };
+                lock.unlock(new);
+                Ok(())
+            }
+        }
+    }
+
+    /// Clears every SPTE with `clear` and empties the rmap, freeing its descriptors
+    /// (`kvm_zap_all_rmap_sptes`). Returns false, calling nothing, if the rmap was empty.
+    ///
+    /// `clear` must zap the SPTE (`mmu_spte_clear_track_bits`); it must not call into any rmap
+    /// (it runs under this rmap's bit).
+    pub fn zap_all(&self, w: &MmuWrite, stats: &RmapStats, mut clear: impl FnMut(SptePtr)) -> bool {
+        let lock = self.lock_write(w, stats);
+        if lock.val == 0 {
+            return false;
+        }
+        // SAFETY: we hold the bit and `mmu_lock` write; `lock.val` is the current chain.
+        let _ = unsafe {
+            walk(lock.val, |spte| {
+                clear(spte);
+                ControlFlow::Continue(())
+            })
+        };
+        // SAFETY: `lock.val` is a published chain value.
+        if let Chain::Many(mut d) = unsafe { decode(lock.val) } {
+            loop {
+                // SAFETY: we hold the bit and `mmu_lock` write; `d` is still linked only from
+                // descriptors we free in this loop and from the value we replace with 0 below.
+                let next = unsafe { d.get() }.more();
+                // SAFETY: as above; nothing reads `d` after this (invariant 3).
+                unsafe { d.free(stats) };
+                match next {
+                    Some(n) => d = n,
+                    None => break,
+                }
+            }
+        }
+        lock.unlock(0);
+        true
+    }
+
+    /// Entries in the rmap (`pte_list_count`).
+    pub fn count(&self, _w: &MmuWrite) -> usize {
+        // ORDERING: Relaxed: `mmu_lock` write orders us after the writer that published the chain;
+        // a concurrent read-only locker only toggles LOCKED (invariant 6).
+        let val = self.val.load(Ordering::Relaxed) & !RMAP_LOCKED;
+        // SAFETY: a chain value published by a writer (invariant 3).
+        match unsafe { decode(val) } {
+            Chain::Empty => 0,
+            Chain::Single(_) => 1,
+            Chain::Many(h) => {
+                // SAFETY: `mmu_lock` write: only we could free descriptors (invariant 3).
+                let head = unsafe { h.get() };
+                head.count() + head.tail_count()
+            }
+        }
+    }
+
+    /// Calls `f` on every SPTE of the rmap, in chain order (`for_each_rmap_spte`).
+    ///
+    /// Holds the bit during the walk, so `f` must not call into this rmap (that self-deadlocks;
+    /// debug builds panic through the lock-rank checker).
+    pub fn for_each_spte(&self, w: &MmuWrite, stats: &RmapStats, mut f: impl FnMut(SptePtr)) {
+        let lock = self.lock_write(w, stats);
+        if lock.val == 0 {
+            return;
+        }
+        // SAFETY: we hold the bit and `mmu_lock` write.
+        let _ = unsafe {
+            walk(lock.val, |spte| {
+                f(spte);
+                ControlFlow::Continue(())
+            })
+        };
+        let old = lock.val;
+        lock.unlock(old);
+    }
+
+    /// The chain's shape (diagnostics and tests of invariant 7). Allocates.
+    pub fn shape(&self, _w: &MmuWrite) -> RmapShape {
+        // ORDERING: Relaxed: as in `count`.
+        let val = self.val.load(Ordering::Relaxed) & !RMAP_LOCKED;
+        // SAFETY: a chain value published by a writer (invariant 3).
+        match unsafe { decode(val) } {
+            Chain::Empty => RmapShape::Empty,
+            Chain::Single(_) => RmapShape::Single,
+            Chain::Many(h) => {
+                let mut descs = Vec::new();
+                let mut d = Some(h);
+                while let Some(p) = d {
+                    // SAFETY: `mmu_lock` write: only we could free descriptors (invariant 3).
+                    let desc = unsafe { p.get() };
+                    descs.push(DescShape {
+                        spte_count: desc.count(),
+                        tail_count: desc.tail_count(),
+                    });
+                    d = desc.more();
+                }
+                RmapShape::Many(descs)
+            }
+        }
+    }
+
+    /// `kvm_rmap_lock_readonly`: locks the rmap without `mmu_lock`, for a read-only walk.
+    ///
+    /// If the rmap is (or becomes, while waiting) empty, nothing is locked and the returned guard is
+    /// empty. Keep the guard's lifetime tiny and never block while holding it.
+    #[inline]
+    pub fn lock_readonly<'a>(&'a self, stats: &RmapStats) -> RmapReadGuard<'a> {
+        let rank = lock_rank::acquire(LockRank::RmapBit);
+        let val = self.lock_raw(stats);
+        RmapReadGuard::new(self, val, (val != 0).then_some(rank))
+    }
+
+    /// Ages the SPTEs of this rmap without `mmu_lock` (the body of `kvm_rmap_age_gfn_range`).
+    ///
+    /// Locks read-only, reads each SPTE once and skips non-present ones. Returns true if a present
+    /// SPTE had Accessed set; with [`AgeAction::TestOnly`] it stops (and unlocks) at the first one and
+    /// modifies nothing, with [`AgeAction::Clear`] it clears Accessed on each with one atomic AND.
+    #[inline]
+    pub fn age_rmap(&self, stats: &RmapStats, action: AgeAction) -> bool {
+        let guard = self.lock_readonly(stats);
+        let mut young = false;
+        let _ = guard.for_each_spte(|sptep| {
+            if !spte_is_young(sptep.load_lockless()) {
+                return ControlFlow::Continue(());
+            }
+            young = true;
+            match action {
+                AgeAction::TestOnly => ControlFlow::Break(()),
+                AgeAction::Clear => {
+                    sptep.clear_accessed();
+                    ControlFlow::Continue(())
+                }
+            }
+        });
+        guard.unlock();
+        young
+    }
+}
+
+/// Locate `spte` in the chain headed by `h`.
+///
+/// # Safety
+/// The caller holds the chain's bit and `mmu_lock` write.
+unsafe fn find(h: DescPtr, spte: SptePtr) -> Option<(DescPtr, usize)> {
+    let mut d = Some(h);
+    while let Some(p) = d {
+        // SAFETY: per the contract no descriptor of the chain is freed meanwhile (invariant 3).
+        let desc = unsafe { p.get() };
+        if let Some(i) = (0..desc.count()).find(|&i| desc.get(i) == spte) {
+            return Some((p, i));
+        }
+        d = desc.more();
+    }
+    None
+}

@@ -1,0 +1,110 @@
+//! [`SptePtr`]: the only type in the rmap code that touches SPTE memory.
+//!
+//! An rmap stores the addresses of SPTE slots (`u64 *sptep` in the kernel). This module fences the
+//! raw pointer in: the one `unsafe` promise is made when a pointer is created ([`SptePtr::new`]); every
+//! access afterwards is a safe, single atomic operation on the slot. The SPTE bits used here (A = bit 8,
+//! shadow-present = bit 11) mirror `mmu/spte.rs`; the lead wires [`SptePtr`] to `AtomicSpte`, which is a
+//! `#[repr(transparent)]` wrapper of the same `AtomicU64`.
+
+use core::fmt;
+use core::ptr::NonNull;
+
+use crate::sync::atomic::{AtomicU64, Ordering};
+
+/// The Accessed bit of an SPTE (bit 8, as `spte::ACCESSED_MASK`).
+pub const SPTE_ACCESSED_MASK: u64 = 1 << 8;
+/// The shadow-present bit of an SPTE (bit 11, as `spte::MMU_PRESENT_MASK`).
+pub const SPTE_PRESENT_MASK: u64 = 1 << 11;
+
+// The rmap head keeps two tag bits (MANY, LOCKED) in the low bits of an SPTE address.
+const _: () = assert!(core::mem::align_of::<AtomicU64>() >= 4);
+
+/// True if `spte` is shadow-present with its Accessed bit set (`is_shadow_present_pte && is_accessed_spte`).
+#[inline]
+pub fn spte_is_young(spte: u64) -> bool {
+    spte & (SPTE_PRESENT_MASK | SPTE_ACCESSED_MASK) == (SPTE_PRESENT_MASK | SPTE_ACCESSED_MASK)
+}
+
+/// A pointer to one SPTE slot, as stored in an rmap.
+///
+/// Copyable and comparable by address. All accesses are atomic, so any number of threads may use
+/// copies of the same pointer at once (hardware setting A/D, `mmu_lock` writers, lockless agers).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SptePtr(NonNull<AtomicU64>);
+
+// SAFETY: an `SptePtr` is an address of an `AtomicU64` that, by the contract of `SptePtr::new`, stays
+// allocated while the pointer is used; the pointee is only accessed through atomic operations, which
+// are safe to perform from any thread.
+unsafe impl Send for SptePtr {}
+// SAFETY: as for `Send`: shared copies only perform atomic operations on the slot.
+unsafe impl Sync for SptePtr {}
+
+impl fmt::Debug for SptePtr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SptePtr({:#x})", self.addr())
+    }
+}
+
+impl SptePtr {
+    /// Makes an rmap entry for the SPTE slot `slot`.
+    ///
+    /// # Safety
+    /// `slot` must stay allocated for as long as the returned pointer (or a copy of it) is used:
+    /// at least until it has been removed from every rmap it was added to, and until no lockless
+    /// walker can still hold an rmap bit that listed it. In kvmmu that is the shadow-page lifetime
+    /// rule of spec §3.9 ("Why SPTE memory stays valid", §4 item 33): a shadow page is freed only after
+    /// each of its SPTEs left its rmaps (which takes each rmap's bit) and a remote TLB flush.
+    #[inline]
+    pub unsafe fn new(slot: &AtomicU64) -> SptePtr {
+        SptePtr(NonNull::from(slot))
+    }
+
+    /// The slot's address (for ordering, hashing and diagnostics; a single-entry rmap head holds it).
+    #[inline]
+    pub fn addr(self) -> usize {
+        self.0.as_ptr().addr()
+    }
+
+    /// The value stored in an rmap head or descriptor for this pointer (its exposed address).
+    #[inline]
+    pub(super) fn to_word(self) -> usize {
+        self.0.as_ptr().expose_provenance()
+    }
+
+    /// Rebuilds a pointer from a word produced by [`SptePtr::to_word`].
+    ///
+    /// # Safety
+    /// `word` must have been returned by `to_word` of a pointer that is still in an rmap.
+    #[inline]
+    pub(super) unsafe fn from_word(word: usize) -> SptePtr {
+        let p = core::ptr::with_exposed_provenance_mut::<AtomicU64>(word);
+        // SAFETY: per the contract, `word` is the exposed address of a live `AtomicU64`, never 0.
+        SptePtr(unsafe { NonNull::new_unchecked(p) })
+    }
+
+    #[inline]
+    fn slot(&self) -> &AtomicU64 {
+        // SAFETY: `SptePtr::new`'s contract keeps the slot allocated while this pointer is used
+        // (module invariant 5 of `rmap`); the slot is only accessed atomically, so a shared reference
+        // is sound even while hardware and other threads update it.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// Reads the SPTE once (`mmu_spte_get_lockless`).
+    #[inline]
+    pub fn load_lockless(self) -> u64 {
+        // ORDERING: Relaxed: spec §3.9 "memory-ordering discussion": the reader must accept a present
+        // or a non-present value, and nothing is published through the SPTE to a shadow ager.
+        self.slot().load(Ordering::Relaxed)
+    }
+
+    /// Clears the Accessed bit with one atomic AND and returns the previous value
+    /// (`kvm_tdp_mmu_age_spte` / `clear_bit(A)`); a concurrent Dirty or Writable update cannot be lost
+    /// (spec §4 item 19).
+    #[inline]
+    pub fn clear_accessed(self) -> u64 {
+        // ORDERING: Relaxed: the AND is atomic, which is all item 19 needs; aging publishes nothing.
+        self.slot()
+            .fetch_and(!SPTE_ACCESSED_MASK, Ordering::Relaxed)
+    }
+}
