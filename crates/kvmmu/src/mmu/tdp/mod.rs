@@ -129,6 +129,9 @@ pub struct TdpStats {
     pub leaves_installed: u64,
     /// Present leaves removed by zaps (including those inside removed tables).
     pub leaves_zapped: u64,
+    /// Zapped leaves whose Dirty bit was set when they were removed: the pfns the kernel would
+    /// mark dirty (`kvm_set_pfn_dirty` from `handle_changed_spte`).
+    pub dirty_leaves_zapped: u64,
     /// Roots allocated.
     pub roots_allocated: u64,
     /// Roots freed (after their RCU grace period).
@@ -146,6 +149,7 @@ pub(crate) struct Counters {
     tables_freed: AtomicU64,
     leaves_installed: AtomicU64,
     leaves_zapped: AtomicU64,
+    dirty_leaves_zapped: AtomicU64,
     roots_allocated: AtomicU64,
     roots_freed: AtomicU64,
     cas_retries: AtomicU64,
@@ -159,6 +163,7 @@ impl Counters {
             tables_freed: AtomicU64::new(0),
             leaves_installed: AtomicU64::new(0),
             leaves_zapped: AtomicU64::new(0),
+            dirty_leaves_zapped: AtomicU64::new(0),
             roots_allocated: AtomicU64::new(0),
             roots_freed: AtomicU64::new(0),
             cas_retries: AtomicU64::new(0),
@@ -181,6 +186,7 @@ impl Counters {
             tables_freed: r(&self.tables_freed),
             leaves_installed: r(&self.leaves_installed),
             leaves_zapped: r(&self.leaves_zapped),
+            dirty_leaves_zapped: r(&self.dirty_leaves_zapped),
             roots_allocated: r(&self.roots_allocated),
             roots_freed: r(&self.roots_freed),
             cas_retries: r(&self.cas_retries),
@@ -488,6 +494,13 @@ impl Drop for TdpMmu {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tdp_mmu_and_root_refs_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<TdpMmu>();
+        check::<RootRef>();
+    }
     use crate::addr::Gfn;
     use crate::sync::witness::MmuLock;
 
