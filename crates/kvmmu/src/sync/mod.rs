@@ -11,6 +11,8 @@
 //! - [`rcu`]: epoch-based reclamation for page-table pages (crossbeam-epoch, one collector per VM);
 //! - [`witness`]: zero-sized proofs that a lock is held, passed to functions that need it;
 //! - [`lock_rank`]: a debug-build checker of DESIGN.md's lock order.
+//!
+//! The main types of the submodules are re-exported here (`kvmmu::sync::{Srcu, Rcu, MmuLock, ..}`).
 
 pub mod lock_rank;
 pub mod rcu;

@@ -434,6 +434,15 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     #[test]
+    fn rcu_is_send_and_sync() {
+        fn send_sync<T: Send + Sync>() -> bool {
+            !core::any::type_name::<T>().is_empty()
+        }
+        assert!(send_sync::<Rcu>());
+        assert_eq!(Rcu::new().pending(), 0);
+    }
+
+    #[test]
     fn synchronize_runs_every_deferred_callback() {
         let rcu = Rcu::new();
         let ran = Arc::new(AtomicUsize::new(0));

@@ -217,10 +217,11 @@ impl MmuReadGuard<'_> {
     /// # Panics
     /// In debug builds, if a lock ranked after `mmu_lock` (an RCU guard, an rmap bit) is held.
     pub fn cond_resched(&mut self) -> bool {
+        // Checked even when uncontended, so the bug shows on every run, not only under contention.
+        lock_rank::assert_none_held_above(LockRank::MmuLock);
         if !self.lock.is_contended() {
             return false;
         }
-        lock_rank::assert_none_held_above(LockRank::MmuLock);
         let g = self
             .guard
             .take()
@@ -266,10 +267,11 @@ impl MmuWriteGuard<'_> {
     /// # Panics
     /// In debug builds, if a lock ranked after `mmu_lock` (an RCU guard, an rmap bit) is held.
     pub fn cond_resched(&mut self) -> bool {
+        // Checked even when uncontended, so the bug shows on every run, not only under contention.
+        lock_rank::assert_none_held_above(LockRank::MmuLock);
         if !self.lock.is_contended() {
             return false;
         }
-        lock_rank::assert_none_held_above(LockRank::MmuLock);
         let g = self
             .guard
             .take()
