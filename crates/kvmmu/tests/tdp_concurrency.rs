@@ -208,3 +208,71 @@ fn concurrent_faults_aging_and_hardware_dirty_never_lose_a_dirty_bit() {
     assert_eq!(s.tables_allocated, s.tables_freed, "{s:?}");
     assert_eq!(s.roots_allocated, s.roots_freed, "{s:?}");
 }
+
+/// A zap that may yield, while a fault handler keeps contending for `mmu_lock`: every leaf in the
+/// range is gone afterwards (restarts after yields skip nothing), leaves outside it are untouched,
+/// mid-zap flushes happen at most once per batch, and the zapped leaves are either flushed or
+/// reported as needing a flush.
+#[test]
+fn zap_leafs_with_yields_under_contention_removes_every_leaf() {
+    const LEAVES: u64 = 3 * 4096 + 100;
+    let rcu = Arc::new(Rcu::new());
+    let lock = MmuLock::new();
+    let tdp = TdpMmu::new(1, Arc::clone(&rcu));
+    for g in 0..LEAVES + 512 {
+        assert_eq!(
+            map_until_done(&tdp, &lock, &rcu, req(g, true)),
+            FaultOutcome::Fixed
+        );
+    }
+    let flusher = CountingFlusher::default();
+    let done = AtomicBool::new(false);
+    let (tdp_r, lock_r, rcu_r, done_r) = (&tdp, &lock, &*rcu, &done);
+    let needs_flush = thread::scope(|s| {
+        s.spawn(move || {
+            // Faults outside the zapped range keep the lock contended.
+            while !done_r.load(Ordering::Relaxed) {
+                let out = map_until_done(tdp_r, lock_r, rcu_r, req(LEAVES + 7, false));
+                assert_eq!(out, FaultOutcome::Spurious);
+            }
+        });
+        let _stop = StopOnDrop(done_r);
+        let mut mmu = lock.write();
+        tdp.zap_leafs(AS0, range(0, LEAVES), &mut mmu, true, &flusher)
+    });
+    let yields = lock.stats().resched_yields;
+    eprintln!("zap under contention: {yields} yields");
+    let flushes = flusher.0.load(Ordering::Relaxed) as u64;
+    // Yields happen only at 2M boundaries with nothing unflushed or after a flush of a full
+    // batch; LEAVES/4096 batches bound the flushes.
+    assert!(
+        flushes <= LEAVES / 4096,
+        "flushes {flushes}, yields {yields}"
+    );
+    assert!(
+        needs_flush || flushes > 0,
+        "zapped leaves of a valid root are flushed by someone"
+    );
+    let guard = rcu.pin();
+    for g in 0..LEAVES {
+        assert!(
+            tdp.leaf(AS0, Gfn::new(g), &guard).is_none(),
+            "gfn {g} survived the zap"
+        );
+    }
+    for g in LEAVES..LEAVES + 512 {
+        assert!(
+            tdp.leaf(AS0, Gfn::new(g), &guard).is_some(),
+            "gfn {g} was outside the range"
+        );
+    }
+    drop(guard);
+    assert_eq!(tdp.stats().leaves_zapped, LEAVES);
+    {
+        let mut mmu = lock.write();
+        tdp.teardown(&mut mmu, &flusher);
+    }
+    rcu.synchronize();
+    let s = tdp.stats();
+    assert_eq!(s.tables_allocated, s.tables_freed, "{s:?}");
+}
