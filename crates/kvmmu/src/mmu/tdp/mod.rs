@@ -67,6 +67,7 @@ use table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
 pub use walk::HwWalk;
 
 /// Result of [`TdpMmu::map`], like KVM's `RET_PF_*`: control flow, not an error.
+#[must_use = "a Retry means nothing was installed and the vCPU must fault again"]
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum FaultOutcome {
     /// A new leaf was installed (`RET_PF_FIXED`).

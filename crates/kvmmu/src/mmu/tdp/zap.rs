@@ -166,6 +166,7 @@ impl TdpMmu {
     /// (the caller flushes before dropping `mmu_lock`). With `may_yield`, it may release
     /// `mmu_lock` when contended; it flushes before yielding and only yields after progress.
     /// Only leaves are zapped: no table is freed.
+    #[must_use = "a true result means remote TLBs must be flushed before mmu_lock is dropped"]
     pub fn zap_leafs(
         &self,
         as_id: AsId,
