@@ -252,3 +252,39 @@ fn rcu_reader_never_reads_a_table_freed_under_it() {
         w.finish();
     });
 }
+
+/// A lockless ager finds the valid root through its published pointer, without a reference,
+/// while the root is invalidated, zapped and its last reference dropped: the root's table is
+/// freed (poisoned) only after the ager's RCU section, never under it.
+#[test]
+fn ager_without_a_root_reference_never_reads_a_freed_root() {
+    loom::model(|| {
+        let w = World::new();
+        assert_eq!(w.map(req(3, true)), FaultOutcome::Fixed);
+        let root = w.root();
+        let ager = {
+            let (tdp, rcu) = (Arc::clone(&w.tdp), Arc::clone(&w.rcu));
+            thread::spawn(move || {
+                let g = rcu.pin();
+                let young = tdp.age_gfn_range(AS0, range(0, 16), &g);
+                let still = tdp.test_age_gfn_range(AS0, range(0, 16), &g);
+                (young, still)
+            })
+        };
+        let flusher = Flusher(AtomicUsize::new(0));
+        {
+            let mut mmu = w.lock.write();
+            w.tdp.invalidate_all_roots(mmu.witness());
+            w.tdp.zap_invalidated_roots(&mut mmu, &flusher);
+        }
+        drop(root);
+        let (young, still) = ager.join().unwrap();
+        assert!(
+            !still || young,
+            "test_age after age sees A only if the ager saw the leaf young"
+        );
+        let stats = w.tdp.stats();
+        assert_eq!(stats.roots_allocated, 1);
+        w.finish();
+    });
+}

@@ -45,6 +45,11 @@
 //!    `handle_removed_pt`), which `map` cannot reach because it holds `mmu_lock` read across its
 //!    walk; a walker that meets FROZEN treats it as not present (`map` retries). FROZEN has no A/D
 //!    bit, so an ager or the CPU racing the freeze cannot alter it (item 35).
+//!
+//! # Not modelled (yet)
+//! Huge leaves (`MapRequest::level` above 4K is mapped at 4K; the walkers and the iterator already
+//! handle PS leaves), A/D-disabled SPTEs and access tracking, zaps under `mmu_lock` read (shared-mode
+//! `handle_removed_pt` with its FROZEN exchange loop), MMIO SPTEs, and mirror (TDX) roots.
 
 mod age;
 mod fault;
@@ -229,6 +234,9 @@ impl RootPtr {
     /// # Safety
     /// The root must be unreachable, unreferenced and freed only once (P4).
     unsafe fn free(self) {
+        // Under loom the root is leaked rather than deallocated, like tables (table.rs), so a
+        // protocol bug shows up as a poisoned root-table read instead of undetected UB.
+        #[cfg(not(loom))]
         // SAFETY: the root came from `Box::leak` in `get_root`; this function's contract.
         drop(unsafe { Box::from_raw(self.0.as_ptr()) });
     }
