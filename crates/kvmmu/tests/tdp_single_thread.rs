@@ -195,6 +195,11 @@ fn zap_leafs_removes_exactly_the_range_and_reports_flush() {
         vm.zap(510, 520),
         "zapping present leaves of a valid root needs a flush"
     );
+    assert_eq!(
+        vm.tdp.stats().dirty_leaves_zapped,
+        5,
+        "the written (dirty) leaves among 510..520"
+    );
     for &g in &gfns {
         assert_eq!(vm.leaf(g).is_some(), !(510..520).contains(&g), "gfn {g}");
     }

@@ -17,7 +17,12 @@ use super::{Counters, FaultOutcome, MapRequest, RetryReason, RootRef, TdpMmu};
 impl TdpMmu {
     /// Resolves one fault by installing a 4K leaf for `req.gfn` → `req.pfn` in `root`
     /// (`kvm_tdp_mmu_map`). Returns [`FaultOutcome::Retry`] when the root is invalid, a CAS was
-    /// lost or an SPTE on the path is frozen; nothing is left half-done in those cases.
+    /// lost or an SPTE on the path is frozen; nothing is left half-done in those cases. A table
+    /// linked before a lost leaf CAS stays linked (it is valid and empty, as in the kernel).
+    ///
+    /// A write fault on a frame whose host mapping is read-only (`host_writable == false`) installs
+    /// a read-only leaf (the kernel's `RET_PF_WRITE_PROTECTED` case): the caller must resolve the
+    /// host write fault first, or the vCPU's write keeps missing.
     ///
     /// # Panics
     /// If the gfn is already mapped to a different pfn (spec §4 item 13: the notifier must zap

@@ -45,6 +45,11 @@
 //!    `handle_removed_pt`), which `map` cannot reach because it holds `mmu_lock` read across its
 //!    walk; a walker that meets FROZEN treats it as not present (`map` retries). FROZEN has no A/D
 //!    bit, so an ager or the CPU racing the freeze cannot alter it (item 35).
+//!
+//! # Not modelled (yet)
+//! Huge leaves (`MapRequest::level` above 4K is mapped at 4K; the walkers and the iterator already
+//! handle PS leaves), A/D-disabled SPTEs and access tracking, zaps under `mmu_lock` read (shared-mode
+//! `handle_removed_pt` with its FROZEN exchange loop), MMIO SPTEs, and mirror (TDX) roots.
 
 mod age;
 mod fault;
@@ -67,6 +72,7 @@ use table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
 pub use walk::HwWalk;
 
 /// Result of [`TdpMmu::map`], like KVM's `RET_PF_*`: control flow, not an error.
+#[must_use = "a Retry means nothing was installed and the vCPU must fault again"]
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum FaultOutcome {
     /// A new leaf was installed (`RET_PF_FIXED`).
@@ -131,6 +137,9 @@ pub struct TdpStats {
     pub leaves_installed: u64,
     /// Present leaves removed by zaps (including those inside removed tables).
     pub leaves_zapped: u64,
+    /// Zapped leaves whose Dirty bit was set when they were removed: the pfns the kernel would
+    /// mark dirty (`kvm_set_pfn_dirty` from `handle_changed_spte`).
+    pub dirty_leaves_zapped: u64,
     /// Roots allocated.
     pub roots_allocated: u64,
     /// Roots freed (after their RCU grace period).
@@ -148,6 +157,7 @@ pub(crate) struct Counters {
     tables_freed: AtomicU64,
     leaves_installed: AtomicU64,
     leaves_zapped: AtomicU64,
+    dirty_leaves_zapped: AtomicU64,
     roots_allocated: AtomicU64,
     roots_freed: AtomicU64,
     cas_retries: AtomicU64,
@@ -161,6 +171,7 @@ impl Counters {
             tables_freed: AtomicU64::new(0),
             leaves_installed: AtomicU64::new(0),
             leaves_zapped: AtomicU64::new(0),
+            dirty_leaves_zapped: AtomicU64::new(0),
             roots_allocated: AtomicU64::new(0),
             roots_freed: AtomicU64::new(0),
             cas_retries: AtomicU64::new(0),
@@ -183,6 +194,7 @@ impl Counters {
             tables_freed: r(&self.tables_freed),
             leaves_installed: r(&self.leaves_installed),
             leaves_zapped: r(&self.leaves_zapped),
+            dirty_leaves_zapped: r(&self.dirty_leaves_zapped),
             roots_allocated: r(&self.roots_allocated),
             roots_freed: r(&self.roots_freed),
             cas_retries: r(&self.cas_retries),
@@ -224,6 +236,9 @@ impl RootPtr {
     /// # Safety
     /// The root must be unreachable, unreferenced and freed only once (P4).
     unsafe fn free(self) {
+        // Under loom the root is leaked rather than deallocated, like tables (table.rs), so a
+        // protocol bug shows up as a poisoned root-table read instead of undetected UB.
+        #[cfg(not(loom))]
         // SAFETY: the root came from `Box::leak` in `get_root`; this function's contract.
         drop(unsafe { Box::from_raw(self.0.as_ptr()) });
     }
@@ -490,6 +505,13 @@ impl Drop for TdpMmu {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tdp_mmu_and_root_refs_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<TdpMmu>();
+        check::<RootRef>();
+    }
     use crate::addr::Gfn;
     use crate::sync::witness::MmuLock;
 

@@ -46,8 +46,13 @@ impl Resched for NoResched {
 /// Writes `new` over the SPTE whose snapshot is `old`, under `mmu_lock` write
 /// (`kvm_tdp_mmu_write_spte`): a swap when `old` needs an atomic update, so a concurrent CPU
 /// D-bit set is returned rather than lost (P3); else a plain store. Returns the old value.
+///
+/// Under loom the store path is a swap too: loom keeps modification order partial and does not
+/// enforce RMW atomicity against plain stores, so it would report an ager's `fetch_and` that read
+/// the pre-store value as landing *after* the store, which C11 forbids (an RMW writes immediately
+/// after the value it read, and the store follows that value by read-write coherence).
 fn write_spte(sptep: &AtomicSpte, old: Spte, new: Spte, level: Level) -> Spte {
-    if old.needs_atomic_update(level) {
+    if cfg!(loom) || old.needs_atomic_update(level) {
         // ORDERING: O3 — the RMW's atomicity keeps a racing D/W update; the remote TLB flush and
         // RCU, not this access, order the zap against later reuse of the frame or table.
         sptep.swap(new, Ordering::Relaxed)
@@ -85,7 +90,12 @@ unsafe fn handle_removed_pt(
         }
         let old = write_spte(sptep, old, Spte::FROZEN, level);
         match old.kind(level) {
-            SpteKind::Leaf => leaves += 1,
+            SpteKind::Leaf => {
+                leaves += 1;
+                if old.is_dirty() {
+                    Counters::add(&counters.dirty_leaves_zapped, 1);
+                }
+            }
             SpteKind::Table => {
                 let child_level = level
                     .down()
@@ -156,6 +166,7 @@ impl TdpMmu {
     /// (the caller flushes before dropping `mmu_lock`). With `may_yield`, it may release
     /// `mmu_lock` when contended; it flushes before yielding and only yields after progress.
     /// Only leaves are zapped: no table is freed.
+    #[must_use = "a true result means remote TLBs must be flushed before mmu_lock is dropped"]
     pub fn zap_leafs(
         &self,
         as_id: AsId,
@@ -254,6 +265,9 @@ impl TdpMmu {
                     let prev = write_spte(it.sptep(), old, Spte::NONPRESENT, it.level());
                     it.set_old(prev);
                     zapped += 1;
+                    if prev.is_dirty() {
+                        Counters::add(&counters.dirty_leaves_zapped, 1);
+                    }
                     if needs_flush {
                         ctx.unflushed += 1;
                     }
