@@ -8,15 +8,34 @@
 mod size;
 mod workload;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// kvmmu: KVM's x86 MMU on simulated hardware.
 ///
 /// With no subcommand, runs the default workload: vCPUs populate guest memory, the host ages it
 /// through MMU notifiers, the vCPUs touch a part of it again, and aging finds the hot pages.
 #[derive(Debug, Parser)]
-#[command(name = "kvmmu", version, about, long_about = None)]
+#[command(name = "kvmmu", version, about, args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    /// A workload other than the default one.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Options of the default workload (when no subcommand is given).
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the default workload (the same as giving no subcommand).
+    Run(WorkloadArgs),
+}
+
+/// Options of the default workload.
+#[derive(Debug, Clone, Args)]
+pub struct WorkloadArgs {
     /// Number of vCPU threads.
     #[arg(short = 'v', long, default_value_t = 2)]
     pub vcpus: usize,
@@ -66,7 +85,9 @@ pub enum AgingArg {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let report = workload::run(&cli)?;
-    print!("{report}");
+    match cli.command {
+        None => print!("{}", workload::run(&cli.workload)?),
+        Some(Command::Run(args)) => print!("{}", workload::run(&args)?),
+    }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The default workload: populate, age, re-touch, find the hot pages, verify.
 
-use crate::{AgingArg, Cli, MmuArg};
+use crate::{AgingArg, MmuArg, WorkloadArgs};
 use anyhow::{Context, bail, ensure};
 use kvmmu::addr::PAGE_SIZE;
 use kvmmu::prelude::*;
@@ -40,7 +40,7 @@ fn value_for(vcpu: usize, page: u64) -> u64 {
 }
 
 /// Runs the default workload described by `cli`.
-pub fn run(cli: &Cli) -> anyhow::Result<Report> {
+pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
     ensure!(
         (1..=256).contains(&cli.vcpus),
         "--vcpus must be between 1 and 256 (got {})",
