@@ -301,3 +301,36 @@ fn split_mprotect_applies_to_exactly_the_range() {
     assert!(h.mappings().is_empty());
     assert_eq!(h.arena().stats().allocated, 0);
 }
+
+/// A frame freed behind the host's back through the public arena API must not make a later
+/// `munmap` panic halfway through its invalidation: the VM's counters stay balanced and the misuse
+/// is counted as a stale access. (Found in review: the panic left `mn_active_invalidate_count` and
+/// `mmu_invalidate_in_progress` at 1 for good.)
+#[test]
+fn munmap_survives_a_frame_freed_through_the_public_arena_api() {
+    use kvmmu::prelude::*;
+    let host = HostMm::new(HostConfig { frames: 64 }).unwrap();
+    let vm = Vm::new(&host, VmConfig::default()).unwrap();
+    let hva = host.mmap(1 << 16, Prot::READ | Prot::WRITE).unwrap();
+    vm.set_user_memory_region(MemoryRegion {
+        slot: SlotId::new(0),
+        as_id: AsId::new(0),
+        flags: MemFlags::empty(),
+        gpa: Gpa::new(0),
+        size: 1 << 16,
+        hva,
+    })
+    .unwrap();
+    host.write_u64(hva, 1).unwrap();
+    let pte = host.host_pte(hva).unwrap();
+    host.arena().free(pte.pfn, pte.tag).unwrap();
+    let stale_before = host.arena().stats().stale_accesses;
+    host.munmap(hva, 1 << 16).unwrap();
+    let s = vm.stats();
+    assert_eq!(
+        (s.mn_active_invalidate_count, s.invalidate.in_progress),
+        (0, 0)
+    );
+    assert_eq!(host.arena().stats().stale_accesses, stale_before + 1);
+    assert!(host.host_pte(hva).is_none());
+}
