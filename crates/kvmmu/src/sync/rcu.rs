@@ -41,6 +41,8 @@ pub use imp::Rcu;
 /// it. Not `Send`: the pin belongs to the pinning thread.
 pub struct RcuGuard<'a> {
     inner: imp::GuardInner<'a>,
+    /// Address of the [`Rcu`] this guard pins (it cannot move while the guard borrows it).
+    domain: usize,
     /// Set once this guard deferred a callback (invariant 3).
     deferred: Cell<bool>,
     rank: Option<RankToken>,
@@ -54,6 +56,14 @@ impl fmt::Debug for RcuGuard<'_> {
 }
 
 impl RcuGuard<'_> {
+    /// True if this guard pins `rcu` (and not some other RCU domain). Structures that retire memory
+    /// through one [`Rcu`] must check this on entry: a guard of another domain does not delay their
+    /// frees, so reading their memory under it would be a use-after-free.
+    #[inline]
+    pub fn pins(&self, rcu: &Rcu) -> bool {
+        self.domain == rcu as *const Rcu as usize
+    }
+
     /// Runs `f` after every guard pinned now (this one included) has been dropped (`call_rcu`).
     ///
     /// `f` must be a leaf: it may run on any thread, inside that thread's pin (invariant 4).
@@ -161,6 +171,7 @@ mod imp {
             let rank = lock_rank::acquire(LockRank::Rcu);
             let guard = self.pin_crossbeam();
             RcuGuard {
+                domain: self as *const Rcu as usize,
                 inner: GuardInner {
                     guard,
                     pending: &self.shared.pending,
@@ -357,6 +368,7 @@ mod imp {
                 }
             };
             RcuGuard {
+                domain: self as *const Rcu as usize,
                 inner: GuardInner { rcu: self, slot },
                 deferred: Cell::new(false),
                 rank: Some(rank),
@@ -554,5 +566,18 @@ mod tests {
         fn flush_for_test(&self) {
             self.inner.flush();
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod domain_tests {
+    use super::Rcu;
+
+    #[test]
+    fn a_guard_pins_only_its_own_domain() {
+        let (a, b) = (Rcu::new(), Rcu::new());
+        let g = a.pin();
+        assert!(g.pins(&a));
+        assert!(!g.pins(&b));
     }
 }
