@@ -102,6 +102,7 @@ impl SpPtr {
     }
 
     /// The page's address (diagnostics).
+    #[cfg(test)]
     pub(crate) fn addr(self) -> usize {
         self.0.as_ptr().addr()
     }
