@@ -101,5 +101,9 @@ fn shadow_host_release_tears_the_vm_down() {
     drop(vcpu);
     let s = f.vm.shutdown().shadow;
     assert_eq!(s.pages_allocated, s.pages_freed, "{s:?}");
-    assert_eq!(f.host.arena().stats().allocated, 0, "release freed every frame");
+    assert_eq!(
+        f.host.arena().stats().allocated,
+        0,
+        "release freed every frame"
+    );
 }

@@ -133,7 +133,10 @@ impl VmInner {
                     return Ok(FaultOutcome::Retry(RetryReason::Invalidation));
                 }
                 let Some(rmaps) = slot.rmaps() else {
-                    panic!("kvmmu bug: a shadow-MMU VM published memslot {:?} without rmaps", slot.id());
+                    panic!(
+                        "kvmmu bug: a shadow-MMU VM published memslot {:?} without rmaps",
+                        slot.id()
+                    );
                 };
                 let outcome = self.shadow.map(root, &req, rmaps, mmu.witness(), self);
                 drop(mmu);

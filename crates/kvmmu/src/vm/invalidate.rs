@@ -25,10 +25,10 @@ use crate::addr::{AsId, GfnRange, Hva};
 use crate::host::{MmuNotifier, NotifierRange};
 use crate::mmu::shadow::rmap::AgeAction;
 use crate::mmu::tdp::RemoteTlbFlush;
-use crate::vm::memslot::Memslot;
 use crate::sync::atomic::Ordering;
 use crate::sync::witness::MmuWriteGuard;
 use crate::sync::{Arc, Weak};
+use crate::vm::memslot::Memslot;
 
 /// What the hva-range walk does for each memslot it hits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -258,11 +258,9 @@ impl ShadowMmu {
     pub fn get_root(&self, as_id: AsId, _mmu: &MmuWrite) -> ShadowRoot {
         let mut state = self.inner.state.lock();
         let nr = state.roots.len();
-        let slot = state
-            .roots
-            .get(as_id.index())
-            .copied()
-            .unwrap_or_else(|| panic!("as_id {as_id:?} beyond the ShadowMmu's {nr} address spaces"));
+        let slot = state.roots.get(as_id.index()).copied().unwrap_or_else(|| {
+            panic!("as_id {as_id:?} beyond the ShadowMmu's {nr} address spaces")
+        });
         let sp = match slot {
             Some(sp) => {
                 // SAFETY: a valid root holds the MMU's reference and we hold `mmu_lock` write (S3).
@@ -401,7 +399,8 @@ impl ShadowMmu {
                 // Upgrade to writable, keeping A/D the CPU may be setting concurrently (O5).
                 let mut cur = old;
                 loop {
-                    let want = Spte::from_raw(new.raw() | (cur.raw() & (ACCESSED_MASK | DIRTY_MASK)));
+                    let want =
+                        Spte::from_raw(new.raw() | (cur.raw() & (ACCESSED_MASK | DIRTY_MASK)));
                     // ORDERING: Release as for a new leaf; on failure re-read (only A/D change).
                     match sptep.compare_exchange(cur, want, Ordering::Release, Ordering::Relaxed) {
                         Ok(_) => return FaultOutcome::Fixed,
@@ -504,9 +503,7 @@ impl ShadowMmu {
                         .and_then(|s| s.rmaps())
                         .and_then(|r| r.get(gfn, level))
                     else {
-                        panic!(
-                            "kvmmu bug: a shadow leaf for gfn {gfn:?} has no memslot rmap (S6)"
-                        );
+                        panic!("kvmmu bug: a shadow leaf for gfn {gfn:?} has no memslot rmap (S6)");
                     };
                     // SAFETY: the page is live; this is the pointer the fault added (S1).
                     let pte = unsafe { sp.sptep(i) };
@@ -651,7 +648,10 @@ impl ShadowMmu {
     /// # Safety
     /// The caller holds a reference to `root` and either holds `mmu_lock` or is a vCPU in guest
     /// mode that stays before its next instruction boundary for `'a` (S2).
-    unsafe fn find_leaf<'a>(root: SpPtr, gfn: u64) -> Option<(&'a crate::mmu::spte::AtomicSpte, Spte)> {
+    unsafe fn find_leaf<'a>(
+        root: SpPtr,
+        gfn: u64,
+    ) -> Option<(&'a crate::mmu::spte::AtomicSpte, Spte)> {
         if gfn >= GFN_LIMIT {
             return None;
         }
@@ -712,7 +712,14 @@ impl ShadowMmu {
     /// The present leaf mapping `gfn` under the valid root of `as_id` (oracle for tests and
     /// tools). Needs `mmu_lock` (read suffices: every change to shadow pages takes it for write).
     pub fn leaf(&self, as_id: AsId, gfn: Gfn, _mmu: &MmuRead) -> Option<(Spte, Level)> {
-        let root = self.inner.state.lock().roots.get(as_id.index()).copied().flatten()?;
+        let root = self
+            .inner
+            .state
+            .lock()
+            .roots
+            .get(as_id.index())
+            .copied()
+            .flatten()?;
         // SAFETY: under `mmu_lock` no page is freed and a valid root holds the MMU's reference.
         let (_, spte) = unsafe { Self::find_leaf(root, gfn.raw()) }?;
         Some((spte, Level::L4K))
