@@ -358,7 +358,7 @@ impl VmInner {
     /// Zaps the shadow MMU's pages (reset, teardown); caller holds `mmu_lock` write and `srcu`.
     fn shadow_zap_all(&self, srcu: &SrcuGuard<'_>, mmu: &crate::sync::witness::MmuWrite) {
         let sets: Vec<&Memslots> = self.memslots.iter().map(|c| c.load(srcu)).collect();
-        self.shadow.zap_all(&sets, mmu, self);
+        self.shadow.zap_all(sets.as_slice(), mmu, self);
     }
 
     /// `kvm_arch_flush_shadow_memslot`: zap every SPTE of `slot`, flushing TLBs before the lock drops.

@@ -16,7 +16,7 @@ use crate::sync::{Arc, Mutex};
 use crate::vm::memslot::Memslots;
 
 use super::page::{Role, ShadowPage, SpPtr};
-use super::rmap::{AgeAction, RMAP_RECYCLE_THRESHOLD, RmapStats, RmapStatsSnapshot};
+use super::rmap::{AgeAction, RMAP_RECYCLE_THRESHOLD, RmapHead, RmapStats, RmapStatsSnapshot};
 use super::slot_rmaps::{RMAP_LEVELS, SlotRmaps};
 
 /// Counters of the shadow MMU (read-only statistics).
@@ -177,6 +177,23 @@ impl fmt::Debug for ShadowMmu {
         f.debug_struct("ShadowMmu")
             .field("stats", &self.stats())
             .finish()
+    }
+}
+
+/// Finds the rmap of a leaf SPTE: (address space, gfn, level) → the head in the memslot that
+/// currently covers the gfn (`gfn_to_rmap(gfn, level, __gfn_to_memslot(...))`).
+pub(crate) trait RmapLookup {
+    /// The rmap of (`gfn`, `level`) in address space `as_id`, if a memslot with rmaps covers it.
+    fn leaf_rmap(&self, as_id: AsId, gfn: Gfn, level: Level) -> Option<&RmapHead>;
+}
+
+/// The current memslot sets, one per address space (read under SRCU by the caller).
+impl RmapLookup for [&Memslots] {
+    fn leaf_rmap(&self, as_id: AsId, gfn: Gfn, level: Level) -> Option<&RmapHead> {
+        self.get(as_id.index())?
+            .find_by_gfn(gfn)?
+            .rmaps()?
+            .get(gfn, level)
     }
 }
 
@@ -371,7 +388,7 @@ impl ShadowMmu {
         sp: SpPtr,
         req: &MapRequest,
         old: Spte,
-        rmap: &super::rmap::RmapHead,
+        rmap: &RmapHead,
         mmu: &MmuWrite,
         flush: &impl RemoteTlbFlush,
     ) -> FaultOutcome {
@@ -430,7 +447,7 @@ impl ShadowMmu {
     }
 
     /// Zaps every SPTE of one rmap (`kvm_zap_rmap`); true if any was zapped.
-    fn zap_rmap(&self, rmap: &super::rmap::RmapHead, mmu: &MmuWrite) -> bool {
+    fn zap_rmap(&self, rmap: &RmapHead, mmu: &MmuWrite) -> bool {
         let c = &self.inner.counters;
         rmap.zap_all(mmu, &self.inner.rmap_stats, |p| {
             let old = Spte::from_raw(p.zap(SHADOW_NONPRESENT_VALUE));
@@ -469,7 +486,7 @@ impl ShadowMmu {
         &self,
         state: &mut State,
         sp: SpPtr,
-        sets: &[&Memslots],
+        sets: &(impl RmapLookup + ?Sized),
         mmu: &MmuWrite,
         invalid: &mut InvalidList,
     ) {
@@ -497,12 +514,7 @@ impl ShadowMmu {
                         add(&c.dirty_leaves_zapped, 1);
                     }
                     let gfn = page.gfn_of(i);
-                    let Some(rmap) = sets
-                        .get(page.role.as_id.index())
-                        .and_then(|s| s.find_by_gfn(gfn))
-                        .and_then(|s| s.rmaps())
-                        .and_then(|r| r.get(gfn, level))
-                    else {
+                    let Some(rmap) = sets.leaf_rmap(page.role.as_id, gfn, level) else {
                         panic!("kvmmu bug: a shadow leaf for gfn {gfn:?} has no memslot rmap (S6)");
                     };
                     // SAFETY: the page is live; this is the pointer the fault added (S1).
@@ -584,7 +596,12 @@ impl ShadowMmu {
     /// Zaps every shadow page (`kvm_mmu_zap_all`): roots are invalidated (vCPUs reload), every
     /// leaf leaves its rmap, and the pages are freed after one remote TLB flush. `sets` are the
     /// current memslot sets, one per address space, read under SRCU.
-    pub fn zap_all(&self, sets: &[&Memslots], mmu: &MmuWrite, flush: &impl RemoteTlbFlush) {
+    pub(crate) fn zap_all(
+        &self,
+        sets: &(impl RmapLookup + ?Sized),
+        mmu: &MmuWrite,
+        flush: &impl RemoteTlbFlush,
+    ) {
         let mut invalid = InvalidList::default();
         {
             let mut state = self.inner.state.lock();
@@ -743,5 +760,257 @@ impl Drop for ShadowMmu {
                 state.hash.len()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::Pfn;
+    use crate::sync::witness::MmuLock;
+    use core::cell::Cell;
+
+    const GFNS: u64 = 2048;
+
+    /// One slot's rmaps covering gfns `[0, GFNS)` of address space 0.
+    struct OneSlot(SlotRmaps);
+
+    impl RmapLookup for OneSlot {
+        fn leaf_rmap(&self, as_id: AsId, gfn: Gfn, level: Level) -> Option<&RmapHead> {
+            (as_id.index() == 0)
+                .then(|| self.0.get(gfn, level))
+                .flatten()
+        }
+    }
+
+    /// A flush that checks spec §4 item 33 at the moment it runs: every leaf already left its
+    /// rmap, and no page was freed before the flush.
+    struct CheckingFlush<'a> {
+        mmu: &'a ShadowMmu,
+        slot: &'a OneSlot,
+        freed_before: u64,
+        flushes: Cell<u32>,
+    }
+
+    impl RemoteTlbFlush for CheckingFlush<'_> {
+        fn flush_remote_tlbs(&self) {
+            self.flushes.set(self.flushes.get() + 1);
+            assert_eq!(
+                self.mmu.stats().pages_freed,
+                self.freed_before,
+                "a shadow page was freed before the remote TLB flush (item 33)"
+            );
+            for g in 0..GFNS {
+                let r = self.slot.0.get(Gfn::new(g), Level::L4K).unwrap();
+                assert!(
+                    r.is_empty(),
+                    "gfn {g}: an SPTE is still in its rmap at flush time"
+                );
+            }
+        }
+    }
+
+    struct NoFlush;
+    impl RemoteTlbFlush for NoFlush {
+        fn flush_remote_tlbs(&self) {}
+    }
+
+    fn req(g: u64, write: bool) -> MapRequest {
+        MapRequest {
+            gfn: Gfn::new(g),
+            pfn: Pfn::new(g + 100),
+            level: Level::L4K,
+            host_writable: true,
+            write_fault: write,
+            prefetch: false,
+        }
+    }
+
+    fn populated() -> (ShadowMmu, MmuLock, OneSlot, ShadowRoot) {
+        let mmu = ShadowMmu::new(1);
+        let lock = MmuLock::new();
+        let slot = OneSlot(SlotRmaps::new(
+            GfnRange::new(Gfn::new(0), Gfn::new(GFNS)).unwrap(),
+        ));
+        let w = lock.write();
+        let root = mmu.get_root(AsId::new(0), w.witness());
+        for g in (0..GFNS).step_by(3) {
+            assert_eq!(
+                mmu.map(&root, &req(g, g % 2 == 0), &slot.0, w.witness(), &NoFlush),
+                FaultOutcome::Fixed
+            );
+        }
+        drop(w);
+        (mmu, lock, slot, root)
+    }
+
+    #[test]
+    fn shadow_page_is_freed_only_after_its_sptes_left_every_rmap_and_a_flush() {
+        let (mmu, lock, slot, root) = populated();
+        let before = mmu.stats();
+        assert!(before.pages_allocated >= 4 + 3, "{before:?}");
+        let check = CheckingFlush {
+            mmu: &mmu,
+            slot: &slot,
+            freed_before: before.pages_freed,
+            flushes: Cell::new(0),
+        };
+        let w = lock.write();
+        mmu.zap_all(&slot, w.witness(), &check);
+        drop(w);
+        assert_eq!(check.flushes.get(), 1, "commit-zap flushes exactly once");
+        let after = mmu.stats();
+        // Every page but the root the test still references is freed.
+        assert_eq!(after.pages_freed, after.pages_allocated - 1, "{after:?}");
+        assert!(root.is_invalid());
+        assert_eq!(after.leaves_zapped, after.leaves_installed);
+        drop(root);
+        let s = mmu.stats();
+        assert_eq!(
+            s.pages_freed, s.pages_allocated,
+            "the last root put frees it (S3)"
+        );
+        assert_eq!((s.roots_allocated, s.roots_freed), (1, 1));
+        assert_eq!(s.rmap.live_descriptors(), 0);
+    }
+
+    #[test]
+    fn indirect_shadow_pages_counts_live_indirect_pages() {
+        // Only direct pages are built: the counter must stay equal to the live indirect count, 0.
+        let (mmu, lock, slot, root) = populated();
+        assert_eq!(mmu.indirect_shadow_pages(), 0);
+        let r = lock.read();
+        let indirect = mmu
+            .inner
+            .state
+            .lock()
+            .hash
+            .keys()
+            .filter(|(_, role)| !role.direct)
+            .count() as u64;
+        assert_eq!(mmu.indirect_shadow_pages(), indirect);
+        assert!(mmu.live_pages(r.witness()) > 0);
+        drop(r);
+        let w = lock.write();
+        mmu.zap_all(&slot, w.witness(), &NoFlush);
+        drop(w);
+        assert_eq!(mmu.indirect_shadow_pages(), 0);
+        drop(root);
+    }
+
+    #[test]
+    fn every_present_leaf_is_in_its_rmap_exactly_once_and_zaps_clear_before_removal() {
+        let (mmu, lock, slot, root) = populated();
+        let r = lock.read();
+        for g in 0..GFNS {
+            let leaf = mmu.leaf(AsId::new(0), Gfn::new(g), r.witness());
+            let head = slot.0.get(Gfn::new(g), Level::L4K).unwrap();
+            let mut listed = Vec::new();
+            // Read-only lock: the chain is stable; count entries and check they are present.
+            let guard = head.lock_readonly(&mmu.inner.rmap_stats);
+            let _ = guard.for_each_spte(|p| {
+                listed.push(p.load_lockless());
+                core::ops::ControlFlow::Continue(())
+            });
+            drop(guard);
+            match leaf {
+                Some((spte, _)) => {
+                    assert_eq!(listed, vec![spte.raw()], "gfn {g}: listed once, same SPTE");
+                    assert_eq!(spte.pfn(), Pfn::new(g + 100));
+                }
+                None => assert!(listed.is_empty(), "gfn {g}: no leaf, no rmap entry"),
+            }
+        }
+        drop(r);
+        // Zap through rmaps: afterwards no leaf is present and no rmap lists anything.
+        let w = lock.write();
+        let all = GfnRange::new(Gfn::new(0), Gfn::new(GFNS)).unwrap();
+        assert!(mmu.zap_gfn_range(&slot.0, all, w.witness()));
+        assert!(
+            !mmu.zap_gfn_range(&slot.0, all, w.witness()),
+            "nothing left"
+        );
+        drop(w);
+        let r = lock.read();
+        for g in 0..GFNS {
+            assert!(mmu.leaf(AsId::new(0), Gfn::new(g), r.witness()).is_none());
+        }
+        drop(r);
+        let w = lock.write();
+        mmu.zap_all(&slot, w.witness(), &NoFlush);
+        drop(w);
+        drop(root);
+        let s = mmu.stats();
+        assert_eq!(s.pages_allocated, s.pages_freed);
+    }
+
+    #[test]
+    fn map_into_an_invalid_root_retries_and_installs_nothing() {
+        let (mmu, lock, slot, root) = populated();
+        let w = lock.write();
+        mmu.zap_all(&slot, w.witness(), &NoFlush);
+        let installed = mmu.stats().leaves_installed;
+        assert_eq!(
+            mmu.map(&root, &req(1, false), &slot.0, w.witness(), &NoFlush),
+            FaultOutcome::Retry(RetryReason::InvalidRoot)
+        );
+        assert_eq!(mmu.stats().leaves_installed, installed);
+        // A new root is a different, valid one.
+        let fresh = mmu.get_root(AsId::new(0), w.witness());
+        assert!(!fresh.is_invalid());
+        assert_eq!(
+            mmu.map(&fresh, &req(1, false), &slot.0, w.witness(), &NoFlush),
+            FaultOutcome::Fixed
+        );
+        mmu.zap_all(&slot, w.witness(), &NoFlush);
+        drop(w);
+        drop((root, fresh));
+        let s = mmu.stats();
+        assert_eq!(s.pages_allocated, s.pages_freed);
+    }
+
+    #[test]
+    fn rmap_aging_rounds_unaligned_starts_down_and_test_only_modifies_nothing() {
+        let (mmu, lock, slot, root) = populated();
+        let range = |a, b| GfnRange::new(Gfn::new(a), Gfn::new(b)).unwrap();
+        // Leaves are installed with A set (not prefetch). TestOnly: young, nothing cleared.
+        assert!(mmu.age_gfn_range(&slot.0, range(3, 4), AgeAction::TestOnly, false));
+        assert_eq!(mmu.stats().accessed_cleared, 0);
+        assert!(mmu.age_gfn_range(&slot.0, range(0, GFNS), AgeAction::Clear, false));
+        let cleared = mmu.stats().accessed_cleared;
+        assert_eq!(cleared, mmu.stats().leaves_installed);
+        assert!(!mmu.age_gfn_range(&slot.0, range(0, GFNS), AgeAction::Clear, true));
+        assert!(!mmu.age_gfn_range(&slot.0, range(0, GFNS), AgeAction::TestOnly, false));
+        let s = mmu.stats();
+        assert!(
+            s.aged_sptes_lockless > 0 && s.aged_sptes_locked > 0,
+            "{s:?}"
+        );
+        // A huge-page rmap is found from an unaligned start: put an SPTE in the 2M rmap of the
+        // block [512, 1024) and age [511, 513).
+        let slot2 = [AtomicU64::new(SHADOW_NONPRESENT_VALUE)];
+        let present = make_spte(
+            Pfn::new(7),
+            Level::L4K,
+            LeafAttrs {
+                host_writable: true,
+                write_allowed: false,
+                prefetch: false,
+            },
+        );
+        slot2[0].store(present.raw(), Ordering::Relaxed);
+        let head = slot.0.get(Gfn::new(512), Level::L2M).unwrap();
+        let w = lock.write();
+        // SAFETY: `slot2` outlives its rmap membership: it is removed below before it is dropped.
+        let p = unsafe { super::super::rmap::SptePtr::new(&slot2[0]) };
+        let _ = head.pte_list_add(w.witness(), &mmu.inner.rmap_stats, p);
+        drop(w);
+        assert!(mmu.age_gfn_range(&slot.0, range(511, 513), AgeAction::TestOnly, false));
+        let w = lock.write();
+        head.pte_list_remove(w.witness(), &mmu.inner.rmap_stats, p)
+            .unwrap();
+        mmu.zap_all(&slot, w.witness(), &NoFlush);
+        drop(w);
+        drop(root);
     }
 }
