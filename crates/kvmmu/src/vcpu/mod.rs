@@ -181,6 +181,11 @@ impl Vcpu {
         let root = if self.vm.shadow_enabled() {
             // `mmu_alloc_direct_roots` runs under `mmu_lock` write.
             let mmu = self.vm.mmu_lock.write();
+            // Teardown sets `dead` before it takes `mmu_lock` to zap every shadow page, so under
+            // the lock this check keeps a root from being allocated after the final zap.
+            if self.vm.dead.load(Ordering::Acquire) {
+                return Err(VcpuExit::VmDead);
+            }
             MmuRoot::Shadow(self.vm.shadow.get_root(self.as_id, mmu.witness()))
         } else {
             let mmu = self.vm.mmu_lock.read();
