@@ -133,7 +133,13 @@ impl VmInner {
                 // `kvm_unmap_gfn_range`: rmaps first (if the slot has them), then the TDP MMU.
                 let mut flush = false;
                 if let Some(rmaps) = slot.rmaps() {
-                    flush |= self.shadow.zap_gfn_range(rmaps, gfns, mmu.witness());
+                    flush |= self.shadow.zap_gfn_range(
+                        rmaps,
+                        gfns,
+                        mmu,
+                        may_block.then_some(&self.mmu_lock),
+                        self,
+                    );
                 }
                 flush | self.tdp.zap_leafs(as_id, gfns, mmu, may_block, self)
             }

@@ -366,9 +366,13 @@ impl VmInner {
         let mut mmu = self.mmu_lock.write();
         let mut flush = false;
         if let Some(rmaps) = slot.rmaps() {
-            flush |= self
-                .shadow
-                .zap_gfn_range(rmaps, slot.gfn_range(), mmu.witness());
+            flush |= self.shadow.zap_gfn_range(
+                rmaps,
+                slot.gfn_range(),
+                &mut mmu,
+                Some(&self.mmu_lock),
+                self,
+            );
         }
         flush |= self
             .tdp

@@ -11,7 +11,7 @@ use crate::mmu::spte::{
 use crate::mmu::tdp::table::{ENTRIES, GFN_LIMIT, ROOT_LEVEL};
 use crate::mmu::tdp::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason};
 use crate::sync::atomic::{AtomicU64, Ordering, fence};
-use crate::sync::witness::{MmuRead, MmuWrite};
+use crate::sync::witness::{MmuLock, MmuRead, MmuWrite, MmuWriteGuard};
 use crate::sync::{Arc, Mutex};
 use crate::vm::memslot::Memslots;
 
@@ -462,17 +462,46 @@ impl ShadowMmu {
 
     /// Zaps every leaf of `gfns` through the slot's rmaps (`__kvm_rmap_zap_gfn_range`, levels
     /// 4K..1G). Returns true if the caller must flush remote TLBs before dropping `mmu_lock`.
-    pub fn zap_gfn_range(&self, rmaps: &SlotRmaps, gfns: GfnRange, mmu: &MmuWrite) -> bool {
+    ///
+    /// With `may_block` (the lock `mmu` guards), it yields `mmu_lock` when another thread waits for it
+    /// (`__walk_slot_rmaps`), flushing first if it zapped anything since the last flush, so no
+    /// stale translation survives a yield (spec §3.6, §3.10). Callers must tolerate the yield:
+    /// the range is covered by an invalidation in progress or belongs to an INVALID memslot, so
+    /// no fault installs into it meanwhile.
+    pub fn zap_gfn_range(
+        &self,
+        rmaps: &SlotRmaps,
+        gfns: GfnRange,
+        mmu: &mut MmuWriteGuard<'_>,
+        may_block: Option<&MmuLock>,
+        flusher: &impl RemoteTlbFlush,
+    ) -> bool {
+        /// Rmaps visited between two checks for a waiter.
+        const RESCHED_EVERY: u32 = 64;
         let mut flush = false;
+        let mut since_check = 0u32;
         for level in RMAP_LEVELS {
             let mut g = gfns.start().align_down(level).raw();
             while g < gfns.end().raw() {
                 if let Some(r) = rmaps.get(Gfn::new(g), level)
                     && !r.is_empty()
                 {
-                    flush |= self.zap_rmap(r, mmu);
+                    flush |= self.zap_rmap(r, mmu.witness());
                 }
                 g += level.pages();
+                since_check += 1;
+                if let Some(lock) = may_block
+                    && since_check >= RESCHED_EVERY
+                {
+                    since_check = 0;
+                    if lock.is_contended() {
+                        if flush {
+                            flusher.flush_remote_tlbs();
+                            flush = false;
+                        }
+                        mmu.cond_resched();
+                    }
+                }
             }
         }
         flush
@@ -767,7 +796,6 @@ impl Drop for ShadowMmu {
 mod tests {
     use super::*;
     use crate::addr::Pfn;
-    use crate::sync::witness::MmuLock;
     use core::cell::Cell;
 
     const GFNS: u64 = 2048;
@@ -923,11 +951,11 @@ mod tests {
         }
         drop(r);
         // Zap through rmaps: afterwards no leaf is present and no rmap lists anything.
-        let w = lock.write();
+        let mut w = lock.write();
         let all = GfnRange::new(Gfn::new(0), Gfn::new(GFNS)).unwrap();
-        assert!(mmu.zap_gfn_range(&slot.0, all, w.witness()));
+        assert!(mmu.zap_gfn_range(&slot.0, all, &mut w, Some(&lock), &NoFlush));
         assert!(
-            !mmu.zap_gfn_range(&slot.0, all, w.witness()),
+            !mmu.zap_gfn_range(&slot.0, all, &mut w, Some(&lock), &NoFlush),
             "nothing left"
         );
         drop(w);
@@ -1009,6 +1037,55 @@ mod tests {
         let w = lock.write();
         head.pte_list_remove(w.witness(), &mmu.inner.rmap_stats, p)
             .unwrap();
+        mmu.zap_all(&slot, w.witness(), &NoFlush);
+        drop(w);
+        drop(root);
+    }
+
+    #[test]
+    fn zap_gfn_range_flushes_before_yielding_mmu_lock_to_a_waiter() {
+        use crate::sync::atomic::{AtomicBool, AtomicU32};
+        struct CountFlush(AtomicU32);
+        impl RemoteTlbFlush for CountFlush {
+            fn flush_remote_tlbs(&self) {
+                // ORDERING: test bookkeeping; the waiter reads it after taking mmu_lock, which
+                // orders it after this store.
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let (mmu, lock, slot, root) = populated();
+        let flushes = CountFlush(AtomicU32::new(0));
+        let waiter_saw = AtomicU32::new(u32::MAX);
+        let waiter_ran = AtomicBool::new(false);
+        let all = GfnRange::new(Gfn::new(0), Gfn::new(GFNS)).unwrap();
+        std::thread::scope(|s| {
+            let mut w = lock.write();
+            s.spawn(|| {
+                let g = lock.write();
+                // ORDERING: read under mmu_lock, after the zapper's flush and yield.
+                waiter_saw.store(flushes.0.load(Ordering::Relaxed), Ordering::Relaxed);
+                waiter_ran.store(true, Ordering::Relaxed);
+                drop(g);
+            });
+            let mut spins = 0u32;
+            while !lock.is_contended() {
+                spins += 1;
+                assert!(spins < 10_000_000, "the waiter never queued on mmu_lock");
+                std::thread::yield_now();
+            }
+            let _ = mmu.zap_gfn_range(&slot.0, all, &mut w, Some(&lock), &flushes);
+            // ORDERING: the waiter's stores happened under mmu_lock, which we hold again.
+            assert!(
+                waiter_ran.load(Ordering::Relaxed),
+                "the zap yielded to the waiter"
+            );
+            drop(w);
+        });
+        assert!(
+            waiter_saw.load(Ordering::Relaxed) >= 1,
+            "zapped SPTEs were flushed before mmu_lock was yielded"
+        );
+        let w = lock.write();
         mmu.zap_all(&slot, w.witness(), &NoFlush);
         drop(w);
         drop(root);
