@@ -232,8 +232,9 @@ impl Vm {
     }
 
     /// The leaf SPTE that maps `gfn` in the address space's valid root, if any, with its level.
-    /// Lock-free and read-only: an oracle for tests and tools (it may be stale by the time it
-    /// returns if vCPUs or the host are running).
+    /// Read-only: an oracle for tests and tools (it may be stale by the time it returns if vCPUs
+    /// or the host are running). Lock-free with the TDP MMU; with the shadow MMU it takes
+    /// `mmu_lock` for read, since shadow pages are freed under `mmu_lock` write rather than RCU.
     pub fn spte(&self, as_id: AsId, gfn: Gfn) -> Option<(Spte, Level)> {
         self.inner.leaf(as_id, gfn)
     }

@@ -1090,4 +1090,56 @@ mod tests {
         drop(w);
         drop(root);
     }
+
+    #[test]
+    fn an_rmap_past_the_recycle_threshold_is_zapped_and_flushed() {
+        struct CountFlush(Cell<u32>);
+        impl RemoteTlbFlush for CountFlush {
+            fn flush_remote_tlbs(&self) {
+                self.0.set(self.0.get() + 1);
+            }
+        }
+        let (mmu, lock, slot, root) = populated();
+        let present = make_spte(
+            Pfn::new(9),
+            Level::L4K,
+            LeafAttrs {
+                host_writable: true,
+                write_allowed: false,
+                prefetch: false,
+            },
+        );
+        let dummies: Box<[AtomicU64]> = (0..=RMAP_RECYCLE_THRESHOLD)
+            .map(|_| AtomicU64::new(present.raw()))
+            .collect();
+        let head = slot.0.get(Gfn::new(1), Level::L4K).unwrap();
+        let w = lock.write();
+        for d in dummies.iter() {
+            // SAFETY: `dummies` outlives its rmap membership: the recycle below removes them all.
+            let p = unsafe { super::super::rmap::SptePtr::new(d) };
+            let _ = head.pte_list_add(w.witness(), &mmu.inner.rmap_stats, p);
+        }
+        let flush = CountFlush(Cell::new(0));
+        assert_eq!(
+            mmu.map(&root, &req(1, false), &slot.0, w.witness(), &flush),
+            FaultOutcome::Fixed
+        );
+        assert_eq!(flush.0.get(), 1, "the recycle flushed");
+        assert!(head.is_empty(), "the whole rmap was zapped");
+        assert!(
+            dummies
+                .iter()
+                .all(|d| d.load(Ordering::Relaxed) == SHADOW_NONPRESENT_VALUE)
+        );
+        assert_eq!(mmu.stats().rmap_recycles, 1);
+        drop(w);
+        let r = lock.read();
+        assert!(mmu.leaf(AsId::new(0), Gfn::new(1), r.witness()).is_none());
+        drop(r);
+        let w = lock.write();
+        mmu.zap_all(&slot, w.witness(), &NoFlush);
+        drop(w);
+        drop(root);
+        assert_eq!(mmu.stats().rmap.live_descriptors(), 0);
+    }
 }
