@@ -357,6 +357,10 @@ impl VmInner {
     }
 
     /// Zaps the shadow MMU's pages (reset, teardown); caller holds `mmu_lock` write and `srcu`.
+    ///
+    /// The memslot sets are loaded here, *after* `mmu_lock` was taken: a fault that installed a
+    /// leaf through a slot created meanwhile released `mmu_lock` before we took it, so we see that
+    /// slot (or its INVALID copy, which shares its rmaps) and find the leaf's rmap (shadow S6).
     fn shadow_zap_all(&self, srcu: &SrcuGuard<'_>, mmu: &crate::sync::witness::MmuWrite) {
         let sets: Vec<&Memslots> = self.memslots.iter().map(|c| c.load(srcu)).collect();
         self.shadow.zap_all(sets.as_slice(), mmu, self);
