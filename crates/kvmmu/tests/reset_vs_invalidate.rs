@@ -66,6 +66,10 @@ fn vcpus_never_use_a_stale_translation_while_roots_are_reset_and_memory_discarde
         }
         stop.store(true, Ordering::Relaxed);
     });
-    assert_eq!(stale.load(Ordering::Relaxed), 0, "a vCPU used a stale translation");
+    assert_eq!(
+        stale.load(Ordering::Relaxed),
+        0,
+        "a vCPU used a stale translation"
+    );
     assert_eq!(host.arena().stats().stale_accesses, 0);
 }

@@ -481,3 +481,19 @@ proptest! {
         vm.teardown_and_check_no_leaks();
     }
 }
+
+/// Page tables are retired through the TDP MMU's own RCU domain, so walking them under a guard of
+/// another domain would not keep them alive: it is refused (review finding).
+#[test]
+#[should_panic(expected = "another RCU domain")]
+fn walking_under_a_guard_of_another_rcu_domain_is_refused() {
+    use kvmmu::addr::{AsId, Gfn, GfnRange};
+    use kvmmu::mmu::tdp::TdpMmu;
+    use kvmmu::sync::Arc;
+    use kvmmu::sync::rcu::Rcu;
+    let tdp = TdpMmu::new(1, Arc::new(Rcu::new()));
+    let other = Rcu::new();
+    let guard = other.pin();
+    let range = GfnRange::from_len(Gfn::new(0), 16).unwrap();
+    let _ = tdp.age_gfn_range(AsId::new(0), range, &guard);
+}

@@ -142,6 +142,7 @@ impl Vcpu {
     /// Running many accesses in one session is how a real guest runs, and is much cheaper than one
     /// entry per access.
     pub fn enter(&mut self) -> GuestMode<'_> {
+        guest_mode_depth::enter();
         let reqs = self.handle.enter_guest();
         self.apply_requests(reqs);
         GuestMode { vcpu: self }
@@ -198,6 +199,14 @@ impl Vcpu {
 }
 
 /// A vCPU in guest mode. Dropping it leaves guest mode.
+///
+/// While it lives the thread is "running guest code": it must not block on anything another thread
+/// may be waiting on. In particular it must not call host operations that invalidate memory
+/// (`munmap`, `mprotect`, `madvise_dontneed`, `release`), memslot updates, `Vm::reset_mmu`,
+/// `Vm::shutdown` or drop the `Vm`: each of those waits for every vCPU in guest mode to acknowledge
+/// a TLB flush, and this one only acknowledges at its next access or when it leaves guest mode.
+/// A thread that triggers a remote TLB flush from inside guest mode panics with a message saying
+/// so instead of deadlocking.
 pub struct GuestMode<'v> {
     vcpu: &'v mut Vcpu,
 }
@@ -260,7 +269,9 @@ impl GuestMode<'_> {
         f: impl FnOnce(&mut Vcpu) -> Result<T, VcpuExit>,
     ) -> Result<T, VcpuExit> {
         self.vcpu.handle.exit_guest();
+        guest_mode_depth::exit();
         let r = f(self.vcpu);
+        guest_mode_depth::enter();
         let reqs = self.vcpu.handle.enter_guest();
         self.vcpu.apply_requests(reqs);
         r
@@ -269,6 +280,30 @@ impl GuestMode<'_> {
 
 impl Drop for GuestMode<'_> {
     fn drop(&mut self) {
+        guest_mode_depth::exit();
         self.vcpu.handle.exit_guest();
+    }
+}
+
+/// How many vCPUs the current thread holds in guest mode, to turn a self-deadlock (a remote TLB
+/// flush waiting for this very thread's acknowledgement) into a clear panic.
+pub(crate) mod guest_mode_depth {
+    use std::cell::Cell;
+
+    thread_local! {
+        static DEPTH: Cell<u32> = const { Cell::new(0) };
+    }
+
+    pub(super) fn enter() {
+        DEPTH.with(|d| d.set(d.get() + 1));
+    }
+
+    pub(super) fn exit() {
+        DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+
+    /// True if the current thread holds a vCPU in guest mode.
+    pub(crate) fn current_thread_in_guest_mode() -> bool {
+        DEPTH.with(|d| d.get() > 0)
     }
 }

@@ -4,7 +4,8 @@
 //! - a TLB entry remembers the owner tag of the frame it was filled from; every access compares it
 //!   with the frame's current tag (a frame freed or reused since the fill fails the check);
 //! - a fill validates that the frame backs the host page the memslot maps this gfn to (the memslot
-//!   set is loaded under SRCU *before* the walk, so a slot deleted after the walk is still visible).
+//!   set is loaded under SRCU *after* the walk; see `translate_and_access` for why that is both
+//!   free of false alarms and complete).
 
 use super::tlb::TlbEntry;
 use super::{Vcpu, VcpuExit};
@@ -43,8 +44,7 @@ pub(super) fn translate_and_access(
     let Some(root) = vcpu.root.as_ref() else {
         return Ok(Access::Fault);
     };
-    let srcu = vm.srcu_read();
-    let slots = vm.memslots[root.as_id().index()].load(&srcu);
+    let as_index = root.as_id().index();
     let hit = match root {
         MmuRoot::Tdp(root) => {
             let rcu = vm.rcu.pin();
@@ -66,6 +66,13 @@ pub(super) fn translate_and_access(
     else {
         return Ok(Access::Fault);
     };
+    // The memslot set is loaded *after* the walk. Loading it before could miss a slot created (or
+    // moved here) between the load and the walk, whose leaf another vCPU installed meanwhile: a
+    // false alarm. Loading after is complete for deletions too: a slot whose SPTEs we just walked
+    // is still visible (as itself or as its INVALID copy), because its deletion zaps, then waits for
+    // this in-guest vCPU to acknowledge a TLB flush, and only then publishes the set without it.
+    let srcu = vm.srcu_read();
+    let slots = vm.memslots[as_index].load(&srcu);
     let tag = vm.host.arena().tag(pfn);
     let expected_page = slots
         .find_by_gfn(gfn)

@@ -398,7 +398,12 @@ impl VmInner {
         }
         let mut mmu = self.mmu_lock.write();
         self.tdp.invalidate_all_roots(mmu.witness());
+        // A waiting request (the kernel's KVM_REQ_MMU_FREE_OBSOLETE_ROOTS has KVM_REQUEST_WAIT):
+        // zaps of invalid roots do not flush TLBs, which is only sound once no vCPU can still be
+        // using a translation of the old root. Without the wait, a vCPU between its request check
+        // and its access could use a TLB entry whose frame a concurrent invalidation then frees.
         self.requests.make_all_request(request::Request::MmuReload);
+        self.flush_remote_tlbs();
         self.tdp.zap_invalidated_roots(&mut mmu, self);
         drop(mmu);
     }
@@ -412,9 +417,11 @@ impl VmInner {
             {
                 let srcu = self.srcu_read();
                 let mut mmu = self.mmu_lock.write();
+                // Every vCPU drops its root and TLB before anything is zapped (see `reset_mmu`).
+                self.requests.make_all_request(request::Request::MmuReload);
+                self.flush_remote_tlbs();
                 self.shadow_zap_all(&srcu, mmu.witness());
                 self.tdp.teardown(&mut mmu, self);
-                self.requests.make_all_request(request::Request::MmuReload);
             }
             self.flush_remote_tlbs();
         }
@@ -451,6 +458,16 @@ impl VmInner {
 
 impl RemoteTlbFlush for VmInner {
     fn flush_remote_tlbs(&self) {
+        // A flush waits for every vCPU in guest mode to acknowledge; a vCPU only acknowledges from
+        // its own thread, so a thread in guest mode that gets here would wait for itself forever.
+        if crate::vcpu::guest_mode_depth::current_thread_in_guest_mode() {
+            panic!(
+                "kvmmu: a remote TLB flush was requested by a thread that holds a vCPU in guest \
+                 mode (a host invalidation, memslot update, MMU reset or VM teardown from inside \
+                 `Vcpu::enter`); leave guest mode first (drop the GuestMode), as a real vCPU exits \
+                 to its VMM before making such calls"
+            );
+        }
         self.counters
             .remote_tlb_flushes
             .fetch_add(1, Ordering::Relaxed);

@@ -69,6 +69,7 @@ impl TdpMmu {
         action: Action,
         rcu: &RcuGuard<'_>,
     ) -> (u64, u64) {
+        self.assert_rcu_domain(rcu);
         let start = range.start().raw();
         let end = range.end().raw().min(GFN_LIMIT);
         if start >= end {

@@ -78,10 +78,11 @@ impl TdpMmu {
         write: bool,
         rcu: &RcuGuard<'_>,
     ) -> HwWalk {
-        debug_assert!(
+        assert!(
             root.belongs_to(self),
             "hardware_walk: the root belongs to another TdpMmu"
         );
+        self.assert_rcu_domain(rcu);
         // SAFETY: we hold a reference to `root`, so its table is allocated (P4).
         let Some((sptep, mut spte, level)) = (unsafe { find_leaf(root.table(), gfn.raw(), rcu) })
         else {
@@ -116,6 +117,7 @@ impl TdpMmu {
     /// The present leaf mapping `gfn` in the valid root of `as_id`, with its level (for test
     /// oracles and debugging). Reads only.
     pub fn leaf(&self, as_id: AsId, gfn: Gfn, rcu: &RcuGuard<'_>) -> Option<(Spte, Level)> {
+        self.assert_rcu_domain(rcu);
         let root = self.inner.valid_root(as_id)?;
         // SAFETY: found through the valid-root slot under `rcu`, so the root and its table stay
         // allocated while `rcu` is pinned (P4).
@@ -123,5 +125,16 @@ impl TdpMmu {
         // SAFETY: as above (P4).
         let (_, spte, level) = unsafe { find_leaf(table, gfn.raw(), rcu) }?;
         Some((spte, level))
+    }
+
+    /// Panics unless `rcu` pins this TDP MMU's own RCU domain: its page tables are retired through
+    /// that domain only, so walking them under another domain's guard could read freed memory.
+    /// A pointer comparison; the public entry points that read tables call it.
+    #[inline]
+    pub(super) fn assert_rcu_domain(&self, rcu: &RcuGuard<'_>) {
+        assert!(
+            rcu.pins(&self.inner.rcu),
+            "kvmmu: a TDP MMU was walked under an RcuGuard of another RCU domain (use `TdpMmu::rcu()`)"
+        );
     }
 }
