@@ -1,0 +1,67 @@
+//! The workloads and reports behind the `kvmmu` command, as a library so that integration tests
+//! can drive them directly (and inject faults the command line does not offer).
+//!
+//! - [`access_tracking`]: KVM's `access_tracking_perf_test` (spec §5.2), page-idle or MGLRU aging.
+//! - [`mmu_stress`]: KVM's `mmu_stress_test` (spec §5.3): aliased memslots, the stage protocol,
+//!   `mprotect` read-only under running vCPUs, slot deletion and `release` at exit.
+//! - [`compare`]: one workload in several configurations, alternated, medians and ratios.
+//! - [`report`]: the result every workload returns, rendered as a table, JSON or a plot.
+
+pub mod access_tracking;
+pub mod compare;
+pub mod mmu_stress;
+pub mod report;
+pub mod size;
+mod vcpus;
+
+use clap::{Args, ValueEnum};
+use kvmmu::prelude::{AgingMode, MmuKind, VmConfig};
+use std::path::PathBuf;
+
+/// `--mmu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MmuArg {
+    /// The TDP MMU.
+    Tdp,
+    /// The shadow MMU (reverse maps).
+    Shadow,
+}
+
+/// `--aging`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgingArg {
+    /// No mmu_lock: SRCU for memslots, RCU for page tables.
+    Lockless,
+    /// mmu_lock held for write on every aging call (the pre-series baseline).
+    Locked,
+}
+
+/// The VM configuration for the common flags.
+pub fn vm_config(mmu: MmuArg, aging: AgingArg, tlb_entries: usize) -> VmConfig {
+    VmConfig {
+        mmu: match mmu {
+            MmuArg::Tdp => MmuKind::Tdp,
+            MmuArg::Shadow => MmuKind::Shadow,
+        },
+        aging: match aging {
+            AgingArg::Lockless => AgingMode::Lockless,
+            AgingArg::Locked => AgingMode::Locked,
+        },
+        tlb_entries,
+        ..VmConfig::default()
+    }
+}
+
+/// Output options shared by the subcommands.
+#[derive(Debug, Clone, Default, Args)]
+pub struct OutputArgs {
+    /// Print the report as JSON (schema in the README, "JSON output") instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also draw the phase times to FILE; the format follows the extension (.svg or .png).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+}
