@@ -54,7 +54,7 @@ pub fn bars(
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
-    let width = (160 * categories.len() as u32).clamp(640, 1600);
+    let width = (200 * categories.len() as u32).clamp(640, 2000);
     let size = (width, 520);
     match ext.as_deref() {
         Some("svg") => draw(
@@ -90,7 +90,7 @@ where
         .flat_map(|s| s.values.iter())
         .fold(0.0f64, |a, v| a.max(v * 1e3))
         .max(1e-3)
-        * 1.25;
+        * 1.6;
     let n = categories.len() as f64;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, (FAMILY, 20))
@@ -121,16 +121,21 @@ where
     }
     chart
         .draw_series(categories.iter().enumerate().map(|(i, c)| {
+            // Three staggered rows above the bars, so long phase names do not collide.
+            let row = (i % 3) as f64;
             Text::new(
                 c.clone(),
-                (i as f64 + 0.05, ymax * 0.97),
+                (i as f64 + 0.05, ymax * (0.97 - 0.05 * row)),
                 (FAMILY, 12).into_font(),
             )
         }))
         .map_err(err)?;
+    // Below the label rows, at the right edge.
+    let (pw, ph) = chart.plotting_area().dim_in_pixel();
+    let legend_at = SeriesLabelPosition::Coordinate(pw as i32 - 190, (ph as f64 * 0.25) as i32);
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(legend_at)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .label_font((FAMILY, 13))
