@@ -188,6 +188,7 @@ fn validate(a: &AccessArgs) -> anyhow::Result<(u64, u64)> {
         "guest memory of {total} bytes exceeds the host's frame arena ({} frames of 4K at most)",
         MAX_FRAMES
     );
+    crate::check_host_memory(pages + SPARE_FRAMES)?;
     Ok((total, pages))
 }
 
@@ -553,7 +554,7 @@ fn populate_while_aging(
     let (mut passes, mut aging_total) = (0u64, Duration::ZERO);
     let start_barrier = std::sync::Barrier::new(lay.vcpus + 1);
     let pb = progress::bar(lay.vcpus as u64, "Populating memory (async)");
-    let start = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let hs: Vec<_> = vcpus
             .iter_mut()
             .enumerate()
@@ -583,7 +584,6 @@ fn populate_while_aging(
             })
             .collect();
         start_barrier.wait();
-        let start = Instant::now();
         if !a.no_aging_thread {
             // Bounded by the vCPUs' progress: each pass is finite and the vCPUs always finish
             // (an error also counts as finished).
@@ -610,13 +610,12 @@ fn populate_while_aging(
             h.join()
                 .map_err(|_| anyhow::anyhow!("vCPU {i} panicked"))??;
         }
-        anyhow::Ok(start)
+        anyhow::Ok(())
     })?;
     pb.finish_and_clear();
     let wall = *last_finish
         .lock()
         .map_err(|_| anyhow::anyhow!("poisoned"))?;
-    let _ = start;
     r.phase("Populating memory (async)", wall);
     r.metrics
         .insert("vcpu_wall_time_s".into(), wall.as_secs_f64());

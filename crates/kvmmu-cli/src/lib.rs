@@ -65,3 +65,26 @@ pub struct OutputArgs {
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
 }
+
+/// Refuses a frame arena of `frames` 4 KiB frames that the machine could not back: the workloads
+/// prefault the whole arena, so asking for more than the available memory would end in the OOM
+/// killer rather than an error. Skipped where `/proc/meminfo` cannot be read.
+pub fn check_host_memory(frames: u64) -> anyhow::Result<()> {
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+        return Ok(());
+    };
+    let avail_kib = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    if let Some(kib) = avail_kib {
+        let need_kib = frames.saturating_mul(4);
+        anyhow::ensure!(
+            need_kib <= kib,
+            "the host's frame arena would need {} MiB, but this machine has {} MiB available",
+            need_kib >> 10,
+            kib >> 10
+        );
+    }
+    Ok(())
+}

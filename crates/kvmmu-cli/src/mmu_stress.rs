@@ -346,6 +346,7 @@ fn validate(a: &StressArgs) -> anyhow::Result<u64> {
         "-s/--slot-size of {} bytes exceeds the host's frame arena ({MAX_FRAMES} frames of 4K)",
         a.slot_size
     );
+    crate::check_host_memory(a.slot_size / PAGE_SIZE + 64)?;
     ensure!(
         a.slot_size
             .checked_mul(4)
