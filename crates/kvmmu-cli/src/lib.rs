@@ -88,3 +88,32 @@ pub fn check_host_memory(frames: u64) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arena_larger_than_available_memory_is_refused() {
+        assert!(check_host_memory(16).is_ok());
+        if std::path::Path::new("/proc/meminfo").exists() {
+            let err = check_host_memory(u64::MAX / 8).unwrap_err().to_string();
+            assert!(
+                err.contains("frame arena") && err.contains("available"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn vm_config_maps_the_flags() {
+        let c = vm_config(MmuArg::Tdp, AgingArg::Locked, 32);
+        assert_eq!(c.mmu, MmuKind::Tdp);
+        assert_eq!(c.aging, AgingMode::Locked);
+        assert_eq!(c.tlb_entries, 32);
+        assert_eq!(
+            vm_config(MmuArg::Shadow, AgingArg::Lockless, 1).mmu,
+            MmuKind::Shadow
+        );
+    }
+}
