@@ -5,10 +5,11 @@
 //! part of it again, and aging tells hot pages from cold ones. Every value written is read back and
 //! checked, and the VM's counters are checked for balance before the summary prints.
 
-mod size;
 mod workload;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+use kvmmu_cli::size;
+pub use kvmmu_cli::{AgingArg, MmuArg};
 
 /// kvmmu: KVM's x86 MMU on simulated hardware.
 ///
@@ -31,6 +32,14 @@ pub struct Cli {
 pub enum Command {
     /// Run the default workload (the same as giving no subcommand).
     Run(WorkloadArgs),
+    /// KVM's access_tracking_perf_test: populate, mark idle, touch again; checks that aging sees
+    /// the guest's accesses, and with -p times aging passes against populating vCPUs.
+    AccessTracking(kvmmu_cli::access_tracking::AccessCommand),
+    /// KVM's mmu_stress_test: aliased memslots, MMU reset, mprotect read-only under writing vCPUs,
+    /// slot deletion and release at exit.
+    MmuStress(kvmmu_cli::mmu_stress::StressCommand),
+    /// Run one workload in several configurations, alternated; print medians and ratios.
+    Compare(kvmmu_cli::compare::CompareArgs),
 }
 
 /// Options of the default workload.
@@ -65,29 +74,14 @@ pub struct WorkloadArgs {
     pub tlb_entries: usize,
 }
 
-/// `--mmu`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum MmuArg {
-    /// The TDP MMU.
-    Tdp,
-    /// The shadow MMU (reverse maps).
-    Shadow,
-}
-
-/// `--aging`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum AgingArg {
-    /// No mmu_lock: SRCU for memslots, RCU for page tables.
-    Lockless,
-    /// mmu_lock held for write on every aging call (the pre-series baseline).
-    Locked,
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         None => print!("{}", workload::run(&cli.workload)?),
         Some(Command::Run(args)) => print!("{}", workload::run(&args)?),
+        Some(Command::AccessTracking(cmd)) => kvmmu_cli::access_tracking::main(&cmd)?,
+        Some(Command::MmuStress(cmd)) => kvmmu_cli::mmu_stress::main(&cmd)?,
+        Some(Command::Compare(args)) => kvmmu_cli::compare::main(&args)?,
     }
     Ok(())
 }

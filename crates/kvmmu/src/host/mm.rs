@@ -350,6 +350,31 @@ impl HostMm {
         Ok(())
     }
 
+    /// Test-only fault injection: changes the protection of `[hva, hva + len)` **without** calling
+    /// any subscriber — a host write-protect the secondary MMUs never hear about, breaking H1 on
+    /// purpose so that tests can prove their checks catch it (writes through stale writable SPTEs
+    /// then land in memory the host made read-only).
+    ///
+    /// Errors: as [`HostMm::mprotect`].
+    #[cfg(feature = "test-hooks")]
+    pub fn mprotect_without_notifier(
+        &self,
+        hva: Hva,
+        len: u64,
+        prot: Prot,
+    ) -> Result<(), HostError> {
+        let (s, e) = page_range(hva, len)?;
+        let _w = self.inner.mm_writer.lock();
+        let mut vmas = self.inner.mmap_lock.write();
+        check_mapped(&vmas, s, e)?;
+        vmas.split_at(s);
+        vmas.split_at(e);
+        for v in vmas.range_mut(s, e) {
+            v.prot = prot;
+        }
+        Ok(())
+    }
+
     /// Discards the pages of `[hva, hva + len)` (`madvise(MADV_DONTNEED)` on private anonymous
     /// memory): their frames are freed and the next access faults in a zero-filled frame.
     pub fn madvise_dontneed(&self, hva: Hva, len: u64) -> Result<(), HostError> {

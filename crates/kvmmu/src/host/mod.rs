@@ -46,6 +46,8 @@
 
 mod aging;
 mod frames;
+mod idle;
+mod lru_gen;
 mod mm;
 mod notifier;
 mod percpu;
@@ -53,6 +55,8 @@ mod vma;
 mod words;
 
 pub use frames::{FrameArena, FrameStats, FrameTag, MAX_FRAMES, StaleAccess, WORDS_PER_FRAME};
+pub use idle::{IdleState, PageIdle};
+pub use lru_gen::{AgingPass, LruGen};
 pub use mm::{GupPage, HostConfig, HostMm, HostPte, HostStats, MMAP_MIN_ADDR, Prot, TASK_SIZE};
 pub use notifier::{InvalidateEvent, MmuNotifier, NotifierId, NotifierRange};
 

@@ -1,0 +1,306 @@
+//! `kvmmu compare`: one workload in several configurations, in one process, alternating the
+//! configurations over repeated runs (so drift in the machine's speed hits all of them alike),
+//! then the median of every measurement per configuration and its ratio to the first.
+
+use crate::access_tracking::{self, AccessArgs};
+use crate::mmu_stress::{self, StressArgs};
+use crate::report::{Report, plot, progress, table::seconds};
+use crate::{AgingArg, MmuArg, OutputArgs};
+use anyhow::{bail, ensure};
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+use std::fmt::Write;
+
+/// Version tag of [`Comparison`]'s JSON.
+pub const COMPARE_SCHEMA: &str = "kvmmu-compare/1";
+
+/// One configuration: a change applied to the workload's flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConfigArg {
+    /// `--aging lockless`.
+    Lockless,
+    /// `--aging locked`.
+    Locked,
+    /// `--mmu tdp`.
+    Tdp,
+    /// `--mmu shadow`.
+    Shadow,
+    /// No aging thread (access-tracking `-p`: the "no aging" column; mmu-stress: without `--age`).
+    NoAging,
+}
+
+/// The workload to compare.
+#[derive(Debug, Clone, Subcommand)]
+pub enum CompareWorkload {
+    /// `access-tracking` with these flags.
+    AccessTracking(AccessArgs),
+    /// `mmu-stress` with these flags.
+    MmuStress(StressArgs),
+}
+
+/// Options of `compare`.
+#[derive(Debug, Clone, Args)]
+pub struct CompareArgs {
+    /// Configurations, comma separated; ratios are relative to the first.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "lockless,locked"
+    )]
+    pub configs: Vec<ConfigArg>,
+
+    /// Runs of each configuration (alternated: run k starts with configuration k mod n).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+
+    /// Output.
+    #[command(flatten)]
+    pub out: OutputArgs,
+
+    /// The workload and its flags.
+    #[command(subcommand)]
+    pub workload: CompareWorkload,
+}
+
+/// One measurement across configurations.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Row {
+    /// Phase or metric name.
+    pub name: String,
+    /// Median per configuration (seconds), in `configs` order; `null` where it was not measured.
+    pub medians: Vec<Option<f64>>,
+    /// Median divided by the first configuration's median.
+    pub ratios: Vec<Option<f64>>,
+}
+
+/// The result of a comparison.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Comparison {
+    /// [`COMPARE_SCHEMA`].
+    pub schema: &'static str,
+    /// The workload's subcommand name.
+    pub workload: String,
+    /// Configuration names, in order.
+    pub configs: Vec<String>,
+    /// Runs per configuration.
+    pub runs: usize,
+    /// One row per measurement.
+    pub rows: Vec<Row>,
+    /// Every run passed its checks.
+    pub passed: bool,
+}
+
+fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
+    let mut w = w.clone();
+    match &mut w {
+        CompareWorkload::AccessTracking(a) => match c {
+            ConfigArg::Lockless => a.aging = AgingArg::Lockless,
+            ConfigArg::Locked => a.aging = AgingArg::Locked,
+            ConfigArg::Tdp => a.mmu = MmuArg::Tdp,
+            ConfigArg::Shadow => a.mmu = MmuArg::Shadow,
+            ConfigArg::NoAging => a.no_aging_thread = true,
+        },
+        CompareWorkload::MmuStress(s) => match c {
+            ConfigArg::Lockless => s.aging = AgingArg::Lockless,
+            ConfigArg::Locked => s.aging = AgingArg::Locked,
+            ConfigArg::Tdp => s.mmu = MmuArg::Tdp,
+            ConfigArg::Shadow => s.mmu = MmuArg::Shadow,
+            ConfigArg::NoAging => s.age = false,
+        },
+    }
+    w
+}
+
+fn run_one(w: &CompareWorkload) -> anyhow::Result<Report> {
+    match w {
+        CompareWorkload::AccessTracking(a) => access_tracking::run(a),
+        CompareWorkload::MmuStress(s) => mmu_stress::run(s),
+    }
+}
+
+/// The median of `v` (mean of the middle two for an even count); `None` when empty.
+pub fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// Runs the comparison.
+pub fn run(a: &CompareArgs) -> anyhow::Result<Comparison> {
+    ensure!(
+        !a.configs.is_empty(),
+        "--configs needs at least one configuration"
+    );
+    ensure!(
+        (1..=1000).contains(&a.runs),
+        "--runs must be between 1 and 1000 (got {})",
+        a.runs
+    );
+    let n = a.configs.len();
+    let workloads: Vec<CompareWorkload> =
+        a.configs.iter().map(|c| apply(&a.workload, *c)).collect();
+    let mut reports: Vec<Vec<Report>> = vec![Vec::new(); n];
+    let pb = progress::bar((a.runs * n) as u64, "compare runs");
+    for run in 0..a.runs {
+        for k in 0..n {
+            let c = (run + k) % n;
+            reports[c].push(run_one(&workloads[c])?);
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    let mut names: Vec<String> = Vec::new();
+    for r in reports.iter().flatten() {
+        for (name, _) in r.measurements() {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    let rows = names
+        .into_iter()
+        .map(|name| {
+            let medians: Vec<Option<f64>> = reports
+                .iter()
+                .map(|rs| {
+                    let mut v: Vec<f64> = rs
+                        .iter()
+                        .flat_map(|r| r.measurements())
+                        .filter(|(n, _)| *n == name)
+                        .map(|(_, x)| x)
+                        .collect();
+                    median(&mut v)
+                })
+                .collect();
+            let ratios = medians
+                .iter()
+                .map(|m| match (m, medians[0]) {
+                    (Some(x), Some(b)) if b > 0.0 => Some(x / b),
+                    _ => None,
+                })
+                .collect();
+            Row {
+                name,
+                medians,
+                ratios,
+            }
+        })
+        .collect();
+    Ok(Comparison {
+        schema: COMPARE_SCHEMA,
+        workload: match a.workload {
+            CompareWorkload::AccessTracking(_) => "access-tracking".into(),
+            CompareWorkload::MmuStress(_) => "mmu-stress".into(),
+        },
+        configs: a
+            .configs
+            .iter()
+            .map(|c| {
+                c.to_possible_value()
+                    .map(|v| v.get_name().to_owned())
+                    .unwrap_or_default()
+            })
+            .collect(),
+        runs: a.runs,
+        rows,
+        passed: reports.iter().flatten().all(|r| r.passed),
+    })
+}
+
+/// Renders a comparison as a table: medians per configuration, then ratios to the first.
+pub fn render(c: &Comparison) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "kvmmu compare {}: {} runs per configuration, alternated; medians, ratio to {}",
+        c.workload, c.runs, c.configs[0]
+    );
+    let w = c
+        .rows
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(8)
+        .max(8);
+    let mut head = format!("\n  {:<w$}", "measurement");
+    for name in &c.configs {
+        let _ = write!(head, "  {name:>12}");
+    }
+    for name in c.configs.iter().skip(1) {
+        let _ = write!(head, "  {:>12}", format!("{name}/{}", c.configs[0]));
+    }
+    let _ = writeln!(s, "{head}");
+    for r in &c.rows {
+        let _ = write!(s, "  {:<w$}", r.name);
+        for m in &r.medians {
+            let _ = write!(s, "  {:>12}", m.map_or("-".into(), seconds));
+        }
+        for x in r.ratios.iter().skip(1) {
+            let _ = write!(s, "  {:>12}", x.map_or("-".into(), |x| format!("{x:.2}x")));
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(
+        s,
+        "\n  result: {}",
+        if c.passed {
+            "PASS"
+        } else {
+            "FAIL (a run failed its checks)"
+        }
+    );
+    s
+}
+
+/// `kvmmu compare`.
+pub fn main(a: &CompareArgs) -> anyhow::Result<()> {
+    let c = run(a)?;
+    if a.out.json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+    } else {
+        print!("{}", render(&c));
+    }
+    if let Some(path) = &a.out.plot {
+        let cats: Vec<String> = c.rows.iter().map(|r| r.name.clone()).collect();
+        let series: Vec<plot::Series> = c
+            .configs
+            .iter()
+            .enumerate()
+            .map(|(k, name)| plot::Series {
+                name: name.clone(),
+                values: c.rows.iter().map(|r| r.medians[k].unwrap_or(0.0)).collect(),
+            })
+            .collect();
+        plot::bars(
+            path,
+            &format!("kvmmu compare {} (medians)", c.workload),
+            &cats,
+            &series,
+        )?;
+    }
+    if !c.passed {
+        bail!("a run failed its checks; run the configuration alone to see which");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&mut []), None);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+}

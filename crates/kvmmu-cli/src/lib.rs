@@ -1,0 +1,119 @@
+//! The workloads and reports behind the `kvmmu` command, as a library so that integration tests
+//! can drive them directly (and inject faults the command line does not offer).
+//!
+//! - [`access_tracking`]: KVM's `access_tracking_perf_test` (spec §5.2), page-idle or MGLRU aging.
+//! - [`mmu_stress`]: KVM's `mmu_stress_test` (spec §5.3): aliased memslots, the stage protocol,
+//!   `mprotect` read-only under running vCPUs, slot deletion and `release` at exit.
+//! - [`compare`]: one workload in several configurations, alternated, medians and ratios.
+//! - [`report`]: the result every workload returns, rendered as a table, JSON or a plot.
+
+pub mod access_tracking;
+pub mod compare;
+pub mod mmu_stress;
+pub mod report;
+pub mod size;
+mod vcpus;
+
+use clap::{Args, ValueEnum};
+use kvmmu::prelude::{AgingMode, MmuKind, VmConfig};
+use std::path::PathBuf;
+
+/// `--mmu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MmuArg {
+    /// The TDP MMU.
+    Tdp,
+    /// The shadow MMU (reverse maps).
+    Shadow,
+}
+
+/// `--aging`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgingArg {
+    /// No mmu_lock: SRCU for memslots, RCU for page tables.
+    Lockless,
+    /// mmu_lock held for write on every aging call (the pre-series baseline).
+    Locked,
+}
+
+/// The VM configuration for the common flags.
+pub fn vm_config(mmu: MmuArg, aging: AgingArg, tlb_entries: usize) -> VmConfig {
+    VmConfig {
+        mmu: match mmu {
+            MmuArg::Tdp => MmuKind::Tdp,
+            MmuArg::Shadow => MmuKind::Shadow,
+        },
+        aging: match aging {
+            AgingArg::Lockless => AgingMode::Lockless,
+            AgingArg::Locked => AgingMode::Locked,
+        },
+        tlb_entries,
+        ..VmConfig::default()
+    }
+}
+
+/// Output options shared by the subcommands.
+#[derive(Debug, Clone, Default, Args)]
+pub struct OutputArgs {
+    /// Print the report as JSON (schema in the README, "JSON output") instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also draw the phase times to FILE; the format follows the extension (.svg or .png).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+}
+
+/// Refuses a frame arena of `frames` 4 KiB frames that the machine could not back: the workloads
+/// prefault the whole arena, so asking for more than the available memory would end in the OOM
+/// killer rather than an error. Skipped where `/proc/meminfo` cannot be read.
+pub fn check_host_memory(frames: u64) -> anyhow::Result<()> {
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+        return Ok(());
+    };
+    let avail_kib = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    if let Some(kib) = avail_kib {
+        let need_kib = frames.saturating_mul(4);
+        anyhow::ensure!(
+            need_kib <= kib,
+            "the host's frame arena would need {} MiB, but this machine has {} MiB available",
+            need_kib >> 10,
+            kib >> 10
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arena_larger_than_available_memory_is_refused() {
+        assert!(check_host_memory(16).is_ok());
+        if std::path::Path::new("/proc/meminfo").exists() {
+            let err = check_host_memory(u64::MAX / 8).unwrap_err().to_string();
+            assert!(
+                err.contains("frame arena") && err.contains("available"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn vm_config_maps_the_flags() {
+        let c = vm_config(MmuArg::Tdp, AgingArg::Locked, 32);
+        assert_eq!(c.mmu, MmuKind::Tdp);
+        assert_eq!(c.aging, AgingMode::Locked);
+        assert_eq!(c.tlb_entries, 32);
+        assert_eq!(
+            vm_config(MmuArg::Shadow, AgingArg::Lockless, 1).mmu,
+            MmuKind::Shadow
+        );
+    }
+}

@@ -1,0 +1,165 @@
+//! What a workload reports: timed phases, checks, counts and metrics, with one renderer per
+//! audience (a table for people, JSON for machines, a plot for slides).
+//!
+//! The JSON schema is stable (`schema` names its version) and documented in the README.
+
+pub mod plot;
+pub mod progress;
+pub mod table;
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Version tag of [`Report`]'s JSON.
+pub const REPORT_SCHEMA: &str = "kvmmu-report/1";
+
+/// One timed phase.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Phase {
+    /// The phase's name, as the original selftest prints it.
+    pub name: String,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// The outcome of a check.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The property held.
+    Pass,
+    /// The property did not hold, and the policy says to warn only.
+    Warn,
+    /// The property did not hold: the run fails.
+    Fail,
+}
+
+/// One checked property.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// Whether it held.
+    pub status: Status,
+    /// The numbers behind the verdict.
+    pub detail: String,
+}
+
+/// The result of one workload run.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Report {
+    /// [`REPORT_SCHEMA`].
+    pub schema: &'static str,
+    /// The subcommand (`access-tracking`, `mmu-stress`).
+    pub command: String,
+    /// The configuration after defaults were applied.
+    pub config: BTreeMap<String, serde_json::Value>,
+    /// Timed phases in the order they ran.
+    pub phases: Vec<Phase>,
+    /// Checks in the order they ran.
+    pub checks: Vec<Check>,
+    /// Counts (pages, faults, passes, ...).
+    pub counts: BTreeMap<String, u64>,
+    /// Derived measurements in seconds (vCPU wall time, average aging pass, ...).
+    pub metrics: BTreeMap<String, f64>,
+    /// Remarks a reader needs to interpret the numbers.
+    pub notes: Vec<String>,
+    /// No check failed.
+    pub passed: bool,
+}
+
+impl Report {
+    /// An empty report for `command`.
+    pub fn new(command: &str) -> Report {
+        Report {
+            schema: REPORT_SCHEMA,
+            command: command.to_owned(),
+            config: BTreeMap::new(),
+            phases: Vec::new(),
+            checks: Vec::new(),
+            counts: BTreeMap::new(),
+            metrics: BTreeMap::new(),
+            notes: Vec::new(),
+            passed: true,
+        }
+    }
+
+    /// Records a configuration value.
+    pub fn config(&mut self, key: &str, value: impl Serialize) {
+        let v = serde_json::to_value(value).unwrap_or(serde_json::Value::Null);
+        self.config.insert(key.to_owned(), v);
+    }
+
+    /// Records a timed phase.
+    pub fn phase(&mut self, name: impl Into<String>, d: Duration) {
+        self.phases.push(Phase {
+            name: name.into(),
+            seconds: d.as_secs_f64(),
+        });
+    }
+
+    /// Records a check; a [`Status::Fail`] makes the report fail.
+    pub fn check(&mut self, name: impl Into<String>, status: Status, detail: impl Into<String>) {
+        if status == Status::Fail {
+            self.passed = false;
+        }
+        self.checks.push(Check {
+            name: name.into(),
+            status,
+            detail: detail.into(),
+        });
+    }
+
+    /// Records a check that passes when `ok`, and fails otherwise.
+    pub fn require(&mut self, name: impl Into<String>, ok: bool, detail: impl Into<String>) {
+        let s = if ok { Status::Pass } else { Status::Fail };
+        self.check(name, s, detail);
+    }
+
+    /// Every value a comparison can take a median of: phases by name, then metrics.
+    pub fn measurements(&self) -> Vec<(String, f64)> {
+        self.phases
+            .iter()
+            .map(|p| (p.name.clone(), p.seconds))
+            .chain(self.metrics.iter().map(|(k, v)| (k.clone(), *v)))
+            .collect()
+    }
+
+    /// The failed checks, one per line (for the error message of a failed run).
+    pub fn failures(&self) -> String {
+        self.checks
+            .iter()
+            .filter(|c| c.status == Status::Fail)
+            .map(|c| format!("check failed: {}: {}", c.name, c.detail))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Prints `report` as the output options ask, draws the plot if asked, and turns failed checks
+/// into an error (a non-zero exit naming the checks).
+pub fn emit(report: &Report, out: &crate::OutputArgs) -> anyhow::Result<()> {
+    if out.json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{}", table::render(report));
+    }
+    if let Some(path) = &out.plot {
+        let series = [plot::Series {
+            name: report.command.clone(),
+            values: report.phases.iter().map(|p| p.seconds).collect(),
+        }];
+        let cats: Vec<String> = report.phases.iter().map(|p| p.name.clone()).collect();
+        plot::bars(
+            path,
+            &format!("kvmmu {}: phase times", report.command),
+            &cats,
+            &series,
+        )?;
+    }
+    if !report.passed {
+        anyhow::bail!("{}", report.failures());
+    }
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Bar charts of phase times (one series per configuration), as SVG or PNG, drawn with plotters.
+//!
+//! Text is rasterised with ab_glyph from a bundled font (DejaVu Sans Mono, Bitstream Vera
+//! license, `assets/DejaVu-LICENSE.txt`), so plotting needs no system fonts.
+
+use anyhow::{Context, bail};
+use plotters::prelude::*;
+use plotters::style::{FontStyle, register_font};
+use std::path::Path;
+use std::sync::Once;
+
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
+const FAMILY: &str = "kvmmu-sans";
+static REGISTER: Once = Once::new();
+
+/// One series of bars: a configuration and its value per category, in seconds.
+#[derive(Clone, Debug)]
+pub struct Series {
+    /// Legend text.
+    pub name: String,
+    /// One value per category.
+    pub values: Vec<f64>,
+}
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+/// Draws grouped bars (categories along x, one bar per series in each group, times in ms on y) to
+/// `path`; `.svg` or `.png` by extension.
+pub fn bars(
+    path: &Path,
+    title: &str,
+    categories: &[String],
+    series: &[Series],
+) -> anyhow::Result<()> {
+    if categories.is_empty() || series.is_empty() {
+        bail!("nothing to plot");
+    }
+    if series.iter().any(|s| s.values.len() != categories.len()) {
+        bail!("every series needs one value per category");
+    }
+    REGISTER.call_once(|| {
+        // A bundled, known-good font: failing to parse it is a build defect, reported by the
+        // draw below as a font error.
+        let _ = register_font(FAMILY, FontStyle::Normal, FONT);
+    });
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let width = (200 * categories.len() as u32).clamp(640, 2000);
+    let size = (width, 520);
+    match ext.as_deref() {
+        Some("svg") => draw(
+            SVGBackend::new(path, size).into_drawing_area(),
+            title,
+            categories,
+            series,
+        ),
+        Some("png") => draw(
+            BitMapBackend::new(path, size).into_drawing_area(),
+            title,
+            categories,
+            series,
+        ),
+        _ => bail!("--plot: {} must end in .svg or .png", path.display()),
+    }
+    .with_context(|| format!("drawing {}", path.display()))
+}
+
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    categories: &[String],
+    series: &[Series],
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow::anyhow!("{e:?}");
+    root.fill(&WHITE).map_err(err)?;
+    let ymax = series
+        .iter()
+        .flat_map(|s| s.values.iter())
+        .fold(0.0f64, |a, v| a.max(v * 1e3))
+        .max(1e-3)
+        * 1.6;
+    let n = categories.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FAMILY, 20))
+        .margin(12)
+        .x_label_area_size(10)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..n, 0.0..ymax)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .disable_x_axis()
+        .y_desc("ms")
+        .label_style((FAMILY, 13))
+        .draw()
+        .map_err(err)?;
+    let w = 0.8 / series.len() as f64;
+    for (j, s) in series.iter().enumerate() {
+        let color = COLORS[j % COLORS.len()];
+        chart
+            .draw_series(s.values.iter().enumerate().map(|(i, v)| {
+                let x0 = i as f64 + 0.1 + j as f64 * w;
+                Rectangle::new([(x0, 0.0), (x0 + w * 0.92, v * 1e3)], color.filled())
+            }))
+            .map_err(err)?
+            .label(s.name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .draw_series(categories.iter().enumerate().map(|(i, c)| {
+            // Three staggered rows above the bars, so long phase names do not collide.
+            let row = (i % 3) as f64;
+            Text::new(
+                c.clone(),
+                (i as f64 + 0.05, ymax * (0.97 - 0.05 * row)),
+                (FAMILY, 12).into_font(),
+            )
+        }))
+        .map_err(err)?;
+    // Below the label rows, at the right edge.
+    let (pw, ph) = chart.plotting_area().dim_in_pixel();
+    let legend_at = SeriesLabelPosition::Coordinate(pw as i32 - 190, (ph as f64 * 0.25) as i32);
+    chart
+        .configure_series_labels()
+        .position(legend_at)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font((FAMILY, 13))
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}

@@ -1,0 +1,187 @@
+//! MGLRU-like generations over a range of host pages (`mm/vmscan.c` aging, driven the way the
+//! lru_gen debugfs file's `+ memcg node max_gen can_swap force_scan` command drives it).
+//!
+//! Protocol: every resident page of the tracked range sits in one generation. An aging pass
+//! ([`LruGen::age`]) creates a new youngest generation and walks the range page by page; each
+//! resident page whose young state — host PTE or any secondary MMU, reached through the
+//! `clear_young` notifier — was set moves to the new generation, and its young state is cleared.
+//! [`LruGen::find_generation`] answers the selftest's question: the oldest generation holding
+//! more than a given number of pages.
+//!
+//! Invariants:
+//! 1. Generations only grow: `min_gen <= gen(page) <= max_gen` for every tracked page, and a pass
+//!    moves pages only to the generation it created.
+//! 2. A page with no frame (never touched, or discarded) is not resident and counts in no
+//!    generation; it keeps its generation number for when it becomes resident again.
+//! 3. The tracker is owned by one aging thread (`&mut self`), like one `lru_gen_do_aging` caller;
+//!    the host and the VMs may be used concurrently from other threads.
+
+use super::{HostError, HostMm};
+use crate::addr::{Hva, PAGE_SIZE};
+
+/// What one aging pass did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct AgingPass {
+    /// The generation the pass created.
+    pub generation: u32,
+    /// Resident pages the pass looked at.
+    pub resident: u64,
+    /// Pages found young (moved to the new generation).
+    pub young: u64,
+}
+
+/// Generations of the pages of one host range.
+#[derive(Debug)]
+pub struct LruGen {
+    host: HostMm,
+    start: Hva,
+    gens: Vec<u32>,
+    max_gen: u32,
+}
+
+impl LruGen {
+    /// Tracks `[hva, hva + len)` (page aligned, mapped); every page starts in generation 0.
+    ///
+    /// Errors: the range errors of [`HostMm::clear_young`] ([`HostError::ZeroLength`],
+    /// [`HostError::Unaligned`], [`HostError::Overflow`], [`HostError::OutOfRange`]), and
+    /// [`HostError::NotMapped`] if a page of the range is not mapped.
+    pub fn new(host: &HostMm, hva: Hva, len: u64) -> Result<LruGen, HostError> {
+        if len == 0 {
+            return Err(HostError::ZeroLength);
+        }
+        if !hva.is_page_aligned() || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(HostError::Unaligned { hva, len });
+        }
+        let pages = len / PAGE_SIZE;
+        for p in 0..pages {
+            let a = hva
+                .checked_add(p * PAGE_SIZE)
+                .ok_or(HostError::Overflow { hva, len })?;
+            if host.host_pte(a).is_none() {
+                return Err(HostError::NotMapped { hva: a });
+            }
+        }
+        let n = usize::try_from(pages).map_err(|_| HostError::Overflow { hva, len })?;
+        Ok(LruGen {
+            host: host.clone(),
+            start: hva,
+            gens: vec![0; n],
+            max_gen: 0,
+        })
+    }
+
+    fn page_hva(&self, i: usize) -> Hva {
+        Hva::new(self.start.raw() + i as u64 * PAGE_SIZE)
+    }
+
+    /// One aging pass (see the module doc): a new generation, and every young resident page moved
+    /// into it.
+    ///
+    /// Errors: [`HostError::NotMapped`] if part of the range was unmapped since [`LruGen::new`];
+    /// pages before it have been aged.
+    pub fn age(&mut self) -> Result<AgingPass, HostError> {
+        let generation = self.max_gen + 1;
+        let mut pass = AgingPass {
+            generation,
+            ..AgingPass::default()
+        };
+        for i in 0..self.gens.len() {
+            let a = self.page_hva(i);
+            match self.host.host_pte(a) {
+                None => return Err(HostError::NotMapped { hva: a }),
+                Some(p) if !p.present => continue,
+                Some(_) => {}
+            }
+            pass.resident += 1;
+            if self.host.clear_young(a, PAGE_SIZE)? {
+                self.gens[i] = generation;
+                pass.young += 1;
+            }
+        }
+        self.max_gen = generation;
+        Ok(pass)
+    }
+
+    /// The youngest generation.
+    pub fn max_gen(&self) -> u32 {
+        self.max_gen
+    }
+
+    /// The oldest generation that still holds a resident page (`max_gen` if none does).
+    pub fn min_gen(&self) -> u32 {
+        let h = self.histogram();
+        (0..=self.max_gen)
+            .find(|g| h[*g as usize] > 0)
+            .unwrap_or(self.max_gen)
+    }
+
+    /// Resident pages per generation, index = generation, `0..=max_gen`.
+    pub fn histogram(&self) -> Vec<u64> {
+        let mut h = vec![0u64; self.max_gen as usize + 1];
+        for (i, g) in self.gens.iter().enumerate() {
+            if self
+                .host
+                .host_pte(self.page_hva(i))
+                .is_some_and(|p| p.present)
+            {
+                h[*g as usize] += 1;
+            }
+        }
+        h
+    }
+
+    /// Resident pages in generation `generation`.
+    pub fn pages_in(&self, generation: u32) -> u64 {
+        self.histogram()
+            .get(generation as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The oldest generation in `[min_gen, max_gen]` holding more than `pages` resident pages
+    /// (the selftest's `lru_gen_find_generation`), or `None`.
+    pub fn find_generation(&self, pages: u64) -> Option<u32> {
+        let h = self.histogram();
+        (0..=self.max_gen).find(|g| h[*g as usize] > pages)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::{HostConfig, Prot};
+
+    #[test]
+    fn accessed_pages_move_to_the_new_generation_and_others_stay() {
+        let host = HostMm::new(HostConfig { frames: 64 }).unwrap();
+        let hva = host.mmap(8 * PAGE_SIZE, Prot::READ | Prot::WRITE).unwrap();
+        for p in 0..6 {
+            host.write_u64(Hva::new(hva.raw() + p * PAGE_SIZE), p)
+                .unwrap();
+        }
+        let mut lru = LruGen::new(&host, hva, 8 * PAGE_SIZE).unwrap();
+        let pass = lru.age().unwrap();
+        assert_eq!((pass.generation, pass.resident, pass.young), (1, 6, 6));
+        assert_eq!(lru.find_generation(5), Some(1));
+        for p in 0..2 {
+            host.read_u64(Hva::new(hva.raw() + p * PAGE_SIZE)).unwrap();
+        }
+        let pass = lru.age().unwrap();
+        assert_eq!((pass.generation, pass.young), (2, 2));
+        assert_eq!(lru.histogram(), vec![0, 4, 2]);
+        assert_eq!(lru.min_gen(), 1);
+        assert_eq!(lru.find_generation(3), Some(1));
+        assert_eq!(lru.find_generation(4), None);
+        assert_eq!(lru.pages_in(2), 2);
+    }
+
+    #[test]
+    fn unmapped_range_is_refused() {
+        let host = HostMm::new(HostConfig { frames: 16 }).unwrap();
+        assert!(LruGen::new(&host, Hva::new(1 << 32), PAGE_SIZE).is_err());
+        assert!(matches!(
+            LruGen::new(&host, Hva::new(1 << 32), 0),
+            Err(HostError::ZeroLength)
+        ));
+    }
+}
