@@ -6,6 +6,7 @@
 //! checked, and the VM's counters are checked for balance before the summary prints.
 
 mod size;
+mod torture;
 mod workload;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -31,6 +32,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the default workload (the same as giving no subcommand).
     Run(WorkloadArgs),
+    /// Run every MMU actor at once under oracles (rcutorture-style); fails on any violation.
+    Torture(torture::TortureArgs),
 }
 
 /// Options of the default workload.
@@ -88,6 +91,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         None => print!("{}", workload::run(&cli.workload)?),
         Some(Command::Run(args)) => print!("{}", workload::run(&args)?),
+        Some(Command::Torture(args)) => print!("{}", torture::run(&args)?),
     }
     Ok(())
 }

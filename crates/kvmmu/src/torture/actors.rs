@@ -273,9 +273,7 @@ pub(super) fn host(host: &HostMm, sh: &Shared, cfg: &TortureConfig, progress: &P
                 // the vCPUs run, compare (host reads fault pages in, which the oracle allows).
                 let snap: Vec<Result<u64, HostError>> =
                     (0..n).map(|i| host.read_u64(l.hva_of(hp + i))).collect();
-                for _ in 0..4 {
-                    std::thread::yield_now();
-                }
+                std::thread::yield_now();
                 for (i, before) in snap.into_iter().enumerate() {
                     let p = hp + i as u64;
                     if let (Ok(b), Ok(a)) = (before, host.read_u64(l.hva_of(p)))
@@ -309,7 +307,6 @@ pub(super) fn host(host: &HostMm, sh: &Shared, cfg: &TortureConfig, progress: &P
             }
         }
         progress.done_op();
-        std::thread::yield_now();
     }
 }
 
@@ -488,7 +485,7 @@ pub(super) fn memslot(vm: &Vm, sh: &Shared, cfg: &TortureConfig, progress: &Prog
                 flags.toggle(MemFlags::LOG_DIRTY_PAGES);
                 (dyn_region(&l, at, flags), "toggle dirty logging of slot 1")
             }
-            0 | 1 | 2 => {
+            0..=2 => {
                 if present {
                     present = false;
                     let mut r = dyn_region(&l, at, flags);
@@ -536,8 +533,7 @@ pub(super) fn reset(vm: &Vm, sh: &Shared, progress: &Progress) {
         // ORDERING: as above.
         sh.reset_gen.fetch_add(1, Ordering::SeqCst);
         progress.done_op();
-        for _ in 0..8 {
-            std::thread::yield_now();
-        }
+        // Pace resets so that most accessed-oracle rounds run without one in progress.
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }

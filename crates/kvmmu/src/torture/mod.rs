@@ -398,7 +398,6 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
             Box::new(move |p| actors::reset(&vm, &sh, p)),
         );
     }
-    drop(spawn);
 
     let stalled = supervise(cfg, &vm, &shared, &threads);
     let elapsed = shared.started.elapsed();

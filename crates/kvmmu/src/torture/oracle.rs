@@ -153,7 +153,7 @@ impl Layout {
     /// whether its slot can legitimately be absent (slots 1 and 2 come and go).
     pub fn gpa_for(&self, hp: u64, choice: u64) -> (Gpa, bool) {
         if hp < self.main_pages {
-            if hp < self.alias_pages && choice % 4 == 0 {
+            if hp < self.alias_pages && choice.is_multiple_of(4) {
                 (Gpa::new(ALIAS_GPA + hp * PAGE), true)
             } else {
                 (Gpa::new(MAIN_GPA + hp * PAGE), false)

@@ -52,7 +52,9 @@ fn tick(period: &AtomicU32, ticks: &AtomicU64, hits: &AtomicU64) -> bool {
         return false;
     }
     // ORDERING: as above.
-    let hit = ticks.fetch_add(1, Ordering::Relaxed) % u64::from(p) == 0;
+    let hit = ticks
+        .fetch_add(1, Ordering::Relaxed)
+        .is_multiple_of(u64::from(p));
     if hit {
         // ORDERING: statistics.
         hits.fetch_add(1, Ordering::Relaxed);
