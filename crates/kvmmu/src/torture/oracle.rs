@@ -9,9 +9,8 @@
 //!    munmap + mmap) it, so the generation is odd while a discard is in progress. A writer samples
 //!    the generation before writing; a later read may return zero only if that sample was odd or
 //!    the generation moved since.
-//! 3. The reset actor bumps the reset generation before and after `reset_mmu` (odd while one is
-//!    in progress); an oracle that a reset can excuse (a new root starts without Accessed bits)
-//!    samples it before its operation and is excused if the sample was odd or it moved.
+//! 3. The accessed oracle is excused by an MMU reset only if its own vCPU loaded a new root
+//!    between its write and the follow-up read (a new root starts without Accessed bits).
 //! 4. The first violation stops the run: every actor polls `stop`.
 
 use core::fmt;
@@ -249,8 +248,6 @@ pub struct Shared {
     pub layout: Layout,
     /// Per host page: bumped before each discard (protocol 2).
     pub discard_gen: Box<[AtomicU64]>,
-    /// Bumped before and after each `reset_mmu` (protocol 3).
-    pub reset_gen: AtomicU64,
     /// Set when the run must end (time up, vCPUs done, or a violation).
     pub stop: AtomicBool,
     /// Violations found so far.
@@ -301,12 +298,6 @@ impl Shared {
             // ORDERING: SeqCst, see `discard_gen`.
             self.discard_gen[p as usize].fetch_add(1, Ordering::SeqCst);
         }
-    }
-
-    /// The reset generation.
-    pub fn reset_gen(&self) -> u64 {
-        // ORDERING: SeqCst: the reset actor bumps it around `reset_mmu` (protocol 3).
-        self.reset_gen.load(Ordering::SeqCst)
     }
 }
 
