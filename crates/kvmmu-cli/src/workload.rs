@@ -115,12 +115,12 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
     let mut passes = Vec::new();
     let mut aged_first = 0;
     for n in 0..cli.passes {
-        let before = vm.stats().tdp.accessed_cleared;
+        let before = accessed_cleared(&vm.stats());
         let t = Instant::now();
         let young = host.clear_young(hva, total)?;
         passes.push((t.elapsed(), young));
         if n == 0 {
-            aged_first = vm.stats().tdp.accessed_cleared - before;
+            aged_first = accessed_cleared(&vm.stats()) - before;
         }
     }
 
@@ -177,11 +177,18 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
     );
     drop(vcpus);
     let final_stats = vm.shutdown();
+    let (allocated, freed) = (
+        final_stats.tdp.tables_allocated + final_stats.shadow.pages_allocated,
+        final_stats.tdp.tables_freed + final_stats.shadow.pages_freed,
+    );
     ensure!(
-        final_stats.tdp.tables_allocated == final_stats.tdp.tables_freed,
-        "page-table pages leaked: {} allocated, {} freed",
-        final_stats.tdp.tables_allocated,
-        final_stats.tdp.tables_freed
+        allocated == freed,
+        "page-table pages leaked: {allocated} allocated, {freed} freed"
+    );
+    ensure!(
+        final_stats.shadow.rmap.live_descriptors() == 0,
+        "rmap descriptors leaked: {:?}",
+        final_stats.shadow.rmap
     );
     Ok(Report {
         vcpus: cli.vcpus,
@@ -199,9 +206,14 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
         cold_seen_young: cold_seen,
         verify,
         stats,
-        tables_allocated: final_stats.tdp.tables_allocated,
-        tables_freed_after_teardown: final_stats.tdp.tables_freed,
+        tables_allocated: allocated,
+        tables_freed_after_teardown: freed,
     })
+}
+
+/// Accessed bits cleared by aging, whichever MMU holds the SPTEs.
+fn accessed_cleared(s: &VmStats) -> u64 {
+    s.tdp.accessed_cleared + s.shadow.accessed_cleared
 }
 
 /// Runs `f` on every vCPU in its own thread, released together by a barrier; returns the wall time
@@ -311,6 +323,19 @@ impl fmt::Display for Report {
             self.stats.mmu_lock.write_acquisitions,
             self.stats.mmu_lock.contended_reads,
             self.stats.mmu_lock.contended_writes
-        )
+        )?;
+        if self.mmu == MmuArg::Shadow {
+            let sh = &self.stats.shadow;
+            writeln!(
+                f,
+                "  shadow          {} faults, {} shadow pages, SPTEs aged {} lockless / {} locked, rmap bit contended {} times",
+                sh.faults,
+                sh.pages_allocated,
+                sh.aged_sptes_lockless,
+                sh.aged_sptes_locked,
+                sh.rmap.lock_contended
+            )?;
+        }
+        Ok(())
     }
 }

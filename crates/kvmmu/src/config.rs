@@ -63,9 +63,6 @@ pub enum ConfigError {
     /// The TLB needs at least one entry and at most 2^20.
     #[error("tlb_entries must be between 1 and 1048576, got {0}")]
     TlbEntries(usize),
-    /// The requested MMU is not built yet.
-    #[error("the {0:?} MMU is not available in this build")]
-    MmuUnavailable(MmuKind),
 }
 
 impl VmConfig {
@@ -79,9 +76,6 @@ impl VmConfig {
         }
         if self.tlb_entries == 0 || self.tlb_entries > 1 << 20 {
             return Err(ConfigError::TlbEntries(self.tlb_entries));
-        }
-        if self.mmu == MmuKind::Shadow {
-            return Err(ConfigError::MmuUnavailable(MmuKind::Shadow));
         }
         Ok(())
     }

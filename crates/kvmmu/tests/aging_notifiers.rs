@@ -7,6 +7,19 @@ mod common;
 use common::*;
 use kvmmu::prelude::*;
 
+/// The default configuration with the given MMU.
+fn base(mmu: MmuKind) -> VmConfig {
+    VmConfig {
+        mmu,
+        ..VmConfig::default()
+    }
+}
+
+/// Accessed bits cleared by whichever MMU the VM uses.
+fn accessed_cleared(s: &VmStats) -> u64 {
+    s.tdp.accessed_cleared + s.shadow.accessed_cleared
+}
+
 fn populated(config: VmConfig, pages: u64) -> (Fixture, Vcpu) {
     let f = fixture(pages * 4096, config);
     let mut vcpu = f.vm.create_vcpu().unwrap();
@@ -18,29 +31,27 @@ fn populated(config: VmConfig, pages: u64) -> (Fixture, Vcpu) {
     (f, vcpu)
 }
 
-#[test]
-fn clear_young_reports_young_once_then_old() {
+fn clear_young_reports_young_once_then_old(mmu: MmuKind) {
     for aging in [AgingMode::Lockless, AgingMode::Locked] {
-        let (f, _vcpu) = populated(
-            VmConfig {
-                aging,
-                ..VmConfig::default()
-            },
-            64,
+        let (f, _vcpu) = populated(VmConfig { aging, ..base(mmu) }, 64);
+        assert!(
+            f.host.clear_young(f.hva, f.bytes).unwrap(),
+            "{mmu:?} {aging:?}"
         );
-        assert!(f.host.clear_young(f.hva, f.bytes).unwrap(), "{aging:?}");
-        assert!(!f.host.clear_young(f.hva, f.bytes).unwrap(), "{aging:?}");
+        assert!(
+            !f.host.clear_young(f.hva, f.bytes).unwrap(),
+            "{mmu:?} {aging:?}"
+        );
         assert_eq!(
-            f.vm.stats().tdp.accessed_cleared,
+            accessed_cleared(&f.vm.stats()),
             64,
-            "{aging:?}: every SPTE aged once"
+            "{mmu:?} {aging:?}: every SPTE aged once"
         );
     }
 }
 
-#[test]
-fn test_young_reports_without_clearing() {
-    let (f, _vcpu) = populated(VmConfig::default(), 8);
+fn test_young_reports_without_clearing(mmu: MmuKind) {
+    let (f, _vcpu) = populated(base(mmu), 8);
     // The host's own young bits were set by GUP; clear everything once.
     f.host.clear_young(f.hva, f.bytes).unwrap();
     assert!(!f.host.test_young(f.hva).unwrap());
@@ -54,9 +65,8 @@ fn test_young_reports_without_clearing() {
     assert!(!f.host.test_young(hva_of(f.hva, 1)).unwrap());
 }
 
-#[test]
-fn lockless_aging_takes_no_mmu_lock_and_locked_aging_does() {
-    let (f, _v) = populated(VmConfig::default(), 32);
+fn lockless_aging_takes_no_mmu_lock_and_locked_aging_does(mmu: MmuKind) {
+    let (f, _v) = populated(base(mmu), 32);
     let before = f.vm.stats().mmu_lock;
     for _ in 0..10 {
         f.host.clear_young(f.hva, f.bytes).unwrap();
@@ -70,7 +80,7 @@ fn lockless_aging_takes_no_mmu_lock_and_locked_aging_does() {
     let (f, _v) = populated(
         VmConfig {
             aging: AgingMode::Locked,
-            ..VmConfig::default()
+            ..base(mmu)
         },
         32,
     );
@@ -82,9 +92,8 @@ fn lockless_aging_takes_no_mmu_lock_and_locked_aging_does() {
     assert_eq!(after.write_acquisitions - before.write_acquisitions, 10);
 }
 
-#[test]
-fn aging_does_not_flush_tlbs_unless_asked() {
-    let (f, _v) = populated(VmConfig::default(), 16);
+fn aging_does_not_flush_tlbs_unless_asked(mmu: MmuKind) {
+    let (f, _v) = populated(base(mmu), 16);
     let before = f.vm.stats().remote_tlb_flushes;
     f.host.clear_flush_young(f.hva, f.bytes).unwrap();
     assert_eq!(f.vm.stats().remote_tlb_flushes, before, "ELIDE: no flush");
@@ -92,7 +101,7 @@ fn aging_does_not_flush_tlbs_unless_asked() {
     let (f, mut v) = populated(
         VmConfig {
             elide_tlb_flush_if_young: false,
-            ..VmConfig::default()
+            ..base(mmu)
         },
         16,
     );
@@ -102,11 +111,60 @@ fn aging_does_not_flush_tlbs_unless_asked() {
     assert_eq!(f.vm.stats().remote_tlb_flushes, before + 1);
 }
 
-#[test]
-fn a_page_touched_only_through_a_cached_tlb_entry_looks_idle() {
+fn a_page_touched_only_through_a_cached_tlb_entry_looks_idle(mmu: MmuKind) {
     // Real x86 behaviour that the selftests warn about: aging does not flush TLBs.
-    let (f, mut vcpu) = populated(VmConfig::default(), 4);
+    let (f, mut vcpu) = populated(base(mmu), 4);
     f.host.clear_young(f.hva, f.bytes).unwrap();
     vcpu.read_u64(gpa(1)).unwrap(); // TLB hit: no walk, no Accessed bit
     assert!(!f.host.test_young(hva_of(f.hva, 1)).unwrap());
+}
+
+#[test]
+fn tdp_clear_young_reports_young_once_then_old() {
+    clear_young_reports_young_once_then_old(MmuKind::Tdp);
+}
+
+#[test]
+fn shadow_clear_young_reports_young_once_then_old() {
+    clear_young_reports_young_once_then_old(MmuKind::Shadow);
+}
+
+#[test]
+fn tdp_test_young_reports_without_clearing() {
+    test_young_reports_without_clearing(MmuKind::Tdp);
+}
+
+#[test]
+fn shadow_test_young_reports_without_clearing() {
+    test_young_reports_without_clearing(MmuKind::Shadow);
+}
+
+#[test]
+fn tdp_lockless_aging_takes_no_mmu_lock_and_locked_aging_does() {
+    lockless_aging_takes_no_mmu_lock_and_locked_aging_does(MmuKind::Tdp);
+}
+
+#[test]
+fn shadow_lockless_aging_takes_no_mmu_lock_and_locked_aging_does() {
+    lockless_aging_takes_no_mmu_lock_and_locked_aging_does(MmuKind::Shadow);
+}
+
+#[test]
+fn tdp_aging_does_not_flush_tlbs_unless_asked() {
+    aging_does_not_flush_tlbs_unless_asked(MmuKind::Tdp);
+}
+
+#[test]
+fn shadow_aging_does_not_flush_tlbs_unless_asked() {
+    aging_does_not_flush_tlbs_unless_asked(MmuKind::Shadow);
+}
+
+#[test]
+fn tdp_a_page_touched_only_through_a_cached_tlb_entry_looks_idle() {
+    a_page_touched_only_through_a_cached_tlb_entry_looks_idle(MmuKind::Tdp);
+}
+
+#[test]
+fn shadow_a_page_touched_only_through_a_cached_tlb_entry_looks_idle() {
+    a_page_touched_only_through_a_cached_tlb_entry_looks_idle(MmuKind::Shadow);
 }

@@ -14,6 +14,7 @@ const PAGES: u64 = 256;
 const VCPUS: usize = 2;
 
 fn run(config: VmConfig) {
+    let mmu = config.mmu;
     let f = fixture(PAGES * 4096, config);
     let stop = Arc::new(AtomicBool::new(false));
     // Host page protection generation: odd while the churn half is read-only.
@@ -141,6 +142,26 @@ fn run(config: VmConfig) {
         final_stats.tdp.tables_allocated,
         final_stats.tdp.tables_freed
     );
+    let sh = final_stats.shadow;
+    assert_eq!(
+        sh.pages_allocated, sh.pages_freed,
+        "no leaked shadow page: {sh:?}"
+    );
+    assert_eq!(
+        sh.rmap.desc_allocs, sh.rmap.desc_frees,
+        "no leaked descriptor: {sh:?}"
+    );
+    assert_eq!(
+        sh.leaves_installed, sh.leaves_zapped,
+        "every leaf zapped once: {sh:?}"
+    );
+    match mmu {
+        MmuKind::Shadow => {
+            assert!(sh.faults > 0, "the shadow MMU handled the faults");
+            assert_eq!(final_stats.tdp.tables_allocated, 0, "TDP unused");
+        }
+        MmuKind::Tdp => assert_eq!(sh.pages_allocated, 0, "shadow unused"),
+    }
     drop(host);
 }
 
@@ -152,6 +173,23 @@ fn tdp_lockless_aging_no_stale_translation_no_lost_write() {
 #[test]
 fn tdp_locked_aging_no_stale_translation_no_lost_write() {
     run(VmConfig {
+        aging: AgingMode::Locked,
+        ..VmConfig::default()
+    });
+}
+
+#[test]
+fn shadow_lockless_aging_no_stale_translation_no_lost_write() {
+    run(VmConfig {
+        mmu: MmuKind::Shadow,
+        ..VmConfig::default()
+    });
+}
+
+#[test]
+fn shadow_locked_aging_no_stale_translation_no_lost_write() {
+    run(VmConfig {
+        mmu: MmuKind::Shadow,
         aging: AgingMode::Locked,
         ..VmConfig::default()
     });

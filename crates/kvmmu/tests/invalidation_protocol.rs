@@ -58,9 +58,16 @@ fn wait_until(cond: impl Fn() -> bool) {
     panic!("condition not reached in 10 s");
 }
 
-#[test]
-fn no_spte_survives_invalidate_range_start_for_the_range() {
-    let f = fixture(64 * 4096, VmConfig::default());
+/// The default configuration with the given MMU.
+fn base(mmu: MmuKind) -> VmConfig {
+    VmConfig {
+        mmu,
+        ..VmConfig::default()
+    }
+}
+
+fn no_spte_survives_invalidate_range_start_for_the_range(mmu: MmuKind) {
+    let f = fixture(64 * 4096, base(mmu));
     let mut vcpu = f.vm.create_vcpu().unwrap();
     for p in 0..64 {
         vcpu.write_u64(gpa(p), p).unwrap();
@@ -91,9 +98,8 @@ fn no_spte_survives_invalidate_range_start_for_the_range() {
     assert!(vm.spte(AsId::new(0), gpa(40).gfn()).is_some());
 }
 
-#[test]
-fn no_spte_is_installed_between_start_and_end_and_the_fault_completes_after() {
-    let f = fixture(16 * 4096, VmConfig::default());
+fn no_spte_is_installed_between_start_and_end_and_the_fault_completes_after(mmu: MmuKind) {
+    let f = fixture(16 * 4096, base(mmu));
     let blocker = Arc::new(Blocker::default());
     f.host.register_notifier(blocker.clone());
     // Make page 3 present on the host so the mprotect below has something to invalidate.
@@ -126,9 +132,8 @@ fn no_spte_is_installed_between_start_and_end_and_the_fault_completes_after() {
     assert!(!spte.is_writable(), "mapped read-only after mprotect(READ)");
 }
 
-#[test]
-fn memslot_swap_waits_for_an_in_flight_invalidation() {
-    let f = fixture(16 * 4096, VmConfig::default());
+fn memslot_swap_waits_for_an_in_flight_invalidation(mmu: MmuKind) {
+    let f = fixture(16 * 4096, base(mmu));
     let blocker = Arc::new(Blocker::default());
     f.host.register_notifier(blocker.clone());
     f.host.write_u64(f.hva, 1).unwrap();
@@ -170,9 +175,8 @@ fn memslot_swap_waits_for_an_in_flight_invalidation() {
     );
 }
 
-#[test]
-fn seq_counts_exactly_the_invalidations_that_hit_a_memslot() {
-    let f = fixture(16 * 4096, VmConfig::default());
+fn seq_counts_exactly_the_invalidations_that_hit_a_memslot(mmu: MmuKind) {
+    let f = fixture(16 * 4096, base(mmu));
     // Memory no memslot maps.
     let stray = f.host.mmap(16 * 4096, Prot::READ | Prot::WRITE).unwrap();
     for p in 0..16 {
@@ -196,11 +200,10 @@ fn seq_counts_exactly_the_invalidations_that_hit_a_memslot() {
     assert_eq!(s.invalidate.in_progress, 0);
 }
 
-#[test]
-fn invalidation_pairs_balance_across_concurrent_memslot_updates() {
+fn invalidation_pairs_balance_across_concurrent_memslot_updates(mmu: MmuKind) {
     // Invariant 3: start and end of each pair see the same memslots, so in_progress returns to 0
     // even while slots covering the invalidated memory come and go.
-    let f = fixture(64 * 4096, VmConfig::default());
+    let f = fixture(64 * 4096, base(mmu));
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let (vm, stop) = (&f.vm, &stop);
@@ -235,19 +238,35 @@ fn invalidation_pairs_balance_across_concurrent_memslot_updates() {
     assert_eq!(s.invalidate_starts, s.invalidate_ends);
 }
 
-#[test]
-fn aging_never_allocates_or_frees_page_tables() {
-    let f = fixture(256 * 4096, VmConfig::default());
+fn aging_never_allocates_or_frees_page_tables(mmu: MmuKind) {
+    let f = fixture(256 * 4096, base(mmu));
     let mut vcpu = f.vm.create_vcpu().unwrap();
     for p in 0..256 {
         vcpu.write_u64(gpa(p), p).unwrap();
     }
-    let before = f.vm.stats().tdp;
+    let (before, sh_before) = (f.vm.stats().tdp, f.vm.stats().shadow);
     for _ in 0..20 {
         f.host.clear_young(f.hva, f.bytes).unwrap();
         f.host.test_young(f.hva).unwrap();
     }
-    let after = f.vm.stats().tdp;
+    let (after, sh_after) = (f.vm.stats().tdp, f.vm.stats().shadow);
+    assert_eq!(
+        (
+            sh_before.pages_allocated,
+            sh_before.pages_freed,
+            sh_before.leaves_zapped
+        ),
+        (
+            sh_after.pages_allocated,
+            sh_after.pages_freed,
+            sh_after.leaves_zapped
+        ),
+        "shadow aging allocates, frees and zaps nothing"
+    );
+    assert_eq!(
+        sh_before.rmap.desc_allocs, sh_after.rmap.desc_allocs,
+        "aging never changes a chain"
+    );
     assert_eq!(
         before.tables_allocated, after.tables_allocated,
         "invariant 14"
@@ -261,4 +280,64 @@ fn aging_never_allocates_or_frees_page_tables() {
     for p in 0..256 {
         assert!(f.vm.spte(AsId::new(0), gpa(p).gfn()).is_some());
     }
+}
+
+#[test]
+fn tdp_no_spte_survives_invalidate_range_start_for_the_range() {
+    no_spte_survives_invalidate_range_start_for_the_range(MmuKind::Tdp);
+}
+
+#[test]
+fn shadow_no_spte_survives_invalidate_range_start_for_the_range() {
+    no_spte_survives_invalidate_range_start_for_the_range(MmuKind::Shadow);
+}
+
+#[test]
+fn tdp_no_spte_is_installed_between_start_and_end_and_the_fault_completes_after() {
+    no_spte_is_installed_between_start_and_end_and_the_fault_completes_after(MmuKind::Tdp);
+}
+
+#[test]
+fn shadow_no_spte_is_installed_between_start_and_end_and_the_fault_completes_after() {
+    no_spte_is_installed_between_start_and_end_and_the_fault_completes_after(MmuKind::Shadow);
+}
+
+#[test]
+fn tdp_memslot_swap_waits_for_an_in_flight_invalidation() {
+    memslot_swap_waits_for_an_in_flight_invalidation(MmuKind::Tdp);
+}
+
+#[test]
+fn shadow_memslot_swap_waits_for_an_in_flight_invalidation() {
+    memslot_swap_waits_for_an_in_flight_invalidation(MmuKind::Shadow);
+}
+
+#[test]
+fn tdp_seq_counts_exactly_the_invalidations_that_hit_a_memslot() {
+    seq_counts_exactly_the_invalidations_that_hit_a_memslot(MmuKind::Tdp);
+}
+
+#[test]
+fn shadow_seq_counts_exactly_the_invalidations_that_hit_a_memslot() {
+    seq_counts_exactly_the_invalidations_that_hit_a_memslot(MmuKind::Shadow);
+}
+
+#[test]
+fn tdp_invalidation_pairs_balance_across_concurrent_memslot_updates() {
+    invalidation_pairs_balance_across_concurrent_memslot_updates(MmuKind::Tdp);
+}
+
+#[test]
+fn shadow_invalidation_pairs_balance_across_concurrent_memslot_updates() {
+    invalidation_pairs_balance_across_concurrent_memslot_updates(MmuKind::Shadow);
+}
+
+#[test]
+fn tdp_aging_never_allocates_or_frees_page_tables() {
+    aging_never_allocates_or_frees_page_tables(MmuKind::Tdp);
+}
+
+#[test]
+fn shadow_aging_never_allocates_or_frees_page_tables() {
+    aging_never_allocates_or_frees_page_tables(MmuKind::Shadow);
 }

@@ -58,14 +58,52 @@ fn dropping_the_vm_unsubscribes_from_the_host() {
 }
 
 #[test]
-fn shadow_mmu_is_refused_until_it_exists() {
-    let host = HostMm::new(HostConfig { frames: 16 }).unwrap();
-    let err = Vm::new(
-        &host,
+fn shadow_mmu_vm_works_and_shutdown_frees_every_shadow_page() {
+    let config = VmConfig {
+        mmu: MmuKind::Shadow,
+        ..VmConfig::default()
+    };
+    let f = fixture(4 << 20, config);
+    let mut vcpu = f.vm.create_vcpu().unwrap();
+    for p in (0..1024).step_by(3) {
+        vcpu.write_u64(gpa(p), p).unwrap();
+    }
+    f.vm.reset_mmu(); // a second root
+    for p in (0..1024).step_by(5) {
+        vcpu.write_u64(gpa(p), p).unwrap();
+        assert_eq!(vcpu.read_u64(gpa(p)).unwrap(), p);
+    }
+    drop(vcpu);
+    let stats = f.vm.shutdown();
+    let s = stats.shadow;
+    assert!(s.pages_allocated > 2, "{s:?}");
+    assert_eq!(s.pages_allocated, s.pages_freed, "{s:?}");
+    assert_eq!((s.roots_allocated, s.roots_freed), (2, 2), "{s:?}");
+    assert_eq!(s.leaves_installed, s.leaves_zapped, "{s:?}");
+    assert_eq!(s.rmap.desc_allocs, s.rmap.desc_frees, "{s:?}");
+    assert_eq!(stats.tdp.tables_allocated, 0, "the TDP MMU was not used");
+}
+
+#[test]
+fn shadow_host_release_tears_the_vm_down() {
+    let f = fixture(
+        1 << 20,
         VmConfig {
             mmu: MmuKind::Shadow,
             ..VmConfig::default()
         },
     );
-    assert!(err.is_err());
+    let mut vcpu = f.vm.create_vcpu().unwrap();
+    vcpu.write_u64(gpa(1), 5).unwrap();
+    f.host.release();
+    assert!(f.vm.is_dead());
+    assert_eq!(vcpu.read_u64(gpa(1)), Err(VcpuExit::VmDead));
+    drop(vcpu);
+    let s = f.vm.shutdown().shadow;
+    assert_eq!(s.pages_allocated, s.pages_freed, "{s:?}");
+    assert_eq!(
+        f.host.arena().stats().allocated,
+        0,
+        "release freed every frame"
+    );
 }

@@ -3,7 +3,8 @@
 
 use crate::addr::{Gfn, Gpa, Hva, Level};
 use crate::host::GupError;
-use crate::mmu::tdp::{FaultOutcome, MapRequest, RetryReason, RootRef};
+use crate::mmu::MmuRoot;
+use crate::mmu::tdp::{FaultOutcome, MapRequest, RetryReason};
 use crate::sync::atomic::Ordering;
 use crate::vm::VmInner;
 
@@ -41,7 +42,7 @@ impl VmInner {
     /// Handles one fault on `gpa` for a vCPU whose current root is `root`.
     pub(crate) fn page_fault(
         &self,
-        root: &RootRef,
+        root: &MmuRoot,
         gpa: Gpa,
         write: bool,
     ) -> Result<FaultOutcome, FaultError> {
@@ -55,7 +56,7 @@ impl VmInner {
 
     fn page_fault_inner(
         &self,
-        root: &RootRef,
+        root: &MmuRoot,
         gfn: Gfn,
         gpa: Gpa,
         write: bool,
@@ -93,17 +94,6 @@ impl VmInner {
             return Ok(FaultOutcome::Retry(RetryReason::Invalidation));
         }
 
-        let mmu = self.mmu_lock.read();
-        if self.dead.load(Ordering::Acquire) {
-            return Err(FaultError::VmDead);
-        }
-        if root.is_invalid() {
-            return Ok(FaultOutcome::Retry(RetryReason::InvalidRoot));
-        }
-        if self.invalidate.retry_gfn(snap, gfn, mmu.witness()) {
-            return Ok(FaultOutcome::Retry(RetryReason::Invalidation));
-        }
-        let rcu = self.rcu.pin();
         let req = MapRequest {
             gfn,
             pfn: page.pfn,
@@ -112,9 +102,47 @@ impl VmInner {
             write_fault: write,
             prefetch: false,
         };
-        let outcome = self.tdp.map(root, &req, mmu.witness(), &rcu);
-        drop(rcu);
-        drop(mmu);
+        let outcome = match root {
+            MmuRoot::Tdp(root) => {
+                let mmu = self.mmu_lock.read();
+                if self.dead.load(Ordering::Acquire) {
+                    return Err(FaultError::VmDead);
+                }
+                if root.is_invalid() {
+                    return Ok(FaultOutcome::Retry(RetryReason::InvalidRoot));
+                }
+                if self.invalidate.retry_gfn(snap, gfn, mmu.witness()) {
+                    return Ok(FaultOutcome::Retry(RetryReason::Invalidation));
+                }
+                let rcu = self.rcu.pin();
+                let outcome = self.tdp.map(root, &req, mmu.witness(), &rcu);
+                drop(rcu);
+                drop(mmu);
+                outcome
+            }
+            // Spec §3.4 shadow path: the same checks, under `mmu_lock` write.
+            MmuRoot::Shadow(root) => {
+                let mmu = self.mmu_lock.write();
+                if self.dead.load(Ordering::Acquire) {
+                    return Err(FaultError::VmDead);
+                }
+                if root.is_invalid() {
+                    return Ok(FaultOutcome::Retry(RetryReason::InvalidRoot));
+                }
+                if self.invalidate.retry_gfn(snap, gfn, mmu.read_witness()) {
+                    return Ok(FaultOutcome::Retry(RetryReason::Invalidation));
+                }
+                let Some(rmaps) = slot.rmaps() else {
+                    panic!(
+                        "kvmmu bug: a shadow-MMU VM published memslot {:?} without rmaps",
+                        slot.id()
+                    );
+                };
+                let outcome = self.shadow.map(root, &req, rmaps, mmu.witness(), self);
+                drop(mmu);
+                outcome
+            }
+        };
         drop(srcu);
         match outcome {
             // Beyond what a root can map: no memslot can legitimately cover it either.

@@ -13,6 +13,10 @@
 //!    or finished since the snapshot → RETRY (spec §4 item 9). Otherwise install with
 //!    compare-and-swap ([`tdp::TdpMmu::map`]).
 //!
+//! The shadow MMU ([`shadow`], `VmConfig::mmu = Shadow`) runs the same steps 1–3; step 4 takes
+//! `mmu_lock` **write** (spec §3.4 shadow path), re-checks the same conditions, and installs
+//! through shadow pages and rmaps ([`shadow::ShadowMmu::map`]).
+//!
 //! RETRY is control flow, not an error: the vCPU simply re-executes the access.
 
 pub mod seq;
@@ -24,3 +28,32 @@ pub mod tdp;
 mod fault;
 #[cfg(not(loom))]
 pub use fault::FaultError;
+
+/// A vCPU's reference to the root it translates through, for whichever MMU the VM uses (enum
+/// dispatch: no `dyn` on the access path).
+#[cfg(not(loom))]
+#[derive(Clone, Debug)]
+pub enum MmuRoot {
+    /// A TDP MMU root.
+    Tdp(tdp::RootRef),
+    /// A shadow MMU root.
+    Shadow(shadow::ShadowRoot),
+}
+
+#[cfg(not(loom))]
+impl MmuRoot {
+    /// The address space the root translates.
+    pub fn as_id(&self) -> crate::addr::AsId {
+        match self {
+            MmuRoot::Tdp(r) => r.as_id(),
+            MmuRoot::Shadow(r) => r.as_id(),
+        }
+    }
+    /// True once the root was invalidated; the vCPU must load a new one.
+    pub fn is_invalid(&self) -> bool {
+        match self {
+            MmuRoot::Tdp(r) => r.is_invalid(),
+            MmuRoot::Shadow(r) => r.is_invalid(),
+        }
+    }
+}

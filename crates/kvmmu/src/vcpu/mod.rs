@@ -22,7 +22,8 @@ mod walker;
 use crate::addr::{AsId, Gpa, Hva};
 use crate::host::{GupError, StaleAccess};
 use crate::mmu::FaultError;
-use crate::mmu::tdp::{FaultOutcome, RootRef};
+use crate::mmu::MmuRoot;
+use crate::mmu::tdp::FaultOutcome;
 use crate::sync::Arc;
 use crate::sync::atomic::Ordering;
 use crate::vm::VmInner;
@@ -108,7 +109,7 @@ pub struct Vcpu {
     vm: Arc<VmInner>,
     handle: VcpuHandle,
     tlb: Tlb,
-    root: Option<RootRef>,
+    root: Option<MmuRoot>,
     as_id: AsId,
     stats: VcpuStats,
 }
@@ -177,9 +178,19 @@ impl Vcpu {
         }
         self.root = None;
         self.tlb.flush_all();
-        let mmu = self.vm.mmu_lock.read();
-        let root = self.vm.tdp.get_root(self.as_id, mmu.witness());
-        drop(mmu);
+        let root = if self.vm.shadow_enabled() {
+            // `mmu_alloc_direct_roots` runs under `mmu_lock` write.
+            let mmu = self.vm.mmu_lock.write();
+            // Teardown sets `dead` before it takes `mmu_lock` to zap every shadow page, so under
+            // the lock this check keeps a root from being allocated after the final zap.
+            if self.vm.dead.load(Ordering::Acquire) {
+                return Err(VcpuExit::VmDead);
+            }
+            MmuRoot::Shadow(self.vm.shadow.get_root(self.as_id, mmu.witness()))
+        } else {
+            let mmu = self.vm.mmu_lock.read();
+            MmuRoot::Tdp(self.vm.tdp.get_root(self.as_id, mmu.witness()))
+        };
         self.root = Some(root);
         self.stats.root_loads += 1;
         Ok(())

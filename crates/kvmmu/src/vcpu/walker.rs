@@ -10,6 +10,7 @@ use super::tlb::TlbEntry;
 use super::{Vcpu, VcpuExit};
 use crate::addr::{Gpa, PAGE_SHIFT};
 use crate::host::{FrameTag, HostError, StaleAccess};
+use crate::mmu::MmuRoot;
 use crate::mmu::tdp::HwWalk;
 
 /// The result of one attempt at an access.
@@ -44,9 +45,18 @@ pub(super) fn translate_and_access(
     };
     let srcu = vm.srcu_read();
     let slots = vm.memslots[root.as_id().index()].load(&srcu);
-    let rcu = vm.rcu.pin();
-    let hit = vm.tdp.hardware_walk(root, gfn, is_write, &rcu);
-    drop(rcu);
+    let hit = match root {
+        MmuRoot::Tdp(root) => {
+            let rcu = vm.rcu.pin();
+            let hit = vm.tdp.hardware_walk(root, gfn, is_write, &rcu);
+            drop(rcu);
+            hit
+        }
+        // SAFETY: this vCPU is in guest mode (`GuestMode::access` calls us between two request
+        // checks, i.e. inside one instruction), so no shadow page it reaches is freed before it
+        // acknowledges the next remote TLB flush (shadow S2).
+        MmuRoot::Shadow(root) => unsafe { vm.shadow.hardware_walk(root, gfn, is_write) },
+    };
     let HwWalk::Hit {
         pfn,
         writable,

@@ -23,10 +23,12 @@
 use super::VmInner;
 use crate::addr::{AsId, GfnRange, Hva};
 use crate::host::{MmuNotifier, NotifierRange};
+use crate::mmu::shadow::rmap::AgeAction;
 use crate::mmu::tdp::RemoteTlbFlush;
 use crate::sync::atomic::Ordering;
 use crate::sync::witness::MmuWriteGuard;
 use crate::sync::{Arc, Weak};
+use crate::vm::memslot::Memslot;
 
 /// What the hva-range walk does for each memslot it hits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +82,7 @@ impl VmInner {
         for (as_idx, cell) in self.memslots.iter().enumerate() {
             let as_id = AsId::new(as_idx as u8);
             let slots = cell.load(&srcu);
-            slots.for_each_hva_overlap(walk.start, walk.end, |_slot, gfns| {
+            slots.for_each_hva_overlap(walk.start, walk.end, |slot, gfns| {
                 if !result.found_memslot {
                     result.found_memslot = true;
                     if !walk.lockless {
@@ -99,7 +101,7 @@ impl VmInner {
                         mmu = Some(guard);
                     }
                 }
-                result.ret |= self.run_handler(walk.handler, as_id, gfns, mmu.as_mut());
+                result.ret |= self.run_handler(walk.handler, as_id, slot, gfns, mmu.as_mut());
             });
         }
         if walk.flush_on_ret && result.ret {
@@ -114,9 +116,11 @@ impl VmInner {
         &self,
         handler: Handler,
         as_id: AsId,
+        slot: &Memslot,
         gfns: GfnRange,
         mmu: Option<&mut MmuWriteGuard<'_>>,
     ) -> bool {
+        let locked = mmu.is_some();
         match handler {
             Handler::None => false,
             Handler::Unmap { may_block } => {
@@ -126,19 +130,59 @@ impl VmInner {
                 if let Err(e) = self.invalidate.range_add(gfns, mmu.witness()) {
                     panic!("kvmmu bug: {e} (spec §4 item 5)");
                 }
-                self.tdp.zap_leafs(as_id, gfns, mmu, may_block, self)
+                // `kvm_unmap_gfn_range`: rmaps first (if the slot has them), then the TDP MMU.
+                let mut flush = false;
+                if let Some(rmaps) = slot.rmaps() {
+                    flush |= self.shadow.zap_gfn_range(
+                        rmaps,
+                        gfns,
+                        mmu,
+                        may_block.then_some(&self.mmu_lock),
+                        self,
+                    );
+                }
+                flush | self.tdp.zap_leafs(as_id, gfns, mmu, may_block, self)
             }
-            // Aging pins RCU per slot: in Locked mode it nests inside mmu_lock (DESIGN lock order),
-            // in Lockless mode it is the only thing that keeps the page tables alive.
+            // `kvm_age_gfn`: TDP first, then the shadow MMU if it may have SPTEs (spec §3.8).
+            // Aging pins RCU for the TDP MMU only: in Locked mode it nests inside mmu_lock (DESIGN
+            // lock order), in Lockless mode it keeps the page tables alive. The rmap walk holds no
+            // RCU guard (the rmap bit ranks before RCU); SRCU keeps the rmap arrays alive.
             Handler::Age => {
-                let rcu = self.rcu.pin();
-                self.tdp.age_gfn_range(as_id, gfns, &rcu)
+                let mut young = false;
+                if !self.shadow_enabled() {
+                    let rcu = self.rcu.pin();
+                    young = self.tdp.age_gfn_range(as_id, gfns, &rcu);
+                }
+                if self.may_have_shadow_sptes() {
+                    young |= self.rmap_age(slot, gfns, AgeAction::Clear, locked);
+                }
+                young
             }
+            // `kvm_test_age_gfn`: the shadow MMU is skipped when TDP already says young.
             Handler::TestAge => {
-                let rcu = self.rcu.pin();
-                self.tdp.test_age_gfn_range(as_id, gfns, &rcu)
+                if !self.shadow_enabled() {
+                    let rcu = self.rcu.pin();
+                    if self.tdp.test_age_gfn_range(as_id, gfns, &rcu) {
+                        return true;
+                    }
+                }
+                self.may_have_shadow_sptes()
+                    && self.rmap_age(slot, gfns, AgeAction::TestOnly, locked)
             }
         }
+    }
+
+    /// `may_have_shadow_sptes`: TDP off, or indirect shadow pages exist (spec §3.8).
+    #[inline]
+    fn may_have_shadow_sptes(&self) -> bool {
+        self.shadow_enabled() || self.shadow.indirect_shadow_pages() != 0
+    }
+
+    /// `kvm_rmap_age_gfn_range` over one slot; false for a slot without rmaps.
+    #[inline]
+    fn rmap_age(&self, slot: &Memslot, gfns: GfnRange, action: AgeAction, locked: bool) -> bool {
+        slot.rmaps()
+            .is_some_and(|r| self.shadow.age_gfn_range(r, gfns, action, locked))
     }
 
     fn age_hva_range(&self, start: Hva, end: Hva, handler: Handler, flush_on_ret: bool) -> bool {

@@ -23,9 +23,10 @@ pub mod memslot;
 pub mod request;
 
 use crate::addr::{AsId, Gfn, Level};
-use crate::config::{AgingMode, ConfigError, VmConfig};
+use crate::config::{AgingMode, ConfigError, MmuKind, VmConfig};
 use crate::host::{HostMm, NotifierId};
 use crate::mmu::seq::{InvalidateCounters, InvalidateState};
+use crate::mmu::shadow::{ShadowMmu, ShadowStats, SlotRmaps};
 use crate::mmu::spte::Spte;
 use crate::mmu::tdp::{RemoteTlbFlush, TdpMmu, TdpStats};
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -105,6 +106,8 @@ pub struct VmStats {
     pub mmu_lock: MmuLockStats,
     /// TDP MMU page-table statistics.
     pub tdp: TdpStats,
+    /// Shadow MMU statistics (shadow faults, pages, rmap aging and bit-lock contention).
+    pub shadow: ShadowStats,
 }
 
 /// State shared by the VM handle, its vCPUs and its notifier subscription.
@@ -121,6 +124,8 @@ pub(crate) struct VmInner {
     pub(crate) invalidate: InvalidateState,
     pub(crate) rcu: Arc<Rcu>,
     pub(crate) tdp: TdpMmu,
+    /// The shadow MMU; used only when `config.mmu` is [`MmuKind::Shadow`].
+    pub(crate) shadow: ShadowMmu,
     pub(crate) requests: Arc<VcpuRequests>,
     pub(crate) counters: VmCounters,
     pub(crate) dead: AtomicBool,
@@ -167,6 +172,7 @@ impl Vm {
             mmu_lock: MmuLock::new(),
             invalidate: InvalidateState::new(),
             tdp: TdpMmu::new(nr_as, rcu.clone()),
+            shadow: ShadowMmu::new(nr_as),
             rcu,
             requests: VcpuRequests::new(),
             counters: VmCounters::default(),
@@ -226,11 +232,11 @@ impl Vm {
     }
 
     /// The leaf SPTE that maps `gfn` in the address space's valid root, if any, with its level.
-    /// Lock-free and read-only: an oracle for tests and tools (it may be stale by the time it
-    /// returns if vCPUs or the host are running).
+    /// Read-only: an oracle for tests and tools (it may be stale by the time it returns if vCPUs
+    /// or the host are running). Lock-free with the TDP MMU; with the shadow MMU it takes
+    /// `mmu_lock` for read, since shadow pages are freed under `mmu_lock` write rather than RCU.
     pub fn spte(&self, as_id: AsId, gfn: Gfn) -> Option<(Spte, Level)> {
-        let rcu = self.inner.rcu.pin();
-        self.inner.tdp.leaf(as_id, gfn, &rcu)
+        self.inner.leaf(as_id, gfn)
     }
 
     /// Statistics.
@@ -272,10 +278,13 @@ impl VmInner {
         let as_id = req.as_id;
         match change {
             MemslotChange::Unchanged => {}
-            MemslotChange::Create { new } => {
+            MemslotChange::Create { mut new } => {
+                self.attach_new_rmaps(&mut new);
                 self.swap_memslots(as_id, None, Some(Arc::new(new)));
             }
-            MemslotChange::FlagsOnly { old, new } => {
+            MemslotChange::FlagsOnly { old, mut new } => {
+                // A flags-only change keeps the slot's SPTEs, so it keeps their rmaps.
+                new.set_rmaps(old.rmaps_arc());
                 self.swap_memslots(as_id, Some(&old), Some(Arc::new(new)));
             }
             MemslotChange::Delete { old } => {
@@ -284,7 +293,8 @@ impl VmInner {
                 self.flush_shadow_memslot(&old);
                 self.swap_memslots(as_id, Some(&invalid), None);
             }
-            MemslotChange::Move { old, new } => {
+            MemslotChange::Move { old, mut new } => {
+                self.attach_new_rmaps(&mut new);
                 let invalid = Arc::new(old.invalid_copy());
                 self.swap_memslots(as_id, Some(&old), Some(invalid.clone()));
                 self.flush_shadow_memslot(&old);
@@ -322,10 +332,50 @@ impl VmInner {
         self.counters.memslot_swaps.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// True if the VM runs the shadow MMU (`!tdp_mmu_enabled`).
+    #[inline]
+    pub(crate) fn shadow_enabled(&self) -> bool {
+        self.config.mmu == MmuKind::Shadow
+    }
+
+    /// Allocates rmap arrays for a new slot when the shadow MMU is in use (`memslot_rmap_alloc`).
+    fn attach_new_rmaps(&self, slot: &mut Memslot) {
+        if self.shadow_enabled() {
+            slot.set_rmaps(Some(Arc::new(SlotRmaps::new(slot.gfn_range()))));
+        }
+    }
+
+    /// The leaf SPTE for `gfn` in the valid root of `as_id` (oracle).
+    fn leaf(&self, as_id: AsId, gfn: Gfn) -> Option<(Spte, Level)> {
+        if self.shadow_enabled() {
+            let mmu = self.mmu_lock.read();
+            self.shadow.leaf(as_id, gfn, mmu.witness())
+        } else {
+            let rcu = self.rcu.pin();
+            self.tdp.leaf(as_id, gfn, &rcu)
+        }
+    }
+
+    /// Zaps the shadow MMU's pages (reset, teardown); caller holds `mmu_lock` write and `srcu`.
+    fn shadow_zap_all(&self, srcu: &SrcuGuard<'_>, mmu: &crate::sync::witness::MmuWrite) {
+        let sets: Vec<&Memslots> = self.memslots.iter().map(|c| c.load(srcu)).collect();
+        self.shadow.zap_all(sets.as_slice(), mmu, self);
+    }
+
     /// `kvm_arch_flush_shadow_memslot`: zap every SPTE of `slot`, flushing TLBs before the lock drops.
     fn flush_shadow_memslot(&self, slot: &Memslot) {
         let mut mmu = self.mmu_lock.write();
-        let flush = self
+        let mut flush = false;
+        if let Some(rmaps) = slot.rmaps() {
+            flush |= self.shadow.zap_gfn_range(
+                rmaps,
+                slot.gfn_range(),
+                &mut mmu,
+                Some(&self.mmu_lock),
+                self,
+            );
+        }
+        flush |= self
             .tdp
             .zap_leafs(slot.as_id(), slot.gfn_range(), &mut mmu, true, self);
         if flush {
@@ -335,6 +385,13 @@ impl VmInner {
     }
 
     fn reset_mmu(&self) {
+        if self.shadow_enabled() {
+            let srcu = self.srcu_read();
+            let mmu = self.mmu_lock.write();
+            self.shadow_zap_all(&srcu, mmu.witness());
+            self.requests.make_all_request(request::Request::MmuReload);
+            return;
+        }
         let mut mmu = self.mmu_lock.write();
         self.tdp.invalidate_all_roots(mmu.witness());
         self.requests.make_all_request(request::Request::MmuReload);
@@ -349,7 +406,9 @@ impl VmInner {
     pub(crate) fn teardown(&self) {
         if !self.dead.swap(true, Ordering::AcqRel) {
             {
+                let srcu = self.srcu_read();
                 let mut mmu = self.mmu_lock.write();
+                self.shadow_zap_all(&srcu, mmu.witness());
                 self.tdp.teardown(&mut mmu, self);
                 self.requests.make_all_request(request::Request::MmuReload);
             }
@@ -381,6 +440,7 @@ impl VmInner {
             mn_active_invalidate_count: *self.mn_invalidate.lock(),
             mmu_lock: self.mmu_lock.stats(),
             tdp: self.tdp.stats(),
+            shadow: self.shadow.stats(),
         }
     }
 }

@@ -8,6 +8,26 @@
 use bitflags::bitflags;
 
 use crate::addr::{AsId, Gfn, GfnRange, Gpa, Hva, PAGE_SHIFT, PAGE_SIZE, SlotId};
+use crate::mmu::shadow::SlotRmaps;
+use crate::sync::Arc;
+
+/// A slot's optional rmap arrays. Equality is identity: two slots are equal when they share the
+/// same arrays (or both have none), so the derived `PartialEq` of [`Memslot`] keeps comparing the
+/// user-visible fields.
+#[derive(Debug)]
+struct RmapsRef(Option<Arc<SlotRmaps>>);
+
+impl PartialEq for RmapsRef {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for RmapsRef {}
 
 /// Largest number of pages one memslot may span (KVM's `KVM_MEM_MAX_NR_PAGES`, 2^31 - 1 pages,
 /// just under 8 TiB): dirty bitmaps are indexed with an `int`.
@@ -53,6 +73,9 @@ pub struct MemoryRegion {
 /// Immutable once built (module invariant 1); published sets share it through `Arc`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Memslot {
+    /// The shadow MMU's rmap arrays (`slot->arch.rmap`), present only when the VM uses the shadow
+    /// MMU; shared by a slot, its INVALID copy and a flags-only successor.
+    rmaps: RmapsRef,
     id: SlotId,
     as_id: AsId,
     /// `[base_gfn, base_gfn + npages)`, never empty.
@@ -84,6 +107,7 @@ impl Memslot {
         gfns.end().gpa()?;
         let hva_end = userspace_addr.checked_add(npages << PAGE_SHIFT)?;
         Some(Memslot {
+            rmaps: RmapsRef(None),
             id,
             as_id,
             gfns,
@@ -167,8 +191,25 @@ impl Memslot {
     pub fn invalid_copy(&self) -> Memslot {
         Memslot {
             invalid: true,
+            rmaps: RmapsRef(self.rmaps.0.clone()),
             ..*self
         }
+    }
+
+    /// The shadow MMU's rmaps of this slot, if the VM uses the shadow MMU.
+    #[inline]
+    pub(crate) fn rmaps(&self) -> Option<&SlotRmaps> {
+        self.rmaps.0.as_deref()
+    }
+
+    /// The shared handle to this slot's rmaps (for a flags-only successor, which keeps them).
+    pub(crate) fn rmaps_arc(&self) -> Option<Arc<SlotRmaps>> {
+        self.rmaps.0.clone()
+    }
+
+    /// Attaches rmap arrays (the VM does this for shadow-MMU VMs before publishing the slot).
+    pub(crate) fn set_rmaps(&mut self, rmaps: Option<Arc<SlotRmaps>>) {
+        self.rmaps = RmapsRef(rmaps);
     }
 
     /// The guest frames whose pages intersect `[start, end)`, clamped to this slot, as the

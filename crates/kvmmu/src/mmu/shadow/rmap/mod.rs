@@ -526,9 +526,25 @@ impl RmapHead {
     /// modifies nothing, with [`AgeAction::Clear`] it clears Accessed on each with one atomic AND.
     #[inline]
     pub fn age_rmap(&self, stats: &RmapStats, action: AgeAction) -> bool {
+        let (mut visited, mut cleared) = (0, 0);
+        self.age_rmap_counted(stats, action, &mut visited, &mut cleared)
+    }
+
+    /// [`RmapHead::age_rmap`], also adding to `visited` the number of SPTEs it read and to
+    /// `cleared` the Accessed bits it cleared (statistics kept in the caller's locals, so the
+    /// lockless path writes no shared cache line).
+    #[inline]
+    pub fn age_rmap_counted(
+        &self,
+        stats: &RmapStats,
+        action: AgeAction,
+        visited: &mut u64,
+        cleared: &mut u64,
+    ) -> bool {
         let guard = self.lock_readonly(stats);
         let mut young = false;
         let _ = guard.for_each_spte(|sptep| {
+            *visited += 1;
             if !spte_is_young(sptep.load_lockless()) {
                 return ControlFlow::Continue(());
             }
@@ -537,6 +553,7 @@ impl RmapHead {
                 AgeAction::TestOnly => ControlFlow::Break(()),
                 AgeAction::Clear => {
                     sptep.clear_accessed();
+                    *cleared += 1;
                     ControlFlow::Continue(())
                 }
             }

@@ -59,6 +59,29 @@ impl SptePtr {
         SptePtr(NonNull::from(slot))
     }
 
+    /// Makes an rmap entry for an [`AtomicSpte`](crate::mmu::spte::AtomicSpte) slot of a shadow page.
+    ///
+    /// # Safety
+    /// As [`SptePtr::new`]: the slot must stay allocated while the pointer is used.
+    #[cfg(not(loom))]
+    #[inline]
+    pub unsafe fn from_spte(slot: &crate::mmu::spte::AtomicSpte) -> SptePtr {
+        // `AtomicSpte` is `#[repr(transparent)]` over `AtomicU64`, so the cast keeps layout.
+        let p = core::ptr::from_ref(slot).cast::<AtomicU64>();
+        // SAFETY: `p` comes from a reference, so it is non-null and aligned; the caller keeps the
+        // slot allocated (this function's contract).
+        SptePtr(unsafe { NonNull::new_unchecked(p.cast_mut()) })
+    }
+
+    /// Zaps the SPTE (`mmu_spte_clear_track_bits`): swaps in `nonpresent` and returns the old value,
+    /// so a Dirty bit set concurrently by hardware is seen by the caller, never lost.
+    #[inline]
+    pub fn zap(self, nonpresent: u64) -> u64 {
+        // ORDERING: Relaxed: atomicity keeps a concurrent A/D update from being lost (spec §4 item
+        // 19); the TLB flush that follows a zap, not this store, orders vCPUs after it.
+        self.slot().swap(nonpresent, Ordering::Relaxed)
+    }
+
     /// The slot's address (for ordering, hashing and diagnostics; a single-entry rmap head holds it).
     #[inline]
     pub fn addr(self) -> usize {

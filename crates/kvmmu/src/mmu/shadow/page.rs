@@ -1,0 +1,169 @@
+//! Shadow pages (`struct kvm_mmu_page` of the shadow MMU) and the one type that holds raw pointers
+//! to them ([`SpPtr`]). See the parent module for the lifetime protocol (S1–S7).
+
+use core::ptr::NonNull;
+
+use crate::addr::{AsId, Gfn, Level};
+use crate::mmu::spte::{AtomicSpte, BASE_ADDR_MASK, Spte, make_nonleaf_spte};
+use crate::mmu::tdp::table::{ENTRIES, index};
+use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use super::rmap::{RmapHead, SptePtr};
+
+/// `union kvm_mmu_page_role`, the parts this MMU uses. Direct pages only: `direct` is always true
+/// today, and is part of the hash key so that indirect pages can be added without a format change.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) struct Role {
+    /// The level of the SPTEs in the page.
+    pub(crate) level: Level,
+    /// The address space (`role.smm`).
+    pub(crate) as_id: AsId,
+    /// The page maps guest physical memory directly (no guest page table is shadowed).
+    pub(crate) direct: bool,
+}
+
+/// A shadow page: 512 SPTEs, then its metadata. `spt` is at offset 0 and the struct is 4 KiB
+/// aligned, so the address in a non-leaf SPTE is the address of the page (`sptep_to_sp`).
+#[repr(C, align(4096))]
+pub(crate) struct ShadowPage {
+    spt: [AtomicSpte; ENTRIES],
+    /// The first gfn the page maps (`sp->gfn`).
+    pub(crate) gfn: u64,
+    /// The page's role (hash key with `gfn`).
+    pub(crate) role: Role,
+    /// The parent SPTEs that point at this page (`parent_ptes`, rmap encoding). Changed only under
+    /// `mmu_lock` write.
+    pub(crate) parent_ptes: RmapHead,
+    /// Roots only: references (`root_count`); the MMU holds one while the root is valid (S3).
+    pub(crate) root_count: AtomicUsize,
+    /// `role.invalid`: set once, under `mmu_lock` write, by prepare-zap.
+    pub(crate) invalid: AtomicBool,
+}
+
+impl ShadowPage {
+    /// The SPTE for `gfn` in this page.
+    #[inline]
+    pub(crate) fn entry(&self, gfn: u64) -> &AtomicSpte {
+        &self.spt[index(gfn, self.role.level)]
+    }
+    /// The SPTE at position `i`.
+    #[inline]
+    pub(crate) fn at(&self, i: usize) -> &AtomicSpte {
+        &self.spt[i]
+    }
+    /// The first gfn mapped by entry `i`.
+    #[inline]
+    pub(crate) fn gfn_of(&self, i: usize) -> Gfn {
+        Gfn::new(self.gfn + i as u64 * self.role.level.pages())
+    }
+    /// True once prepare-zap ran on the page.
+    #[inline]
+    pub(crate) fn is_invalid(&self) -> bool {
+        // ORDERING: Relaxed: written under `mmu_lock` write; readers under the lock are ordered by
+        // it, and a vCPU's lockless read is a hint re-checked under the lock by the fault (S4).
+        self.invalid.load(Ordering::Relaxed)
+    }
+}
+
+/// A pointer to a [`ShadowPage`]: the only holder of raw shadow-page pointers.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) struct SpPtr(NonNull<ShadowPage>);
+
+// SAFETY: a `ShadowPage` holds only atomics and plain data written before publication; the pointer's
+// validity is governed by S1–S3, not by the thread holding it.
+unsafe impl Send for SpPtr {}
+// SAFETY: as above; shared access to a page is through atomics, or under `mmu_lock` write.
+unsafe impl Sync for SpPtr {}
+
+impl SpPtr {
+    /// Allocates an empty page (every SPTE non-present).
+    pub(crate) fn alloc(gfn: u64, role: Role, root_count: usize) -> SpPtr {
+        let sp = Box::new(ShadowPage {
+            spt: core::array::from_fn(|_| AtomicSpte::new(Spte::NONPRESENT)),
+            gfn,
+            role,
+            parent_ptes: RmapHead::new(),
+            root_count: AtomicUsize::new(root_count),
+            invalid: AtomicBool::new(false),
+        });
+        SpPtr(NonNull::from(Box::leak(sp)))
+    }
+
+    /// The non-leaf SPTE that links this page.
+    pub(crate) fn to_spte(self) -> Spte {
+        make_nonleaf_spte(self.0.as_ptr().expose_provenance() as u64)
+    }
+
+    /// The page a present non-leaf SPTE points to. Dereferencing it is what needs the proof.
+    pub(crate) fn from_spte(spte: Spte) -> SpPtr {
+        let addr = (spte.raw() & BASE_ADDR_MASK) as usize;
+        let p = core::ptr::with_exposed_provenance_mut::<ShadowPage>(addr);
+        SpPtr(NonNull::new(p).expect("a present non-leaf SPTE holds a non-null page address (S2)"))
+    }
+
+    /// The page's address (diagnostics).
+    #[cfg(test)]
+    pub(crate) fn addr(self) -> usize {
+        self.0.as_ptr().addr()
+    }
+
+    /// Borrows the page.
+    ///
+    /// # Safety
+    /// The page must stay allocated for `'a`: the caller holds `mmu_lock` (pages are freed only
+    /// under `mmu_lock` write, S1), or a root reference to it (S3), or is a vCPU in guest mode that
+    /// reached it from its referenced root and has not passed an instruction boundary since (S2).
+    #[inline]
+    pub(crate) unsafe fn get<'a>(self) -> &'a ShadowPage {
+        // SAFETY: this function's contract.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// An rmap entry for SPTE `i` of this page.
+    ///
+    /// # Safety
+    /// The page must be live (as for [`SpPtr::get`]); the entry must be removed from its rmap before
+    /// the page is freed (S1).
+    #[inline]
+    pub(crate) unsafe fn sptep(self, i: usize) -> SptePtr {
+        // SAFETY: the caller guarantees the page is live.
+        let slot = unsafe { self.get() }.at(i);
+        // SAFETY: S1: the page is freed only after every SPTE left every rmap and a TLB flush.
+        unsafe { SptePtr::from_spte(slot) }
+    }
+
+    /// Frees the page.
+    ///
+    /// # Safety
+    /// The page must be unreachable (no parent SPTE, no rmap entry, off the hash and root tables),
+    /// no thread may still use it (a remote TLB flush completed after it was unlinked, or it is a
+    /// root whose last reference was just dropped), and it is freed once (S1, S3).
+    pub(crate) unsafe fn free(self) {
+        // SAFETY: the page came from `Box::leak` in `alloc`; this function's contract.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_page_table_is_at_offset_zero_and_page_aligned() {
+        assert_eq!(core::mem::align_of::<ShadowPage>(), 4096);
+        let role = Role {
+            level: Level::L2M,
+            as_id: AsId::new(0),
+            direct: true,
+        };
+        let sp = SpPtr::alloc(512, role, 0);
+        assert_eq!(SpPtr::from_spte(sp.to_spte()), sp);
+        // SAFETY: just allocated, owned by the test.
+        let p = unsafe { sp.sptep(3) };
+        assert_eq!(p.addr(), sp.addr() + 3 * 8);
+        // SAFETY: as above.
+        assert_eq!(unsafe { sp.get() }.gfn_of(2), Gfn::new(512 + 2 * 512));
+        // SAFETY: never published; freed once.
+        unsafe { sp.free() };
+    }
+}

@@ -1,0 +1,95 @@
+//! [`SlotRmaps`]: the rmap arrays of one memslot (`slot->arch.rmap[level - 1]`), allocated with the
+//! slot when the VM uses the shadow MMU and shared by the slot's INVALID copy (spec §1.6, §3.12).
+
+use crate::addr::{Gfn, GfnRange, Level};
+
+use super::rmap::RmapHead;
+
+/// The levels that have rmaps: 4K, 2M, 1G.
+pub const RMAP_LEVELS: [Level; 3] = [Level::L4K, Level::L2M, Level::L1G];
+
+/// One [`RmapHead`] per (level, gfn) of a memslot.
+pub struct SlotRmaps {
+    /// `[base_gfn, base_gfn + npages)` of the slot.
+    gfns: GfnRange,
+    /// Per level (4K first), one head per `level.pages()`-aligned block touching the slot.
+    levels: [Box<[RmapHead]>; 3],
+}
+
+impl core::fmt::Debug for SlotRmaps {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SlotRmaps")
+            .field("gfns", &self.gfns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `gfn_to_index`: the index of `gfn`'s rmap at `level` in a slot starting at `base`.
+#[inline]
+fn gfn_to_index(gfn: u64, base: u64, level: Level) -> usize {
+    let shift = level.pages().trailing_zeros();
+    ((gfn >> shift) - (base >> shift)) as usize
+}
+
+impl SlotRmaps {
+    /// Empty rmaps for a slot covering `gfns` (`memslot_rmap_alloc`).
+    pub fn new(gfns: GfnRange) -> SlotRmaps {
+        let base = gfns.start().raw();
+        let last = gfns.end().raw().saturating_sub(1).max(base);
+        let alloc = |level: Level| -> Box<[RmapHead]> {
+            let n = gfn_to_index(last, base, level) + 1;
+            (0..n).map(|_| RmapHead::new()).collect()
+        };
+        SlotRmaps {
+            gfns,
+            levels: RMAP_LEVELS.map(alloc),
+        }
+    }
+
+    /// The rmap of (`gfn`, `level`) (`gfn_to_rmap`), or `None` if `gfn` is outside the slot or
+    /// `level` has no rmaps. A huge-page-aligned `gfn` below the slot start still maps to the
+    /// first head of its level, as its block touches the slot.
+    #[inline]
+    pub fn get(&self, gfn: Gfn, level: Level) -> Option<&RmapHead> {
+        let base = self.gfns.start().raw();
+        let g = gfn.raw().max(base);
+        if gfn.raw() < base.align_down_to(level) || g >= self.gfns.end().raw() {
+            return None;
+        }
+        let li = usize::from(level.get()).checked_sub(1)?;
+        self.levels.get(li)?.get(gfn_to_index(g, base, level))
+    }
+}
+
+/// Rounding helper for raw gfns.
+trait AlignDown {
+    fn align_down_to(self, level: Level) -> u64;
+}
+
+impl AlignDown for u64 {
+    #[inline]
+    fn align_down_to(self, level: Level) -> u64 {
+        self & !(level.pages() - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rmap_index_covers_every_level_block_touching_the_slot() {
+        // Slot [511, 1025): 4K has 514 heads, 2M blocks 0, 512, 1024 → 3 heads, 1G → 1 head.
+        let r = SlotRmaps::new(GfnRange::new(Gfn::new(511), Gfn::new(1025)).unwrap());
+        assert_eq!(r.levels[0].len(), 514);
+        assert_eq!(r.levels[1].len(), 3);
+        assert_eq!(r.levels[2].len(), 1);
+        assert!(r.get(Gfn::new(510), Level::L4K).is_none());
+        assert!(r.get(Gfn::new(1025), Level::L4K).is_none());
+        let a = r.get(Gfn::new(512), Level::L2M).unwrap() as *const RmapHead;
+        let b = r.get(Gfn::new(1023), Level::L2M).unwrap() as *const RmapHead;
+        assert_eq!(a, b, "one 2M rmap per aligned block");
+        // The block of 0..512 touches the slot at 511, so its aligned start finds it.
+        assert!(r.get(Gfn::new(0), Level::L2M).is_some());
+    }
+}
