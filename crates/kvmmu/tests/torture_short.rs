@@ -1,6 +1,6 @@
 //! The short, bounded torture run CI executes on every submission (a fixed operation count per
-//! vCPU, not a wall time): every actor at once on the TDP MMU, lockless and locked aging, plus
-//! frame exhaustion; each run must pass every oracle.
+//! vCPU, not a wall time): every actor at once on the TDP and the shadow MMU, lockless and locked
+//! aging, plus frame exhaustion; each run must pass every oracle.
 
 use kvmmu::config::{AgingMode, ConfigError, MmuKind};
 use kvmmu::torture::{Actors, TortureConfig, TortureError, run};
@@ -68,17 +68,46 @@ fn frame_exhaustion_fails_faults_cleanly() {
 }
 
 #[test]
-fn shadow_mmu_is_refused_until_it_lands() {
-    let cfg = TortureConfig {
+fn shadow_lockless_all_actors_pass_every_oracle() {
+    let r = assert_passes(&TortureConfig {
         mmu: MmuKind::Shadow,
+        ..short(0x5eed_0005)
+    });
+    assert!(
+        r.vm_stats.shadow.faults > 0,
+        "the shadow MMU handled the faults:\n{r}"
+    );
+}
+
+#[test]
+fn shadow_locked_all_actors_pass_every_oracle() {
+    assert_passes(&TortureConfig {
+        mmu: MmuKind::Shadow,
+        aging: AgingMode::Locked,
+        ..short(0x5eed_0006)
+    });
+}
+
+#[test]
+fn invalid_vm_configuration_is_refused_before_anything_runs() {
+    let cfg = TortureConfig {
+        tlb_entries: 0,
         ..short(1)
     };
     assert!(matches!(
         run(&cfg),
-        Err(TortureError::Config(ConfigError::MmuUnavailable(
-            MmuKind::Shadow
-        )))
+        Err(TortureError::Config(ConfigError::TlbEntries(0)))
     ));
+}
+
+#[cfg(not(feature = "test-hooks"))]
+#[test]
+fn fault_injection_needs_the_test_hooks_feature() {
+    let cfg = TortureConfig {
+        cas_failure_period: 3,
+        ..short(1)
+    };
+    assert!(matches!(run(&cfg), Err(TortureError::HooksUnavailable)));
 }
 
 #[test]

@@ -152,12 +152,17 @@ pub(super) fn vcpu(vm: &Vm, sh: &Shared, cfg: &TortureConfig, id: usize, progres
     let mut seq = 0u64;
     let mut ops = 0u64;
     while !sh.stopped() && cfg.ops_per_vcpu.is_none_or(|n| ops < n) {
-        // A short burst in guest mode, then leave it (requests are handled on entry).
+        // A short burst in guest mode, then leave it (requests are handled on entry). A write ends
+        // the burst: its SPTE is checked outside guest mode, since reading an SPTE may take
+        // `mmu_lock` (shadow MMU) and a vCPU in guest mode must never block (a flusher holding
+        // `mmu_lock` waits for it).
+        let mut check: Option<(Gpa, SpteCheck)> = None;
         let mut g = vcpu.enter();
         for _ in 0..16 {
             let hp = owned[rng.below(owned.len() as u64) as usize];
             let (gpa, optional) = l.gpa_for(hp, rng.next_u64());
             let rec = &mut records[hp as usize];
+            ops += 1;
             if rng.percent(60) {
                 progress.start(op::WRITE, hp);
                 seq += 1;
@@ -166,19 +171,7 @@ pub(super) fn vcpu(vm: &Vm, sh: &Shared, cfg: &TortureConfig, id: usize, progres
                 match g.write_u64(gpa, v) {
                     Ok(()) => {
                         *rec = PageRecord { last: v, discard };
-                        // Dirty oracle: only this vCPU faults this gfn in, so a present SPTE is
-                        // the one the write went through (or one zapped and not yet rebuilt).
-                        if let Some((spte, level)) = vm.spte(AsId::new(0), gpa.gfn())
-                            && spte.is_present_leaf(level)
-                            && !spte.is_dirty()
-                        {
-                            sh.violation(
-                                actor,
-                                ViolationKind::DirtyLost,
-                                Some(gpa.gfn()),
-                                format!("write to gpa {gpa} succeeded, SPTE {spte:?} lacks Dirty"),
-                            );
-                        }
+                        check = Some((gpa, SpteCheck::Dirty));
                     }
                     Err(e) => {
                         if matches!(
@@ -187,42 +180,71 @@ pub(super) fn vcpu(vm: &Vm, sh: &Shared, cfg: &TortureConfig, id: usize, progres
                                 error: GupError::OutOfFrames,
                                 ..
                             }
-                        ) && let Some((spte, level)) = vm.spte(AsId::new(0), gpa.gfn())
-                            && spte.is_present_leaf(level)
-                        {
-                            sh.violation(
-                                actor,
-                                ViolationKind::HalfInstalled,
-                                Some(gpa.gfn()),
-                                format!(
-                                    "write fault failed (out of frames) but {spte:?} is installed"
-                                ),
-                            );
+                        ) {
+                            check = Some((gpa, SpteCheck::NotInstalled));
                         }
                         if !exit_allowed(sh, actor, gpa, optional, &e) {
                             break;
                         }
                     }
                 }
-            } else {
-                progress.start(op::READ, hp);
-                match g.read_u64(gpa) {
-                    Ok(got) => {
-                        if !check_read(sh, actor, gpa, hp, rec, got) {
-                            break;
-                        }
+                progress.done_op();
+                break;
+            }
+            progress.start(op::READ, hp);
+            match g.read_u64(gpa) {
+                Ok(got) => {
+                    if !check_read(sh, actor, gpa, hp, rec, got) {
+                        break;
                     }
-                    Err(e) => {
-                        if !exit_allowed(sh, actor, gpa, optional, &e) {
-                            break;
-                        }
+                }
+                Err(e) => {
+                    if !exit_allowed(sh, actor, gpa, optional, &e) {
+                        break;
                     }
                 }
             }
             progress.done_op();
-            ops += 1;
         }
         drop(g);
+        if let Some((gpa, what)) = check {
+            check_spte(vm, sh, actor, gpa, what);
+        }
+    }
+}
+
+/// What the SPTE of a gfn must look like right after an access by its only writer.
+#[derive(Clone, Copy)]
+enum SpteCheck {
+    /// The write succeeded: the SPTE is absent, or present with Dirty (oracle 4).
+    Dirty,
+    /// The write's fault failed for lack of frames: nothing is installed (oracle 5).
+    NotInstalled,
+}
+
+/// Runs an SPTE oracle. Only the owner vCPU faults its gfns in and it has not accessed `gpa`
+/// since, so a present SPTE is the one its access went through (zaps only remove SPTEs).
+fn check_spte(vm: &Vm, sh: &Shared, actor: ActorId, gpa: Gpa, what: SpteCheck) {
+    let Some((spte, level)) = vm.spte(AsId::new(0), gpa.gfn()) else {
+        return;
+    };
+    if !spte.is_present_leaf(level) {
+        return;
+    }
+    match what {
+        SpteCheck::Dirty if !spte.is_dirty() => sh.violation(
+            actor,
+            ViolationKind::DirtyLost,
+            Some(gpa.gfn()),
+            format!("write to gpa {gpa} succeeded, SPTE {spte:?} lacks Dirty"),
+        ),
+        SpteCheck::NotInstalled => sh.violation(
+            actor,
+            ViolationKind::HalfInstalled,
+            Some(gpa.gfn()),
+            format!("write fault failed (out of frames) but {spte:?} is installed"),
+        ),
+        SpteCheck::Dirty => {}
     }
 }
 

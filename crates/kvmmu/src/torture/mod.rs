@@ -31,8 +31,8 @@
 //! 5. Fault injection: a fault that fails for lack of frames leaves no SPTE behind.
 //! 6. Counters: `mmu_invalidate_in_progress` and `mn_active_invalidate_count` are 0 at
 //!    quiescence, starts equal ends, the sequence never goes backwards (sampled by the
-//!    supervisor); after `shutdown` the
-//!    TDP page tables allocated equal those freed; after `release` no host frame is allocated.
+//!    supervisor); after `shutdown` the TDP page tables, shadow pages and rmap descriptors
+//!    allocated equal those freed; after `release` no host frame is allocated.
 //! 7. Liveness: every actor makes progress within `stall_timeout`.
 //!
 //! A seed fixes each actor's operation sequence; the interleaving is up to the scheduler, so a
@@ -139,7 +139,7 @@ impl Default for TortureConfig {
 /// Why a torture run could not be set up (a run that *finds* bugs returns a report instead).
 #[derive(Debug, thiserror::Error)]
 pub enum TortureError {
-    /// The VM configuration was refused (e.g. the shadow MMU is not built yet).
+    /// The VM configuration was refused (e.g. an MMU not built in this configuration).
     #[error("VM configuration refused: {0}")]
     Config(#[from] ConfigError),
     /// A torture parameter is out of range.
@@ -550,6 +550,18 @@ fn quiescence_checks(sh: &Shared, host: &HostMm, vm: Arc<Vm>) {
                 fail(format!(
                     "after shutdown {} TDP tables allocated, {} freed",
                     fin.tdp.tables_allocated, fin.tdp.tables_freed
+                ));
+            }
+            if fin.shadow.pages_allocated != fin.shadow.pages_freed {
+                fail(format!(
+                    "after shutdown {} shadow pages allocated, {} freed",
+                    fin.shadow.pages_allocated, fin.shadow.pages_freed
+                ));
+            }
+            if fin.shadow.rmap.desc_allocs != fin.shadow.rmap.desc_frees {
+                fail(format!(
+                    "after shutdown {} rmap descriptors allocated, {} freed",
+                    fin.shadow.rmap.desc_allocs, fin.shadow.rmap.desc_frees
                 ));
             }
         }
