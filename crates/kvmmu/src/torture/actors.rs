@@ -419,6 +419,7 @@ pub(super) fn aging(vm: &Vm, sh: &Shared, cfg: &TortureConfig, progress: &Progre
             if aging_ok(sh, "clear_young", cleared).is_none() {
                 return;
             }
+            let reset_before = sh.reset_gen();
             let before = vcpu.stats();
             seq += 1;
             let v = encode(0xFF, hp, seq);
@@ -454,9 +455,14 @@ pub(super) fn aging(vm: &Vm, sh: &Shared, cfg: &TortureConfig, progress: &Progre
                 }
             }
             if young == Some(false) {
-                if vcpu.stats().root_loads != before.root_loads {
-                    // A reset moved the vCPU to a new root: the Accessed bit the write set may
-                    // be in the invalidated one, which test_young does not look at.
+                let reset_now = sh.reset_gen();
+                if vcpu.stats().root_loads != before.root_loads
+                    || reset_before % 2 == 1
+                    || reset_now != reset_before
+                {
+                    // A reset ran (or moved the vCPU to a new root) since the sample: the
+                    // Accessed bit the write set may have been zapped with its SPTE, or be in an
+                    // invalidated root, which test_young does not look at.
                     // ORDERING: Relaxed: a statistic.
                     sh.accessed_excused_by_reset.fetch_add(1, Ordering::Relaxed);
                 } else if hit {
@@ -554,8 +560,13 @@ pub(super) fn memslot(vm: &Vm, sh: &Shared, cfg: &TortureConfig, progress: &Prog
 pub(super) fn reset(vm: &Vm, sh: &Shared, progress: &Progress) {
     while !sh.stopped() {
         progress.start(op::RESET, 0);
+        // ORDERING: SeqCst around the reset (oracle protocol 3).
+        sh.reset_gen.fetch_add(1, Ordering::SeqCst);
         vm.reset_mmu();
+        // ORDERING: as above.
+        sh.reset_gen.fetch_add(1, Ordering::SeqCst);
         progress.done_op();
-        std::thread::yield_now();
+        // Pace resets so that most accessed-oracle rounds run without one in progress.
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }

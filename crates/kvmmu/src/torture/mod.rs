@@ -25,7 +25,7 @@
 //! 2. No stale translation: no [`crate::vcpu::VcpuExit::StaleTranslation`]; the arena's
 //!    `stale_accesses` stays 0; no write lands in a page while the host keeps it read-only.
 //! 3. Accessed: a page written through a page walk after `clear_young` is young at the next
-//!    `test_young`, unless an MMU reset moved its vCPU to a new root; TLB hits that hide it are counted and bounded
+//!    `test_young`, unless an MMU reset ran meanwhile; TLB hits that hide it are counted and bounded
 //!    by the TLB size per round.
 //! 4. Dirty: right after a successful write, the written gfn's SPTE is absent or has Dirty set.
 //! 5. Fault injection: a fault that fails for lack of frames leaves no SPTE behind.
@@ -330,6 +330,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
         seed: cfg.seed,
         layout,
         discard_gen: (0..total).map(|_| AtomicU64::new(0)).collect(),
+        reset_gen: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         violations: Default::default(),
         accessed_hidden_by_tlb: AtomicU64::new(0),

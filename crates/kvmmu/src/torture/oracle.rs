@@ -9,8 +9,10 @@
 //!    munmap + mmap) it, so the generation is odd while a discard is in progress. A writer samples
 //!    the generation before writing; a later read may return zero only if that sample was odd or
 //!    the generation moved since.
-//! 3. The accessed oracle is excused by an MMU reset only if its own vCPU loaded a new root
-//!    between its write and the follow-up read (a new root starts without Accessed bits).
+//! 3. The reset actor bumps the reset generation before and after `reset_mmu` (odd while one is
+//!    in progress). The accessed oracle is excused by a reset (which zaps SPTEs or invalidates
+//!    roots, losing Accessed bits) only if the generation it sampled before its write was odd or
+//!    has moved, or its own vCPU loaded a new root before the follow-up read.
 //! 4. The first violation stops the run: every actor polls `stop`.
 
 use core::fmt;
@@ -248,6 +250,8 @@ pub struct Shared {
     pub layout: Layout,
     /// Per host page: bumped before each discard (protocol 2).
     pub discard_gen: Box<[AtomicU64]>,
+    /// Bumped before and after each `reset_mmu` (protocol 3).
+    pub reset_gen: AtomicU64,
     /// Set when the run must end (time up, vCPUs done, or a violation).
     pub stop: AtomicBool,
     /// Violations found so far.
@@ -282,6 +286,12 @@ impl Shared {
     pub fn stopped(&self) -> bool {
         // ORDERING: Relaxed: a best-effort stop signal, bounded by the actors' own op counts.
         self.stop.load(Ordering::Relaxed)
+    }
+
+    /// The reset generation (protocol 3).
+    pub fn reset_gen(&self) -> u64 {
+        // ORDERING: SeqCst, paired with the reset actor's SeqCst bumps around `reset_mmu`.
+        self.reset_gen.load(Ordering::SeqCst)
     }
 
     /// The discard generation of host page `hp`.
