@@ -64,7 +64,11 @@ fn frame_exhaustion_fails_faults_cleanly() {
         actors: Actors::HOST | Actors::AGING,
         ..short(0x5eed_0003)
     };
-    assert_passes(&cfg);
+    let r = assert_passes(&cfg);
+    assert!(
+        r.out_of_frames_exits > 0,
+        "no fault ran out of frames:\n{r}"
+    );
 }
 
 #[test]

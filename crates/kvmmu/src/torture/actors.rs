@@ -181,6 +181,8 @@ pub(super) fn vcpu(vm: &Vm, sh: &Shared, cfg: &TortureConfig, id: usize, progres
                                 ..
                             }
                         ) {
+                            // ORDERING: Relaxed: a statistic.
+                            sh.out_of_frames_exits.fetch_add(1, Ordering::Relaxed);
                             check = Some((gpa, SpteCheck::NotInstalled));
                         }
                         if !exit_allowed(sh, actor, gpa, optional, &e) {

@@ -186,6 +186,8 @@ pub struct TortureReport {
     pub actors: Vec<ActorReport>,
     /// Every oracle violation (empty when the run passed).
     pub violations: Vec<Violation>,
+    /// vCPU writes that failed for lack of host frames (each checked: nothing installed).
+    pub out_of_frames_exits: u64,
     /// Accesses whose Accessed bit a TLB hit hid (legitimate, bounded by the TLB size).
     pub accessed_hidden_by_tlb: u64,
     /// Accessed-oracle misses excused by a concurrent MMU reset.
@@ -238,8 +240,8 @@ impl fmt::Display for TortureReport {
         )?;
         writeln!(
             f,
-            "  accessed hidden by TLB {}, excused by reset {}",
-            self.accessed_hidden_by_tlb, self.accessed_excused_by_reset
+            "  accessed hidden by TLB {}, excused by reset {}; out-of-frames exits {}",
+            self.accessed_hidden_by_tlb, self.accessed_excused_by_reset, self.out_of_frames_exits
         )?;
         for v in &self.violations {
             writeln!(f, "  VIOLATION {v}")?;
@@ -331,6 +333,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
         layout,
         discard_gen: (0..total).map(|_| AtomicU64::new(0)).collect(),
         reset_gen: AtomicU64::new(0),
+        out_of_frames_exits: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         violations: Default::default(),
         accessed_hidden_by_tlb: AtomicU64::new(0),
@@ -435,6 +438,8 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
         actors: actors_report,
         violations,
         // ORDERING: Relaxed: statistics, read after the actors stopped.
+        out_of_frames_exits: shared.out_of_frames_exits.load(Ordering::Relaxed),
+        // ORDERING: as above.
         accessed_hidden_by_tlb: shared.accessed_hidden_by_tlb.load(Ordering::Relaxed),
         // ORDERING: as above.
         accessed_excused_by_reset: shared.accessed_excused_by_reset.load(Ordering::Relaxed),

@@ -256,6 +256,8 @@ pub struct Shared {
     pub stop: AtomicBool,
     /// Violations found so far.
     pub violations: Mutex<Vec<Violation>>,
+    /// vCPU writes whose fault failed for lack of host frames (fault injection by `frames`).
+    pub out_of_frames_exits: AtomicU64,
     /// Accesses whose Accessed bit a TLB hit legitimately hid.
     pub accessed_hidden_by_tlb: AtomicU64,
     /// Accessed-oracle misses excused by a concurrent MMU reset.
