@@ -5,6 +5,7 @@
 //! part of it again, and aging tells hot pages from cold ones. Every value written is read back and
 //! checked, and the VM's counters are checked for balance before the summary prints.
 
+mod torture;
 mod workload;
 
 use clap::{Args, Parser, Subcommand};
@@ -40,6 +41,8 @@ pub enum Command {
     MmuStress(kvmmu_cli::mmu_stress::StressCommand),
     /// Run one workload in several configurations, alternated; print medians and ratios.
     Compare(kvmmu_cli::compare::CompareArgs),
+    /// Run every MMU actor at once under oracles (rcutorture-style); fails on any violation.
+    Torture(torture::TortureArgs),
 }
 
 /// Options of the default workload.
@@ -82,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::AccessTracking(cmd)) => kvmmu_cli::access_tracking::main(&cmd)?,
         Some(Command::MmuStress(cmd)) => kvmmu_cli::mmu_stress::main(&cmd)?,
         Some(Command::Compare(args)) => kvmmu_cli::compare::main(&args)?,
+        Some(Command::Torture(args)) => print!("{}", torture::run(&args)?),
     }
     Ok(())
 }

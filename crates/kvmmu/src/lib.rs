@@ -46,6 +46,8 @@ pub mod sync;
 #[cfg(not(loom))]
 pub mod host;
 #[cfg(not(loom))]
+pub mod torture;
+#[cfg(not(loom))]
 pub mod vcpu;
 #[cfg(not(loom))]
 pub mod vm;

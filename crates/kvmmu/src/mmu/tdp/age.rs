@@ -94,9 +94,14 @@ impl TdpMmu {
                 match action {
                     Action::Test => return (1, 0),
                     Action::Clear => {
+                        #[cfg(feature = "test-hooks")]
+                        super::hooks::maybe_yield();
+                        #[cfg(not(feature = "broken-plain-store"))]
                         // ORDERING: O4 — the AND's atomicity, not its ordering, is what keeps a
                         // concurrent D/W update; the bit carries no data dependency.
                         let prev = it.sptep().fetch_and(!mask, Ordering::Relaxed);
+                        #[cfg(feature = "broken-plain-store")]
+                        let prev = broken_plain_clear(it.sptep(), old, mask);
                         // The leaf was observed with the bit either way; a racing zap or ager may
                         // have cleared it first, so count as cleared only what this AND removed.
                         observed += 1;
@@ -109,4 +114,23 @@ impl TdpMmu {
         }
         (observed, cleared)
     }
+}
+
+/// The deliberately broken ager of feature `broken-plain-store` (test-only; the torture tests
+/// assert it is caught): clears `mask` with a plain store of the stale snapshot `old` instead of
+/// an atomic AND, after a yield that widens the window. A CPU D-bit set or a zap that lands in
+/// between is overwritten: the Dirty bit is lost, or a zapped leaf comes back (violating P3).
+#[cfg(feature = "broken-plain-store")]
+fn broken_plain_clear(
+    sptep: &crate::mmu::spte::AtomicSpte,
+    old: crate::mmu::spte::Spte,
+    mask: u64,
+) -> crate::mmu::spte::Spte {
+    crate::sync::yield_now();
+    // ORDERING: deliberately wrong (see above); Relaxed like the AND it replaces.
+    sptep.store(
+        crate::mmu::spte::Spte::from_raw(old.raw() & !mask),
+        Ordering::Relaxed,
+    );
+    old
 }

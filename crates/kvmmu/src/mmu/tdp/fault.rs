@@ -69,12 +69,21 @@ impl TdpMmu {
                     Counters::add(&counters.tables_allocated, 1);
                     // ORDERING: O2 — Release publishes the child's initialised entries; Acquire
                     // on failure is not needed since we do not follow the value we lost to.
-                    match sptep.compare_exchange(
-                        old,
-                        child.to_spte(),
-                        Ordering::Release,
-                        Ordering::Relaxed,
-                    ) {
+                    #[cfg(feature = "test-hooks")]
+                    let forced = super::hooks::force_cas_failure();
+                    #[cfg(not(feature = "test-hooks"))]
+                    let forced = false;
+                    let linked = if forced {
+                        Err(old)
+                    } else {
+                        sptep.compare_exchange(
+                            old,
+                            child.to_spte(),
+                            Ordering::Release,
+                            Ordering::Relaxed,
+                        )
+                    };
+                    match linked {
                         Ok(_) => child,
                         Err(_) => {
                             // SAFETY: the CAS failed, so `child` was never published (P1).
@@ -119,7 +128,18 @@ impl TdpMmu {
         }
         // ORDERING: Release, so a walker that Acquire-loads the leaf sees everything this thread
         // saw before installing it (e.g. the host's initialisation of the frame, via GUP).
-        match sptep.compare_exchange(old, new, Ordering::Release, Ordering::Relaxed) {
+        #[cfg(feature = "test-hooks")]
+        super::hooks::maybe_yield();
+        #[cfg(feature = "test-hooks")]
+        let forced = super::hooks::force_cas_failure();
+        #[cfg(not(feature = "test-hooks"))]
+        let forced = false;
+        let installed = if forced {
+            Err(old)
+        } else {
+            sptep.compare_exchange(old, new, Ordering::Release, Ordering::Relaxed)
+        };
+        match installed {
             Ok(_) => {
                 Counters::add(&counters.leaves_installed, 1);
                 FaultOutcome::Fixed

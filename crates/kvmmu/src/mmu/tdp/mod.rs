@@ -53,6 +53,8 @@
 
 mod age;
 mod fault;
+#[cfg(feature = "test-hooks")]
+pub mod hooks;
 mod iter;
 pub(crate) mod table;
 mod walk;

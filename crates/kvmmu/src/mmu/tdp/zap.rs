@@ -153,6 +153,12 @@ pub(super) struct ZapCtx<'a> {
 
 impl ZapCtx<'_> {
     fn flush_now(&mut self) {
+        // The deliberately broken build of feature `broken-skip-zap-flush` (test-only; the
+        // torture tests assert it is caught) forgets the flush, violating P6.
+        if cfg!(feature = "broken-skip-zap-flush") {
+            self.unflushed = 0;
+            return;
+        }
         if let Some(f) = self.flusher {
             f.flush_remote_tlbs();
         }
@@ -191,7 +197,8 @@ impl TdpMmu {
             self.zap_leafs_in_root(root, start, end, &mut ctx);
         }
         drop(roots);
-        ctx.unflushed != 0
+        // `broken-skip-zap-flush` (test-only): claim no flush is needed (violates P6).
+        ctx.unflushed != 0 && !cfg!(feature = "broken-skip-zap-flush")
     }
 
     /// References to the roots of `as_id` (all roots if `None`) that are still referenced
@@ -262,6 +269,8 @@ impl TdpMmu {
                 }
                 let old = it.old();
                 if old.is_present_leaf(it.level()) {
+                    #[cfg(feature = "test-hooks")]
+                    super::hooks::maybe_yield();
                     let prev = write_spte(it.sptep(), old, Spte::NONPRESENT, it.level());
                     it.set_old(prev);
                     zapped += 1;

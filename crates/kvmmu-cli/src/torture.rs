@@ -1,0 +1,192 @@
+//! `kvmmu torture`: every concurrent actor of the MMU at once, checked by oracles (see
+//! `kvmmu::torture`). Exits non-zero, with every violation and the seed, if an oracle fails.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use kvmmu::config::{AgingMode, MmuKind};
+use kvmmu::torture::{Actors, TortureConfig};
+
+use crate::{AgingArg, MmuArg};
+
+/// Options of `kvmmu torture`.
+#[derive(Debug, Clone, Args)]
+pub struct TortureArgs {
+    /// Run for this long (e.g. 30s, 10m, 4h; a bare number is seconds). Without it, the run is
+    /// bounded by --ops.
+    #[arg(short = 'd', long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Operations per vCPU (the bound used in CI). Without --duration it defaults to 20000.
+    #[arg(long)]
+    pub ops: Option<u64>,
+
+    /// Seed of every actor's operation sequence (decimal or 0x-hex); printed in every report.
+    #[arg(short = 's', long, value_parser = parse_seed)]
+    pub seed: Option<u64>,
+
+    /// Which MMU.
+    #[arg(long, value_enum, default_value_t = MmuArg::Tdp)]
+    pub mmu: MmuArg,
+
+    /// Lockless or locked aging.
+    #[arg(long, value_enum, default_value_t = AgingArg::Lockless)]
+    pub aging: AgingArg,
+
+    /// vCPU threads.
+    #[arg(short = 'v', long, default_value_t = 2)]
+    pub vcpus: usize,
+
+    /// Host pages behind slot 0.
+    #[arg(long, default_value_t = 256)]
+    pub pages: u64,
+
+    /// Host pages behind the dynamic slot (moved, flag-changed, deleted and re-created).
+    #[arg(long, default_value_t = 64)]
+    pub dyn_pages: u64,
+
+    /// Frames of the host arena (default: twice the guest memory); below the page count this
+    /// injects frame exhaustion.
+    #[arg(long)]
+    pub frames: Option<usize>,
+
+    /// Entries in each vCPU's TLB.
+    #[arg(long, default_value_t = 64)]
+    pub tlb_entries: usize,
+
+    /// Do not elide the TLB flush of clear_flush_young (makes the accessed oracle strict).
+    #[arg(long)]
+    pub no_elide_flush: bool,
+
+    /// Fail if an actor makes no progress for this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub stall_timeout: Duration,
+
+    /// Turn off the host actor (munmap/mmap, mprotect, madvise).
+    #[arg(long)]
+    pub no_host: bool,
+    /// Turn off random-range aging.
+    #[arg(long)]
+    pub no_aging: bool,
+    /// Turn off the accessed oracle.
+    #[arg(long)]
+    pub no_accessed: bool,
+    /// Turn off the memslot actor.
+    #[arg(long)]
+    pub no_memslot: bool,
+    /// Turn off the MMU-reset actor.
+    #[arg(long)]
+    pub no_reset: bool,
+}
+
+/// Parses `30s`, `10m`, `4h`, `250ms` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, mult_ms) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3_600_000)
+    } else {
+        (t, 1000)
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (examples: 30s, 10m, 4h)"))?;
+    n.checked_mul(mult_ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("'{s}' is too long"))
+}
+
+/// Parses a decimal or `0x` hexadecimal seed.
+pub fn parse_seed(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => t.parse(),
+    };
+    r.map_err(|_| format!("'{s}' is not a seed (decimal or 0x-hex)"))
+}
+
+/// The library configuration these options describe; a fresh seed from the clock if none given.
+pub fn config(a: &TortureArgs) -> TortureConfig {
+    let mut actors = Actors::all();
+    for (off, a) in [
+        (a.no_host, Actors::HOST),
+        (a.no_aging, Actors::AGING),
+        (a.no_accessed, Actors::ACCESSED),
+        (a.no_memslot, Actors::MEMSLOT),
+        (a.no_reset, Actors::RESET),
+    ] {
+        if off {
+            actors.remove(a);
+        }
+    }
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    TortureConfig {
+        seed,
+        mmu: match a.mmu {
+            MmuArg::Tdp => MmuKind::Tdp,
+            MmuArg::Shadow => MmuKind::Shadow,
+        },
+        aging: match a.aging {
+            AgingArg::Lockless => AgingMode::Lockless,
+            AgingArg::Locked => AgingMode::Locked,
+        },
+        vcpus: a.vcpus,
+        main_pages: a.pages,
+        dyn_pages: a.dyn_pages,
+        frames: a.frames,
+        tlb_entries: a.tlb_entries,
+        elide_tlb_flush_if_young: !a.no_elide_flush,
+        ops_per_vcpu: match (a.ops, a.duration) {
+            (Some(n), _) => Some(n),
+            (None, Some(_)) => None,
+            (None, None) => Some(20_000),
+        },
+        duration: a.duration,
+        actors,
+        stall_timeout: a.stall_timeout,
+        ..TortureConfig::default()
+    }
+}
+
+/// Runs `kvmmu torture`; an error (non-zero exit) if any oracle failed.
+pub fn run(a: &TortureArgs) -> anyhow::Result<String> {
+    let cfg = config(a);
+    eprintln!(
+        "kvmmu torture: seed {:#x} (replay with --seed {:#x}), {:?} MMU, {:?} aging, {} vCPUs",
+        cfg.seed, cfg.seed, cfg.mmu, cfg.aging, cfg.vcpus
+    );
+    let report = kvmmu::torture::run(&cfg).context("torture set-up failed")?;
+    if !report.passed() {
+        bail!("{report}");
+    }
+    Ok(report.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_seeds_parse() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_seed("0x1f"), Ok(31));
+        assert_eq!(parse_seed("42"), Ok(42));
+        assert!(parse_seed("0xg").is_err());
+    }
+}

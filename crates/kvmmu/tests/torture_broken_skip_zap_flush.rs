@@ -1,0 +1,31 @@
+//! The deliberately broken build that skips the remote TLB flush after a zap (feature
+//! `broken-skip-zap-flush`) must be caught by the torture oracles within a short, bounded run.
+//! Run with `cargo test -p kvmmu --features broken-skip-zap-flush --test torture_broken_skip_zap_flush`.
+
+use kvmmu::torture::{Actors, TortureConfig, ViolationKind, run};
+
+#[test]
+fn torture_catches_a_zap_without_tlb_flush() {
+    // Host churn frees frames the vCPUs still cache in their TLBs: the next access through such an
+    // entry hits a frame with another owner tag.
+    let mut caught = None;
+    for seed in 1..=5u64 {
+        let report = run(&TortureConfig {
+            seed,
+            ops_per_vcpu: Some(20_000),
+            actors: Actors::HOST,
+            ..TortureConfig::default()
+        })
+        .expect("set-up");
+        if !report.passed() {
+            caught = Some(report);
+            break;
+        }
+    }
+    let report = caught.expect("five bounded runs of a build without zap flushes all passed");
+    eprintln!("{report}");
+    assert!(
+        report.has(ViolationKind::StaleTranslation) || report.has(ViolationKind::Data),
+        "caught, but not as a stale translation or lost data:\n{report}"
+    );
+}
