@@ -5,6 +5,7 @@
 //! part of it again, and aging tells hot pages from cold ones. Every value written is read back and
 //! checked, and the VM's counters are checked for balance before the summary prints.
 
+mod bench;
 mod size;
 mod workload;
 
@@ -31,6 +32,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the default workload (the same as giving no subcommand).
     Run(WorkloadArgs),
+    /// Benchmark kvmmu against its hardware limits and its peers (medians and ratios).
+    Bench(bench::BenchArgs),
 }
 
 /// Options of the default workload.
@@ -88,6 +91,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         None => print!("{}", workload::run(&cli.workload)?),
         Some(Command::Run(args)) => print!("{}", workload::run(&args)?),
+        Some(Command::Bench(args)) => print!("{}", bench::run(&args)?),
     }
     Ok(())
 }
