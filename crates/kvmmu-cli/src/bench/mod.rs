@@ -82,15 +82,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let pages = bytes / PAGE_SIZE;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
 
-    let mut r = Report::default();
-    r.config = vec![
-        ("mmu", format!("{:?}", args.mmu).to_lowercase()),
-        ("guest_bytes", bytes.to_string()),
-        ("pages", pages.to_string()),
-        ("reps", reps.to_string()),
-        ("host_cpus", cpus.to_string()),
-        ("mode", if args.quick { "quick" } else { "full" }.into()),
-    ];
+    let mut r = Report {
+        config: vec![
+            ("mmu", format!("{:?}", args.mmu).to_lowercase()),
+            ("guest_bytes", bytes.to_string()),
+            ("pages", pages.to_string()),
+            ("reps", reps.to_string()),
+            ("host_cpus", cpus.to_string()),
+            ("mode", if args.quick { "quick" } else { "full" }.into()),
+        ],
+        ..Report::default()
+    };
     let started = Instant::now();
     aging(&mut r, mmu, pages, reps)?;
     slowdown(&mut r, mmu, pages, reps)?;
@@ -128,8 +130,7 @@ fn populated(mmu: MmuKind, aging: AgingMode, pages: u64, tlb: usize) -> anyhow::
 /// Makes every `step`-th page young (none for step 0) after clearing everything.
 fn make_young(g: &mut Guest, young_pct: u64) -> anyhow::Result<()> {
     g.age()?;
-    if young_pct > 0 {
-        let step = 100 / young_pct;
+    if let Some(step) = 100u64.checked_div(young_pct) {
         let pages = g.pages;
         black_box(touch_read(&mut g.vcpus[0], pages, step)?);
     }
