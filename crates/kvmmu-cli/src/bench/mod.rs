@@ -48,7 +48,21 @@ pub struct BenchArgs {
     /// Largest guest of the scaling sweep, in GiB (full run only; sizes 1, 4, 16 up to this).
     #[arg(long, default_value_t = 16)]
     pub max_scaling_gib: u64,
+    /// Run only these scenarios (comma-separated: aging, slowdown, fault, translation, peers,
+    /// scaling), e.g. to profile one of them.
+    #[arg(long, value_delimiter = ',', value_parser = SCENARIOS)]
+    pub only: Vec<String>,
 }
+
+/// The scenarios, in run order.
+const SCENARIOS: [&str; 6] = [
+    "aging",
+    "slowdown",
+    "fault",
+    "translation",
+    "peers",
+    "scaling",
+];
 
 /// Accessed bit of the flat-array limit (the EPT A bit position).
 const FLAT_A: u64 = 1 << 8;
@@ -94,12 +108,23 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
         ..Report::default()
     };
     let started = Instant::now();
-    aging(&mut r, mmu, pages, reps)?;
-    slowdown(&mut r, mmu, pages, reps)?;
-    fault_rate(&mut r, mmu, pages, reps)?;
-    translation(&mut r, mmu, pages, reps)?;
-    peer_ops(&mut r, mmu, pages, reps)?;
-    if !args.quick {
+    let on = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    if on("aging") {
+        aging(&mut r, mmu, pages, reps)?;
+    }
+    if on("slowdown") {
+        slowdown(&mut r, mmu, pages, reps)?;
+    }
+    if on("fault") {
+        fault_rate(&mut r, mmu, pages, reps)?;
+    }
+    if on("translation") {
+        translation(&mut r, mmu, pages, reps)?;
+    }
+    if on("peers") {
+        peer_ops(&mut r, mmu, pages, reps)?;
+    }
+    if !args.quick && on("scaling") {
         scaling(&mut r, mmu, reps.min(3), args.max_scaling_gib)?;
     }
     r.config.push((
