@@ -254,66 +254,84 @@ fn aging(r: &mut Report, mmu: MmuKind, pages: u64, reps: u32) -> anyhow::Result<
 }
 
 /// One slowdown run: a fresh guest, a vCPU populating then touching memory, with or without an aging
-/// thread running passes back to back. Returns (vCPU wall seconds, aging passes completed).
+/// thread running passes back to back. Returns (vCPU wall seconds, aging passes completed, vCPU wall
+/// seconds minus the time the vCPU thread waited for a CPU, when the OS reports it).
 fn slowdown_run(
     mmu: MmuKind,
     aging: AgingMode,
     pages: u64,
     with_aging: bool,
-) -> anyhow::Result<(f64, u64)> {
+) -> anyhow::Result<(f64, u64, Option<f64>)> {
     let mut g = Guest::new(pages, mmu, aging, 1, VmConfig::default().tlb_entries)?;
     let Guest {
         host, hva, vcpus, ..
     } = &mut g;
     let stop = AtomicBool::new(false);
     let bytes = pages * PAGE_SIZE;
-    let (wall, passes) = std::thread::scope(|s| -> anyhow::Result<(f64, u64)> {
-        let ager = with_aging.then(|| {
-            let (host, hva, stop) = (&*host, *hva, &stop);
-            s.spawn(move || -> anyhow::Result<u64> {
-                let mut n = 0;
-                // ORDERING: Relaxed: a stop flag; the join orders everything after it.
-                while !stop.load(Ordering::Relaxed) {
-                    host.clear_young(hva, bytes)?;
-                    n += 1;
+    let (wall, passes, runnable) =
+        std::thread::scope(|s| -> anyhow::Result<(f64, u64, Option<f64>)> {
+            let ager = with_aging.then(|| {
+                let (host, hva, stop) = (&*host, *hva, &stop);
+                s.spawn(move || -> anyhow::Result<u64> {
+                    let mut n = 0;
+                    // ORDERING: Relaxed: a stop flag; the join orders everything after it.
+                    while !stop.load(Ordering::Relaxed) {
+                        host.clear_young(hva, bytes)?;
+                        n += 1;
+                    }
+                    Ok(n)
+                })
+            });
+            let sched0 = thread_runqueue_wait_ns();
+            let t = Instant::now();
+            let res = (|| -> anyhow::Result<()> {
+                touch_write(&mut vcpus[0], 0..pages)?;
+                for _ in 0..SLOWDOWN_TOUCH_PASSES {
+                    black_box(touch_read(&mut vcpus[0], pages, 1)?);
                 }
-                Ok(n)
-            })
-        });
-        let t = Instant::now();
-        let res = (|| -> anyhow::Result<()> {
-            touch_write(&mut vcpus[0], 0..pages)?;
-            for _ in 0..SLOWDOWN_TOUCH_PASSES {
-                black_box(touch_read(&mut vcpus[0], pages, 1)?);
-            }
-            Ok(())
-        })();
-        let wall = t.elapsed().as_secs_f64();
-        // ORDERING: Relaxed: see the load.
-        stop.store(true, Ordering::Relaxed);
-        let passes = match ager {
-            Some(h) => h
-                .join()
-                .map_err(|_| anyhow::anyhow!("aging thread panicked"))??,
-            None => 0,
-        };
-        res?;
-        Ok((wall, passes))
-    })?;
+                Ok(())
+            })();
+            let wall = t.elapsed().as_secs_f64();
+            let waited = sched0
+                .zip(thread_runqueue_wait_ns())
+                .map(|(a, b)| b.saturating_sub(a) as f64 / 1e9);
+            // ORDERING: Relaxed: see the load.
+            stop.store(true, Ordering::Relaxed);
+            let passes = match ager {
+                Some(h) => h
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("aging thread panicked"))??,
+                None => 0,
+            };
+            res?;
+            Ok((wall, passes, waited.map(|w| (wall - w).max(0.0))))
+        })?;
     drop(g.vcpus);
     g.vm.shutdown();
-    Ok((wall, passes))
+    Ok((wall, passes, runnable))
+}
+
+/// Nanoseconds the calling thread has spent runnable but waiting for a CPU (Linux
+/// `/proc/thread-self/schedstat`, second field); None where the OS does not report it.
+fn thread_runqueue_wait_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn slowdown(r: &mut Report, mmu: MmuKind, pages: u64, reps: u32) -> anyhow::Result<()> {
     // samples[mode][with_aging]
     let mut samples = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
     let mut passes = [Vec::new(), Vec::new()];
+    // The same, minus the time the vCPU waited for a CPU (machine oversubscription, not MMU cost).
+    let mut on_cpu = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
     for _ in 0..reps {
         for (i, (m, _)) in modes().iter().enumerate() {
             for with in [false, true] {
-                let (w, p) = slowdown_run(mmu, *m, pages, with)?;
+                let (w, p, oc) = slowdown_run(mmu, *m, pages, with)?;
                 samples[i][usize::from(with)].push(w * 1e3);
+                if let Some(oc) = oc {
+                    on_cpu[i][usize::from(with)].push(oc * 1e3);
+                }
                 if with {
                     passes[i].push(p as f64);
                 }
@@ -345,6 +363,26 @@ fn slowdown(r: &mut Report, mmu: MmuKind, pages: u64, reps: u32) -> anyhow::Resu
             "vCPU wall with aging / without",
             (i == 0).then_some((1.03, false)),
         );
+        if !on_cpu[i][0].is_empty() && !on_cpu[i][1].is_empty() {
+            let off = r.figure(
+                "slowdown",
+                format!("vCPU wall minus CPU-wait, no aging ({name} VM)"),
+                "ms",
+                std::mem::take(&mut on_cpu[i][0]),
+            );
+            let on = r.figure(
+                "slowdown",
+                format!("vCPU wall minus CPU-wait, continuous {name} aging"),
+                "ms",
+                std::mem::take(&mut on_cpu[i][1]),
+            );
+            r.ratio(
+                format!("vCPU slowdown excluding CPU-wait, {name} aging"),
+                on / off,
+                "as above, runqueue wait removed",
+                (i == 0).then_some((1.03, false)),
+            );
+        }
     }
     Ok(())
 }

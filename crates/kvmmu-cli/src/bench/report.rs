@@ -118,7 +118,7 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "  {:<44} {:>14.3} {:<10} (n={})",
+                "  {:<52} {:>14.3} {:<10} (n={})",
                 f.name,
                 f.median(),
                 f.unit,
@@ -137,7 +137,7 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "  {:<44} {:>9.3}  {:<40} {t}",
+                "  {:<52} {:>9.3}  {:<40} {t}",
                 r.name, r.value, r.meaning
             );
         }
