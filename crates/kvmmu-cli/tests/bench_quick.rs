@@ -120,3 +120,32 @@ fn bad_sizes_are_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--bytes"));
 }
+
+#[test]
+fn plot_draws_aging_and_slowdown_charts() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvmmu"))
+        .args([
+            "bench",
+            "--quick",
+            "--plot",
+            "--bytes",
+            "1M",
+            "--reps",
+            "1",
+            "--only",
+            "aging,slowdown",
+        ])
+        .output()
+        .expect("the kvmmu binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[aging plot, M SPTE/s]"), "{text}");
+    assert!(text.contains("[slowdown plot, ms]"), "{text}");
+    // Each chart has a full-width bar (its largest median; ties may add more).
+    let full = "#".repeat(50);
+    assert!(text.matches(full.as_str()).count() >= 2, "{text}");
+}

@@ -36,6 +36,9 @@ pub struct BenchArgs {
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// After the table, plot the aging and slowdown results as text bar charts.
+    #[arg(long, conflicts_with = "json")]
+    pub plot: bool,
     /// Which MMU kvmmu uses.
     #[arg(long, value_enum, default_value_t = MmuArg::Tdp)]
     pub mmu: MmuArg,
@@ -131,7 +134,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
         "wall_seconds",
         format!("{:.1}", started.elapsed().as_secs_f64()),
     ));
-    Ok(if args.json { r.to_json() } else { r.to_text() })
+    Ok(if args.json {
+        r.to_json()
+    } else if args.plot {
+        let mut s = r.to_text();
+        s.push_str(&r.to_plot("aging", "M SPTE/s"));
+        s.push_str(&r.to_plot("slowdown", "ms"));
+        s
+    } else {
+        r.to_text()
+    })
 }
 
 fn modes() -> [(AgingMode, &'static str); 2] {

@@ -144,6 +144,33 @@ impl Report {
         s
     }
 
+    /// Horizontal bar charts of the figures of `scenario` that share `unit`, scaled to the largest.
+    pub fn to_plot(&self, scenario: &str, unit: &str) -> String {
+        const WIDTH: f64 = 50.0;
+        let figs: Vec<&Figure> = self
+            .figures
+            .iter()
+            .filter(|f| f.scenario == scenario && f.unit == unit)
+            .collect();
+        let max = figs.iter().map(|f| f.median()).fold(0.0, f64::max);
+        let mut s = format!("\n[{scenario} plot, {unit}]\n");
+        for f in figs {
+            let n = if max > 0.0 {
+                (f.median() / max * WIDTH).round() as usize
+            } else {
+                0
+            };
+            let _ = writeln!(
+                s,
+                "  {:<52} |{:<50}| {:.1}",
+                f.name,
+                "#".repeat(n),
+                f.median()
+            );
+        }
+        s
+    }
+
     /// JSON: `{"config":{..},"figures":[..],"ratios":[..]}`.
     pub fn to_json(&self) -> String {
         let mut s = String::from("{\"config\":{");
@@ -222,6 +249,17 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn plot_scales_bars_to_the_largest_median() {
+        let mut r = Report::default();
+        r.figure("aging", "a", "M SPTE/s", vec![10.0]);
+        r.figure("aging", "b", "M SPTE/s", vec![5.0]);
+        r.figure("aging", "c", "%", vec![100.0]);
+        let p = r.to_plot("aging", "M SPTE/s");
+        let bars: Vec<usize> = p.lines().skip(2).map(|l| l.matches('#').count()).collect();
+        assert_eq!(bars, vec![50, 25], "{p}");
     }
 
     #[test]
