@@ -1,7 +1,8 @@
 //! Criterion micro-benchmarks of kvmmu's hot paths, each calling the library's public API exactly as
 //! the VM and vCPU layers do: SPTE walk, software TLB hit and miss, TDP leaf install, zap, lockless
-//! and locked aging of one table and of a 4 GiB range, SRCU/RCU read-side entry, and the whole vCPU
-//! fault path (walk miss, fault, GUP with host frame allocation, install).
+//! and locked aging of one table and of a 4 GiB range, SRCU/RCU read-side entry, the whole vCPU
+//! fault path (walk miss, fault, GUP with host frame allocation, install), and the shadow MMU's rmap
+//! add/remove/age.
 //!
 //! Run with `cargo bench -p kvmmu --bench micro`; `cargo test` only compiles it (`harness = false`).
 
@@ -9,12 +10,16 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use kvmmu::addr::{AsId, Gfn, GfnRange, Gpa, Level, PAGE_SIZE, Pfn, SlotId};
 use kvmmu::config::{AgingMode, MmuKind, VmConfig};
 use kvmmu::host::{HostConfig, HostMm, Prot};
+use kvmmu::mmu::shadow::rmap::{
+    AgeAction, RmapHead, RmapStats, SPTE_ACCESSED_MASK, SPTE_PRESENT_MASK, SptePtr,
+};
 use kvmmu::mmu::tdp::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RootRef, TdpMmu};
 use kvmmu::sync::{Arc, MmuLock, Rcu, Srcu};
 use kvmmu::vcpu::tlb::{Tlb, TlbEntry};
 use kvmmu::vm::Vm;
 use kvmmu::vm::memslot::{MemFlags, MemoryRegion};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Pages in one last-level table.
 const TABLE: u64 = 512;
@@ -351,7 +356,81 @@ fn fault_path(c: &mut Criterion) {
     grp.finish();
 }
 
+/// Shadow-MMU reverse maps (the primitive on main): add/remove one SPTE on an empty rmap and on a
+/// 16-entry chain (descriptor list), and lockless aging of a 16-entry rmap (read-only bit lock).
+fn rmap(c: &mut Criterion) {
+    const CHAIN: usize = 16;
+    let young = SPTE_PRESENT_MASK | SPTE_ACCESSED_MASK | 0x7;
+    let slots: Box<[AtomicU64]> = (0..=CHAIN).map(|_| AtomicU64::new(young)).collect();
+    // SAFETY: `slots` outlives every rmap below, each of which is emptied before this function
+    // returns, so no pointer to a slot is used after the slots are freed.
+    let ptr = |i: usize| unsafe { SptePtr::new(&slots[i]) };
+    let lock = MmuLock::new();
+    let stats = RmapStats::new();
+
+    let single = RmapHead::new();
+    c.bench_function("rmap/add_remove_single", |b| {
+        b.iter(|| {
+            let w = lock.write();
+            single.pte_list_add(w.witness(), &stats, ptr(0));
+            single
+                .pte_list_remove(w.witness(), &stats, ptr(0))
+                .expect("the SPTE just added is present");
+        })
+    });
+
+    let chain = RmapHead::new();
+    {
+        let w = lock.write();
+        for i in 0..CHAIN {
+            chain.pte_list_add(w.witness(), &stats, ptr(i));
+        }
+    }
+    c.bench_function("rmap/add_remove_in_16_chain", |b| {
+        b.iter(|| {
+            let w = lock.write();
+            chain.pte_list_add(w.witness(), &stats, ptr(CHAIN));
+            chain
+                .pte_list_remove(w.witness(), &stats, ptr(CHAIN))
+                .expect("the SPTE just added is present");
+        })
+    });
+    let mut grp = c.benchmark_group("rmap_age_16");
+    grp.throughput(Throughput::Elements(CHAIN as u64));
+    grp.bench_function("lockless_none_young", |b| {
+        for s in slots.iter() {
+            // ORDERING: Relaxed: single-threaded setup between measurements.
+            s.fetch_and(!SPTE_ACCESSED_MASK, Ordering::Relaxed);
+        }
+        b.iter(|| black_box(chain.age_rmap(&stats, AgeAction::Clear)))
+    });
+    grp.bench_function("lockless_all_young", |b| {
+        b.iter_batched(
+            || {
+                for s in slots.iter() {
+                    // ORDERING: Relaxed: single-threaded setup outside the timing.
+                    s.fetch_or(SPTE_ACCESSED_MASK, Ordering::Relaxed);
+                }
+            },
+            |()| black_box(chain.age_rmap(&stats, AgeAction::Clear)),
+            BatchSize::SmallInput,
+        )
+    });
+    grp.finish();
+
+    let w = lock.write();
+    for i in 0..CHAIN {
+        chain
+            .pte_list_remove(w.witness(), &stats, ptr(i))
+            .expect("every SPTE added is present");
+    }
+    assert!(
+        chain.is_empty() && single.is_empty(),
+        "rmaps emptied before their slots are freed"
+    );
+}
+
 criterion_group!(
-    benches, spte_walk, tlb, install, zap, aging, read_side, fault_path
+    benches, spte_walk, tlb, install, zap, aging, read_side, fault_path, rmap
 );
 criterion_main!(benches);
