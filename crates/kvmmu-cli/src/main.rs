@@ -5,6 +5,7 @@
 //! part of it again, and aging tells hot pages from cold ones. Every value written is read back and
 //! checked, and the VM's counters are checked for balance before the summary prints.
 
+mod bench;
 mod torture;
 mod workload;
 
@@ -43,6 +44,8 @@ pub enum Command {
     Compare(kvmmu_cli::compare::CompareArgs),
     /// Run every MMU actor at once under oracles (rcutorture-style); fails on any violation.
     Torture(torture::TortureArgs),
+    /// Benchmark kvmmu against its hardware limits and its peers (medians and ratios).
+    Bench(bench::BenchArgs),
 }
 
 /// Options of the default workload.
@@ -86,6 +89,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::MmuStress(cmd)) => kvmmu_cli::mmu_stress::main(&cmd)?,
         Some(Command::Compare(args)) => kvmmu_cli::compare::main(&args)?,
         Some(Command::Torture(args)) => print!("{}", torture::run(&args)?),
+        Some(Command::Bench(args)) => print!("{}", bench::run(&args)?),
     }
     Ok(())
 }

@@ -1,0 +1,436 @@
+//! Criterion micro-benchmarks of kvmmu's hot paths, each calling the library's public API exactly as
+//! the VM and vCPU layers do: SPTE walk, software TLB hit and miss, TDP leaf install, zap, lockless
+//! and locked aging of one table and of a 4 GiB range, SRCU/RCU read-side entry, the whole vCPU
+//! fault path (walk miss, fault, GUP with host frame allocation, install), and the shadow MMU's rmap
+//! add/remove/age.
+//!
+//! Run with `cargo bench -p kvmmu --bench micro`; `cargo test` only compiles it (`harness = false`).
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use kvmmu::addr::{AsId, Gfn, GfnRange, Gpa, Level, PAGE_SIZE, Pfn, SlotId};
+use kvmmu::config::{AgingMode, MmuKind, VmConfig};
+use kvmmu::host::{HostConfig, HostMm, Prot};
+use kvmmu::mmu::shadow::rmap::{
+    AgeAction, RmapHead, RmapStats, SPTE_ACCESSED_MASK, SPTE_PRESENT_MASK, SptePtr,
+};
+use kvmmu::mmu::tdp::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RootRef, TdpMmu};
+use kvmmu::sync::{Arc, MmuLock, Rcu, Srcu};
+use kvmmu::vcpu::tlb::{Tlb, TlbEntry};
+use kvmmu::vm::Vm;
+use kvmmu::vm::memslot::{MemFlags, MemoryRegion};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Pages in one last-level table.
+const TABLE: u64 = 512;
+/// Pages in 4 GiB.
+const RANGE_4G: u64 = (4 << 30) / PAGE_SIZE;
+
+/// A TDP MMU with one valid root, as the VM holds it.
+struct Env {
+    lock: MmuLock,
+    rcu: Arc<Rcu>,
+    tdp: TdpMmu,
+    root: Option<RootRef>,
+}
+
+/// A flush that has no vCPUs to reach (the benchmark has none running on this MMU).
+struct NoVcpus;
+
+impl RemoteTlbFlush for NoVcpus {
+    fn flush_remote_tlbs(&self) {}
+}
+
+impl Env {
+    fn new() -> Env {
+        let lock = MmuLock::new();
+        let rcu = Arc::new(Rcu::new());
+        let tdp = TdpMmu::new(1, Arc::clone(&rcu));
+        let root = {
+            let mmu = lock.read();
+            tdp.get_root(AsId::new(0), mmu.witness())
+        };
+        Env {
+            lock,
+            rcu,
+            tdp,
+            root: Some(root),
+        }
+    }
+
+    fn root(&self) -> &RootRef {
+        self.root
+            .as_ref()
+            .expect("root held for the Env's lifetime")
+    }
+
+    /// Maps `gfns` (gfn g → pfn g + 1), each leaf young, as faults do.
+    fn map(&self, gfns: std::ops::Range<u64>) {
+        let mmu = self.lock.read();
+        let rcu = self.rcu.pin();
+        for g in gfns {
+            let out = self.tdp.map(self.root(), &req(g), mmu.witness(), &rcu);
+            assert!(
+                matches!(out, FaultOutcome::Fixed | FaultOutcome::Spurious),
+                "setup map of gfn {g} failed: {out:?}"
+            );
+        }
+    }
+
+    fn range(start: u64, len: u64) -> GfnRange {
+        GfnRange::from_len(Gfn::new(start), len).expect("benchmark range is valid")
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        drop(self.root.take());
+    }
+}
+
+fn req(g: u64) -> MapRequest {
+    MapRequest {
+        gfn: Gfn::new(g),
+        pfn: Pfn::new(g + 1),
+        level: Level::L4K,
+        host_writable: true,
+        write_fault: true,
+        prefetch: false,
+    }
+}
+
+fn spte_walk(c: &mut Criterion) {
+    let env = Env::new();
+    env.map(0..RANGE_4G / 16);
+    let mut g = 0u64;
+    c.bench_function("spte_walk/hot_read", |b| {
+        b.iter(|| {
+            let rcu = env.rcu.pin();
+            // A stride of 8 pages walks a different SPTE line each time, tables stay cache-hot.
+            g = (g + 8) % TABLE;
+            black_box(env.tdp.hardware_walk(env.root(), Gfn::new(g), false, &rcu))
+        })
+    });
+    let n = RANGE_4G / 16;
+    c.bench_function("spte_walk/spread_256MiB", |b| {
+        b.iter(|| {
+            let rcu = env.rcu.pin();
+            g = (g
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407))
+                % n;
+            black_box(env.tdp.hardware_walk(env.root(), Gfn::new(g), false, &rcu))
+        })
+    });
+}
+
+fn tlb(c: &mut Criterion) {
+    let env = Env::new();
+    env.map(0..4096);
+    let mut tlb = Tlb::new(2048);
+    for g in 0..1024 {
+        tlb.insert(TlbEntry {
+            gfn: Gfn::new(g),
+            pfn: Pfn::new(g + 1),
+            tag: 0,
+            writable: true,
+            dirty: true,
+        });
+    }
+    let mut g = 0u64;
+    c.bench_function("tlb/hit", |b| {
+        b.iter(|| {
+            g = (g + 1) % 1024;
+            black_box(tlb.lookup(Gfn::new(g)).map(|e| e.pfn))
+        })
+    });
+    // A miss as the vCPU takes it: lookup, hardware walk, fill.
+    let mut m = 1024u64;
+    c.bench_function("tlb/miss_walk_fill", |b| {
+        b.iter(|| {
+            m = if m + 1 >= 4096 { 0 } else { m + 1 };
+            let gfn = Gfn::new(m);
+            if tlb.lookup(gfn).is_none() {
+                let rcu = env.rcu.pin();
+                if let HwWalk::Hit {
+                    pfn,
+                    writable,
+                    dirty,
+                    ..
+                } = env.tdp.hardware_walk(env.root(), gfn, false, &rcu)
+                {
+                    tlb.insert(TlbEntry {
+                        gfn,
+                        pfn,
+                        tag: 0,
+                        writable,
+                        dirty,
+                    });
+                }
+            }
+            black_box(m)
+        })
+    });
+}
+
+fn install(c: &mut Criterion) {
+    let mut grp = c.benchmark_group("tdp_install");
+    grp.throughput(Throughput::Elements(TABLE));
+    grp.bench_function("one_table_incl_table_alloc", |b| {
+        b.iter_batched(
+            Env::new,
+            |env| {
+                env.map(0..TABLE);
+                env
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let env = Env::new();
+    env.map(0..1); // upper tables exist
+    let mut base = TABLE;
+    grp.bench_function("one_table_upper_levels_present", |b| {
+        b.iter(|| {
+            env.map(base..base + TABLE);
+            base += TABLE;
+        })
+    });
+    grp.finish();
+}
+
+fn zap(c: &mut Criterion) {
+    let mut grp = c.benchmark_group("tdp_zap");
+    grp.throughput(Throughput::Elements(TABLE));
+    grp.bench_function("one_table_leaves", |b| {
+        b.iter_batched(
+            || {
+                let env = Env::new();
+                env.map(0..TABLE);
+                env
+            },
+            |env| {
+                let mut mmu = env.lock.write();
+                let flush = env.tdp.zap_leafs(
+                    AsId::new(0),
+                    Env::range(0, TABLE),
+                    &mut mmu,
+                    false,
+                    &NoVcpus,
+                );
+                drop(mmu);
+                black_box(flush);
+                env
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    grp.finish();
+}
+
+fn aging(c: &mut Criterion) {
+    let as0 = AsId::new(0);
+    // One table, 100% young: every leaf made young again (outside the timing) before each pass.
+    let mut grp = c.benchmark_group("age_one_table");
+    grp.throughput(Throughput::Elements(TABLE));
+    let env = Env::new();
+    env.map(0..TABLE);
+    let rejuvenate = |env: &Env| {
+        let rcu = env.rcu.pin();
+        for g in 0..TABLE {
+            black_box(env.tdp.hardware_walk(env.root(), Gfn::new(g), false, &rcu));
+        }
+    };
+    for (name, locked) in [("lockless_all_young", false), ("locked_all_young", true)] {
+        grp.bench_function(name, |b| {
+            b.iter_batched(
+                || rejuvenate(&env),
+                |()| age_once(&env, Env::range(0, TABLE), locked),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    for (name, locked) in [("lockless_none_young", false), ("locked_none_young", true)] {
+        grp.bench_function(name, |b| {
+            b.iter(|| age_once(&env, Env::range(0, TABLE), locked))
+        });
+    }
+    grp.finish();
+
+    // A 4 GiB range (1 M SPTEs), steady state (nothing young), as back-to-back aging passes see it.
+    let mut grp = c.benchmark_group("age_4GiB");
+    grp.sample_size(10);
+    grp.throughput(Throughput::Elements(RANGE_4G));
+    let env = Env::new();
+    env.map(0..RANGE_4G);
+    {
+        let rcu = env.rcu.pin();
+        env.tdp.age_gfn_range(as0, Env::range(0, RANGE_4G), &rcu);
+    }
+    for (name, locked) in [("lockless_none_young", false), ("locked_none_young", true)] {
+        grp.bench_function(name, |b| {
+            b.iter(|| age_once(&env, Env::range(0, RANGE_4G), locked))
+        });
+    }
+    grp.finish();
+}
+
+/// One aging call as the VM makes it: lockless = RCU only; locked = `mmu_lock` write around it.
+fn age_once(env: &Env, range: GfnRange, locked: bool) -> bool {
+    let guard = locked.then(|| env.lock.write());
+    let rcu = env.rcu.pin();
+    let young = env.tdp.age_gfn_range(AsId::new(0), range, &rcu);
+    drop(rcu);
+    drop(guard);
+    black_box(young)
+}
+
+fn read_side(c: &mut Criterion) {
+    let srcu = Srcu::new();
+    c.bench_function("srcu/read_lock_unlock", |b| {
+        b.iter(|| black_box(srcu.read_lock()))
+    });
+    let rcu = Rcu::new();
+    c.bench_function("rcu/pin_unpin", |b| b.iter(|| black_box(rcu.pin())));
+    let lock = MmuLock::new();
+    c.bench_function("mmu_lock/read_lock_unlock", |b| {
+        b.iter(|| black_box(lock.read()))
+    });
+}
+
+/// The whole fault path of a fresh guest: TLB miss, walk, fault, memslot lookup under SRCU, GUP
+/// (host frame allocation), retry check, install; lockless and locked aging mode VMs (faults take
+/// `mmu_lock` read in both).
+fn fault_path(c: &mut Criterion) {
+    let mut grp = c.benchmark_group("fault_path");
+    grp.throughput(Throughput::Elements(TABLE));
+    for (name, aging) in [
+        ("populate_512_lockless_vm", AgingMode::Lockless),
+        ("populate_512_locked_vm", AgingMode::Locked),
+    ] {
+        grp.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    let host = HostMm::new(HostConfig {
+                        frames: TABLE as usize + 64,
+                    })
+                    .expect("host");
+                    host.prefault().expect("prefault");
+                    let vm = Vm::new(
+                        &host,
+                        VmConfig {
+                            mmu: MmuKind::Tdp,
+                            aging,
+                            ..VmConfig::default()
+                        },
+                    )
+                    .expect("vm");
+                    let hva = host
+                        .mmap(TABLE * PAGE_SIZE, Prot::READ | Prot::WRITE)
+                        .expect("mmap");
+                    vm.set_user_memory_region(MemoryRegion {
+                        slot: SlotId::new(0),
+                        as_id: AsId::new(0),
+                        flags: MemFlags::empty(),
+                        gpa: Gpa::new(1 << 32),
+                        size: TABLE * PAGE_SIZE,
+                        hva,
+                    })
+                    .expect("memslot");
+                    let vcpu = vm.create_vcpu().expect("vcpu");
+                    (host, vm, vcpu)
+                },
+                |(host, vm, mut vcpu)| {
+                    {
+                        let mut g = vcpu.enter();
+                        for p in 0..TABLE {
+                            g.write_u64(Gpa::new((1 << 32) + p * PAGE_SIZE), p)
+                                .expect("populate write");
+                        }
+                    }
+                    (host, vm, vcpu)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    grp.finish();
+}
+
+/// Shadow-MMU reverse maps (the primitive on main): add/remove one SPTE on an empty rmap and on a
+/// 16-entry chain (descriptor list), and lockless aging of a 16-entry rmap (read-only bit lock).
+fn rmap(c: &mut Criterion) {
+    const CHAIN: usize = 16;
+    let young = SPTE_PRESENT_MASK | SPTE_ACCESSED_MASK | 0x7;
+    let slots: Box<[AtomicU64]> = (0..=CHAIN).map(|_| AtomicU64::new(young)).collect();
+    // SAFETY: `slots` outlives every rmap below, each of which is emptied before this function
+    // returns, so no pointer to a slot is used after the slots are freed.
+    let ptr = |i: usize| unsafe { SptePtr::new(&slots[i]) };
+    let lock = MmuLock::new();
+    let stats = RmapStats::new();
+
+    let single = RmapHead::new();
+    c.bench_function("rmap/add_remove_single", |b| {
+        b.iter(|| {
+            let w = lock.write();
+            single.pte_list_add(w.witness(), &stats, ptr(0));
+            single
+                .pte_list_remove(w.witness(), &stats, ptr(0))
+                .expect("the SPTE just added is present");
+        })
+    });
+
+    let chain = RmapHead::new();
+    {
+        let w = lock.write();
+        for i in 0..CHAIN {
+            chain.pte_list_add(w.witness(), &stats, ptr(i));
+        }
+    }
+    c.bench_function("rmap/add_remove_in_16_chain", |b| {
+        b.iter(|| {
+            let w = lock.write();
+            chain.pte_list_add(w.witness(), &stats, ptr(CHAIN));
+            chain
+                .pte_list_remove(w.witness(), &stats, ptr(CHAIN))
+                .expect("the SPTE just added is present");
+        })
+    });
+    let mut grp = c.benchmark_group("rmap_age_16");
+    grp.throughput(Throughput::Elements(CHAIN as u64));
+    grp.bench_function("lockless_none_young", |b| {
+        for s in slots.iter() {
+            // ORDERING: Relaxed: single-threaded setup between measurements.
+            s.fetch_and(!SPTE_ACCESSED_MASK, Ordering::Relaxed);
+        }
+        b.iter(|| black_box(chain.age_rmap(&stats, AgeAction::Clear)))
+    });
+    grp.bench_function("lockless_all_young", |b| {
+        b.iter_batched(
+            || {
+                for s in slots.iter() {
+                    // ORDERING: Relaxed: single-threaded setup outside the timing.
+                    s.fetch_or(SPTE_ACCESSED_MASK, Ordering::Relaxed);
+                }
+            },
+            |()| black_box(chain.age_rmap(&stats, AgeAction::Clear)),
+            BatchSize::SmallInput,
+        )
+    });
+    grp.finish();
+
+    let w = lock.write();
+    for i in 0..CHAIN {
+        chain
+            .pte_list_remove(w.witness(), &stats, ptr(i))
+            .expect("every SPTE added is present");
+    }
+    assert!(
+        chain.is_empty() && single.is_empty(),
+        "rmaps emptied before their slots are freed"
+    );
+}
+
+criterion_group!(
+    benches, spte_walk, tlb, install, zap, aging, read_side, fault_path, rmap
+);
+criterion_main!(benches);
