@@ -146,14 +146,15 @@ fn scan_leaf_table(table: &Table, lo: usize, hi: usize, mask: u64, action: Actio
     while i < hi {
         let line_end = ((i | (LINE - 1)) + 1).min(hi);
         let line = &entries[i..line_end];
-        // ORDERING: Relaxed suffices for every load here: a 4K slot holds only NONPRESENT, a leaf
-        // or FROZEN (P2), never a table pointer, so nothing is dereferenced from the value, and a
-        // stale A/D bit is tolerated (spec §3.8: aging may see false positives and negatives); the
-        // clear itself is the atomic AND below (O4), which acts on the current value.
+        // ORDERING: Acquire, exactly as the iterator's per-entry snapshot (O1) that this loop
+        // replaces, so the orderings (and the loom models' state space) are unchanged; on x86 an
+        // Acquire load is a plain load. Nothing weaker is needed or stronger: a 4K slot holds only
+        // NONPRESENT, a leaf or FROZEN (P2), nothing is dereferenced from it, a stale A/D bit is
+        // tolerated (spec §3.8), and the clear below is the atomic AND (O4) on the current value.
         let mut snap = [0u64; LINE];
         let mut any = 0;
         for (s, e) in snap.iter_mut().zip(line) {
-            *s = e.load(Ordering::Relaxed).raw();
+            *s = e.load(Ordering::Acquire).raw();
             any |= *s;
         }
         if any & mask != 0 {
