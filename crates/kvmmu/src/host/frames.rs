@@ -400,7 +400,14 @@ impl FrameArena {
         self.check(pfn, expect, tag.load(Ordering::Relaxed))?;
         // ORDERING: Release so that a reader observing this value synchronises with us
         // (invariant 4); then a SeqCst fence pairing with alloc's fence (invariant 3) so the
-        // re-read of the tag cannot miss a reallocation our store raced with.
+        // re-read of the tag cannot miss a reallocation our store raced with. This is a
+        // store-buffering (Dekker) pattern — we store data then load the tag, alloc stores the
+        // tag then the zero fill — and no weaker ordering forbids its bad outcome: x86 itself
+        // lets a load pass an earlier store (the store buffer), so without a StoreLoad barrier a
+        // stale write could land after the zero fill while its re-check reads the old tag, an
+        // undetected corruption of the new owner. The only cheaper schemes move the barrier to
+        // the allocator as a process-wide one (`membarrier`, or an mprotect IPI), which needs a
+        // syscall outside our dependencies and cannot be modelled by loom.
         data.store(v, Ordering::Release);
         fence(Ordering::SeqCst);
         self.check(pfn, expect, tag.load(Ordering::Relaxed))

@@ -1053,42 +1053,52 @@ mod tests {
                 self.0.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let (mmu, lock, slot, root) = populated();
-        let flushes = CountFlush(AtomicU32::new(0));
-        let waiter_saw = AtomicU32::new(u32::MAX);
-        let waiter_ran = AtomicBool::new(false);
-        let all = GfnRange::new(Gfn::new(0), Gfn::new(GFNS)).unwrap();
-        std::thread::scope(|s| {
-            let mut w = lock.write();
-            s.spawn(|| {
-                let g = lock.write();
-                // ORDERING: read under mmu_lock, after the zapper's flush and yield.
-                waiter_saw.store(flushes.0.load(Ordering::Relaxed), Ordering::Relaxed);
-                waiter_ran.store(true, Ordering::Relaxed);
-                drop(g);
+        // One attempt: a waiter queues on mmu_lock while we hold it, then we zap everything.
+        // Returns the flush count the waiter saw if the zap yielded to it, None if it did not
+        // (the waiter counted itself as waiting but had not parked yet when the zap checked, so
+        // the fair unlock found nobody to hand the lock to: a scheduling race, not a bug).
+        let attempt = || -> Option<u32> {
+            let (mmu, lock, slot, root) = populated();
+            let flushes = CountFlush(AtomicU32::new(0));
+            let waiter_saw = AtomicU32::new(u32::MAX);
+            let waiter_ran = AtomicBool::new(false);
+            let all = GfnRange::new(Gfn::new(0), Gfn::new(GFNS)).unwrap();
+            let mut yielded = false;
+            std::thread::scope(|s| {
+                let mut w = lock.write();
+                s.spawn(|| {
+                    let g = lock.write();
+                    // ORDERING: read under mmu_lock, after the zapper's flush and yield.
+                    waiter_saw.store(flushes.0.load(Ordering::Relaxed), Ordering::Relaxed);
+                    waiter_ran.store(true, Ordering::Relaxed);
+                    drop(g);
+                });
+                let mut spins = 0u32;
+                while !lock.is_contended() {
+                    spins += 1;
+                    assert!(spins < 10_000_000, "the waiter never queued on mmu_lock");
+                    std::thread::yield_now();
+                }
+                // Give the waiter time to park behind the lock it is counted as waiting for.
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                let _ = mmu.zap_gfn_range(&slot.0, all, &mut w, Some(&lock), &flushes);
+                // ORDERING: the waiter's stores happened under mmu_lock, which we hold again.
+                yielded = waiter_ran.load(Ordering::Relaxed);
+                drop(w);
             });
-            let mut spins = 0u32;
-            while !lock.is_contended() {
-                spins += 1;
-                assert!(spins < 10_000_000, "the waiter never queued on mmu_lock");
-                std::thread::yield_now();
-            }
-            let _ = mmu.zap_gfn_range(&slot.0, all, &mut w, Some(&lock), &flushes);
-            // ORDERING: the waiter's stores happened under mmu_lock, which we hold again.
-            assert!(
-                waiter_ran.load(Ordering::Relaxed),
-                "the zap yielded to the waiter"
-            );
+            let w = lock.write();
+            mmu.zap_all(&slot, w.witness(), &NoFlush);
             drop(w);
-        });
+            drop(root);
+            yielded.then(|| waiter_saw.load(Ordering::Relaxed))
+        };
+        let saw = (0..20)
+            .find_map(|_| attempt())
+            .expect("in 20 attempts the zap never yielded mmu_lock to a parked waiter");
         assert!(
-            waiter_saw.load(Ordering::Relaxed) >= 1,
-            "zapped SPTEs were flushed before mmu_lock was yielded"
+            saw >= 1,
+            "zapped SPTEs were flushed before mmu_lock was yielded (waiter saw {saw} flushes)"
         );
-        let w = lock.write();
-        mmu.zap_all(&slot, w.witness(), &NoFlush);
-        drop(w);
-        drop(root);
     }
 
     #[test]

@@ -7,13 +7,13 @@
 //! 11 or the pfn, and can never lose a concurrent Dirty or Writable update (spec items 14–20).
 
 use crate::addr::{AsId, GfnRange};
-use crate::mmu::spte::{ACCESSED_MASK, DIRTY_MASK};
+use crate::mmu::spte::{ACCESSED_MASK, DIRTY_MASK, MMU_PRESENT_MASK};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
 use crate::sync::witness::MmuRead;
 
 use super::iter::TdpIter;
-use super::table::GFN_LIMIT;
+use super::table::{ENTRIES, GFN_LIMIT, Table};
 use super::{Counters, TdpMmu};
 
 /// What to do with each present leaf whose `mask` bit is set.
@@ -89,6 +89,23 @@ impl TdpMmu {
         // SAFETY: the root table stays allocated while `rcu` is pinned (P4).
         let mut it = unsafe { TdpIter::new(root.table, start, end, rcu) };
         while it.valid() {
+            // Fast path (perf-anchors §7 item 1, 4): a table of 4K leaves is scanned in one tight
+            // loop over the part of it inside the range, then skipped as a whole.
+            if let Some(table) = it.leaf_table() {
+                let base = it.gfn();
+                // The iterator only visits entries whose span intersects [start, end), so both
+                // bounds fall inside this table's 0..=ENTRIES.
+                let lo = (start.max(base) - base) as usize;
+                let hi = (end.min(base + ENTRIES as u64) - base) as usize;
+                let (o, c) = scan_leaf_table(table, lo, hi, mask, action);
+                observed += o;
+                cleared += c;
+                if action == Action::Test && o != 0 {
+                    return (1, 0);
+                }
+                it.skip_span();
+                continue;
+            }
             let old = it.old();
             if old.is_present_leaf(it.level()) && old.raw() & mask != 0 {
                 match action {
@@ -133,4 +150,165 @@ fn broken_plain_clear(
         Ordering::Relaxed,
     );
     old
+}
+
+/// Entries per 64-byte cache line: the unit of the pre-test in [`scan_leaf_table`].
+const LINE: usize = 8;
+
+/// Applies `action` to the present 4K leaves of `table[lo..hi]` with `mask` set; returns (observed,
+/// cleared) as [`TdpMmu::walk_leaves`] counts them (stops at the first for [`Action::Test`]).
+///
+/// Each cache line of entries is first tested as a whole (the OR of its entries' `mask` bits), so a
+/// line with nothing to do costs loads and one branch; only entries that are present leaves with
+/// the bit set get the `fetch_and` (perf-anchors §7 item 1: never RMW an entry that is not young).
+#[inline]
+fn scan_leaf_table(table: &Table, lo: usize, hi: usize, mask: u64, action: Action) -> (u64, u64) {
+    let entries = table.entries();
+    let want = MMU_PRESENT_MASK | mask;
+    let (mut observed, mut cleared) = (0, 0);
+    let mut i = lo;
+    while i < hi {
+        let line_end = ((i | (LINE - 1)) + 1).min(hi);
+        let line = &entries[i..line_end];
+        // ORDERING: Acquire, exactly as the iterator's per-entry snapshot (O1) that this loop
+        // replaces, so the orderings (and the loom models' state space) are unchanged; on x86 an
+        // Acquire load is a plain load. Nothing weaker is needed or stronger: a 4K slot holds only
+        // NONPRESENT, a leaf or FROZEN (P2), nothing is dereferenced from it, a stale A/D bit is
+        // tolerated (spec §3.8), and the clear below is the atomic AND (O4) on the current value.
+        let mut snap = [0u64; LINE];
+        let mut any = 0;
+        for (s, e) in snap.iter_mut().zip(line) {
+            *s = e.load(Ordering::Acquire).raw();
+            any |= *s;
+        }
+        if any & mask != 0 {
+            for (&old, e) in snap.iter().zip(line) {
+                if old & want != want {
+                    continue;
+                }
+                match action {
+                    Action::Test => return (1, 0),
+                    Action::Clear => {
+                        #[cfg(feature = "test-hooks")]
+                        super::hooks::maybe_yield();
+                        #[cfg(not(feature = "broken-plain-store"))]
+                        // ORDERING: O4 — the AND's atomicity, not its ordering, is what keeps a
+                        // concurrent D/W update; the bit carries no data dependency.
+                        let prev = e.fetch_and(!mask, Ordering::Relaxed);
+                        #[cfg(feature = "broken-plain-store")]
+                        let prev =
+                            broken_plain_clear(e, crate::mmu::spte::Spte::from_raw(old), mask);
+                        observed += 1;
+                        cleared += u64::from(prev.raw() & mask != 0);
+                    }
+                }
+            }
+        }
+        i = line_end;
+    }
+    (observed, cleared)
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::addr::{Gfn, Level, Pfn};
+    use crate::mmu::tdp::{FaultOutcome, MapRequest};
+    use crate::sync::Arc;
+    use crate::sync::rcu::Rcu;
+    use crate::sync::witness::MmuLock;
+
+    /// Maps `gfns` (with Accessed set) into a fresh TDP MMU; returns it with its RCU domain and
+    /// the root (kept so the root stays valid).
+    fn mapped(gfns: &[u64]) -> (Arc<Rcu>, TdpMmu, super::super::RootRef) {
+        let rcu = Arc::new(Rcu::new());
+        let lock = MmuLock::new();
+        let tdp = TdpMmu::new(1, Arc::clone(&rcu));
+        let mmu = lock.read();
+        let root = tdp.get_root(AsId::new(0), mmu.witness());
+        let guard = rcu.pin();
+        for &g in gfns {
+            let req = MapRequest {
+                gfn: Gfn::new(g),
+                pfn: Pfn::new(g + 1),
+                level: Level::L4K,
+                host_writable: true,
+                write_fault: false,
+                prefetch: false,
+            };
+            assert_eq!(
+                tdp.map(&root, &req, mmu.witness(), &guard),
+                FaultOutcome::Fixed
+            );
+        }
+        drop(guard);
+        (rcu, tdp, root)
+    }
+
+    fn young(tdp: &TdpMmu, rcu: &Rcu, g: u64) -> bool {
+        let guard = rcu.pin();
+        let (spte, _) = tdp
+            .leaf(AsId::new(0), Gfn::new(g), &guard)
+            .expect("the leaf is mapped");
+        spte.is_accessed()
+    }
+
+    fn range(s: u64, e: u64) -> GfnRange {
+        GfnRange::new(Gfn::new(s), Gfn::new(e)).expect("a non-empty range")
+    }
+
+    #[test]
+    fn table_scan_ages_exactly_the_range_across_partial_and_whole_tables() {
+        // Three 4K tables, a hole in the middle one; the range starts and ends mid-table.
+        let gfns: Vec<u64> = (0..1536).filter(|g| !(700..720).contains(g)).collect();
+        let (rcu, tdp, _root) = mapped(&gfns);
+        let before = tdp.stats().accessed_cleared;
+        let guard = rcu.pin();
+        assert!(tdp.age_gfn_range(AsId::new(0), range(100, 1200), &guard));
+        drop(guard);
+        let in_range = gfns.iter().filter(|g| (100..1200).contains(*g)).count() as u64;
+        assert_eq!(tdp.stats().accessed_cleared - before, in_range);
+        for &g in &gfns {
+            assert_eq!(
+                young(&tdp, &rcu, g),
+                !(100..1200).contains(&g),
+                "gfn {g}: only leaves inside the range lose Accessed"
+            );
+        }
+        let guard = rcu.pin();
+        assert!(!tdp.test_age_gfn_range(AsId::new(0), range(100, 1200), &guard));
+        assert!(!tdp.age_gfn_range(AsId::new(0), range(100, 1200), &guard));
+        assert!(tdp.test_age_gfn_range(AsId::new(0), range(99, 100), &guard));
+        assert!(tdp.test_age_gfn_range(AsId::new(0), range(1199, 1201), &guard));
+        assert!(tdp.test_age_gfn_range(AsId::new(0), range(0, 1 << 30), &guard));
+    }
+
+    #[test]
+    fn test_age_finds_a_single_young_leaf_anywhere_in_a_table() {
+        let gfns: Vec<u64> = (0..1024).collect();
+        let (rcu, tdp, _root) = mapped(&gfns);
+        let guard = rcu.pin();
+        assert!(tdp.age_gfn_range(AsId::new(0), range(0, 1024), &guard));
+        assert!(!tdp.test_age_gfn_range(AsId::new(0), range(0, 1024), &guard));
+        for g in [0u64, 7, 8, 511, 512, 777, 1023] {
+            // Make exactly one leaf young again, the way the simulated CPU does.
+            let root = tdp.inner.valid_root(AsId::new(0)).expect("a valid root");
+            // SAFETY: found through the valid-root slot under `guard` (P4).
+            let table = unsafe { root.get() }.table;
+            // SAFETY: the root table stays allocated while `guard` is pinned (P4).
+            let mut it = unsafe { TdpIter::new(table, g, g + 1, &guard) };
+            while it.valid() && it.level() != Level::L4K {
+                it.next();
+            }
+            assert!(it.valid(), "gfn {g} is mapped");
+            // ORDERING: test-only; the later loads are on the same thread.
+            it.sptep().fetch_or(ACCESSED_MASK, Ordering::Relaxed);
+            assert!(tdp.test_age_gfn_range(AsId::new(0), range(0, 1024), &guard));
+            if g > 0 {
+                assert!(!tdp.test_age_gfn_range(AsId::new(0), range(0, g), &guard));
+            }
+            assert!(tdp.age_gfn_range(AsId::new(0), range(g, g + 1), &guard));
+            assert!(!tdp.test_age_gfn_range(AsId::new(0), range(0, 1024), &guard));
+        }
+    }
 }

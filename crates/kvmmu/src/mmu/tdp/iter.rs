@@ -86,6 +86,11 @@ impl<'g> TdpIter<'g> {
     pub(crate) fn set_old(&mut self, v: Spte) {
         self.old = v;
     }
+    /// Base gfn of the current SPTE (its gfn rounded down to the current level).
+    #[inline]
+    pub(crate) fn gfn(&self) -> u64 {
+        self.gfn
+    }
     /// Where a restarted walk must resume so that nothing is visited twice or skipped.
     #[inline]
     pub(crate) fn next_gfn(&self) -> u64 {
@@ -148,11 +153,33 @@ impl<'g> TdpIter<'g> {
         true
     }
 
-    /// Moves to the next SPTE in pre-order (`tdp_iter_next`).
-    pub(crate) fn next(&mut self) {
-        if self.try_step_down() {
-            return;
+    /// If the current SPTE links a table of 4K leaves, that table; `None` for anything else
+    /// (a leaf, NONPRESENT, FROZEN, or a link to a higher-level table).
+    ///
+    /// Like a step down it re-reads the SPTE with `Acquire`, so it never returns a table unlinked
+    /// since the snapshot. It lets a caller scan the 4K entries of one table in a tight loop and
+    /// then [`Self::skip_span`] over them, instead of stepping through them one by one.
+    #[inline]
+    pub(crate) fn leaf_table(&self) -> Option<&'g Table> {
+        if self.level.down() != Some(Level::L4K) {
+            return None;
         }
+        // ORDERING: O1 — Acquire pairs with the Release of the CAS that linked the child, so the
+        // caller reads its initialised entries.
+        let spte = self.sptep().load(Ordering::Acquire);
+        if spte.kind(self.level) != SpteKind::Table {
+            return None;
+        }
+        // SAFETY: as in `try_step_down`: `spte` is a present non-leaf SPTE read from a table valid
+        // for 'g while the RCU guard of 'g is pinned; P1 keeps the child allocated until then.
+        Some(unsafe { TablePtr::from_spte(spte).get() })
+    }
+
+    /// Moves past the whole span of the current SPTE without descending into it: to the next
+    /// entry of this table, or up and on (`tdp_iter_step_side` / `tdp_iter_step_up`). The caller
+    /// must have dealt with everything below the current SPTE, since [`Self::next_gfn`] moves past
+    /// it.
+    pub(crate) fn skip_span(&mut self) {
         loop {
             if self.try_step_side() {
                 return;
@@ -164,5 +191,13 @@ impl<'g> TdpIter<'g> {
                 return;
             }
         }
+    }
+
+    /// Moves to the next SPTE in pre-order (`tdp_iter_next`).
+    pub(crate) fn next(&mut self) {
+        if self.try_step_down() {
+            return;
+        }
+        self.skip_span();
     }
 }

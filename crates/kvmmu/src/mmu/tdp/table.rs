@@ -67,6 +67,11 @@ impl Table {
     pub(crate) fn entry(&self, gfn: u64, level: Level) -> &AtomicSpte {
         &self.entries[index(gfn, level)]
     }
+    /// All entries, in index order (for tight scans of one table).
+    #[inline]
+    pub(crate) fn entries(&self) -> &[AtomicSpte; ENTRIES] {
+        &self.entries
+    }
     /// The entry at position `i`.
     #[inline]
     pub(crate) fn at(&self, i: usize) -> &AtomicSpte {
