@@ -12,7 +12,7 @@ pub mod compare;
 pub mod mmu_stress;
 pub mod report;
 pub mod size;
-mod vcpus;
+pub mod vcpus;
 
 use clap::{Args, ValueEnum};
 use kvmmu::prelude::{AgingMode, MmuKind, VmConfig};

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 /// Runs `f` on every vCPU in its own thread, all released together by a barrier once every thread
 /// is running (memstress: thread creation must not disturb the measured phase); returns the wall
 /// time from the release to the last vCPU's finish.
-pub(crate) fn run_vcpus(
+pub fn run_vcpus(
     vcpus: &mut [Vcpu],
     f: impl Fn(usize, &mut Vcpu) -> anyhow::Result<()> + Sync,
 ) -> anyhow::Result<Duration> {

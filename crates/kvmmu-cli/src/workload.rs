@@ -4,8 +4,8 @@ use crate::{AgingArg, MmuArg, WorkloadArgs};
 use anyhow::{Context, bail, ensure};
 use kvmmu::addr::PAGE_SIZE;
 use kvmmu::prelude::*;
+use kvmmu_cli::vcpus::run_vcpus;
 use std::fmt;
-use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 /// Guest physical address of the test memslot (memstress puts it high; 4 GiB keeps gfns non-trivial).
@@ -214,37 +214,6 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
 /// Accessed bits cleared by aging, whichever MMU holds the SPTEs.
 fn accessed_cleared(s: &VmStats) -> u64 {
     s.tdp.accessed_cleared + s.shadow.accessed_cleared
-}
-
-/// Runs `f` on every vCPU in its own thread, released together by a barrier; returns the wall time
-/// from release to the last vCPU's finish.
-fn run_vcpus(
-    vcpus: &mut [Vcpu],
-    f: impl Fn(usize, &mut Vcpu) -> anyhow::Result<()> + Sync,
-) -> anyhow::Result<Duration> {
-    let barrier = Barrier::new(vcpus.len() + 1);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = vcpus
-            .iter_mut()
-            .enumerate()
-            .map(|(i, v)| {
-                let (f, barrier) = (&f, &barrier);
-                s.spawn(move || {
-                    barrier.wait();
-                    f(i, v)
-                })
-            })
-            .collect();
-        barrier.wait();
-        let start = Instant::now();
-        for (i, h) in handles.into_iter().enumerate() {
-            match h.join() {
-                Ok(r) => r.with_context(|| format!("vCPU {i}"))?,
-                Err(_) => bail!("vCPU {i} panicked"),
-            }
-        }
-        Ok(start.elapsed())
-    })
 }
 
 fn rate(n: u64, d: Duration) -> f64 {

@@ -37,12 +37,12 @@ impl AtomicWords {
     #[inline]
     pub(crate) fn as_slice(&self) -> &[AtomicU64] {
         let base = self.map.as_mut_ptr().cast::<AtomicU64>();
-        // SAFETY: invariant 1: `base` points to `len * 8` bytes of zero-filled, 8-byte aligned
-        // memory that stays mapped while `self` (and so the returned borrow) lives; an all-zero
-        // `AtomicU64` is a valid value and `AtomicU64` has the size and alignment of `u64`.
-        // Invariant 2: the memory is only ever reached through this shared slice of atomics
-        // (interior mutability), never through a reference to plain bytes, so creating many
-        // shared slices over it at once is sound.
+        // Invariant 1: `base` points to `len * 8` bytes of zero-filled, 8-byte aligned memory that
+        // stays mapped while `self` (and so the returned borrow) lives; an all-zero `AtomicU64` is
+        // a valid value and `AtomicU64` has the size and alignment of `u64`.
+        // SAFETY: invariant 1 above, and invariant 2: the memory is only ever reached through this
+        // shared slice of atomics (interior mutability), never through a reference to plain bytes,
+        // so creating many shared slices over it at once is sound.
         unsafe { core::slice::from_raw_parts(base, self.len) }
     }
 }
