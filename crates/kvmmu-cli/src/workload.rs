@@ -64,18 +64,9 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
     let pages = total / PAGE_SIZE;
     let pages_per_vcpu = cli.bytes_per_vcpu / PAGE_SIZE;
 
-    let config = VmConfig {
-        mmu: match cli.mmu {
-            MmuArg::Tdp => MmuKind::Tdp,
-            MmuArg::Shadow => MmuKind::Shadow,
-        },
-        aging: match cli.aging {
-            AgingArg::Lockless => AgingMode::Lockless,
-            AgingArg::Locked => AgingMode::Locked,
-        },
-        tlb_entries: cli.tlb_entries,
-        ..VmConfig::default()
-    };
+    let config = kvmmu_cli::vm_config(cli.mmu, cli.aging, cli.tlb_entries);
+    // Refuse, before anything runs, a guest whose frame arena this machine cannot back.
+    kvmmu_cli::check_host_memory(pages + 1024)?;
     let host = HostMm::new(HostConfig {
         frames: usize::try_from(pages + 1024).context("guest too large for this machine")?,
     })?;
