@@ -8,7 +8,8 @@ use kvmmu::torture::{Actors, TortureConfig, ViolationKind, run};
 #[test]
 fn torture_catches_a_plain_store_where_an_atomic_update_is_needed() {
     // The store loses a vCPU's concurrent Dirty update (the dirty oracle), or brings back a leaf a
-    // zap removed (a stale translation, or the fault path's "present leaf changes pfn" panic).
+    // zap removed (a stale translation, the fault path's "present leaf changes pfn" panic, or, when
+    // the zap came from a write-protect, a guest write landing in a page the host made read-only).
     let mut caught = None;
     for seed in 1..=5u64 {
         let report = run(&TortureConfig {
@@ -30,6 +31,7 @@ fn torture_catches_a_plain_store_where_an_atomic_update_is_needed() {
             ViolationKind::DirtyLost,
             ViolationKind::StaleTranslation,
             ViolationKind::Data,
+            ViolationKind::WriteToReadOnly,
             ViolationKind::Panic,
         ]
         .iter()
