@@ -1,7 +1,8 @@
 //! Criterion micro-benchmarks of kvmmu's hot paths, each calling the library's public API exactly as
 //! the VM and vCPU layers do: SPTE walk, software TLB hit and miss, TDP leaf install, zap, lockless
 //! and locked aging of one table and of a 4 GiB range, SRCU/RCU read-side entry, the whole vCPU
-//! fault path (walk miss, fault, GUP with host frame allocation, install), and the shadow MMU's rmap
+//! fault path (walk miss, fault, GUP with host frame allocation, install), lock-free (shared
+//! `mmu_lock`) vs locked (exclusive) installs from parallel threads, and the shadow MMU's rmap
 //! add/remove/age.
 //!
 //! Run with `cargo bench -p kvmmu --bench micro`; `cargo test` only compiles it (`harness = false`).
@@ -430,7 +431,75 @@ fn rmap(c: &mut Criterion) {
     );
 }
 
+/// Lock-free vs locked fault path (issue 6): `threads` threads install leaves into disjoint tables
+/// of one TDP MMU, one fault at a time, each fault taking `mmu_lock` and pinning RCU the way the
+/// VM's fault path does. `read` is the TDP MMU's design (faults hold the lock shared and race
+/// with compare-and-swap); `write` is the legacy design where every fault holds it exclusively
+/// (the shadow MMU, and KVM before the TDP MMU). Only the installs are timed, not the set-up.
+fn fault_install_parallel(c: &mut Criterion) {
+    const PER_THREAD: u64 = 8 * TABLE;
+    let mut grp = c.benchmark_group("fault_install_parallel");
+    grp.sample_size(20);
+    for threads in [1u64, 2] {
+        grp.throughput(Throughput::Elements(threads * PER_THREAD));
+        for (mode, exclusive) in [("lockfree_read_lock", false), ("locked_write_lock", true)] {
+            grp.bench_function(format!("{mode}/{threads}_threads"), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = std::time::Duration::ZERO;
+                    for _ in 0..iters {
+                        let env = Env::new();
+                        env.map(0..1); // upper levels of the first table exist, as in a warm VM
+                        let t = std::time::Instant::now();
+                        std::thread::scope(|s| {
+                            for th in 0..threads {
+                                let env = &env;
+                                s.spawn(move || {
+                                    // Disjoint 1 GiB regions: no two threads share a table.
+                                    let base = (th + 1) << 18;
+                                    for g in base..base + PER_THREAD {
+                                        let out = if exclusive {
+                                            let mmu = env.lock.write();
+                                            let rcu = env.rcu.pin();
+                                            env.tdp.map(
+                                                env.root(),
+                                                &req(g),
+                                                mmu.read_witness(),
+                                                &rcu,
+                                            )
+                                        } else {
+                                            let mmu = env.lock.read();
+                                            let rcu = env.rcu.pin();
+                                            env.tdp.map(env.root(), &req(g), mmu.witness(), &rcu)
+                                        };
+                                        assert!(
+                                            matches!(out, FaultOutcome::Fixed),
+                                            "install of gfn {g} failed: {out:?}"
+                                        );
+                                    }
+                                });
+                            }
+                        });
+                        total += t.elapsed();
+                        drop(env);
+                    }
+                    total
+                })
+            });
+        }
+    }
+    grp.finish();
+}
+
 criterion_group!(
-    benches, spte_walk, tlb, install, zap, aging, read_side, fault_path, rmap
+    benches,
+    spte_walk,
+    tlb,
+    install,
+    zap,
+    aging,
+    read_side,
+    fault_path,
+    fault_install_parallel,
+    rmap
 );
 criterion_main!(benches);
