@@ -76,7 +76,12 @@ fn quick_json_has_every_scenario_and_ratio() {
         expected.push(e.to_string());
     }
     for peer in ["dashmap", "papaya", "rwlock-hashmap"] {
-        for op in ["fault", "age (100% young)", "translate+read"] {
+        for op in [
+            "fault",
+            "age (100% young)",
+            "age (0% young)",
+            "translate+read",
+        ] {
             expected.push(format!("kvmmu / {peer}, {op}"));
         }
     }
