@@ -107,9 +107,9 @@ pub struct TortureConfig {
     pub actors: Actors,
     /// A run fails if an actor makes no progress for this long.
     pub stall_timeout: Duration,
-    /// Forced CAS failure period (0 = off) in the TDP fault path
-    /// ([`crate::mmu::tdp::hooks`]) and the rmap bit-lock acquire
-    /// ([`crate::mmu::shadow::rmap::hooks`]); needs feature `test-hooks`.
+    /// Forced CAS failure period (0 = off) in the TDP fault path (`kvmmu::mmu::tdp::hooks`) and
+    /// the rmap bit-lock acquire ([`crate::mmu::shadow::rmap::hooks`]); needs feature
+    /// `test-hooks`.
     pub cas_failure_period: u32,
     /// Forced yield period (0 = off) in the TDP fault, age and zap paths and at the rmap hook
     /// sites (bit-lock acquire, bit held, lockless aging); needs `test-hooks`.

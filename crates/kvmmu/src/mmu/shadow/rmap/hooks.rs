@@ -1,6 +1,6 @@
 //! Test-only fault injection for the rmap bit lock and lockless rmap aging (feature `test-hooks`):
 //! forced compare-and-swap failures and forced yields at chosen points, to drive the retry and
-//! contention paths under a torture run. The TDP twin is [`crate::mmu::tdp::hooks`]; the knobs
+//! contention paths under a torture run. The TDP twin is `crate::mmu::tdp::hooks`; the knobs
 //! have the same shape (a period, `0` = off) and are set together by the torture module.
 //!
 //! # Protocol
@@ -23,7 +23,7 @@
 //!    they only make rare interleavings frequent.
 //! 2. With the feature off the knobs do not exist and every hook site is an empty `#[inline]`
 //!    function that compiles to nothing.
-//! 3. Statistics ([`injected`]) count injections only; they are process-wide and monotonic.
+//! 3. Statistics (`injected`) count injections only; they are process-wide and monotonic.
 
 #[cfg(feature = "test-hooks")]
 pub use imp::*;
