@@ -1,12 +1,21 @@
 //! Fault injection under torture (feature `test-hooks`): forced CAS failures and forced yields in
-//! the TDP fault, age and zap paths drive the retry paths, and every oracle still holds.
+//! the TDP fault, age and zap paths and in the shadow MMU's rmap bit lock and lockless rmap aging
+//! drive the retry and contention paths, and every oracle still holds.
 //! Run with `cargo test -p kvmmu --features test-hooks --test torture_injection`.
 
-use kvmmu::config::AgingMode;
+use std::sync::Mutex;
+
+use kvmmu::config::{AgingMode, MmuKind};
+use kvmmu::mmu::shadow::rmap::hooks as rmap_hooks;
 use kvmmu::mmu::tdp::hooks;
 use kvmmu::torture::{TortureConfig, run};
 
+/// The hook knobs are process-wide and every run turns them off when it ends: runs of this binary
+/// take turns, so one test's end cannot switch off another's injection.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 fn injected(aging: AgingMode, seed: u64) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (cas_before, yields_before) = hooks::injected();
     let report = run(&TortureConfig {
         seed,
@@ -35,4 +44,52 @@ fn forced_cas_failures_and_yields_lockless_aging_pass_every_oracle() {
 #[test]
 fn forced_cas_failures_and_yields_locked_aging_pass_every_oracle() {
     injected(AgingMode::Locked, 0x2);
+}
+
+/// A shadow-MMU run with the rmap hooks on: every oracle holds, and every rmap hook site fired.
+fn shadow_injected(aging: AgingMode, seed: u64) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let before = rmap_hooks::injected();
+    let report = run(&TortureConfig {
+        seed,
+        mmu: MmuKind::Shadow,
+        aging,
+        ops_per_vcpu: Some(3_000),
+        cas_failure_period: 3,
+        yield_period: 7,
+        ..TortureConfig::default()
+    })
+    .expect("set-up");
+    assert!(report.passed(), "{report}");
+    let after = rmap_hooks::injected();
+    assert!(
+        after.cas_failures > before.cas_failures,
+        "no rmap bit-lock CAS failure was injected: {after:?}"
+    );
+    assert!(
+        after.yields_before_lock_cas > before.yields_before_lock_cas,
+        "no yield between reading an rmap head and locking it: {after:?}"
+    );
+    assert!(
+        after.yields_holding_lock > before.yields_holding_lock,
+        "no yield while holding an rmap bit: {after:?}"
+    );
+    assert!(
+        after.yields_age_before_clear > before.yields_age_before_clear,
+        "no yield in rmap aging between reading an SPTE and clearing Accessed: {after:?}"
+    );
+    assert!(
+        report.vm_stats.shadow.aged_sptes_lockless + report.vm_stats.shadow.aged_sptes_locked > 0,
+        "the ager never walked an rmap:\n{report}"
+    );
+}
+
+#[test]
+fn shadow_rmap_forced_cas_failures_and_yields_lockless_aging_pass_every_oracle() {
+    shadow_injected(AgingMode::Lockless, 0x3);
+}
+
+#[test]
+fn shadow_rmap_forced_cas_failures_and_yields_locked_aging_pass_every_oracle() {
+    shadow_injected(AgingMode::Locked, 0x4);
 }

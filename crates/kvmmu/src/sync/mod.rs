@@ -5,6 +5,18 @@
 //! building with `RUSTFLAGS="--cfg loom"` swaps every one of them for loom's model-checked twin
 //! without touching the code that uses them.
 //!
+//! Building with `RUSTFLAGS="--cfg shuttle"` (randomized whole-VM tests, `tests/shuttle_*.rs`) swaps
+//! the blocking and scheduling primitives for shuttle's: [`Mutex`], [`RwLock`], [`Condvar`],
+//! [`thread`], [`thread_local!`], [`spin_hint`] and [`yield_now`], so every lock operation, every
+//! spin-wait round and every forced yield of the `test-hooks` sites is a point where shuttle's
+//! scheduler may switch threads, and no wait can block the single OS thread shuttle runs its
+//! threads on. The [`atomic`] types stay std's under shuttle: the host's guest memory and the
+//! page tables are arrays of `AtomicU64` laid out as `u64` (mmap-backed, 4 KiB tables), which
+//! shuttle's bookkeeping atomics are not; shuttle models every atomic as `SeqCst` anyway, and the
+//! weak-memory orderings are loom's job. Under shuttle [`rcu`] uses the same in-crate epoch as
+//! under loom (crossbeam-epoch caches per-thread handles in thread-locals, which shuttle's threads
+//! share), and the debug lock-rank checker is off (it keeps per-thread state in thread-locals too).
+//!
 //! What lives here:
 //! - the facade types ([`atomic`], [`Arc`], [`Mutex`], [`RwLock`], [`Condvar`], [`spin_hint`]);
 //! - [`srcu`]: our sleepable RCU, which protects the published memslot sets;
@@ -51,11 +63,15 @@ pub use std::sync::Weak;
 ///
 /// Under loom this yields to the scheduler, which loom requires of every spin loop (otherwise the
 /// model explores an unbounded number of iterations of the spinning thread).
+/// Under shuttle it yields to shuttle's scheduler for the same reason (and because shuttle runs
+/// every thread on one OS thread: a spinning thread that never yields would wait forever).
 #[inline]
 pub fn spin_hint() {
     #[cfg(loom)]
     loom::thread::yield_now();
-    #[cfg(not(loom))]
+    #[cfg(all(shuttle, not(loom)))]
+    shuttle::thread::yield_now();
+    #[cfg(not(any(loom, shuttle)))]
     core::hint::spin_loop();
 }
 
@@ -64,11 +80,32 @@ pub fn spin_hint() {
 pub fn yield_now() {
     #[cfg(loom)]
     loom::thread::yield_now();
-    #[cfg(not(loom))]
+    #[cfg(all(shuttle, not(loom)))]
+    shuttle::thread::yield_now();
+    #[cfg(not(any(loom, shuttle)))]
     std::thread::yield_now();
 }
 
-#[cfg(not(loom))]
+/// Threads: std's normally, loom's under `cfg(loom)`, shuttle's under `cfg(shuttle)`.
+pub mod thread {
+    #[cfg(loom)]
+    pub use loom::thread::{JoinHandle, spawn, yield_now};
+    #[cfg(all(shuttle, not(loom)))]
+    pub use shuttle::thread::{JoinHandle, spawn, yield_now};
+    #[cfg(not(any(loom, shuttle)))]
+    pub use std::thread::{JoinHandle, spawn, yield_now};
+}
+
+/// Declares a thread-local (std's `thread_local!` normally; shuttle's under `cfg(shuttle)`, whose
+/// threads share one OS thread, so that each shuttle thread gets its own value).
+#[cfg(all(shuttle, not(loom)))]
+pub use shuttle::thread_local;
+/// Declares a thread-local (std's `thread_local!` normally; shuttle's under `cfg(shuttle)`, whose
+/// threads share one OS thread, so that each shuttle thread gets its own value).
+#[cfg(not(all(shuttle, not(loom))))]
+pub use std::thread_local;
+
+#[cfg(not(any(loom, shuttle)))]
 mod imp {
     /// A mutual-exclusion lock (parking_lot).
     pub type Mutex<T> = parking_lot::Mutex<T>;
@@ -84,20 +121,31 @@ mod imp {
     pub type RwLockWriteGuard<'a, T> = parking_lot::RwLockWriteGuard<'a, T>;
 }
 
-#[cfg(loom)]
+#[cfg(any(loom, shuttle))]
 mod imp {
-    //! Thin wrappers that give loom's locks parking_lot's guard-returning API.
+    //! Thin wrappers that give loom's (or shuttle's) locks parking_lot's guard-returning API.
 
-    /// A mutual-exclusion lock (loom).
+    #[cfg(loom)]
+    use loom::sync as backend;
+    #[cfg(all(shuttle, not(loom)))]
+    use shuttle::sync as backend;
+
+    /// A mutual-exclusion lock (loom or shuttle).
     #[derive(Debug)]
-    pub struct Mutex<T>(loom::sync::Mutex<T>);
+    pub struct Mutex<T>(backend::Mutex<T>);
     /// Guard of a [`Mutex`].
-    pub type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+    pub type MutexGuard<'a, T> = backend::MutexGuard<'a, T>;
+
+    impl<T: Default> Default for Mutex<T> {
+        fn default() -> Self {
+            Self::new(T::default())
+        }
+    }
 
     impl<T> Mutex<T> {
         /// Creates the lock.
         pub fn new(v: T) -> Self {
-            Self(loom::sync::Mutex::new(v))
+            Self(backend::Mutex::new(v))
         }
         /// Acquires the lock.
         pub fn lock(&self) -> MutexGuard<'_, T> {
@@ -109,23 +157,23 @@ mod imp {
         }
     }
 
-    /// A condition variable (loom).
+    /// A condition variable (loom or shuttle).
     #[derive(Debug, Default)]
-    pub struct Condvar(loom::sync::Condvar);
+    pub struct Condvar(backend::Condvar);
 
     impl Condvar {
         /// Creates the condition variable.
         pub fn new() -> Self {
-            Self(loom::sync::Condvar::new())
+            Self(backend::Condvar::new())
         }
         /// Blocks until notified, releasing and retaking the guard's lock.
         pub fn wait<T>(&self, guard: &mut MutexGuard<'_, T>) {
-            // loom's Condvar consumes the guard; emulate parking_lot's `&mut` API by swapping
-            // through a raw read/write pair.
+            // loom's (and shuttle's) Condvar consumes the guard; emulate parking_lot's `&mut` API
+            // by swapping through a raw read/write pair.
             // SAFETY: `guard` is a valid, initialized guard that we move out of and immediately
             // replace with the guard returned by `wait`, which holds the same lock; no code observes
             // the moved-from slot in between (the call cannot unwind past us with the slot empty
-            // because loom's `wait` only returns Ok or an unwrapped poison error).
+            // because the backend's `wait` only returns Ok or an unwrapped poison error).
             unsafe {
                 let g = core::ptr::read(guard);
                 let g = self.0.wait(g).unwrap_or_else(|e| e.into_inner());
@@ -144,18 +192,24 @@ mod imp {
         }
     }
 
-    /// A reader-writer lock (loom).
+    /// A reader-writer lock (loom or shuttle).
     #[derive(Debug)]
-    pub struct RwLock<T>(loom::sync::RwLock<T>);
+    pub struct RwLock<T>(backend::RwLock<T>);
     /// Shared guard of a [`RwLock`].
-    pub type RwLockReadGuard<'a, T> = loom::sync::RwLockReadGuard<'a, T>;
+    pub type RwLockReadGuard<'a, T> = backend::RwLockReadGuard<'a, T>;
     /// Exclusive guard of a [`RwLock`].
-    pub type RwLockWriteGuard<'a, T> = loom::sync::RwLockWriteGuard<'a, T>;
+    pub type RwLockWriteGuard<'a, T> = backend::RwLockWriteGuard<'a, T>;
+
+    impl<T: Default> Default for RwLock<T> {
+        fn default() -> Self {
+            Self::new(T::default())
+        }
+    }
 
     impl<T> RwLock<T> {
         /// Creates the lock.
         pub fn new(v: T) -> Self {
-            Self(loom::sync::RwLock::new(v))
+            Self(backend::RwLock::new(v))
         }
         /// Acquires the lock shared.
         pub fn read(&self) -> RwLockReadGuard<'_, T> {

@@ -88,15 +88,15 @@ fn backoff(spins: &mut u32) {
     *spins = spins.saturating_add(1);
     if *spins < 16 {
         super::spin_hint();
-    } else if *spins < 1024 || cfg!(loom) {
+    } else if *spins < 1024 || cfg!(any(loom, shuttle)) {
         super::yield_now();
     } else {
-        #[cfg(not(loom))]
+        #[cfg(not(any(loom, shuttle)))]
         std::thread::sleep(std::time::Duration::from_micros(50));
     }
 }
 
-#[cfg(not(loom))]
+#[cfg(not(any(loom, shuttle)))]
 mod imp {
     //! crossbeam-epoch behind the [`Rcu`] API.
 
@@ -276,9 +276,10 @@ mod imp {
     }
 }
 
-#[cfg(loom)]
+#[cfg(any(loom, shuttle))]
 mod imp {
-    //! A minimal epoch for loom models: every step is one loom mutex section, so it is obviously
+    //! A minimal epoch for loom models (and shuttle tests, whose threads share one OS thread and
+    //! so its thread-locals, which crossbeam-epoch's per-thread handles rely on): every step is one loom mutex section, so it is obviously
     //! correct and loom explores frees at every point the grace period allows.
     //!
     //! State: a global epoch counter, one announce slot per live guard (the epoch it pinned in) and a

@@ -267,10 +267,10 @@ fn backoff(spins: &mut u32) {
     *spins = spins.saturating_add(1);
     if *spins < 64 {
         super::spin_hint();
-    } else if *spins < 1024 || cfg!(loom) {
+    } else if *spins < 1024 || cfg!(any(loom, shuttle)) {
         super::yield_now();
     } else {
-        #[cfg(not(loom))]
+        #[cfg(not(any(loom, shuttle)))]
         std::thread::sleep(std::time::Duration::from_micros(50));
     }
 }

@@ -286,17 +286,17 @@ impl MmuWriteGuard<'_> {
 
 /// Releases a read guard, handing the lock directly to a waiter (parking_lot's fair unlock).
 fn release_read_fair(g: RwLockReadGuard<'_, ()>) {
-    #[cfg(not(loom))]
+    #[cfg(not(any(loom, shuttle)))]
     RwLockReadGuard::unlock_fair(g);
-    #[cfg(loom)]
+    #[cfg(any(loom, shuttle))]
     drop(g);
 }
 
 /// Releases a write guard, handing the lock directly to a waiter (parking_lot's fair unlock).
 fn release_write_fair(g: RwLockWriteGuard<'_, ()>) {
-    #[cfg(not(loom))]
+    #[cfg(not(any(loom, shuttle)))]
     RwLockWriteGuard::unlock_fair(g);
-    #[cfg(loom)]
+    #[cfg(any(loom, shuttle))]
     drop(g);
 }
 

@@ -107,9 +107,12 @@ pub struct TortureConfig {
     pub actors: Actors,
     /// A run fails if an actor makes no progress for this long.
     pub stall_timeout: Duration,
-    /// Forced CAS failure period in the TDP fault path (0 = off); needs feature `test-hooks`.
+    /// Forced CAS failure period (0 = off) in the TDP fault path (`kvmmu::mmu::tdp::hooks`) and
+    /// the rmap bit-lock acquire ([`crate::mmu::shadow::rmap::hooks`]); needs feature
+    /// `test-hooks`.
     pub cas_failure_period: u32,
-    /// Forced yield period in the TDP fault, age and zap paths (0 = off); needs `test-hooks`.
+    /// Forced yield period (0 = off) in the TDP fault, age and zap paths and at the rmap hook
+    /// sites (bit-lock acquire, bit held, lockless aging); needs `test-hooks`.
     pub yield_period: u32,
 }
 
@@ -300,8 +303,12 @@ impl TortureConfig {
 
 #[cfg(feature = "test-hooks")]
 fn set_hooks(cfg: &TortureConfig) {
-    crate::mmu::tdp::hooks::set_cas_failure_period(cfg.cas_failure_period);
-    crate::mmu::tdp::hooks::set_yield_period(cfg.yield_period);
+    use crate::mmu::shadow::rmap::hooks as rmap;
+    use crate::mmu::tdp::hooks as tdp;
+    tdp::set_cas_failure_period(cfg.cas_failure_period);
+    tdp::set_yield_period(cfg.yield_period);
+    rmap::set_cas_failure_period(cfg.cas_failure_period);
+    rmap::set_yield_period(cfg.yield_period);
 }
 
 #[cfg(not(feature = "test-hooks"))]

@@ -290,7 +290,7 @@ impl Drop for GuestMode<'_> {
 pub(crate) mod guest_mode_depth {
     use std::cell::Cell;
 
-    thread_local! {
+    crate::sync::thread_local! {
         static DEPTH: Cell<u32> = const { Cell::new(0) };
     }
 

@@ -49,6 +49,7 @@
 //! section tiny and never block in it (spec §3.9 "Why disable preemption").
 
 mod desc;
+pub mod hooks;
 mod readonly;
 mod spte_ptr;
 mod stats;
@@ -64,6 +65,7 @@ pub use spte_ptr::{SPTE_ACCESSED_MASK, SPTE_PRESENT_MASK, SptePtr, spte_is_young
 pub use stats::{RmapStats, RmapStatsSnapshot};
 
 use desc::DescPtr;
+use hooks::{YieldSite, force_cas_failure, maybe_yield};
 
 use crate::sync::atomic::{AtomicUsize, Ordering};
 use crate::sync::lock_rank::{self, LockRank, RankToken};
@@ -292,18 +294,32 @@ impl RmapHead {
             if old == 0 {
                 break 0;
             }
-            // ORDERING: Acquire on success: lock acquisition, pairs with the previous holder's
-            // Release unlock (invariant 2). Relaxed on failure: we retry.
-            match self.val.compare_exchange_weak(
-                old,
-                old | RMAP_LOCKED,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
+            // Test hooks (nothing without `test-hooks`): a preemption between the read and the
+            // CAS, or a CAS that fails as a spurious `compare_exchange_weak` failure does; both
+            // are paths this loop takes anyway (hooks invariant 1).
+            maybe_yield(YieldSite::BeforeLockCas);
+            let res = if force_cas_failure() {
+                // ORDERING: Relaxed, as the failure ordering of the CAS it stands in for.
+                Err(self.val.load(Ordering::Relaxed))
+            } else {
+                // ORDERING: Acquire on success: lock acquisition, pairs with the previous
+                // holder's Release unlock (invariant 2). Relaxed on failure: we retry.
+                self.val.compare_exchange_weak(
+                    old,
+                    old | RMAP_LOCKED,
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+            };
+            match res {
                 Ok(_) => break old,
                 Err(cur) => old = cur,
             }
         };
+        if locked != 0 {
+            // Test hook: the holder is preempted with the bit held (hooks invariant 1).
+            maybe_yield(YieldSite::HoldingLock);
+        }
         if contended {
             stats.note_contended();
         }
@@ -412,7 +428,8 @@ impl RmapHead {
     }
 
     /// Clears every SPTE with `clear` and empties the rmap, freeing its descriptors
-    /// (`kvm_zap_all_rmap_sptes`). Returns false, calling nothing, if the rmap was empty.
+    /// (`kvm_zap_all_rmap_sptes`). Returns false, calling nothing, if the rmap was empty; true
+    /// otherwise: the caller must flush remote TLBs before dropping `mmu_lock`.
     ///
     /// `clear` must zap the SPTE (`mmu_spte_clear_track_bits`); it must not call into any rmap
     /// (it runs under this rmap's bit).
@@ -421,9 +438,15 @@ impl RmapHead {
         if lock.val == 0 {
             return false;
         }
+        #[cfg(feature = "broken-rmap-flush-if-young")]
+        let mut any_young = false;
         // SAFETY: we hold the bit and `mmu_lock` write; `lock.val` is the current chain.
         let _ = unsafe {
             walk(lock.val, |spte| {
+                #[cfg(feature = "broken-rmap-flush-if-young")]
+                {
+                    any_young |= spte_is_young(spte.load_lockless());
+                }
                 clear(spte);
                 ControlFlow::Continue(())
             })
@@ -443,6 +466,15 @@ impl RmapHead {
             }
         }
         lock.unlock(0);
+        // The deliberately broken build of feature `broken-rmap-flush-if-young` (test-only; the
+        // torture tests assert it is caught): asks for the flush only if a zapped SPTE was young,
+        // as if an SPTE whose Accessed bit is clear could not be cached in a TLB. But aging clears
+        // Accessed without flushing (and a TLB hit never sets it again), so a vCPU may still hold
+        // the translation: skipping the flush leaves a stale translation to a frame the host is
+        // about to free or write-protect (violates spec §3.1 step 4 and §3.10).
+        #[cfg(feature = "broken-rmap-flush-if-young")]
+        return any_young;
+        #[cfg(not(feature = "broken-rmap-flush-if-young"))]
         true
     }
 
@@ -552,6 +584,9 @@ impl RmapHead {
             match action {
                 AgeAction::TestOnly => ControlFlow::Break(()),
                 AgeAction::Clear => {
+                    // Test hook: a vCPU may set Dirty, or a page zap clear the SPTE, between our
+                    // read and our clear; the atomic AND keeps both (hooks invariant 1).
+                    maybe_yield(YieldSite::AgeBeforeClear);
                     sptep.clear_accessed();
                     *cleared += 1;
                     ControlFlow::Continue(())
