@@ -78,7 +78,7 @@ pub trait MmuNotifier: Send + Sync {
     /// subscriber is correct; a subscriber that can walk a range should override it with one walk.
     fn clear_young_bitmap(&self, young: &mut YoungBitmap) {
         for i in 0..young.pages() {
-            let page = young.page_hva(i);
+            let Some(page) = young.page_hva(i) else { break };
             // Cannot overflow: the bitmap's end fits (YoungBitmap invariant).
             let end = Hva::new(page.raw() + PAGE_SIZE);
             if self.clear_young(page, end) {
@@ -171,17 +171,10 @@ impl YoungBitmap {
         self.pages
     }
 
-    /// The address of page `i` of the range (`i` may be `pages`, giving [`YoungBitmap::end`]).
-    ///
-    /// # Panics
-    /// If `i > pages` (a caller bug: the index is not derived from this bitmap).
-    pub fn page_hva(&self, i: u64) -> Hva {
-        assert!(
-            i <= self.pages,
-            "YoungBitmap: page {i} of a {}-page range",
-            self.pages
-        );
-        Hva::new(self.start.raw() + (i << PAGE_SHIFT))
+    /// The address of page `i` of the range, or `None` if `i >= pages`.
+    pub fn page_hva(&self, i: u64) -> Option<Hva> {
+        // Cannot overflow for i < pages (invariant).
+        (i < self.pages).then(|| Hva::new(self.start.raw() + (i << PAGE_SHIFT)))
     }
 
     /// The index of the page containing `hva`, or `None` outside the range.
@@ -330,6 +323,7 @@ mod tests {
         let mut b = YoungBitmap::new(hva(0), 130).unwrap();
         assert_eq!((b.pages(), b.words().len()), (130, 3));
         assert_eq!(b.end(), hva(130));
+        assert_eq!((b.page_hva(129), b.page_hva(130)), (Some(hva(129)), None));
         assert!(!b.any());
         b.set_page(0);
         b.set_page(64);
