@@ -394,3 +394,53 @@ fn bad_ranges_are_typed_errors_that_change_nothing_and_call_nobody() {
         );
     }
 }
+
+#[test]
+fn range_aging_racing_guest_writes_and_invalidations_loses_no_data() {
+    const PAGES: u64 = 32;
+    const ROUNDS: u64 = 40;
+    for config in configs() {
+        let what = format!("{:?} {:?}", config.mmu, config.aging);
+        let f = populated_then_old(config, PAGES);
+        let mut vcpu = f.vm.create_vcpu().unwrap();
+        std::thread::scope(|s| {
+            let writer = s.spawn(move || {
+                for round in 1..=ROUNDS {
+                    for p in 0..PAGES {
+                        // A write that lands while the host has the range read-only exits; retry
+                        // (bounded) until the host makes it writable again.
+                        let mut tries = 0;
+                        while let Err(e) = vcpu.write_u64(gpa(p), round * 1000 + p) {
+                            assert!(
+                                matches!(e, VcpuExit::HostFault { .. }) && tries < 1_000_000,
+                                "{e:?} after {tries} tries"
+                            );
+                            tries += 1;
+                            std::thread::yield_now();
+                        }
+                    }
+                }
+                vcpu
+            });
+            for i in 0..ROUNDS {
+                let young = f.host.clear_young_range(f.hva, f.bytes).unwrap();
+                assert!(young.count() <= PAGES, "{what}");
+                if i % 8 == 0 {
+                    // Zap every SPTE between two aging calls (invalidate start/end).
+                    f.host.mprotect(f.hva, f.bytes, Prot::READ).unwrap();
+                    f.host
+                        .mprotect(f.hva, f.bytes, Prot::READ | Prot::WRITE)
+                        .unwrap();
+                }
+            }
+            assert!(
+                f.vm.stats().invalidate_starts >= 2 * ROUNDS / 8,
+                "{what}: the invalidations ran"
+            );
+            let mut vcpu = writer.join().unwrap();
+            for p in 0..PAGES {
+                assert_eq!(vcpu.read_u64(gpa(p)).unwrap(), ROUNDS * 1000 + p, "{what}");
+            }
+        });
+    }
+}
