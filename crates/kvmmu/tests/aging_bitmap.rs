@@ -229,7 +229,8 @@ fn holes_without_a_memslot_or_a_mapping_report_only_host_young_bits() {
     }
 }
 
-/// Counts notifier calls; reports nothing young.
+/// Counts notifier calls; reports nothing young. Every counter is Relaxed: the host calls its
+/// subscribers on the calling thread, and the test reads the counters on that same thread.
 #[derive(Default)]
 struct Counting {
     clear_young: AtomicU64,
@@ -244,10 +245,12 @@ impl MmuNotifier for Counting {
         self.clear_young(start, end)
     }
     fn clear_young(&self, _: Hva, _: Hva) -> bool {
+        // ORDERING: Relaxed: see the struct doc (same-thread counters).
         self.clear_young.fetch_add(1, Ordering::Relaxed);
         false
     }
     fn clear_young_bitmap(&self, young: &mut YoungBitmap) {
+        // ORDERING: Relaxed: see the struct doc (same-thread counters).
         self.bitmap.fetch_add(1, Ordering::Relaxed);
         self.bitmap_pages
             .fetch_add(young.pages(), Ordering::Relaxed);
