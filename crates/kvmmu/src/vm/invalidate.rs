@@ -164,7 +164,7 @@ impl VmInner {
             // Aging pins RCU for the TDP MMU only: in Locked mode it nests inside mmu_lock (DESIGN
             // lock order), in Lockless mode it keeps the page tables alive. The rmap walk holds no
             // RCU guard (the rmap bit ranks before RCU); SRCU keeps the rmap arrays alive.
-            Handler::Age => self.age_gfn_range(as_id, slot, gfns, locked, |_| {}),
+            Handler::Age => self.age_gfn_range(as_id, slot, gfns, locked, None),
             // `kvm_test_age_gfn`: the shadow MMU is skipped when TDP already says young.
             Handler::TestAge => {
                 if !self.shadow_enabled() {
@@ -180,7 +180,8 @@ impl VmInner {
     }
 
     /// `kvm_age_gfn` over one slot: TDP first, then the shadow MMU if it may have SPTEs (spec
-    /// §3.8); `young` gets the gfns of every young leaf (a no-op closure compiles away).
+    /// §3.8). With `young`, each MMU also reports the gfns of every young leaf; without, the
+    /// plain (benchmarked) aging functions run, exactly as before per-page reporting existed.
     #[inline]
     fn age_gfn_range(
         &self,
@@ -188,19 +189,23 @@ impl VmInner {
         slot: &Memslot,
         gfns: GfnRange,
         locked: bool,
-        mut young: impl FnMut(GfnRange),
+        mut young: Option<&mut dyn FnMut(GfnRange)>,
     ) -> bool {
         let mut any = false;
         if !self.shadow_enabled() {
             let rcu = self.rcu.pin();
-            any = self.tdp.age_gfn_range_report(as_id, gfns, &rcu, &mut young);
+            any = match young.as_deref_mut() {
+                None => self.tdp.age_gfn_range(as_id, gfns, &rcu),
+                Some(report) => self.tdp.age_gfn_range_report(as_id, gfns, &rcu, report),
+            };
         }
-        if self.may_have_shadow_sptes()
-            && let Some(rmaps) = slot.rmaps()
-        {
-            any |= self
-                .shadow
-                .age_gfn_range_report(rmaps, gfns, locked, &mut young);
+        if self.may_have_shadow_sptes() {
+            any |= match young {
+                None => self.rmap_age(slot, gfns, AgeAction::Clear, locked),
+                Some(report) => slot
+                    .rmaps()
+                    .is_some_and(|r| self.shadow.age_gfn_range_report(r, gfns, locked, report)),
+            };
         }
         any
     }
@@ -250,12 +255,13 @@ impl VmInner {
         };
         let any = self
             .walk_hva_range(walk, |as_id, slot, gfns, mmu| {
-                self.age_gfn_range(as_id, slot, gfns, mmu.is_some(), |g| {
+                let mut report = |g: GfnRange| {
                     // Every reported gfn lies in `gfns`, which lies in the slot.
                     if let Some(hva) = slot.gfn_to_hva(g.start()) {
                         young.set_hva_pages(hva, g.len());
                     }
-                })
+                };
+                self.age_gfn_range(as_id, slot, gfns, mmu.is_some(), Some(&mut report))
             })
             .ret;
         if any {
