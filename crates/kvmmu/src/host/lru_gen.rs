@@ -202,6 +202,33 @@ mod tests {
     }
 
     #[test]
+    fn a_pass_cut_short_by_an_unmap_keeps_generations_consistent() {
+        // Two chunks; the second loses a page after tracking starts.
+        let pages = AGING_CHUNK_PAGES + 8;
+        let host = HostMm::new(HostConfig { frames: 64 }).unwrap();
+        let hva = host
+            .mmap(pages * PAGE_SIZE, Prot::READ | Prot::WRITE)
+            .unwrap();
+        for p in [0, 1, AGING_CHUNK_PAGES + 1] {
+            host.write_u64(Hva::new(hva.raw() + p * PAGE_SIZE), p)
+                .unwrap();
+        }
+        let mut lru = LruGen::new(&host, hva, pages * PAGE_SIZE).unwrap();
+        let hole = Hva::new(hva.raw() + (AGING_CHUNK_PAGES + 4) * PAGE_SIZE);
+        host.munmap(hole, PAGE_SIZE).unwrap();
+        assert!(matches!(lru.age(), Err(HostError::NotMapped { hva }) if hva == hole));
+        // The first chunk's young pages moved to generation 1, which therefore exists; the
+        // second chunk's resident page stayed in generation 0.
+        assert_eq!(lru.max_gen(), 1);
+        assert_eq!(lru.histogram(), vec![1, 2]);
+        // The second chunk was not aged: its young page is still young.
+        assert!(
+            host.test_young(Hva::new(hva.raw() + (AGING_CHUNK_PAGES + 1) * PAGE_SIZE))
+                .unwrap()
+        );
+    }
+
+    #[test]
     fn unmapped_range_is_refused() {
         let host = HostMm::new(HostConfig { frames: 16 }).unwrap();
         assert!(LruGen::new(&host, Hva::new(1 << 32), PAGE_SIZE).is_err());
