@@ -3,36 +3,44 @@
 //!
 //! Protocol: the host young bits of the range are cleared (one atomic AND per young PTE) under
 //! `mmap_lock` read, the lock is dropped, and then every subscriber of one snapshot is called over
-//! the whole range; the result is the OR of all of them. Invariants:
+//! the whole range; the result is the OR of all of them. [`HostMm::clear_young_range`] answers per
+//! page: the host's young pages and every subscriber's
+//! ([`MmuNotifier::clear_young_bitmap`]) are ORed into one [`YoungBitmap`]. Invariants:
 //! 1. Aging never changes a PTE's presence, frame or dirty bit (it only clears young), so it needs
 //!    no invalidation and cannot lose a concurrent dirty update.
 //! 2. No host lock is held while a subscriber is called (host invariant H7).
 
 use super::HostError;
 use super::mm::{Counters, HostMm, MMAP_MIN_ADDR, TASK_SIZE, check_mapped, page_range};
-use super::notifier::MmuNotifier;
+use super::notifier::{MmuNotifier, YoungBitmap};
 use super::vma::{page_hva, pte};
-use crate::addr::Hva;
+use crate::addr::{Hva, PAGE_SIZE};
 use crate::sync::atomic::Ordering;
 
 impl HostMm {
-    /// Clears the host young bits of a fully mapped range; true if any was set.
-    fn clear_host_young(&self, hva: Hva, len: u64) -> Result<(Hva, Hva, bool), HostError> {
+    /// Clears the host young bits of a fully mapped range, calling `young` with the page number
+    /// of each page that was young. On error nothing changed.
+    #[inline]
+    fn clear_host_young(
+        &self,
+        hva: Hva,
+        len: u64,
+        mut young: impl FnMut(u64),
+    ) -> Result<(Hva, Hva), HostError> {
         let (s, e) = page_range(hva, len)?;
         let vmas = self.inner.mmap_lock.read();
         check_mapped(&vmas, s, e)?;
-        let mut young = false;
         for v in vmas.overlapping(s, e) {
-            for (_, w) in v.ptes(s, e) {
+            for (page, w) in v.ptes(s, e) {
                 // ORDERING: Relaxed: young is a hint; the AND clears only that bit, so a
                 // concurrent dirty update is never lost.
                 if w.load(Ordering::Relaxed) & pte::YOUNG != 0 {
                     w.fetch_and(!pte::YOUNG, Ordering::Relaxed);
-                    young = true;
+                    young(page);
                 }
             }
         }
-        Ok((page_hva(s), page_hva(e), young))
+        Ok((page_hva(s), page_hva(e)))
     }
 
     fn age(
@@ -41,7 +49,8 @@ impl HostMm {
         len: u64,
         call: impl Fn(&dyn MmuNotifier, Hva, Hva) -> bool,
     ) -> Result<bool, HostError> {
-        let (start, end, mut young) = self.clear_host_young(hva, len)?;
+        let mut young = false;
+        let (start, end) = self.clear_host_young(hva, len, |_| young = true)?;
         let subs = self.inner.notifiers.snapshot();
         for (_, n) in subs.iter() {
             young |= call(&**n, start, end);
@@ -62,6 +71,38 @@ impl HostMm {
     /// As [`HostMm::clear_young`], calling the subscribers' `clear_flush_young`.
     pub fn clear_flush_young(&self, hva: Hva, len: u64) -> Result<bool, HostError> {
         self.age(hva, len, |n, s, e| n.clear_flush_young(s, e))
+    }
+
+    /// Clears the young state of `[hva, hva + len)` like [`HostMm::clear_young`], answering per
+    /// page: bit `i` of the result is set if page `hva + i * PAGE_SIZE` was young in the host PTE
+    /// or in any secondary MMU. One [`MmuNotifier::clear_young_bitmap`] call per subscriber over
+    /// the whole range (an MGLRU aging pass over a range, not a call per page).
+    ///
+    /// Errors (nothing changed, nobody called): as [`HostMm::clear_young`].
+    pub fn clear_young_range(&self, hva: Hva, len: u64) -> Result<YoungBitmap, HostError> {
+        // Validate before allocating: a bad length must not size the bitmap.
+        page_range(hva, len)?;
+        let mut young = YoungBitmap::new(hva, len / PAGE_SIZE)?;
+        self.clear_young_into(&mut young)?;
+        Ok(young)
+    }
+
+    /// As [`HostMm::clear_young_range`] over `young`'s range, ORing into `young` (bits already set
+    /// stay set), so a caller aging chunk after chunk reuses one bitmap
+    /// ([`YoungBitmap::reset`]) and allocates nothing.
+    ///
+    /// Errors (nothing changed, nobody called): as [`HostMm::clear_young`] over
+    /// `[young.start(), young.end())`; an empty bitmap is [`HostError::ZeroLength`].
+    pub fn clear_young_into(&self, young: &mut YoungBitmap) -> Result<(), HostError> {
+        let base = young.start().page();
+        let len = young.pages() * PAGE_SIZE;
+        self.clear_host_young(young.start(), len, |page| young.set_page(page - base))?;
+        let subs = self.inner.notifiers.snapshot();
+        for (_, n) in subs.iter() {
+            n.clear_young_bitmap(young);
+        }
+        Counters::bump(&self.inner.counters.aging_calls, subs.len() as u64);
+        Ok(())
     }
 
     /// True if the page containing `hva` is young in the host PTE or in any secondary MMU.
@@ -85,5 +126,52 @@ impl HostMm {
         }
         Counters::bump(&self.inner.counters.aging_calls, subs.len() as u64);
         Ok(young)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::addr::{Hva, PAGE_SIZE};
+    use crate::host::{HostConfig, HostError, HostMm, Prot};
+
+    fn page(base: Hva, p: u64) -> Hva {
+        Hva::new(base.raw() + p * PAGE_SIZE)
+    }
+
+    #[test]
+    fn clear_young_range_reports_host_young_pages_and_clears_them() {
+        let host = HostMm::new(HostConfig { frames: 64 }).unwrap();
+        let hva = host.mmap(10 * PAGE_SIZE, Prot::READ | Prot::WRITE).unwrap();
+        for p in [1, 4, 9] {
+            host.write_u64(page(hva, p), p).unwrap();
+        }
+        let young = host.clear_young_range(hva, 10 * PAGE_SIZE).unwrap();
+        assert_eq!(young.young_pages().collect::<Vec<_>>(), vec![1, 4, 9]);
+        for p in 0..10 {
+            assert!(!host.test_young(page(hva, p)).unwrap(), "page {p} is old");
+        }
+        host.read_u64(page(hva, 4)).unwrap();
+        let young = host.clear_young_range(page(hva, 2), 4 * PAGE_SIZE).unwrap();
+        assert_eq!(young.young_pages().collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn clear_young_range_validates_before_touching_anything() {
+        let host = HostMm::new(HostConfig { frames: 16 }).unwrap();
+        let hva = host.mmap(2 * PAGE_SIZE, Prot::READ | Prot::WRITE).unwrap();
+        host.write_u64(hva, 1).unwrap();
+        assert!(matches!(
+            host.clear_young_range(hva, 0),
+            Err(HostError::ZeroLength)
+        ));
+        assert!(matches!(
+            host.clear_young_range(hva, 3 * PAGE_SIZE),
+            Err(HostError::NotMapped { .. })
+        ));
+        assert!(matches!(
+            host.clear_young_range(hva, !(PAGE_SIZE - 1)),
+            Err(HostError::Overflow { .. } | HostError::OutOfRange { .. })
+        ));
+        assert!(host.test_young(hva).unwrap(), "a failed call aged nothing");
     }
 }

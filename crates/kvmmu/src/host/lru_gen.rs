@@ -2,9 +2,11 @@
 //! lru_gen debugfs file's `+ memcg node max_gen can_swap force_scan` command drives it).
 //!
 //! Protocol: every resident page of the tracked range sits in one generation. An aging pass
-//! ([`LruGen::age`]) creates a new youngest generation and walks the range page by page; each
-//! resident page whose young state — host PTE or any secondary MMU, reached through the
-//! `clear_young` notifier — was set moves to the new generation, and its young state is cleared.
+//! ([`LruGen::age`]) creates a new youngest generation and ages the range in chunks of up to
+//! [`AGING_CHUNK_PAGES`] pages, one [`HostMm::clear_young_into`] per chunk (so one
+//! `clear_young_bitmap` notifier call per subscriber per chunk, not one per page); each resident
+//! page whose young state — host PTE or any secondary MMU — was set moves to the new generation,
+//! and the young state of every page of the chunk is cleared.
 //! [`LruGen::find_generation`] answers the selftest's question: the oldest generation holding
 //! more than a given number of pages.
 //!
@@ -16,8 +18,12 @@
 //! 3. The tracker is owned by one aging thread (`&mut self`), like one `lru_gen_do_aging` caller;
 //!    the host and the VMs may be used concurrently from other threads.
 
-use super::{HostError, HostMm};
+use super::{HostError, HostMm, YoungBitmap};
 use crate::addr::{Hva, PAGE_SIZE};
+
+/// Pages aged per range call by [`LruGen::age`] (one leaf page table's worth): bounds the
+/// bitmap and how long one notifier call keeps a secondary MMU busy.
+pub const AGING_CHUNK_PAGES: u64 = 512;
 
 /// What one aging pass did.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -78,28 +84,48 @@ impl LruGen {
     /// into it.
     ///
     /// Errors: [`HostError::NotMapped`] if part of the range was unmapped since [`LruGen::new`];
-    /// pages before it have been aged.
+    /// the chunks before the one holding it have been aged, and if that moved a page the new
+    /// generation exists (`max_gen` includes it, keeping invariant 1).
     pub fn age(&mut self) -> Result<AgingPass, HostError> {
         let generation = self.max_gen + 1;
         let mut pass = AgingPass {
             generation,
             ..AgingPass::default()
         };
-        for i in 0..self.gens.len() {
-            let a = self.page_hva(i);
-            match self.host.host_pte(a) {
-                None => return Err(HostError::NotMapped { hva: a }),
-                Some(p) if !p.present => continue,
-                Some(_) => {}
-            }
-            pass.resident += 1;
-            if self.host.clear_young(a, PAGE_SIZE)? {
-                self.gens[i] = generation;
-                pass.young += 1;
-            }
+        let result = self.age_chunks(&mut pass);
+        if result.is_ok() || pass.young > 0 {
+            self.max_gen = generation;
         }
-        self.max_gen = generation;
-        Ok(pass)
+        result.map(|()| pass)
+    }
+
+    /// The chunks of [`LruGen::age`], counting into `pass`.
+    fn age_chunks(&mut self, pass: &mut AgingPass) -> Result<(), HostError> {
+        let generation = pass.generation;
+        let total = self.gens.len() as u64;
+        let mut young = YoungBitmap::new(self.start, 0)?;
+        let mut first = 0u64;
+        while first < total {
+            let pages = AGING_CHUNK_PAGES.min(total - first);
+            young.reset(self.page_hva(first as usize), pages)?;
+            self.host.clear_young_into(&mut young)?;
+            for k in 0..pages {
+                let i = (first + k) as usize;
+                let a = self.page_hva(i);
+                match self.host.host_pte(a) {
+                    None => return Err(HostError::NotMapped { hva: a }),
+                    Some(p) if !p.present => continue,
+                    Some(_) => {}
+                }
+                pass.resident += 1;
+                if young.is_young(k) {
+                    self.gens[i] = generation;
+                    pass.young += 1;
+                }
+            }
+            first += pages;
+        }
+        Ok(())
     }
 
     /// The youngest generation.
@@ -173,6 +199,33 @@ mod tests {
         assert_eq!(lru.find_generation(3), Some(1));
         assert_eq!(lru.find_generation(4), None);
         assert_eq!(lru.pages_in(2), 2);
+    }
+
+    #[test]
+    fn a_pass_cut_short_by_an_unmap_keeps_generations_consistent() {
+        // Two chunks; the second loses a page after tracking starts.
+        let pages = AGING_CHUNK_PAGES + 8;
+        let host = HostMm::new(HostConfig { frames: 64 }).unwrap();
+        let hva = host
+            .mmap(pages * PAGE_SIZE, Prot::READ | Prot::WRITE)
+            .unwrap();
+        for p in [0, 1, AGING_CHUNK_PAGES + 1] {
+            host.write_u64(Hva::new(hva.raw() + p * PAGE_SIZE), p)
+                .unwrap();
+        }
+        let mut lru = LruGen::new(&host, hva, pages * PAGE_SIZE).unwrap();
+        let hole = Hva::new(hva.raw() + (AGING_CHUNK_PAGES + 4) * PAGE_SIZE);
+        host.munmap(hole, PAGE_SIZE).unwrap();
+        assert!(matches!(lru.age(), Err(HostError::NotMapped { hva }) if hva == hole));
+        // The first chunk's young pages moved to generation 1, which therefore exists; the
+        // second chunk's resident page stayed in generation 0.
+        assert_eq!(lru.max_gen(), 1);
+        assert_eq!(lru.histogram(), vec![1, 2]);
+        // The second chunk was not aged: its young page is still young.
+        assert!(
+            host.test_young(Hva::new(hva.raw() + (AGING_CHUNK_PAGES + 1) * PAGE_SIZE))
+                .unwrap()
+        );
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! - Secondary MMUs subscribe with [`HostMm::register_notifier`]. Every host operation that changes
 //!   or removes a present PTE (`munmap`, `mprotect`, `madvise_dontneed`) is bracketed by
 //!   `invalidate_range_start` … `invalidate_range_end`; `release` calls every subscriber's
-//!   `release` before any frame is freed. Aging (`clear_young`, `clear_flush_young`, `test_young`)
-//!   combines the host young bits with one subscriber call per range.
+//!   `release` before any frame is freed. Aging (`clear_young`, `clear_flush_young`, `test_young`,
+//!   `clear_young_range`) combines the host young bits with one subscriber call per range.
 //!
 //! Locks, outermost first:
 //! 1. `mm_writer` (mutex): serialises structural operations (`mmap`, `mmap_fixed`, `munmap`,
@@ -56,9 +56,9 @@ mod words;
 
 pub use frames::{FrameArena, FrameStats, FrameTag, MAX_FRAMES, StaleAccess, WORDS_PER_FRAME};
 pub use idle::{IdleState, PageIdle};
-pub use lru_gen::{AgingPass, LruGen};
+pub use lru_gen::{AGING_CHUNK_PAGES, AgingPass, LruGen};
 pub use mm::{GupPage, HostConfig, HostMm, HostPte, HostStats, MMAP_MIN_ADDR, Prot, TASK_SIZE};
-pub use notifier::{InvalidateEvent, MmuNotifier, NotifierId, NotifierRange};
+pub use notifier::{InvalidateEvent, MmuNotifier, NotifierId, NotifierRange, YoungBitmap};
 
 use crate::addr::{Hva, Pfn};
 

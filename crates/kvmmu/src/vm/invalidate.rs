@@ -16,13 +16,17 @@
 //!    the memslots alive and RCU the page tables. In `Locked` mode it takes `mmu_lock` write (the
 //!    pre-series baseline). Aging never flushes TLBs unless `elide_tlb_flush_if_young` is off and the
 //!    callback is `clear_flush_young`.
+//! 4. Per-page aging (`clear_young_bitmap`): the walk of 3, once over the whole range; each MMU
+//!    reports the gfns of its young leaves, and each is mapped back through its memslot to the bit
+//!    of its hva. Aliased memslots (several slots, or address spaces, over one hva) OR into the
+//!    same bit.
 //!
 //! The subscription holds only a `Weak` reference to the VM, so the host's subscriber list never
 //! keeps a dropped VM alive.
 
 use super::VmInner;
 use crate::addr::{AsId, GfnRange, Hva};
-use crate::host::{MmuNotifier, NotifierRange};
+use crate::host::{MmuNotifier, NotifierRange, YoungBitmap};
 use crate::mmu::shadow::rmap::AgeAction;
 use crate::mmu::tdp::RemoteTlbFlush;
 use crate::sync::atomic::Ordering;
@@ -73,6 +77,19 @@ impl VmInner {
     /// `kvm_handle_hva_range`: run `walk.handler` on every memslot (of every address space,
     /// aliases included) that the hva range hits.
     fn handle_hva_range(&self, walk: HvaRangeWalk) -> WalkResult {
+        self.walk_hva_range(walk, |as_id, slot, gfns, mmu| {
+            self.run_handler(walk.handler, as_id, slot, gfns, mmu)
+        })
+    }
+
+    /// The body of [`VmInner::handle_hva_range`] with the per-slot work as a closure (SRCU,
+    /// the lock callback, `mmu_lock` unless lockless, and the flush on return); `walk.handler`
+    /// is not looked at. `handler` gets `mmu_lock` write iff the walk is not lockless.
+    fn walk_hva_range(
+        &self,
+        walk: HvaRangeWalk,
+        mut handler: impl FnMut(AsId, &Memslot, GfnRange, Option<&mut MmuWriteGuard<'_>>) -> bool,
+    ) -> WalkResult {
         let mut result = WalkResult::default();
         if walk.end <= walk.start {
             return result;
@@ -101,7 +118,7 @@ impl VmInner {
                         mmu = Some(guard);
                     }
                 }
-                result.ret |= self.run_handler(walk.handler, as_id, slot, gfns, mmu.as_mut());
+                result.ret |= handler(as_id, slot, gfns, mmu.as_mut());
             });
         }
         if walk.flush_on_ret && result.ret {
@@ -147,17 +164,7 @@ impl VmInner {
             // Aging pins RCU for the TDP MMU only: in Locked mode it nests inside mmu_lock (DESIGN
             // lock order), in Lockless mode it keeps the page tables alive. The rmap walk holds no
             // RCU guard (the rmap bit ranks before RCU); SRCU keeps the rmap arrays alive.
-            Handler::Age => {
-                let mut young = false;
-                if !self.shadow_enabled() {
-                    let rcu = self.rcu.pin();
-                    young = self.tdp.age_gfn_range(as_id, gfns, &rcu);
-                }
-                if self.may_have_shadow_sptes() {
-                    young |= self.rmap_age(slot, gfns, AgeAction::Clear, locked);
-                }
-                young
-            }
+            Handler::Age => self.age_gfn_range(as_id, slot, gfns, locked, None),
             // `kvm_test_age_gfn`: the shadow MMU is skipped when TDP already says young.
             Handler::TestAge => {
                 if !self.shadow_enabled() {
@@ -170,6 +177,37 @@ impl VmInner {
                     && self.rmap_age(slot, gfns, AgeAction::TestOnly, locked)
             }
         }
+    }
+
+    /// `kvm_age_gfn` over one slot: TDP first, then the shadow MMU if it may have SPTEs (spec
+    /// §3.8). With `young`, each MMU also reports the gfns of every young leaf; without, the
+    /// plain (benchmarked) aging functions run, exactly as before per-page reporting existed.
+    #[inline]
+    fn age_gfn_range(
+        &self,
+        as_id: AsId,
+        slot: &Memslot,
+        gfns: GfnRange,
+        locked: bool,
+        mut young: Option<&mut dyn FnMut(GfnRange)>,
+    ) -> bool {
+        let mut any = false;
+        if !self.shadow_enabled() {
+            let rcu = self.rcu.pin();
+            any = match young.as_deref_mut() {
+                None => self.tdp.age_gfn_range(as_id, gfns, &rcu),
+                Some(report) => self.tdp.age_gfn_range_report(as_id, gfns, &rcu, report),
+            };
+        }
+        if self.may_have_shadow_sptes() {
+            any |= match young {
+                None => self.rmap_age(slot, gfns, AgeAction::Clear, locked),
+                Some(report) => slot
+                    .rmaps()
+                    .is_some_and(|r| self.shadow.age_gfn_range_report(r, gfns, locked, report)),
+            };
+        }
+        any
     }
 
     /// `may_have_shadow_sptes`: TDP off, or indirect shadow pages exist (spec §3.8).
@@ -201,6 +239,34 @@ impl VmInner {
             self.counters.age_young.fetch_add(1, Ordering::Relaxed);
         }
         young
+    }
+
+    /// Ages `[young.start(), young.end())` in one hva-range walk (module protocol 4), setting the
+    /// bit of every page some memslot maps to a young leaf; never clears a bit.
+    fn age_hva_range_bitmap(&self, young: &mut YoungBitmap) {
+        self.counters.age_calls.fetch_add(1, Ordering::Relaxed);
+        let walk = HvaRangeWalk {
+            start: young.start(),
+            end: young.end(),
+            handler: Handler::Age,
+            on_lock: OnLock::Nothing,
+            flush_on_ret: false,
+            lockless: self.aging_lockless(),
+        };
+        let any = self
+            .walk_hva_range(walk, |as_id, slot, gfns, mmu| {
+                let mut report = |g: GfnRange| {
+                    // Every reported gfn lies in `gfns`, which lies in the slot.
+                    if let Some(hva) = slot.gfn_to_hva(g.start()) {
+                        young.set_hva_pages(hva, g.len());
+                    }
+                };
+                self.age_gfn_range(as_id, slot, gfns, mmu.is_some(), Some(&mut report))
+            })
+            .ret;
+        if any {
+            self.counters.age_young.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn invalidate_range_start(&self, range: &NotifierRange) {
@@ -282,6 +348,12 @@ impl MmuNotifier for VmNotifier {
         self.vm
             .upgrade()
             .is_some_and(|vm| vm.age_hva_range(start, end, Handler::Age, false))
+    }
+
+    fn clear_young_bitmap(&self, young: &mut YoungBitmap) {
+        if let Some(vm) = self.vm.upgrade() {
+            vm.age_hva_range_bitmap(young);
+        }
     }
 
     fn test_young(&self, addr: Hva) -> bool {

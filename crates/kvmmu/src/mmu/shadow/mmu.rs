@@ -658,6 +658,33 @@ impl ShadowMmu {
         action: AgeAction,
         locked: bool,
     ) -> bool {
+        self.age_rmaps(rmaps, gfns, action, locked, |_| {})
+    }
+
+    /// [`ShadowMmu::age_gfn_range`] with [`AgeAction::Clear`], also calling `young` with the gfns
+    /// (clipped to `gfns`) of every rmap found with a young SPTE, once per rmap; the result is true
+    /// iff `young` was called.
+    #[inline]
+    pub fn age_gfn_range_report(
+        &self,
+        rmaps: &SlotRmaps,
+        gfns: GfnRange,
+        locked: bool,
+        young: impl FnMut(GfnRange),
+    ) -> bool {
+        self.age_rmaps(rmaps, gfns, AgeAction::Clear, locked, young)
+    }
+
+    /// The rmap walk of [`ShadowMmu::age_gfn_range`]; `report` gets each young rmap's gfns.
+    #[inline]
+    fn age_rmaps(
+        &self,
+        rmaps: &SlotRmaps,
+        gfns: GfnRange,
+        action: AgeAction,
+        locked: bool,
+        mut report: impl FnMut(GfnRange),
+    ) -> bool {
         let stats = &self.inner.rmap_stats;
         let mut young = false;
         let mut visited = 0;
@@ -671,6 +698,12 @@ impl ShadowMmu {
                     young = true;
                     if action == AgeAction::TestOnly {
                         break 'levels;
+                    }
+                    // The rmap covers the level-aligned block at `g`; only its part in `gfns`
+                    // was asked about.
+                    let block = GfnRange::from_len(Gfn::new(g), level.pages());
+                    if let Some(r) = block.and_then(|b| b.intersect(&gfns)) {
+                        report(r);
                     }
                 }
                 g += level.pages();
@@ -1034,6 +1067,51 @@ mod tests {
         let _ = head.pte_list_add(w.witness(), &mmu.inner.rmap_stats, p);
         drop(w);
         assert!(mmu.age_gfn_range(&slot.0, range(511, 513), AgeAction::TestOnly, false));
+        let w = lock.write();
+        head.pte_list_remove(w.witness(), &mmu.inner.rmap_stats, p)
+            .unwrap();
+        mmu.zap_all(&slot, w.witness(), &NoFlush);
+        drop(w);
+        drop(root);
+    }
+
+    #[test]
+    fn rmap_age_report_names_young_gfns_and_clips_huge_blocks_to_the_range() {
+        let (mmu, lock, slot, root) = populated();
+        let range = |a, b| GfnRange::new(Gfn::new(a), Gfn::new(b)).unwrap();
+        let mut got = Vec::new();
+        assert!(mmu.age_gfn_range_report(&slot.0, range(10, 40), false, |r| got.push(r)));
+        let want: Vec<GfnRange> = (12..40).step_by(3).map(|g| range(g, g + 1)).collect();
+        assert_eq!(
+            got, want,
+            "one report per young 4K rmap, only inside the range"
+        );
+        got.clear();
+        assert!(!mmu.age_gfn_range_report(&slot.0, range(10, 40), true, |r| got.push(r)));
+        assert!(got.is_empty());
+        // A young SPTE in the 2M rmap of [512, 1024), aged over [600, 700) after the 4K leaves
+        // there are old: the block is reported clipped to the range.
+        assert!(mmu.age_gfn_range(&slot.0, range(0, GFNS), AgeAction::Clear, false));
+        let slot2 = [AtomicU64::new(SHADOW_NONPRESENT_VALUE)];
+        let present = make_spte(
+            Pfn::new(7),
+            Level::L4K,
+            LeafAttrs {
+                host_writable: true,
+                write_allowed: false,
+                prefetch: false,
+            },
+        );
+        slot2[0].store(present.raw(), Ordering::Relaxed);
+        let head = slot.0.get(Gfn::new(512), Level::L2M).unwrap();
+        let w = lock.write();
+        // SAFETY: `slot2` outlives its rmap membership: it is removed below before it is dropped.
+        let p = unsafe { super::super::rmap::SptePtr::new(&slot2[0]) };
+        let _ = head.pte_list_add(w.witness(), &mmu.inner.rmap_stats, p);
+        drop(w);
+        got.clear();
+        assert!(mmu.age_gfn_range_report(&slot.0, range(600, 700), false, |r| got.push(r)));
+        assert_eq!(got, vec![range(600, 700)]);
         let w = lock.write();
         head.pte_list_remove(w.witness(), &mmu.inner.rmap_stats, p)
             .unwrap();

@@ -5,8 +5,10 @@
 //! flush. It visits the present leaves of the valid root of one address space and clears Accessed
 //! with one `fetch_and(!A)` where A is set (spte.rs O4), so it never changes a table pointer, bit
 //! 11 or the pfn, and can never lose a concurrent Dirty or Writable update (spec items 14–20).
+//! [`TdpMmu::age_gfn_range_report`] is the same walk, also reporting the gfns of every young leaf
+//! (for a per-page aging answer); the plain walk passes a no-op reporter that compiles away.
 
-use crate::addr::{AsId, GfnRange};
+use crate::addr::{AsId, Gfn, GfnRange};
 use crate::mmu::spte::{ACCESSED_MASK, DIRTY_MASK, MMU_PRESENT_MASK};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
@@ -30,7 +32,21 @@ impl TdpMmu {
     /// returns true if any was set (`kvm_age_gfn`). Invalid roots are not aged (spec item 20).
     /// Needs no `mmu_lock`; the caller may hold it (locked aging mode).
     pub fn age_gfn_range(&self, as_id: AsId, range: GfnRange, rcu: &RcuGuard<'_>) -> bool {
-        let (observed, cleared) = self.walk_leaves(as_id, range, ACCESSED_MASK, Action::Clear, rcu);
+        self.age_gfn_range_report(as_id, range, rcu, |_| {})
+    }
+
+    /// [`TdpMmu::age_gfn_range`], also calling `young` with the gfns (clipped to `range`) of every
+    /// leaf found with Accessed set, once per leaf; the result is true iff `young` was called.
+    #[inline]
+    pub fn age_gfn_range_report(
+        &self,
+        as_id: AsId,
+        range: GfnRange,
+        rcu: &RcuGuard<'_>,
+        young: impl FnMut(GfnRange),
+    ) -> bool {
+        let (observed, cleared) =
+            self.walk_leaves(as_id, range, ACCESSED_MASK, Action::Clear, rcu, young);
         Counters::add(&self.inner.counters.accessed_cleared, cleared);
         observed != 0
     }
@@ -38,7 +54,7 @@ impl TdpMmu {
     /// True if some present leaf of `as_id`'s valid root in `range` has Accessed set
     /// (`kvm_test_age_gfn`). Modifies nothing and returns at the first young leaf.
     pub fn test_age_gfn_range(&self, as_id: AsId, range: GfnRange, rcu: &RcuGuard<'_>) -> bool {
-        self.walk_leaves(as_id, range, ACCESSED_MASK, Action::Test, rcu)
+        self.walk_leaves(as_id, range, ACCESSED_MASK, Action::Test, rcu, |_| {})
             .0
             != 0
     }
@@ -54,13 +70,14 @@ impl TdpMmu {
         _mmu: &MmuRead,
         rcu: &RcuGuard<'_>,
     ) -> bool {
-        self.walk_leaves(as_id, range, DIRTY_MASK, Action::Clear, rcu)
+        self.walk_leaves(as_id, range, DIRTY_MASK, Action::Clear, rcu, |_| {})
             .0
             != 0
     }
 
     /// Visits the present leaves with `mask` set; returns how many were observed with it (at most
-    /// 1 for [`Action::Test`]) and how many of those this call cleared itself.
+    /// 1 for [`Action::Test`]) and how many of those this call cleared itself. With
+    /// [`Action::Clear`], `report` gets the gfns (clipped to `range`) of each observed leaf.
     fn walk_leaves(
         &self,
         as_id: AsId,
@@ -68,6 +85,7 @@ impl TdpMmu {
         mask: u64,
         action: Action,
         rcu: &RcuGuard<'_>,
+        mut report: impl FnMut(GfnRange),
     ) -> (u64, u64) {
         self.assert_rcu_domain(rcu);
         let start = range.start().raw();
@@ -97,7 +115,9 @@ impl TdpMmu {
                 // bounds fall inside this table's 0..=ENTRIES.
                 let lo = (start.max(base) - base) as usize;
                 let hi = (end.min(base + ENTRIES as u64) - base) as usize;
-                let (o, c) = scan_leaf_table(table, lo, hi, mask, action);
+                let (o, c) = scan_leaf_table(table, lo, hi, mask, action, |i| {
+                    report_gfns(&mut report, base + i as u64, 1, start, end);
+                });
                 observed += o;
                 cleared += c;
                 if action == Action::Test && o != 0 {
@@ -123,6 +143,7 @@ impl TdpMmu {
                         // have cleared it first, so count as cleared only what this AND removed.
                         observed += 1;
                         cleared += u64::from(prev.raw() & mask != 0);
+                        report_gfns(&mut report, it.gfn(), it.level().pages(), start, end);
                         it.set_old(prev);
                     }
                 }
@@ -152,17 +173,35 @@ fn broken_plain_clear(
     old
 }
 
+/// Calls `report` with the gfns `[gfn, gfn + pages)` of one young leaf, clipped to `[start, end)`.
+#[inline(always)]
+fn report_gfns(report: &mut impl FnMut(GfnRange), gfn: u64, pages: u64, start: u64, end: u64) {
+    let lo = gfn.max(start);
+    let hi = gfn.saturating_add(pages).min(end);
+    if let Some(r) = GfnRange::new(Gfn::new(lo), Gfn::new(hi)) {
+        report(r);
+    }
+}
+
 /// Entries per 64-byte cache line: the unit of the pre-test in [`scan_leaf_table`].
 const LINE: usize = 8;
 
 /// Applies `action` to the present 4K leaves of `table[lo..hi]` with `mask` set; returns (observed,
-/// cleared) as [`TdpMmu::walk_leaves`] counts them (stops at the first for [`Action::Test`]).
+/// cleared) as [`TdpMmu::walk_leaves`] counts them (stops at the first for [`Action::Test`]), and
+/// with [`Action::Clear`] calls `report` with the index of each observed leaf.
 ///
 /// Each cache line of entries is first tested as a whole (the OR of its entries' `mask` bits), so a
 /// line with nothing to do costs loads and one branch; only entries that are present leaves with
 /// the bit set get the `fetch_and` (perf-anchors §7 item 1: never RMW an entry that is not young).
 #[inline]
-fn scan_leaf_table(table: &Table, lo: usize, hi: usize, mask: u64, action: Action) -> (u64, u64) {
+fn scan_leaf_table(
+    table: &Table,
+    lo: usize,
+    hi: usize,
+    mask: u64,
+    action: Action,
+    mut report: impl FnMut(usize),
+) -> (u64, u64) {
     let entries = table.entries();
     let want = MMU_PRESENT_MASK | mask;
     let (mut observed, mut cleared) = (0, 0);
@@ -182,7 +221,7 @@ fn scan_leaf_table(table: &Table, lo: usize, hi: usize, mask: u64, action: Actio
             any |= *s;
         }
         if any & mask != 0 {
-            for (&old, e) in snap.iter().zip(line) {
+            for (k, (&old, e)) in snap.iter().zip(line).enumerate() {
                 if old & want != want {
                     continue;
                 }
@@ -200,6 +239,7 @@ fn scan_leaf_table(table: &Table, lo: usize, hi: usize, mask: u64, action: Actio
                             broken_plain_clear(e, crate::mmu::spte::Spte::from_raw(old), mask);
                         observed += 1;
                         cleared += u64::from(prev.raw() & mask != 0);
+                        report(i + k);
                     }
                 }
             }
@@ -281,6 +321,40 @@ mod tests {
         assert!(tdp.test_age_gfn_range(AsId::new(0), range(99, 100), &guard));
         assert!(tdp.test_age_gfn_range(AsId::new(0), range(1199, 1201), &guard));
         assert!(tdp.test_age_gfn_range(AsId::new(0), range(0, 1 << 30), &guard));
+    }
+
+    #[test]
+    fn age_report_names_exactly_the_young_leaves_in_the_range() {
+        // Two tables, a hole, and a range that starts and ends mid-table.
+        let gfns: Vec<u64> = (0..1024).filter(|g| !(300..310).contains(g)).collect();
+        let (rcu, tdp, _root) = mapped(&gfns);
+        let guard = rcu.pin();
+        let mut got = Vec::new();
+        assert!(
+            tdp.age_gfn_range_report(AsId::new(0), range(5, 1000), &guard, |r| {
+                got.extend(r.start().raw()..r.end().raw());
+            })
+        );
+        let want: Vec<u64> = gfns
+            .iter()
+            .copied()
+            .filter(|g| (5..1000).contains(g))
+            .collect();
+        assert_eq!(got, want, "every young leaf in the range, once, in order");
+        // The rest of the mapping is still young; then nothing is.
+        for expect in [true, false] {
+            got.clear();
+            let young = tdp.age_gfn_range_report(AsId::new(0), range(0, 1024), &guard, |r| {
+                got.extend(r.start().raw()..r.end().raw());
+            });
+            assert_eq!(young, expect);
+            let want: Vec<u64> = if expect {
+                (0..5).chain(1000..1024).collect()
+            } else {
+                Vec::new()
+            };
+            assert_eq!(got, want, "the report agrees with the bool");
+        }
     }
 
     #[test]
