@@ -4,12 +4,12 @@
 //! `shuttle::check_random`: every iteration is a fresh VM and a fresh random schedule.
 //!
 //! Run (own target dir, like loom):
-//! `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target-shuttle cargo test --release -p kvmmu --test shuttle_torture`
+//! `cargo test -p kvmmu --features shuttle --test shuttle_torture`
 //! and the twin that must FAIL (a broken build shuttle has to catch):
-//! `RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target-shuttle cargo test --release -p kvmmu --features broken-rmap-flush-if-young --test shuttle_torture`
+//! `cargo test -p kvmmu --features shuttle,broken-rmap-flush-if-young --test shuttle_torture`
 //!
 //! # What shuttle sees
-//! Under `cfg(shuttle)` the sync facade maps `Mutex`, `RwLock` (so `mmu_lock`), `Condvar`, the
+//! Under `cfg(feature = "shuttle")` the sync facade maps `Mutex`, `RwLock` (so `mmu_lock`), `Condvar`, the
 //! threads, `thread_local!`, `spin_hint` and `yield_now` to shuttle's; every lock operation and
 //! every spin-wait round (the rmap bit lock, SRCU and RCU grace periods, remote TLB flushes
 //! waiting for vCPU acknowledgements) is a point where shuttle may switch threads. Atomics stay
@@ -32,7 +32,7 @@
 //!
 //! Every actor runs a fixed number of operations (never "until stopped": shuttle runs its
 //! threads on one OS thread, so a loop without a scheduling point would never end).
-#![cfg(shuttle)]
+#![cfg(feature = "shuttle")]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

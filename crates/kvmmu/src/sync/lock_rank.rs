@@ -20,7 +20,7 @@
 //!
 //! Tokens may be released in any order (guards are not always dropped LIFO), so the state is a
 //! per-rank count rather than a stack. The checker is disabled under `cfg(loom)` and
-//! `cfg(shuttle)`: those models run in release builds, and their threads share one OS thread's
+//! `cfg(feature = "shuttle")`: those models run in release builds, and their threads share one OS thread's
 //! thread-locals.
 //!
 //! [`SrcuGuard`]: super::srcu::SrcuGuard
@@ -79,7 +79,7 @@ impl LockRank {
     }
 
     /// Position in [`LockRank::ALL`].
-    #[cfg(all(debug_assertions, not(loom), not(shuttle)))]
+    #[cfg(all(debug_assertions, not(loom), not(feature = "shuttle")))]
     const fn index(self) -> usize {
         self as usize
     }
@@ -97,7 +97,7 @@ impl fmt::Display for LockRank {
 /// Zero-sized and free in release builds.
 #[must_use = "the rank is released when the token is dropped"]
 pub struct RankToken {
-    #[cfg(all(debug_assertions, not(loom), not(shuttle)))]
+    #[cfg(all(debug_assertions, not(loom), not(feature = "shuttle")))]
     rank: LockRank,
     _not_send: PhantomData<NotSend>,
 }
@@ -113,7 +113,7 @@ unsafe impl Sync for NotSend {}
 impl fmt::Debug for RankToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("RankToken");
-        #[cfg(all(debug_assertions, not(loom), not(shuttle)))]
+        #[cfg(all(debug_assertions, not(loom), not(feature = "shuttle")))]
         d.field("rank", &self.rank);
         d.finish()
     }
@@ -128,12 +128,12 @@ impl fmt::Debug for RankToken {
 /// holds a non-reentrant lock of the same rank (invariant 2). The message names both locks.
 #[inline]
 pub fn acquire(rank: LockRank) -> RankToken {
-    #[cfg(all(debug_assertions, not(loom), not(shuttle)))]
+    #[cfg(all(debug_assertions, not(loom), not(feature = "shuttle")))]
     imp::acquire(rank);
-    #[cfg(not(all(debug_assertions, not(loom), not(shuttle))))]
+    #[cfg(not(all(debug_assertions, not(loom), not(feature = "shuttle"))))]
     let _ = rank;
     RankToken {
-        #[cfg(all(debug_assertions, not(loom), not(shuttle)))]
+        #[cfg(all(debug_assertions, not(loom), not(feature = "shuttle")))]
         rank,
         _not_send: PhantomData,
     }
@@ -146,9 +146,9 @@ pub fn acquire(rank: LockRank) -> RankToken {
 /// In debug builds, if it does; the message names the held lock and `what` the thread waits for.
 #[inline]
 pub fn assert_may_wait_for(rank: LockRank, what: &str) {
-    #[cfg(all(debug_assertions, not(loom), not(shuttle)))]
+    #[cfg(all(debug_assertions, not(loom), not(feature = "shuttle")))]
     imp::assert_may_wait_for(rank, what);
-    #[cfg(not(all(debug_assertions, not(loom), not(shuttle))))]
+    #[cfg(not(all(debug_assertions, not(loom), not(feature = "shuttle"))))]
     let _ = (rank, what);
 }
 
@@ -160,20 +160,20 @@ pub fn assert_may_wait_for(rank: LockRank, what: &str) {
 /// In debug builds, if a lock of greater rank is held.
 #[inline]
 pub fn assert_none_held_above(rank: LockRank) {
-    #[cfg(all(debug_assertions, not(loom), not(shuttle)))]
+    #[cfg(all(debug_assertions, not(loom), not(feature = "shuttle")))]
     imp::assert_none_held_above(rank);
-    #[cfg(not(all(debug_assertions, not(loom), not(shuttle))))]
+    #[cfg(not(all(debug_assertions, not(loom), not(feature = "shuttle"))))]
     let _ = rank;
 }
 
 /// How many locks of rank `rank` the current thread holds (always 0 in release and loom builds).
 #[inline]
 pub fn held(rank: LockRank) -> usize {
-    #[cfg(all(debug_assertions, not(loom), not(shuttle)))]
+    #[cfg(all(debug_assertions, not(loom), not(feature = "shuttle")))]
     {
         imp::held(rank)
     }
-    #[cfg(not(all(debug_assertions, not(loom), not(shuttle))))]
+    #[cfg(not(all(debug_assertions, not(loom), not(feature = "shuttle"))))]
     {
         let _ = rank;
         0
@@ -183,12 +183,12 @@ pub fn held(rank: LockRank) -> usize {
 impl Drop for RankToken {
     #[inline]
     fn drop(&mut self) {
-        #[cfg(all(debug_assertions, not(loom), not(shuttle)))]
+        #[cfg(all(debug_assertions, not(loom), not(feature = "shuttle")))]
         imp::release(self.rank);
     }
 }
 
-#[cfg(all(debug_assertions, not(loom), not(shuttle)))]
+#[cfg(all(debug_assertions, not(loom), not(feature = "shuttle")))]
 mod imp {
     use super::{LockRank, NR_RANKS};
     use std::cell::Cell;

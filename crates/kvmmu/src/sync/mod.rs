@@ -5,7 +5,7 @@
 //! building with `RUSTFLAGS="--cfg loom"` swaps every one of them for loom's model-checked twin
 //! without touching the code that uses them.
 //!
-//! Building with `RUSTFLAGS="--cfg shuttle"` (randomized whole-VM tests, `tests/shuttle_*.rs`) swaps
+//! Building with feature `shuttle` (randomized whole-VM tests, `tests/shuttle_*.rs`) swaps
 //! the blocking and scheduling primitives for shuttle's: [`Mutex`], [`RwLock`], [`Condvar`],
 //! [`thread`], [`thread_local!`], [`spin_hint`] and [`yield_now`], so every lock operation, every
 //! spin-wait round and every forced yield of the `test-hooks` sites is a point where shuttle's
@@ -69,9 +69,9 @@ pub use std::sync::Weak;
 pub fn spin_hint() {
     #[cfg(loom)]
     loom::thread::yield_now();
-    #[cfg(all(shuttle, not(loom)))]
+    #[cfg(all(feature = "shuttle", not(loom)))]
     shuttle::thread::yield_now();
-    #[cfg(not(any(loom, shuttle)))]
+    #[cfg(not(any(loom, feature = "shuttle")))]
     core::hint::spin_loop();
 }
 
@@ -80,32 +80,32 @@ pub fn spin_hint() {
 pub fn yield_now() {
     #[cfg(loom)]
     loom::thread::yield_now();
-    #[cfg(all(shuttle, not(loom)))]
+    #[cfg(all(feature = "shuttle", not(loom)))]
     shuttle::thread::yield_now();
-    #[cfg(not(any(loom, shuttle)))]
+    #[cfg(not(any(loom, feature = "shuttle")))]
     std::thread::yield_now();
 }
 
-/// Threads: std's normally, loom's under `cfg(loom)`, shuttle's under `cfg(shuttle)`.
+/// Threads: std's normally, loom's under `cfg(loom)`, shuttle's under `cfg(feature = "shuttle")`.
 pub mod thread {
     #[cfg(loom)]
     pub use loom::thread::{JoinHandle, spawn, yield_now};
-    #[cfg(all(shuttle, not(loom)))]
+    #[cfg(all(feature = "shuttle", not(loom)))]
     pub use shuttle::thread::{JoinHandle, spawn, yield_now};
-    #[cfg(not(any(loom, shuttle)))]
+    #[cfg(not(any(loom, feature = "shuttle")))]
     pub use std::thread::{JoinHandle, spawn, yield_now};
 }
 
-/// Declares a thread-local (std's `thread_local!` normally; shuttle's under `cfg(shuttle)`, whose
+/// Declares a thread-local (std's `thread_local!` normally; shuttle's under `cfg(feature = "shuttle")`, whose
 /// threads share one OS thread, so that each shuttle thread gets its own value).
-#[cfg(all(shuttle, not(loom)))]
+#[cfg(all(feature = "shuttle", not(loom)))]
 pub use shuttle::thread_local;
-/// Declares a thread-local (std's `thread_local!` normally; shuttle's under `cfg(shuttle)`, whose
+/// Declares a thread-local (std's `thread_local!` normally; shuttle's under `cfg(feature = "shuttle")`, whose
 /// threads share one OS thread, so that each shuttle thread gets its own value).
-#[cfg(not(all(shuttle, not(loom))))]
+#[cfg(not(all(feature = "shuttle", not(loom))))]
 pub use std::thread_local;
 
-#[cfg(not(any(loom, shuttle)))]
+#[cfg(not(any(loom, feature = "shuttle")))]
 mod imp {
     /// A mutual-exclusion lock (parking_lot).
     pub type Mutex<T> = parking_lot::Mutex<T>;
@@ -121,13 +121,13 @@ mod imp {
     pub type RwLockWriteGuard<'a, T> = parking_lot::RwLockWriteGuard<'a, T>;
 }
 
-#[cfg(any(loom, shuttle))]
+#[cfg(any(loom, feature = "shuttle"))]
 mod imp {
     //! Thin wrappers that give loom's (or shuttle's) locks parking_lot's guard-returning API.
 
     #[cfg(loom)]
     use loom::sync as backend;
-    #[cfg(all(shuttle, not(loom)))]
+    #[cfg(all(feature = "shuttle", not(loom)))]
     use shuttle::sync as backend;
 
     /// A mutual-exclusion lock (loom or shuttle).

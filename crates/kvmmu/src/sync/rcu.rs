@@ -88,15 +88,15 @@ fn backoff(spins: &mut u32) {
     *spins = spins.saturating_add(1);
     if *spins < 16 {
         super::spin_hint();
-    } else if *spins < 1024 || cfg!(any(loom, shuttle)) {
+    } else if *spins < 1024 || cfg!(any(loom, feature = "shuttle")) {
         super::yield_now();
     } else {
-        #[cfg(not(any(loom, shuttle)))]
+        #[cfg(not(any(loom, feature = "shuttle")))]
         std::thread::sleep(std::time::Duration::from_micros(50));
     }
 }
 
-#[cfg(not(any(loom, shuttle)))]
+#[cfg(not(any(loom, feature = "shuttle")))]
 mod imp {
     //! crossbeam-epoch behind the [`Rcu`] API.
 
@@ -276,7 +276,7 @@ mod imp {
     }
 }
 
-#[cfg(any(loom, shuttle))]
+#[cfg(any(loom, feature = "shuttle"))]
 mod imp {
     //! A minimal epoch for loom models (and shuttle tests, whose threads share one OS thread and
     //! so its thread-locals, which crossbeam-epoch's per-thread handles rely on): every step is one loom mutex section, so it is obviously

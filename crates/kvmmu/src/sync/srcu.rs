@@ -267,10 +267,10 @@ fn backoff(spins: &mut u32) {
     *spins = spins.saturating_add(1);
     if *spins < 64 {
         super::spin_hint();
-    } else if *spins < 1024 || cfg!(any(loom, shuttle)) {
+    } else if *spins < 1024 || cfg!(any(loom, feature = "shuttle")) {
         super::yield_now();
     } else {
-        #[cfg(not(any(loom, shuttle)))]
+        #[cfg(not(any(loom, feature = "shuttle")))]
         std::thread::sleep(std::time::Duration::from_micros(50));
     }
 }

@@ -286,17 +286,17 @@ impl MmuWriteGuard<'_> {
 
 /// Releases a read guard, handing the lock directly to a waiter (parking_lot's fair unlock).
 fn release_read_fair(g: RwLockReadGuard<'_, ()>) {
-    #[cfg(not(any(loom, shuttle)))]
+    #[cfg(not(any(loom, feature = "shuttle")))]
     RwLockReadGuard::unlock_fair(g);
-    #[cfg(any(loom, shuttle))]
+    #[cfg(any(loom, feature = "shuttle"))]
     drop(g);
 }
 
 /// Releases a write guard, handing the lock directly to a waiter (parking_lot's fair unlock).
 fn release_write_fair(g: RwLockWriteGuard<'_, ()>) {
-    #[cfg(not(any(loom, shuttle)))]
+    #[cfg(not(any(loom, feature = "shuttle")))]
     RwLockWriteGuard::unlock_fair(g);
-    #[cfg(any(loom, shuttle))]
+    #[cfg(any(loom, feature = "shuttle"))]
     drop(g);
 }
 
