@@ -426,7 +426,7 @@ impl FrameArena {
     /// reported as a [`StaleAccess`] (a `Copy` error, so the hot path has nothing to drop). A
     /// `pfn` outside the arena or a `word >= 512` names no frame at all, and is reported as found
     /// [`FrameTag::FREE`] (and counted).
-    #[inline]
+    #[inline(always)]
     pub fn read_tagged(&self, pfn: Pfn, word: usize, expect: FrameTag) -> Result<u64, StaleAccess> {
         match self.locate(pfn, word) {
             Ok((tag, data)) => self.read_located(pfn, tag, data, expect),
@@ -436,7 +436,7 @@ impl FrameArena {
 
     /// [`FrameArena::write_u64`] for the vCPU's access path, with errors as in
     /// [`FrameArena::read_tagged`].
-    #[inline]
+    #[inline(always)]
     pub fn write_tagged(
         &self,
         pfn: Pfn,

@@ -12,6 +12,12 @@
 //!    [`VcpuExit::StaleTranslation`], never silently performed.
 //! 4. A not-present or write-protected translation leaves guest mode and runs the page fault
 //!    handler; RETRY re-executes the access; an unresolvable fault is returned as a [`VcpuExit`].
+//! 5. The common case — aligned, no request pending, a valid root, a TLB hit that allows the
+//!    access — is an inlined fast path doing exactly steps 2–3 (one relaxed load of the request
+//!    word, the root's invalid flag, one TLB set, the checked frame access) with no lock and no
+//!    atomic RMW (a read writes only the vCPU's own TLB and counters; a write adds its word's
+//!    store and the arena's fence); anything else runs the general loop, which repeats none of
+//!    the fast path's work (a TLB miss walks at once and is counted once).
 //!
 //! A vCPU never blocks on a lock while in guest mode (it only pins RCU and SRCU, which never block),
 //! so a thread that holds `mmu_lock` and waits for TLB-flush acknowledgements cannot deadlock with it.
