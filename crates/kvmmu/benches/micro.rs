@@ -1,8 +1,9 @@
 //! Criterion micro-benchmarks of kvmmu's hot paths, each calling the library's public API exactly as
 //! the VM and vCPU layers do: SPTE walk, software TLB hit and miss, TDP leaf install, zap, lockless
-//! and locked aging of one table and of a 4 GiB range, SRCU/RCU read-side entry, the whole vCPU
-//! fault path (walk miss, fault, GUP with host frame allocation, install), lock-free (shared
-//! `mmu_lock`) vs locked (exclusive) installs from parallel threads, and the shadow MMU's rmap
+//! and locked aging of one table and of a 4 GiB range, whole-vCPU translation (warm TLB and TLB
+//! miss, TDP and shadow), SRCU/RCU read-side entry, the whole vCPU fault path (walk miss, fault,
+//! GUP with host frame allocation, install), lock-free (shared `mmu_lock`) vs locked (exclusive)
+//! installs from parallel threads, and the shadow MMU's rmap
 //! add/remove/age.
 //!
 //! Run with `cargo bench -p kvmmu --bench micro`; `cargo test` only compiles it (`harness = false`).
@@ -357,6 +358,89 @@ fn fault_path(c: &mut Criterion) {
     grp.finish();
 }
 
+/// Guest pages of the translation benchmark's guest (32 MiB: 16× the default TLB's reach).
+const XLATE_PAGES: u64 = 8192;
+/// Pages of the warm set: half the default TLB, as `kvmmu bench` uses.
+const XLATE_WARM: u64 = 1024;
+
+/// Whole-vCPU translation as a guest runs it (`GuestMode::read_u64`: request check, TLB lookup,
+/// walk on a miss, checked frame access), TDP and shadow: a warm-TLB pass over a hot set of pages
+/// and a pass over a guest 4× larger than the TLB's reach (every access misses), one word per page.
+fn translation(c: &mut Criterion) {
+    let base = 1u64 << 32;
+    for mmu in [MmuKind::Tdp, MmuKind::Shadow] {
+        let host = HostMm::new(HostConfig {
+            frames: XLATE_PAGES as usize + 256,
+        })
+        .expect("host");
+        host.prefault().expect("prefault");
+        let vm = Vm::new(
+            &host,
+            VmConfig {
+                mmu,
+                ..VmConfig::default()
+            },
+        )
+        .expect("vm");
+        let hva = host
+            .mmap(XLATE_PAGES * PAGE_SIZE, Prot::READ | Prot::WRITE)
+            .expect("mmap");
+        vm.set_user_memory_region(MemoryRegion {
+            slot: SlotId::new(0),
+            as_id: AsId::new(0),
+            flags: MemFlags::empty(),
+            gpa: Gpa::new(base),
+            size: XLATE_PAGES * PAGE_SIZE,
+            hva,
+        })
+        .expect("memslot");
+        let mut vcpu = vm.create_vcpu().expect("vcpu");
+        {
+            let mut g = vcpu.enter();
+            for p in 0..XLATE_PAGES {
+                g.write_u64(Gpa::new(base + p * PAGE_SIZE), p)
+                    .expect("populate write");
+            }
+        }
+        let name = match mmu {
+            MmuKind::Tdp => "tdp",
+            MmuKind::Shadow => "shadow",
+        };
+        let mut grp = c.benchmark_group("translation");
+        grp.throughput(Throughput::Elements(XLATE_WARM));
+        grp.bench_function(format!("{name}_warm_tlb"), |b| {
+            b.iter(|| {
+                let mut g = vcpu.enter();
+                let mut sum = 0u64;
+                for p in 0..XLATE_WARM {
+                    sum = sum.wrapping_add(
+                        g.read_u64(Gpa::new(base + p * PAGE_SIZE))
+                            .expect("warm read"),
+                    );
+                }
+                black_box(sum)
+            })
+        });
+        grp.throughput(Throughput::Elements(XLATE_PAGES));
+        grp.bench_function(format!("{name}_tlb_miss"), |b| {
+            b.iter(|| {
+                let mut g = vcpu.enter();
+                let mut sum = 0u64;
+                for p in 0..XLATE_PAGES {
+                    sum = sum.wrapping_add(
+                        g.read_u64(Gpa::new(base + p * PAGE_SIZE))
+                            .expect("miss read"),
+                    );
+                }
+                black_box(sum)
+            })
+        });
+        grp.finish();
+        drop(vcpu);
+        vm.shutdown();
+    }
+}
+
 /// Shadow-MMU reverse maps (the primitive on main): add/remove one SPTE on an empty rmap and on a
 /// 16-entry chain (descriptor list), and lockless aging of a 16-entry rmap (read-only bit lock).
 fn rmap(c: &mut Criterion) {
@@ -494,6 +578,7 @@ criterion_group!(
     benches,
     spte_walk,
     tlb,
+    translation,
     install,
     zap,
     aging,

@@ -340,27 +340,37 @@ impl FrameArena {
         })
     }
 
-    #[inline]
-    fn check(&self, pfn: Pfn, expect: FrameTag, word: u64) -> Result<(), HostError> {
+    #[inline(always)]
+    fn check(&self, pfn: Pfn, expect: FrameTag, word: u64) -> Result<(), StaleAccess> {
+        // `expect` free never matches: a free tag word has host-page field 0, and an owner tag
+        // never does, so comparing the words alone would accept a FREE `expect` on a free frame.
         if expect.is_free() || word != expect.0 {
-            // ORDERING: Relaxed: a statistics counter.
-            self.stale_accesses.fetch_add(1, Ordering::Relaxed);
-            return Err(HostError::Stale(StaleAccess {
-                pfn,
-                expected: expect,
-                found: FrameTag::from_word(word),
-            }));
+            return Err(self.stale(pfn, expect, word));
         }
         Ok(())
     }
 
-    #[inline]
+    #[cold]
+    #[inline(never)]
+    fn stale(&self, pfn: Pfn, expect: FrameTag, word: u64) -> StaleAccess {
+        self.report_stale(pfn, expect, FrameTag::from_word(word))
+    }
+
+    #[inline(always)]
     fn locate(&self, pfn: Pfn, word: usize) -> Result<(&AtomicU64, &AtomicU64), HostError> {
         if word >= WORDS_PER_FRAME {
             return Err(HostError::BadWordIndex { word });
         }
-        let tag = self.tag_word(pfn).ok_or(HostError::BadPfn { pfn })?;
-        Ok((tag, &self.frame_words(pfn.index())[word]))
+        let tags = self.tags.as_slice();
+        // Built only on the error branch: an eager `ok_or(HostError::BadPfn { .. })` constructs
+        // and drops a `HostError` (which has a destructor) on every access.
+        let Some(index) = usize::try_from(pfn.raw()).ok().filter(|&i| i < tags.len()) else {
+            return Err(HostError::BadPfn { pfn });
+        };
+        // `index < nframes` and the words array holds `nframes * WORDS_PER_FRAME` words, so the
+        // word (`word < WORDS_PER_FRAME`, checked above) is in bounds.
+        let data = &self.words.as_slice()[index * WORDS_PER_FRAME + word];
+        Ok((&tags[index], data))
     }
 
     /// Reads word `word` of frame `pfn`, which must carry tag `expect` before and after the read.
@@ -370,16 +380,8 @@ impl FrameArena {
     #[inline]
     pub fn read_u64(&self, pfn: Pfn, word: usize, expect: FrameTag) -> Result<u64, HostError> {
         let (tag, data) = self.locate(pfn, word)?;
-        // ORDERING: Relaxed: the caller's knowledge of `expect` came through a release/acquire
-        // publication that already orders the frame's zero fill before this access.
-        self.check(pfn, expect, tag.load(Ordering::Relaxed))?;
-        // ORDERING: Relaxed load, then an acquire fence before re-reading the tag: if the value
-        // came from a later owner (a release store, or a zero fill behind alloc's SeqCst fence)
-        // the fence synchronises with it and the re-read sees the new tag (invariant 4).
-        let v = data.load(Ordering::Relaxed);
-        fence(Ordering::Acquire);
-        self.check(pfn, expect, tag.load(Ordering::Relaxed))?;
-        Ok(v)
+        self.read_located(pfn, tag, data, expect)
+            .map_err(HostError::Stale)
     }
 
     /// Writes `v` to word `word` of frame `pfn`, which must carry tag `expect` before and after
@@ -396,7 +398,68 @@ impl FrameArena {
         v: u64,
     ) -> Result<(), HostError> {
         let (tag, data) = self.locate(pfn, word)?;
-        // ORDERING: Relaxed: see read_u64.
+        self.write_located(pfn, tag, data, expect, v)
+            .map_err(HostError::Stale)
+    }
+
+    /// [`FrameArena::read_u64`] for the vCPU's access path: the same checks, with every failure
+    /// reported as a [`StaleAccess`] (a `Copy` error, so the hot path has nothing to drop). A
+    /// `pfn` outside the arena or a `word >= 512` names no frame at all, and is reported as found
+    /// [`FrameTag::FREE`] (and counted).
+    #[inline(always)]
+    pub fn read_tagged(&self, pfn: Pfn, word: usize, expect: FrameTag) -> Result<u64, StaleAccess> {
+        match self.locate(pfn, word) {
+            Ok((tag, data)) => self.read_located(pfn, tag, data, expect),
+            Err(_) => Err(self.report_stale(pfn, expect, FrameTag::FREE)),
+        }
+    }
+
+    /// [`FrameArena::write_u64`] for the vCPU's access path, with errors as in
+    /// [`FrameArena::read_tagged`].
+    #[inline(always)]
+    pub fn write_tagged(
+        &self,
+        pfn: Pfn,
+        word: usize,
+        expect: FrameTag,
+        v: u64,
+    ) -> Result<(), StaleAccess> {
+        match self.locate(pfn, word) {
+            Ok((tag, data)) => self.write_located(pfn, tag, data, expect, v),
+            Err(_) => Err(self.report_stale(pfn, expect, FrameTag::FREE)),
+        }
+    }
+
+    #[inline(always)]
+    fn read_located(
+        &self,
+        pfn: Pfn,
+        tag: &AtomicU64,
+        data: &AtomicU64,
+        expect: FrameTag,
+    ) -> Result<u64, StaleAccess> {
+        // ORDERING: Relaxed: the caller's knowledge of `expect` came through a release/acquire
+        // publication that already orders the frame's zero fill before this access.
+        self.check(pfn, expect, tag.load(Ordering::Relaxed))?;
+        // ORDERING: Relaxed load, then an acquire fence before re-reading the tag: if the value
+        // came from a later owner (a release store, or a zero fill behind alloc's SeqCst fence)
+        // the fence synchronises with it and the re-read sees the new tag (invariant 4).
+        let v = data.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        self.check(pfn, expect, tag.load(Ordering::Relaxed))?;
+        Ok(v)
+    }
+
+    #[inline(always)]
+    fn write_located(
+        &self,
+        pfn: Pfn,
+        tag: &AtomicU64,
+        data: &AtomicU64,
+        expect: FrameTag,
+        v: u64,
+    ) -> Result<(), StaleAccess> {
+        // ORDERING: Relaxed: see read_located.
         self.check(pfn, expect, tag.load(Ordering::Relaxed))?;
         // ORDERING: Release so that a reader observing this value synchronises with us
         // (invariant 4); then a SeqCst fence pairing with alloc's fence (invariant 3) so the
@@ -485,6 +548,51 @@ mod tests {
         assert_eq!(t2.generation(), t.generation() + 1);
         assert_eq!(t2.host_page(), 6);
         assert_eq!(a.read_u64(p2, 3, t2).unwrap(), 0);
+    }
+
+    #[test]
+    fn every_word_of_every_frame_keeps_its_own_value() {
+        let a = FrameArena::new(3).unwrap();
+        let frames: Vec<_> = (0..3).map(|i| a.alloc(i).unwrap()).collect();
+        for (f, &(p, t)) in frames.iter().enumerate() {
+            for w in 0..WORDS_PER_FRAME {
+                a.write_u64(p, w, t, (f * WORDS_PER_FRAME + w) as u64)
+                    .unwrap();
+            }
+        }
+        for (f, &(p, t)) in frames.iter().enumerate() {
+            for w in 0..WORDS_PER_FRAME {
+                assert_eq!(
+                    a.read_tagged(p, w, t).unwrap(),
+                    (f * WORDS_PER_FRAME + w) as u64
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn tagged_accesses_report_stale_free_and_out_of_range_frames() {
+        let a = FrameArena::new(1).unwrap();
+        let (p, t) = a.alloc(5).unwrap();
+        a.write_tagged(p, 0, t, 9).unwrap();
+        a.free(p, t).unwrap();
+        let (p2, t2) = a.alloc(6).unwrap();
+        assert_eq!(p2, p);
+        let e = a.read_tagged(p, 0, t).unwrap_err();
+        assert_eq!((e.expected, e.found), (t, t2));
+        let e = a.write_tagged(p, 0, t, 1).unwrap_err();
+        assert_eq!((e.expected, e.found), (t, t2));
+        assert_eq!(
+            a.read_tagged(p2, 0, t2).unwrap(),
+            0,
+            "the stale write was refused"
+        );
+        let e = a.read_tagged(Pfn::new(7), 0, t2).unwrap_err();
+        assert_eq!(e.found, FrameTag::FREE);
+        let e = a.read_tagged(p2, WORDS_PER_FRAME, t2).unwrap_err();
+        assert_eq!(e.found, FrameTag::FREE);
+        assert!(a.read_tagged(p2, 0, FrameTag::FREE).is_err());
+        assert_eq!(a.stats().stale_accesses, 5);
     }
 
     #[test]

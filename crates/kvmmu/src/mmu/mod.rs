@@ -50,6 +50,7 @@ impl MmuRoot {
         }
     }
     /// True once the root was invalidated; the vCPU must load a new one.
+    #[inline]
     pub fn is_invalid(&self) -> bool {
         match self {
             MmuRoot::Tdp(r) => r.is_invalid(),

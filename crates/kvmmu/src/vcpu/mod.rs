@@ -12,6 +12,12 @@
 //!    [`VcpuExit::StaleTranslation`], never silently performed.
 //! 4. A not-present or write-protected translation leaves guest mode and runs the page fault
 //!    handler; RETRY re-executes the access; an unresolvable fault is returned as a [`VcpuExit`].
+//! 5. The common case — aligned, no request pending, a valid root, a TLB hit that allows the
+//!    access — is an inlined fast path doing exactly steps 2–3 (one relaxed load of the request
+//!    word, the root's invalid flag, one TLB set, the checked frame access) with no lock and no
+//!    atomic RMW (a read writes only the vCPU's own TLB and counters; a write adds its word's
+//!    store and the arena's fence); anything else runs the general loop, which repeats none of
+//!    the fast path's work (a TLB miss walks at once and is counted once).
 //!
 //! A vCPU never blocks on a lock while in guest mode (it only pins RCU and SRCU, which never block),
 //! so a thread that holds `mmu_lock` and waits for TLB-flush acknowledgements cannot deadlock with it.
@@ -213,32 +219,76 @@ pub struct GuestMode<'v> {
 
 impl GuestMode<'_> {
     /// Reads the 8-byte word at `gpa`.
+    #[inline]
     pub fn read_u64(&mut self, gpa: Gpa) -> Result<u64, VcpuExit> {
         self.access(gpa, None)
     }
 
     /// Writes the 8-byte word at `gpa`.
+    #[inline]
     pub fn write_u64(&mut self, gpa: Gpa, value: u64) -> Result<(), VcpuExit> {
         self.access(gpa, Some(value)).map(|_| ())
     }
 
     /// One guest access: translate (TLB, walk, or fault) and perform it.
+    ///
+    /// The fast path (inlined into the caller) is the common case of a real vCPU: aligned, no
+    /// request pending (one relaxed load of the vCPU's own request word, `kvm_request_pending`), a
+    /// valid root, and a TLB hit that allows the access; then one checked frame access. Everything
+    /// else goes to [`Self::access_slow`], which starts over from the request check, except that a
+    /// plain TLB miss goes straight to the walk: the fast path has just checked requests and the
+    /// root, and the same thread changed nothing since, so repeating those checks (and counting a
+    /// second TLB lookup) would be redundant.
+    #[inline(always)]
     fn access(&mut self, gpa: Gpa, write: Option<u64>) -> Result<u64, VcpuExit> {
+        let vcpu = &mut *self.vcpu;
+        if gpa.raw() & 7 == 0
+            && !vcpu.handle.requests_pending()
+            && vcpu.root.as_ref().is_some_and(|r| !r.is_invalid())
+        {
+            return match walker::tlb_access(vcpu, gpa, write) {
+                Some(Ok(v)) => {
+                    vcpu.stats.accesses += 1;
+                    Ok(v)
+                }
+                Some(Err(source)) => Err(VcpuExit::StaleTranslation { gpa, source }),
+                None => self.access_slow(gpa, write, true),
+            };
+        }
+        self.access_slow(gpa, write, false)
+    }
+
+    /// The general access loop: requests, root (re)load, translation, faults and retries.
+    /// `missed`: the caller has just checked requests and the root and missed in the TLB (see
+    /// [`Self::access`]), so the first attempt walks at once.
+    #[inline(never)]
+    fn access_slow(
+        &mut self,
+        gpa: Gpa,
+        write: Option<u64>,
+        mut missed: bool,
+    ) -> Result<u64, VcpuExit> {
         if gpa.raw() & 7 != 0 {
             return Err(VcpuExit::Unaligned { gpa });
         }
         let mut spins = 0u32;
         loop {
-            // An instruction boundary: acknowledge remote TLB flushes before translating.
-            let reqs = self.vcpu.handle.check_requests();
-            if !reqs.is_empty() {
-                self.vcpu.apply_requests(reqs);
-            }
-            if self.vcpu.root.as_ref().is_none_or(|r| r.is_invalid()) {
-                self.leave_guest_mode_for(|v| v.load_root())?;
-                continue;
-            }
-            match walker::translate_and_access(self.vcpu, gpa, write)? {
+            let attempt = if missed {
+                missed = false;
+                walker::walk_and_access(self.vcpu, gpa, write)?
+            } else {
+                // An instruction boundary: acknowledge remote TLB flushes before translating.
+                let reqs = self.vcpu.handle.check_requests();
+                if !reqs.is_empty() {
+                    self.vcpu.apply_requests(reqs);
+                }
+                if self.vcpu.root.as_ref().is_none_or(|r| r.is_invalid()) {
+                    self.leave_guest_mode_for(|v| v.load_root())?;
+                    continue;
+                }
+                walker::translate_and_access(self.vcpu, gpa, write)?
+            };
+            match attempt {
                 walker::Access::Done(v) => {
                     self.vcpu.stats.accesses += 1;
                     return Ok(v);

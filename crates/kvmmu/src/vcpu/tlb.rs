@@ -166,14 +166,14 @@ impl Tlb {
     }
 
     /// The set that `gfn` maps to.
-    #[inline]
+    #[inline(always)]
     fn set_of(&self, gfn: Gfn) -> usize {
         // The mask is below the number of sets, a usize, so the cast is lossless.
         (gfn.raw() & self.set_mask) as usize
     }
 
     /// The valid way of `set` holding `gfn`, if any.
-    #[inline]
+    #[inline(always)]
     fn find(&self, set: usize, gfn: Gfn) -> Option<usize> {
         let t = &self.tags[set];
         (0..WAYS).find(|&w| t.gens[w] == self.generation && t.gfns[w] == gfn.raw())
@@ -181,7 +181,7 @@ impl Tlb {
 
     /// Looks `gfn` up; on a hit returns the entry (mutable, e.g. to record that D was set) and marks
     /// it most recently used. Allocation-free, a few compares.
-    #[inline]
+    #[inline(always)]
     pub fn lookup(&mut self, gfn: Gfn) -> Option<&mut TlbEntry> {
         let set = self.set_of(gfn);
         match self.find(set, gfn) {

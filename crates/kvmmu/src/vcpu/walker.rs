@@ -9,10 +9,11 @@
 
 use super::tlb::TlbEntry;
 use super::{Vcpu, VcpuExit};
-use crate::addr::{Gpa, PAGE_SHIFT};
-use crate::host::{FrameTag, HostError, StaleAccess};
+use crate::addr::{Gpa, PAGE_SHIFT, Pfn};
+use crate::host::{FrameTag, StaleAccess};
 use crate::mmu::MmuRoot;
 use crate::mmu::tdp::HwWalk;
+use crate::vm::VmInner;
 
 /// The result of one attempt at an access.
 pub(super) enum Access {
@@ -22,21 +23,47 @@ pub(super) enum Access {
     Fault,
 }
 
+/// Translates through the TLB alone and, on a hit that allows the access, performs it: `None` on
+/// a TLB miss, or on a write through an entry without write permission or Dirty (hardware
+/// re-walks then), with nothing done. The fast path of every guest access; callers have checked
+/// requests and the root just before.
+#[inline(always)]
+pub(super) fn tlb_access(
+    vcpu: &mut Vcpu,
+    gpa: Gpa,
+    write: Option<u64>,
+) -> Option<Result<u64, StaleAccess>> {
+    let e = vcpu.tlb.lookup(gpa.gfn())?;
+    if write.is_some() && !(e.writable && e.dirty) {
+        return None;
+    }
+    let (pfn, tag) = (e.pfn, FrameTag::from_raw(e.tag));
+    Some(frame_access(&vcpu.vm, gpa, pfn, tag, write))
+}
+
+/// One attempt at an access: the TLB, else a walk and a fill.
 pub(super) fn translate_and_access(
     vcpu: &mut Vcpu,
     gpa: Gpa,
     write: Option<u64>,
 ) -> Result<Access, VcpuExit> {
-    let gfn = gpa.gfn();
-    let word = (gpa.page_offset() / 8) as usize;
-    let is_write = write.is_some();
-
-    if let Some(e) = vcpu.tlb.lookup(gfn)
-        && (!is_write || (e.writable && e.dirty))
-    {
-        let (pfn, tag) = (e.pfn, FrameTag::from_raw(e.tag));
-        return frame_access(vcpu, gpa, pfn, tag, word, write);
+    match tlb_access(vcpu, gpa, write) {
+        Some(r) => r
+            .map(Access::Done)
+            .map_err(|source| VcpuExit::StaleTranslation { gpa, source }),
+        None => walk_and_access(vcpu, gpa, write),
     }
+}
+
+/// The TLB-miss half of an access: walk the root, validate and fill the TLB, then access.
+#[inline(never)]
+pub(super) fn walk_and_access(
+    vcpu: &mut Vcpu,
+    gpa: Gpa,
+    write: Option<u64>,
+) -> Result<Access, VcpuExit> {
+    let gfn = gpa.gfn();
+    let is_write = write.is_some();
 
     // TLB miss (or a write through an entry whose Dirty bit is not yet set: hardware re-walks).
     vcpu.stats.tlb_misses += 1;
@@ -92,33 +119,24 @@ pub(super) fn translate_and_access(
         writable,
         dirty,
     });
-    frame_access(vcpu, gpa, pfn, tag, word, write)
+    frame_access(&vcpu.vm, gpa, pfn, tag, write)
+        .map(Access::Done)
+        .map_err(|source| VcpuExit::StaleTranslation { gpa, source })
 }
 
+/// The checked word access to the frame a translation names (DESIGN invariant 2).
+#[inline(always)]
 fn frame_access(
-    vcpu: &mut Vcpu,
+    vm: &VmInner,
     gpa: Gpa,
-    pfn: crate::addr::Pfn,
+    pfn: Pfn,
     tag: FrameTag,
-    word: usize,
     write: Option<u64>,
-) -> Result<Access, VcpuExit> {
-    let arena = vcpu.vm.host.arena();
-    let r = match write {
-        Some(v) => arena.write_u64(pfn, word, tag, v).map(|()| v),
-        None => arena.read_u64(pfn, word, tag),
-    };
-    match r {
-        Ok(v) => Ok(Access::Done(v)),
-        Err(HostError::Stale(source)) => Err(VcpuExit::StaleTranslation { gpa, source }),
-        // Any other arena error means the translation named no valid frame at all.
-        Err(_) => Err(VcpuExit::StaleTranslation {
-            gpa,
-            source: StaleAccess {
-                pfn,
-                expected: tag,
-                found: FrameTag::FREE,
-            },
-        }),
+) -> Result<u64, StaleAccess> {
+    let word = (gpa.page_offset() / 8) as usize;
+    let arena = vm.host.arena();
+    match write {
+        Some(v) => arena.write_tagged(pfn, word, tag, v).map(|()| v),
+        None => arena.read_tagged(pfn, word, tag),
     }
 }

@@ -391,11 +391,21 @@ impl VcpuHandle {
     /// boundary). With none pending this is one relaxed load of the vCPU's own cache line.
     #[inline]
     pub fn check_requests(&mut self) -> Requests {
-        // ORDERING: Relaxed: only a hint whether to take; see "Ordering argument" in the module doc.
-        if self.slot.word.0.load(Ordering::Relaxed) & REQUEST_MASK == 0 {
+        if !self.requests_pending() {
             return Requests::NONE;
         }
         self.take(0)
+    }
+
+    /// True if a request is pending (`kvm_request_pending`): the read-only half of
+    /// [`Self::check_requests`], one relaxed load of the vCPU's own cache line. A fast path that
+    /// sees `false` may go on with its access without taking anything; seeing `true` it must call
+    /// [`Self::check_requests`] (or [`Self::enter_guest`]) before the access.
+    #[inline(always)]
+    pub fn requests_pending(&self) -> bool {
+        // ORDERING: Relaxed: only a hint whether to take, exactly as `check_requests`'s own load;
+        // see "Ordering argument" in the module doc.
+        self.slot.word.0.load(Ordering::Relaxed) & REQUEST_MASK != 0
     }
 
     /// The vCPU's mode.

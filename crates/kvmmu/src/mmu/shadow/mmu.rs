@@ -124,6 +124,7 @@ pub struct ShadowRoot {
 }
 
 impl ShadowRoot {
+    #[inline]
     fn page(&self) -> &ShadowPage {
         // SAFETY: we hold a reference, so the root is allocated (S3).
         unsafe { self.sp.get() }
@@ -133,6 +134,7 @@ impl ShadowRoot {
         self.page().role.as_id
     }
     /// True once the root was zapped; the holder should load a new root.
+    #[inline]
     pub fn is_invalid(&self) -> bool {
         self.page().is_invalid()
     }

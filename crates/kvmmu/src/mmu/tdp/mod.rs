@@ -316,6 +316,7 @@ pub struct RootRef {
 }
 
 impl RootRef {
+    #[inline]
     fn root(&self) -> &Root {
         // SAFETY: this `RootRef` holds a reference, so the root is allocated (P4).
         unsafe { self.root.get() }
@@ -325,6 +326,7 @@ impl RootRef {
         self.root().as_id
     }
     /// True once the root was invalidated (`role.invalid`); the holder should load a new root.
+    #[inline]
     pub fn is_invalid(&self) -> bool {
         // ORDERING: a hint for vCPUs; `map` re-checks under `mmu_lock`, which orders it (P5).
         self.root().invalid.load(Ordering::Relaxed)
