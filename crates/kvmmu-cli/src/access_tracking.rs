@@ -550,6 +550,10 @@ fn populate_while_aging(
     };
     let idle = PageIdle::new(host);
     let done = AtomicUsize::new(0);
+    // Set by the aging thread as its first pass starts; the vCPUs wait for it so that the first
+    // pass overlaps populating however the OS schedules the threads (otherwise, on a loaded
+    // machine, every vCPU may finish before the aging thread first runs).
+    let aging_started = std::sync::atomic::AtomicBool::new(a.no_aging_thread);
     let last_finish = std::sync::Mutex::new(Duration::ZERO);
     let (mut passes, mut aging_total) = (0u64, Duration::ZERO);
     let start_barrier = std::sync::Barrier::new(lay.vcpus + 1);
@@ -560,8 +564,15 @@ fn populate_while_aging(
             .enumerate()
             .map(|(i, vcpu)| {
                 let (done, last_finish, b, pb) = (&done, &last_finish, &start_barrier, &pb);
+                let aging_started = &aging_started;
                 s.spawn(move || -> anyhow::Result<()> {
                     b.wait();
+                    // ORDERING: Acquire pairs with the aging thread's Release store; the flag
+                    // only orders start times, no data is published through it. Bounded: the
+                    // aging thread sets it before its first pass, right after the barrier.
+                    while !aging_started.load(Ordering::Acquire) {
+                        std::thread::yield_now();
+                    }
                     let t = Instant::now();
                     let (_, n) = lay.region(i);
                     let r = (|| {
@@ -589,6 +600,8 @@ fn populate_while_aging(
             // (an error also counts as finished).
             while done.load(Ordering::Acquire) < lay.vcpus {
                 let t = Instant::now();
+                // ORDERING: Release, see the vCPUs' wait above.
+                aging_started.store(true, Ordering::Release);
                 match lru.as_mut() {
                     Some(l) => {
                         l.age()?;
