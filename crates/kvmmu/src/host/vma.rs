@@ -88,6 +88,15 @@ impl Vma {
         &self.table.as_slice()[self.offset + (page - self.start) as usize]
     }
 
+    /// The PTEs of the pages `[max(s, start), min(e, end))` as one slice, with the page number of
+    /// its first entry.
+    pub(crate) fn pte_slice(&self, s: u64, e: u64) -> (u64, &[AtomicU64]) {
+        let lo = s.max(self.start);
+        let hi = e.min(self.end).max(lo);
+        let base = self.offset + (lo - self.start) as usize;
+        (lo, &self.table.as_slice()[base..base + (hi - lo) as usize])
+    }
+
     /// The PTEs of the pages `[max(s, start), min(e, end))`, with their page numbers.
     pub(crate) fn ptes(&self, s: u64, e: u64) -> impl Iterator<Item = (u64, &AtomicU64)> {
         let lo = s.max(self.start);
