@@ -123,3 +123,25 @@ fn unbounded_runs_are_refused() {
     };
     assert!(matches!(run(&cfg), Err(TortureError::Parameter { .. })));
 }
+
+#[test]
+fn hunt_finds_nothing_in_a_correct_build_and_refuses_a_bad_config_at_the_first_seed() {
+    let cfg = TortureConfig {
+        ops_per_vcpu: Some(1_000),
+        ..short(0)
+    };
+    let found = kvmmu::torture::hunt(&cfg, 1..=3).expect("set-up");
+    assert!(
+        found.is_none(),
+        "a correct build failed a hunted seed:\n{}",
+        found.map(|r| r.to_string()).unwrap_or_default()
+    );
+    let bad = TortureConfig { vcpus: 0, ..cfg };
+    assert!(
+        matches!(
+            kvmmu::torture::hunt(&bad, 1..=3),
+            Err(TortureError::Parameter { name: "vcpus", .. })
+        ),
+        "zero vCPUs must be refused as a set-up error naming the parameter"
+    );
+}

@@ -209,6 +209,11 @@ impl TortureReport {
     pub fn has(&self, kind: ViolationKind) -> bool {
         self.violations.iter().any(|v| v.kind == kind)
     }
+
+    /// True if some violation is of one of `kinds`.
+    pub fn has_any(&self, kinds: &[ViolationKind]) -> bool {
+        kinds.iter().any(|k| self.has(*k))
+    }
 }
 
 impl fmt::Display for TortureReport {
@@ -318,6 +323,27 @@ struct ActorThread {
     actor: ActorId,
     progress: Arc<Progress>,
     handle: Option<JoinHandle<()>>,
+}
+
+/// Runs `cfg` once per seed of `seeds` (each replacing `cfg.seed`), in order, and returns the
+/// report of the first run that fails, or `None` if every run passed: how a bug that shows up in
+/// some schedules only is hunted down (and how the broken-build tests prove torture catches one).
+///
+/// Errors: the first run that could not be set up ([`run`]'s errors).
+pub fn hunt(
+    cfg: &TortureConfig,
+    seeds: impl IntoIterator<Item = u64>,
+) -> Result<Option<TortureReport>, TortureError> {
+    for seed in seeds {
+        let report = run(&TortureConfig {
+            seed,
+            ..cfg.clone()
+        })?;
+        if !report.passed() {
+            return Ok(Some(report));
+        }
+    }
+    Ok(None)
 }
 
 /// Runs one torture run. Returns the report (check [`TortureReport::passed`]), or an error if the
