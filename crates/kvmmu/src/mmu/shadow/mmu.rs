@@ -762,32 +762,10 @@ impl ShadowMmu {
     pub(crate) unsafe fn hardware_walk(&self, root: &ShadowRoot, gfn: Gfn, write: bool) -> HwWalk {
         debug_assert!(root.belongs_to(self), "hardware_walk: foreign root");
         // SAFETY: we hold a reference to `root`; this function's contract covers its children.
-        let Some((sptep, mut spte)) = (unsafe { Self::find_leaf(root.sp, gfn.raw()) }) else {
+        let Some((sptep, spte)) = (unsafe { Self::find_leaf(root.sp, gfn.raw()) }) else {
             return HwWalk::NotPresent;
         };
-        let want = ACCESSED_MASK | if write { DIRTY_MASK } else { 0 };
-        loop {
-            if !spte.is_present_leaf(Level::L4K) {
-                return HwWalk::NotPresent;
-            }
-            if write && !spte.is_writable() {
-                return HwWalk::WriteProtected;
-            }
-            if spte.raw() & want == want {
-                return HwWalk::Hit {
-                    pfn: spte.pfn(),
-                    writable: spte.is_writable(),
-                    dirty: spte.is_dirty(),
-                    level: Level::L4K,
-                };
-            }
-            let new = Spte::from_raw(spte.raw() | want);
-            // ORDERING: O5: atomicity keeps concurrent A/D/zap updates; on failure re-check.
-            match sptep.compare_exchange(spte, new, Ordering::Relaxed, Ordering::Acquire) {
-                Ok(_) => spte = new,
-                Err(actual) => spte = actual,
-            }
-        }
+        crate::mmu::tdp::access_leaf(sptep, spte, Level::L4K, write)
     }
 
     /// The present leaf mapping `gfn` under the valid root of `as_id` (oracle for tests and

@@ -72,6 +72,7 @@ use crate::sync::{Arc, Mutex};
 use table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
 
 pub use walk::HwWalk;
+pub(crate) use walk::access_leaf;
 
 /// Result of [`TdpMmu::map`], like KVM's `RET_PF_*`: control flow, not an error.
 #[must_use = "a Retry means nothing was installed and the vCPU must fault again"]

@@ -29,6 +29,42 @@ pub enum HwWalk {
     WriteProtected,
 }
 
+/// The simulated CPU's access through the leaf `spte` (last loaded from `sptep`, at `level`), as
+/// both MMUs' hardware walks end: if it is a present leaf that allows the access, set A (and D if
+/// `write`) unless already set, with a compare-and-swap on the value just checked (spte.rs O5: A/D
+/// never lands on a value that stopped being a present leaf), re-evaluating on a lost race.
+pub(crate) fn access_leaf(
+    sptep: &crate::mmu::spte::AtomicSpte,
+    mut spte: Spte,
+    level: Level,
+    write: bool,
+) -> HwWalk {
+    let want = ACCESSED_MASK | if write { DIRTY_MASK } else { 0 };
+    loop {
+        if !spte.is_present_leaf(level) {
+            return HwWalk::NotPresent;
+        }
+        if write && !spte.is_writable() {
+            return HwWalk::WriteProtected;
+        }
+        if spte.raw() & want == want {
+            return HwWalk::Hit {
+                pfn: spte.pfn(),
+                writable: spte.is_writable(),
+                dirty: spte.is_dirty(),
+                level,
+            };
+        }
+        let new = Spte::from_raw(spte.raw() | want);
+        // ORDERING: O5 — atomicity keeps concurrent A/D/zap updates; on failure the fresh
+        // value is re-checked, and Acquire matches the walk's loads (O1) in case it changed.
+        match sptep.compare_exchange(spte, new, Ordering::Relaxed, Ordering::Acquire) {
+            Ok(_) => spte = new,
+            Err(actual) => spte = actual,
+        }
+    }
+}
+
 /// Walks the tree under `table` to the leaf for `gfn`; returns the leaf slot's value and level,
 /// or `None` at the first entry that is not present (FROZEN included).
 ///
@@ -84,34 +120,11 @@ impl TdpMmu {
         );
         self.assert_rcu_domain(rcu);
         // SAFETY: we hold a reference to `root`, so its table is allocated (P4).
-        let Some((sptep, mut spte, level)) = (unsafe { find_leaf(root.table(), gfn.raw(), rcu) })
+        let Some((sptep, spte, level)) = (unsafe { find_leaf(root.table(), gfn.raw(), rcu) })
         else {
             return HwWalk::NotPresent;
         };
-        let want = ACCESSED_MASK | if write { DIRTY_MASK } else { 0 };
-        loop {
-            if !spte.is_present_leaf(level) {
-                return HwWalk::NotPresent;
-            }
-            if write && !spte.is_writable() {
-                return HwWalk::WriteProtected;
-            }
-            if spte.raw() & want == want {
-                return HwWalk::Hit {
-                    pfn: spte.pfn(),
-                    writable: spte.is_writable(),
-                    dirty: spte.is_dirty(),
-                    level,
-                };
-            }
-            let new = Spte::from_raw(spte.raw() | want);
-            // ORDERING: O5 — atomicity keeps concurrent A/D/zap updates; on failure the fresh
-            // value is re-checked, and Acquire matches the walk's loads (O1) in case it changed.
-            match sptep.compare_exchange(spte, new, Ordering::Relaxed, Ordering::Acquire) {
-                Ok(_) => spte = new,
-                Err(actual) => spte = actual,
-            }
-        }
+        access_leaf(sptep, spte, level, write)
     }
 
     /// The present leaf mapping `gfn` in the valid root of `as_id`, with its level (for test
