@@ -163,16 +163,8 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 
 /// Checks the flags before anything runs.
 fn validate(a: &AccessArgs) -> anyhow::Result<(u64, u64)> {
-    ensure!(
-        (1..=512).contains(&a.vcpus),
-        "-v/--vcpus must be between 1 and 512 (got {})",
-        a.vcpus
-    );
-    ensure!(
-        a.bytes_per_vcpu >= PAGE_SIZE && a.bytes_per_vcpu.is_multiple_of(PAGE_SIZE),
-        "-b/--bytes-per-vcpu must be a non-zero multiple of 4K (got {})",
-        a.bytes_per_vcpu
-    );
+    crate::check_vcpus("-v/--vcpus", a.vcpus)?;
+    crate::check_pages("-b/--bytes-per-vcpu", a.bytes_per_vcpu)?;
     ensure!(
         (1..=1 << 20).contains(&a.tlb_entries),
         "--tlb-entries must be between 1 and 1048576 (got {})",

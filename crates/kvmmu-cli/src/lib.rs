@@ -66,6 +66,28 @@ pub struct OutputArgs {
     pub plot: Option<PathBuf>,
 }
 
+/// The most vCPU threads any subcommand runs (KVM's selftests go to 512 on large hosts).
+pub const MAX_VCPUS: usize = 512;
+
+/// Refuses a vCPU count outside `1..=MAX_VCPUS`, naming the flag (`flag`, e.g. `-v/--vcpus`).
+pub fn check_vcpus(flag: &str, vcpus: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=MAX_VCPUS).contains(&vcpus),
+        "{flag} must be between 1 and {MAX_VCPUS} (got {vcpus})"
+    );
+    Ok(())
+}
+
+/// Refuses a byte size that is not a non-zero multiple of the 4 KiB page, naming the flag.
+pub fn check_pages(flag: &str, bytes: u64) -> anyhow::Result<()> {
+    use kvmmu::addr::PAGE_SIZE;
+    anyhow::ensure!(
+        bytes >= PAGE_SIZE && bytes.is_multiple_of(PAGE_SIZE),
+        "{flag} must be a non-zero multiple of 4K (4096 bytes; got {bytes})"
+    );
+    Ok(())
+}
+
 /// Refuses a frame arena of `frames` 4 KiB frames that the machine could not back: the workloads
 /// prefault the whole arena, so asking for more than the available memory would end in the OOM
 /// killer rather than an error. Skipped where `/proc/meminfo` cannot be read.

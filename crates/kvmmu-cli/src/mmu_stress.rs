@@ -331,16 +331,8 @@ fn wait_all_hit(i: usize, sh: &Shared, rv: &Rendezvous) -> anyhow::Result<()> {
 }
 
 fn validate(a: &StressArgs) -> anyhow::Result<u64> {
-    ensure!(
-        (1..=512).contains(&a.vcpus),
-        "-c/--vcpus must be between 1 and 512 (got {})",
-        a.vcpus
-    );
-    ensure!(
-        a.slot_size >= PAGE_SIZE && a.slot_size.is_multiple_of(PAGE_SIZE),
-        "-s/--slot-size must be a non-zero multiple of 4K (got {})",
-        a.slot_size
-    );
+    crate::check_vcpus("-c/--vcpus", a.vcpus)?;
+    crate::check_pages("-s/--slot-size", a.slot_size)?;
     ensure!(
         (a.slot_size / PAGE_SIZE) + 64 <= MAX_FRAMES as u64,
         "-s/--slot-size of {} bytes exceeds the host's frame arena ({MAX_FRAMES} frames of 4K)",

@@ -41,16 +41,8 @@ fn value_for(vcpu: usize, page: u64) -> u64 {
 
 /// Runs the default workload described by `cli`.
 pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
-    ensure!(
-        (1..=256).contains(&cli.vcpus),
-        "--vcpus must be between 1 and 256 (got {})",
-        cli.vcpus
-    );
-    ensure!(
-        cli.bytes_per_vcpu >= PAGE_SIZE && cli.bytes_per_vcpu.is_multiple_of(PAGE_SIZE),
-        "--bytes-per-vcpu must be a non-zero multiple of 4 KiB (got {})",
-        cli.bytes_per_vcpu
-    );
+    kvmmu_cli::check_vcpus("--vcpus", cli.vcpus)?;
+    kvmmu_cli::check_pages("--bytes-per-vcpu", cli.bytes_per_vcpu)?;
     let total = cli
         .bytes_per_vcpu
         .checked_mul(cli.vcpus as u64)
