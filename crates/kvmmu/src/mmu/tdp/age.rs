@@ -131,14 +131,7 @@ impl TdpMmu {
                 match action {
                     Action::Test => return (1, 0),
                     Action::Clear => {
-                        #[cfg(feature = "test-hooks")]
-                        super::hooks::maybe_yield();
-                        #[cfg(not(feature = "broken-plain-store"))]
-                        // ORDERING: O4 — the AND's atomicity, not its ordering, is what keeps a
-                        // concurrent D/W update; the bit carries no data dependency.
-                        let prev = it.sptep().fetch_and(!mask, Ordering::Relaxed);
-                        #[cfg(feature = "broken-plain-store")]
-                        let prev = broken_plain_clear(it.sptep(), old, mask);
+                        let prev = clear_leaf_bit(it.sptep(), old, mask);
                         // The leaf was observed with the bit either way; a racing zap or ager may
                         // have cleared it first, so count as cleared only what this AND removed.
                         observed += 1;
@@ -152,6 +145,29 @@ impl TdpMmu {
         }
         (observed, cleared)
     }
+}
+
+/// Clears `mask` in the leaf `sptep`, last seen as `old`, and returns the value it replaced: the
+/// one write the ager makes, shared by the iterator path and the table scan (with the test-only
+/// yield before it, and the deliberately broken plain store in its place under
+/// `broken-plain-store`).
+#[inline(always)]
+fn clear_leaf_bit(
+    sptep: &crate::mmu::spte::AtomicSpte,
+    old: crate::mmu::spte::Spte,
+    mask: u64,
+) -> crate::mmu::spte::Spte {
+    #[cfg(feature = "test-hooks")]
+    super::hooks::maybe_yield();
+    #[cfg(not(feature = "broken-plain-store"))]
+    {
+        let _ = old;
+        // ORDERING: O4 — the AND's atomicity, not its ordering, is what keeps a concurrent D/W
+        // update; the bit carries no data dependency.
+        sptep.fetch_and(!mask, Ordering::Relaxed)
+    }
+    #[cfg(feature = "broken-plain-store")]
+    broken_plain_clear(sptep, old, mask)
 }
 
 /// The deliberately broken ager of feature `broken-plain-store` (test-only; the torture tests
@@ -228,15 +244,7 @@ fn scan_leaf_table(
                 match action {
                     Action::Test => return (1, 0),
                     Action::Clear => {
-                        #[cfg(feature = "test-hooks")]
-                        super::hooks::maybe_yield();
-                        #[cfg(not(feature = "broken-plain-store"))]
-                        // ORDERING: O4 — the AND's atomicity, not its ordering, is what keeps a
-                        // concurrent D/W update; the bit carries no data dependency.
-                        let prev = e.fetch_and(!mask, Ordering::Relaxed);
-                        #[cfg(feature = "broken-plain-store")]
-                        let prev =
-                            broken_plain_clear(e, crate::mmu::spte::Spte::from_raw(old), mask);
+                        let prev = clear_leaf_bit(e, crate::mmu::spte::Spte::from_raw(old), mask);
                         observed += 1;
                         cleared += u64::from(prev.raw() & mask != 0);
                         report(i + k);
