@@ -69,6 +69,14 @@ impl Comparable<GfnKey> for ContainsGfn {
     }
 }
 
+/// A value of the gfn index: the slot and a copy of its range, so that checking the last-used hint
+/// reads the index node it already points into instead of the slot.
+#[derive(Clone, Debug)]
+struct GfnEntry {
+    range: GfnKey,
+    slot: Arc<Memslot>,
+}
+
 /// The hva index entry of a slot.
 fn hva_entry(slot: &Memslot) -> HvaEntry {
     HvaEntry {
@@ -85,15 +93,15 @@ pub struct Memslots {
     as_id: AsId,
     generation: u64,
     /// Slots by gfn range; ranges disjoint (invariant 2).
-    by_gfn: OrdMap<GfnKey, Arc<Memslot>>,
+    by_gfn: OrdMap<GfnKey, GfnEntry>,
     /// The same slots by id.
     by_id: OrdMap<SlotId, Arc<Memslot>>,
     hva: HvaIndex,
-    /// The slot `find_by_gfn` found last (`last_used_slot`): null, or the address of an
-    /// `Arc<Memslot>` stored in `by_gfn` or `by_id` of this very set. Those maps are never
-    /// changed after the set is built (invariant 4; an edit changes a clone, whose copy-on-write
-    /// leaves every node of this set in place), so the address stays valid while the set lives.
-    last_used: AtomicPtr<Arc<Memslot>>,
+    /// The slot `find_by_gfn` found last (`last_used_slot`): null, or the address of a
+    /// [`GfnEntry`] stored in `by_gfn` of this very set. That map is never changed after the set
+    /// is built (invariant 4; an edit changes a clone, whose copy-on-write leaves every node of
+    /// this set in place), so the address stays valid while the set lives.
+    last_used: AtomicPtr<GfnEntry>,
 }
 
 impl Memslots {
@@ -133,7 +141,7 @@ impl Memslots {
 
     /// The slots in ascending `base_gfn` order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Memslot>> {
-        self.by_gfn.values()
+        self.by_gfn.values().map(|e| &e.slot)
     }
 
     /// The slot with id `id` (`id_to_memslot`), if any.
@@ -143,24 +151,24 @@ impl Memslots {
 
     /// The last-used hint (`last_used` field doc).
     #[inline]
-    fn hinted(&self) -> Option<&Arc<Memslot>> {
+    fn hinted(&self) -> Option<&GfnEntry> {
         // ORDERING: Relaxed: the hint only ever holds addresses inside this set's own maps, which
         // were fully built before the set was published to this thread (the SRCU publication
         // orders them); the hint itself publishes nothing.
         let p = self.last_used.load(Ordering::Relaxed);
-        // SAFETY: `p` is null or the address of an `Arc<Memslot>` inside a node of `self.by_gfn`
-        // or `self.by_id` (the only stores are of such addresses, see `set_hint`); those maps are
-        // never changed while `self` lives (module invariant 4), so the value is alive, in place
-        // and never written for the lifetime of `&self`.
+        // SAFETY: `p` is null or the address of a `GfnEntry` inside a node of `self.by_gfn` (the
+        // only stores are of such addresses, see `set_hint`); that map is never changed while
+        // `self` lives (module invariant 4), so the value is alive, in place and never written
+        // for the lifetime of `&self`.
         unsafe { p.as_ref() }
     }
 
-    /// Points the last-used hint at `slot`, which must be a reference into this set's own maps.
+    /// Points the last-used hint at `entry`, which must be a reference into `self.by_gfn`.
     #[inline]
-    fn set_hint(&self, slot: &Arc<Memslot>) {
+    fn set_hint(&self, entry: &GfnEntry) {
         // ORDERING: Relaxed, as in `hinted`.
         self.last_used
-            .store(core::ptr::from_ref(slot).cast_mut(), Ordering::Relaxed);
+            .store(core::ptr::from_ref(entry).cast_mut(), Ordering::Relaxed);
     }
 
     /// The slot containing `gfn` (`search_memslots`), INVALID slots included: callers that install
@@ -171,15 +179,16 @@ impl Memslots {
     /// cache line.
     #[inline]
     pub fn find_by_gfn(&self, gfn: Gfn) -> Option<&Arc<Memslot>> {
-        if let Some(slot) = self.hinted()
-            && slot.gfn_range().contains(gfn)
+        let probe = ContainsGfn(gfn);
+        if let Some(entry) = self.hinted()
+            && probe.equivalent(&entry.range)
         {
-            return Some(slot);
+            return Some(&entry.slot);
         }
-        let slot = self.by_gfn.get(&ContainsGfn(gfn))?;
+        let entry = self.by_gfn.get(&probe)?;
         // Only stored on a miss, so the line is written only when the hint actually changes.
-        self.set_hint(slot);
-        Some(slot)
+        self.set_hint(entry);
+        Some(&entry.slot)
     }
 
     /// The id of the lowest slot other than `skip` whose gfns overlap `range`, if any.
@@ -194,9 +203,9 @@ impl Memslots {
                 self.by_gfn
                     .range(GfnKey::at(range.start())..)
                     .take_while(|(k, _)| k.start < range.end())
-                    .map(|(_, s)| s),
+                    .map(|(_, e)| e),
             )
-            .map(|s| s.id())
+            .map(|e| e.slot.id())
             .find(|&id| id != skip)
     }
 
@@ -278,7 +287,7 @@ impl Memslots {
             by_id.remove(&old.id());
             hva = hva.without(hva_entry(old));
         }
-        let hinted = self.hinted().map(|s| s.id());
+        let hinted = self.hinted().map(|e| e.slot.id());
         let mut hint = hinted.filter(|&id| Some(id) != old_id);
         if let Some(new) = new {
             let key = GfnKey::of(&new);
@@ -298,7 +307,13 @@ impl Memslots {
             }
             hva = hva.with(hva_entry(&new));
             by_id.insert(new.id(), new.clone());
-            by_gfn.insert(key, new);
+            by_gfn.insert(
+                key,
+                GfnEntry {
+                    range: key,
+                    slot: new,
+                },
+            );
         }
         let set = Memslots {
             as_id: self.as_id,
@@ -309,8 +324,11 @@ impl Memslots {
             last_used: AtomicPtr::new(core::ptr::null_mut()),
         };
         debug_assert_eq!(set.hva.len(), set.by_id.len());
-        if let Some(slot) = hint.and_then(|id| set.by_id.get(&id)) {
-            set.set_hint(slot);
+        if let Some(entry) = hint
+            .and_then(|id| set.by_id.get(&id))
+            .and_then(|slot| set.by_gfn.get(&GfnKey::of(slot)))
+        {
+            set.set_hint(entry);
         }
         set
     }
@@ -494,7 +512,7 @@ mod tests {
         let invalid = Arc::new(a.invalid_copy());
         let next = base.with_change(Some(&a), Some(invalid.clone()), 2);
         let hinted = next.hinted().expect("a hint");
-        assert!(Arc::ptr_eq(hinted, &invalid));
+        assert!(Arc::ptr_eq(&hinted.slot, &invalid));
     }
 
     #[test]
