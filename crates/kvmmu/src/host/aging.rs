@@ -16,6 +16,7 @@ use super::notifier::{MmuNotifier, YoungBitmap};
 use super::vma::{page_hva, pte};
 use crate::addr::{Hva, PAGE_SIZE};
 use crate::sync::atomic::Ordering;
+use core::ops::ControlFlow;
 
 impl HostMm {
     /// Clears the host young bits of a fully mapped range, calling `young` with the page number
@@ -30,8 +31,9 @@ impl HostMm {
         let (s, e) = page_range(hva, len)?;
         let vmas = self.inner.mmap_lock.read();
         check_mapped(&vmas, s, e)?;
-        for v in vmas.overlapping(s, e) {
-            let (first, ptes) = v.pte_slice(s, e);
+        // Only allocated leaves are visited: aging an untouched range reads a few directory
+        // entries, whatever its length.
+        let _ = vmas.pt.for_each_leaf(s, e, |first, ptes| {
             // A cache line of PTEs (8) is tested as a whole first: a line with nothing young
             // costs eight loads and one branch, and only young PTEs are written (the same
             // pre-test as the TDP ager's table scan).
@@ -53,7 +55,8 @@ impl HostMm {
                     }
                 }
             }
-        }
+            ControlFlow::Continue(())
+        });
         Ok((page_hva(s), page_hva(e)))
     }
 
@@ -94,8 +97,9 @@ impl HostMm {
     ///
     /// Errors (nothing changed, nobody called): as [`HostMm::clear_young`].
     pub fn clear_young_range(&self, hva: Hva, len: u64) -> Result<YoungBitmap, HostError> {
-        // Validate before allocating: a bad length must not size the bitmap.
-        page_range(hva, len)?;
+        // Validate before allocating: a bad or unmapped range must not size the bitmap.
+        let (s, e) = page_range(hva, len)?;
+        check_mapped(&self.inner.mmap_lock.read(), s, e)?;
         let mut young = YoungBitmap::new(hva, len / PAGE_SIZE)?;
         self.clear_young_into(&mut young)?;
         Ok(young)
@@ -130,9 +134,11 @@ impl HostMm {
         let page = hva.page();
         let mut young = {
             let vmas = self.inner.mmap_lock.read();
-            let v = vmas.find(page).ok_or(HostError::NotMapped { hva })?;
+            vmas.find(page).ok_or(HostError::NotMapped { hva })?;
             // ORDERING: Relaxed: a hint, read only.
-            v.pte(page).load(Ordering::Relaxed) & pte::YOUNG != 0
+            vmas.pt
+                .entry(page)
+                .is_some_and(|w| w.load(Ordering::Relaxed) & pte::YOUNG != 0)
         };
         let subs = self.inner.notifiers.snapshot();
         for (_, n) in subs.iter() {

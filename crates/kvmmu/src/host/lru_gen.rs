@@ -18,6 +18,7 @@
 //! 3. The tracker is owned by one aging thread (`&mut self`), like one `lru_gen_do_aging` caller;
 //!    the host and the VMs may be used concurrently from other threads.
 
+use super::mm::{check_mapped, page_range};
 use super::{HostError, HostMm, YoungBitmap};
 use crate::addr::{Hva, PAGE_SIZE};
 
@@ -49,29 +50,23 @@ impl LruGen {
     /// Tracks `[hva, hva + len)` (page aligned, mapped); every page starts in generation 0.
     ///
     /// Errors: the range errors of [`HostMm::clear_young`] ([`HostError::ZeroLength`],
-    /// [`HostError::Unaligned`], [`HostError::Overflow`], [`HostError::OutOfRange`]), and
-    /// [`HostError::NotMapped`] if a page of the range is not mapped.
+    /// [`HostError::Unaligned`], [`HostError::Overflow`], [`HostError::OutOfRange`]),
+    /// [`HostError::NotMapped`] if a page of the range is not mapped (both checked before anything
+    /// is sized by the range), and [`HostError::NoMemory`] if the generation array (4 bytes per
+    /// page) cannot be allocated.
     pub fn new(host: &HostMm, hva: Hva, len: u64) -> Result<LruGen, HostError> {
-        if len == 0 {
-            return Err(HostError::ZeroLength);
-        }
-        if !hva.is_page_aligned() || !len.is_multiple_of(PAGE_SIZE) {
-            return Err(HostError::Unaligned { hva, len });
-        }
-        let pages = len / PAGE_SIZE;
-        for p in 0..pages {
-            let a = hva
-                .checked_add(p * PAGE_SIZE)
-                .ok_or(HostError::Overflow { hva, len })?;
-            if host.host_pte(a).is_none() {
-                return Err(HostError::NotMapped { hva: a });
-            }
-        }
-        let n = usize::try_from(pages).map_err(|_| HostError::Overflow { hva, len })?;
+        let (s, e) = page_range(hva, len)?;
+        check_mapped(&host.inner.mmap_lock.read(), s, e)?;
+        let n = usize::try_from(e - s).map_err(|_| HostError::Overflow { hva, len })?;
+        let mut gens = Vec::new();
+        gens.try_reserve_exact(n).map_err(|_| HostError::NoMemory {
+            bytes: (e - s) * size_of::<u32>() as u64,
+        })?;
+        gens.resize(n, 0);
         Ok(LruGen {
             host: host.clone(),
             start: hva,
-            gens: vec![0; n],
+            gens,
             max_gen: 0,
         })
     }

@@ -5,11 +5,13 @@
 use super::frames::{FrameArena, FrameTag};
 use super::notifier::{InvalidateEvent, MmuNotifier, NotifierId, NotifierList, NotifierRange};
 use super::percpu::StripedCounter;
+use super::pgtable::PageTable;
 use super::vma::{Vma, Vmas, page_hva, pte, pte_frame};
 use super::{GupError, HostError};
 use crate::addr::{Hva, PAGE_SHIFT, Pfn, is_page_aligned};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::{Arc, Mutex, RwLock};
+use core::ops::ControlFlow;
 
 /// Lowest mappable address (Linux's default `mmap_min_addr`).
 pub const MMAP_MIN_ADDR: u64 = 0x1_0000;
@@ -99,6 +101,10 @@ pub struct HostStats {
     pub release_calls: u64,
     /// Subscribers registered now.
     pub subscribers: u64,
+    /// Bytes of host page tables allocated now. Tables are allocated when a page of their span
+    /// is first faulted in and freed by `munmap`, so mapping, zapping or aging an untouched
+    /// range never grows this.
+    pub page_table_bytes: u64,
 }
 
 #[derive(Default)]
@@ -171,12 +177,24 @@ pub(super) fn check_mapped(vmas: &Vmas, s: u64, e: u64) -> Result<(), HostError>
     }
 }
 
-/// True if some page of `[s, e)` in a VMA accepted by `filter` is present.
+/// True if some page of `[s, e)` in a VMA accepted by `filter` is present. Visits only the
+/// allocated leaves of the host page table: an untouched range costs nothing.
 fn any_present(vmas: &Vmas, s: u64, e: u64, filter: impl Fn(&Vma) -> bool) -> bool {
     vmas.overlapping(s, e).filter(|v| filter(v)).any(|v| {
-        // ORDERING: Relaxed: under mmap_lock write no PTE changes concurrently (H3).
-        v.ptes(s, e)
-            .any(|(_, w)| w.load(Ordering::Relaxed) & pte::PRESENT != 0)
+        let found = vmas
+            .pt
+            .for_each_leaf(s.max(v.start), e.min(v.end), |_, ptes| {
+                // ORDERING: Relaxed: under mmap_lock write no PTE changes concurrently (H3).
+                if ptes
+                    .iter()
+                    .any(|w| w.load(Ordering::Relaxed) & pte::PRESENT != 0)
+                {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            });
+        found.is_break()
     })
 }
 
@@ -230,7 +248,7 @@ impl HostMm {
                 align,
             )
             .ok_or(HostError::AddressSpaceExhausted)?;
-        vmas.insert(Vma::new(start, start + npages, prot).map_err(HostError::Mmap)?);
+        vmas.insert(Vma::new(start, start + npages, prot));
         Counters::bump(&self.inner.counters.mmap, 1);
         Ok(page_hva(start))
     }
@@ -248,7 +266,7 @@ impl HostMm {
                 existing: page_hva(v.start),
             });
         }
-        vmas.insert(Vma::new(s, e, prot).map_err(HostError::Mmap)?);
+        vmas.insert(Vma::new(s, e, prot));
         Counters::bump(&self.inner.counters.mmap, 1);
         Ok(hva)
     }
@@ -321,9 +339,11 @@ impl HostMm {
             |vmas, arena| {
                 vmas.split_at(s);
                 vmas.split_at(e);
-                for v in vmas.remove_range(s, e) {
-                    zap_ptes(&v, s, e, arena);
-                }
+                vmas.remove_range(s, e);
+                zap_ptes(&vmas.pt, s, e, arena);
+                // Like `free_pgtables`: the range's tables go with it (those still holding a
+                // neighbour's PTE stay).
+                vmas.pt.prune(s, e);
             },
         )?;
         Counters::bump(&self.inner.counters.munmap, 1);
@@ -384,11 +404,8 @@ impl HostMm {
             InvalidateEvent::DontNeed,
             |v| check_mapped(v, s, e),
             |v| any_present(v, s, e, |_| true),
-            |vmas, arena| {
-                for v in vmas.overlapping(s, e) {
-                    zap_ptes(v, s, e, arena);
-                }
-            },
+            // The range was checked to be fully mapped; its tables stay (as in Linux).
+            |vmas, arena| zap_ptes(&vmas.pt, s, e, arena),
         )?;
         Counters::bump(&self.inner.counters.dontneed, 1);
         Ok(())
@@ -404,7 +421,7 @@ impl HostMm {
             return Err(GupError::ProtectionViolation { hva, write });
         }
         let writable = vma.writable();
-        let word = vma.pte(page);
+        let word = vmas.pt.entry_or_alloc(page);
         let want = pte::YOUNG | if write { pte::DIRTY } else { 0 };
         // ORDERING: Acquire pairs with the Release of the CAS that installed the PTE, so the
         // frame's tag and zero fill (done before the CAS) are visible to us and our caller.
@@ -490,7 +507,7 @@ impl HostMm {
         let vmas = self.inner.mmap_lock.read();
         let v = vmas.find(page)?;
         // ORDERING: Acquire: like GUP's load, so the returned tag is the one published with it.
-        let w = v.pte(page).load(Ordering::Acquire);
+        let w = vmas.pt.entry(page).map_or(0, |w| w.load(Ordering::Acquire));
         let present = w & pte::PRESENT != 0;
         let (pfn, tag) = if present {
             pte_frame(page, w)
@@ -536,7 +553,8 @@ impl HostMm {
         drop(subs);
         let mut vmas = inner.mmap_lock.write();
         for v in vmas.take_all() {
-            zap_ptes(&v, v.start, v.end, &inner.arena);
+            zap_ptes(&vmas.pt, v.start, v.end, &inner.arena);
+            vmas.pt.prune(v.start, v.end);
         }
     }
 
@@ -556,6 +574,7 @@ impl HostMm {
             aging_calls: ld(&c.aging_calls),
             release_calls: ld(&c.release_calls),
             subscribers: self.inner.notifiers.len() as u64,
+            page_table_bytes: self.inner.mmap_lock.read().pt.bytes(),
         }
     }
 
@@ -570,22 +589,36 @@ impl HostMm {
     }
 }
 
-/// Clears the present PTEs of `v` in `[s, e)` and frees their frames. Called with `mmap_lock`
-/// held for write, after `invalidate_range_start` (H1, H2).
-fn zap_ptes(v: &Vma, s: u64, e: u64, arena: &FrameArena) {
-    for (page, w) in v.ptes(s, e) {
-        // ORDERING: Relaxed: mmap_lock write excludes every other PTE user (H3), and its
-        // release orders this before later readers.
-        let old = w.swap(0, Ordering::Relaxed);
-        if old & pte::PRESENT != 0 {
-            let (pfn, tag) = pte_frame(page, old);
-            // The only way this free can fail is a caller that freed the frame itself through
-            // the public `FrameArena::free`. Panicking here would abandon the invalidation between
-            // start and end (leaving every subscriber's counters raised for good), so the frame
-            // is reported like a stale access instead and the teardown of the range completes.
-            if arena.free(pfn, tag).is_err() {
-                arena.report_stale(pfn, tag, arena.tag(pfn));
-            }
+/// Clears the present PTEs of pages `[s, e)` and frees their frames. Called with `mmap_lock`
+/// held for write, after `invalidate_range_start` (H1, H2). Visits only allocated leaves and
+/// writes only present PTEs, so an untouched range costs no memory.
+fn zap_ptes(pt: &PageTable, s: u64, e: u64, arena: &FrameArena) {
+    let _ = pt.for_each_leaf(s, e, |first, ptes| {
+        for (i, w) in ptes.iter().enumerate() {
+            zap_pte(first + i as u64, w, arena);
+        }
+        ControlFlow::Continue(())
+    });
+}
+
+/// Clears one PTE and frees its frame if it was present (see [`zap_ptes`]).
+#[inline]
+fn zap_pte(page: u64, w: &AtomicU64, arena: &FrameArena) {
+    // ORDERING: Relaxed: mmap_lock write excludes every other PTE user (H3), and its release
+    // orders this before later readers.
+    if w.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    // ORDERING: as the load above.
+    let old = w.swap(0, Ordering::Relaxed);
+    if old & pte::PRESENT != 0 {
+        let (pfn, tag) = pte_frame(page, old);
+        // The only way this free can fail is a caller that freed the frame itself through the
+        // public `FrameArena::free`. Panicking here would abandon the invalidation between start
+        // and end (leaving every subscriber's counters raised for good), so the frame is reported
+        // like a stale access instead and the teardown of the range completes.
+        if arena.free(pfn, tag).is_err() {
+            arena.report_stale(pfn, tag, arena.tag(pfn));
         }
     }
 }

@@ -3,8 +3,10 @@
 //! Protocol (Linux mm as KVM sees it, spec §3.2; `mm/mmu_notifier.c`, `mm/gup.c`):
 //! - [`FrameArena`] is the machine's physical memory; every frame carries an owner tag so an access
 //!   through a stale translation is detected ([`StaleAccess`]).
-//! - [`HostMm`] holds VMAs and host PTEs (hva page → frame, young, dirty). [`HostMm::get_user_page`]
-//!   faults a zero-filled frame in on first touch, like GUP on anonymous memory.
+//! - [`HostMm`] holds VMAs and a sparse host page table (hva page → frame, young, dirty; tables
+//!   allocated on first touch, so an untouched range costs nothing to map, zap, protect or age).
+//!   [`HostMm::get_user_page`] faults a zero-filled frame in on first touch, like GUP on
+//!   anonymous memory.
 //! - Secondary MMUs subscribe with [`HostMm::register_notifier`]. Every host operation that changes
 //!   or removes a present PTE (`munmap`, `mprotect`, `madvise_dontneed`) is bracketed by
 //!   `invalidate_range_start` … `invalidate_range_end`; `release` calls every subscriber's
@@ -51,6 +53,7 @@ mod lru_gen;
 mod mm;
 mod notifier;
 mod percpu;
+mod pgtable;
 mod vma;
 mod words;
 
@@ -120,6 +123,13 @@ pub enum HostError {
         /// Length in bytes.
         len: u64,
     },
+    /// A structure sized by the request (an aging bitmap, a generation array) could not be
+    /// allocated; nothing changed.
+    #[error("cannot allocate {bytes} bytes")]
+    NoMemory {
+        /// The allocation's size.
+        bytes: u64,
+    },
     /// (Part of) a range is not mapped.
     #[error("{hva} is not mapped")]
     NotMapped {
@@ -182,7 +192,7 @@ pub enum HostError {
     /// An access through a stale frame tag.
     #[error(transparent)]
     Stale(#[from] StaleAccess),
-    /// The OS refused an anonymous mapping (arena or page table).
+    /// The OS refused an anonymous mapping (the frame arena).
     #[error("anonymous mapping failed: {0}")]
     Mmap(std::io::Error),
 }

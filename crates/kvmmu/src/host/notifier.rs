@@ -22,7 +22,7 @@
 //! 2. Calls are made with no lock of the list held, so a callback may (un)register without
 //!    deadlocking on the list itself (see the `host` module doc for what callbacks may call).
 
-use super::HostError;
+use super::{HostError, TASK_SIZE};
 use crate::addr::{Hva, PAGE_SHIFT, PAGE_SIZE};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::{Arc, RwLock};
@@ -104,10 +104,18 @@ pub struct YoungBitmap {
 }
 
 impl YoungBitmap {
+    /// The most pages a bitmap covers: the user address space ([`super::TASK_SIZE`]).
+    pub const MAX_PAGES: u64 = TASK_SIZE >> PAGE_SHIFT;
+
     /// An all-clear bitmap of `pages` pages starting at `start`.
     ///
+    /// The range must lie below [`super::TASK_SIZE`] (so the bitmap is at most
+    /// [`YoungBitmap::MAX_PAGES`] / 8 bytes), and its storage is allocated fallibly: a bad range
+    /// is a typed error, never an abort.
+    ///
     /// Errors: [`HostError::Unaligned`] if `start` is not page aligned, [`HostError::Overflow`] if
-    /// the range's end does not fit in an address.
+    /// the range's end does not fit in an address, [`HostError::OutOfRange`] if it ends above
+    /// [`super::TASK_SIZE`], [`HostError::NoMemory`] if the bitmap cannot be allocated.
     pub fn new(start: Hva, pages: u64) -> Result<YoungBitmap, HostError> {
         let mut b = YoungBitmap {
             start: Hva::new(0),
@@ -137,12 +145,25 @@ impl YoungBitmap {
         let Some(len) = len else {
             return Err(overflow);
         };
-        if start.checked_add(len).is_none() {
+        let Some(end) = start.checked_add(len) else {
             return Err(overflow);
+        };
+        // Bounded by the user address space before anything is sized by it.
+        if end.raw() > TASK_SIZE {
+            return Err(HostError::OutOfRange { hva: start, len });
         }
         let Ok(words) = usize::try_from(pages.div_ceil(64)) else {
             return Err(overflow);
         };
+        if words > self.words.capacity() {
+            let mut fresh: Vec<u64> = Vec::new();
+            fresh
+                .try_reserve_exact(words)
+                .map_err(|_| HostError::NoMemory {
+                    bytes: pages.div_ceil(64) * 8,
+                })?;
+            self.words = fresh;
+        }
         self.words.clear();
         self.words.resize(words, 0);
         self.start = start;
@@ -360,9 +381,32 @@ mod tests {
         let mut b = YoungBitmap::new(hva(0), 8).unwrap();
         b.set_page(3);
         assert!(b.reset(Hva::new(BASE + 8), 8).is_err());
+        assert!(matches!(
+            b.reset(hva(0), 1 << 40),
+            Err(HostError::OutOfRange { .. })
+        ));
         assert_eq!((b.start(), b.pages(), b.count()), (hva(0), 8, 1));
         b.reset(hva(64), 70).unwrap();
         assert_eq!((b.start(), b.pages(), b.count()), (hva(64), 70, 0));
+    }
+
+    #[test]
+    fn bitmap_over_a_huge_range_is_a_typed_error_and_changes_nothing() {
+        // 2^50 pages: the end fits in an address, the bitmap (128 TiB) must not be attempted.
+        assert!(matches!(
+            YoungBitmap::new(hva(0), 1 << 50),
+            Err(HostError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            YoungBitmap::new(Hva::new(TASK_SIZE - PAGE_SIZE), 2),
+            Err(HostError::OutOfRange { .. })
+        ));
+        let mut b = YoungBitmap::new(hva(0), 100).unwrap();
+        b.set_page(99);
+        let before = b.clone();
+        assert!(b.reset(hva(0), 1 << 50).is_err());
+        assert_eq!(b, before, "a refused reset keeps range, bits and storage");
+        assert_eq!(YoungBitmap::MAX_PAGES, TASK_SIZE / PAGE_SIZE);
     }
 
     /// Young on the pages in `young`; counts `clear_young` calls; keeps the default

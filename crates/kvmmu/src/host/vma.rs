@@ -1,14 +1,15 @@
-//! Virtual memory areas and host page tables.
+//! Virtual memory areas and the host page table they share.
 //!
-//! A [`Vma`] is a page range `[start, end)` with a protection and a window into a host page
-//! table (an [`AtomicWords`] array of host PTEs). Splitting a VMA (partial `munmap`/`mprotect`)
-//! shares the table between the pieces, so a split never copies or moves a PTE.
+//! A [`Vma`] is a page range `[start, end)` with a protection. The host PTEs of every VMA live in
+//! one sparse [`PageTable`] of the address space (allocated on first touch), so splitting a VMA
+//! (partial `munmap`/`mprotect`) never copies or moves a PTE, and a range nobody touched has no
+//! table at all.
 //!
 //! Host PTE word layout: bit 0 present, bit 1 young, bit 2 dirty, bits 3..32 pfn, bits 32..64
 //! the generation of the frame's tag (the tag's host page is the PTE's own page).
 //!
 //! Invariants:
-//! 1. Every PTE word belongs to at most one VMA; words of a table outside every VMA are 0.
+//! 1. The PTE of a page outside every VMA is 0 (`munmap` clears a range before removing it).
 //! 2. A non-present PTE is exactly 0 (aging never touches a non-present PTE; removal swaps to 0).
 //! 3. VMAs in a [`Vmas`] never overlap.
 
@@ -16,10 +17,8 @@ use std::collections::BTreeMap;
 
 use super::Prot;
 use super::frames::FrameTag;
-use super::words::AtomicWords;
+use super::pgtable::PageTable;
 use crate::addr::{Hva, PAGE_SHIFT, Pfn};
-use crate::sync::Arc;
-use crate::sync::atomic::AtomicU64;
 
 /// Host PTE bits.
 pub(crate) mod pte {
@@ -62,51 +61,12 @@ pub(crate) struct Vma {
     /// One past the last page.
     pub(crate) end: u64,
     pub(crate) prot: Prot,
-    table: Arc<AtomicWords>,
-    /// Index in `table` of the PTE for `start`.
-    offset: usize,
 }
 
 impl Vma {
-    /// A fresh VMA with an all-zero page table.
-    pub(crate) fn new(start: u64, end: u64, prot: Prot) -> std::io::Result<Vma> {
-        let n = usize::try_from(end - start)
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        Ok(Vma {
-            start,
-            end,
-            prot,
-            table: Arc::new(AtomicWords::new(n)?),
-            offset: 0,
-        })
-    }
-
-    /// The PTE of `page`, which must lie in the VMA.
-    #[inline]
-    pub(crate) fn pte(&self, page: u64) -> &AtomicU64 {
-        debug_assert!(page >= self.start && page < self.end);
-        &self.table.as_slice()[self.offset + (page - self.start) as usize]
-    }
-
-    /// The PTEs of the pages `[max(s, start), min(e, end))` as one slice, with the page number of
-    /// its first entry.
-    pub(crate) fn pte_slice(&self, s: u64, e: u64) -> (u64, &[AtomicU64]) {
-        let lo = s.max(self.start);
-        let hi = e.min(self.end).max(lo);
-        let base = self.offset + (lo - self.start) as usize;
-        (lo, &self.table.as_slice()[base..base + (hi - lo) as usize])
-    }
-
-    /// The PTEs of the pages `[max(s, start), min(e, end))`, with their page numbers.
-    pub(crate) fn ptes(&self, s: u64, e: u64) -> impl Iterator<Item = (u64, &AtomicU64)> {
-        let lo = s.max(self.start);
-        let hi = e.min(self.end).max(lo);
-        let base = self.offset + (lo - self.start) as usize;
-        let n = (hi - lo) as usize;
-        self.table.as_slice()[base..base + n]
-            .iter()
-            .enumerate()
-            .map(move |(i, w)| (lo + i as u64, w))
+    /// A VMA of pages `[start, end)`; its PTEs are 0 (invariant 1).
+    pub(crate) fn new(start: u64, end: u64, prot: Prot) -> Vma {
+        Vma { start, end, prot }
     }
 
     /// True if the VMA allows reads (x86: a writable mapping is readable).
@@ -122,10 +82,12 @@ impl Vma {
     }
 }
 
-/// The VMAs of an address space, keyed by first page.
+/// The VMAs of an address space, keyed by first page, and its host page table.
 #[derive(Default, Debug)]
 pub(crate) struct Vmas {
     map: BTreeMap<u64, Vma>,
+    /// The host PTEs of every VMA (invariant 1).
+    pub(crate) pt: PageTable,
 }
 
 impl Vmas {
@@ -173,7 +135,6 @@ impl Vmas {
         }
         let lo_start = v.start;
         let mut hi = v.clone();
-        hi.offset += (page - v.start) as usize;
         hi.start = page;
         if let Some(lo) = self.map.get_mut(&lo_start) {
             lo.end = page;

@@ -1,9 +1,10 @@
 //! Zero-initialised arrays of `AtomicU64` backed by lazily populated anonymous memory.
 //!
-//! This is the only place in `host` that touches raw memory. Both the simulated physical memory
-//! ([`super::FrameArena`]) and the host page tables (one table per mapping) are such arrays, so
-//! that a large, mostly untouched range costs address space rather than resident memory: the OS
-//! populates a page of the array the first time it is touched.
+//! This is the only place in `host` that touches raw memory. The simulated physical memory
+//! ([`super::FrameArena`]: frame words and tags) is such an array, so that a large, mostly
+//! untouched arena costs address space rather than resident memory: the OS populates a page of
+//! the array the first time it is touched. (The host page tables are a sparse radix tree instead,
+//! `pgtable.rs`: an array would be written whole by a zap of its range.)
 //!
 //! Invariants:
 //! 1. The mapping is created with `len * 8` bytes, is page aligned (so 8-byte aligned) and

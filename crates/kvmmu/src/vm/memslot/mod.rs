@@ -10,7 +10,7 @@
 //!    unchanged), exactly as `__kvm_set_memory_region` does. It changes nothing; a rejected request
 //!    comes back as a [`MemslotError`] naming the offending values.
 //! 2. **Apply.** The VM builds the next set with [`Memslots::with_change`] (`kvm_replace_memslot`),
-//!    a copy-on-write edit that leaves the published set untouched, publishes it under SRCU and waits
+//!    an O(log n) copy-on-write edit that leaves the published set untouched, publishes it under SRCU and waits
 //!    for old readers (the swap, `kvm_swap_active_memslots`, lives in `vm/mod.rs`). DELETE and MOVE
 //!    first publish [`Memslot::invalid_copy`] of the old slot, so faults retry while its SPTEs are
 //!    zapped, then publish the final set.
@@ -29,9 +29,11 @@
 //!    slot ids are unique; every slot belongs to the set's address space.
 //! 3. Host-virtual ranges may overlap, within a set and across sets (aliases): the hva index reports
 //!    every slot whose range intersects the query, each exactly once.
-//! 4. A [`Memslots`] is never mutated after construction. The only interior mutability is the
-//!    last-used hint of [`Memslots::find_by_gfn`], a performance hint that is bounds- and
-//!    range-checked on every use, so any value it holds is harmless.
+//! 4. A [`Memslots`] is never mutated after construction: its indexes are persistent structures
+//!    that an edit clones (sharing all but O(log n) nodes) and changes copy-on-write, leaving every
+//!    node of the original in place. The only interior mutability is the last-used hint of
+//!    [`Memslots::find_by_gfn`], which only ever names a slot stored in the set's own indexes and
+//!    is range-checked on every use, so any value it holds is harmless.
 //! 5. A set's generation is the one its builder gave ([`Memslots::new`] starts at the address-space
 //!    id, spec §1.3); this module never computes generations, the swap does.
 

@@ -3,13 +3,88 @@
 //! Where KVM keeps two mutable sets per address space and edits the inactive one, we build a new
 //! immutable set per edit ([`Memslots::with_change`], copy-on-write, as rust-vmm's
 //! `GuestMemoryMmap::insert_region`); the VM publishes it and retires the old one after an SRCU
-//! grace period. Slots are shared between sets through `Arc`.
+//! grace period. The three indexes (by gfn, by id, by hva) are persistent structures: an edit
+//! copies O(log n) nodes and shares the rest with the set it came from, so creating, deleting or
+//! moving a slot costs O(log n) in the number of slots, and slots themselves are shared through
+//! `Arc`.
+
+use core::cmp::Ordering as CmpOrdering;
+
+use equivalent::{Comparable, Equivalent};
+use imbl::OrdMap;
 
 use super::hva_index::{HvaEntry, HvaIndex};
 use super::slot::Memslot;
 use crate::addr::{AsId, Gfn, GfnRange, Hva, SlotId};
 use crate::sync::Arc;
-use crate::sync::atomic::{AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicPtr, Ordering};
+
+/// A slot's gfn range as the key of the gfn index, ordered by start. Ranges in one set are
+/// disjoint (invariant 2), so ordering by start orders them by every address they hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct GfnKey {
+    start: Gfn,
+    end: Gfn,
+}
+
+impl GfnKey {
+    fn of(slot: &Memslot) -> GfnKey {
+        let r = slot.gfn_range();
+        GfnKey {
+            start: r.start(),
+            end: r.end(),
+        }
+    }
+
+    /// A key below every real key starting at or after `gfn` (real keys are non-empty).
+    fn at(gfn: Gfn) -> GfnKey {
+        GfnKey {
+            start: gfn,
+            end: gfn,
+        }
+    }
+}
+
+/// A lookup of the slot containing a gfn: equal to the key whose range contains it, below the
+/// keys starting after it, above those ending at or before it. Consistent with [`GfnKey`]'s order
+/// because the ranges are disjoint and sorted, so a B-tree point lookup finds the containing slot
+/// without a range iterator (and without allocating).
+struct ContainsGfn(Gfn);
+
+impl Equivalent<GfnKey> for ContainsGfn {
+    fn equivalent(&self, key: &GfnKey) -> bool {
+        key.start <= self.0 && self.0 < key.end
+    }
+}
+
+impl Comparable<GfnKey> for ContainsGfn {
+    fn compare(&self, key: &GfnKey) -> CmpOrdering {
+        if self.0 < key.start {
+            CmpOrdering::Less
+        } else if self.0 >= key.end {
+            CmpOrdering::Greater
+        } else {
+            CmpOrdering::Equal
+        }
+    }
+}
+
+/// A value of the gfn index: the slot and a copy of its range, so that checking the last-used hint
+/// reads the index node it already points into instead of the slot.
+#[derive(Clone, Debug)]
+struct GfnEntry {
+    range: GfnKey,
+    slot: Arc<Memslot>,
+}
+
+/// The hva index entry of a slot.
+fn hva_entry(slot: &Memslot) -> HvaEntry {
+    HvaEntry {
+        start: slot.userspace_addr().raw(),
+        end: slot.hva_end().raw(),
+        slot: u32::from(slot.id().get()),
+    }
+}
 
 /// The memslots of one address space: sorted by `base_gfn` with non-overlapping gfn ranges, an id
 /// index, and an hva index that allows aliases (module invariants 2–4).
@@ -17,15 +92,16 @@ use crate::sync::atomic::{AtomicUsize, Ordering};
 pub struct Memslots {
     as_id: AsId,
     generation: u64,
-    /// Sorted by `base_gfn`; gfn ranges disjoint (invariant 2).
-    slots: Vec<Arc<Memslot>>,
-    /// `gfns[i] == slots[i].gfn_range()`: searched without dereferencing each slot's `Arc`.
-    gfns: Vec<GfnRange>,
-    /// `(id, index into slots)`, sorted by id.
-    ids: Vec<(SlotId, u32)>,
+    /// Slots by gfn range; ranges disjoint (invariant 2).
+    by_gfn: OrdMap<GfnKey, GfnEntry>,
+    /// The same slots by id.
+    by_id: OrdMap<SlotId, Arc<Memslot>>,
     hva: HvaIndex,
-    /// Index into `slots` of the slot `find_by_gfn` found last (`last_used_slot`).
-    last_used: AtomicUsize,
+    /// The slot `find_by_gfn` found last (`last_used_slot`): null, or the address of a
+    /// [`GfnEntry`] stored in `by_gfn` of this very set. That map is never changed after the set
+    /// is built (invariant 4; an edit changes a clone, whose copy-on-write leaves every node of
+    /// this set in place), so the address stays valid while the set lives.
+    last_used: AtomicPtr<GfnEntry>,
 }
 
 impl Memslots {
@@ -33,52 +109,14 @@ impl Memslots {
     /// different address spaces never collide because each swap adds the number of address
     /// spaces).
     pub fn new(as_id: AsId) -> Memslots {
-        Memslots::build(as_id, u64::from(as_id.get()), Vec::new(), None)
-    }
-
-    /// Builds a set from slots already sorted by `base_gfn` and checked for invariant 2, with the
-    /// last-used hint on the slot with id `hint` (if present).
-    fn build(
-        as_id: AsId,
-        generation: u64,
-        slots: Vec<Arc<Memslot>>,
-        hint: Option<SlotId>,
-    ) -> Memslots {
-        let gfns: Vec<GfnRange> = slots.iter().map(|s| s.gfn_range()).collect();
-        let mut ids: Vec<(SlotId, u32)> = slots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.id(), index_u32(i)))
-            .collect();
-        ids.sort_unstable_by_key(|&(id, _)| id);
-        assert!(
-            ids.windows(2).all(|w| w[0].0 != w[1].0),
-            "memslot invariant 2 violated: duplicate slot id in one set"
-        );
-        let hva = HvaIndex::build(
-            slots
-                .iter()
-                .enumerate()
-                .map(|(i, s)| HvaEntry {
-                    start: s.userspace_addr().raw(),
-                    end: s.hva_end().raw(),
-                    slot: index_u32(i),
-                })
-                .collect(),
-        );
-        let mut set = Memslots {
+        Memslots {
             as_id,
-            generation,
-            slots,
-            gfns,
-            ids,
-            hva,
-            last_used: AtomicUsize::new(0),
-        };
-        if let Some(i) = hint.and_then(|id| set.position(id)) {
-            set.last_used = AtomicUsize::new(i);
+            generation: u64::from(as_id.get()),
+            by_gfn: OrdMap::new(),
+            by_id: OrdMap::new(),
+            hva: HvaIndex::default(),
+            last_used: AtomicPtr::new(core::ptr::null_mut()),
         }
-        set
     }
 
     /// The address space of this set.
@@ -93,68 +131,81 @@ impl Memslots {
 
     /// Number of slots.
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.by_id.len()
     }
 
     /// True if the set holds no slot.
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.by_id.is_empty()
     }
 
     /// The slots in ascending `base_gfn` order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Memslot>> {
-        self.slots.iter()
+        self.by_gfn.values().map(|e| &e.slot)
     }
 
     /// The slot with id `id` (`id_to_memslot`), if any.
     pub fn get(&self, id: SlotId) -> Option<&Arc<Memslot>> {
-        self.position(id).map(|i| &self.slots[i])
+        self.by_id.get(&id)
     }
 
-    fn position(&self, id: SlotId) -> Option<usize> {
-        let k = self.ids.binary_search_by_key(&id, |&(id, _)| id).ok()?;
-        Some(self.ids[k].1 as usize)
+    /// The last-used hint (`last_used` field doc).
+    #[inline]
+    fn hinted(&self) -> Option<&GfnEntry> {
+        // ORDERING: Relaxed: the hint only ever holds addresses inside this set's own maps, which
+        // were fully built before the set was published to this thread (the SRCU publication
+        // orders them); the hint itself publishes nothing.
+        let p = self.last_used.load(Ordering::Relaxed);
+        // SAFETY: `p` is null or the address of a `GfnEntry` inside a node of `self.by_gfn` (the
+        // only stores are of such addresses, see `set_hint`); that map is never changed while
+        // `self` lives (module invariant 4), so the value is alive, in place and never written
+        // for the lifetime of `&self`.
+        unsafe { p.as_ref() }
+    }
+
+    /// Points the last-used hint at `entry`, which must be a reference into `self.by_gfn`.
+    #[inline]
+    fn set_hint(&self, entry: &GfnEntry) {
+        // ORDERING: Relaxed, as in `hinted`.
+        self.last_used
+            .store(core::ptr::from_ref(entry).cast_mut(), Ordering::Relaxed);
     }
 
     /// The slot containing `gfn` (`search_memslots`), INVALID slots included: callers that install
     /// mappings must check [`Memslot::is_invalid`] and retry.
     ///
-    /// O(1) when `gfn` is in the slot found last, O(log n) otherwise. A hit on that last-used hint
-    /// writes nothing, so concurrent faults on the same slot do not bounce a cache line.
+    /// O(1) when `gfn` is in the slot found last, O(log n) otherwise, with no allocation. A hit on
+    /// that last-used hint writes nothing, so concurrent faults on the same slot do not bounce a
+    /// cache line.
     #[inline]
     pub fn find_by_gfn(&self, gfn: Gfn) -> Option<&Arc<Memslot>> {
-        // ORDERING: Relaxed suffices; the hint publishes no data. Any index it holds is
-        // bounds-checked and range-checked against this immutable set before use (module
-        // invariant 4), so a stale or racing value costs at most a binary search.
-        let hint = self.last_used.load(Ordering::Relaxed);
-        if self.gfns.get(hint).is_some_and(|r| r.contains(gfn)) {
-            return Some(&self.slots[hint]);
+        let probe = ContainsGfn(gfn);
+        if let Some(entry) = self.hinted()
+            && probe.equivalent(&entry.range)
+        {
+            return Some(&entry.slot);
         }
-        // The last slot starting at or before gfn is the only candidate (gfns disjoint, sorted).
-        let i = self
-            .gfns
-            .partition_point(|r| r.start() <= gfn)
-            .checked_sub(1)?;
-        if !self.gfns[i].contains(gfn) {
-            return None;
-        }
-        // ORDERING: Relaxed, as for the load above. Only stored on a miss, so `i != hint` and the
-        // line is written only when the hint actually changes.
-        self.last_used.store(i, Ordering::Relaxed);
-        Some(&self.slots[i])
+        let entry = self.by_gfn.get(&probe)?;
+        // Only stored on a miss, so the line is written only when the hint actually changes.
+        self.set_hint(entry);
+        Some(&entry.slot)
     }
 
     /// The id of the lowest slot other than `skip` whose gfns overlap `range`, if any.
     pub(super) fn first_overlap(&self, range: GfnRange, skip: SlotId) -> Option<SlotId> {
-        // Slots ending at or before range.start cannot overlap; the rest are scanned in gfn order
-        // until one starts at or after range.end. `skip` is the only overlapping slot passed
-        // over, so at most three slots are looked at after the binary search.
-        let first = self.gfns.partition_point(|r| r.end() <= range.start());
-        self.gfns[first..]
-            .iter()
-            .zip(&self.slots[first..])
-            .take_while(|(r, _)| r.start() < range.end())
-            .map(|(_, s)| s.id())
+        // The slot containing range.start (if any), then the slots starting inside the range, in
+        // gfn order: `skip` is the only overlapping slot passed over, so at most three slots are
+        // looked at after the lookups.
+        self.by_gfn
+            .get(&ContainsGfn(range.start()))
+            .into_iter()
+            .chain(
+                self.by_gfn
+                    .range(GfnKey::at(range.start())..)
+                    .take_while(|(k, _)| k.start < range.end())
+                    .map(|(_, e)| e),
+            )
+            .map(|e| e.slot.id())
             .find(|&id| id != skip)
     }
 
@@ -162,7 +213,7 @@ impl Memslots {
     /// the guest frames backing the intersection (spec §3.1: clamped to the slot, partial pages
     /// rounded out). The inner loop of `kvm_handle_hva_range`.
     ///
-    /// O(log n + k) for k matching slots; no allocation, no lock, no shared write. Slots are
+    /// O(log n + k log n) for k matching slots; no allocation, no lock, no shared write. Slots are
     /// reported once each, in no particular order. An empty range (`end <= start`) reports nothing.
     #[inline]
     pub fn for_each_hva_overlap(
@@ -171,8 +222,14 @@ impl Memslots {
         end: Hva,
         mut f: impl FnMut(&Arc<Memslot>, GfnRange),
     ) {
-        self.hva.for_each_overlap(start.raw(), end.raw(), |i| {
-            let slot = &self.slots[i as usize];
+        self.hva.for_each_overlap(start.raw(), end.raw(), |id| {
+            // Every indexed id is a slot of this set (both indexes change together).
+            let Some(slot) = u16::try_from(id)
+                .ok()
+                .and_then(|id| self.by_id.get(&SlotId::new(id)))
+            else {
+                return;
+            };
             // The index only reports intersecting slots, so the clamp is never empty.
             if let Some(gfns) = slot.gfns_for_hva_range(start, end) {
                 f(slot, gfns);
@@ -184,6 +241,7 @@ impl Memslots {
     /// (`kvm_replace_memslot`). `old = None` inserts, `new = None` removes, both `None` copies.
     /// `self` is not changed. If the last-used hint pointed at `old`, it points at `new`.
     ///
+    /// O(log n): the new set shares every index node but those on the changed paths with `self`.
     /// This is the apply step after [`super::plan_change`] accepted the change; it is not a
     /// validator.
     ///
@@ -221,41 +279,59 @@ impl Memslots {
             );
         }
 
-        let mut slots: Vec<Arc<Memslot>> = Vec::with_capacity(self.slots.len() + 1);
-        slots.extend(
-            self.slots
-                .iter()
-                .filter(|s| Some(s.id()) != old_id)
-                .cloned(),
-        );
-        let hinted = self
-            .slots
-            .get(self.last_used.load(Ordering::Relaxed))
-            .map(|s| s.id());
+        let mut by_gfn = self.by_gfn.clone();
+        let mut by_id = self.by_id.clone();
+        let mut hva = self.hva.clone();
+        if let Some(old) = old {
+            by_gfn.remove(&GfnKey::of(old));
+            by_id.remove(&old.id());
+            hva = hva.without(hva_entry(old));
+        }
+        let hinted = self.hinted().map(|e| e.slot.id());
         let mut hint = hinted.filter(|&id| Some(id) != old_id);
         if let Some(new) = new {
-            let range = new.gfn_range();
-            let at = slots.partition_point(|s| s.base_gfn() < range.start());
-            let clashes =
-                |s: Option<&Arc<Memslot>>| s.is_some_and(|s| s.gfn_range().overlaps(&range));
+            let key = GfnKey::of(&new);
+            let clash = by_gfn.get(&ContainsGfn(key.start)).is_some()
+                || by_gfn
+                    .range(GfnKey::at(key.start)..)
+                    .next()
+                    .is_some_and(|(k, _)| k.start < key.end);
             assert!(
-                !clashes(at.checked_sub(1).and_then(|p| slots.get(p))) && !clashes(slots.get(at)),
+                !clash,
                 "memslot invariant 2 violated: slot {:?} gfns {:?} overlap another slot",
                 new.id(),
-                range
+                new.gfn_range()
             );
             if hinted.is_some() && hinted == old_id {
                 hint = Some(new.id());
             }
-            slots.insert(at, new);
+            hva = hva.with(hva_entry(&new));
+            by_id.insert(new.id(), new.clone());
+            by_gfn.insert(
+                key,
+                GfnEntry {
+                    range: key,
+                    slot: new,
+                },
+            );
         }
-        Memslots::build(self.as_id, generation, slots, hint)
+        let set = Memslots {
+            as_id: self.as_id,
+            generation,
+            by_gfn,
+            by_id,
+            hva,
+            last_used: AtomicPtr::new(core::ptr::null_mut()),
+        };
+        debug_assert_eq!(set.hva.len(), set.by_id.len());
+        if let Some(entry) = hint
+            .and_then(|id| set.by_id.get(&id))
+            .and_then(|slot| set.by_gfn.get(&GfnKey::of(slot)))
+        {
+            set.set_hint(entry);
+        }
+        set
     }
-}
-
-/// Slot positions fit in `u32`: a set holds at most `SlotId::MAX` slots.
-fn index_u32(i: usize) -> u32 {
-    u32::try_from(i).expect("memslot index fits in u32 (at most SlotId::MAX slots per set)")
 }
 
 #[cfg(test)]
@@ -435,8 +511,8 @@ mod tests {
         );
         let invalid = Arc::new(a.invalid_copy());
         let next = base.with_change(Some(&a), Some(invalid.clone()), 2);
-        let hinted = &next.slots[next.last_used.load(Ordering::Relaxed)];
-        assert!(Arc::ptr_eq(hinted, &invalid));
+        let hinted = next.hinted().expect("a hint");
+        assert!(Arc::ptr_eq(&hinted.slot, &invalid));
     }
 
     #[test]
