@@ -185,6 +185,10 @@ pub enum HostError {
     /// The OS refused an anonymous mapping (arena or page table).
     #[error("anonymous mapping failed: {0}")]
     Mmap(std::io::Error),
+    /// The calling thread holds a vCPU in guest mode: the operation could wait for that vCPU's
+    /// own TLB-flush acknowledgement. Refused before anything changed or anyone was called.
+    #[error(transparent)]
+    InGuestMode(#[from] crate::sync::guest_mode::InGuestMode),
 }
 
 // The handles are shared across vCPU threads: keep them Send + Sync (checked at compile time).
