@@ -137,7 +137,11 @@ fn mprotect_and_madvise_from_guest_mode_are_refused_and_leave_the_vm_usable() {
             ));
         });
         let hs = s.host.stats();
-        assert_eq!((hs.mprotect, hs.dontneed), (0, 1), "only the check's dontneed ran");
+        assert_eq!(
+            (hs.mprotect, hs.dontneed),
+            (0, 1),
+            "only the check's dontneed ran"
+        );
     }
 }
 
@@ -172,7 +176,10 @@ fn reset_mmu_from_guest_mode_panics_before_invalidating_any_root() {
             let spare_before = s.vm.stats();
             let p = catch_unwind(AssertUnwindSafe(|| s.vm.reset_mmu())).unwrap_err();
             assert!(panic_text(&*p).contains("mmu_lock"), "{}", panic_text(&*p));
-            assert_eq!(s.vm.stats().remote_tlb_flushes, spare_before.remote_tlb_flushes);
+            assert_eq!(
+                s.vm.stats().remote_tlb_flushes,
+                spare_before.remote_tlb_flushes
+            );
         });
         // The vCPU kept its root through the refused reset (only the test's vCPU loaded one).
         assert!(roots(s.vm.stats()) >= before);
@@ -233,10 +240,11 @@ fn vm_spte_on_the_shadow_mmu_from_guest_mode_panics_without_taking_mmu_lock() {
 }
 
 #[test]
-fn entering_or_creating_a_second_vcpu_from_guest_mode_is_refused() {
+fn entering_creating_or_dropping_another_vcpu_or_creating_a_vm_from_guest_mode_is_refused() {
     for config in [VmConfig::default(), shadow()] {
         let s = setup(config);
         let mut other = s.vm.create_vcpu().unwrap();
+        let mut third = Some(s.vm.create_vcpu().unwrap());
         refused_and_vm_usable(&s, |s| {
             // A second vCPU's fault would take mmu_lock on this thread.
             assert!(matches!(
@@ -250,11 +258,23 @@ fn entering_or_creating_a_second_vcpu_from_guest_mode_is_refused() {
                 "{}",
                 panic_text(&*p)
             );
-            assert!(in_guest_mode(), "the refused entries left the first vCPU in guest mode");
+            assert!(
+                in_guest_mode(),
+                "the refused entries left the first vCPU in guest mode"
+            );
+            assert!(matches!(s.vm.create_vcpu(), Err(VmError::InGuestMode(_))));
             assert!(matches!(
-                s.vm.create_vcpu(),
+                Vm::new(&s.host, VmConfig::default()),
                 Err(VmError::InGuestMode(_))
             ));
+            assert_eq!(s.host.stats().subscribers, 1, "no second VM subscribed");
+            // Unregistering a vCPU takes the lock a flusher holds while waiting for this thread.
+            let p = catch_unwind(AssertUnwindSafe(|| drop(third.take()))).unwrap_err();
+            assert!(
+                panic_text(&*p).contains("dropping a vCPU"),
+                "{}",
+                panic_text(&*p)
+            );
         });
         assert_eq!(other.stats().accesses, 0);
         other.write_u64(gpa(5), 5).unwrap();
@@ -272,9 +292,7 @@ fn dropping_the_vm_or_releasing_the_host_from_guest_mode_panics_before_tearing_d
     });
     // Dropping the Vm from guest mode: refused before any teardown; the vCPU keeps the VM alive
     // and subscribed, so host invalidations still reach its SPTEs.
-    let Setup {
-        host, vm, hva, ..
-    } = s;
+    let Setup { host, vm, hva, .. } = s;
     let mut vcpu = vm.create_vcpu().unwrap();
     let mut vm = Some(vm);
     let p = catch_unwind(AssertUnwindSafe(|| {
@@ -283,7 +301,11 @@ fn dropping_the_vm_or_releasing_the_host_from_guest_mode_panics_before_tearing_d
         drop(vm.take());
     }))
     .unwrap_err();
-    assert!(panic_text(&*p).contains("dropping the Vm"), "{}", panic_text(&*p));
+    assert!(
+        panic_text(&*p).contains("dropping the Vm"),
+        "{}",
+        panic_text(&*p)
+    );
     assert_eq!(vcpu.read_u64(gpa(1)).unwrap(), 1, "not torn down");
     host.mprotect(hva, BYTES, Prot::READ).unwrap();
     assert!(matches!(
@@ -335,7 +357,10 @@ fn a_notifier_panicking_in_start_leaves_every_started_pair_balanced_and_the_vm_u
                 1 => s.host.madvise_dontneed(s.hva, BYTES),
                 _ => s.host.munmap(s.hva, BYTES),
             }));
-            assert!(r.is_err(), "op {op}: the subscriber's panic reached the caller");
+            assert!(
+                r.is_err(),
+                "op {op}: the subscriber's panic reached the caller"
+            );
             let st = s.vm.stats();
             assert_eq!(st.invalidate.in_progress, 0, "op {op}: {st:?}");
             assert_eq!(st.mn_active_invalidate_count, 0, "op {op}: {st:?}");
@@ -357,7 +382,10 @@ fn a_notifier_panicking_in_start_leaves_every_started_pair_balanced_and_the_vm_u
             Err(VcpuExit::HostFault { .. })
         ));
         let st = s.vm.stats();
-        assert_eq!((st.invalidate.in_progress, st.mn_active_invalidate_count), (0, 0));
+        assert_eq!(
+            (st.invalidate.in_progress, st.mn_active_invalidate_count),
+            (0, 0)
+        );
     }
 }
 
@@ -397,7 +425,10 @@ fn a_vcpu_in_address_space_1_reads_and_writes_its_own_slots_and_sees_invalidatio
         v1.set_address_space(AsId::new(0)).unwrap();
         assert_eq!(v1.read_u64(gpa(3)).unwrap(), 103);
         let st = s.vm.stats();
-        assert_eq!((st.invalidate.in_progress, st.mn_active_invalidate_count), (0, 0));
+        assert_eq!(
+            (st.invalidate.in_progress, st.mn_active_invalidate_count),
+            (0, 0)
+        );
     }
 }
 

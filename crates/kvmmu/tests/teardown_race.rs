@@ -85,7 +85,7 @@ fn round(mmu: MmuKind, op: HostOp, r: u64) {
         let dropper = s.spawn(move || {
             start_ref.wait();
             // Odd rounds shut down instead: the same teardown, returning statistics.
-            if r % 2 == 0 {
+            if r.is_multiple_of(2) {
                 drop(vm);
             } else {
                 let _ = vm.shutdown();
@@ -136,7 +136,10 @@ fn round(mmu: MmuKind, op: HostOp, r: u64) {
                  (last successful write {})",
                 e.page, e.last_ok
             );
-            assert_eq!(now, e.last_ok, "round {r}: memory holds the last successful write");
+            assert_eq!(
+                now, e.last_ok,
+                "round {r}: memory holds the last successful write"
+            );
         }
     }
 }

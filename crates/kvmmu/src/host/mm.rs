@@ -314,7 +314,9 @@ impl HostMm {
     ///
     /// Errors (nothing changed, nobody called): [`HostError::ZeroLength`],
     /// [`HostError::Unaligned`], [`HostError::Overflow`], [`HostError::OutOfRange`],
-    /// [`HostError::NotMapped`] (names the first unmapped page of the range).
+    /// [`HostError::NotMapped`] (names the first unmapped page of the range),
+    /// [`HostError::InGuestMode`] from a thread that holds a vCPU in guest mode (as for every
+    /// operation that takes `mm_writer` or ages: it could wait for that vCPU).
     pub fn munmap(&self, hva: Hva, len: u64) -> Result<(), HostError> {
         guest_mode::check("munmap")?;
         let (s, e) = page_range(hva, len)?;
@@ -369,6 +371,7 @@ impl HostMm {
         len: u64,
         prot: Prot,
     ) -> Result<(), HostError> {
+        guest_mode::check("mprotect_without_notifier")?;
         let (s, e) = page_range(hva, len)?;
         let _w = self.inner.mm_writer.lock();
         let mut vmas = self.inner.mmap_lock.write();

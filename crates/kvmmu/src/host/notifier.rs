@@ -295,7 +295,9 @@ impl<'a> InvalidationPair<'a> {
             ends,
         };
         while pair.started < pair.subs.len() {
-            pair.subs[pair.started].1.invalidate_range_start(&pair.range);
+            pair.subs[pair.started]
+                .1
+                .invalidate_range_start(&pair.range);
             pair.started += 1;
             // ORDERING: Relaxed: a statistic.
             starts.fetch_add(1, Ordering::Relaxed);

@@ -5,7 +5,7 @@
 //! mode it must not block on anything a flusher may hold while it waits for that acknowledgement
 //! (`mmu_lock`, `slots_lock`, the host's `mm_writer`, the vCPU registry), nor flush or invalidate
 //! itself. The vCPU layer counts, per thread, how many vCPUs the thread holds in guest mode
-//! ([`enter`] / [`exit`]); the layers below ask [`in_guest_mode`] at the entry of every call that
+//! (`enter` / `exit`); the layers below ask [`in_guest_mode`] at the entry of every call that
 //! could block that way and refuse it **before** changing any state: a typed
 //! [`InGuestMode`] error where the call returns a `Result`, a panic with
 //! [`refuse`]'s message where it does not.
@@ -95,7 +95,10 @@ mod tests {
         assert!(in_guest_mode(), "one vCPU still in guest mode");
         let p = std::panic::catch_unwind(|| refuse("release")).unwrap_err();
         let msg = p.downcast_ref::<String>().unwrap();
-        assert!(msg.contains("`release`") && msg.contains("guest mode"), "{msg}");
+        assert!(
+            msg.contains("`release`") && msg.contains("guest mode"),
+            "{msg}"
+        );
         exit();
         assert!(!in_guest_mode());
         refuse("release");

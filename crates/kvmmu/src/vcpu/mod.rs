@@ -45,9 +45,10 @@ use crate::mmu::tdp::FaultOutcome;
 use crate::sync::Arc;
 use crate::sync::atomic::Ordering;
 use crate::sync::guest_mode::{self, InGuestMode};
+use crate::vm::request::VcpuHandle;
 use crate::vm::{Vm, VmError, VmInner};
 use core::marker::PhantomData;
-use crate::vm::request::VcpuHandle;
+use core::mem::ManuallyDrop;
 use tlb::Tlb;
 
 /// Why a vCPU access could not complete: what KVM would report to its user as a `KVM_RUN` exit.
@@ -132,7 +133,8 @@ pub struct VcpuStats {
 /// A virtual CPU. Owned by one thread at a time.
 pub struct Vcpu {
     vm: Arc<VmInner>,
-    handle: VcpuHandle,
+    /// Dropped by `Drop for Vcpu`, unless that would block (see there).
+    handle: ManuallyDrop<VcpuHandle>,
     tlb: Tlb,
     root: Option<MmuRoot>,
     as_id: AsId,
@@ -171,7 +173,7 @@ impl Vcpu {
         let tlb = Tlb::new(vm.config.tlb_entries);
         Vcpu {
             vm,
-            handle,
+            handle: ManuallyDrop::new(handle),
             tlb,
             root: None,
             as_id,
@@ -292,6 +294,27 @@ impl Vcpu {
         self.root = Some(root);
         self.stats.root_loads += 1;
         Ok(())
+    }
+}
+
+/// Unregisters the vCPU from the VM's request registry.
+///
+/// # Panics
+/// When dropped by a thread that holds another vCPU in guest mode: unregistering takes the
+/// registry lock, which a remote TLB flush holds while it waits for that other vCPU's
+/// acknowledgement (a deadlock). The registration is then leaked instead (this vCPU is outside
+/// guest mode, so no flush ever waits for it); if the thread is already unwinding, it is leaked
+/// without a second panic.
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        if guest_mode::in_guest_mode() {
+            if !std::thread::panicking() {
+                guest_mode::refuse("dropping a vCPU");
+            }
+            return;
+        }
+        // SAFETY: `handle` is dropped only here, once, and `self` is not used afterwards.
+        unsafe { ManuallyDrop::drop(&mut self.handle) };
     }
 }
 

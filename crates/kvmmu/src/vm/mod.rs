@@ -171,7 +171,11 @@ pub struct Vm {
 
 impl Vm {
     /// Creates a VM on `host` and subscribes it to the host's MMU notifiers.
+    ///
+    /// Errors: [`VmError::Config`], [`VmError::InGuestMode`] from a thread that holds a vCPU in
+    /// guest mode (subscribing waits for any host invalidation in flight).
     pub fn new(host: &HostMm, config: VmConfig) -> Result<Vm, VmError> {
+        guest_mode::check("Vm::new")?;
         config.validate()?;
         let nr_as = config.address_spaces;
         let rcu = Arc::new(Rcu::new());
