@@ -66,6 +66,7 @@ impl HostMm {
         len: u64,
         call: impl Fn(&dyn MmuNotifier, Hva, Hva) -> bool,
     ) -> Result<bool, HostError> {
+        crate::sync::guest_mode::check("host aging")?;
         let mut young = false;
         let (start, end) = self.clear_host_young(hva, len, |_| young = true)?;
         let subs = self.inner.notifiers.snapshot();
@@ -112,6 +113,7 @@ impl HostMm {
     /// Errors (nothing changed, nobody called): as [`HostMm::clear_young`] over
     /// `[young.start(), young.end())`; an empty bitmap is [`HostError::ZeroLength`].
     pub fn clear_young_into(&self, young: &mut YoungBitmap) -> Result<(), HostError> {
+        crate::sync::guest_mode::check("host aging")?;
         let base = young.start().page();
         let len = young.pages() * PAGE_SIZE;
         self.clear_host_young(young.start(), len, |page| young.set_page(page - base))?;
@@ -128,6 +130,7 @@ impl HostMm {
     ///
     /// Errors: [`HostError::OutOfRange`] outside the user address space, [`HostError::NotMapped`].
     pub fn test_young(&self, hva: Hva) -> Result<bool, HostError> {
+        crate::sync::guest_mode::check("host aging")?;
         if hva.raw() < MMAP_MIN_ADDR || hva.raw() >= TASK_SIZE {
             return Err(HostError::OutOfRange { hva, len: 1 });
         }

@@ -3,13 +3,16 @@
 //! See the `host` module doc for the locking protocol and its invariants (cited here as H1–H7).
 
 use super::frames::{FrameArena, FrameTag};
-use super::notifier::{InvalidateEvent, MmuNotifier, NotifierId, NotifierList, NotifierRange};
+use super::notifier::{
+    InvalidateEvent, InvalidationPair, MmuNotifier, NotifierId, NotifierList, NotifierRange,
+};
 use super::percpu::StripedCounter;
 use super::pgtable::PageTable;
 use super::vma::{Vma, Vmas, page_hva, pte, pte_frame};
 use super::{GupError, HostError};
 use crate::addr::{Hva, PAGE_SHIFT, Pfn, is_page_aligned};
 use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::guest_mode;
 use crate::sync::{Arc, Mutex, RwLock};
 use core::ops::ControlFlow;
 
@@ -226,6 +229,7 @@ impl HostMm {
     /// Maps `len` bytes of lazily populated anonymous memory at an address of the host's choosing
     /// (page aligned, with unmapped guard pages around it, 2 MiB aligned if `len >= 2 MiB`).
     pub fn mmap(&self, len: u64, prot: Prot) -> Result<Hva, HostError> {
+        guest_mode::check("mmap")?;
         if len == 0 {
             return Err(HostError::ZeroLength);
         }
@@ -256,6 +260,7 @@ impl HostMm {
     /// Maps `len` bytes at exactly `hva`; fails with [`HostError::Overlaps`] if any page of the
     /// range is already mapped (unlike Linux's `MAP_FIXED`, nothing is replaced).
     pub fn mmap_fixed(&self, hva: Hva, len: u64, prot: Prot) -> Result<Hva, HostError> {
+        guest_mode::check("mmap_fixed")?;
         let (s, e) = page_range(hva, len)?;
         let _w = self.inner.mm_writer.lock();
         let mut vmas = self.inner.mmap_lock.write();
@@ -296,7 +301,9 @@ impl HostMm {
             event,
             blockable: true,
         };
-        let mut notified: Option<Arc<[super::notifier::Subscriber]>> = None;
+        // Every subscriber whose start returned gets its end when `notified` goes, even if a
+        // callback (or `apply`) panics: the pair stays balanced (DESIGN invariant 1).
+        let mut notified: Option<InvalidationPair<'_>> = None;
         let result = loop {
             let mut vmas = inner.mmap_lock.write();
             if let Err(err) = validate(&vmas) {
@@ -304,22 +311,19 @@ impl HostMm {
             }
             if notified.is_none() && needs_notify(&vmas) {
                 drop(vmas);
-                let subs = inner.notifiers.snapshot();
-                for (_, n) in subs.iter() {
-                    n.invalidate_range_start(&range);
-                }
-                Counters::bump(&inner.counters.invalidate_start, subs.len() as u64);
-                notified = Some(subs);
+                notified = Some(InvalidationPair::start(
+                    inner.notifiers.snapshot(),
+                    range,
+                    &inner.counters.invalidate_start,
+                    &inner.counters.invalidate_end,
+                ));
                 continue;
             }
             apply(&mut vmas, &inner.arena);
             break Ok(());
         };
-        if let Some(subs) = notified {
-            for (_, n) in subs.iter() {
-                n.invalidate_range_end(&range);
-            }
-            Counters::bump(&inner.counters.invalidate_end, subs.len() as u64);
+        if let Some(pair) = notified {
+            pair.end();
         }
         result
     }
@@ -328,8 +332,11 @@ impl HostMm {
     ///
     /// Errors (nothing changed, nobody called): [`HostError::ZeroLength`],
     /// [`HostError::Unaligned`], [`HostError::Overflow`], [`HostError::OutOfRange`],
-    /// [`HostError::NotMapped`] (names the first unmapped page of the range).
+    /// [`HostError::NotMapped`] (names the first unmapped page of the range),
+    /// [`HostError::InGuestMode`] from a thread that holds a vCPU in guest mode (as for every
+    /// operation that takes `mm_writer` or ages: it could wait for that vCPU).
     pub fn munmap(&self, hva: Hva, len: u64) -> Result<(), HostError> {
+        guest_mode::check("munmap")?;
         let (s, e) = page_range(hva, len)?;
         self.change_range(
             (s, e),
@@ -352,6 +359,7 @@ impl HostMm {
 
     /// Changes the protection of `[hva, hva + len)`, which must be fully mapped.
     pub fn mprotect(&self, hva: Hva, len: u64, prot: Prot) -> Result<(), HostError> {
+        guest_mode::check("mprotect")?;
         let (s, e) = page_range(hva, len)?;
         self.change_range(
             (s, e),
@@ -383,6 +391,7 @@ impl HostMm {
         len: u64,
         prot: Prot,
     ) -> Result<(), HostError> {
+        guest_mode::check("mprotect_without_notifier")?;
         let (s, e) = page_range(hva, len)?;
         let _w = self.inner.mm_writer.lock();
         let mut vmas = self.inner.mmap_lock.write();
@@ -398,6 +407,7 @@ impl HostMm {
     /// Discards the pages of `[hva, hva + len)` (`madvise(MADV_DONTNEED)` on private anonymous
     /// memory): their frames are freed and the next access faults in a zero-filled frame.
     pub fn madvise_dontneed(&self, hva: Hva, len: u64) -> Result<(), HostError> {
+        guest_mode::check("madvise_dontneed")?;
         let (s, e) = page_range(hva, len)?;
         self.change_range(
             (s, e),
@@ -526,7 +536,12 @@ impl HostMm {
 
     /// Subscribes a secondary MMU. Waits for any invalidation in flight, so the new subscriber
     /// never sees an `invalidate_range_end` without its start (H6).
+    ///
+    /// # Panics
+    /// From a thread that holds a vCPU in guest mode (it could wait for an invalidation that waits
+    /// for that vCPU), before anything changed.
     pub fn register_notifier(&self, n: Arc<dyn MmuNotifier>) -> NotifierId {
+        guest_mode::refuse("register_notifier");
         let _w = self.inner.mm_writer.lock();
         self.inner.notifiers.register(n)
     }
@@ -542,7 +557,12 @@ impl HostMm {
     /// Process exit (`exit_mmap`): calls every subscriber's `release` (before any frame is
     /// freed), drops the subscribers, then tears down every mapping and frees every frame.
     /// Idempotent; the address space stays usable afterwards (empty, no subscribers).
+    ///
+    /// # Panics
+    /// From a thread that holds a vCPU in guest mode (a subscriber's teardown waits for every
+    /// vCPU's TLB-flush acknowledgement), before anything changed or anyone was called.
     pub fn release(&self) {
+        guest_mode::refuse("release");
         let inner = &*self.inner;
         let _w = inner.mm_writer.lock();
         let subs = inner.notifiers.take_all();

@@ -13,6 +13,11 @@
 //!   `release` before any frame is freed. Aging (`clear_young`, `clear_flush_young`, `test_young`,
 //!   `clear_young_range`) combines the host young bits with one subscriber call per range.
 //!
+//! - A thread that holds a vCPU in guest mode is refused, at the entry and before any change,
+//!   every operation that takes `mm_writer` or calls subscribers (a subscriber may wait for that
+//!   vCPU's TLB-flush acknowledgement): [`HostError::InGuestMode`], or a panic for `release` and
+//!   `register_notifier`, which return no `Result`.
+//!
 //! Locks, outermost first:
 //! 1. `mm_writer` (mutex): serialises structural operations (`mmap`, `mmap_fixed`, `munmap`,
 //!    `mprotect`, `madvise_dontneed`, `register_notifier`, `release`). It plays the part of Linux's
@@ -195,6 +200,10 @@ pub enum HostError {
     /// The OS refused an anonymous mapping (the frame arena).
     #[error("anonymous mapping failed: {0}")]
     Mmap(std::io::Error),
+    /// The calling thread holds a vCPU in guest mode: the operation could wait for that vCPU's
+    /// own TLB-flush acknowledgement. Refused before anything changed or anyone was called.
+    #[error(transparent)]
+    InGuestMode(#[from] crate::sync::guest_mode::InGuestMode),
 }
 
 // The handles are shared across vCPU threads: keep them Send + Sync (checked at compile time).

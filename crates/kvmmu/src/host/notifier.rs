@@ -21,6 +21,10 @@
 //!    alive), and a subscriber registered in between sees neither.
 //! 2. Calls are made with no lock of the list held, so a callback may (un)register without
 //!    deadlocking on the list itself (see the `host` module doc for what callbacks may call).
+//! 3. A pair stays balanced even if a callback panics ([`InvalidationPair`]): every subscriber
+//!    whose `invalidate_range_start` returned gets its `invalidate_range_end`, during the
+//!    unwinding if need be. A subscriber whose own start panics gets no end (as Linux calls no end
+//!    for a subscriber whose start failed); it must leave itself balanced.
 
 use super::{HostError, TASK_SIZE};
 use crate::addr::{Hva, PAGE_SHIFT, PAGE_SIZE};
@@ -276,6 +280,75 @@ impl NotifierId {
 
 /// One registered subscriber.
 pub(crate) type Subscriber = (NotifierId, Arc<dyn MmuNotifier>);
+
+/// One invalidation delivered to one snapshot of subscribers (invariants 1 and 3).
+///
+/// [`InvalidationPair::start`] calls the subscribers' `invalidate_range_start` in order;
+/// [`InvalidationPair::end`] (or dropping the pair, e.g. while unwinding from a panic in a later
+/// start or in the host's change) calls `invalidate_range_end` on exactly those whose start
+/// returned, once each, in the same order.
+#[must_use = "dropping the pair ends the invalidation at once"]
+pub(crate) struct InvalidationPair<'a> {
+    subs: Arc<[Subscriber]>,
+    range: NotifierRange,
+    /// Subscribers `[0, started)` returned from their start.
+    started: usize,
+    /// Subscribers `[0, ended)` have been called for their end (`ended <= started`).
+    ended: usize,
+    ends: &'a AtomicU64,
+}
+
+impl<'a> InvalidationPair<'a> {
+    /// Calls `invalidate_range_start` on every subscriber of `subs`, counting each call that
+    /// returns in `starts`; `ends` will count the end calls. If a start panics, the ends of the
+    /// subscribers started before it run as the panic unwinds.
+    pub(crate) fn start(
+        subs: Arc<[Subscriber]>,
+        range: NotifierRange,
+        starts: &AtomicU64,
+        ends: &'a AtomicU64,
+    ) -> InvalidationPair<'a> {
+        let mut pair = InvalidationPair {
+            subs,
+            range,
+            started: 0,
+            ended: 0,
+            ends,
+        };
+        while pair.started < pair.subs.len() {
+            pair.subs[pair.started]
+                .1
+                .invalidate_range_start(&pair.range);
+            pair.started += 1;
+            // ORDERING: Relaxed: a statistic.
+            starts.fetch_add(1, Ordering::Relaxed);
+        }
+        pair
+    }
+
+    /// Calls `invalidate_range_end` on every started subscriber (the change is complete).
+    pub(crate) fn end(mut self) {
+        self.end_remaining();
+    }
+
+    /// Ends the started subscribers not ended yet. `ended` advances before each call, so if an
+    /// end panics outside an unwinding, the drop glue goes on with the next subscriber.
+    fn end_remaining(&mut self) {
+        while self.ended < self.started {
+            let i = self.ended;
+            self.ended += 1;
+            self.subs[i].1.invalidate_range_end(&self.range);
+            // ORDERING: Relaxed: a statistic.
+            self.ends.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for InvalidationPair<'_> {
+    fn drop(&mut self) {
+        self.end_remaining();
+    }
+}
 
 /// The subscriber list: an immutable snapshot replaced on every (un)registration.
 pub(crate) struct NotifierList {

@@ -126,8 +126,17 @@ impl fmt::Debug for RankToken {
 /// # Panics
 /// In debug builds, if the current thread holds a lock of a greater rank (invariant 1), or already
 /// holds a non-reentrant lock of the same rank (invariant 2). The message names both locks.
+///
+/// In every build (loom and shuttle included), taking `slots_lock` or `mmu_lock` from a thread
+/// that holds a vCPU in guest mode panics here, before the lock is touched: a flusher holding
+/// either lock may be waiting for that very vCPU's acknowledgement ([`super::guest_mode`]).
 #[inline]
 pub fn acquire(rank: LockRank) -> RankToken {
+    match rank {
+        LockRank::SlotsLock => super::guest_mode::refuse("taking slots_lock"),
+        LockRank::MmuLock => super::guest_mode::refuse("taking mmu_lock"),
+        _ => {}
+    }
     #[cfg(all(debug_assertions, not(loom), not(feature = "shuttle")))]
     imp::acquire(rank);
     #[cfg(not(all(debug_assertions, not(loom), not(feature = "shuttle"))))]

@@ -21,6 +21,18 @@
 //!
 //! A vCPU never blocks on a lock while in guest mode (it only pins RCU and SRCU, which never block),
 //! so a thread that holds `mmu_lock` and waits for TLB-flush acknowledgements cannot deadlock with it.
+//!
+//! # The guest-mode contract
+//! [`GuestMode`] is `!Send`: guest mode belongs to the thread that entered it, whose per-thread
+//! depth ([`crate::sync::guest_mode`]) the layers below check. While a thread is in guest mode,
+//! every call that could wait for its own TLB-flush acknowledgement is refused at its entry,
+//! before it changes anything: host `mmap`/`munmap`/`mprotect`/`madvise_dontneed`/aging
+//! (`HostError::InGuestMode`), memslot updates (`SetMemoryRegionError::InGuestMode`), creating a
+//! vCPU (`VmError::InGuestMode`), entering a second vCPU ([`VcpuExit::InGuestMode`] from
+//! [`Vcpu::try_enter`], [`Vcpu::read_u64`] and [`Vcpu::write_u64`]; a panic from
+//! [`Vcpu::enter`]), and, with a panic, everything that takes `mmu_lock` or `slots_lock`
+//! (`Vm::reset_mmu`, `Vm::spte` on the shadow MMU), `HostMm::release`,
+//! `HostMm::register_notifier`, `Vm::shutdown` and dropping the `Vm`.
 
 pub mod tlb;
 mod walker;
@@ -32,8 +44,11 @@ use crate::mmu::MmuRoot;
 use crate::mmu::tdp::FaultOutcome;
 use crate::sync::Arc;
 use crate::sync::atomic::Ordering;
-use crate::vm::VmInner;
+use crate::sync::guest_mode::{self, InGuestMode};
 use crate::vm::request::VcpuHandle;
+use crate::vm::{Vm, VmError, VmInner};
+use core::marker::PhantomData;
+use core::mem::ManuallyDrop;
 use tlb::Tlb;
 
 /// Why a vCPU access could not complete: what KVM would report to its user as a `KVM_RUN` exit.
@@ -80,6 +95,11 @@ pub enum VcpuExit {
     /// The VM has been torn down.
     #[error("the VM has been torn down")]
     VmDead,
+    /// The calling thread already holds a vCPU in guest mode: a second vCPU cannot enter from it
+    /// (its faults would take `mmu_lock`, which a flusher waiting for the first vCPU may hold).
+    /// Nothing was done.
+    #[error(transparent)]
+    InGuestMode(#[from] InGuestMode),
 }
 
 impl VcpuExit {
@@ -113,45 +133,118 @@ pub struct VcpuStats {
 /// A virtual CPU. Owned by one thread at a time.
 pub struct Vcpu {
     vm: Arc<VmInner>,
-    handle: VcpuHandle,
+    /// Dropped by `Drop for Vcpu`, unless that would block (see there).
+    handle: ManuallyDrop<VcpuHandle>,
     tlb: Tlb,
     root: Option<MmuRoot>,
     as_id: AsId,
     stats: VcpuStats,
 }
 
+impl Vm {
+    /// Creates a vCPU running in address space 0. It is owned by one thread at a time (it is
+    /// `Send`, not `Sync`).
+    ///
+    /// Errors: [`VmError::Dead`] after teardown, [`VmError::InGuestMode`] from a thread that holds
+    /// a vCPU in guest mode (registering a vCPU waits for any remote TLB flush in flight).
+    pub fn create_vcpu(&self) -> Result<Vcpu, VmError> {
+        self.create_vcpu_in(AsId::new(0))
+    }
+
+    /// Creates a vCPU running in address space `as_id` (0, or 1 for a VM with two address
+    /// spaces, as SMM). Errors: as [`Vm::create_vcpu`], and [`VmError::NoAddressSpace`] for an
+    /// address space the VM does not have.
+    pub fn create_vcpu_in(&self, as_id: AsId) -> Result<Vcpu, VmError> {
+        guest_mode::check("create_vcpu")?;
+        let vm = self.inner();
+        if as_id.index() >= vm.config.address_spaces {
+            return Err(VmError::NoAddressSpace { as_id });
+        }
+        if vm.dead.load(Ordering::Acquire) {
+            return Err(VmError::Dead);
+        }
+        Ok(Vcpu::new(vm.clone(), as_id))
+    }
+}
+
 impl Vcpu {
-    pub(crate) fn new(vm: Arc<VmInner>) -> Vcpu {
+    fn new(vm: Arc<VmInner>, as_id: AsId) -> Vcpu {
         let handle = vm.requests.register();
         let tlb = Tlb::new(vm.config.tlb_entries);
         Vcpu {
             vm,
-            handle,
+            handle: ManuallyDrop::new(handle),
             tlb,
             root: None,
-            as_id: AsId::new(0),
+            as_id,
             stats: VcpuStats::default(),
         }
     }
 
+    /// The address space the vCPU runs in.
+    pub fn address_space(&self) -> AsId {
+        self.as_id
+    }
+
+    /// Moves the vCPU to address space `as_id` (as entering or leaving SMM does): it drops its
+    /// root and TLB and loads the new space's root at its next access. On error nothing changed.
+    ///
+    /// Errors: [`VmError::NoAddressSpace`] for an address space the VM does not have.
+    pub fn set_address_space(&mut self, as_id: AsId) -> Result<(), VmError> {
+        if as_id.index() >= self.vm.config.address_spaces {
+            return Err(VmError::NoAddressSpace { as_id });
+        }
+        if as_id != self.as_id {
+            self.as_id = as_id;
+            self.root = None;
+            self.tlb.flush_all();
+        }
+        Ok(())
+    }
+
     /// Reads the 8-byte word at `gpa` (one guest instruction).
+    ///
+    /// Errors: the exits of [`GuestMode::read_u64`], and [`VcpuExit::InGuestMode`] if the
+    /// calling thread already holds another vCPU in guest mode.
     pub fn read_u64(&mut self, gpa: Gpa) -> Result<u64, VcpuExit> {
-        self.enter().read_u64(gpa)
+        self.try_enter()?.read_u64(gpa)
     }
 
     /// Writes the 8-byte word at `gpa` (one guest instruction).
+    ///
+    /// Errors: as [`Vcpu::read_u64`].
     pub fn write_u64(&mut self, gpa: Gpa, value: u64) -> Result<(), VcpuExit> {
-        self.enter().write_u64(gpa, value)
+        self.try_enter()?.write_u64(gpa, value)
     }
 
     /// Enters guest mode for a run of accesses; guest mode ends when the returned value is dropped.
     /// Running many accesses in one session is how a real guest runs, and is much cheaper than one
     /// entry per access.
+    ///
+    /// # Panics
+    /// If the calling thread already holds a vCPU in guest mode (see [`Vcpu::try_enter`]);
+    /// nothing was changed then.
+    #[track_caller]
     pub fn enter(&mut self) -> GuestMode<'_> {
-        guest_mode_depth::enter();
+        match self.try_enter() {
+            Ok(g) => g,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Enters guest mode as [`Vcpu::enter`] does, or refuses with [`VcpuExit::InGuestMode`],
+    /// changing nothing, if the calling thread already holds a vCPU in guest mode: one thread
+    /// runs one vCPU, and a second vCPU's fault on this thread would take `mmu_lock`, which an
+    /// invalidation waiting for the first vCPU's acknowledgement may hold (a deadlock).
+    pub fn try_enter(&mut self) -> Result<GuestMode<'_>, VcpuExit> {
+        guest_mode::check("entering a second vCPU")?;
+        guest_mode::enter();
         let reqs = self.handle.enter_guest();
         self.apply_requests(reqs);
-        GuestMode { vcpu: self }
+        Ok(GuestMode {
+            vcpu: self,
+            _not_send: PhantomData,
+        })
     }
 
     /// Per-vCPU counters (the TLB's own counters are in [`Vcpu::tlb_stats`]).
@@ -204,6 +297,27 @@ impl Vcpu {
     }
 }
 
+/// Unregisters the vCPU from the VM's request registry.
+///
+/// # Panics
+/// When dropped by a thread that holds another vCPU in guest mode: unregistering takes the
+/// registry lock, which a remote TLB flush holds while it waits for that other vCPU's
+/// acknowledgement (a deadlock). The registration is then leaked instead (this vCPU is outside
+/// guest mode, so no flush ever waits for it); if the thread is already unwinding, it is leaked
+/// without a second panic.
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        if guest_mode::in_guest_mode() {
+            if !std::thread::panicking() {
+                guest_mode::refuse("dropping a vCPU");
+            }
+            return;
+        }
+        // SAFETY: `handle` is dropped only here, once, and `self` is not used afterwards.
+        unsafe { ManuallyDrop::drop(&mut self.handle) };
+    }
+}
+
 /// A vCPU in guest mode. Dropping it leaves guest mode.
 ///
 /// While it lives the thread is "running guest code": it must not block on anything another thread
@@ -211,10 +325,22 @@ impl Vcpu {
 /// (`munmap`, `mprotect`, `madvise_dontneed`, `release`), memslot updates, `Vm::reset_mmu`,
 /// `Vm::shutdown` or drop the `Vm`: each of those waits for every vCPU in guest mode to acknowledge
 /// a TLB flush, and this one only acknowledges at its next access or when it leaves guest mode.
-/// A thread that triggers a remote TLB flush from inside guest mode panics with a message saying
-/// so instead of deadlocking.
+/// Such calls are refused at their entry, before they change anything (see the module doc's
+/// "guest-mode contract"), instead of deadlocking.
+///
+/// `GuestMode` is not `Send`: guest mode belongs to the thread that entered it (the per-thread
+/// depth the refusals check), so it cannot be dropped on another thread:
+///
+/// ```compile_fail
+/// fn assert_send<T: Send>(_: T) {}
+/// fn move_to_another_thread(vcpu: &mut kvmmu::vcpu::Vcpu) {
+///     assert_send(vcpu.enter());
+/// }
+/// ```
 pub struct GuestMode<'v> {
     vcpu: &'v mut Vcpu,
+    /// Not `Send` (nor `Sync`): the guest-mode depth is the entering thread's.
+    _not_send: PhantomData<*const ()>,
 }
 
 impl GuestMode<'_> {
@@ -313,47 +439,32 @@ impl GuestMode<'_> {
         }
     }
 
-    /// Leaves guest mode, runs `f` (which may block), and re-enters, handling requests raised meanwhile.
+    /// Leaves guest mode, runs `f` (which may block), and re-enters, handling requests raised
+    /// meanwhile. Guest mode is re-entered even if `f` panics, so that the unwinding drop of the
+    /// `GuestMode` leaves it exactly once.
     fn leave_guest_mode_for<T>(
         &mut self,
         f: impl FnOnce(&mut Vcpu) -> Result<T, VcpuExit>,
     ) -> Result<T, VcpuExit> {
+        /// Re-enters guest mode when dropped.
+        struct Reenter<'a>(&'a mut Vcpu);
+        impl Drop for Reenter<'_> {
+            fn drop(&mut self) {
+                guest_mode::enter();
+                let reqs = self.0.handle.enter_guest();
+                self.0.apply_requests(reqs);
+            }
+        }
         self.vcpu.handle.exit_guest();
-        guest_mode_depth::exit();
-        let r = f(self.vcpu);
-        guest_mode_depth::enter();
-        let reqs = self.vcpu.handle.enter_guest();
-        self.vcpu.apply_requests(reqs);
-        r
+        guest_mode::exit();
+        let outside = Reenter(self.vcpu);
+        f(&mut *outside.0)
     }
 }
 
 impl Drop for GuestMode<'_> {
     fn drop(&mut self) {
-        guest_mode_depth::exit();
+        guest_mode::exit();
         self.vcpu.handle.exit_guest();
-    }
-}
-
-/// How many vCPUs the current thread holds in guest mode, to turn a self-deadlock (a remote TLB
-/// flush waiting for this very thread's acknowledgement) into a clear panic.
-pub(crate) mod guest_mode_depth {
-    use std::cell::Cell;
-
-    crate::sync::thread_local! {
-        static DEPTH: Cell<u32> = const { Cell::new(0) };
-    }
-
-    pub(super) fn enter() {
-        DEPTH.with(|d| d.set(d.get() + 1));
-    }
-
-    pub(super) fn exit() {
-        DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
-    }
-
-    /// True if the current thread holds a vCPU in guest mode.
-    pub(crate) fn current_thread_in_guest_mode() -> bool {
-        DEPTH.with(|d| d.get() > 0)
     }
 }

@@ -274,6 +274,18 @@ impl VmInner {
             .invalidate_starts
             .fetch_add(1, Ordering::Relaxed);
         *self.mn_invalidate.lock() += 1;
+        // The host calls no end for a subscriber whose start panicked, so if the walk below
+        // panics (a kvmmu bug: every caller that could deadlock is refused at the host's entry)
+        // this start ends itself while unwinding. `mn_active_invalidate_count` is raised, so no
+        // memslot swap happens in between: end's walk finds the memslots start's walk found and
+        // lowers exactly what it raised (DESIGN invariant 1).
+        struct EndOnUnwind<'a>(&'a VmInner, &'a NotifierRange);
+        impl Drop for EndOnUnwind<'_> {
+            fn drop(&mut self) {
+                self.0.invalidate_range_end(self.1);
+            }
+        }
+        let end_on_unwind = EndOnUnwind(self, range);
         self.handle_hva_range(HvaRangeWalk {
             start: range.start,
             end: range.end,
@@ -284,6 +296,7 @@ impl VmInner {
             flush_on_ret: true,
             lockless: false,
         });
+        core::mem::forget(end_on_unwind);
     }
 
     fn invalidate_range_end(&self, range: &NotifierRange) {

@@ -14,9 +14,11 @@
 //!    value is `old + address_spaces`, so each address space keeps its residue (invariant 7).
 //!
 //! # Teardown
-//! Dropping the [`Vm`] (or the host calling `release`) unsubscribes from the host, zaps every SPTE,
-//! frees every root and waits for the deferred page-table frees; vCPUs still alive then fail with
-//! [`crate::vcpu::VcpuExit::VmDead`].
+//! Dropping the [`Vm`] (or the host calling `release`) marks it dead, makes every vCPU drop its
+//! TLB and root (a waiting flush), zaps every SPTE, frees every root and waits for the deferred
+//! page-table frees, and only then unsubscribes from the host, so no host invalidation is missed
+//! while a vCPU could still use an old translation (DESIGN invariant 2); vCPUs still alive then
+//! fail with `VcpuExit::VmDead`.
 
 pub mod invalidate;
 pub mod memslot;
@@ -30,6 +32,7 @@ use crate::mmu::shadow::{ShadowMmu, ShadowStats, SlotRmaps};
 use crate::mmu::spte::Spte;
 use crate::mmu::tdp::{RemoteTlbFlush, TdpMmu, TdpStats};
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::guest_mode::{self, InGuestMode};
 use crate::sync::lock_rank::LockRank;
 use crate::sync::rcu::Rcu;
 use crate::sync::srcu::{Srcu, SrcuCell, SrcuGuard};
@@ -53,6 +56,15 @@ pub enum VmError {
     /// The VM was torn down (dropped or released by the host).
     #[error("the VM has been torn down")]
     Dead,
+    /// The calling thread holds a vCPU in guest mode; nothing was done.
+    #[error(transparent)]
+    InGuestMode(#[from] InGuestMode),
+    /// The VM has no such address space (`VmConfig::address_spaces`).
+    #[error("the VM has no address space {as_id:?}")]
+    NoAddressSpace {
+        /// The refused address space.
+        as_id: AsId,
+    },
 }
 
 /// Why `set_user_memory_region` refused a request.
@@ -64,6 +76,10 @@ pub enum SetMemoryRegionError {
     /// The VM was torn down.
     #[error("the VM has been torn down")]
     Dead,
+    /// The calling thread holds a vCPU in guest mode (a memslot update waits for every vCPU's
+    /// TLB-flush acknowledgement); nothing changed.
+    #[error(transparent)]
+    InGuestMode(#[from] InGuestMode),
 }
 
 /// Counters of VM-level events, for reports and oracles.
@@ -155,7 +171,11 @@ pub struct Vm {
 
 impl Vm {
     /// Creates a VM on `host` and subscribes it to the host's MMU notifiers.
+    ///
+    /// Errors: [`VmError::Config`], [`VmError::InGuestMode`] from a thread that holds a vCPU in
+    /// guest mode (subscribing waits for any host invalidation in flight).
     pub fn new(host: &HostMm, config: VmConfig) -> Result<Vm, VmError> {
+        guest_mode::check("Vm::new")?;
         config.validate()?;
         let nr_as = config.address_spaces;
         let rcu = Arc::new(Rcu::new());
@@ -198,16 +218,17 @@ impl Vm {
 
     /// `KVM_SET_USER_MEMORY_REGION`: create (new slot id), delete (`size == 0`), move (new `gpa`) or
     /// change the flags of a memslot, with KVM's validation. A refused request changes nothing.
+    ///
+    /// Errors: [`SetMemoryRegionError::Invalid`], [`SetMemoryRegionError::Dead`],
+    /// [`SetMemoryRegionError::InGuestMode`] from a thread that holds a vCPU in guest mode.
     pub fn set_user_memory_region(&self, region: MemoryRegion) -> Result<(), SetMemoryRegionError> {
+        guest_mode::check("set_user_memory_region")?;
         self.inner.set_user_memory_region(&region)
     }
 
-    /// Creates a vCPU. It is owned by one thread at a time (it is `Send`, not `Sync`).
-    pub fn create_vcpu(&self) -> Result<crate::vcpu::Vcpu, VmError> {
-        if self.inner.dead.load(Ordering::Acquire) {
-            return Err(VmError::Dead);
-        }
-        Ok(crate::vcpu::Vcpu::new(self.inner.clone()))
+    /// The shared state (for the vCPU layer's `create_vcpu`).
+    pub(crate) fn inner(&self) -> &Arc<VmInner> {
+        &self.inner
     }
 
     /// The memslot generation of an address space.
@@ -247,9 +268,18 @@ impl Vm {
     /// Tears the VM down now (as dropping it does) and returns the final statistics, taken after every
     /// SPTE was zapped and every deferred page-table free has run. With no vCPU left alive, the TDP
     /// statistics then show as many tables freed as allocated (DESIGN invariant 5).
+    ///
+    /// The VM stays subscribed to the host until the teardown is complete (DESIGN invariant 2):
+    /// a host `mprotect`/`munmap`/`madvise_dontneed` racing the shutdown either reaches the VM or
+    /// finds it with no SPTE left and no vCPU holding a TLB entry or a root.
+    ///
+    /// # Panics
+    /// From a thread that holds a vCPU in guest mode (teardown waits for every vCPU's TLB-flush
+    /// acknowledgement), before anything is torn down.
     pub fn shutdown(self) -> VmStats {
-        self.inner.host.unregister_notifier(self.subscription);
+        guest_mode::refuse("Vm::shutdown");
         self.inner.teardown();
+        self.inner.host.unregister_notifier(self.subscription);
         self.inner.stats()
     }
 
@@ -259,10 +289,20 @@ impl Vm {
     }
 }
 
+/// Tears down first, then unsubscribes (see [`Vm::shutdown`]).
+///
+/// # Panics
+/// When dropped by a thread that holds a vCPU in guest mode, before anything is torn down (the VM
+/// then stays subscribed and alive as long as its vCPUs). If that thread is already unwinding,
+/// the drop does nothing instead of aborting the process with a second panic.
 impl Drop for Vm {
     fn drop(&mut self) {
-        self.inner.host.unregister_notifier(self.subscription);
+        if guest_mode::in_guest_mode() && std::thread::panicking() {
+            return;
+        }
+        guest_mode::refuse("dropping the Vm");
         self.inner.teardown();
+        self.inner.host.unregister_notifier(self.subscription);
     }
 }
 
@@ -460,14 +500,9 @@ impl RemoteTlbFlush for VmInner {
     fn flush_remote_tlbs(&self) {
         // A flush waits for every vCPU in guest mode to acknowledge; a vCPU only acknowledges from
         // its own thread, so a thread in guest mode that gets here would wait for itself forever.
-        if crate::vcpu::guest_mode_depth::current_thread_in_guest_mode() {
-            panic!(
-                "kvmmu: a remote TLB flush was requested by a thread that holds a vCPU in guest \
-                 mode (a host invalidation, memslot update, MMU reset or VM teardown from inside \
-                 `Vcpu::enter`); leave guest mode first (drop the GuestMode), as a real vCPU exits \
-                 to its VMM before making such calls"
-            );
-        }
+        // Every public entry that can get here refuses a guest-mode caller before changing any
+        // state; this is the last line of defence.
+        guest_mode::refuse("a remote TLB flush");
         self.counters
             .remote_tlb_flushes
             .fetch_add(1, Ordering::Relaxed);
