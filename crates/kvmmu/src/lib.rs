@@ -38,6 +38,7 @@
 //! ```
 
 pub mod addr;
+pub mod geometry;
 #[cfg(not(loom))]
 pub mod config;
 pub mod mmu;
@@ -58,6 +59,8 @@ pub mod vm;
 pub mod vm {
     #[path = "request.rs"]
     pub mod request;
+    #[path = "seq.rs"]
+    pub mod seq;
 }
 
 /// The types most programs need.

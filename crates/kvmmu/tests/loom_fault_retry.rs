@@ -8,7 +8,7 @@
 #![cfg(loom)]
 
 use kvmmu::addr::{Gfn, GfnRange};
-use kvmmu::mmu::seq::InvalidateState;
+use kvmmu::vm::seq::InvalidateState;
 use kvmmu::sync::Arc;
 use kvmmu::sync::atomic::{AtomicU64, Ordering};
 use kvmmu::sync::witness::MmuLock;

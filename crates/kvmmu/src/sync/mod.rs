@@ -26,6 +26,8 @@
 //!
 //! The main types of the submodules are re-exported here (`kvmmu::sync::{Srcu, Rcu, MmuLock, ..}`).
 
+#[cfg(not(loom))]
+pub(crate) mod guest_mode;
 pub mod lock_rank;
 pub mod rcu;
 pub mod srcu;

@@ -57,12 +57,24 @@
 pub mod rmap;
 
 #[cfg(not(loom))]
+mod age;
+#[cfg(not(loom))]
+mod fault;
+#[cfg(not(loom))]
 mod mmu;
 #[cfg(not(loom))]
 mod page;
 #[cfg(not(loom))]
 mod slot_rmaps;
+#[cfg(all(test, not(loom)))]
+mod tests;
+#[cfg(not(loom))]
+mod walk;
+#[cfg(not(loom))]
+mod zap;
 
+#[cfg(not(loom))]
+pub(crate) use mmu::RmapLookup;
 #[cfg(not(loom))]
 pub use mmu::{ShadowMmu, ShadowRoot, ShadowStats};
 #[cfg(not(loom))]

@@ -261,7 +261,7 @@ fn scan_leaf_table(
 mod tests {
     use super::*;
     use crate::addr::{Gfn, Level, Pfn};
-    use crate::mmu::tdp::{FaultOutcome, MapRequest};
+    use crate::mmu::types::{FaultOutcome, MapRequest};
     use crate::sync::Arc;
     use crate::sync::rcu::Rcu;
     use crate::sync::witness::MmuLock;
