@@ -16,7 +16,7 @@
 //! # Teardown
 //! Dropping the [`Vm`] (or the host calling `release`) unsubscribes from the host, zaps every SPTE,
 //! frees every root and waits for the deferred page-table frees; vCPUs still alive then fail with
-//! [`crate::vcpu::VcpuExit::VmDead`].
+//! [`VcpuExit::VmDead`].
 
 mod fault;
 pub mod invalidate;
