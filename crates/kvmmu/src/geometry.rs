@@ -44,4 +44,3 @@ pub(crate) const fn index(gfn: u64, level: Level) -> usize {
 pub(crate) const fn align_down(gfn: u64, level: Level) -> u64 {
     gfn & !(pages(level) - 1)
 }
-

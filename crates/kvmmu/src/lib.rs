@@ -38,9 +38,9 @@
 //! ```
 
 pub mod addr;
-pub mod geometry;
 #[cfg(not(loom))]
 pub mod config;
+pub mod geometry;
 pub mod mmu;
 pub mod sync;
 

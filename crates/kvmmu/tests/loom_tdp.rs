@@ -5,8 +5,8 @@
 #![cfg(loom)]
 
 use kvmmu::addr::{AsId, Gfn, GfnRange, Level, Pfn};
-use kvmmu::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush};
 use kvmmu::mmu::tdp::{RootRef, TdpMmu};
+use kvmmu::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush};
 use kvmmu::sync::Arc;
 use kvmmu::sync::atomic::{AtomicUsize, Ordering};
 use kvmmu::sync::rcu::Rcu;

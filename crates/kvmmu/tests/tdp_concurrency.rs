@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 
 use kvmmu::addr::{AsId, Gfn, GfnRange, Level, Pfn};
-use kvmmu::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason};
 use kvmmu::mmu::tdp::TdpMmu;
+use kvmmu::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason};
 use kvmmu::sync::Arc;
 use kvmmu::sync::rcu::Rcu;
 use kvmmu::sync::witness::MmuLock;

@@ -49,7 +49,10 @@ fn tdp_mapped_under(lock: &MmuLock) -> (Arc<Rcu>, TdpMmu) {
         let root = tdp.get_root(AS0, r.witness());
         let g = rcu.pin();
         for gfn in 0..64 {
-            assert_eq!(tdp.map(&root, &req(gfn), r.witness(), &g), FaultOutcome::Fixed);
+            assert_eq!(
+                tdp.map(&root, &req(gfn), r.witness(), &g),
+                FaultOutcome::Fixed
+            );
         }
     }
     (rcu, tdp)
@@ -142,15 +145,25 @@ fn rmap_count_and_shape_refuse_a_foreign_witness() {
     let count = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         head.count(w.witness(), &stats)
     }));
-    assert!(count.is_err(), "count under another VM's lock must be refused");
+    assert!(
+        count.is_err(),
+        "count under another VM's lock must be refused"
+    );
     let shape = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         head.shape(w.witness(), &stats)
     }));
-    assert!(shape.is_err(), "shape under another VM's lock must be refused");
+    assert!(
+        shape.is_err(),
+        "shape under another VM's lock must be refused"
+    );
     drop(w);
     let w = mine.write();
     let _ = head.zap_all(w.witness(), &stats, |_| {});
-    assert_eq!(head.count(w.witness(), &stats), 0, "the owner's witness still works");
+    assert_eq!(
+        head.count(w.witness(), &stats),
+        0,
+        "the owner's witness still works"
+    );
 }
 
 #[test]

@@ -186,7 +186,10 @@ impl Mmu {
                     return Ok(FaultOutcome::Retry(RetryReason::InvalidRoot));
                 }
                 let Some(rmaps) = rmaps else {
-                    panic!("kvmmu bug: a shadow-MMU fault on gfn {:?} without rmaps", req.gfn);
+                    panic!(
+                        "kvmmu bug: a shadow-MMU fault on gfn {:?} without rmaps",
+                        req.gfn
+                    );
                 };
                 Ok(self.shadow.map(root, req, rmaps, mmu.witness(), flusher))
             }
@@ -250,7 +253,9 @@ impl Mmu {
             && let Some(rmaps) = rmaps
         {
             any |= match young {
-                None => self.shadow.age_gfn_range(rmaps, gfns, AgeAction::Clear, locked),
+                None => self
+                    .shadow
+                    .age_gfn_range(rmaps, gfns, AgeAction::Clear, locked),
                 Some(report) => self
                     .shadow
                     .age_gfn_range_report(rmaps, gfns, locked, report),

@@ -79,12 +79,7 @@ pub enum HwWalk {
 /// both MMUs' hardware walks end: if it is a present leaf that allows the access, set A (and D if
 /// `write`) unless already set, with a compare-and-swap on the value just checked (spte.rs O5: A/D
 /// never lands on a value that stopped being a present leaf), re-evaluating on a lost race.
-pub(crate) fn access_leaf(
-    sptep: &AtomicSpte,
-    mut spte: Spte,
-    level: Level,
-    write: bool,
-) -> HwWalk {
+pub(crate) fn access_leaf(sptep: &AtomicSpte, mut spte: Spte, level: Level, write: bool) -> HwWalk {
     let want = ACCESSED_MASK | if write { DIRTY_MASK } else { 0 };
     loop {
         if !spte.is_present_leaf(level) {
@@ -110,7 +105,6 @@ pub(crate) fn access_leaf(
         }
     }
 }
-
 
 /// Remote TLB shootdown, provided by the caller (the VM): `kvm_flush_remote_tlbs`.
 pub trait RemoteTlbFlush {

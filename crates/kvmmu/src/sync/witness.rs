@@ -538,7 +538,10 @@ mod tests {
         lazy.check(b.write().read_witness().lock_id(), "test");
         let foreign = b.read().witness().lock_id();
         let refused = std::panic::catch_unwind(|| bound.check(foreign, "test"));
-        assert!(refused.is_err(), "a witness of another lock must be refused");
+        assert!(
+            refused.is_err(),
+            "a witness of another lock must be refused"
+        );
     }
 
     #[test]

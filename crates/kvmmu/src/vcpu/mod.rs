@@ -29,8 +29,8 @@ use crate::addr::{AsId, Gpa};
 use crate::mmu::{FaultOutcome, MmuRoot};
 use crate::sync::Arc;
 use crate::sync::atomic::Ordering;
-use crate::vm::{Vm, VmError, VmInner};
 use crate::vm::request::VcpuHandle;
+use crate::vm::{Vm, VmError, VmInner};
 use tlb::Tlb;
 
 pub use crate::vm::VcpuExit;

@@ -134,15 +134,17 @@ impl VmInner {
             write_fault: write,
             prefetch: false,
         };
-        let outcome = self.mmu.map(&self.mmu_lock, root, &req, slot.rmaps(), self, |mmu| {
-            if self.dead.load(Ordering::Acquire) {
-                return Err(Err(VcpuExit::VmDead));
-            }
-            if self.invalidate.retry_gfn(snap, gfn, mmu) {
-                return Err(Ok(FaultOutcome::Retry(RetryReason::Invalidation)));
-            }
-            Ok(())
-        });
+        let outcome = self
+            .mmu
+            .map(&self.mmu_lock, root, &req, slot.rmaps(), self, |mmu| {
+                if self.dead.load(Ordering::Acquire) {
+                    return Err(Err(VcpuExit::VmDead));
+                }
+                if self.invalidate.retry_gfn(snap, gfn, mmu) {
+                    return Err(Ok(FaultOutcome::Retry(RetryReason::Invalidation)));
+                }
+                Ok(())
+            });
         let outcome = match outcome {
             Ok(o) => o,
             Err(early) => return early,

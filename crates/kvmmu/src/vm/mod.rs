@@ -349,9 +349,8 @@ impl VmInner {
     pub(crate) fn load_root(&self, as_id: AsId) -> Option<MmuRoot> {
         // Teardown sets `dead` before it takes `mmu_lock` to zap every shadow page, so the check
         // under the lock keeps a root from being allocated after the final zap.
-        self.mmu.load_root(&self.mmu_lock, as_id, || {
-            !self.dead.load(Ordering::Acquire)
-        })
+        self.mmu
+            .load_root(&self.mmu_lock, as_id, || !self.dead.load(Ordering::Acquire))
     }
 
     /// `kvm_arch_flush_shadow_memslot`: zap every SPTE of `slot`, flushing TLBs before the lock drops.

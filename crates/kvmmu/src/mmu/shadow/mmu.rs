@@ -255,7 +255,13 @@ impl ShadowMmu {
 
     /// Allocates a page and enters it in the hash (`kvm_mmu_alloc_shadow_page`). Caller holds
     /// `mmu_lock` write (the `state` guard stands for it).
-    pub(super) fn alloc_page(&self, state: &mut State, gfn: u64, role: Role, root_count: usize) -> SpPtr {
+    pub(super) fn alloc_page(
+        &self,
+        state: &mut State,
+        gfn: u64,
+        role: Role,
+        root_count: usize,
+    ) -> SpPtr {
         let sp = SpPtr::alloc(gfn, role, root_count);
         state.hash.insert((gfn, role), sp);
         add(&self.inner.counters.pages_allocated, 1);
@@ -306,7 +312,6 @@ impl ShadowMmu {
             sp,
         }
     }
-
 }
 
 impl Drop for ShadowMmu {
@@ -323,4 +328,3 @@ impl Drop for ShadowMmu {
         }
     }
 }
-

@@ -4,12 +4,12 @@ use super::mmu::RmapLookup;
 use super::rmap::{AgeAction, RMAP_RECYCLE_THRESHOLD, RmapHead};
 use super::slot_rmaps::SlotRmaps;
 use super::{ShadowMmu, ShadowRoot};
+use crate::addr::Pfn;
 use crate::addr::{AsId, Gfn, GfnRange, Level};
-use crate::mmu::types::{FaultOutcome, MapRequest, RemoteTlbFlush, RetryReason};
 use crate::mmu::spte::{LeafAttrs, SHADOW_NONPRESENT_VALUE, make_spte};
+use crate::mmu::types::{FaultOutcome, MapRequest, RemoteTlbFlush, RetryReason};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::witness::MmuLock;
-use crate::addr::Pfn;
 use core::cell::Cell;
 
 const GFNS: u64 = 2048;
@@ -221,7 +221,12 @@ fn rmap_aging_rounds_unaligned_starts_down_and_test_only_modifies_nothing() {
     assert!(mmu.age_gfn_range(&slot.0, range(0, GFNS), AgeAction::Clear, None));
     let cleared = mmu.stats().accessed_cleared;
     assert_eq!(cleared, mmu.stats().leaves_installed);
-    assert!(!mmu.age_gfn_range(&slot.0, range(0, GFNS), AgeAction::Clear, Some(lock.write().witness())));
+    assert!(!mmu.age_gfn_range(
+        &slot.0,
+        range(0, GFNS),
+        AgeAction::Clear,
+        Some(lock.write().witness())
+    ));
     assert!(!mmu.age_gfn_range(&slot.0, range(0, GFNS), AgeAction::TestOnly, None));
     let s = mmu.stats();
     assert!(
@@ -268,7 +273,11 @@ fn rmap_age_report_names_young_gfns_and_clips_huge_blocks_to_the_range() {
         "one report per young 4K rmap, only inside the range"
     );
     got.clear();
-    assert!(!mmu.age_gfn_range_report(&slot.0, range(10, 40), Some(lock.write().witness()), |r| got.push(r)));
+    assert!(
+        !mmu.age_gfn_range_report(&slot.0, range(10, 40), Some(lock.write().witness()), |r| {
+            got.push(r)
+        })
+    );
     assert!(got.is_empty());
     // A young SPTE in the 2M rmap of [512, 1024), aged over [600, 700) after the 4K leaves
     // there are old: the block is reported clipped to the range.

@@ -12,8 +12,8 @@
 use core::ptr::NonNull;
 
 use crate::addr::Level;
-pub(crate) use crate::geometry::{ENTRIES, GFN_LIMIT, ROOT_LEVEL};
 use crate::geometry::index;
+pub(crate) use crate::geometry::{ENTRIES, GFN_LIMIT, ROOT_LEVEL};
 #[cfg(test)]
 use crate::geometry::{align_down, pages};
 use crate::mmu::spte::{AtomicSpte, BASE_ADDR_MASK, Spte, make_nonleaf_spte};

@@ -259,7 +259,11 @@ fn failed_remove_is_an_error_and_leaves_the_rmap_unchanged() {
         for i in head.count(w, &stats)..n {
             head.pte_list_add(w, &stats, slots.ptr(i));
         }
-        let (raw, shape, e) = (head.raw_value(), head.shape(w, &stats), entries(&head, w, &stats));
+        let (raw, shape, e) = (
+            head.raw_value(),
+            head.shape(w, &stats),
+            entries(&head, w, &stats),
+        );
         assert_eq!(
             head.pte_list_remove(w, &stats, slots.ptr(19)),
             Err(RmapError::NotFound {
