@@ -127,14 +127,12 @@ impl VmInner {
                 result.ret |= handler(as_id, slot, gfns, mmu.as_mut(), &mut zapped);
             });
         }
-        // `flush_on_ret`: one flush for everything the handlers zapped (or, for
-        // `clear_flush_young`, aged), before `mmu_lock` is dropped.
-        if walk.flush_on_ret && result.ret {
-            // Nothing zapped without `flush_on_ret`; the batch is spent by this one flush.
-            let _spent = zapped;
+        // `flush_on_ret`, before `mmu_lock` is dropped: one flush for everything the handlers
+        // zapped (the batch), or for the young SPTEs `clear_flush_young` aged.
+        let aged_flush = walk.flush_on_ret && result.ret && !zapped.needs_flush();
+        zapped.commit(self);
+        if aged_flush {
             self.flush_remote_tlbs();
-        } else {
-            zapped.commit(self);
         }
         drop(mmu);
         drop(srcu);
