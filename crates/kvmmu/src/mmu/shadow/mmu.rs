@@ -33,7 +33,7 @@ pub struct ShadowStats {
     pub leaves_zapped: u64,
     /// Zapped leaves whose Dirty bit was set.
     pub dirty_leaves_zapped: u64,
-    /// Rmaps zapped because they grew past [`RMAP_RECYCLE_THRESHOLD`].
+    /// Rmaps zapped because they grew past [`RMAP_RECYCLE_THRESHOLD`](super::rmap::RMAP_RECYCLE_THRESHOLD).
     pub rmap_recycles: u64,
     /// SPTEs read by lockless rmap aging.
     pub aged_sptes_lockless: u64,

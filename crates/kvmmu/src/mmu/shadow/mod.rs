@@ -12,7 +12,7 @@
 //! - **Zaps through rmaps** ([`ShadowMmu::zap_gfn_range`], `mmu_lock` write: invalidation, memslot
 //!   delete/move) empty the rmaps of a gfn range, clearing each SPTE with an atomic swap before
 //!   its rmap forgets it; the caller flushes before dropping `mmu_lock`. Pages stay.
-//! - **Page zaps** ([`ShadowMmu::zap_all`], reset and teardown) are split like the kernel's:
+//! - **Page zaps** (`ShadowMmu::zap_all`, reset and teardown) are split like the kernel's:
 //!   *prepare-zap* clears the page's leaves and removes them from their rmaps, unlinks and
 //!   recursively prepare-zaps children that lose their last parent, clears the parent SPTEs,
 //!   marks the page invalid and takes it off the hash; *commit-zap* calls `flush_remote_tlbs` and
