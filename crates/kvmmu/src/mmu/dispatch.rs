@@ -10,7 +10,9 @@ use super::shadow::rmap::AgeAction;
 use super::shadow::{RmapLookup, ShadowMmu, ShadowRoot, ShadowStats, SlotRmaps};
 use super::spte::Spte;
 use super::tdp::{RootRef, TdpMmu, TdpStats};
-use super::types::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason, RootReload};
+use super::types::{
+    FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason, RootReload, ZapBatch,
+};
 
 /// A vCPU's reference to the root it translates through, for whichever MMU the VM uses (enum
 /// dispatch: no `dyn` on the access path).
@@ -36,40 +38,6 @@ impl MmuRoot {
         match self {
             MmuRoot::Tdp(r) => r.is_invalid(),
             MmuRoot::Shadow(r) => r.is_invalid(),
-        }
-    }
-}
-
-/// What a zap leaves to do: remote TLBs must be flushed before `mmu_lock` is dropped (the kernel's
-/// `flush_on_ret`). The zap has already flushed whenever it had to earlier (before yielding
-/// `mmu_lock`, before dropping RCU over unlinked tables); this is the one flush at the end.
-#[must_use = "a zap's batch must be committed (remote TLBs flushed) before mmu_lock is dropped"]
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct ZapBatch {
-    flush: bool,
-}
-
-impl ZapBatch {
-    /// Nothing zapped, nothing to flush.
-    pub fn empty() -> ZapBatch {
-        ZapBatch { flush: false }
-    }
-
-    /// True if committing will flush remote TLBs.
-    pub fn needs_flush(&self) -> bool {
-        self.flush
-    }
-
-    /// Adds another zap's leftovers to this batch.
-    pub fn merge(&mut self, other: ZapBatch) {
-        self.flush |= other.flush;
-    }
-
-    /// Flushes remote TLBs if anything was zapped since the zap's last flush. Call it while still
-    /// holding `mmu_lock` write.
-    pub fn commit(self, flusher: &(impl RemoteTlbFlush + ?Sized)) {
-        if self.flush {
-            flusher.flush_remote_tlbs();
         }
     }
 }
@@ -216,7 +184,11 @@ impl Mmu {
                 .zap_gfn_range(rmaps, gfns, mmu, may_block, flusher);
         }
         flush |= self.tdp.zap_leafs(as_id, gfns, mmu, may_block, flusher);
-        ZapBatch { flush }
+        let mut batch = ZapBatch::empty();
+        if flush {
+            batch.flush_before_unlock();
+        }
+        batch
     }
 
     /// `may_have_shadow_sptes`: TDP off, or indirect shadow pages exist (spec §3.8).
@@ -296,7 +268,8 @@ impl Mmu {
         vcpus: &(impl RemoteTlbFlush + RootReload),
     ) {
         if self.shadow_enabled() {
-            self.shadow.zap_all(sets, mmu.witness(), vcpus);
+            // Commit-zap: flush, then free the zapped pages (shadow S1).
+            self.shadow.zap_all(sets, mmu.witness()).commit(vcpus);
             vcpus.request_root_reload();
             return;
         }
@@ -311,15 +284,18 @@ impl Mmu {
     }
 
     /// Zaps every SPTE and releases every root of both MMUs (VM teardown). The caller has already
-    /// made every vCPU drop its root and TLB.
+    /// made every vCPU drop its root and TLB; it commits the returned batch (flush, then free the
+    /// shadow pages) before dropping `mmu`. TDP tables are retired through RCU after the TDP
+    /// MMU's own flush (P6).
     pub(crate) fn zap_all(
         &self,
         mmu: &mut MmuWriteGuard<'_>,
         sets: &(impl RmapLookup + ?Sized),
         flusher: &impl RemoteTlbFlush,
-    ) {
-        self.shadow.zap_all(sets, mmu.witness(), flusher);
+    ) -> ZapBatch {
+        let batch = self.shadow.zap_all(sets, mmu.witness());
         self.tdp.teardown(mmu, flusher);
+        batch
     }
 
     /// The leaf SPTE that maps `gfn` in the valid root of `as_id`, with its level (an oracle for

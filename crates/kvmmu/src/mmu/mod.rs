@@ -24,5 +24,7 @@ pub mod types;
 mod dispatch;
 
 #[cfg(not(loom))]
-pub use dispatch::{Mmu, MmuRoot, ZapBatch};
-pub use types::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason, RootReload};
+pub use dispatch::{Mmu, MmuRoot};
+pub use types::{
+    FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason, RootReload, ZapBatch,
+};

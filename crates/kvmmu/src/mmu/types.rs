@@ -117,3 +117,117 @@ pub trait RootReload {
     /// Asks every vCPU to drop its root and TLB and load a fresh root on its next entry.
     fn request_root_reload(&self);
 }
+
+/// What a zap leaves to do once it returns: remote TLBs must be flushed before `mmu_lock` is
+/// dropped (the kernel's `flush_on_ret`), and the memory it unlinked may be freed only after that
+/// flush (the shadow MMU's commit-zap, S1). [`ZapBatch::commit`] does both, in that order.
+///
+/// The zap itself has already flushed wherever it had to earlier (before yielding `mmu_lock`,
+/// before dropping RCU over unlinked TDP tables); the batch is the one flush at the end.
+#[must_use = "a zap's batch must be committed (flush, then free) before mmu_lock is dropped"]
+#[derive(Default)]
+pub struct ZapBatch {
+    flush: bool,
+    /// Frees of unlinked memory, run by `commit` after the flush.
+    retire: Vec<Box<dyn FnOnce()>>,
+}
+
+impl core::fmt::Debug for ZapBatch {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ZapBatch")
+            .field("flush", &self.flush)
+            .field("retire", &self.retire.len())
+            .finish()
+    }
+}
+
+impl ZapBatch {
+    /// Nothing zapped, nothing to flush or free.
+    pub fn empty() -> ZapBatch {
+        ZapBatch::default()
+    }
+
+    /// True if committing will flush remote TLBs.
+    pub fn needs_flush(&self) -> bool {
+        self.flush
+    }
+
+    /// Adds another zap's leftovers to this batch.
+    pub fn merge(&mut self, mut other: ZapBatch) {
+        self.flush |= other.flush;
+        self.retire.append(&mut other.retire);
+    }
+
+    /// Records that leaves were zapped: remote TLBs must be flushed before `mmu_lock` is dropped.
+    pub(crate) fn flush_before_unlock(&mut self) {
+        self.flush = true;
+    }
+
+    /// Queues `free` to run after the flush: it frees memory the zap unlinked, which only vCPUs
+    /// that have not yet acknowledged a flush may still be walking.
+    pub(crate) fn free_after_flush(&mut self, free: impl FnOnce() + 'static) {
+        self.flush = true;
+        self.retire.push(Box::new(free));
+    }
+
+    /// Flushes remote TLBs if anything was zapped since the zap's last flush, then frees what the
+    /// zap unlinked. Call it while still holding `mmu_lock` write.
+    pub fn commit(mut self, flusher: &(impl RemoteTlbFlush + ?Sized)) {
+        if self.flush {
+            flusher.flush_remote_tlbs();
+        }
+        for free in self.retire.drain(..) {
+            free();
+        }
+    }
+}
+
+impl Drop for ZapBatch {
+    fn drop(&mut self) {
+        // A batch dropped without `commit` leaks what it would have freed: never a free without
+        // the flush. Say so in debug builds (not while unwinding from another panic).
+        debug_assert!(
+            self.retire.is_empty() || std::thread::panicking(),
+            "kvmmu bug: a ZapBatch holding unlinked memory was dropped without commit (leaked)"
+        );
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    struct Log(Rc<RefCell<Vec<&'static str>>>);
+    impl RemoteTlbFlush for Log {
+        fn flush_remote_tlbs(&self) {
+            self.0.borrow_mut().push("flush");
+        }
+    }
+
+    #[test]
+    fn a_zap_batch_flushes_before_it_frees_and_merges_into_one_flush() {
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let mut a = ZapBatch::empty();
+        assert!(!a.needs_flush());
+        let l = Rc::clone(&log);
+        a.free_after_flush(move || l.borrow_mut().push("free a"));
+        let mut b = ZapBatch::empty();
+        b.flush_before_unlock();
+        let l = Rc::clone(&log);
+        b.free_after_flush(move || l.borrow_mut().push("free b"));
+        a.merge(b);
+        assert!(a.needs_flush());
+        assert!(log.borrow().is_empty(), "nothing is freed before commit");
+        a.commit(&Log(Rc::clone(&log)));
+        assert_eq!(*log.borrow(), ["flush", "free a", "free b"]);
+    }
+
+    #[test]
+    fn an_empty_zap_batch_commits_without_flushing() {
+        let log = Rc::new(RefCell::new(Vec::new()));
+        ZapBatch::empty().commit(&Log(Rc::clone(&log)));
+        assert!(log.borrow().is_empty());
+    }
+}

@@ -393,7 +393,9 @@ impl VmInner {
                 self.flush_remote_tlbs();
                 // Memslots loaded after `mmu_lock` was taken, as in `reset_mmu`.
                 let sets: Vec<&Memslots> = self.memslots.iter().map(|c| c.load(&srcu)).collect();
-                self.mmu.zap_all(&mut mmu, sets.as_slice(), self);
+                self.mmu
+                    .zap_all(&mut mmu, sets.as_slice(), self)
+                    .commit(self);
             }
             self.flush_remote_tlbs();
         }

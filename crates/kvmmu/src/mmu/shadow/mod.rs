@@ -15,8 +15,9 @@
 //! - **Page zaps** (`ShadowMmu::zap_all`, reset and teardown) are split like the kernel's:
 //!   *prepare-zap* clears the page's leaves and removes them from their rmaps, unlinks and
 //!   recursively prepare-zaps children that lose their last parent, clears the parent SPTEs,
-//!   marks the page invalid and takes it off the hash; *commit-zap* calls `flush_remote_tlbs` and
-//!   only then frees the queued pages.
+//!   marks the page invalid and takes it off the hash; *commit-zap* returns the queued pages in a
+//!   [`ZapBatch`](crate::mmu::ZapBatch) whose `commit` (by the caller, still under `mmu_lock`
+//!   write) calls `flush_remote_tlbs` and only then frees them.
 //! - **Aging** ([`ShadowMmu::age_gfn_range`]) locks each rmap read-only and clears Accessed with
 //!   one atomic AND per young SPTE; `TestOnly` stops at the first young SPTE and writes nothing.
 //!   In lockless mode no `mmu_lock` is held (SRCU keeps the memslot and its rmaps alive); in

@@ -98,7 +98,7 @@ fn shadow_page_is_freed_only_after_its_sptes_left_every_rmap_and_a_flush() {
         flushes: Cell::new(0),
     };
     let w = lock.write();
-    mmu.zap_all(&slot, w.witness(), &check);
+    mmu.zap_all(&slot, w.witness()).commit(&check);
     drop(w);
     assert_eq!(check.flushes.get(), 1, "commit-zap flushes exactly once");
     let after = mmu.stats();
@@ -134,7 +134,7 @@ fn indirect_shadow_pages_counts_live_indirect_pages() {
     assert!(mmu.live_pages(r.witness()) > 0);
     drop(r);
     let w = lock.write();
-    mmu.zap_all(&slot, w.witness(), &NoFlush);
+    mmu.zap_all(&slot, w.witness()).commit(&NoFlush);
     drop(w);
     assert_eq!(mmu.indirect_shadow_pages(), 0);
     drop(root);
@@ -179,7 +179,7 @@ fn every_present_leaf_is_in_its_rmap_exactly_once_and_zaps_clear_before_removal(
     }
     drop(r);
     let w = lock.write();
-    mmu.zap_all(&slot, w.witness(), &NoFlush);
+    mmu.zap_all(&slot, w.witness()).commit(&NoFlush);
     drop(w);
     drop(root);
     let s = mmu.stats();
@@ -190,7 +190,7 @@ fn every_present_leaf_is_in_its_rmap_exactly_once_and_zaps_clear_before_removal(
 fn map_into_an_invalid_root_retries_and_installs_nothing() {
     let (mmu, lock, slot, root) = populated();
     let w = lock.write();
-    mmu.zap_all(&slot, w.witness(), &NoFlush);
+    mmu.zap_all(&slot, w.witness()).commit(&NoFlush);
     let installed = mmu.stats().leaves_installed;
     assert_eq!(
         mmu.map(&root, &req(1, false), &slot.0, w.witness(), &NoFlush),
@@ -204,7 +204,7 @@ fn map_into_an_invalid_root_retries_and_installs_nothing() {
         mmu.map(&fresh, &req(1, false), &slot.0, w.witness(), &NoFlush),
         FaultOutcome::Fixed
     );
-    mmu.zap_all(&slot, w.witness(), &NoFlush);
+    mmu.zap_all(&slot, w.witness()).commit(&NoFlush);
     drop(w);
     drop((root, fresh));
     let s = mmu.stats();
@@ -256,7 +256,7 @@ fn rmap_aging_rounds_unaligned_starts_down_and_test_only_modifies_nothing() {
     let w = lock.write();
     head.pte_list_remove(w.witness(), &mmu.inner.rmap_stats, p)
         .unwrap();
-    mmu.zap_all(&slot, w.witness(), &NoFlush);
+    mmu.zap_all(&slot, w.witness()).commit(&NoFlush);
     drop(w);
     drop(root);
 }
@@ -305,7 +305,7 @@ fn rmap_age_report_names_young_gfns_and_clips_huge_blocks_to_the_range() {
     let w = lock.write();
     head.pte_list_remove(w.witness(), &mmu.inner.rmap_stats, p)
         .unwrap();
-    mmu.zap_all(&slot, w.witness(), &NoFlush);
+    mmu.zap_all(&slot, w.witness()).commit(&NoFlush);
     drop(w);
     drop(root);
 }
@@ -355,7 +355,7 @@ fn zap_gfn_range_flushes_before_yielding_mmu_lock_to_a_waiter() {
             drop(w);
         });
         let w = lock.write();
-        mmu.zap_all(&slot, w.witness(), &NoFlush);
+        mmu.zap_all(&slot, w.witness()).commit(&NoFlush);
         drop(w);
         drop(root);
         yielded.then(|| waiter_saw.load(Ordering::Relaxed))
@@ -415,7 +415,7 @@ fn an_rmap_past_the_recycle_threshold_is_zapped_and_flushed() {
     assert!(mmu.leaf(AsId::new(0), Gfn::new(1), r.witness()).is_none());
     drop(r);
     let w = lock.write();
-    mmu.zap_all(&slot, w.witness(), &NoFlush);
+    mmu.zap_all(&slot, w.witness()).commit(&NoFlush);
     drop(w);
     drop(root);
     assert_eq!(mmu.stats().rmap.live_descriptors(), 0);

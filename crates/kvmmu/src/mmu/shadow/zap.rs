@@ -4,7 +4,8 @@
 use crate::addr::{Gfn, GfnRange};
 use crate::geometry::{ENTRIES, ROOT_LEVEL};
 use crate::mmu::spte::{SHADOW_NONPRESENT_VALUE, Spte, SpteKind};
-use crate::mmu::types::RemoteTlbFlush;
+use crate::mmu::types::{RemoteTlbFlush, ZapBatch};
+use crate::sync::Arc;
 use crate::sync::atomic::{Ordering, fence};
 use crate::sync::witness::{MmuWrite, MmuWriteGuard};
 
@@ -172,36 +173,40 @@ impl ShadowMmu {
         }
     }
 
-    /// Commit-zap (`kvm_mmu_commit_zap_page`): flush remote TLBs, then free the queued pages (S1).
-    fn commit_zap(&self, invalid: InvalidList, flush: &impl RemoteTlbFlush) {
+    /// Commit-zap (`kvm_mmu_commit_zap_page`), as a batch: committing it flushes remote TLBs,
+    /// then frees the queued pages (S1).
+    fn commit_zap(&self, invalid: InvalidList) -> ZapBatch {
+        let mut batch = ZapBatch::empty();
         if invalid.0.is_empty() {
-            return;
+            return batch;
         }
-        flush.flush_remote_tlbs();
-        let c = &self.inner.counters;
-        for sp in invalid.0 {
-            // SAFETY: `mmu_lock` write is still held by our caller: the page is live until now.
-            let is_root = unsafe { sp.get() }.role.level == ROOT_LEVEL;
-            // SAFETY: prepare-zap emptied the page, removed its SPTEs from every rmap and unlinked
-            // it from its parents, the hash and the root table; the flush above waited for every
-            // vCPU in guest mode to pass an instruction boundary, so no walker is inside it (S1).
-            unsafe { sp.free() };
-            add(&c.pages_freed, 1);
-            if is_root {
-                add(&c.roots_freed, 1);
+        let inner = Arc::clone(&self.inner);
+        batch.free_after_flush(move || {
+            let c = &inner.counters;
+            for sp in invalid.0 {
+                // SAFETY: prepare-zap made the page unreachable from every root, parent, hash and
+                // rmap; nothing but this batch refers to it, so it is live until freed here.
+                let is_root = unsafe { sp.get() }.role.level == ROOT_LEVEL;
+                // SAFETY: prepare-zap emptied the page, removed its SPTEs from every rmap and
+                // unlinked it from its parents, the hash and the root table; `ZapBatch::commit`
+                // runs this only after its flush waited for every vCPU in guest mode to pass an
+                // instruction boundary, so no walker is inside it (S1). Freed once: the batch
+                // runs each closure once.
+                unsafe { sp.free() };
+                add(&c.pages_freed, 1);
+                if is_root {
+                    add(&c.roots_freed, 1);
+                }
             }
-        }
+        });
+        batch
     }
 
     /// Zaps every shadow page (`kvm_mmu_zap_all`): roots are invalidated (vCPUs reload), every
-    /// leaf leaves its rmap, and the pages are freed after one remote TLB flush. `sets` are the
-    /// current memslot sets, one per address space, read under SRCU.
-    pub(crate) fn zap_all(
-        &self,
-        sets: &(impl RmapLookup + ?Sized),
-        mmu: &MmuWrite,
-        flush: &impl RemoteTlbFlush,
-    ) {
+    /// leaf leaves its rmap; the returned batch, committed before `mmu_lock` is dropped, frees the
+    /// pages after one remote TLB flush. `sets` are the current memslot sets, one per address
+    /// space, read under SRCU.
+    pub(crate) fn zap_all(&self, sets: &(impl RmapLookup + ?Sized), mmu: &MmuWrite) -> ZapBatch {
         self.check_lock(mmu.lock_id());
         let mut invalid = InvalidList::default();
         {
@@ -216,6 +221,6 @@ impl ShadowMmu {
                 self.prepare_zap(&mut state, sp, sets, mmu, &mut invalid);
             }
         }
-        self.commit_zap(invalid, flush);
+        self.commit_zap(invalid)
     }
 }
