@@ -67,9 +67,10 @@ impl TdpMmu {
         &self,
         as_id: AsId,
         range: GfnRange,
-        _mmu: &MmuRead,
+        mmu: &MmuRead,
         rcu: &RcuGuard<'_>,
     ) -> bool {
+        self.check_lock(mmu.lock_id());
         self.walk_leaves(as_id, range, DIRTY_MASK, Action::Clear, rcu, |_| {})
             .0
             != 0
