@@ -566,7 +566,7 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
         .insert("invalidate_starts".into(), stats.invalidate_starts);
     r.counts.insert("age_calls".into(), stats.age_calls);
     r.counts
-        .insert("remote_tlb_flushes".into(), stats.remote_tlb_flushes);
+        .insert("remote_tlb_flushes".into(), stats.remote_tlb_flush);
     r.require(
         "invalidations balanced",
         stats.invalidate.in_progress == 0

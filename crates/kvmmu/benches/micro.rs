@@ -15,7 +15,8 @@ use kvmmu::host::{HostConfig, HostMm, Prot};
 use kvmmu::mmu::shadow::rmap::{
     AgeAction, RmapHead, RmapStats, SPTE_ACCESSED_MASK, SPTE_PRESENT_MASK, SptePtr,
 };
-use kvmmu::mmu::tdp::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RootRef, TdpMmu};
+use kvmmu::mmu::tdp::{RootRef, TdpMmu};
+use kvmmu::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush};
 use kvmmu::sync::{Arc, MmuLock, Rcu, Srcu};
 use kvmmu::vcpu::tlb::{Tlb, TlbEntry};
 use kvmmu::vm::Vm;

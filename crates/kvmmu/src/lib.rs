@@ -9,10 +9,10 @@
 //! ## A tour, top to bottom (imports point down only)
 //! - [`vcpu`]: simulated hardware. A [`vcpu::Vcpu`] reads and writes guest memory through a software
 //!   TLB and a page walker that sets Accessed/Dirty atomically; misses fault into the MMU.
-//! - [`vm`]: the VM (`struct kvm`): memslots published under SRCU, `mmu_lock`, the invalidation
-//!   protocol, and the MMU-notifier callbacks the host calls.
-//! - [`mmu`]: the arch MMU: the SPTE format, the TDP MMU (radix tables of atomic SPTEs, freed through
-//!   RCU), the fault path and the retry protocol.
+//! - [`vm`]: the VM (`struct kvm`): memslots published under SRCU, `mmu_lock`, the fault handler
+//!   and its retry protocol, the invalidation counters, and the MMU-notifier callbacks the host calls.
+//! - [`mmu`]: the arch MMU: [`mmu::Mmu`], the one place that chooses the TDP MMU (radix tables of
+//!   atomic SPTEs, freed through RCU) or the shadow MMU (shadow pages and rmaps); the SPTE format.
 //! - [`host`]: the primary MMU: a frame arena (simulated physical memory), host page tables, GUP,
 //!   `mmap`/`munmap`/`mprotect`/`madvise`, and the notifier list.
 //! - [`sync`]: the only module that names std, parking_lot, crossbeam-epoch or loom: facade types,
@@ -40,6 +40,7 @@
 pub mod addr;
 #[cfg(not(loom))]
 pub mod config;
+pub mod geometry;
 pub mod mmu;
 pub mod sync;
 
@@ -58,6 +59,8 @@ pub mod vm;
 pub mod vm {
     #[path = "request.rs"]
     pub mod request;
+    #[path = "seq.rs"]
+    pub mod seq;
 }
 
 /// The types most programs need.

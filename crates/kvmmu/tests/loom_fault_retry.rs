@@ -8,10 +8,10 @@
 #![cfg(loom)]
 
 use kvmmu::addr::{Gfn, GfnRange};
-use kvmmu::mmu::seq::InvalidateState;
 use kvmmu::sync::Arc;
 use kvmmu::sync::atomic::{AtomicU64, Ordering};
 use kvmmu::sync::witness::MmuLock;
+use kvmmu::vm::seq::InvalidateState;
 
 const EMPTY: u64 = 0;
 

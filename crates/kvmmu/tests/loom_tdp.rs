@@ -5,7 +5,8 @@
 #![cfg(loom)]
 
 use kvmmu::addr::{AsId, Gfn, GfnRange, Level, Pfn};
-use kvmmu::mmu::tdp::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RootRef, TdpMmu};
+use kvmmu::mmu::tdp::{RootRef, TdpMmu};
+use kvmmu::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush};
 use kvmmu::sync::Arc;
 use kvmmu::sync::atomic::{AtomicUsize, Ordering};
 use kvmmu::sync::rcu::Rcu;

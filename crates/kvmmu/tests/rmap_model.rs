@@ -27,7 +27,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// Checks invariant 27 and that the rmap lists exactly the model's multiset.
 fn check(head: &RmapHead, w: &MmuWrite, stats: &RmapStats, model: &[SptePtr]) {
-    let count = head.count(w);
+    let count = head.count(w, stats);
     let mut listed = Vec::new();
     head.for_each_spte(w, stats, |s| listed.push(s));
     assert_eq!(
@@ -44,7 +44,7 @@ fn check(head: &RmapHead, w: &MmuWrite, stats: &RmapStats, model: &[SptePtr]) {
     want.sort();
     listed.sort();
     assert_eq!(listed, want, "the rmap lists a different set of SPTEs");
-    match head.shape(w) {
+    match head.shape(w, stats) {
         RmapShape::Empty => assert_eq!(count, 0),
         RmapShape::Single => assert_eq!(count, 1),
         RmapShape::Many(descs) => {

@@ -137,7 +137,7 @@ fn lockless_agers_race_an_mmu_lock_writer_without_loss_or_leak() {
             .collect();
         want.sort();
         assert_eq!(listed, want, "rmap {h} lost or gained an entry");
-        assert_eq!(head.count(w), want.len());
+        assert_eq!(head.count(w, &stats), want.len());
         for p in &listed {
             let v = p.load_lockless();
             assert_ne!(v & SPTE_PRESENT_MASK, 0, "aging changed the present bit");

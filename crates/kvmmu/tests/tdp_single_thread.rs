@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kvmmu::addr::{AsId, Gfn, GfnRange, Level, Pfn};
-use kvmmu::mmu::tdp::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason, TdpMmu};
+use kvmmu::mmu::tdp::TdpMmu;
+use kvmmu::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason};
 use kvmmu::sync::Arc;
 use kvmmu::sync::rcu::Rcu;
 use kvmmu::sync::witness::MmuLock;

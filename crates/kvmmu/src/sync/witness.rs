@@ -19,6 +19,9 @@
 //!    as `tdp_mmu_iter_cond_resched` drops RCU first.
 //! 4. **Statistics never touch another cache line.** The acquisition counters live in the same
 //!    cache line as the lock word, which every acquisition writes anyway.
+//! 5. **Witnesses name their lock.** A witness carries its lock's [`LockId`]; a structure that
+//!    `mmu_lock` protects holds a [`LockBinding`] and checks every witness it is given, so a
+//!    witness of one VM's lock cannot be used to change another VM's MMU.
 //!
 //! [`SrcuGuard`]: super::srcu::SrcuGuard
 //! [`RcuGuard`]: super::rcu::RcuGuard
@@ -30,31 +33,133 @@ use super::atomic::{AtomicU64, AtomicUsize, Ordering};
 use super::lock_rank::{self, LockRank, RankToken};
 use super::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// Proof that `mmu_lock` is held for read (or write). Zero-sized; only borrowed from a guard.
-pub struct MmuRead {
-    _private: (),
+/// The identity of one [`MmuLock`]: unique for the life of the process, never 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LockId(u64);
+
+/// Source of [`LockId`]s. A plain `core` atomic even under loom: uniqueness is all it provides,
+/// it orders nothing and is not part of any modelled protocol.
+static NEXT_LOCK_ID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
+
+impl LockId {
+    fn fresh() -> LockId {
+        // ORDERING: Relaxed: only the atomicity of the increment matters (each id handed out once).
+        LockId(NEXT_LOCK_ID.fetch_add(1, core::sync::atomic::Ordering::Relaxed))
+    }
 }
 
-/// Proof that `mmu_lock` is held for write. Zero-sized; only borrowed from a guard.
+/// Proof that one particular `mmu_lock` is held for read (or write); it names the lock
+/// ([`MmuRead::lock_id`]). Only borrowed from a guard.
+pub struct MmuRead {
+    id: LockId,
+}
+
+/// Proof that one particular `mmu_lock` is held for write; it names the lock
+/// ([`MmuWrite::lock_id`]). Only borrowed from a guard.
 pub struct MmuWrite {
-    _private: (),
+    id: LockId,
+}
+
+impl MmuRead {
+    /// The lock this witness proves held.
+    #[inline]
+    pub fn lock_id(&self) -> LockId {
+        self.id
+    }
+}
+
+impl MmuWrite {
+    /// The lock this witness proves held.
+    #[inline]
+    pub fn lock_id(&self) -> LockId {
+        self.id
+    }
 }
 
 impl fmt::Debug for MmuRead {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("MmuRead")
+        write!(f, "MmuRead({:?})", self.id)
     }
 }
 
 impl fmt::Debug for MmuWrite {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("MmuWrite")
+        write!(f, "MmuWrite({:?})", self.id)
     }
 }
 
-/// The witnesses handed out by reference; `'static` constants of zero-sized types.
-static READ_WITNESS: MmuRead = MmuRead { _private: () };
-static WRITE_WITNESS: MmuWrite = MmuWrite { _private: () };
+/// The one `mmu_lock` a structure trusts (invariant 5): bound when the structure is built for a
+/// VM ([`LockBinding::bound_to`]) or, for a structure used on its own, by the first witness it
+/// sees. Every entry point that relies on `mmu_lock` calls [`LockBinding::check`], in debug and
+/// release builds: one relaxed load and a compare.
+pub struct LockBinding {
+    /// The bound [`LockId`], or 0 while unbound. A plain `core` atomic, as for `NEXT_LOCK_ID`.
+    id: core::sync::atomic::AtomicU64,
+}
+
+impl fmt::Debug for LockBinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // ORDERING: Relaxed: a diagnostic snapshot.
+        let id = self.id.load(core::sync::atomic::Ordering::Relaxed);
+        write!(f, "LockBinding({id})")
+    }
+}
+
+impl Default for LockBinding {
+    fn default() -> Self {
+        LockBinding::unbound()
+    }
+}
+
+impl LockBinding {
+    /// Bound to the first lock whose witness is checked.
+    pub const fn unbound() -> LockBinding {
+        LockBinding {
+            id: core::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Bound to `lock` from the start.
+    pub fn bound_to(lock: &MmuLock) -> LockBinding {
+        LockBinding {
+            id: core::sync::atomic::AtomicU64::new(lock.id().0),
+        }
+    }
+
+    /// Panics unless `id` is the bound lock (binding it if nothing is bound yet). `what` names the
+    /// structure in the message.
+    ///
+    /// # Panics
+    /// If a witness of another `mmu_lock` is presented: trusting it would let this structure be
+    /// changed under one VM's lock while another VM's lock holder walks it.
+    #[inline]
+    pub fn check(&self, id: LockId, what: &str) {
+        use core::sync::atomic::Ordering as O;
+        // ORDERING: Relaxed: the id is written once (0 → id) and never changes afterwards; the
+        // lock itself, not this word, orders the data it protects.
+        let bound = self.id.load(O::Relaxed);
+        if bound == id.0 {
+            return;
+        }
+        if bound == 0 {
+            match self.id.compare_exchange(0, id.0, O::Relaxed, O::Relaxed) {
+                Ok(_) => return,
+                Err(now) if now == id.0 => return,
+                Err(_) => {}
+            }
+        }
+        foreign_witness(what, id);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn foreign_witness(what: &str, id: LockId) -> ! {
+    panic!(
+        "kvmmu: {what} was called with a witness of another mmu_lock ({id:?}): a lock witness \
+         proves only its own lock, and this structure is protected by a different one"
+    )
+}
 
 /// Counters of [`MmuLock`] acquisitions (read-only statistics).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,6 +180,9 @@ pub struct MmuLockStats {
 #[repr(align(128))]
 pub struct MmuLock {
     lock: RwLock<()>,
+    /// The witnesses this lock's guards hand out, naming it (invariant 5).
+    read_witness: MmuRead,
+    write_witness: MmuWrite,
     /// Threads blocked in an acquisition (invariant 2).
     waiters: AtomicUsize,
     reads: AtomicU64,
@@ -101,8 +209,11 @@ impl Default for MmuLock {
 impl MmuLock {
     /// Creates an unlocked `mmu_lock`.
     pub fn new() -> MmuLock {
+        let id = LockId::fresh();
         MmuLock {
             lock: RwLock::new(()),
+            read_witness: MmuRead { id },
+            write_witness: MmuWrite { id },
             waiters: AtomicUsize::new(0),
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
@@ -136,6 +247,12 @@ impl MmuLock {
             lock: self,
             _rank: rank,
         }
+    }
+
+    /// This lock's identity, which its witnesses carry.
+    #[inline]
+    pub fn id(&self) -> LockId {
+        self.read_witness.id
     }
 
     /// True if some thread is waiting for the lock (`rwlock_needbreak`).
@@ -208,7 +325,13 @@ impl MmuReadGuard<'_> {
     /// Proof that `mmu_lock` is held for read.
     #[inline]
     pub fn witness(&self) -> &MmuRead {
-        &READ_WITNESS
+        &self.lock.read_witness
+    }
+
+    /// True if another thread waits for the lock (`rwlock_needbreak`).
+    #[inline]
+    pub fn is_contended(&self) -> bool {
+        self.lock.is_contended()
     }
 
     /// If another thread waits for the lock: release it fairly, yield, reacquire, and return true
@@ -252,13 +375,19 @@ impl MmuWriteGuard<'_> {
     /// Proof that `mmu_lock` is held for write.
     #[inline]
     pub fn witness(&self) -> &MmuWrite {
-        &WRITE_WITNESS
+        &self.lock.write_witness
     }
 
     /// Proof that `mmu_lock` is held for read (write implies read).
     #[inline]
     pub fn read_witness(&self) -> &MmuRead {
-        &READ_WITNESS
+        &self.lock.read_witness
+    }
+
+    /// True if another thread waits for the lock (`rwlock_needbreak`).
+    #[inline]
+    pub fn is_contended(&self) -> bool {
+        self.lock.is_contended()
     }
 
     /// If another thread waits for the lock: release it fairly, yield, reacquire for write, and
@@ -399,9 +528,24 @@ mod tests {
     }
 
     #[test]
-    fn witnesses_are_zero_sized_and_come_from_guards() {
-        assert_eq!(core::mem::size_of::<MmuRead>(), 0);
-        assert_eq!(core::mem::size_of::<MmuWrite>(), 0);
+    fn a_binding_accepts_its_own_lock_and_refuses_another() {
+        let (a, b) = (MmuLock::new(), MmuLock::new());
+        assert_ne!(a.id(), b.id());
+        let bound = LockBinding::bound_to(&a);
+        bound.check(a.write().witness().lock_id(), "test");
+        let lazy = LockBinding::unbound();
+        lazy.check(b.read().witness().lock_id(), "test");
+        lazy.check(b.write().read_witness().lock_id(), "test");
+        let foreign = b.read().witness().lock_id();
+        let refused = std::panic::catch_unwind(|| bound.check(foreign, "test"));
+        assert!(
+            refused.is_err(),
+            "a witness of another lock must be refused"
+        );
+    }
+
+    #[test]
+    fn witnesses_come_from_guards_and_name_their_lock() {
         let l = MmuLock::new();
         {
             let r = l.read();

@@ -244,7 +244,7 @@ impl fmt::Display for TortureReport {
             s.invalidate_ends,
             s.invalidate.seq,
             s.memslot_swaps,
-            s.remote_tlb_flushes
+            s.remote_tlb_flush
         )?;
         writeln!(
             f,

@@ -37,81 +37,18 @@
 pub mod tlb;
 mod walker;
 
-use crate::addr::{AsId, Gpa, Hva};
-use crate::host::{GupError, StaleAccess};
-use crate::mmu::FaultError;
-use crate::mmu::MmuRoot;
-use crate::mmu::tdp::FaultOutcome;
+use crate::addr::{AsId, Gpa};
+use crate::mmu::{FaultOutcome, MmuRoot};
 use crate::sync::Arc;
 use crate::sync::atomic::Ordering;
-use crate::sync::guest_mode::{self, InGuestMode};
+use crate::sync::guest_mode;
 use crate::vm::request::VcpuHandle;
 use crate::vm::{Vm, VmError, VmInner};
 use core::marker::PhantomData;
 use core::mem::ManuallyDrop;
 use tlb::Tlb;
 
-/// Why a vCPU access could not complete: what KVM would report to its user as a `KVM_RUN` exit.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-pub enum VcpuExit {
-    /// The host refused the page (`-EFAULT`): the memory is unmapped, or it is a write to memory the
-    /// host mapped read-only.
-    #[error("host fault at gpa {gpa} (hva {hva}): {error}")]
-    HostFault {
-        /// The faulting guest physical address.
-        gpa: Gpa,
-        /// The host address the memslot maps it to.
-        hva: Hva,
-        /// What the host said.
-        error: GupError,
-    },
-    /// No memslot covers the address (KVM: an MMIO exit).
-    #[error("no memslot covers gpa {gpa}")]
-    NoMemslot {
-        /// The address.
-        gpa: Gpa,
-    },
-    /// A write to a read-only memslot (KVM: an MMIO exit).
-    #[error("write to read-only memslot at gpa {gpa}")]
-    ReadonlyMemslot {
-        /// The address.
-        gpa: Gpa,
-    },
-    /// Accesses are 8-byte words; the address was not 8-byte aligned.
-    #[error("gpa {gpa} is not 8-byte aligned")]
-    Unaligned {
-        /// The address.
-        gpa: Gpa,
-    },
-    /// The MMU handed the vCPU a translation to a frame that no longer backs that guest page. This is
-    /// a kvmmu bug (DESIGN invariant 2); it is reported so that tests and torture runs catch it.
-    #[error("stale translation used at gpa {gpa}: {source}")]
-    StaleTranslation {
-        /// The address.
-        gpa: Gpa,
-        /// What the frame check found.
-        source: StaleAccess,
-    },
-    /// The VM has been torn down.
-    #[error("the VM has been torn down")]
-    VmDead,
-    /// The calling thread already holds a vCPU in guest mode: a second vCPU cannot enter from it
-    /// (its faults would take `mmu_lock`, which a flusher waiting for the first vCPU may hold).
-    /// Nothing was done.
-    #[error(transparent)]
-    InGuestMode(#[from] InGuestMode),
-}
-
-impl VcpuExit {
-    fn from_fault(e: FaultError) -> VcpuExit {
-        match e {
-            FaultError::NoMemslot { gpa } => VcpuExit::NoMemslot { gpa },
-            FaultError::ReadonlyMemslot { gpa } => VcpuExit::ReadonlyMemslot { gpa },
-            FaultError::HostFault { gpa, hva, error } => VcpuExit::HostFault { gpa, hva, error },
-            FaultError::VmDead => VcpuExit::VmDead,
-        }
-    }
-}
+pub use crate::vm::VcpuExit;
 
 /// Per-vCPU counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -278,19 +215,7 @@ impl Vcpu {
         }
         self.root = None;
         self.tlb.flush_all();
-        let root = if self.vm.shadow_enabled() {
-            // `mmu_alloc_direct_roots` runs under `mmu_lock` write.
-            let mmu = self.vm.mmu_lock.write();
-            // Teardown sets `dead` before it takes `mmu_lock` to zap every shadow page, so under
-            // the lock this check keeps a root from being allocated after the final zap.
-            if self.vm.dead.load(Ordering::Acquire) {
-                return Err(VcpuExit::VmDead);
-            }
-            MmuRoot::Shadow(self.vm.shadow.get_root(self.as_id, mmu.witness()))
-        } else {
-            let mmu = self.vm.mmu_lock.read();
-            MmuRoot::Tdp(self.vm.tdp.get_root(self.as_id, mmu.witness()))
-        };
+        let root = self.vm.load_root(self.as_id).ok_or(VcpuExit::VmDead)?;
         self.root = Some(root);
         self.stats.root_loads += 1;
         Ok(())
@@ -424,7 +349,6 @@ impl GuestMode<'_> {
                         let root = v.root.clone().ok_or(VcpuExit::VmDead)?;
                         v.stats.faults += 1;
                         v.vm.page_fault(&root, gpa, write.is_some())
-                            .map_err(VcpuExit::from_fault)
                     })?;
                     if let FaultOutcome::Retry(_) = outcome {
                         self.vcpu.stats.fault_retries += 1;

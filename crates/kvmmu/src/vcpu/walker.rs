@@ -11,8 +11,7 @@ use super::tlb::TlbEntry;
 use super::{Vcpu, VcpuExit};
 use crate::addr::{Gpa, PAGE_SHIFT, Pfn};
 use crate::host::{FrameTag, StaleAccess};
-use crate::mmu::MmuRoot;
-use crate::mmu::tdp::HwWalk;
+use crate::mmu::HwWalk;
 use crate::vm::VmInner;
 
 /// The result of one attempt at an access.
@@ -74,18 +73,10 @@ pub(super) fn walk_and_access(
         return Ok(Access::Fault);
     };
     let as_index = root.as_id().index();
-    let hit = match root {
-        MmuRoot::Tdp(root) => {
-            let rcu = vm.rcu.pin();
-            let hit = vm.tdp.hardware_walk(root, gfn, is_write, &rcu);
-            drop(rcu);
-            hit
-        }
-        // SAFETY: this vCPU is in guest mode (`GuestMode::access` calls us between two request
-        // checks, i.e. inside one instruction), so no shadow page it reaches is freed before it
-        // acknowledges the next remote TLB flush (shadow S2).
-        MmuRoot::Shadow(root) => unsafe { vm.shadow.hardware_walk(root, gfn, is_write) },
-    };
+    // SAFETY: this vCPU is in guest mode (`GuestMode::access` calls us between two request
+    // checks, i.e. inside one instruction), so no shadow page it reaches is freed before it
+    // acknowledges the next remote TLB flush (shadow S2).
+    let hit = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
     let HwWalk::Hit {
         pfn,
         writable,

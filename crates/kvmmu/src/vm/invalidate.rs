@@ -27,8 +27,7 @@
 use super::VmInner;
 use crate::addr::{AsId, GfnRange, Hva};
 use crate::host::{MmuNotifier, NotifierRange, YoungBitmap};
-use crate::mmu::shadow::rmap::AgeAction;
-use crate::mmu::tdp::RemoteTlbFlush;
+use crate::mmu::{RemoteTlbFlush, ZapBatch};
 use crate::sync::atomic::Ordering;
 use crate::sync::witness::MmuWriteGuard;
 use crate::sync::{Arc, Weak};
@@ -77,8 +76,8 @@ impl VmInner {
     /// `kvm_handle_hva_range`: run `walk.handler` on every memslot (of every address space,
     /// aliases included) that the hva range hits.
     fn handle_hva_range(&self, walk: HvaRangeWalk) -> WalkResult {
-        self.walk_hva_range(walk, |as_id, slot, gfns, mmu| {
-            self.run_handler(walk.handler, as_id, slot, gfns, mmu)
+        self.walk_hva_range(walk, |as_id, slot, gfns, mmu, zapped| {
+            self.run_handler(walk.handler, as_id, slot, gfns, mmu, zapped)
         })
     }
 
@@ -88,7 +87,13 @@ impl VmInner {
     fn walk_hva_range(
         &self,
         walk: HvaRangeWalk,
-        mut handler: impl FnMut(AsId, &Memslot, GfnRange, Option<&mut MmuWriteGuard<'_>>) -> bool,
+        mut handler: impl FnMut(
+            AsId,
+            &Memslot,
+            GfnRange,
+            Option<&mut MmuWriteGuard<'_>>,
+            &mut ZapBatch,
+        ) -> bool,
     ) -> WalkResult {
         let mut result = WalkResult::default();
         if walk.end <= walk.start {
@@ -96,6 +101,7 @@ impl VmInner {
         }
         let srcu = self.srcu_read();
         let mut mmu: Option<MmuWriteGuard<'_>> = None;
+        let mut zapped = ZapBatch::empty();
         for (as_idx, cell) in self.memslots.iter().enumerate() {
             let as_id = AsId::new(as_idx as u8);
             let slots = cell.load(&srcu);
@@ -118,10 +124,14 @@ impl VmInner {
                         mmu = Some(guard);
                     }
                 }
-                result.ret |= handler(as_id, slot, gfns, mmu.as_mut());
+                result.ret |= handler(as_id, slot, gfns, mmu.as_mut(), &mut zapped);
             });
         }
-        if walk.flush_on_ret && result.ret {
+        // `flush_on_ret`, before `mmu_lock` is dropped: one flush for everything the handlers
+        // zapped (the batch), or for the young SPTEs `clear_flush_young` aged.
+        let aged_flush = walk.flush_on_ret && result.ret && !zapped.needs_flush();
+        zapped.commit(self);
+        if aged_flush {
             self.flush_remote_tlbs();
         }
         drop(mmu);
@@ -136,8 +146,9 @@ impl VmInner {
         slot: &Memslot,
         gfns: GfnRange,
         mmu: Option<&mut MmuWriteGuard<'_>>,
+        zapped: &mut ZapBatch,
     ) -> bool {
-        let locked = mmu.is_some();
+        let locked = mmu.as_ref().map(|m| m.witness());
         match handler {
             Handler::None => false,
             Handler::Unmap { may_block } => {
@@ -148,79 +159,22 @@ impl VmInner {
                     panic!("kvmmu bug: {e} (spec §4 item 5)");
                 }
                 // `kvm_unmap_gfn_range`: rmaps first (if the slot has them), then the TDP MMU.
-                let mut flush = false;
-                if let Some(rmaps) = slot.rmaps() {
-                    flush |= self.shadow.zap_gfn_range(
-                        rmaps,
-                        gfns,
-                        mmu,
-                        may_block.then_some(&self.mmu_lock),
-                        self,
-                    );
-                }
-                flush | self.tdp.zap_leafs(as_id, gfns, mmu, may_block, self)
+                let batch =
+                    self.mmu
+                        .unmap_gfn_range(as_id, slot.rmaps(), gfns, mmu, may_block, self);
+                let flush = batch.needs_flush();
+                zapped.merge(batch);
+                flush
             }
-            // `kvm_age_gfn`: TDP first, then the shadow MMU if it may have SPTEs (spec §3.8).
-            // Aging pins RCU for the TDP MMU only: in Locked mode it nests inside mmu_lock (DESIGN
-            // lock order), in Lockless mode it keeps the page tables alive. The rmap walk holds no
-            // RCU guard (the rmap bit ranks before RCU); SRCU keeps the rmap arrays alive.
-            Handler::Age => self.age_gfn_range(as_id, slot, gfns, locked, None),
-            // `kvm_test_age_gfn`: the shadow MMU is skipped when TDP already says young.
-            Handler::TestAge => {
-                if !self.shadow_enabled() {
-                    let rcu = self.rcu.pin();
-                    if self.tdp.test_age_gfn_range(as_id, gfns, &rcu) {
-                        return true;
-                    }
-                }
-                self.may_have_shadow_sptes()
-                    && self.rmap_age(slot, gfns, AgeAction::TestOnly, locked)
-            }
+            // `kvm_age_gfn` (spec §3.8 dispatch inside `Mmu`).
+            Handler::Age => self
+                .mmu
+                .age_gfn_range(as_id, slot.rmaps(), gfns, locked, None),
+            // `kvm_test_age_gfn`.
+            Handler::TestAge => self
+                .mmu
+                .test_age_gfn_range(as_id, slot.rmaps(), gfns, locked),
         }
-    }
-
-    /// `kvm_age_gfn` over one slot: TDP first, then the shadow MMU if it may have SPTEs (spec
-    /// §3.8). With `young`, each MMU also reports the gfns of every young leaf; without, the
-    /// plain (benchmarked) aging functions run, exactly as before per-page reporting existed.
-    #[inline]
-    fn age_gfn_range(
-        &self,
-        as_id: AsId,
-        slot: &Memslot,
-        gfns: GfnRange,
-        locked: bool,
-        mut young: Option<&mut dyn FnMut(GfnRange)>,
-    ) -> bool {
-        let mut any = false;
-        if !self.shadow_enabled() {
-            let rcu = self.rcu.pin();
-            any = match young.as_deref_mut() {
-                None => self.tdp.age_gfn_range(as_id, gfns, &rcu),
-                Some(report) => self.tdp.age_gfn_range_report(as_id, gfns, &rcu, report),
-            };
-        }
-        if self.may_have_shadow_sptes() {
-            any |= match young {
-                None => self.rmap_age(slot, gfns, AgeAction::Clear, locked),
-                Some(report) => slot
-                    .rmaps()
-                    .is_some_and(|r| self.shadow.age_gfn_range_report(r, gfns, locked, report)),
-            };
-        }
-        any
-    }
-
-    /// `may_have_shadow_sptes`: TDP off, or indirect shadow pages exist (spec §3.8).
-    #[inline]
-    fn may_have_shadow_sptes(&self) -> bool {
-        self.shadow_enabled() || self.shadow.indirect_shadow_pages() != 0
-    }
-
-    /// `kvm_rmap_age_gfn_range` over one slot; false for a slot without rmaps.
-    #[inline]
-    fn rmap_age(&self, slot: &Memslot, gfns: GfnRange, action: AgeAction, locked: bool) -> bool {
-        slot.rmaps()
-            .is_some_and(|r| self.shadow.age_gfn_range(r, gfns, action, locked))
     }
 
     fn age_hva_range(&self, start: Hva, end: Hva, handler: Handler, flush_on_ret: bool) -> bool {
@@ -254,14 +208,16 @@ impl VmInner {
             lockless: self.aging_lockless(),
         };
         let any = self
-            .walk_hva_range(walk, |as_id, slot, gfns, mmu| {
+            .walk_hva_range(walk, |as_id, slot, gfns, mmu, _zapped| {
                 let mut report = |g: GfnRange| {
                     // Every reported gfn lies in `gfns`, which lies in the slot.
                     if let Some(hva) = slot.gfn_to_hva(g.start()) {
                         young.set_hva_pages(hva, g.len());
                     }
                 };
-                self.age_gfn_range(as_id, slot, gfns, mmu.is_some(), Some(&mut report))
+                let locked = mmu.as_ref().map(|m| m.witness());
+                self.mmu
+                    .age_gfn_range(as_id, slot.rmaps(), gfns, locked, Some(&mut report))
             })
             .ret;
         if any {

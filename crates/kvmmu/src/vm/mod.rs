@@ -20,17 +20,22 @@
 //! while a vCPU could still use an old translation (DESIGN invariant 2); vCPUs still alive then
 //! fail with `VcpuExit::VmDead`.
 
+mod fault;
 pub mod invalidate;
 pub mod memslot;
 pub mod request;
+pub mod seq;
+
+pub use fault::VcpuExit;
 
 use crate::addr::{AsId, Gfn, Level};
-use crate::config::{AgingMode, ConfigError, MmuKind, VmConfig};
+use crate::config::{AgingMode, ConfigError, VmConfig};
 use crate::host::{HostMm, NotifierId};
-use crate::mmu::seq::{InvalidateCounters, InvalidateState};
-use crate::mmu::shadow::{ShadowMmu, ShadowStats, SlotRmaps};
+use crate::mmu::shadow::rmap::RmapHead;
+use crate::mmu::shadow::{RmapLookup, ShadowStats, SlotRmaps};
 use crate::mmu::spte::Spte;
-use crate::mmu::tdp::{RemoteTlbFlush, TdpMmu, TdpStats};
+use crate::mmu::tdp::TdpStats;
+use crate::mmu::{Mmu, MmuRoot, RemoteTlbFlush, RootReload};
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::guest_mode::{self, InGuestMode};
 use crate::sync::lock_rank::LockRank;
@@ -40,6 +45,7 @@ use crate::sync::witness::{MmuLock, MmuLockStats, RankedMutex};
 use crate::sync::{Arc, Condvar};
 use memslot::{MemoryRegion, Memslot, MemslotChange, MemslotError, Memslots};
 use request::VcpuRequests;
+use seq::{InvalidateCounters, InvalidateState};
 
 /// Bit 63 of a memslot generation: an update is being published (`KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS`).
 pub const MEMSLOT_GEN_UPDATE_IN_PROGRESS: u64 = 1 << 63;
@@ -92,7 +98,7 @@ pub(crate) struct VmCounters {
     pub(crate) invalidate_ends: AtomicU64,
     pub(crate) age_calls: AtomicU64,
     pub(crate) age_young: AtomicU64,
-    pub(crate) remote_tlb_flushes: AtomicU64,
+    pub(crate) remote_tlb_flush: AtomicU64,
 }
 
 /// A snapshot of the VM's statistics.
@@ -112,8 +118,8 @@ pub struct VmStats {
     pub age_calls: u64,
     /// Aging calls that reported young.
     pub age_young: u64,
-    /// Remote TLB flushes requested by the MMU.
-    pub remote_tlb_flushes: u64,
+    /// Remote TLB flushes (KVM's stat `remote_tlb_flush`): one per `kvm_flush_remote_tlbs`.
+    pub remote_tlb_flush: u64,
     /// `mmu_invalidate_in_progress` and `mmu_invalidate_seq`.
     pub invalidate: InvalidateCounters,
     /// `mn_active_invalidate_count`.
@@ -138,10 +144,8 @@ pub(crate) struct VmInner {
     pub(crate) mn_memslots_update: Condvar,
     pub(crate) mmu_lock: MmuLock,
     pub(crate) invalidate: InvalidateState,
-    pub(crate) rcu: Arc<Rcu>,
-    pub(crate) tdp: TdpMmu,
-    /// The shadow MMU; used only when `config.mmu` is [`MmuKind::Shadow`].
-    pub(crate) shadow: ShadowMmu,
+    /// The MMU: TDP or shadow, as `config.mmu` says; the only place that chooses.
+    pub(crate) mmu: Mmu,
     pub(crate) requests: Arc<VcpuRequests>,
     pub(crate) counters: VmCounters,
     pub(crate) dead: AtomicBool,
@@ -178,7 +182,8 @@ impl Vm {
         guest_mode::check("Vm::new")?;
         config.validate()?;
         let nr_as = config.address_spaces;
-        let rcu = Arc::new(Rcu::new());
+        let mmu_lock = MmuLock::new();
+        let mmu = Mmu::new(config.mmu, nr_as, &mmu_lock, Arc::new(Rcu::new()));
         let inner = Arc::new(VmInner {
             host: host.clone(),
             srcu: Srcu::new(),
@@ -189,11 +194,9 @@ impl Vm {
             slots_lock: RankedMutex::new(LockRank::SlotsLock, ()),
             mn_invalidate: RankedMutex::new(LockRank::MnInvalidate, 0),
             mn_memslots_update: Condvar::new(),
-            mmu_lock: MmuLock::new(),
-            invalidate: InvalidateState::new(),
-            tdp: TdpMmu::new(nr_as, rcu.clone()),
-            shadow: ShadowMmu::new(nr_as),
-            rcu,
+            invalidate: InvalidateState::bound_to(&mmu_lock),
+            mmu_lock,
+            mmu,
             requests: VcpuRequests::new(),
             counters: VmCounters::default(),
             dead: AtomicBool::new(false),
@@ -372,79 +375,49 @@ impl VmInner {
         self.counters.memslot_swaps.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// True if the VM runs the shadow MMU (`!tdp_mmu_enabled`).
-    #[inline]
-    pub(crate) fn shadow_enabled(&self) -> bool {
-        self.config.mmu == MmuKind::Shadow
-    }
-
-    /// Allocates rmap arrays for a new slot when the shadow MMU is in use (`memslot_rmap_alloc`).
+    /// Allocates rmap arrays for a new slot when the MMU needs them (`memslot_rmap_alloc`).
     fn attach_new_rmaps(&self, slot: &mut Memslot) {
-        if self.shadow_enabled() {
+        if self.mmu.needs_rmaps() {
             slot.set_rmaps(Some(Arc::new(SlotRmaps::new(slot.gfn_range()))));
         }
     }
 
     /// The leaf SPTE for `gfn` in the valid root of `as_id` (oracle).
     fn leaf(&self, as_id: AsId, gfn: Gfn) -> Option<(Spte, Level)> {
-        if self.shadow_enabled() {
-            let mmu = self.mmu_lock.read();
-            self.shadow.leaf(as_id, gfn, mmu.witness())
-        } else {
-            let rcu = self.rcu.pin();
-            self.tdp.leaf(as_id, gfn, &rcu)
-        }
+        self.mmu.leaf(&self.mmu_lock, as_id, gfn)
     }
 
-    /// Zaps the shadow MMU's pages (reset, teardown); caller holds `mmu_lock` write and `srcu`.
-    ///
-    /// The memslot sets are loaded here, *after* `mmu_lock` was taken: a fault that installed a
-    /// leaf through a slot created meanwhile released `mmu_lock` before we took it, so we see that
-    /// slot (or its INVALID copy, which shares its rmaps) and find the leaf's rmap (shadow S6).
-    fn shadow_zap_all(&self, srcu: &SrcuGuard<'_>, mmu: &crate::sync::witness::MmuWrite) {
-        let sets: Vec<&Memslots> = self.memslots.iter().map(|c| c.load(srcu)).collect();
-        self.shadow.zap_all(sets.as_slice(), mmu, self);
+    /// `kvm_mmu_load` for a vCPU: a valid root of `as_id`, or `None` once the VM is dead.
+    pub(crate) fn load_root(&self, as_id: AsId) -> Option<MmuRoot> {
+        // Teardown sets `dead` before it takes `mmu_lock` to zap every shadow page, so the check
+        // under the lock keeps a root from being allocated after the final zap.
+        self.mmu
+            .load_root(&self.mmu_lock, as_id, || !self.dead.load(Ordering::Acquire))
     }
 
     /// `kvm_arch_flush_shadow_memslot`: zap every SPTE of `slot`, flushing TLBs before the lock drops.
     fn flush_shadow_memslot(&self, slot: &Memslot) {
         let mut mmu = self.mmu_lock.write();
-        let mut flush = false;
-        if let Some(rmaps) = slot.rmaps() {
-            flush |= self.shadow.zap_gfn_range(
-                rmaps,
-                slot.gfn_range(),
-                &mut mmu,
-                Some(&self.mmu_lock),
-                self,
-            );
-        }
-        flush |= self
-            .tdp
-            .zap_leafs(slot.as_id(), slot.gfn_range(), &mut mmu, true, self);
-        if flush {
-            self.flush_remote_tlbs();
-        }
+        let batch = self.mmu.unmap_gfn_range(
+            slot.as_id(),
+            slot.rmaps(),
+            slot.gfn_range(),
+            &mut mmu,
+            true,
+            self,
+        );
+        batch.commit(self);
         drop(mmu);
     }
 
     fn reset_mmu(&self) {
-        if self.shadow_enabled() {
-            let srcu = self.srcu_read();
-            let mmu = self.mmu_lock.write();
-            self.shadow_zap_all(&srcu, mmu.witness());
-            self.requests.make_all_request(request::Request::MmuReload);
-            return;
-        }
+        // The memslot sets (for shadow rmaps) are loaded *after* `mmu_lock` was taken: a fault
+        // that installed a leaf through a slot created meanwhile released `mmu_lock` before we
+        // took it, so we see that slot (or its INVALID copy, which shares its rmaps; shadow S6).
+        let srcu = self.srcu_read();
         let mut mmu = self.mmu_lock.write();
-        self.tdp.invalidate_all_roots(mmu.witness());
-        // A waiting request (the kernel's KVM_REQ_MMU_FREE_OBSOLETE_ROOTS has KVM_REQUEST_WAIT):
-        // zaps of invalid roots do not flush TLBs, which is only sound once no vCPU can still be
-        // using a translation of the old root. Without the wait, a vCPU between its request check
-        // and its access could use a TLB entry whose frame a concurrent invalidation then frees.
-        self.requests.make_all_request(request::Request::MmuReload);
-        self.flush_remote_tlbs();
-        self.tdp.zap_invalidated_roots(&mut mmu, self);
+        let sets: Vec<&Memslots> = self.memslots.iter().map(|c| c.load(&srcu)).collect();
+        self.mmu.reset(&mut mmu, sets.as_slice(), self);
         drop(mmu);
     }
 
@@ -457,15 +430,18 @@ impl VmInner {
             {
                 let srcu = self.srcu_read();
                 let mut mmu = self.mmu_lock.write();
-                // Every vCPU drops its root and TLB before anything is zapped (see `reset_mmu`).
+                // Every vCPU drops its root and TLB before anything is zapped (see `Mmu::reset`).
                 self.requests.make_all_request(request::Request::MmuReload);
                 self.flush_remote_tlbs();
-                self.shadow_zap_all(&srcu, mmu.witness());
-                self.tdp.teardown(&mut mmu, self);
+                // Memslots loaded after `mmu_lock` was taken, as in `reset_mmu`.
+                let sets: Vec<&Memslots> = self.memslots.iter().map(|c| c.load(&srcu)).collect();
+                self.mmu
+                    .zap_all(&mut mmu, sets.as_slice(), self)
+                    .commit(self);
             }
             self.flush_remote_tlbs();
         }
-        self.rcu.synchronize();
+        self.mmu.rcu().synchronize();
     }
 
     pub(crate) fn srcu_read(&self) -> SrcuGuard<'_> {
@@ -486,12 +462,12 @@ impl VmInner {
             invalidate_ends: c.invalidate_ends.load(Ordering::Relaxed),
             age_calls: c.age_calls.load(Ordering::Relaxed),
             age_young: c.age_young.load(Ordering::Relaxed),
-            remote_tlb_flushes: c.remote_tlb_flushes.load(Ordering::Relaxed),
+            remote_tlb_flush: c.remote_tlb_flush.load(Ordering::Relaxed),
             invalidate: self.invalidate.counters(),
             mn_active_invalidate_count: *self.mn_invalidate.lock(),
             mmu_lock: self.mmu_lock.stats(),
-            tdp: self.tdp.stats(),
-            shadow: self.shadow.stats(),
+            tdp: self.mmu.tdp_stats(),
+            shadow: self.mmu.shadow_stats(),
         }
     }
 }
@@ -504,8 +480,25 @@ impl RemoteTlbFlush for VmInner {
         // state; this is the last line of defence.
         guest_mode::refuse("a remote TLB flush");
         self.counters
-            .remote_tlb_flushes
+            .remote_tlb_flush
             .fetch_add(1, Ordering::Relaxed);
         self.requests.flush_remote_tlbs();
+    }
+}
+
+impl RootReload for VmInner {
+    fn request_root_reload(&self) {
+        self.requests.make_all_request(request::Request::MmuReload);
+    }
+}
+
+/// The current memslot sets, one per address space (read under SRCU by the caller): how the
+/// shadow MMU finds the rmap of a leaf it zaps (`gfn_to_rmap(gfn, level, __gfn_to_memslot(...))`).
+impl RmapLookup for [&Memslots] {
+    fn leaf_rmap(&self, as_id: AsId, gfn: Gfn, level: Level) -> Option<&RmapHead> {
+        self.get(as_id.index())?
+            .find_by_gfn(gfn)?
+            .rmaps()?
+            .get(gfn, level)
     }
 }

@@ -12,11 +12,12 @@
 //! - **Zaps through rmaps** ([`ShadowMmu::zap_gfn_range`], `mmu_lock` write: invalidation, memslot
 //!   delete/move) empty the rmaps of a gfn range, clearing each SPTE with an atomic swap before
 //!   its rmap forgets it; the caller flushes before dropping `mmu_lock`. Pages stay.
-//! - **Page zaps** ([`ShadowMmu::zap_all`], reset and teardown) are split like the kernel's:
+//! - **Page zaps** (`ShadowMmu::zap_all`, reset and teardown) are split like the kernel's:
 //!   *prepare-zap* clears the page's leaves and removes them from their rmaps, unlinks and
 //!   recursively prepare-zaps children that lose their last parent, clears the parent SPTEs,
-//!   marks the page invalid and takes it off the hash; *commit-zap* calls `flush_remote_tlbs` and
-//!   only then frees the queued pages.
+//!   marks the page invalid and takes it off the hash; *commit-zap* returns the queued pages in a
+//!   [`ZapBatch`](crate::mmu::ZapBatch) whose `commit` (by the caller, still under `mmu_lock`
+//!   write) calls `flush_remote_tlbs` and only then frees them.
 //! - **Aging** ([`ShadowMmu::age_gfn_range`]) locks each rmap read-only and clears Accessed with
 //!   one atomic AND per young SPTE; `TestOnly` stops at the first young SPTE and writes nothing.
 //!   In lockless mode no `mmu_lock` is held (SRCU keeps the memslot and its rmaps alive); in
@@ -57,12 +58,24 @@
 pub mod rmap;
 
 #[cfg(not(loom))]
+mod age;
+#[cfg(not(loom))]
+mod fault;
+#[cfg(not(loom))]
 mod mmu;
 #[cfg(not(loom))]
 mod page;
 #[cfg(not(loom))]
 mod slot_rmaps;
+#[cfg(all(test, not(loom)))]
+mod tests;
+#[cfg(not(loom))]
+mod walk;
+#[cfg(not(loom))]
+mod zap;
 
+#[cfg(not(loom))]
+pub(crate) use mmu::RmapLookup;
 #[cfg(not(loom))]
 pub use mmu::{ShadowMmu, ShadowRoot, ShadowStats};
 #[cfg(not(loom))]

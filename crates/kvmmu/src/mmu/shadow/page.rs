@@ -4,8 +4,8 @@
 use core::ptr::NonNull;
 
 use crate::addr::{AsId, Gfn, Level};
+use crate::geometry::{ENTRIES, index};
 use crate::mmu::spte::{AtomicSpte, BASE_ADDR_MASK, Spte, make_nonleaf_spte};
-use crate::mmu::tdp::table::{ENTRIES, index};
 use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::rmap::{RmapHead, SptePtr};

@@ -67,9 +67,10 @@ impl TdpMmu {
         &self,
         as_id: AsId,
         range: GfnRange,
-        _mmu: &MmuRead,
+        mmu: &MmuRead,
         rcu: &RcuGuard<'_>,
     ) -> bool {
+        self.check_lock(mmu.lock_id());
         self.walk_leaves(as_id, range, DIRTY_MASK, Action::Clear, rcu, |_| {})
             .0
             != 0
@@ -261,7 +262,7 @@ fn scan_leaf_table(
 mod tests {
     use super::*;
     use crate::addr::{Gfn, Level, Pfn};
-    use crate::mmu::tdp::{FaultOutcome, MapRequest};
+    use crate::mmu::types::{FaultOutcome, MapRequest};
     use crate::sync::Arc;
     use crate::sync::rcu::Rcu;
     use crate::sync::witness::MmuLock;

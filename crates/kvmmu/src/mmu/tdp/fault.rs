@@ -12,7 +12,8 @@ use crate::sync::rcu::RcuGuard;
 use crate::sync::witness::MmuRead;
 
 use super::table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
-use super::{Counters, FaultOutcome, MapRequest, RetryReason, RootRef, TdpMmu};
+use super::{Counters, RootRef, TdpMmu};
+use crate::mmu::types::{FaultOutcome, MapRequest, RetryReason};
 
 impl TdpMmu {
     /// Resolves one fault by installing a 4K leaf for `req.gfn` → `req.pfn` in `root`
@@ -26,15 +27,17 @@ impl TdpMmu {
     ///
     /// # Panics
     /// If the gfn is already mapped to a different pfn (spec §4 item 13: the notifier must zap
-    /// first; a bug in the caller's invalidation protocol), or if `root` belongs to another
-    /// `TdpMmu`.
+    /// first; a bug in the caller's invalidation protocol), if `root` belongs to another
+    /// `TdpMmu`, if `mmu` is a witness of another `mmu_lock` or `_rcu` pins another RCU domain.
     pub fn map(
         &self,
         root: &RootRef,
         req: &MapRequest,
-        _mmu: &MmuRead,
+        mmu: &MmuRead,
         _rcu: &RcuGuard<'_>,
     ) -> FaultOutcome {
+        self.check_lock(mmu.lock_id());
+        self.assert_rcu_domain(_rcu);
         assert!(
             root.belongs_to(self),
             "map: the root belongs to another TdpMmu"

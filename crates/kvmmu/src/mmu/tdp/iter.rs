@@ -14,7 +14,8 @@ use crate::mmu::spte::{AtomicSpte, Spte, SpteKind};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
 
-use super::table::{ENTRIES, ROOT_LEVEL, Table, TablePtr, align_down, index, pages};
+use super::table::{Table, TablePtr};
+use crate::geometry::{ENTRIES, ROOT_LEVEL, align_down, index, pages};
 
 /// Depth of the deepest path from the root table to a 4K table.
 const DEPTH: usize = ROOT_LEVEL.get() as usize;

@@ -37,10 +37,13 @@
 //! 5. **P5 (no installs into invalid roots)** `map` checks validity under `mmu_lock` read, and
 //!    invalidation needs `mmu_lock` write, so no leaf or table is added to an invalid root; once
 //!    zapped, an invalid root stays empty.
-//! 6. **P6 (flush before retire / yield)** Zaps flush remote TLBs before dropping their RCU guard
-//!    whenever they removed tables or zapped leaves of a valid root since the last flush, so no
-//!    table is freed and no lock is yielded while a stale translation may be in use (item 31). A
-//!    zap yields only after its position advanced since its last yield (forward progress).
+//! 6. **P6 (flush before retire / yield)** A zap flushes remote TLBs exactly when it must: before
+//!    dropping an RCU guard under which it unlinked tables, and before yielding `mmu_lock` (which
+//!    it does only when another thread waits for it) if it zapped leaves of a valid root since
+//!    the last flush. Otherwise it reports the pending flush to its caller, which flushes once
+//!    before dropping `mmu_lock` (`mmu::ZapBatch`). So no table is freed and no lock is yielded
+//!    while a stale translation may be in use (item 31). A zap yields only after its position
+//!    advanced since its last yield (forward progress).
 //! 7. **P7 (FROZEN)** FROZEN is written only into unlinked tables (exclusive-mode
 //!    `handle_removed_pt`), which `map` cannot reach because it holds `mmu_lock` read across its
 //!    walk; a walker that meets FROZEN treats it as not present (`map` retries). FROZEN has no A/D
@@ -63,71 +66,16 @@ mod zap;
 use core::fmt;
 use core::ptr::NonNull;
 
-use crate::addr::{AsId, Gfn, Level, Pfn};
+use crate::addr::{AsId, Gfn};
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use crate::sync::rcu::Rcu;
-use crate::sync::witness::{MmuRead, MmuWrite};
+use crate::sync::witness::{LockBinding, LockId, MmuLock, MmuRead, MmuWrite};
 use crate::sync::{Arc, Mutex};
 
 use table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
 
-pub use walk::HwWalk;
-pub(crate) use walk::access_leaf;
-
-/// Result of [`TdpMmu::map`], like KVM's `RET_PF_*`: control flow, not an error.
-#[must_use = "a Retry means nothing was installed and the vCPU must fault again"]
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum FaultOutcome {
-    /// A new leaf was installed (`RET_PF_FIXED`).
-    Fixed,
-    /// The SPTE already allowed the access (`RET_PF_SPURIOUS`): nothing changed.
-    Spurious,
-    /// Nothing was installed; re-enter the guest and let it fault again (`RET_PF_RETRY`).
-    Retry(RetryReason),
-    /// The gfn lies beyond what a root can map (48-bit guest physical addresses); nothing was
-    /// installed. The caller reports it like a fault on an address no memslot covers.
-    OutOfRange,
-}
-
-/// Why a fault must be retried.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum RetryReason {
-    /// An SPTE on the path was FROZEN by another thread's multi-step update (P7).
-    Frozen,
-    /// A compare-and-swap on the path lost a race with another writer.
-    CasLost,
-    /// The root was invalidated; the vCPU must load a new root.
-    InvalidRoot,
-    /// An invalidation raced with the fault (`mmu_invalidate_retry_gfn`); set by the caller's
-    /// sequence check, never returned by [`TdpMmu::map`].
-    Invalidation,
-    /// The memslot is being deleted or moved (`KVM_MEMSLOT_INVALID`); set by the caller.
-    InvalidSlot,
-}
-
-/// One fault to resolve (`struct kvm_page_fault`, the parts the TDP MMU needs).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct MapRequest {
-    /// The faulting guest frame.
-    pub gfn: Gfn,
-    /// The host frame backing it.
-    pub pfn: Pfn,
-    /// The largest level the caller allows (`goal_level`). This implementation maps at 4K only;
-    /// a larger level is accepted and mapped at 4K, which is correct for `gfn` → `pfn`.
-    pub level: Level,
-    /// The host mapping is writable.
-    pub host_writable: bool,
-    /// The guest access was a write (the leaf is made writable when the host allows it).
-    pub write_fault: bool,
-    /// Speculative install: the leaf starts without the Accessed bit.
-    pub prefetch: bool,
-}
-
-/// Remote TLB shootdown, provided by the caller (the VM): `kvm_flush_remote_tlbs`.
-pub trait RemoteTlbFlush {
-    /// Makes every vCPU drop its cached translations before returning.
-    fn flush_remote_tlbs(&self);
-}
+#[cfg(test)]
+use crate::mmu::types::{FaultOutcome, MapRequest};
 
 /// Counters of the TDP MMU (read-only statistics).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -257,6 +205,8 @@ struct RootEntry {
 /// State shared by the [`TdpMmu`] and every [`RootRef`].
 struct Inner {
     rcu: Arc<Rcu>,
+    /// The `mmu_lock` whose witnesses this MMU accepts (bound by the VM, or on first use).
+    lock: LockBinding,
     /// Per address space: the address of the valid root, or 0. Published with `Release` (P4).
     valid_roots: Box<[AtomicUsize]>,
     /// Every root not yet freed, valid or invalid (`tdp_mmu_roots` + `tdp_mmu_pages_lock`).
@@ -391,6 +341,7 @@ impl TdpMmu {
         TdpMmu {
             inner: Arc::new(Inner {
                 rcu,
+                lock: LockBinding::unbound(),
                 valid_roots,
                 roots: Mutex::new(Vec::new()),
                 counters: Arc::new(Counters::new()),
@@ -403,6 +354,21 @@ impl TdpMmu {
         &self.inner.rcu
     }
 
+    /// Binds this MMU to `lock`: from now on every entry point that relies on `mmu_lock` refuses
+    /// a witness of another lock.
+    ///
+    /// # Panics
+    /// If the MMU already trusts another lock.
+    pub fn bind_lock(&self, lock: &MmuLock) {
+        self.check_lock(lock.id());
+    }
+
+    /// Panics unless `id` is the lock this MMU trusts (binding it on first use).
+    #[inline]
+    pub(super) fn check_lock(&self, id: LockId) {
+        self.inner.lock.check(id, "the TdpMmu");
+    }
+
     fn counters(&self) -> &Counters {
         &self.inner.counters
     }
@@ -413,16 +379,21 @@ impl TdpMmu {
     ///
     /// # Panics
     /// If `as_id` is not below the `address_spaces` given to [`TdpMmu::new`] (a bug in the VM
-    /// layer, which validates address-space ids).
-    pub fn get_root(&self, as_id: AsId, _mmu: &MmuRead) -> RootRef {
+    /// layer, which validates address-space ids), or if `mmu` is a witness of another `mmu_lock`.
+    pub fn get_root(&self, as_id: AsId, mmu: &MmuRead) -> RootRef {
+        self.check_lock(mmu.lock_id());
         assert!(
             as_id.index() < self.inner.valid_roots.len(),
             "as_id {as_id:?} beyond the TdpMmu's {} address spaces",
             self.inner.valid_roots.len()
         );
+        // The published pointer is dereferenced under RCU as well as `mmu_lock` read (P4): the
+        // guard is what keeps a root found through the valid slot allocated.
+        let rcu = self.inner.rcu.pin();
         if let Some(r) = self.try_get_valid_root(as_id) {
             return r;
         }
+        drop(rcu);
         let mut roots = self.inner.roots.lock();
         // Re-check under the list lock: another reader-lock holder may have allocated it.
         if let Some(r) = self.try_get_valid_root(as_id) {
@@ -471,7 +442,8 @@ impl TdpMmu {
     /// Fast zap, first half (`kvm_tdp_mmu_invalidate_roots`): marks every root invalid and
     /// unpublishes it, so vCPUs load new roots; [`TdpMmu::zap_invalidated_roots`] then empties and
     /// releases them.
-    pub fn invalidate_all_roots(&self, _mmu: &MmuWrite) {
+    pub fn invalidate_all_roots(&self, mmu: &MmuWrite) {
+        self.check_lock(mmu.lock_id());
         self.invalidate_all_roots_unlocked();
     }
 
@@ -517,7 +489,7 @@ mod tests {
         check::<TdpMmu>();
         check::<RootRef>();
     }
-    use crate::addr::Gfn;
+    use crate::addr::{Gfn, Level, Pfn};
     use crate::sync::witness::MmuLock;
 
     #[test]

@@ -6,54 +6,19 @@
 //! of the TDP MMU lives in a [`TablePtr`]; its `unsafe` methods state the protocol rule
 //! (tdp/mod.rs P1–P7) the caller must cite.
 //!
-//! Geometry: 512 entries × 4 levels normally; under `cfg(loom)` 4 entries × 2 levels, so the
-//! model checker explores a tree of a handful of slots.
+//! Geometry ([`crate::geometry`]): 512 entries × 4 levels normally; under `cfg(loom)` 4 entries ×
+//! 2 levels, so the model checker explores a tree of a handful of slots.
 
 use core::ptr::NonNull;
 
 use crate::addr::Level;
+use crate::geometry::index;
+pub(crate) use crate::geometry::{ENTRIES, GFN_LIMIT, ROOT_LEVEL};
+#[cfg(test)]
+use crate::geometry::{align_down, pages};
 use crate::mmu::spte::{AtomicSpte, BASE_ADDR_MASK, Spte, make_nonleaf_spte};
 #[cfg(any(loom, test))]
 use crate::sync::atomic::Ordering;
-
-/// Bits of gfn consumed per level.
-#[cfg(not(loom))]
-pub(crate) const ENT_BITS: u32 = 9;
-/// Bits of gfn consumed per level (tiny loom geometry).
-#[cfg(loom)]
-pub(crate) const ENT_BITS: u32 = 2;
-
-/// Entries per page-table page.
-pub(crate) const ENTRIES: usize = 1 << ENT_BITS;
-
-/// Level of a root table.
-#[cfg(not(loom))]
-pub(crate) const ROOT_LEVEL: Level = Level::ROOT;
-/// Level of a root table (tiny loom geometry).
-#[cfg(loom)]
-pub(crate) const ROOT_LEVEL: Level = Level::L2M;
-
-/// One past the last gfn a root can map (`1 << (ENT_BITS * root level)`): 2^36 normally, i.e. a
-/// 48-bit guest physical address space.
-pub(crate) const GFN_LIMIT: u64 = 1 << (ENT_BITS * ROOT_LEVEL.get() as u32);
-
-/// Number of 4 KiB pages one entry at `level` maps in this geometry.
-#[inline]
-pub(crate) const fn pages(level: Level) -> u64 {
-    1 << (ENT_BITS * (level.get() as u32 - 1))
-}
-
-/// Index of `gfn` in a table at `level`.
-#[inline]
-pub(crate) const fn index(gfn: u64, level: Level) -> usize {
-    ((gfn >> (ENT_BITS * (level.get() as u32 - 1))) as usize) & (ENTRIES - 1)
-}
-
-/// `gfn` rounded down to the first gfn mapped by its entry at `level`.
-#[inline]
-pub(crate) const fn align_down(gfn: u64, level: Level) -> u64 {
-    gfn & !(pages(level) - 1)
-}
 
 /// A page-table page.
 #[repr(C, align(4096))]

@@ -1,69 +1,14 @@
 //! Lockless lookups: the simulated CPU's page walk (`hardware_walk`) and the oracle lookup
 //! (`leaf`). Both hold only an RCU guard (P1) and load every SPTE with `Acquire` (spte.rs O1).
 
-use crate::addr::{AsId, Gfn, Level, Pfn};
-use crate::mmu::spte::{ACCESSED_MASK, DIRTY_MASK, Spte, SpteKind};
+use crate::addr::{AsId, Gfn, Level};
+use crate::mmu::spte::{Spte, SpteKind};
+use crate::mmu::types::{HwWalk, access_leaf};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
 
 use super::table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
 use super::{RootRef, TdpMmu};
-
-/// Result of the simulated CPU's page walk.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum HwWalk {
-    /// A present leaf allows the access; A (and D for a write) is now set in it.
-    Hit {
-        /// The host frame the gfn maps to.
-        pfn: Pfn,
-        /// The leaf is writable (the TLB may cache write permission).
-        writable: bool,
-        /// The leaf's Dirty bit after the walk.
-        dirty: bool,
-        /// The level of the leaf.
-        level: Level,
-    },
-    /// No present leaf maps the gfn (an EPT violation on a not-present entry).
-    NotPresent,
-    /// A present leaf maps the gfn but does not allow writes (a permission miss).
-    WriteProtected,
-}
-
-/// The simulated CPU's access through the leaf `spte` (last loaded from `sptep`, at `level`), as
-/// both MMUs' hardware walks end: if it is a present leaf that allows the access, set A (and D if
-/// `write`) unless already set, with a compare-and-swap on the value just checked (spte.rs O5: A/D
-/// never lands on a value that stopped being a present leaf), re-evaluating on a lost race.
-pub(crate) fn access_leaf(
-    sptep: &crate::mmu::spte::AtomicSpte,
-    mut spte: Spte,
-    level: Level,
-    write: bool,
-) -> HwWalk {
-    let want = ACCESSED_MASK | if write { DIRTY_MASK } else { 0 };
-    loop {
-        if !spte.is_present_leaf(level) {
-            return HwWalk::NotPresent;
-        }
-        if write && !spte.is_writable() {
-            return HwWalk::WriteProtected;
-        }
-        if spte.raw() & want == want {
-            return HwWalk::Hit {
-                pfn: spte.pfn(),
-                writable: spte.is_writable(),
-                dirty: spte.is_dirty(),
-                level,
-            };
-        }
-        let new = Spte::from_raw(spte.raw() | want);
-        // ORDERING: O5 — atomicity keeps concurrent A/D/zap updates; on failure the fresh
-        // value is re-checked, and Acquire matches the walk's loads (O1) in case it changed.
-        match sptep.compare_exchange(spte, new, Ordering::Relaxed, Ordering::Acquire) {
-            Ok(_) => spte = new,
-            Err(actual) => spte = actual,
-        }
-    }
-}
 
 /// Walks the tree under `table` to the leaf for `gfn`; returns the leaf slot's value and level,
 /// or `None` at the first entry that is not present (FROZEN included).

@@ -16,19 +16,22 @@ use crate::sync::witness::MmuWriteGuard;
 
 use super::iter::TdpIter;
 use super::table::{ENTRIES, GFN_LIMIT, ROOT_LEVEL, TablePtr};
-use super::{Counters, RemoteTlbFlush, RootRef, TdpMmu};
-
-/// Leaves zapped in a valid root before a zap that may yield flushes and offers to yield: the
-/// guard cannot tell in advance whether a yield will happen, and a flush must precede it (P6).
-const FLUSH_BATCH: u64 = 4096;
+use super::{Counters, RootRef, TdpMmu};
+use crate::mmu::types::RemoteTlbFlush;
 
 /// Something that can yield `mmu_lock` (`cond_resched_rwlock_write`).
 pub(super) trait Resched {
+    /// True if another thread waits for the lock (`rwlock_needbreak`): a zap that may yield then
+    /// flushes, drops RCU and yields; otherwise it keeps going without either (P6).
+    fn needbreak(&self) -> bool;
     /// Yields the lock if another thread waits for it; true if it did. No RCU guard may be held.
     fn cond_resched(&mut self) -> bool;
 }
 
 impl Resched for MmuWriteGuard<'_> {
+    fn needbreak(&self) -> bool {
+        self.is_contended()
+    }
     fn cond_resched(&mut self) -> bool {
         MmuWriteGuard::cond_resched(self)
     }
@@ -38,6 +41,9 @@ impl Resched for MmuWriteGuard<'_> {
 pub(super) struct NoResched;
 
 impl Resched for NoResched {
+    fn needbreak(&self) -> bool {
+        false
+    }
     fn cond_resched(&mut self) -> bool {
         false
     }
@@ -169,9 +175,13 @@ impl ZapCtx<'_> {
 impl TdpMmu {
     /// Zaps the present leaves mapping `range` in every root of `as_id`, valid and invalid
     /// (`kvm_tdp_mmu_unmap_gfn_range`). Returns whether a remote TLB flush is still needed
-    /// (the caller flushes before dropping `mmu_lock`). With `may_yield`, it may release
-    /// `mmu_lock` when contended; it flushes before yielding and only yields after progress.
+    /// (the caller flushes before dropping `mmu_lock`). With `may_yield`, it releases `mmu_lock`
+    /// when another thread waits for it, flushing first, and only after progress; uncontended, it
+    /// neither flushes nor restarts its walk, so the caller's one flush at the end is the only one.
     /// Only leaves are zapped: no table is freed.
+    ///
+    /// # Panics
+    /// If `mmu` guards another `mmu_lock` than the one this MMU is bound to.
     #[must_use = "a true result means remote TLBs must be flushed before mmu_lock is dropped"]
     pub fn zap_leafs(
         &self,
@@ -181,6 +191,7 @@ impl TdpMmu {
         may_yield: bool,
         flusher: &dyn RemoteTlbFlush,
     ) -> bool {
+        self.check_lock(mmu.witness().lock_id());
         let end = range.end().raw().min(GFN_LIMIT);
         let start = range.start().raw();
         if start >= end {
@@ -250,12 +261,14 @@ impl TdpMmu {
             let mut it = unsafe { TdpIter::new(root.table(), resume, end, &guard) };
             let mut zapped = 0;
             while it.valid() {
-                // A yield point: at each 2M entry, once the position advanced since the last
-                // yield (forward progress, P6), and only with no unflushed zaps below the batch.
+                // A yield point (`tdp_mmu_iter_cond_resched`): at each 2M entry, once the
+                // position advanced since the last yield (forward progress, P6), and only if
+                // another thread waits for `mmu_lock`. Then, and only then, flush (P6), drop RCU,
+                // yield and restart the walk from the current position.
                 if ctx.may_yield
                     && it.level() == Level::L2M
                     && it.next_gfn() != yielded_gfn
-                    && (ctx.unflushed == 0 || ctx.unflushed >= FLUSH_BATCH)
+                    && ctx.resched.needbreak()
                 {
                     resume = it.next_gfn();
                     yielded_gfn = resume;
@@ -317,7 +330,8 @@ impl TdpMmu {
                 };
                 Counters::add(&counters.leaves_zapped, leaves);
                 removed = true;
-                if ctx.may_yield {
+                // Yield only when someone waits for `mmu_lock`; the flush below precedes it.
+                if ctx.may_yield && ctx.resched.needbreak() {
                     break;
                 }
             }
@@ -337,6 +351,7 @@ impl TdpMmu {
     /// entry and freed through RCU after a remote TLB flush, never while a walker can reach them.
     /// May yield `mmu_lock` when contended.
     pub fn zap_invalidated_roots(&self, mmu: &mut MmuWriteGuard<'_>, flusher: &dyn RemoteTlbFlush) {
+        self.check_lock(mmu.witness().lock_id());
         let mut ctx = ZapCtx {
             resched: mmu,
             may_yield: true,

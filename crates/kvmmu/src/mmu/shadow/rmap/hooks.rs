@@ -1,6 +1,6 @@
 //! Test-only fault injection for the rmap bit lock and lockless rmap aging (feature `test-hooks`):
 //! forced compare-and-swap failures and forced yields at chosen points, to drive the retry and
-//! contention paths under a torture run. The TDP twin is `crate::mmu::tdp::hooks`; the knobs
+//! contention paths under a torture run. The TDP twin is the TDP MMU's `hooks` module; the knobs
 //! have the same shape (a period, `0` = off) and are set together by the torture module.
 //!
 //! # Protocol

@@ -328,7 +328,8 @@ impl RmapHead {
 
     /// `kvm_rmap_lock`: a writer's lock, registered with the lock-rank checker.
     #[inline]
-    fn lock_write(&self, _w: &MmuWrite, stats: &RmapStats) -> WriteLock<'_> {
+    fn lock_write(&self, w: &MmuWrite, stats: &RmapStats) -> WriteLock<'_> {
+        stats.check_witness(w);
         let rank = lock_rank::acquire(LockRank::RmapBit);
         let val = self.lock_raw(stats);
         WriteLock {
@@ -478,8 +479,13 @@ impl RmapHead {
         true
     }
 
-    /// Entries in the rmap (`pte_list_count`).
-    pub fn count(&self, _w: &MmuWrite) -> usize {
+    /// Entries in the rmap (`pte_list_count`). `stats` are the VM's rmap statistics, which name
+    /// the `mmu_lock` `w` must be a witness of.
+    ///
+    /// # Panics
+    /// If `w` is a witness of another `mmu_lock` than the one these rmaps are bound to.
+    pub fn count(&self, w: &MmuWrite, stats: &RmapStats) -> usize {
+        stats.check_witness(w);
         // ORDERING: Relaxed: `mmu_lock` write orders us after the writer that published the chain;
         // a concurrent read-only locker only toggles LOCKED (invariant 6).
         let val = self.val.load(Ordering::Relaxed) & !RMAP_LOCKED;
@@ -516,7 +522,11 @@ impl RmapHead {
     }
 
     /// The chain's shape (diagnostics and tests of invariant 7). Allocates.
-    pub fn shape(&self, _w: &MmuWrite) -> RmapShape {
+    ///
+    /// # Panics
+    /// As [`RmapHead::count`], for a witness of another `mmu_lock`.
+    pub fn shape(&self, w: &MmuWrite, stats: &RmapStats) -> RmapShape {
+        stats.check_witness(w);
         // ORDERING: Relaxed: as in `count`.
         let val = self.val.load(Ordering::Relaxed) & !RMAP_LOCKED;
         // SAFETY: a chain value published by a writer (invariant 3).

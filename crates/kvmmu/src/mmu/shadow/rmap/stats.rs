@@ -4,6 +4,7 @@
 use core::fmt;
 
 use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::witness::{LockBinding, MmuLock, MmuWrite};
 
 /// Counters shared by the rmaps of one VM: descriptor allocations and frees (equal at teardown,
 /// spec §4 invariant 5 of DESIGN.md) and contended bit-lock acquisitions.
@@ -15,6 +16,8 @@ pub struct RmapStats {
     desc_allocs: AtomicU64,
     desc_frees: AtomicU64,
     lock_contended: AtomicU64,
+    /// The `mmu_lock` whose write witness every rmap writer of this VM presents (written once).
+    lock: LockBinding,
 }
 
 /// A snapshot of [`RmapStats`].
@@ -54,7 +57,22 @@ impl RmapStats {
             desc_allocs: AtomicU64::new(0),
             desc_frees: AtomicU64::new(0),
             lock_contended: AtomicU64::new(0),
+            lock: LockBinding::unbound(),
         }
+    }
+
+    /// Binds the rmaps counted here to `lock`: every writer must then present its witness.
+    ///
+    /// # Panics
+    /// If they are already bound to another lock.
+    pub fn bind_lock(&self, lock: &MmuLock) {
+        self.lock.check(lock.id(), "an rmap");
+    }
+
+    /// Panics unless `w` is a witness of the lock these rmaps are bound to (binding it on first use).
+    #[inline]
+    pub(crate) fn check_witness(&self, w: &MmuWrite) {
+        self.lock.check(w.lock_id(), "an rmap");
     }
 
     /// Reads the counters.

@@ -152,11 +152,11 @@ fn add_returns_the_count_before_the_add() {
     let w = lock.write();
     for i in 0..40 {
         assert_eq!(head.pte_list_add(w.witness(), &stats, slots.ptr(i)), i);
-        assert_eq!(head.count(w.witness()), i + 1);
+        assert_eq!(head.count(w.witness(), &stats), i + 1);
     }
     // 40 = 12 in the head + 2 full tails.
     assert_eq!(
-        head.shape(w.witness()),
+        head.shape(w.witness(), &stats),
         RmapShape::Many(vec![
             DescShape {
                 spte_count: 12,
@@ -184,12 +184,12 @@ fn remove_fills_the_hole_with_the_head_last_entry_and_never_returns_to_single() 
     let w = lock.write();
     let w = w.witness();
     head.pte_list_add(w, &stats, slots.ptr(0));
-    assert_eq!(head.shape(w), RmapShape::Single);
+    assert_eq!(head.shape(w, &stats), RmapShape::Single);
     head.pte_list_add(w, &stats, slots.ptr(1));
     head.pte_list_remove(w, &stats, slots.ptr(0))
         .expect("present");
     assert_eq!(
-        head.shape(w),
+        head.shape(w, &stats),
         RmapShape::Many(vec![DescShape {
             spte_count: 1,
             tail_count: 0
@@ -216,7 +216,7 @@ fn remove_fills_the_hole_with_the_head_last_entry_and_never_returns_to_single() 
         "the hole was not filled with the head's last entry"
     );
     assert_eq!(
-        head.shape(w),
+        head.shape(w, &stats),
         RmapShape::Many(vec![
             DescShape {
                 spte_count: 1,
@@ -232,7 +232,7 @@ fn remove_fills_the_hole_with_the_head_last_entry_and_never_returns_to_single() 
     head.pte_list_remove(w, &stats, slots.ptr(14))
         .expect("present");
     assert_eq!(
-        head.shape(w),
+        head.shape(w, &stats),
         RmapShape::Many(vec![DescShape {
             spte_count: 14,
             tail_count: 0
@@ -256,10 +256,14 @@ fn failed_remove_is_an_error_and_leaves_the_rmap_unchanged() {
     );
     assert_eq!(head.raw_value(), 0);
     for n in [1, 5, 19] {
-        for i in head.count(w)..n {
+        for i in head.count(w, &stats)..n {
             head.pte_list_add(w, &stats, slots.ptr(i));
         }
-        let (raw, shape, e) = (head.raw_value(), head.shape(w), entries(&head, w, &stats));
+        let (raw, shape, e) = (
+            head.raw_value(),
+            head.shape(w, &stats),
+            entries(&head, w, &stats),
+        );
         assert_eq!(
             head.pte_list_remove(w, &stats, slots.ptr(19)),
             Err(RmapError::NotFound {
@@ -271,7 +275,7 @@ fn failed_remove_is_an_error_and_leaves_the_rmap_unchanged() {
             raw,
             "unlock after a failed remove changed the head"
         );
-        assert_eq!(head.shape(w), shape);
+        assert_eq!(head.shape(w, &stats), shape);
         assert_eq!(entries(&head, w, &stats), e);
     }
     assert!(head.zap_all(w, &stats, |_| {}));

@@ -21,7 +21,7 @@
 
 use crate::addr::{Gfn, GfnRange};
 use crate::sync::atomic::{AtomicU64, Ordering};
-use crate::sync::witness::{MmuRead, MmuWrite};
+use crate::sync::witness::{LockBinding, MmuLock, MmuRead, MmuWrite};
 
 const INVALID_GFN: u64 = u64::MAX;
 
@@ -32,6 +32,8 @@ pub struct InvalidateState {
     seq: AtomicU64,
     range_start: AtomicU64,
     range_end: AtomicU64,
+    /// The `mmu_lock` whose witnesses the counters accept (written once).
+    lock: LockBinding,
 }
 
 /// `mmu_invalidate_seq` as a fault saw it before resolving the host page.
@@ -73,11 +75,22 @@ impl InvalidateState {
             seq: AtomicU64::new(0),
             range_start: AtomicU64::new(INVALID_GFN),
             range_end: AtomicU64::new(INVALID_GFN),
+            lock: LockBinding::unbound(),
+        }
+    }
+
+    /// Counters at rest, protected by `lock`: every locked method refuses a witness of another
+    /// lock.
+    pub fn bound_to(lock: &MmuLock) -> Self {
+        InvalidateState {
+            lock: LockBinding::bound_to(lock),
+            ..InvalidateState::new()
         }
     }
 
     /// `kvm_mmu_invalidate_begin`.
-    pub fn begin(&self, _mmu: &MmuWrite) {
+    pub fn begin(&self, mmu: &MmuWrite) {
+        self.lock.check(mmu.lock_id(), "the invalidation counters");
         // ORDERING: Relaxed suffices for every store here: writers are serialized by mmu_lock write,
         // and locked readers are ordered by the lock; the lock-free pre-check tolerates any
         // interleaving because a locked re-check always follows it.
@@ -89,7 +102,8 @@ impl InvalidateState {
     }
 
     /// `kvm_mmu_invalidate_range_add`: widen the in-progress range to cover `range`.
-    pub fn range_add(&self, range: GfnRange, _mmu: &MmuWrite) -> Result<(), SeqError> {
+    pub fn range_add(&self, range: GfnRange, mmu: &MmuWrite) -> Result<(), SeqError> {
+        self.lock.check(mmu.lock_id(), "the invalidation counters");
         // ORDERING: see `begin`.
         if self.in_progress.load(Ordering::Relaxed) == 0 {
             return Err(SeqError::NotInProgress);
@@ -108,7 +122,8 @@ impl InvalidateState {
     }
 
     /// `kvm_mmu_invalidate_end`: seq += 1, then in_progress -= 1.
-    pub fn end(&self, _mmu: &MmuWrite) -> Result<(), SeqError> {
+    pub fn end(&self, mmu: &MmuWrite) -> Result<(), SeqError> {
+        self.lock.check(mmu.lock_id(), "the invalidation counters");
         // ORDERING: the seq increment is Release and in_progress is decremented after it, so a
         // lock-free reader that Acquire-loads in_progress == 0 (see `retry_gfn_unsafe`) and then
         // loads seq observes the increment (the kernel's smp_wmb between the two). The Release on
@@ -137,7 +152,8 @@ impl InvalidateState {
 
     /// `mmu_invalidate_retry_gfn`: true if a fault that took `snap` must not install an SPTE for `gfn`.
     /// Requires `mmu_lock` in either mode (a write witness derefs to a read one).
-    pub fn retry_gfn(&self, snap: SeqSnapshot, gfn: Gfn, _mmu: &MmuRead) -> bool {
+    pub fn retry_gfn(&self, snap: SeqSnapshot, gfn: Gfn, mmu: &MmuRead) -> bool {
+        self.lock.check(mmu.lock_id(), "the invalidation counters");
         // ORDERING: under mmu_lock every writer is excluded, so Relaxed loads see the values the last
         // write-lock holder stored (the lock's acquire/release orders them).
         if self.in_progress.load(Ordering::Relaxed) > 0 {

@@ -1,0 +1,323 @@
+//! [`Mmu`]: the one place that chooses between the TDP MMU and the shadow MMU (`tdp_mmu_enabled`).
+
+use crate::addr::{AsId, Gfn, GfnRange, Level};
+use crate::config::MmuKind;
+use crate::sync::Arc;
+use crate::sync::rcu::Rcu;
+use crate::sync::witness::{MmuLock, MmuRead, MmuWrite, MmuWriteGuard};
+
+use super::shadow::rmap::AgeAction;
+use super::shadow::{RmapLookup, ShadowMmu, ShadowRoot, ShadowStats, SlotRmaps};
+use super::spte::Spte;
+use super::tdp::{RootRef, TdpMmu, TdpStats};
+use super::types::{
+    FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason, RootReload, ZapBatch,
+};
+
+/// A vCPU's reference to the root it translates through, for whichever MMU the VM uses (enum
+/// dispatch: no `dyn` on the access path).
+#[derive(Clone, Debug)]
+pub enum MmuRoot {
+    /// A TDP MMU root.
+    Tdp(RootRef),
+    /// A shadow MMU root.
+    Shadow(ShadowRoot),
+}
+
+impl MmuRoot {
+    /// The address space the root translates.
+    pub fn as_id(&self) -> AsId {
+        match self {
+            MmuRoot::Tdp(r) => r.as_id(),
+            MmuRoot::Shadow(r) => r.as_id(),
+        }
+    }
+    /// True once the root was invalidated; the vCPU must load a new one.
+    #[inline]
+    pub fn is_invalid(&self) -> bool {
+        match self {
+            MmuRoot::Tdp(r) => r.is_invalid(),
+            MmuRoot::Shadow(r) => r.is_invalid(),
+        }
+    }
+}
+
+/// The MMU of one VM: the TDP MMU or the shadow MMU, chosen once at creation.
+#[derive(Debug)]
+pub struct Mmu {
+    kind: MmuKind,
+    tdp: TdpMmu,
+    shadow: ShadowMmu,
+}
+
+impl Mmu {
+    /// The MMU of a VM with `address_spaces` address spaces, protected by `lock` (every MMU entry
+    /// point refuses a witness of another lock) and freeing TDP page tables through `rcu`.
+    pub fn new(kind: MmuKind, address_spaces: usize, lock: &MmuLock, rcu: Arc<Rcu>) -> Mmu {
+        let tdp = TdpMmu::new(address_spaces, rcu);
+        tdp.bind_lock(lock);
+        let shadow = ShadowMmu::new(address_spaces);
+        shadow.bind_lock(lock);
+        Mmu { kind, tdp, shadow }
+    }
+
+    /// Which MMU this is.
+    pub fn kind(&self) -> MmuKind {
+        self.kind
+    }
+
+    /// The RCU domain TDP page tables are freed through.
+    pub fn rcu(&self) -> &Arc<Rcu> {
+        self.tdp.rcu()
+    }
+
+    /// True if the VM runs the shadow MMU (`!tdp_mmu_enabled`).
+    #[inline]
+    pub fn shadow_enabled(&self) -> bool {
+        self.kind == MmuKind::Shadow
+    }
+
+    /// True if memslots need rmap arrays (`kvm_memslots_have_rmaps`).
+    pub fn needs_rmaps(&self) -> bool {
+        self.shadow_enabled()
+    }
+
+    /// `kvm_mmu_load`: a reference to the valid root of `as_id`, allocating it if needed, under
+    /// `mmu_lock` in the mode the MMU needs (read for TDP, write for shadow:
+    /// `mmu_alloc_direct_roots`). `alive` is checked under the lock: `None` if it says the VM is
+    /// being torn down, so no root is allocated after the final zap.
+    pub fn load_root(
+        &self,
+        lock: &MmuLock,
+        as_id: AsId,
+        alive: impl FnOnce() -> bool,
+    ) -> Option<MmuRoot> {
+        if self.shadow_enabled() {
+            let mmu = lock.write();
+            if !alive() {
+                return None;
+            }
+            Some(MmuRoot::Shadow(self.shadow.get_root(as_id, mmu.witness())))
+        } else {
+            let mmu = lock.read();
+            Some(MmuRoot::Tdp(self.tdp.get_root(as_id, mmu.witness())))
+        }
+    }
+
+    /// The simulated CPU's page walk for `gfn` through `root`, setting A (and D on a write).
+    ///
+    /// # Safety
+    /// The caller is a vCPU in guest mode that acknowledges remote TLB flushes only at instruction
+    /// boundaries, and this walk is inside one instruction (shadow S2; the TDP walk pins RCU).
+    #[inline]
+    pub unsafe fn hardware_walk(&self, root: &MmuRoot, gfn: Gfn, write: bool) -> HwWalk {
+        match root {
+            MmuRoot::Tdp(root) => {
+                let rcu = self.tdp.rcu().pin();
+                self.tdp.hardware_walk(root, gfn, write, &rcu)
+            }
+            // SAFETY: this function's contract (shadow S2).
+            MmuRoot::Shadow(root) => unsafe { self.shadow.hardware_walk(root, gfn, write) },
+        }
+    }
+
+    /// The `map` step of a fault (spec §3.4 step 4): takes `mmu_lock` in the mode this MMU needs
+    /// (read for TDP, write for shadow), runs `precheck` under it (the caller's retry rule; an
+    /// `Err` is returned as is and nothing is installed), retries if `root` was invalidated, and
+    /// installs the leaf. `rmaps` are the memslot's rmap arrays (required by the shadow MMU).
+    ///
+    /// # Panics
+    /// If the shadow MMU is given no rmaps (a VM-layer bug: shadow memslots always have them).
+    pub fn map<E>(
+        &self,
+        lock: &MmuLock,
+        root: &MmuRoot,
+        req: &MapRequest,
+        rmaps: Option<&SlotRmaps>,
+        flusher: &impl RemoteTlbFlush,
+        precheck: impl FnOnce(&MmuRead) -> Result<(), E>,
+    ) -> Result<FaultOutcome, E> {
+        match root {
+            MmuRoot::Tdp(root) => {
+                let mmu = lock.read();
+                precheck(mmu.witness())?;
+                if root.is_invalid() {
+                    return Ok(FaultOutcome::Retry(RetryReason::InvalidRoot));
+                }
+                let rcu = self.tdp.rcu().pin();
+                Ok(self.tdp.map(root, req, mmu.witness(), &rcu))
+            }
+            MmuRoot::Shadow(root) => {
+                let mmu = lock.write();
+                precheck(mmu.read_witness())?;
+                if root.is_invalid() {
+                    return Ok(FaultOutcome::Retry(RetryReason::InvalidRoot));
+                }
+                let Some(rmaps) = rmaps else {
+                    panic!(
+                        "kvmmu bug: a shadow-MMU fault on gfn {:?} without rmaps",
+                        req.gfn
+                    );
+                };
+                Ok(self.shadow.map(root, req, rmaps, mmu.witness(), flusher))
+            }
+        }
+    }
+
+    /// `kvm_unmap_gfn_range` over one memslot: zaps every leaf mapping `gfns` in address space
+    /// `as_id` (through the slot's `rmaps` if it has them, then the TDP MMU). With `may_block` it
+    /// may yield `mmu_lock` when another thread waits for it, flushing first. The returned batch
+    /// must be committed before `mmu` is dropped.
+    pub fn unmap_gfn_range(
+        &self,
+        as_id: AsId,
+        rmaps: Option<&SlotRmaps>,
+        gfns: GfnRange,
+        mmu: &mut MmuWriteGuard<'_>,
+        may_block: bool,
+        flusher: &impl RemoteTlbFlush,
+    ) -> ZapBatch {
+        let mut flush = false;
+        if let Some(rmaps) = rmaps {
+            flush |= self
+                .shadow
+                .zap_gfn_range(rmaps, gfns, mmu, may_block, flusher);
+        }
+        flush |= self.tdp.zap_leafs(as_id, gfns, mmu, may_block, flusher);
+        let mut batch = ZapBatch::empty();
+        if flush {
+            batch.flush_before_unlock();
+        }
+        batch
+    }
+
+    /// `may_have_shadow_sptes`: TDP off, or indirect shadow pages exist (spec §3.8).
+    #[inline]
+    fn may_have_shadow_sptes(&self) -> bool {
+        self.shadow_enabled() || self.shadow.indirect_shadow_pages() != 0
+    }
+
+    /// `kvm_age_gfn` over one memslot: TDP first, then the shadow MMU if it may have SPTEs (spec
+    /// §3.8). `locked` is the caller's `mmu_lock` write witness in locked aging mode, `None` in
+    /// lockless mode. With `young`, each MMU also reports the gfns of every young leaf.
+    ///
+    /// Aging pins RCU for the TDP MMU only: in locked mode it nests inside `mmu_lock` (DESIGN lock
+    /// order), in lockless mode it keeps the page tables alive. The rmap walk holds no RCU guard
+    /// (the rmap bit ranks before RCU); SRCU (the caller's) keeps the rmap arrays alive.
+    #[inline]
+    pub fn age_gfn_range(
+        &self,
+        as_id: AsId,
+        rmaps: Option<&SlotRmaps>,
+        gfns: GfnRange,
+        locked: Option<&MmuWrite>,
+        mut young: Option<&mut dyn FnMut(GfnRange)>,
+    ) -> bool {
+        let mut any = false;
+        if !self.shadow_enabled() {
+            let rcu = self.tdp.rcu().pin();
+            any = match young.as_deref_mut() {
+                None => self.tdp.age_gfn_range(as_id, gfns, &rcu),
+                Some(report) => self.tdp.age_gfn_range_report(as_id, gfns, &rcu, report),
+            };
+        }
+        if self.may_have_shadow_sptes()
+            && let Some(rmaps) = rmaps
+        {
+            any |= match young {
+                None => self
+                    .shadow
+                    .age_gfn_range(rmaps, gfns, AgeAction::Clear, locked),
+                Some(report) => self
+                    .shadow
+                    .age_gfn_range_report(rmaps, gfns, locked, report),
+            };
+        }
+        any
+    }
+
+    /// `kvm_test_age_gfn` over one memslot: TDP first; the shadow MMU is asked only if TDP found
+    /// nothing young and it may have SPTEs (spec §3.8). Changes nothing.
+    pub fn test_age_gfn_range(
+        &self,
+        as_id: AsId,
+        rmaps: Option<&SlotRmaps>,
+        gfns: GfnRange,
+        locked: Option<&MmuWrite>,
+    ) -> bool {
+        if !self.shadow_enabled() {
+            let rcu = self.tdp.rcu().pin();
+            if self.tdp.test_age_gfn_range(as_id, gfns, &rcu) {
+                return true;
+            }
+        }
+        self.may_have_shadow_sptes()
+            && rmaps.is_some_and(|r| {
+                self.shadow
+                    .age_gfn_range(r, gfns, AgeAction::TestOnly, locked)
+            })
+    }
+
+    /// `kvm_mmu_zap_all_fast` (a reset: CR0.WP toggle, memslot flags): every root is invalidated
+    /// and every vCPU reloads. `sets` finds the rmap of a shadow leaf (the memslots, read under
+    /// SRCU after `mmu_lock` was taken).
+    pub(crate) fn reset(
+        &self,
+        mmu: &mut MmuWriteGuard<'_>,
+        sets: &(impl RmapLookup + ?Sized),
+        vcpus: &(impl RemoteTlbFlush + RootReload),
+    ) {
+        if self.shadow_enabled() {
+            // Commit-zap: flush, then free the zapped pages (shadow S1).
+            self.shadow.zap_all(sets, mmu.witness()).commit(vcpus);
+            vcpus.request_root_reload();
+            return;
+        }
+        self.tdp.invalidate_all_roots(mmu.witness());
+        // A waiting request (the kernel's KVM_REQ_MMU_FREE_OBSOLETE_ROOTS has KVM_REQUEST_WAIT):
+        // zaps of invalid roots do not flush TLBs, which is only sound once no vCPU can still be
+        // using a translation of the old root. Without the wait, a vCPU between its request check
+        // and its access could use a TLB entry whose frame a concurrent invalidation then frees.
+        vcpus.request_root_reload();
+        vcpus.flush_remote_tlbs();
+        self.tdp.zap_invalidated_roots(mmu, vcpus);
+    }
+
+    /// Zaps every SPTE and releases every root of both MMUs (VM teardown). The caller has already
+    /// made every vCPU drop its root and TLB; it commits the returned batch (flush, then free the
+    /// shadow pages) before dropping `mmu`. TDP tables are retired through RCU after the TDP
+    /// MMU's own flush (P6).
+    pub(crate) fn zap_all(
+        &self,
+        mmu: &mut MmuWriteGuard<'_>,
+        sets: &(impl RmapLookup + ?Sized),
+        flusher: &impl RemoteTlbFlush,
+    ) -> ZapBatch {
+        let batch = self.shadow.zap_all(sets, mmu.witness());
+        self.tdp.teardown(mmu, flusher);
+        batch
+    }
+
+    /// The leaf SPTE that maps `gfn` in the valid root of `as_id`, with its level (an oracle for
+    /// tests and tools). Lock-free with the TDP MMU (RCU); with the shadow MMU it takes `lock` for
+    /// read, since shadow pages are freed under `mmu_lock` write rather than RCU.
+    pub fn leaf(&self, lock: &MmuLock, as_id: AsId, gfn: Gfn) -> Option<(Spte, Level)> {
+        if self.shadow_enabled() {
+            let mmu = lock.read();
+            self.shadow.leaf(as_id, gfn, mmu.witness())
+        } else {
+            let rcu = self.tdp.rcu().pin();
+            self.tdp.leaf(as_id, gfn, &rcu)
+        }
+    }
+
+    /// The TDP MMU's statistics.
+    pub fn tdp_stats(&self) -> TdpStats {
+        self.tdp.stats()
+    }
+
+    /// The shadow MMU's statistics.
+    pub fn shadow_stats(&self) -> ShadowStats {
+        self.shadow.stats()
+    }
+}

@@ -1,0 +1,159 @@
+//! The shadow MMU's map step (`direct_map`, `mmu_set_spte`, `__rmap_add`): the protocol is in the
+//! module documentation of [`super`] (S1–S7).
+
+use crate::addr::Level;
+use crate::geometry::{GFN_LIMIT, index};
+use crate::mmu::spte::{ACCESSED_MASK, DIRTY_MASK, LeafAttrs, Spte, SpteKind, make_spte};
+use crate::mmu::types::{FaultOutcome, MapRequest, RemoteTlbFlush, RetryReason};
+use crate::sync::atomic::Ordering;
+use crate::sync::witness::MmuWrite;
+
+use super::mmu::{ShadowMmu, ShadowRoot, add};
+use super::page::{Role, SpPtr};
+use super::rmap::{RMAP_RECYCLE_THRESHOLD, RmapHead};
+use super::slot_rmaps::SlotRmaps;
+
+impl ShadowMmu {
+    /// Resolves one fault by installing a 4K leaf for `req.gfn` → `req.pfn` under `root`
+    /// (`direct_map` / `kvm_mmu_get_child_sp` / `mmu_set_spte`), linking missing shadow pages
+    /// and adding the leaf to its rmap in `rmaps` (the memslot's arrays). Rmaps past
+    /// [`RMAP_RECYCLE_THRESHOLD`] are zapped and flushed (`__rmap_add`).
+    ///
+    /// # Panics
+    /// If the gfn is mapped to another pfn (spec §4 item 13: the notifier must zap first), if
+    /// `root` belongs to another MMU, or if a huge leaf is met (this MMU installs 4K leaves only).
+    pub fn map(
+        &self,
+        root: &ShadowRoot,
+        req: &MapRequest,
+        rmaps: &SlotRmaps,
+        mmu: &MmuWrite,
+        flush: &impl RemoteTlbFlush,
+    ) -> FaultOutcome {
+        assert!(
+            root.belongs_to(self),
+            "map: the root belongs to another ShadowMmu"
+        );
+        self.check_lock(mmu.lock_id());
+        add(&self.inner.counters.faults, 1);
+        if root.is_invalid() {
+            return FaultOutcome::Retry(RetryReason::InvalidRoot);
+        }
+        let gfn = req.gfn.raw();
+        if gfn >= GFN_LIMIT {
+            return FaultOutcome::OutOfRange;
+        }
+        let Some(rmap) = rmaps.get(req.gfn, Level::L4K) else {
+            panic!("kvmmu bug: map of gfn {gfn:#x} with the rmaps of a memslot not covering it");
+        };
+        let stats = &self.inner.rmap_stats;
+        let mut state = self.inner.state.lock();
+        let mut sp = root.sp;
+        loop {
+            // SAFETY: `sp` is the root we hold a reference to, or a page linked from a present
+            // non-leaf SPTE; we hold `mmu_lock` write, so no page is freed meanwhile (S1).
+            let page = unsafe { sp.get() };
+            let level = page.role.level;
+            let sptep = page.entry(gfn);
+            // ORDERING: non-leaf SPTEs change only under `mmu_lock` write, which we hold.
+            let old = sptep.load(Ordering::Relaxed);
+            let Some(child_level) = level.down() else {
+                return self.set_leaf(sp, req, old, rmap, mmu, flush);
+            };
+            sp = match old.kind(level) {
+                SpteKind::Table => SpPtr::from_spte(old),
+                SpteKind::NonPresent => {
+                    let role = Role {
+                        level: child_level,
+                        as_id: page.role.as_id,
+                        direct: true,
+                    };
+                    let base = gfn & !(level.pages() - 1);
+                    let child = match state.hash.get(&(base, role)) {
+                        Some(&c) => c,
+                        None => self.alloc_page(&mut state, base, role, 0),
+                    };
+                    // ORDERING: Release publishes the child's initialised SPTEs to a vCPU's
+                    // Acquire walk (spte.rs O2).
+                    sptep.store(child.to_spte(), Ordering::Release);
+                    // SAFETY: `page` is live under `mmu_lock` write; its entry leaves the parent
+                    // list before `page` is freed (S1, prepare-zap unlinks children first).
+                    let pte = unsafe { super::rmap::SptePtr::from_spte(sptep) };
+                    // SAFETY: `child` is live: just allocated or found in the hash (S1).
+                    let _ = unsafe { child.get() }
+                        .parent_ptes
+                        .pte_list_add(mmu, stats, pte);
+                    child
+                }
+                SpteKind::Leaf | SpteKind::Frozen => panic!(
+                    "kvmmu bug: {old:?} at level {level:?} for gfn {gfn:#x}: the shadow MMU \
+                     installs 4K leaves only and never freezes (S2)"
+                ),
+            };
+        }
+    }
+
+    /// The last step of [`ShadowMmu::map`]: install or upgrade the leaf in `sp`.
+    fn set_leaf(
+        &self,
+        sp: SpPtr,
+        req: &MapRequest,
+        old: Spte,
+        rmap: &RmapHead,
+        mmu: &MmuWrite,
+        flush: &impl RemoteTlbFlush,
+    ) -> FaultOutcome {
+        let gfn = req.gfn.raw();
+        // SAFETY: `mmu_lock` write keeps the page allocated (S1).
+        let page = unsafe { sp.get() };
+        let sptep = page.entry(gfn);
+        let attrs = LeafAttrs {
+            host_writable: req.host_writable,
+            write_allowed: req.write_fault,
+            prefetch: req.prefetch,
+        };
+        let new = make_spte(req.pfn, Level::L4K, attrs);
+        match old.kind(Level::L4K) {
+            SpteKind::Leaf => {
+                assert_eq!(
+                    old.pfn(),
+                    req.pfn,
+                    "gfn {gfn:#x} is mapped to another pfn: a present leaf may not change pfn \
+                     (spec §4 item 13)"
+                );
+                if !req.write_fault || old.is_writable() || !new.is_writable() {
+                    return FaultOutcome::Spurious;
+                }
+                // Upgrade to writable, keeping A/D the CPU may be setting concurrently (O5).
+                let mut cur = old;
+                loop {
+                    let want =
+                        Spte::from_raw(new.raw() | (cur.raw() & (ACCESSED_MASK | DIRTY_MASK)));
+                    // ORDERING: Release as for a new leaf; on failure re-read (only A/D change).
+                    match sptep.compare_exchange(cur, want, Ordering::Release, Ordering::Relaxed) {
+                        Ok(_) => return FaultOutcome::Fixed,
+                        Err(actual) => cur = actual,
+                    }
+                }
+            }
+            SpteKind::NonPresent => {
+                // ORDERING: Release, so a vCPU that Acquire-loads the leaf sees what we saw before
+                // installing it (the host's initialisation of the frame, via GUP).
+                sptep.store(new, Ordering::Release);
+                add(&self.inner.counters.leaves_installed, 1);
+                // SAFETY: the page is live; the entry leaves the rmap before the page is freed (S1).
+                let pte = unsafe { sp.sptep(index(gfn, Level::L4K)) };
+                let before = rmap.pte_list_add(mmu, &self.inner.rmap_stats, pte);
+                if before > RMAP_RECYCLE_THRESHOLD {
+                    self.zap_rmap(rmap, mmu);
+                    add(&self.inner.counters.rmap_recycles, 1);
+                    flush.flush_remote_tlbs();
+                }
+                FaultOutcome::Fixed
+            }
+            SpteKind::Table | SpteKind::Frozen => {
+                unreachable!("a 4K shadow SPTE is a leaf or non-present (S2)")
+            }
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The page-fault handler (`kvm_mmu_page_fault`, spec §3.4): VM orchestration around the MMU's
+//! `map` step.
+//!
+//! 1. Under SRCU, look up the memslot of the gfn. No slot → exit to the user; an INVALID slot (being
+//!    deleted or moved) → RETRY; a write to a read-only slot → exit to the user.
+//! 2. Snapshot `mmu_invalidate_seq` ([`super::seq::InvalidateState::snapshot`]) **before** reading
+//!    host page tables; pre-check lock-free for a racing invalidation (cheap RETRY instead of
+//!    contending `mmu_lock` with an invalidation).
+//! 3. Resolve the host frame with `get_user_page`; a host error (unmapped, or a write to read-only
+//!    memory) is an exit to the user, like KVM's `-EFAULT`.
+//! 4. [`Mmu::map`](crate::mmu::Mmu::map) takes `mmu_lock` in the mode the MMU needs (read for
+//!    TDP, write for shadow); under it, if the VM is dead, the root is obsolete, or an
+//!    invalidation covering the gfn is in progress or finished since the snapshot → RETRY (spec §4
+//!    item 9). Otherwise the MMU installs the leaf.
+//!
+//! RETRY is control flow, not an error: the vCPU simply re-executes the access.
+
+use crate::addr::{Gfn, Gpa, Hva, Level};
+use crate::host::{GupError, StaleAccess};
+use crate::mmu::{FaultOutcome, MapRequest, MmuRoot, RetryReason};
+use crate::sync::atomic::Ordering;
+use crate::vm::VmInner;
+
+/// Why a vCPU access could not complete: what KVM would report to its user as a `KVM_RUN` exit.
+///
+/// The fault handler's error type too (an unresolvable fault is such an exit); re-exported as
+/// `kvmmu::vcpu::VcpuExit`.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// The host refused the page (`-EFAULT`): the memory is unmapped, or it is a write to memory the
+    /// host mapped read-only.
+    #[error("host fault at gpa {gpa} (hva {hva}): {error}")]
+    HostFault {
+        /// The faulting guest physical address.
+        gpa: Gpa,
+        /// The host address the memslot maps it to.
+        hva: Hva,
+        /// What the host said.
+        error: GupError,
+    },
+    /// No memslot covers the address (KVM: an MMIO exit).
+    #[error("no memslot covers gpa {gpa}")]
+    NoMemslot {
+        /// The address.
+        gpa: Gpa,
+    },
+    /// A write to a read-only memslot (KVM: an MMIO exit).
+    #[error("write to read-only memslot at gpa {gpa}")]
+    ReadonlyMemslot {
+        /// The address.
+        gpa: Gpa,
+    },
+    /// Accesses are 8-byte words; the address was not 8-byte aligned.
+    #[error("gpa {gpa} is not 8-byte aligned")]
+    Unaligned {
+        /// The address.
+        gpa: Gpa,
+    },
+    /// The MMU handed the vCPU a translation to a frame that no longer backs that guest page. This is
+    /// a kvmmu bug (DESIGN invariant 2); it is reported so that tests and torture runs catch it.
+    #[error("stale translation used at gpa {gpa}: {source}")]
+    StaleTranslation {
+        /// The address.
+        gpa: Gpa,
+        /// What the frame check found.
+        source: StaleAccess,
+    },
+    /// The VM has been torn down.
+    #[error("the VM has been torn down")]
+    VmDead,
+    /// The calling thread already holds a vCPU in guest mode: a second vCPU cannot enter from it
+    /// (its faults would take `mmu_lock`, which a flusher waiting for the first vCPU may hold).
+    /// Nothing was done.
+    #[error(transparent)]
+    InGuestMode(#[from] crate::sync::guest_mode::InGuestMode),
+}
+
+impl VmInner {
+    /// Handles one fault on `gpa` for a vCPU whose current root is `root`.
+    pub(crate) fn page_fault(
+        &self,
+        root: &MmuRoot,
+        gpa: Gpa,
+        write: bool,
+    ) -> Result<FaultOutcome, VcpuExit> {
+        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        let outcome = self.page_fault_inner(root, gpa.gfn(), gpa, write)?;
+        if matches!(outcome, FaultOutcome::Retry(_)) {
+            self.counters.fault_retries.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(outcome)
+    }
+
+    fn page_fault_inner(
+        &self,
+        root: &MmuRoot,
+        gfn: Gfn,
+        gpa: Gpa,
+        write: bool,
+    ) -> Result<FaultOutcome, VcpuExit> {
+        let srcu = self.srcu_read();
+        let Some(cell) = self.memslots.get(root.as_id().index()) else {
+            return Err(VcpuExit::NoMemslot { gpa });
+        };
+        let slots = cell.load(&srcu);
+        let Some(slot) = slots.find_by_gfn(gfn) else {
+            return Err(VcpuExit::NoMemslot { gpa });
+        };
+        if slot.is_invalid() {
+            return Ok(FaultOutcome::Retry(RetryReason::InvalidSlot));
+        }
+        let readonly_slot = slot
+            .flags()
+            .contains(crate::vm::memslot::MemFlags::READONLY);
+        if write && readonly_slot {
+            return Err(VcpuExit::ReadonlyMemslot { gpa });
+        }
+        let Some(hva) = slot.gfn_to_hva(gfn) else {
+            return Err(VcpuExit::NoMemslot { gpa });
+        };
+
+        let snap = self.invalidate.snapshot();
+        if self.invalidate.retry_gfn_unsafe(snap, gfn) {
+            return Ok(FaultOutcome::Retry(RetryReason::Invalidation));
+        }
+        let page = match self.host.get_user_page(hva, write) {
+            Ok(p) => p,
+            Err(error) => return Err(VcpuExit::HostFault { gpa, hva, error }),
+        };
+        if self.invalidate.retry_gfn_unsafe(snap, gfn) {
+            return Ok(FaultOutcome::Retry(RetryReason::Invalidation));
+        }
+
+        let req = MapRequest {
+            gfn,
+            pfn: page.pfn,
+            level: Level::L4K,
+            host_writable: page.writable && !readonly_slot,
+            write_fault: write,
+            prefetch: false,
+        };
+        let outcome = self
+            .mmu
+            .map(&self.mmu_lock, root, &req, slot.rmaps(), self, |mmu| {
+                if self.dead.load(Ordering::Acquire) {
+                    return Err(Err(VcpuExit::VmDead));
+                }
+                if self.invalidate.retry_gfn(snap, gfn, mmu) {
+                    return Err(Ok(FaultOutcome::Retry(RetryReason::Invalidation)));
+                }
+                Ok(())
+            });
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(early) => return early,
+        };
+        drop(srcu);
+        match outcome {
+            // Beyond what a root can map: no memslot can legitimately cover it either.
+            FaultOutcome::OutOfRange => Err(VcpuExit::NoMemslot { gpa }),
+            o => Ok(o),
+        }
+    }
+}
