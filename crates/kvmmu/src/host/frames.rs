@@ -28,7 +28,7 @@
 //!    free is in flight.
 
 use super::HostError;
-use super::percpu::{STRIPES, stripe};
+use crate::sync::percpu::{STRIPES, stripe};
 use super::words::AtomicWords;
 use crate::addr::Pfn;
 use crate::sync::Mutex;

@@ -6,7 +6,7 @@ use super::frames::{FrameArena, FrameTag};
 use super::notifier::{
     InvalidateEvent, InvalidationPair, MmuNotifier, NotifierId, NotifierList, NotifierRange,
 };
-use super::percpu::StripedCounter;
+use crate::sync::percpu::StripedCounter;
 use super::pgtable::PageTable;
 use super::vma::{Vma, Vmas, page_hva, pte, pte_frame};
 use super::{GupError, HostError};

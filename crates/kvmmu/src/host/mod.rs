@@ -57,7 +57,6 @@ mod idle;
 mod lru_gen;
 mod mm;
 mod notifier;
-mod percpu;
 mod pgtable;
 mod vma;
 mod words;

@@ -30,6 +30,8 @@
 
 pub mod guest_mode;
 pub mod lock_rank;
+#[cfg(not(loom))]
+pub(crate) mod percpu;
 pub mod rcu;
 pub mod srcu;
 pub mod witness;
