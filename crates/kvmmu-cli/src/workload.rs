@@ -91,7 +91,8 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
             g.write_u64(gpa_of(i, p), value_for(i, p))?;
         }
         Ok(())
-    })?;
+    })?
+    .wall;
     let after_populate = vm.stats();
 
     // Phase 2: full aging passes through the notifier path.
@@ -146,7 +147,8 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
             }
         }
         Ok(())
-    })?;
+    })?
+    .wall;
 
     let stats = vm.stats();
     ensure!(

@@ -7,6 +7,7 @@ pub mod plot;
 pub mod progress;
 pub mod table;
 
+use crate::vcpus::PhaseTime;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,8 +20,12 @@ pub const REPORT_SCHEMA: &str = "kvmmu-report/1";
 pub struct Phase {
     /// The phase's name, as the original selftest prints it.
     pub name: String,
-    /// Wall time in seconds.
+    /// Wall time in seconds: from the earliest start to the latest end of the threads doing the
+    /// phase's work, each read on that thread.
     pub seconds: f64,
+    /// Each working thread's own span in seconds (absent for a phase timed on one thread).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub thread_seconds: Vec<f64>,
 }
 
 /// The outcome of a check.
@@ -91,11 +96,21 @@ impl Report {
         self.config.insert(key.to_owned(), v);
     }
 
-    /// Records a timed phase.
+    /// Records a phase timed on the one thread that did its work.
     pub fn phase(&mut self, name: impl Into<String>, d: Duration) {
         self.phases.push(Phase {
             name: name.into(),
             seconds: d.as_secs_f64(),
+            thread_seconds: Vec::new(),
+        });
+    }
+
+    /// Records a phase timed where its work happened, with every working thread's own span.
+    pub fn phase_time(&mut self, name: impl Into<String>, t: &PhaseTime) {
+        self.phases.push(Phase {
+            name: name.into(),
+            seconds: t.wall.as_secs_f64(),
+            thread_seconds: t.per_thread.iter().map(Duration::as_secs_f64).collect(),
         });
     }
 
