@@ -184,11 +184,26 @@ fn validate(a: &AccessArgs) -> anyhow::Result<(u64, u64)> {
     Ok((total, pages))
 }
 
+/// Refuses bad flags (a usage error naming the flag) before any work; returns the guest's size
+/// in bytes and pages.
+pub fn check(a: &AccessArgs) -> anyhow::Result<(u64, u64)> {
+    let r = validate(a).map_err(crate::error::as_usage)?;
+    vm_config(a.mmu, a.aging, a.tlb_entries)
+        .validate()
+        .map_err(|e| crate::error::as_usage(anyhow::Error::new(e)))?;
+    if a.no_aging_thread && !a.age_while_populating {
+        return Err(crate::error::usage_hint(
+            "the no-aging configuration only changes access-tracking with -p",
+            "add -p (--age-while-populating) to the workload's flags",
+        ));
+    }
+    Ok(r)
+}
+
 /// Runs the test; a failed check is a failed report, an error is a failure to run at all.
 pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
-    let (total, test_pages) = validate(a)?;
+    let (total, test_pages) = check(a)?;
     let config = vm_config(a.mmu, a.aging, a.tlb_entries);
-    config.validate()?;
     let policy = match a.idle_policy {
         Some(0) => Policy::Fail,
         Some(p) if p > 0 => Policy::Warn,
@@ -652,6 +667,7 @@ fn populate_while_aging(
 
 /// `kvmmu access-tracking`.
 pub fn main(cmd: &AccessCommand) -> anyhow::Result<()> {
+    crate::report::check_output(&cmd.out)?;
     let r = run(&cmd.args)?;
     crate::report::emit(&r, &cmd.out)
 }

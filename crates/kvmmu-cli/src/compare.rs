@@ -6,7 +6,7 @@ use crate::access_tracking::{self, AccessArgs};
 use crate::mmu_stress::{self, StressArgs};
 use crate::report::{Report, plot, progress, table::seconds};
 use crate::{AgingArg, MmuArg, OutputArgs};
-use anyhow::{bail, ensure};
+use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use std::fmt::Write;
@@ -62,6 +62,11 @@ pub struct CompareArgs {
     /// The workload and its flags.
     #[command(subcommand)]
     pub workload: CompareWorkload,
+
+    /// The workload flags given on the command line rather than defaulted (argument ids, e.g.
+    /// `aging`): a configuration may not silently override one of them.
+    #[arg(skip)]
+    pub explicit: Vec<String>,
 }
 
 /// One measurement across configurations.
@@ -90,6 +95,8 @@ pub struct Comparison {
     pub rows: Vec<Row>,
     /// Every run passed its checks.
     pub passed: bool,
+    /// Every failed check, naming its configuration and run (empty when `passed`).
+    pub failures: Vec<String>,
 }
 
 fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
@@ -136,37 +143,40 @@ pub fn median(v: &mut [f64]) -> Option<f64> {
 
 /// Runs the comparison.
 pub fn run(a: &CompareArgs) -> anyhow::Result<Comparison> {
-    ensure!(
-        !a.configs.is_empty(),
-        "--configs needs at least one configuration"
-    );
-    ensure!(
-        (1..=1000).contains(&a.runs),
-        "--runs must be between 1 and 1000 (got {})",
-        a.runs
-    );
+    let workloads = check(a)?;
     let n = a.configs.len();
-    let workloads: Vec<CompareWorkload> =
-        a.configs.iter().map(|c| apply(&a.workload, *c)).collect();
+    let names = config_names(&a.configs);
     let mut reports: Vec<Vec<Report>> = vec![Vec::new(); n];
+    let mut failures: Vec<String> = Vec::new();
     let pb = progress::bar((a.runs * n) as u64, "compare runs");
     for run in 0..a.runs {
         for k in 0..n {
             let c = (run + k) % n;
-            reports[c].push(run_one(&workloads[c])?);
+            let r = run_one(&workloads[c]).with_context(|| {
+                format!("configuration {}, run {} of {}", names[c], run + 1, a.runs)
+            })?;
+            for l in r.failure_lines() {
+                failures.push(format!(
+                    "configuration {}, run {} of {}: {l}",
+                    names[c],
+                    run + 1,
+                    a.runs
+                ));
+            }
+            reports[c].push(r);
             pb.inc(1);
         }
     }
     pb.finish_and_clear();
-    let mut names: Vec<String> = Vec::new();
+    let mut measured: Vec<String> = Vec::new();
     for r in reports.iter().flatten() {
         for (name, _) in r.measurements() {
-            if !names.contains(&name) {
-                names.push(name);
+            if !measured.contains(&name) {
+                measured.push(name);
             }
         }
     }
-    let rows = names
+    let rows = measured
         .into_iter()
         .map(|name| {
             let medians: Vec<Option<f64>> = reports
@@ -201,19 +211,86 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<Comparison> {
             CompareWorkload::AccessTracking(_) => "access-tracking".into(),
             CompareWorkload::MmuStress(_) => "mmu-stress".into(),
         },
-        configs: a
-            .configs
-            .iter()
-            .map(|c| {
-                c.to_possible_value()
-                    .map(|v| v.get_name().to_owned())
-                    .unwrap_or_default()
-            })
-            .collect(),
+        configs: names,
         runs: a.runs,
         rows,
-        passed: reports.iter().flatten().all(|r| r.passed),
+        passed: failures.is_empty(),
+        failures,
     })
+}
+
+fn config_names(configs: &[ConfigArg]) -> Vec<String> {
+    configs
+        .iter()
+        .map(|c| {
+            c.to_possible_value()
+                .map(|v| v.get_name().to_owned())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Refuses, before any run, a comparison that could not mean anything: no or repeated
+/// configurations, a configuration that would override a flag given to the workload, a
+/// configuration the workload's flags make a no-op, or bad workload flags. Returns the
+/// workload of every configuration.
+pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
+    use crate::error::{require, usage_hint};
+    require(!a.configs.is_empty(), || {
+        "--configs needs at least one configuration".into()
+    })?;
+    require((1..=1000).contains(&a.runs), || {
+        format!("--runs must be between 1 and 1000 (got {})", a.runs)
+    })?;
+    let names = config_names(&a.configs);
+    for (i, c) in a.configs.iter().enumerate() {
+        if a.configs[..i].contains(c) {
+            return Err(usage_hint(
+                format!("--configs names {} twice", names[i]),
+                "give each configuration once; --runs sets how often each runs",
+            ));
+        }
+    }
+    let given = |id: &str| a.explicit.iter().any(|e| e == id);
+    let (workload, is_stress, age) = match &a.workload {
+        CompareWorkload::AccessTracking(_) => ("access-tracking", false, true),
+        CompareWorkload::MmuStress(s) => ("mmu-stress", true, s.age),
+    };
+    for (c, name) in a.configs.iter().zip(&names) {
+        let flag = match c {
+            ConfigArg::Lockless | ConfigArg::Locked => "aging",
+            ConfigArg::Tdp | ConfigArg::Shadow => "mmu",
+            ConfigArg::NoAging => "",
+        };
+        if !flag.is_empty() && given(flag) {
+            return Err(usage_hint(
+                format!(
+                    "--configs {name} would override the workload's --{flag}, so the \
+                     comparison would not run what the command line says"
+                ),
+                format!("drop --{flag} from the {workload} flags, or {name} from --configs"),
+            ));
+        }
+        if is_stress && !age && matches!(c, ConfigArg::Lockless | ConfigArg::Locked) {
+            return Err(usage_hint(
+                format!(
+                    "--configs {name} changes nothing for mmu-stress without --age (no aging \
+                     thread runs)"
+                ),
+                "add --age to the mmu-stress flags",
+            ));
+        }
+    }
+    let workloads: Vec<CompareWorkload> =
+        a.configs.iter().map(|c| apply(&a.workload, *c)).collect();
+    for (w, name) in workloads.iter().zip(&names) {
+        match w {
+            CompareWorkload::AccessTracking(x) => access_tracking::check(x).map(|_| ()),
+            CompareWorkload::MmuStress(x) => mmu_stress::check(x).map(|_| ()),
+        }
+        .map_err(|e| e.context(format!("configuration {name}")))?;
+    }
+    Ok(workloads)
 }
 
 /// Renders a comparison as a table: medians per configuration, then ratios to the first.
@@ -263,6 +340,7 @@ pub fn render(c: &Comparison) -> String {
 
 /// `kvmmu compare`.
 pub fn main(a: &CompareArgs) -> anyhow::Result<()> {
+    crate::report::check_output(&a.out)?;
     let c = run(a)?;
     if a.out.json {
         println!("{}", serde_json::to_string_pretty(&c)?);
@@ -288,7 +366,10 @@ pub fn main(a: &CompareArgs) -> anyhow::Result<()> {
         )?;
     }
     if !c.passed {
-        bail!("a run failed its checks; run the configuration alone to see which");
+        return Err(crate::error::ChecksFailed {
+            lines: c.failures.clone(),
+        }
+        .into());
     }
     Ok(())
 }

@@ -386,11 +386,19 @@ fn validate(a: &StressArgs) -> anyhow::Result<u64> {
     Ok(slots)
 }
 
+/// Refuses bad flags (a usage error naming the flag) before any work; returns the slot count.
+pub fn check(a: &StressArgs) -> anyhow::Result<u64> {
+    let n = validate(a).map_err(crate::error::as_usage)?;
+    vm_config(a.mmu, a.aging, a.tlb_entries)
+        .validate()
+        .map_err(|e| crate::error::as_usage(anyhow::Error::new(e)))?;
+    Ok(n)
+}
+
 /// Runs the test with `write_protect` as the read-only step.
 pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Result<Report> {
-    let nslots = validate(a)?;
+    let nslots = check(a)?;
     let config = vm_config(a.mmu, a.aging, a.tlb_entries);
-    config.validate()?;
     let mut r = Report::new("mmu-stress");
     r.config("vcpus", a.vcpus);
     r.config("max_mem", a.max_mem);
@@ -642,6 +650,13 @@ pub fn run(a: &StressArgs) -> anyhow::Result<Report> {
 
 /// `kvmmu mmu-stress`.
 pub fn main(cmd: &StressCommand) -> anyhow::Result<()> {
+    crate::report::check_output(&cmd.out)?;
+    if cmd.args.aging == AgingArg::Locked && !cmd.args.age {
+        return Err(crate::error::usage_hint(
+            "--aging locked changes nothing without --age (no aging thread runs)",
+            "add --age to run the aging thread under mmu_lock",
+        ));
+    }
     let r = run(&cmd.args)?;
     crate::report::emit(&r, &cmd.out)
 }

@@ -3,10 +3,9 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use clap::Args;
 use kvmmu::config::{AgingMode, MmuKind};
-use kvmmu::torture::{Actors, TortureConfig};
+use kvmmu::torture::{Actors, TortureConfig, TortureError};
 
 use crate::{AgingArg, MmuArg};
 
@@ -160,16 +159,97 @@ pub fn config(a: &TortureArgs) -> TortureConfig {
     }
 }
 
-/// Runs `kvmmu torture`; an error (non-zero exit) if any oracle failed.
+/// Most operations per vCPU (`--ops`): about an hour at the slowest measured rate.
+pub const MAX_OPS: u64 = 1 << 32;
+
+/// Refuses, in the user's flag names, options the run could not honour or that mean nothing.
+pub fn check(a: &TortureArgs) -> anyhow::Result<()> {
+    use kvmmu_cli::error::{require, usage_hint};
+    if a.duration == Some(Duration::ZERO) {
+        return Err(usage_hint(
+            "--duration 0s would stop the run before any operation",
+            "give a positive duration (e.g. --duration 30s) or bound the run with --ops",
+        ));
+    }
+    if a.stall_timeout.is_zero() {
+        return Err(usage_hint(
+            "--stall-timeout 0s would report every actor as stalled at once",
+            "give a positive timeout (default 30s)",
+        ));
+    }
+    require(a.ops.is_none_or(|n| (1..=MAX_OPS).contains(&n)), || {
+        format!(
+            "--ops must be between 1 and {MAX_OPS} (got {})",
+            a.ops.unwrap_or(0)
+        )
+    })?;
+    require((1..=64).contains(&a.vcpus), || {
+        format!("-v/--vcpus must be between 1 and 64 (got {})", a.vcpus)
+    })?;
+    let private = TortureConfig::default().private;
+    require(a.pages >= private + 8, || {
+        format!("--pages must be at least {} (got {})", private + 8, a.pages)
+    })?;
+    require(
+        a.dyn_pages >= 1 && a.pages.saturating_add(a.dyn_pages) <= 1 << 20,
+        || {
+            format!(
+                "--dyn-pages must be at least 1, and --pages plus --dyn-pages at most 1048576 \
+                 (got {} + {})",
+                a.pages, a.dyn_pages
+            )
+        },
+    )?;
+    require(a.frames != Some(0), || "--frames must be at least 1".into())?;
+    require((1..=1 << 20).contains(&a.tlb_entries), || {
+        format!(
+            "--tlb-entries must be between 1 and 1048576 (got {})",
+            a.tlb_entries
+        )
+    })?;
+    Ok(())
+}
+
+/// The flag behind a library parameter name.
+fn flag_of(param: &str) -> &str {
+    match param {
+        "vcpus" => "--vcpus",
+        "main_pages" => "--pages",
+        "dyn_pages" => "--dyn-pages",
+        "ops_per_vcpu" => "--ops or --duration",
+        "tlb_entries" => "--tlb-entries",
+        other => other,
+    }
+}
+
+/// Runs `kvmmu torture`: the report on success; on a violation the report is printed and the
+/// error lists every violation (exit status 1).
 pub fn run(a: &TortureArgs) -> anyhow::Result<String> {
+    check(a)?;
     let cfg = config(a);
     eprintln!(
         "kvmmu torture: seed {:#x} (replay with --seed {:#x}), {:?} MMU, {:?} aging, {} vCPUs",
         cfg.seed, cfg.seed, cfg.mmu, cfg.aging, cfg.vcpus
     );
-    let report = kvmmu::torture::run(&cfg).context("torture set-up failed")?;
+    let report = kvmmu::torture::run(&cfg).map_err(|e| match e {
+        TortureError::Parameter { name, why } => {
+            kvmmu_cli::error::usage(format!("{} {why}", flag_of(name)))
+        }
+        TortureError::Config(c) => kvmmu_cli::error::usage(c.to_string()),
+        other => anyhow::Error::new(other).context("torture set-up failed"),
+    })?;
     if !report.passed() {
-        bail!("{report}");
+        print!("{report}");
+        let mut lines: Vec<String> = report
+            .violations
+            .iter()
+            .map(|v| format!("violation: {v}"))
+            .collect();
+        lines.push(format!(
+            "torture failed with seed {:#x}: rerun with --seed {:#x} and the same options",
+            report.seed, report.seed
+        ));
+        return Err(kvmmu_cli::error::ChecksFailed { lines }.into());
     }
     Ok(report.to_string())
 }

@@ -4,6 +4,7 @@ use crate::{AgingArg, MmuArg, WorkloadArgs};
 use anyhow::{Context, bail, ensure};
 use kvmmu::addr::PAGE_SIZE;
 use kvmmu::prelude::*;
+use kvmmu_cli::error::{as_usage, require, usage};
 use kvmmu_cli::vcpus::run_vcpus;
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -39,24 +40,44 @@ fn value_for(vcpu: usize, page: u64) -> u64 {
     ((vcpu as u64) << 48) ^ (page.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16) ^ 0xA5
 }
 
-/// Runs the default workload described by `cli`.
-pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
-    kvmmu_cli::check_vcpus("--vcpus", cli.vcpus)?;
-    kvmmu_cli::check_pages("--bytes-per-vcpu", cli.bytes_per_vcpu)?;
-    let total = cli
-        .bytes_per_vcpu
+/// Most aging passes the default workload times (each is a full pass over guest memory).
+pub const MAX_PASSES: u32 = 10_000;
+
+/// Checks the flags before anything runs; returns the guest's size in bytes.
+pub fn validate(cli: &WorkloadArgs) -> anyhow::Result<u64> {
+    kvmmu_cli::check_vcpus("-v/--vcpus", cli.vcpus)?;
+    kvmmu_cli::check_pages("-b/--bytes-per-vcpu", cli.bytes_per_vcpu)?;
+    require(cli.passes <= MAX_PASSES, || {
+        format!(
+            "--passes must be at most {MAX_PASSES} (got {}); each pass ages all of guest memory",
+            cli.passes
+        )
+    })?;
+    require((1..=1 << 20).contains(&cli.tlb_entries), || {
+        format!(
+            "--tlb-entries must be between 1 and 1048576 (got {})",
+            cli.tlb_entries
+        )
+    })?;
+    cli.bytes_per_vcpu
         .checked_mul(cli.vcpus as u64)
         .filter(|t| *t <= MAX_TOTAL_BYTES)
-        .with_context(|| {
-            format!(
-                "guest memory must be at most {} GiB in all",
+        .ok_or_else(|| {
+            usage(format!(
+                "-v times -b must be at most {} GiB of guest memory in all",
                 MAX_TOTAL_BYTES >> 30
-            )
-        })?;
+            ))
+        })
+}
+
+/// Runs the default workload described by `cli`.
+pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
+    let total = validate(cli)?;
     let pages = total / PAGE_SIZE;
     let pages_per_vcpu = cli.bytes_per_vcpu / PAGE_SIZE;
 
     let config = kvmmu_cli::vm_config(cli.mmu, cli.aging, cli.tlb_entries);
+    config.validate().map_err(|e| as_usage(e.into()))?;
     // Refuse, before anything runs, a guest whose frame arena this machine cannot back.
     kvmmu_cli::check_host_memory(pages + 1024)?;
     let host = HostMm::new(HostConfig {

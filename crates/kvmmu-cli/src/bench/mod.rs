@@ -16,11 +16,12 @@ mod peers;
 mod report;
 
 use crate::{MmuArg, size};
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use clap::Args;
 use guest::{Guest, touch_read, touch_write};
 use kvmmu::addr::PAGE_SIZE;
 use kvmmu::prelude::*;
+use kvmmu_cli::error::{require, usage, usage_hint};
 use peers::Peer;
 use report::Report;
 use std::hint::black_box;
@@ -86,16 +87,24 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
         ..VmConfig::default()
     }
     .validate()
-    .with_context(|| format!("--mmu {:?}", args.mmu))?;
+    .map_err(|e| usage(format!("--mmu {:?}: {e}", args.mmu).to_lowercase()))?;
     let bytes = args
         .bytes
         .unwrap_or(if args.quick { 128 << 20 } else { 1 << 30 });
-    ensure!(
+    require(
         bytes >= 64 * PAGE_SIZE && bytes.is_multiple_of(PAGE_SIZE) && bytes <= 16 << 30,
-        "--bytes must be a multiple of 4 KiB between 256 KiB and 16 GiB"
-    );
+        || "--bytes must be a multiple of 4 KiB between 256 KiB and 16 GiB".into(),
+    )?;
     let reps = args.reps.unwrap_or(if args.quick { 5 } else { 9 });
-    ensure!((1..=1000).contains(&reps), "--reps must be 1..=1000");
+    require((1..=1000).contains(&reps), || {
+        format!("--reps must be between 1 and 1000 (got {reps})")
+    })?;
+    if args.quick && !args.only.is_empty() && args.only.iter().all(|o| o == "scaling") {
+        return Err(usage_hint(
+            "--only scaling runs nothing with --quick (the quick run has no scaling sweep)",
+            "drop --quick to run the scaling sweep",
+        ));
+    }
     let pages = bytes / PAGE_SIZE;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
 

@@ -132,23 +132,47 @@ impl Report {
         self.check(name, s, detail);
     }
 
-    /// Every value a comparison can take a median of: phases by name, then metrics.
+    /// Every value a comparison can take a median of: phases by name, then metrics. A phase
+    /// name that repeats (the selftest marks memory idle twice) is kept apart: its second
+    /// occurrence is `NAME #2`, and so on.
     pub fn measurements(&self) -> Vec<(String, f64)> {
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
         self.phases
             .iter()
-            .map(|p| (p.name.clone(), p.seconds))
+            .map(|p| {
+                let n = seen.entry(p.name.as_str()).or_insert(0);
+                *n += 1;
+                let name = if *n == 1 {
+                    p.name.clone()
+                } else {
+                    format!("{} #{n}", p.name)
+                };
+                (name, p.seconds)
+            })
             .chain(self.metrics.iter().map(|(k, v)| (k.clone(), *v)))
+            .collect()
+    }
+
+    /// The failed checks, one line each (`check failed: NAME: DETAIL`).
+    pub fn failure_lines(&self) -> Vec<String> {
+        self.checks
+            .iter()
+            .filter(|c| c.status == Status::Fail)
+            .map(|c| format!("check failed: {}: {}", c.name, c.detail))
             .collect()
     }
 
     /// The failed checks, one per line (for the error message of a failed run).
     pub fn failures(&self) -> String {
-        self.checks
-            .iter()
-            .filter(|c| c.status == Status::Fail)
-            .map(|c| format!("check failed: {}: {}", c.name, c.detail))
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.failure_lines().join("\n")
+    }
+}
+
+/// Refuses, before a run, output options whose files could not be written.
+pub fn check_output(out: &crate::OutputArgs) -> anyhow::Result<()> {
+    match &out.plot {
+        Some(p) => crate::check_output_path("--plot", p, &["svg", "png"]),
+        None => Ok(()),
     }
 }
 
@@ -174,7 +198,10 @@ pub fn emit(report: &Report, out: &crate::OutputArgs) -> anyhow::Result<()> {
         )?;
     }
     if !report.passed {
-        anyhow::bail!("{}", report.failures());
+        return Err(crate::error::ChecksFailed {
+            lines: report.failure_lines(),
+        }
+        .into());
     }
     Ok(())
 }
