@@ -97,6 +97,8 @@ pub struct Comparison {
     pub passed: bool,
     /// Every failed check, naming its configuration and run (empty when `passed`).
     pub failures: Vec<String>,
+    /// Ctrl-C stopped the comparison early: medians are over the runs that completed.
+    pub interrupted: bool,
 }
 
 fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
@@ -148,10 +150,16 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<Comparison> {
     let names = config_names(&a.configs);
     let mut reports: Vec<Vec<Report>> = vec![Vec::new(); n];
     let mut failures: Vec<String> = Vec::new();
-    let pb = progress::bar((a.runs * n) as u64, "compare runs");
-    for run in 0..a.runs {
+    let pb = progress::bar((a.runs * n) as u64, "compare");
+    let mut interrupted = false;
+    'runs: for run in 0..a.runs {
         for k in 0..n {
+            if progress::interrupted() {
+                interrupted = true;
+                break 'runs;
+            }
             let c = (run + k) % n;
+            pb.set_message(format!("compare: {} run {}/{}", names[c], run + 1, a.runs));
             let r = run_one(&workloads[c]).with_context(|| {
                 format!("configuration {}, run {} of {}", names[c], run + 1, a.runs)
             })?;
@@ -216,6 +224,7 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<Comparison> {
         rows,
         passed: failures.is_empty(),
         failures,
+        interrupted,
     })
 }
 
@@ -293,13 +302,14 @@ pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
     Ok(workloads)
 }
 
-/// Renders a comparison as a table: medians per configuration, then ratios to the first.
+/// Renders a comparison as two tables that fit 80 columns for up to four configurations: the
+/// medians per configuration, then each configuration's ratio to the first.
 pub fn render(c: &Comparison) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "kvmmu compare {}: {} runs per configuration, alternated; medians, ratio to {}",
-        c.workload, c.runs, c.configs[0]
+        "kvmmu compare {}: {} runs per configuration, alternated",
+        c.workload, c.runs
     );
     let w = c
         .rows
@@ -307,29 +317,39 @@ pub fn render(c: &Comparison) -> String {
         .map(|r| r.name.len())
         .max()
         .unwrap_or(8)
-        .max(8);
-    let mut head = format!("\n  {:<w$}", "measurement");
+        .max(11);
+    let mut head = format!("\n  {:<w$}", "median");
     for name in &c.configs {
-        let _ = write!(head, "  {name:>12}");
-    }
-    for name in c.configs.iter().skip(1) {
-        let _ = write!(head, "  {:>12}", format!("{name}/{}", c.configs[0]));
+        let _ = write!(head, " {name:>12}");
     }
     let _ = writeln!(s, "{head}");
     for r in &c.rows {
         let _ = write!(s, "  {:<w$}", r.name);
         for m in &r.medians {
-            let _ = write!(s, "  {:>12}", m.map_or("-".into(), seconds));
-        }
-        for x in r.ratios.iter().skip(1) {
-            let _ = write!(s, "  {:>12}", x.map_or("-".into(), |x| format!("{x:.2}x")));
+            let _ = write!(s, " {:>12}", m.map_or("-".into(), seconds));
         }
         let _ = writeln!(s);
+    }
+    if c.configs.len() > 1 {
+        let mut head = format!("\n  {:<w$}", format!("ratio to {}", c.configs[0]));
+        for name in c.configs.iter().skip(1) {
+            let _ = write!(head, " {name:>12}");
+        }
+        let _ = writeln!(s, "{head}");
+        for r in &c.rows {
+            let _ = write!(s, "  {:<w$}", r.name);
+            for x in r.ratios.iter().skip(1) {
+                let _ = write!(s, " {:>12}", x.map_or("-".into(), |x| format!("{x:.2}x")));
+            }
+            let _ = writeln!(s);
+        }
     }
     let _ = writeln!(
         s,
         "\n  result: {}",
-        if c.passed {
+        if c.interrupted {
+            "INTERRUPTED (medians of the runs that completed)"
+        } else if c.passed {
             "PASS"
         } else {
             "FAIL (a run failed its checks)"
@@ -341,13 +361,14 @@ pub fn render(c: &Comparison) -> String {
 /// `kvmmu compare`.
 pub fn main(a: &CompareArgs) -> anyhow::Result<()> {
     crate::report::check_output(&a.out)?;
+    progress::stop_between_units();
     let c = run(a)?;
     if a.out.json {
         println!("{}", serde_json::to_string_pretty(&c)?);
     } else {
         print!("{}", render(&c));
     }
-    if let Some(path) = &a.out.plot {
+    if let Some(path) = a.out.plot.as_ref().filter(|_| !c.rows.is_empty()) {
         let cats: Vec<String> = c.rows.iter().map(|r| r.name.clone()).collect();
         let series: Vec<plot::Series> = c
             .configs
@@ -365,6 +386,9 @@ pub fn main(a: &CompareArgs) -> anyhow::Result<()> {
             &series,
         )?;
     }
+    if c.interrupted {
+        return Err(crate::error::Interrupted.into());
+    }
     if !c.passed {
         return Err(crate::error::ChecksFailed {
             lines: c.failures.clone(),
@@ -377,6 +401,40 @@ pub fn main(a: &CompareArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_fits_80_columns_with_three_configurations() {
+        let row = |name: &str| Row {
+            name: name.into(),
+            medians: vec![Some(1234.5), Some(0.1), None],
+            ratios: vec![Some(1.0), Some(0.00008), None],
+        };
+        let c = Comparison {
+            schema: COMPARE_SCHEMA,
+            workload: "access-tracking".into(),
+            configs: vec!["lockless".into(), "locked".into(), "no-aging".into()],
+            runs: 3,
+            rows: vec![
+                row("Reading from populated memory"),
+                row("Mark memory idle (lru_gen) #2"),
+            ],
+            passed: true,
+            failures: Vec::new(),
+            interrupted: false,
+        };
+        let t = render(&c);
+        for l in t.lines() {
+            assert!(
+                l.chars().count() <= 80,
+                "{} columns: {l}",
+                l.chars().count()
+            );
+        }
+        assert!(
+            t.contains("ratio to lockless") && t.contains("0.00x"),
+            "{t}"
+        );
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

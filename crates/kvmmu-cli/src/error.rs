@@ -84,6 +84,18 @@ impl fmt::Display for ChecksFailed {
 
 impl std::error::Error for ChecksFailed {}
 
+/// Ctrl-C stopped the run; a partial report was printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interrupted;
+
+impl fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("interrupted (Ctrl-C); the report covers the work that completed")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// An error and its causes on one line, each cause once: a cause whose text its parent already
 /// quotes (a `#[from]` error whose message embeds its source) is not repeated.
 pub fn one_line(e: &anyhow::Error) -> String {
@@ -103,6 +115,11 @@ pub fn one_line(e: &anyhow::Error) -> String {
 
 /// Prints `e` as the module doc says and returns the exit status.
 pub fn report(e: &anyhow::Error) -> ExitCode {
+    crate::report::progress::clear();
+    if e.chain().any(|c| c.is::<Interrupted>()) {
+        eprintln!("error: {}", one_line(e));
+        return ExitCode::from(EXIT_INTERRUPTED);
+    }
     if let Some(u) = e.chain().find_map(|c| c.downcast_ref::<UsageError>()) {
         let context: Vec<String> = e
             .chain()

@@ -100,6 +100,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    kvmmu_cli::report::progress::install_interrupt_handler();
     match cli.command {
         None => print!("{}", workload::run(&cli.workload)?),
         Some(Command::Run(args)) => print!("{}", workload::run(&args)?),

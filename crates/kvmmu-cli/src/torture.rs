@@ -6,6 +6,9 @@ use std::time::Duration;
 use clap::Args;
 use kvmmu::config::{AgingMode, MmuKind};
 use kvmmu::torture::{Actors, TortureConfig, TortureError};
+use kvmmu_cli::report::progress;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use crate::{AgingArg, MmuArg};
 
@@ -150,7 +153,7 @@ pub fn config(a: &TortureArgs) -> TortureConfig {
         ops_per_vcpu: match (a.ops, a.duration) {
             (Some(n), _) => Some(n),
             (None, Some(_)) => None,
-            (None, None) => Some(20_000),
+            (None, None) => Some(DEFAULT_OPS),
         },
         duration: a.duration,
         actors,
@@ -158,6 +161,9 @@ pub fn config(a: &TortureArgs) -> TortureConfig {
         ..TortureConfig::default()
     }
 }
+
+/// Operations per vCPU when neither --ops nor --duration is given.
+pub const DEFAULT_OPS: u64 = 20_000;
 
 /// Most operations per vCPU (`--ops`): about an hour at the slowest measured rate.
 pub const MAX_OPS: u64 = 1 << 32;
@@ -222,16 +228,65 @@ fn flag_of(param: &str) -> &str {
     }
 }
 
+/// Runs `f` (the torture run) under a progress display: with `--duration`, a bar of the time
+/// elapsed and left; with `--ops`, a spinner with the elapsed time. (Operation rates and
+/// violations so far would need a progress hook in `kvmmu::torture`; the final report has them.)
+fn with_progress<T>(a: &TortureArgs, f: impl FnOnce() -> T) -> T {
+    let pb = match a.duration {
+        Some(d) => progress::bar(u64::try_from(d.as_millis()).unwrap_or(u64::MAX), "torture"),
+        None => progress::spinner(&format!(
+            "torture: {} ops per vCPU",
+            a.ops.unwrap_or(DEFAULT_OPS)
+        )),
+    };
+    if pb.is_hidden() {
+        return f();
+    }
+    let done = AtomicBool::new(false);
+    let start = Instant::now();
+    let r = std::thread::scope(|s| {
+        s.spawn(|| {
+            // Bounded: `done` is set as soon as `f` returns.
+            // ORDERING: Relaxed: a stop flag; the scope's join orders the rest.
+            while !done.load(Ordering::Relaxed) {
+                if let Some(d) = a.duration {
+                    let el = start.elapsed().min(d);
+                    pb.set_position(u64::try_from(el.as_millis()).unwrap_or(u64::MAX));
+                    pb.set_message(format!("torture: {}s left", (d - el).as_secs()));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let r = f();
+        // ORDERING: see the load.
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    pb.finish_and_clear();
+    r
+}
+
 /// Runs `kvmmu torture`: the report on success; on a violation the report is printed and the
 /// error lists every violation (exit status 1).
 pub fn run(a: &TortureArgs) -> anyhow::Result<String> {
     check(a)?;
     let cfg = config(a);
-    eprintln!(
-        "kvmmu torture: seed {:#x} (replay with --seed {:#x}), {:?} MMU, {:?} aging, {} vCPUs",
-        cfg.seed, cfg.seed, cfg.mmu, cfg.aging, cfg.vcpus
-    );
-    let report = kvmmu::torture::run(&cfg).map_err(|e| match e {
+    progress::suspend(|| {
+        eprintln!(
+            "kvmmu torture: seed {:#x} (replay: --seed {:#x}), {}, {} aging, {} vCPUs",
+            cfg.seed,
+            cfg.seed,
+            format!("{:?}", cfg.mmu).to_lowercase(),
+            format!("{:?}", cfg.aging).to_lowercase(),
+            cfg.vcpus
+        )
+    });
+    progress::set_interrupt_note(format!(
+        "torture cut short: no oracle had failed when it was stopped; seed {:#x} (replay \
+         with --seed {:#x} and the same options)",
+        cfg.seed, cfg.seed
+    ));
+    let report = with_progress(a, || kvmmu::torture::run(&cfg)).map_err(|e| match e {
         TortureError::Parameter { name, why } => {
             kvmmu_cli::error::usage(format!("{} {why}", flag_of(name)))
         }

@@ -5,6 +5,7 @@ use anyhow::{Context, bail, ensure};
 use kvmmu::addr::PAGE_SIZE;
 use kvmmu::prelude::*;
 use kvmmu_cli::error::{as_usage, require, usage};
+use kvmmu_cli::report::progress;
 use kvmmu_cli::vcpus::run_vcpus;
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -105,6 +106,7 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
         .map(|_| vm.create_vcpu())
         .collect::<Result<Vec<_>, _>>()?;
 
+    let pb = progress::spinner("populating");
     // Phase 1: populate (every page written once: a fault each).
     let populate = run_vcpus(&mut vcpus, |i, vcpu| {
         let mut g = vcpu.enter();
@@ -116,6 +118,7 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
     .wall;
     let after_populate = vm.stats();
 
+    pb.set_message("aging passes");
     // Phase 2: full aging passes through the notifier path.
     let mut passes = Vec::new();
     let mut aged_first = 0;
@@ -129,6 +132,7 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
         }
     }
 
+    pb.set_message("hot/cold pass");
     // Phase 3: touch hot_percent of each vCPU's pages again (reads), then ask which pages are young.
     let hot_per_vcpu = pages_per_vcpu * u64::from(cli.hot_percent) / 100;
     host.clear_young(hva, total)?;
@@ -155,6 +159,7 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
         }
     }
 
+    pb.set_message("verifying");
     // Phase 4: every value reads back as written.
     let verify = run_vcpus(&mut vcpus, |i, vcpu| {
         let mut g = vcpu.enter();
@@ -171,6 +176,7 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
     })?
     .wall;
 
+    pb.finish_and_clear();
     let stats = vm.stats();
     ensure!(
         stats.invalidate.in_progress == 0 && stats.mn_active_invalidate_count == 0,

@@ -22,6 +22,7 @@ use guest::{Guest, touch_read, touch_write};
 use kvmmu::addr::PAGE_SIZE;
 use kvmmu::prelude::*;
 use kvmmu_cli::error::{require, usage, usage_hint};
+use kvmmu_cli::report::progress;
 use peers::Peer;
 use report::Report;
 use std::hint::black_box;
@@ -121,29 +122,39 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
     };
     let started = Instant::now();
     let on = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
-    if on("aging") {
-        aging(&mut r, mmu, pages, reps)?;
+    let planned: Vec<&str> = SCENARIOS
+        .iter()
+        .copied()
+        .filter(|s| on(s) && (*s != "scaling" || !args.quick))
+        .collect();
+    progress::stop_between_units();
+    let pb = progress::bar(planned.len() as u64, "bench");
+    let mut interrupted = false;
+    for (i, name) in planned.iter().enumerate() {
+        if progress::interrupted() {
+            interrupted = true;
+            break;
+        }
+        pb.set_message(format!("bench: {name} ({} of {})", i + 1, planned.len()));
+        match *name {
+            "aging" => aging(&mut r, mmu, pages, reps)?,
+            "slowdown" => slowdown(&mut r, mmu, pages, reps)?,
+            "fault" => fault_rate(&mut r, mmu, pages, reps)?,
+            "translation" => translation(&mut r, mmu, pages, reps)?,
+            "peers" => peer_ops(&mut r, mmu, pages, reps)?,
+            _ => scaling(&mut r, mmu, reps.min(3), args.max_scaling_gib)?,
+        }
+        pb.inc(1);
     }
-    if on("slowdown") {
-        slowdown(&mut r, mmu, pages, reps)?;
-    }
-    if on("fault") {
-        fault_rate(&mut r, mmu, pages, reps)?;
-    }
-    if on("translation") {
-        translation(&mut r, mmu, pages, reps)?;
-    }
-    if on("peers") {
-        peer_ops(&mut r, mmu, pages, reps)?;
-    }
-    if !args.quick && on("scaling") {
-        scaling(&mut r, mmu, reps.min(3), args.max_scaling_gib)?;
+    pb.finish_and_clear();
+    if interrupted {
+        r.config.push(("interrupted", "true".into()));
     }
     r.config.push((
         "wall_seconds",
         format!("{:.1}", started.elapsed().as_secs_f64()),
     ));
-    Ok(if args.json {
+    let out = if args.json {
         r.to_json()
     } else if args.plot {
         let mut s = r.to_text();
@@ -152,7 +163,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
         s
     } else {
         r.to_text()
-    })
+    };
+    if interrupted {
+        print!("{out}");
+        return Err(kvmmu_cli::error::Interrupted.into());
+    }
+    Ok(out)
 }
 
 fn modes() -> [(AgingMode, &'static str); 2] {
