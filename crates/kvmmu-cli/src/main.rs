@@ -81,6 +81,10 @@ pub struct WorkloadArgs {
     /// Entries in each vCPU's software TLB.
     #[arg(long, default_value_t = 2048)]
     pub tlb_entries: usize,
+
+    /// Output.
+    #[command(flatten)]
+    pub out: kvmmu_cli::OutputArgs,
 }
 
 fn main() -> ExitCode {
@@ -102,8 +106,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     kvmmu_cli::report::progress::install_interrupt_handler();
     match cli.command {
-        None => print!("{}", workload::run(&cli.workload)?),
-        Some(Command::Run(args)) => print!("{}", workload::run(&args)?),
+        None => workload::main(&cli.workload)?,
+        Some(Command::Run(args)) => workload::main(&args)?,
         Some(Command::AccessTracking(cmd)) => kvmmu_cli::access_tracking::main(&cmd)?,
         Some(Command::MmuStress(cmd)) => kvmmu_cli::mmu_stress::main(&cmd)?,
         Some(Command::Compare(mut args)) => {

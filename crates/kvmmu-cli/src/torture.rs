@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 use kvmmu::config::{AgingMode, MmuKind};
-use kvmmu::torture::{Actors, TortureConfig, TortureError};
+use kvmmu::torture::{Actors, TortureConfig, TortureError, TortureReport};
 use kvmmu_cli::report::progress;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -80,6 +80,62 @@ pub struct TortureArgs {
     /// Turn off the MMU-reset actor.
     #[arg(long)]
     pub no_reset: bool,
+
+    /// Print the report as JSON (schema `kvmmu-torture/1`, see `to_json`) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Version tag of the torture report's JSON.
+pub const TORTURE_SCHEMA: &str = "kvmmu-torture/1";
+
+/// The torture report as JSON: `schema`, `seed` (hex string, as `--seed` takes it), `config`,
+/// `elapsed_s`, `actors` (`name`, `ops`, `ops_per_s`), `counts` (KVM stat names where one
+/// exists), `violations` (one string each) and `passed`.
+pub fn to_json(a: &TortureArgs, r: &TortureReport) -> serde_json::Value {
+    let s = &r.vm_stats;
+    serde_json::json!({
+        "schema": TORTURE_SCHEMA,
+        "seed": format!("{:#x}", r.seed),
+        "config": {
+            "mmu": a.mmu,
+            "aging": a.aging,
+            "vcpus": a.vcpus,
+            "pages": a.pages,
+            "dyn_pages": a.dyn_pages,
+            "frames": a.frames,
+            "tlb_entries": a.tlb_entries,
+            "duration_s": a.duration.map(|d| d.as_secs_f64()),
+            "ops": a.ops,
+            "elide_flush": !a.no_elide_flush,
+            "stall_timeout_s": a.stall_timeout.as_secs_f64(),
+            "host": !a.no_host,
+            "aging_actor": !a.no_aging,
+            "accessed": !a.no_accessed,
+            "memslot": !a.no_memslot,
+            "reset": !a.no_reset,
+        },
+        "elapsed_s": r.elapsed.as_secs_f64(),
+        "actors": r.actors.iter().map(|x| serde_json::json!({
+            "name": x.actor.to_string(),
+            "ops": x.ops,
+            "ops_per_s": x.ops_per_sec,
+        })).collect::<Vec<_>>(),
+        "counts": {
+            "pf_taken": s.faults,
+            "fault_retries": s.fault_retries,
+            "invalidate_starts": s.invalidate_starts,
+            "invalidate_ends": s.invalidate_ends,
+            "mmu_invalidate_seq": s.invalidate.seq,
+            "memslot_swaps": s.memslot_swaps,
+            "remote_tlb_flush": s.remote_tlb_flushes,
+            "out_of_frames_exits": r.out_of_frames_exits,
+            "accessed_hidden_by_tlb": r.accessed_hidden_by_tlb,
+            "accessed_excused_by_reset": r.accessed_excused_by_reset,
+        },
+        "violations": r.violations.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+        "passed": r.passed(),
+    })
 }
 
 /// Parses `30s`, `10m`, `4h`, `250ms` or a bare number of seconds.
@@ -293,12 +349,17 @@ pub fn run(a: &TortureArgs) -> anyhow::Result<String> {
         TortureError::Config(c) => kvmmu_cli::error::usage(c.to_string()),
         other => anyhow::Error::new(other).context("torture set-up failed"),
     })?;
+    let shown = if a.json {
+        format!("{:#}\n", to_json(a, &report))
+    } else {
+        report.to_string()
+    };
     if !report.passed() {
-        print!("{report}");
+        print!("{shown}");
         let mut lines: Vec<String> = report
             .violations
             .iter()
-            .map(|v| format!("violation: {v}"))
+            .map(|v| format!("violation: {}", v.to_string().replace('\n', "; ")))
             .collect();
         lines.push(format!(
             "torture failed with seed {:#x}: rerun with --seed {:#x} and the same options",
@@ -306,7 +367,7 @@ pub fn run(a: &TortureArgs) -> anyhow::Result<String> {
         ));
         return Err(kvmmu_cli::error::ChecksFailed { lines }.into());
     }
-    Ok(report.to_string())
+    Ok(shown)
 }
 
 #[cfg(test)]

@@ -5,8 +5,9 @@ use anyhow::{Context, bail, ensure};
 use kvmmu::addr::PAGE_SIZE;
 use kvmmu::prelude::*;
 use kvmmu_cli::error::{as_usage, require, usage};
+use kvmmu_cli::report::Report as Common;
 use kvmmu_cli::report::progress;
-use kvmmu_cli::vcpus::run_vcpus;
+use kvmmu_cli::vcpus::{PhaseTime, run_vcpus};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ pub struct Report {
     mmu: MmuArg,
     aging: AgingArg,
     prefault: Duration,
-    populate: Duration,
+    populate: PhaseTime,
     faults: u64,
     fault_retries: u64,
     passes: Vec<(Duration, bool)>,
@@ -31,7 +32,7 @@ pub struct Report {
     hot_pages: u64,
     hot_seen_young: u64,
     cold_seen_young: u64,
-    verify: Duration,
+    verify: PhaseTime,
     stats: VmStats,
     tables_allocated: u64,
     tables_freed_after_teardown: u64,
@@ -39,6 +40,22 @@ pub struct Report {
 
 fn value_for(vcpu: usize, page: u64) -> u64 {
     ((vcpu as u64) << 48) ^ (page.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16) ^ 0xA5
+}
+
+/// The default workload: the table, or `--json`, and `--plot`.
+pub fn main(cli: &WorkloadArgs) -> anyhow::Result<()> {
+    kvmmu_cli::report::check_output(&cli.out)?;
+    let r = run(cli)?;
+    if cli.out.json || cli.out.plot.is_some() {
+        let common = r.to_common();
+        if cli.out.json {
+            return kvmmu_cli::report::emit(&common, &cli.out);
+        }
+        print!("{r}");
+        return kvmmu_cli::report::plot_only(&common, &cli.out);
+    }
+    print!("{r}");
+    Ok(())
 }
 
 /// Most aging passes the default workload times (each is a full pass over guest memory).
@@ -114,8 +131,7 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
             g.write_u64(gpa_of(i, p), value_for(i, p))?;
         }
         Ok(())
-    })?
-    .wall;
+    })?;
     let after_populate = vm.stats();
 
     pb.set_message("aging passes");
@@ -173,8 +189,7 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
             }
         }
         Ok(())
-    })?
-    .wall;
+    })?;
 
     pb.finish_and_clear();
     let stats = vm.stats();
@@ -223,6 +238,84 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
     })
 }
 
+impl Report {
+    /// The report in the common shape (`kvmmu-report/1`, command `run`) for `--json` and
+    /// `--plot`; every check passed (a failed one ends the run with an error instead).
+    pub fn to_common(&self) -> Common {
+        let mut r = Common::new("run");
+        r.config("vcpus", self.vcpus);
+        r.config("guest_pages", self.pages);
+        r.config("mmu", self.mmu);
+        r.config("aging", self.aging);
+        r.phase("prefault RAM", self.prefault);
+        r.phase_time("populate", &self.populate);
+        for (i, (d, _)) in self.passes.iter().enumerate() {
+            r.phase(format!("aging pass {}", i + 1), *d);
+        }
+        r.phase_time("verify", &self.verify);
+        let c = &mut r.counts;
+        c.insert("guest_pages".into(), self.pages);
+        c.insert("faults".into(), self.faults);
+        c.insert("fault_retries".into(), self.fault_retries);
+        c.insert("aging_passes".into(), self.passes.len() as u64);
+        c.insert(
+            "aging_passes_young".into(),
+            self.passes.iter().filter(|(_, y)| *y).count() as u64,
+        );
+        c.insert("aged_sptes_first_pass".into(), self.aged_sptes_first_pass);
+        c.insert("hot_pages".into(), self.hot_pages);
+        c.insert("hot_seen_young".into(), self.hot_seen_young);
+        c.insert("cold_seen_young".into(), self.cold_seen_young);
+        c.insert("page_tables_allocated".into(), self.tables_allocated);
+        c.insert("page_tables_freed".into(), self.tables_freed_after_teardown);
+        c.insert(
+            "mmu_lock_read_acquisitions".into(),
+            self.stats.mmu_lock.read_acquisitions,
+        );
+        c.insert(
+            "mmu_lock_write_acquisitions".into(),
+            self.stats.mmu_lock.write_acquisitions,
+        );
+        c.insert(
+            "mmu_lock_contended_reads".into(),
+            self.stats.mmu_lock.contended_reads,
+        );
+        c.insert(
+            "mmu_lock_contended_writes".into(),
+            self.stats.mmu_lock.contended_writes,
+        );
+        r.metrics.insert(
+            "populate_faults_per_s_per_vcpu".into(),
+            rate(self.faults, self.populate.wall) / self.vcpus as f64,
+        );
+        r.require(
+            "every page read back the value written",
+            true,
+            format!("{} pages", self.pages),
+        );
+        r.require(
+            "invalidations balanced",
+            true,
+            format!("seq {}", self.stats.invalidate.seq),
+        );
+        r.require("no stale translation used", true, "0 stale accesses");
+        r.require(
+            "page-table pages freed at teardown",
+            true,
+            format!(
+                "{} allocated, {} freed",
+                self.tables_allocated, self.tables_freed_after_teardown
+            ),
+        );
+        r.notes.push(
+            "re-touches that hit a TLB entry cached before aging set no Accessed bit: x86 does \
+             not flush TLBs when aging"
+                .into(),
+        );
+        r
+    }
+}
+
 /// Accessed bits cleared by aging, whichever MMU holds the SPTEs.
 fn accessed_cleared(s: &VmStats) -> u64 {
     s.tdp.accessed_cleared + s.shadow.accessed_cleared
@@ -248,10 +341,10 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "  populate        {:>10.3} ms  {} faults ({} retries), {:.2} M faults/s per vCPU",
-            self.populate.as_secs_f64() * 1e3,
+            self.populate.wall.as_secs_f64() * 1e3,
             self.faults,
             self.fault_retries,
-            rate(self.faults, self.populate) / self.vcpus as f64 / 1e6
+            rate(self.faults, self.populate.wall) / self.vcpus as f64 / 1e6
         )?;
         for (i, (d, young)) in self.passes.iter().enumerate() {
             let extra = if i == 0 {
@@ -287,7 +380,7 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "  verify          {:>10.3} ms  every page read back the value written",
-            self.verify.as_secs_f64() * 1e3
+            self.verify.wall.as_secs_f64() * 1e3
         )?;
         writeln!(
             f,

@@ -176,6 +176,30 @@ pub fn check_output(out: &crate::OutputArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Draws the plot `out` asks for, if any (nothing printed).
+pub fn plot_only(report: &Report, out: &crate::OutputArgs) -> anyhow::Result<()> {
+    let Some(path) = &out.plot else {
+        return Ok(());
+    };
+    // Repeated phase names are kept apart, as in compare.
+    let measured: Vec<(String, f64)> = report
+        .measurements()
+        .into_iter()
+        .take(report.phases.len())
+        .collect();
+    let series = [plot::Series {
+        name: report.command.clone(),
+        values: measured.iter().map(|(_, s)| *s).collect(),
+    }];
+    let cats: Vec<String> = measured.into_iter().map(|(n, _)| n).collect();
+    plot::bars(
+        path,
+        &format!("kvmmu {}: phase times", report.command),
+        &cats,
+        &series,
+    )
+}
+
 /// Prints `report` as the output options ask, draws the plot if asked, and turns failed checks
 /// into an error (a non-zero exit naming the checks).
 pub fn emit(report: &Report, out: &crate::OutputArgs) -> anyhow::Result<()> {
@@ -184,19 +208,7 @@ pub fn emit(report: &Report, out: &crate::OutputArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", table::render(report));
     }
-    if let Some(path) = &out.plot {
-        let series = [plot::Series {
-            name: report.command.clone(),
-            values: report.phases.iter().map(|p| p.seconds).collect(),
-        }];
-        let cats: Vec<String> = report.phases.iter().map(|p| p.name.clone()).collect();
-        plot::bars(
-            path,
-            &format!("kvmmu {}: phase times", report.command),
-            &cats,
-            &series,
-        )?;
-    }
+    plot_only(report, out)?;
     if !report.passed {
         return Err(crate::error::ChecksFailed {
             lines: report.failure_lines(),
