@@ -433,6 +433,9 @@ fn mark_idle_page_idle(
                     Span::measure(|| -> anyhow::Result<()> {
                         let (first, n) = lay.region(i);
                         for p in first..first + n {
+                            if p % 4096 == 4095 {
+                                pb.inc(4096);
+                            }
                             let a = page_hva(hva, p);
                             match idle.read(a)? {
                                 IdleState::NoPfn => {
@@ -446,9 +449,6 @@ fn mark_idle_page_idle(
                                 IdleState::NotIdle => {}
                             }
                             idle.mark_idle(a)?;
-                            if p % 4096 == 4095 {
-                                pb.inc(4096);
-                            }
                         }
                         Ok(())
                     })

@@ -88,6 +88,7 @@ pub struct WorkloadArgs {
 }
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let args = hoist_compare_flags(std::env::args_os().collect());
     let matches = match Cli::command().try_get_matches_from(&args) {
         Ok(m) => m,
@@ -100,6 +101,18 @@ fn main() -> ExitCode {
     match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => kvmmu_cli::error::report(&e),
+    }
+}
+
+/// Rust starts programs with SIGPIPE ignored, so a closed pipe (`kvmmu ... | head`) turns the
+/// next `print!` into a panic with a backtrace; a command-line tool should end quietly instead,
+/// as `cat` does.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in `main`, before any other thread exists, so no thread can be
+    // relying on the old disposition; SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -329,13 +329,12 @@ pub fn run(a: &TortureArgs) -> anyhow::Result<String> {
     let cfg = config(a);
     progress::suspend(|| {
         eprintln!(
-            "kvmmu torture: seed {:#x} (replay: --seed {:#x}), {}, {} aging, {} vCPUs",
-            cfg.seed,
-            cfg.seed,
+            "kvmmu torture: {} MMU, {} aging, {} vCPUs",
             format!("{:?}", cfg.mmu).to_lowercase(),
             format!("{:?}", cfg.aging).to_lowercase(),
             cfg.vcpus
-        )
+        );
+        eprintln!("seed {:#x} (replay with --seed {:#x})", cfg.seed, cfg.seed);
     });
     progress::set_interrupt_note(format!(
         "torture cut short: no oracle had failed when it was stopped; seed {:#x} (replay \

@@ -16,6 +16,7 @@ fn sigint_during_torture_exits_130_and_prints_the_seed() {
     // The banner is printed after the handler is installed: the signal cannot come too early.
     let mut banner = String::new();
     stderr.read_line(&mut banner).expect("banner");
+    stderr.read_line(&mut banner).expect("seed line");
     assert!(banner.contains("seed 0x5eed"), "{banner}");
     let killed = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
