@@ -38,9 +38,13 @@ pub struct BenchArgs {
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// After the table, plot the aging and slowdown results as text bar charts.
+    /// After the table, draw the aging and slowdown results as text bar charts.
     #[arg(long, conflicts_with = "json")]
-    pub plot: bool,
+    pub bars: bool,
+    /// Also draw the aging rates (flat-scan limit, lockless, locked; per young percentage) to
+    /// FILE; the format follows the extension (.svg or .png), as every other --plot.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<std::path::PathBuf>,
     /// Which MMU kvmmu uses.
     #[arg(long, value_enum, default_value_t = MmuArg::Tdp)]
     pub mmu: MmuArg,
@@ -100,6 +104,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
     require((1..=1000).contains(&reps), || {
         format!("--reps must be between 1 and 1000 (got {reps})")
     })?;
+    if let Some(p) = &args.plot {
+        kvmmu_cli::check_output_path("--plot", p, &["svg", "png"])?;
+        if !args.only.is_empty() && !args.only.iter().any(|o| o == "aging") {
+            return Err(usage_hint(
+                "--plot draws the aging scenario, which --only leaves out",
+                "add aging to --only, or drop --plot",
+            ));
+        }
+    }
     if args.quick && !args.only.is_empty() && args.only.iter().all(|o| o == "scaling") {
         return Err(usage_hint(
             "--only scaling runs nothing with --quick (the quick run has no scaling sweep)",
@@ -156,7 +169,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
     ));
     let out = if args.json {
         r.to_json()
-    } else if args.plot {
+    } else if args.bars {
         let mut s = r.to_text();
         s.push_str(&r.to_plot("aging", "M SPTE/s"));
         s.push_str(&r.to_plot("slowdown", "ms"));
@@ -164,11 +177,48 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
     } else {
         r.to_text()
     };
+    if let Some(path) = &args.plot {
+        plot_aging(&r, path, &format!("{:?}", args.mmu).to_lowercase())?;
+    }
     if interrupted {
         print!("{out}");
         return Err(kvmmu_cli::error::Interrupted.into());
     }
     Ok(out)
+}
+
+/// Draws the aging scenario's rates: one group per young percentage, one bar each for the
+/// flat-scan limit and kvmmu's lockless and locked passes.
+fn plot_aging(r: &Report, path: &std::path::Path, mmu: &str) -> anyhow::Result<()> {
+    use kvmmu_cli::report::plot;
+    let median = |name: &str| {
+        r.figures
+            .iter()
+            .find(|f| f.scenario == "aging" && f.name == name)
+            .map_or(0.0, report::Figure::median)
+    };
+    let cats: Vec<String> = YOUNG.iter().map(|p| format!("{p}% young")).collect();
+    let series: Vec<plot::Series> = [
+        ("flat-scan limit", "flat-scan limit, {}% young"),
+        ("kvmmu lockless", "kvmmu lockless pass, {}% young"),
+        ("kvmmu locked", "kvmmu locked pass, {}% young"),
+    ]
+    .iter()
+    .map(|(name, pattern)| plot::Series {
+        name: (*name).to_owned(),
+        values: YOUNG
+            .iter()
+            .map(|p| median(&pattern.replace("{}", &p.to_string())))
+            .collect(),
+    })
+    .collect();
+    plot::bars_in(
+        path,
+        &format!("kvmmu bench: aging pass rate ({mmu} MMU, medians)"),
+        ("M SPTE/s", 1.0),
+        &cats,
+        &series,
+    )
 }
 
 fn modes() -> [(AgingMode, &'static str); 2] {
