@@ -381,7 +381,12 @@ pub fn main(a: &CompareArgs) -> anyhow::Result<()> {
             .collect();
         plot::bars(
             path,
-            &format!("kvmmu compare {} (medians)", c.workload),
+            &format!(
+                "kvmmu compare {}: medians of {} runs ({})",
+                c.workload,
+                c.runs,
+                c.configs.join(" vs ")
+            ),
             &cats,
             &series,
         )?;

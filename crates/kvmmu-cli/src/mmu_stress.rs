@@ -460,7 +460,7 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
     let rv = Rendezvous::new(a.vcpus + 1);
     let stop_aging = AtomicBool::new(false);
     let names = ["run 1", "reset", "run 2", "ro", "rw"];
-    let pb = progress::bar(names.len() as u64 + 1, "mmu-stress stages");
+    let pb = progress::bar(names.len() as u64, "mmu-stress: run 1");
 
     let (times, aging_passes) = std::thread::scope(|s| {
         let ager = a.age.then(|| {
@@ -498,17 +498,21 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
             rv.wait_marked(&mut marks)?;
             rv.wait_marked(&mut marks)?;
             pb.inc(1); // run 1
+            pb.set_message("mmu-stress: reset");
             vm.reset_mmu();
             rv.wait_marked(&mut marks)?;
             pb.inc(1); // reset
+            pb.set_message("mmu-stress: run 2");
             rv.wait_marked(&mut marks)?;
             pb.inc(1); // run 2
+            pb.set_message("mmu-stress: ro");
             write_protect(&host, buf, a.slot_size).context("write-protecting the buffer")?;
             // ORDERING: Release pairs with the vCPUs' Acquire: the flag is set only after the
             // host operation returned.
             sh.ro_done.store(true, Ordering::Release);
             rv.wait_marked(&mut marks)?;
             pb.inc(1); // ro
+            pb.set_message("mmu-stress: rw");
             host.mprotect(buf, a.slot_size, Prot::READ | Prot::WRITE)
                 .context("mprotect(RW)")?;
             rv.wait_marked(&mut marks)?;

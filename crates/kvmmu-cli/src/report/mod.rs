@@ -192,9 +192,22 @@ pub fn plot_only(report: &Report, out: &crate::OutputArgs) -> anyhow::Result<()>
         values: measured.iter().map(|(_, s)| *s).collect(),
     }];
     let cats: Vec<String> = measured.into_iter().map(|(n, _)| n).collect();
+    let config: Vec<String> = ["vcpus", "mmu", "aging", "idle"]
+        .iter()
+        .filter_map(|k| {
+            report.config.get(*k).map(|v| match v {
+                serde_json::Value::String(t) => format!("{k} {t}"),
+                other => format!("{k} {other}"),
+            })
+        })
+        .collect();
     plot::bars(
         path,
-        &format!("kvmmu {}: phase times", report.command),
+        &format!(
+            "kvmmu {}: phase times ({})",
+            report.command,
+            config.join(", ")
+        ),
         &cats,
         &series,
     )
