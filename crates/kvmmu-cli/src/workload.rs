@@ -327,6 +327,21 @@ fn rate(n: u64, d: Duration) -> f64 {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut raw = String::new();
+        self.render(&mut raw)?;
+        let indent = " ".repeat(18);
+        f.write_str(&kvmmu_cli::report::table::fold(
+            &raw,
+            kvmmu_cli::report::table::WIDTH,
+            &indent,
+        ))
+    }
+}
+
+impl Report {
+    /// The summary with long lines unfolded.
+    fn render(&self, f: &mut String) -> fmt::Result {
+        use std::fmt::Write as _;
         let mib = (self.pages * PAGE_SIZE) >> 20;
         writeln!(
             f,
