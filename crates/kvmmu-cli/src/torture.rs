@@ -351,7 +351,7 @@ pub fn run(a: &TortureArgs) -> anyhow::Result<String> {
     let shown = if a.json {
         format!("{:#}\n", to_json(a, &report))
     } else {
-        report.to_string()
+        kvmmu_cli::report::table::fold(&report.to_string(), kvmmu_cli::report::table::WIDTH, "    ")
     };
     if !report.passed() {
         print!("{shown}");

@@ -221,6 +221,11 @@ fn plot_aging(r: &Report, path: &std::path::Path, mmu: &str) -> anyhow::Result<(
     )
 }
 
+/// A text line folded within the table width (see `kvmmu_cli::report::table::fold`).
+fn kvmmu_cli_fold(line: &str, indent: &str) -> String {
+    kvmmu_cli::report::table::fold(line, kvmmu_cli::report::table::WIDTH, indent)
+}
+
 fn modes() -> [(AgingMode, &'static str); 2] {
     [
         (AgingMode::Lockless, "lockless"),

@@ -110,49 +110,58 @@ impl Report {
         for (k, v) in &self.config {
             let _ = writeln!(s, "  {k}: {v}");
         }
+        // Sample counts are shown only where they differ from --reps.
+        let reps = self
+            .config
+            .iter()
+            .find(|(k, _)| *k == "reps")
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        let w = self.figures.iter().map(|f| f.name.len()).max().unwrap_or(0);
         let mut last = "";
         for f in &self.figures {
             if f.scenario != last {
                 let _ = writeln!(s, "\n[{}]", f.scenario);
                 last = f.scenario;
             }
-            let _ = writeln!(
-                s,
-                "  {:<52} {:>14.3} {:<10} (n={})",
-                f.name,
-                f.median(),
-                f.unit,
-                f.samples.len()
-            );
+            let n = if Some(f.samples.len()) == reps {
+                String::new()
+            } else {
+                format!(" (n={})", f.samples.len())
+            };
+            let line = format!("  {:<w$} {:>10.3} {}{n}", f.name, f.median(), f.unit);
+            s.push_str(&super::kvmmu_cli_fold(&line, "    "));
         }
         let _ = writeln!(s, "\n[ratios]");
+        let w = self.ratios.iter().map(|r| r.name.len()).max().unwrap_or(0);
         for r in &self.ratios {
             let t = match (r.target, r.meets()) {
                 (Some((t, higher)), Some(ok)) => format!(
-                    "target {} {t}: {}",
+                    "  {} (target {} {t})",
+                    if ok { "MET" } else { "missed" },
                     if higher { ">=" } else { "<=" },
-                    if ok { "MET" } else { "missed" }
                 ),
                 _ => String::new(),
             };
-            let _ = writeln!(
-                s,
-                "  {:<52} {:>9.3}  {:<40} {t}",
-                r.name, r.value, r.meaning
-            );
+            let line = format!("  {:<w$} {:>8.3}{t}", r.name, r.value);
+            s.push_str(&super::kvmmu_cli_fold(&line, "    "));
+            s.push_str(&super::kvmmu_cli_fold(
+                &format!("      {}", r.meaning),
+                "      ",
+            ));
         }
         s
     }
 
     /// Horizontal bar charts of the figures of `scenario` that share `unit`, scaled to the largest.
     pub fn to_plot(&self, scenario: &str, unit: &str) -> String {
-        const WIDTH: f64 = 50.0;
+        const WIDTH: f64 = 20.0;
         let figs: Vec<&Figure> = self
             .figures
             .iter()
             .filter(|f| f.scenario == scenario && f.unit == unit)
             .collect();
         let max = figs.iter().map(|f| f.median()).fold(0.0, f64::max);
+        let w = figs.iter().map(|f| f.name.len()).max().unwrap_or(0);
         let mut s = format!("\n[{scenario} plot, {unit}]\n");
         for f in figs {
             let n = if max > 0.0 {
@@ -162,7 +171,7 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "  {:<52} |{:<50}| {:.1}",
+                "  {:<w$} |{:<20}| {:.1}",
                 f.name,
                 "#".repeat(n),
                 f.median()
@@ -302,6 +311,6 @@ mod tests {
         r.figure("aging", "c", "%", vec![100.0]);
         let p = r.to_plot("aging", "M SPTE/s");
         let bars: Vec<usize> = p.lines().skip(2).map(|l| l.matches('#').count()).collect();
-        assert_eq!(bars, vec![50, 25], "{p}");
+        assert_eq!(bars, vec![20, 10], "{p}");
     }
 }
