@@ -277,6 +277,7 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     }
 
     let stats = vm.stats();
+    r.counts.extend(crate::vm_counts(&stats));
     r.counts.insert("faults".into(), stats.faults);
     r.counts.insert("fault_retries".into(), stats.fault_retries);
     r.counts.insert("age_calls".into(), stats.age_calls);

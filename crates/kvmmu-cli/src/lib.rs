@@ -68,6 +68,36 @@ pub struct OutputArgs {
     pub plot: Option<PathBuf>,
 }
 
+/// The VM's counters for a report, under KVM's binary-stat names where KVM has one
+/// (`pf_taken`, `remote_tlb_flush`, `mmu_invalidate_seq`, ...) and descriptive names otherwise.
+pub fn vm_counts(s: &kvmmu::vm::VmStats) -> std::collections::BTreeMap<String, u64> {
+    [
+        ("pf_taken", s.faults),
+        ("fault_retries", s.fault_retries),
+        ("remote_tlb_flush", s.remote_tlb_flushes),
+        ("mmu_invalidate_seq", s.invalidate.seq),
+        ("invalidate_starts", s.invalidate_starts),
+        ("invalidate_ends", s.invalidate_ends),
+        ("memslot_swaps", s.memslot_swaps),
+        ("age_calls", s.age_calls),
+        ("age_young", s.age_young),
+        ("mmu_lock_read_acquisitions", s.mmu_lock.read_acquisitions),
+        ("mmu_lock_write_acquisitions", s.mmu_lock.write_acquisitions),
+        ("mmu_lock_contended_reads", s.mmu_lock.contended_reads),
+        ("mmu_lock_contended_writes", s.mmu_lock.contended_writes),
+        ("tdp_leaves_installed", s.tdp.leaves_installed),
+        ("tdp_leaves_zapped", s.tdp.leaves_zapped),
+        ("tdp_cas_retries", s.tdp.cas_retries),
+        (
+            "accessed_cleared",
+            s.tdp.accessed_cleared + s.shadow.accessed_cleared,
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
 /// The most vCPU threads any subcommand runs (KVM's selftests go to 512 on large hosts).
 pub const MAX_VCPUS: usize = 512;
 

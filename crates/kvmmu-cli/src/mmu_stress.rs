@@ -583,6 +583,7 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
     }
     r.phase("delete even slots, unmap half", t.elapsed());
     let stats = vm.stats();
+    r.counts.extend(crate::vm_counts(&stats));
     r.counts.insert("faults".into(), stats.faults);
     r.counts.insert("fault_retries".into(), stats.fault_retries);
     r.counts

@@ -253,6 +253,7 @@ impl Report {
             r.phase(format!("aging pass {}", i + 1), *d);
         }
         r.phase_time("verify", &self.verify);
+        r.counts.extend(kvmmu_cli::vm_counts(&self.stats));
         let c = &mut r.counts;
         c.insert("guest_pages".into(), self.pages);
         c.insert("faults".into(), self.faults);
