@@ -18,7 +18,7 @@
 //! the automatic `-w` policy warns instead of failing when the TLBs could cover 10% of the pages.
 
 use crate::report::{Report, Status, progress};
-use crate::vcpus::run_vcpus;
+use crate::vcpus::{PhaseTime, Span, run_vcpus};
 use crate::{AgingArg, MmuArg, OutputArgs, size, vm_config};
 use anyhow::{Context, ensure};
 use clap::{Args, ValueEnum};
@@ -184,11 +184,26 @@ fn validate(a: &AccessArgs) -> anyhow::Result<(u64, u64)> {
     Ok((total, pages))
 }
 
+/// Refuses bad flags (a usage error naming the flag) before any work; returns the guest's size
+/// in bytes and pages.
+pub fn check(a: &AccessArgs) -> anyhow::Result<(u64, u64)> {
+    let r = validate(a).map_err(crate::error::as_usage)?;
+    vm_config(a.mmu, a.aging, a.tlb_entries)
+        .validate()
+        .map_err(|e| crate::error::as_usage(anyhow::Error::new(e)))?;
+    if a.no_aging_thread && !a.age_while_populating {
+        return Err(crate::error::usage_hint(
+            "the no-aging configuration only changes access-tracking with -p",
+            "add -p (--age-while-populating) to the workload's flags",
+        ));
+    }
+    Ok(r)
+}
+
 /// Runs the test; a failed check is a failed report, an error is a failure to run at all.
 pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
-    let (total, test_pages) = validate(a)?;
+    let (total, test_pages) = check(a)?;
     let config = vm_config(a.mmu, a.aging, a.tlb_entries);
-    config.validate()?;
     let policy = match a.idle_policy {
         Some(0) => Policy::Fail,
         Some(p) if p > 0 => Policy::Warn,
@@ -262,6 +277,7 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     }
 
     let stats = vm.stats();
+    r.counts.extend(crate::vm_counts(&stats));
     r.counts.insert("faults".into(), stats.faults);
     r.counts.insert("fault_retries".into(), stats.fault_retries);
     r.counts.insert("age_calls".into(), stats.age_calls);
@@ -312,7 +328,7 @@ fn access_phase(
     iteration: u64,
     write: bool,
     msg: &str,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<PhaseTime> {
     let pb = progress::bar(lay.vcpus as u64 * lay.region(0).1, msg);
     let d = run_vcpus(vcpus, |i, vcpu| {
         let (_, n) = lay.region(i);
@@ -350,7 +366,7 @@ fn selftest_phases(
     let mut access = |r: &mut Report, vcpus: &mut [Vcpu], write: bool, name: &str| {
         iteration += 1;
         let d = access_phase(lay, vcpus, iteration, write, name)?;
-        r.phase(name, d);
+        r.phase_time(name, &d);
         anyhow::Ok(())
     };
     access(r, vcpus, true, "Populating memory")?;
@@ -366,9 +382,9 @@ fn selftest_phases(
         }
         IdleArg::LruGen => {
             let mut lru = LruGen::new(host, hva, lay.total)?;
-            let t = Instant::now();
-            let pass = lru.age()?;
-            r.phase("Initial aging pass (lru_gen)", t.elapsed());
+            let (pass, span) = Span::measure(|| lru.age());
+            let pass = pass?;
+            r.phase("Initial aging pass (lru_gen)", span.duration());
             r.require(
                 "initial aging pass sees every page",
                 pass.resident >= lay.test_pages,
@@ -408,42 +424,49 @@ fn mark_idle_page_idle(
     let (no_pfn, still_idle) = (AtomicU64::new(0), AtomicU64::new(0));
     let threads = if lay.overlap { 1 } else { lay.vcpus };
     let pb = progress::bar(lay.test_pages, "Mark memory idle (page_idle)");
-    let t = Instant::now();
-    std::thread::scope(|s| {
+    let start = std::sync::Barrier::new(threads);
+    let time = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|i| {
-                let (no_pfn, still_idle, pb) = (&no_pfn, &still_idle, &pb);
-                s.spawn(move || -> anyhow::Result<()> {
-                    let (first, n) = lay.region(i);
-                    for p in first..first + n {
-                        let a = page_hva(hva, p);
-                        match idle.read(a)? {
-                            IdleState::NoPfn => {
-                                no_pfn.fetch_add(1, Ordering::Relaxed);
-                                continue;
+                let (no_pfn, still_idle, pb, start) = (&no_pfn, &still_idle, &pb, &start);
+                s.spawn(move || -> (anyhow::Result<()>, Span) {
+                    start.wait();
+                    Span::measure(|| -> anyhow::Result<()> {
+                        let (first, n) = lay.region(i);
+                        for p in first..first + n {
+                            if p % 4096 == 4095 {
+                                pb.inc(4096);
                             }
-                            IdleState::Idle => {
-                                still_idle.fetch_add(1, Ordering::Relaxed);
-                                continue;
+                            let a = page_hva(hva, p);
+                            match idle.read(a)? {
+                                IdleState::NoPfn => {
+                                    no_pfn.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
+                                IdleState::Idle => {
+                                    still_idle.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
+                                IdleState::NotIdle => {}
                             }
-                            IdleState::NotIdle => {}
+                            idle.mark_idle(a)?;
                         }
-                        idle.mark_idle(a)?;
-                        if p % 4096 == 4095 {
-                            pb.inc(4096);
-                        }
-                    }
-                    Ok(())
+                        Ok(())
+                    })
                 })
             })
             .collect();
+        let mut spans = Vec::new();
         for h in hs {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("mark-idle thread panicked"))??;
+            let (res, span) = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("mark-idle thread panicked"))?;
+            res?;
+            spans.push(span);
         }
-        anyhow::Ok(())
+        anyhow::Ok(PhaseTime::from_spans(&spans))
     })?;
-    r.phase("Mark memory idle (page_idle)", t.elapsed());
+    r.phase_time("Mark memory idle (page_idle)", &time);
     pb.finish_and_clear();
     let (no_pfn, still_idle) = (no_pfn.into_inner(), still_idle.into_inner());
     let pages = lay.test_pages;
@@ -477,9 +500,9 @@ fn mark_idle_lru_gen(
     nth: u32,
     r: &mut Report,
 ) -> anyhow::Result<u32> {
-    let t = Instant::now();
-    let pass = lru.age()?;
-    r.phase("Mark memory idle (lru_gen)", t.elapsed());
+    let (pass, span) = Span::measure(|| lru.age());
+    let pass = pass?;
+    r.phase("Mark memory idle (lru_gen)", span.duration());
     let pages = lay.test_pages;
     r.counts
         .insert(format!("mark_idle_{nth}_young"), pass.young);
@@ -546,7 +569,7 @@ fn populate_while_aging(
     // pass overlaps populating however the OS schedules the threads (otherwise, on a loaded
     // machine, every vCPU may finish before the aging thread first runs).
     let aging_started = std::sync::atomic::AtomicBool::new(a.no_aging_thread);
-    let last_finish = std::sync::Mutex::new(Duration::ZERO);
+    let spans = std::sync::Mutex::new(Vec::<Span>::new());
     let (mut passes, mut aging_total) = (0u64, Duration::ZERO);
     let start_barrier = std::sync::Barrier::new(lay.vcpus + 1);
     let pb = progress::bar(lay.vcpus as u64, "Populating memory (async)");
@@ -555,7 +578,7 @@ fn populate_while_aging(
             .iter_mut()
             .enumerate()
             .map(|(i, vcpu)| {
-                let (done, last_finish, b, pb) = (&done, &last_finish, &start_barrier, &pb);
+                let (done, spans, b, pb) = (&done, &spans, &start_barrier, &pb);
                 let aging_started = &aging_started;
                 s.spawn(move || -> anyhow::Result<()> {
                     b.wait();
@@ -565,9 +588,8 @@ fn populate_while_aging(
                     while !aging_started.load(Ordering::Acquire) {
                         std::thread::yield_now();
                     }
-                    let t = Instant::now();
                     let (_, n) = lay.region(i);
-                    let r = (|| {
+                    let (r, span) = Span::measure(|| {
                         let mut g = vcpu.enter();
                         for k in 0..n {
                             let p = lay.page(i, k);
@@ -575,10 +597,9 @@ fn populate_while_aging(
                                 .with_context(|| format!("vCPU {i}: page {p}"))?;
                         }
                         anyhow::Ok(())
-                    })();
-                    let el = t.elapsed();
-                    if let Ok(mut m) = last_finish.lock() {
-                        *m = (*m).max(el);
+                    });
+                    if let Ok(mut m) = spans.lock() {
+                        m.push(span);
                     }
                     done.fetch_add(1, Ordering::Release);
                     pb.inc(1);
@@ -618,12 +639,14 @@ fn populate_while_aging(
         anyhow::Ok(())
     })?;
     pb.finish_and_clear();
-    let wall = *last_finish
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?;
-    r.phase("Populating memory (async)", wall);
+    let time = PhaseTime::from_spans(
+        &spans
+            .into_inner()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?,
+    );
+    r.phase_time("Populating memory (async)", &time);
     r.metrics
-        .insert("vcpu_wall_time_s".into(), wall.as_secs_f64());
+        .insert("vcpu_wall_time_s".into(), time.wall.as_secs_f64());
     r.counts.insert("aging_passes".into(), passes);
     if passes > 0 {
         r.metrics
@@ -645,6 +668,7 @@ fn populate_while_aging(
 
 /// `kvmmu access-tracking`.
 pub fn main(cmd: &AccessCommand) -> anyhow::Result<()> {
+    crate::report::check_output(&cmd.out)?;
     let r = run(&cmd.args)?;
     crate::report::emit(&r, &cmd.out)
 }

@@ -6,7 +6,7 @@ use crate::access_tracking::{self, AccessArgs};
 use crate::mmu_stress::{self, StressArgs};
 use crate::report::{Report, plot, progress, table::seconds};
 use crate::{AgingArg, MmuArg, OutputArgs};
-use anyhow::{bail, ensure};
+use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use std::fmt::Write;
@@ -62,6 +62,11 @@ pub struct CompareArgs {
     /// The workload and its flags.
     #[command(subcommand)]
     pub workload: CompareWorkload,
+
+    /// The workload flags given on the command line rather than defaulted (argument ids, e.g.
+    /// `aging`): a configuration may not silently override one of them.
+    #[arg(skip)]
+    pub explicit: Vec<String>,
 }
 
 /// One measurement across configurations.
@@ -90,6 +95,10 @@ pub struct Comparison {
     pub rows: Vec<Row>,
     /// Every run passed its checks.
     pub passed: bool,
+    /// Every failed check, naming its configuration and run (empty when `passed`).
+    pub failures: Vec<String>,
+    /// Ctrl-C stopped the comparison early: medians are over the runs that completed.
+    pub interrupted: bool,
 }
 
 fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
@@ -136,37 +145,46 @@ pub fn median(v: &mut [f64]) -> Option<f64> {
 
 /// Runs the comparison.
 pub fn run(a: &CompareArgs) -> anyhow::Result<Comparison> {
-    ensure!(
-        !a.configs.is_empty(),
-        "--configs needs at least one configuration"
-    );
-    ensure!(
-        (1..=1000).contains(&a.runs),
-        "--runs must be between 1 and 1000 (got {})",
-        a.runs
-    );
+    let workloads = check(a)?;
     let n = a.configs.len();
-    let workloads: Vec<CompareWorkload> =
-        a.configs.iter().map(|c| apply(&a.workload, *c)).collect();
+    let names = config_names(&a.configs);
     let mut reports: Vec<Vec<Report>> = vec![Vec::new(); n];
-    let pb = progress::bar((a.runs * n) as u64, "compare runs");
-    for run in 0..a.runs {
+    let mut failures: Vec<String> = Vec::new();
+    let pb = progress::bar((a.runs * n) as u64, "compare");
+    let mut interrupted = false;
+    'runs: for run in 0..a.runs {
         for k in 0..n {
+            if progress::interrupted() {
+                interrupted = true;
+                break 'runs;
+            }
             let c = (run + k) % n;
-            reports[c].push(run_one(&workloads[c])?);
+            pb.set_message(format!("compare: {} run {}/{}", names[c], run + 1, a.runs));
+            let r = run_one(&workloads[c]).with_context(|| {
+                format!("configuration {}, run {} of {}", names[c], run + 1, a.runs)
+            })?;
+            for l in r.failure_lines() {
+                failures.push(format!(
+                    "configuration {}, run {} of {}: {l}",
+                    names[c],
+                    run + 1,
+                    a.runs
+                ));
+            }
+            reports[c].push(r);
             pb.inc(1);
         }
     }
     pb.finish_and_clear();
-    let mut names: Vec<String> = Vec::new();
+    let mut measured: Vec<String> = Vec::new();
     for r in reports.iter().flatten() {
         for (name, _) in r.measurements() {
-            if !names.contains(&name) {
-                names.push(name);
+            if !measured.contains(&name) {
+                measured.push(name);
             }
         }
     }
-    let rows = names
+    let rows = measured
         .into_iter()
         .map(|name| {
             let medians: Vec<Option<f64>> = reports
@@ -201,28 +219,97 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<Comparison> {
             CompareWorkload::AccessTracking(_) => "access-tracking".into(),
             CompareWorkload::MmuStress(_) => "mmu-stress".into(),
         },
-        configs: a
-            .configs
-            .iter()
-            .map(|c| {
-                c.to_possible_value()
-                    .map(|v| v.get_name().to_owned())
-                    .unwrap_or_default()
-            })
-            .collect(),
+        configs: names,
         runs: a.runs,
         rows,
-        passed: reports.iter().flatten().all(|r| r.passed),
+        passed: failures.is_empty(),
+        failures,
+        interrupted,
     })
 }
 
-/// Renders a comparison as a table: medians per configuration, then ratios to the first.
+fn config_names(configs: &[ConfigArg]) -> Vec<String> {
+    configs
+        .iter()
+        .map(|c| {
+            c.to_possible_value()
+                .map(|v| v.get_name().to_owned())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Refuses, before any run, a comparison that could not mean anything: no or repeated
+/// configurations, a configuration that would override a flag given to the workload, a
+/// configuration the workload's flags make a no-op, or bad workload flags. Returns the
+/// workload of every configuration.
+pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
+    use crate::error::{require, usage_hint};
+    require(!a.configs.is_empty(), || {
+        "--configs needs at least one configuration".into()
+    })?;
+    require((1..=1000).contains(&a.runs), || {
+        format!("--runs must be between 1 and 1000 (got {})", a.runs)
+    })?;
+    let names = config_names(&a.configs);
+    for (i, c) in a.configs.iter().enumerate() {
+        if a.configs[..i].contains(c) {
+            return Err(usage_hint(
+                format!("--configs names {} twice", names[i]),
+                "give each configuration once; --runs sets how often each runs",
+            ));
+        }
+    }
+    let given = |id: &str| a.explicit.iter().any(|e| e == id);
+    let (workload, is_stress, age) = match &a.workload {
+        CompareWorkload::AccessTracking(_) => ("access-tracking", false, true),
+        CompareWorkload::MmuStress(s) => ("mmu-stress", true, s.age),
+    };
+    for (c, name) in a.configs.iter().zip(&names) {
+        let flag = match c {
+            ConfigArg::Lockless | ConfigArg::Locked => "aging",
+            ConfigArg::Tdp | ConfigArg::Shadow => "mmu",
+            ConfigArg::NoAging => "",
+        };
+        if !flag.is_empty() && given(flag) {
+            return Err(usage_hint(
+                format!(
+                    "--configs {name} would override the workload's --{flag}, so the \
+                     comparison would not run what the command line says"
+                ),
+                format!("drop --{flag} from the {workload} flags, or {name} from --configs"),
+            ));
+        }
+        if is_stress && !age && matches!(c, ConfigArg::Lockless | ConfigArg::Locked) {
+            return Err(usage_hint(
+                format!(
+                    "--configs {name} changes nothing for mmu-stress without --age (no aging \
+                     thread runs)"
+                ),
+                "add --age to the mmu-stress flags",
+            ));
+        }
+    }
+    let workloads: Vec<CompareWorkload> =
+        a.configs.iter().map(|c| apply(&a.workload, *c)).collect();
+    for (w, name) in workloads.iter().zip(&names) {
+        match w {
+            CompareWorkload::AccessTracking(x) => access_tracking::check(x).map(|_| ()),
+            CompareWorkload::MmuStress(x) => mmu_stress::check(x).map(|_| ()),
+        }
+        .map_err(|e| e.context(format!("configuration {name}")))?;
+    }
+    Ok(workloads)
+}
+
+/// Renders a comparison as two tables that fit 80 columns for up to four configurations: the
+/// medians per configuration, then each configuration's ratio to the first.
 pub fn render(c: &Comparison) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "kvmmu compare {}: {} runs per configuration, alternated; medians, ratio to {}",
-        c.workload, c.runs, c.configs[0]
+        "kvmmu compare {}: {} runs per configuration, alternated",
+        c.workload, c.runs
     );
     let w = c
         .rows
@@ -230,29 +317,39 @@ pub fn render(c: &Comparison) -> String {
         .map(|r| r.name.len())
         .max()
         .unwrap_or(8)
-        .max(8);
-    let mut head = format!("\n  {:<w$}", "measurement");
+        .max(11);
+    let mut head = format!("\n  {:<w$}", "median");
     for name in &c.configs {
-        let _ = write!(head, "  {name:>12}");
-    }
-    for name in c.configs.iter().skip(1) {
-        let _ = write!(head, "  {:>12}", format!("{name}/{}", c.configs[0]));
+        let _ = write!(head, " {name:>12}");
     }
     let _ = writeln!(s, "{head}");
     for r in &c.rows {
         let _ = write!(s, "  {:<w$}", r.name);
         for m in &r.medians {
-            let _ = write!(s, "  {:>12}", m.map_or("-".into(), seconds));
-        }
-        for x in r.ratios.iter().skip(1) {
-            let _ = write!(s, "  {:>12}", x.map_or("-".into(), |x| format!("{x:.2}x")));
+            let _ = write!(s, " {:>12}", m.map_or("-".into(), seconds));
         }
         let _ = writeln!(s);
+    }
+    if c.configs.len() > 1 {
+        let mut head = format!("\n  {:<w$}", format!("ratio to {}", c.configs[0]));
+        for name in c.configs.iter().skip(1) {
+            let _ = write!(head, " {name:>12}");
+        }
+        let _ = writeln!(s, "{head}");
+        for r in &c.rows {
+            let _ = write!(s, "  {:<w$}", r.name);
+            for x in r.ratios.iter().skip(1) {
+                let _ = write!(s, " {:>12}", x.map_or("-".into(), |x| format!("{x:.2}x")));
+            }
+            let _ = writeln!(s);
+        }
     }
     let _ = writeln!(
         s,
         "\n  result: {}",
-        if c.passed {
+        if c.interrupted {
+            "INTERRUPTED (medians of the runs that completed)"
+        } else if c.passed {
             "PASS"
         } else {
             "FAIL (a run failed its checks)"
@@ -263,13 +360,15 @@ pub fn render(c: &Comparison) -> String {
 
 /// `kvmmu compare`.
 pub fn main(a: &CompareArgs) -> anyhow::Result<()> {
+    crate::report::check_output(&a.out)?;
+    progress::stop_between_units();
     let c = run(a)?;
     if a.out.json {
         println!("{}", serde_json::to_string_pretty(&c)?);
     } else {
         print!("{}", render(&c));
     }
-    if let Some(path) = &a.out.plot {
+    if let Some(path) = a.out.plot.as_ref().filter(|_| !c.rows.is_empty()) {
         let cats: Vec<String> = c.rows.iter().map(|r| r.name.clone()).collect();
         let series: Vec<plot::Series> = c
             .configs
@@ -282,13 +381,24 @@ pub fn main(a: &CompareArgs) -> anyhow::Result<()> {
             .collect();
         plot::bars(
             path,
-            &format!("kvmmu compare {} (medians)", c.workload),
+            &format!(
+                "kvmmu compare {}: medians of {} runs ({})",
+                c.workload,
+                c.runs,
+                c.configs.join(" vs ")
+            ),
             &cats,
             &series,
         )?;
     }
+    if c.interrupted {
+        return Err(crate::error::Interrupted.into());
+    }
     if !c.passed {
-        bail!("a run failed its checks; run the configuration alone to see which");
+        return Err(crate::error::ChecksFailed {
+            lines: c.failures.clone(),
+        }
+        .into());
     }
     Ok(())
 }
@@ -296,6 +406,40 @@ pub fn main(a: &CompareArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_fits_80_columns_with_three_configurations() {
+        let row = |name: &str| Row {
+            name: name.into(),
+            medians: vec![Some(1234.5), Some(0.1), None],
+            ratios: vec![Some(1.0), Some(0.00008), None],
+        };
+        let c = Comparison {
+            schema: COMPARE_SCHEMA,
+            workload: "access-tracking".into(),
+            configs: vec!["lockless".into(), "locked".into(), "no-aging".into()],
+            runs: 3,
+            rows: vec![
+                row("Reading from populated memory"),
+                row("Mark memory idle (lru_gen) #2"),
+            ],
+            passed: true,
+            failures: Vec::new(),
+            interrupted: false,
+        };
+        let t = render(&c);
+        for l in t.lines() {
+            assert!(
+                l.chars().count() <= 80,
+                "{} columns: {l}",
+                l.chars().count()
+            );
+        }
+        assert!(
+            t.contains("ratio to lockless") && t.contains("0.00x"),
+            "{t}"
+        );
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

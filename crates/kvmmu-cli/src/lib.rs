@@ -6,9 +6,11 @@
 //!   `mprotect` read-only under running vCPUs, slot deletion and `release` at exit.
 //! - [`compare`]: one workload in several configurations, alternated, medians and ratios.
 //! - [`report`]: the result every workload returns, rendered as a table, JSON or a plot.
+//! - [`error`]: how the command fails (one line, an exit status per kind of failure).
 
 pub mod access_tracking;
 pub mod compare;
+pub mod error;
 pub mod mmu_stress;
 pub mod report;
 pub mod size;
@@ -66,26 +68,108 @@ pub struct OutputArgs {
     pub plot: Option<PathBuf>,
 }
 
+/// The VM's counters for a report, under KVM's binary-stat names where KVM has one
+/// (`pf_taken`, `remote_tlb_flush`, `mmu_invalidate_seq`, ...) and descriptive names otherwise.
+pub fn vm_counts(s: &kvmmu::vm::VmStats) -> std::collections::BTreeMap<String, u64> {
+    [
+        ("pf_taken", s.faults),
+        ("fault_retries", s.fault_retries),
+        ("remote_tlb_flush", s.remote_tlb_flushes),
+        ("mmu_invalidate_seq", s.invalidate.seq),
+        ("invalidate_starts", s.invalidate_starts),
+        ("invalidate_ends", s.invalidate_ends),
+        ("memslot_swaps", s.memslot_swaps),
+        ("age_calls", s.age_calls),
+        ("age_young", s.age_young),
+        ("mmu_lock_read_acquisitions", s.mmu_lock.read_acquisitions),
+        ("mmu_lock_write_acquisitions", s.mmu_lock.write_acquisitions),
+        ("mmu_lock_contended_reads", s.mmu_lock.contended_reads),
+        ("mmu_lock_contended_writes", s.mmu_lock.contended_writes),
+        ("tdp_leaves_installed", s.tdp.leaves_installed),
+        ("tdp_leaves_zapped", s.tdp.leaves_zapped),
+        ("tdp_cas_retries", s.tdp.cas_retries),
+        (
+            "accessed_cleared",
+            s.tdp.accessed_cleared + s.shadow.accessed_cleared,
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
 /// The most vCPU threads any subcommand runs (KVM's selftests go to 512 on large hosts).
 pub const MAX_VCPUS: usize = 512;
 
 /// Refuses a vCPU count outside `1..=MAX_VCPUS`, naming the flag (`flag`, e.g. `-v/--vcpus`).
 pub fn check_vcpus(flag: &str, vcpus: usize) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        (1..=MAX_VCPUS).contains(&vcpus),
-        "{flag} must be between 1 and {MAX_VCPUS} (got {vcpus})"
-    );
-    Ok(())
+    error::require((1..=MAX_VCPUS).contains(&vcpus), || {
+        format!("{flag} must be between 1 and {MAX_VCPUS} (got {vcpus})")
+    })
 }
 
 /// Refuses a byte size that is not a non-zero multiple of the 4 KiB page, naming the flag.
 pub fn check_pages(flag: &str, bytes: u64) -> anyhow::Result<()> {
     use kvmmu::addr::PAGE_SIZE;
-    anyhow::ensure!(
+    error::require(
         bytes >= PAGE_SIZE && bytes.is_multiple_of(PAGE_SIZE),
-        "{flag} must be a non-zero multiple of 4K (4096 bytes; got {bytes})"
-    );
-    Ok(())
+        || format!("{flag} must be a non-zero multiple of 4K (4096 bytes; got {bytes})"),
+    )
+}
+
+/// Refuses an output file the run could not write, before the run starts: `flag` names the
+/// option (`--plot`), `extensions` the accepted ones (lower case, without the dot). The
+/// directory must exist and take a new file (probed by creating and removing one).
+pub fn check_output_path(
+    flag: &str,
+    path: &std::path::Path,
+    extensions: &[&str],
+) -> anyhow::Result<()> {
+    let shown = path.display();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    if !extensions.is_empty() && !ext.as_deref().is_some_and(|e| extensions.contains(&e)) {
+        let list: Vec<String> = extensions.iter().map(|e| format!(".{e}")).collect();
+        return Err(error::usage_hint(
+            format!(
+                "{flag} {shown}: the file name must end in {}",
+                list.join(" or ")
+            ),
+            format!("e.g. {flag} out{}", list[0]),
+        ));
+    }
+    if path.is_dir() {
+        return Err(error::usage(format!(
+            "{flag} {shown}: is a directory, not a file"
+        )));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(error::usage(format!(
+            "{flag} {shown}: directory {} does not exist",
+            dir.display()
+        )));
+    }
+    let probe = dir.join(format!(".kvmmu-write-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(error::usage(format!(
+            "{flag} {shown}: cannot write in directory {}: {e}",
+            dir.display()
+        ))),
+    }
 }
 
 /// Refuses a frame arena of `frames` 4 KiB frames that the machine could not back: the workloads
@@ -101,12 +185,13 @@ pub fn check_host_memory(frames: u64) -> anyhow::Result<()> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
     if let Some(kib) = avail_kib {
         let need_kib = frames.saturating_mul(4);
-        anyhow::ensure!(
-            need_kib <= kib,
-            "the host's frame arena would need {} MiB, but this machine has {} MiB available",
-            need_kib >> 10,
-            kib >> 10
-        );
+        error::require(need_kib <= kib, || {
+            format!(
+                "the host's frame arena would need {} MiB, but this machine has {} MiB available",
+                need_kib >> 10,
+                kib >> 10
+            )
+        })?;
     }
     Ok(())
 }
@@ -125,6 +210,19 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn output_paths_are_checked_for_extension_directory_and_writability() {
+        let p = std::path::Path::new;
+        let ok = std::env::temp_dir().join("kvmmu-check-output.svg");
+        assert!(check_output_path("--plot", &ok, &["svg", "png"]).is_ok());
+        assert!(!ok.exists(), "checking must not create the file");
+        let e = check_output_path("--plot", p("x.jpg"), &["svg", "png"]).unwrap_err();
+        assert!(e.to_string().contains(".svg or .png"), "{e}");
+        let e = check_output_path("--plot", p("/no/such/dir/x.svg"), &["svg"]).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(check_output_path("--plot", &std::env::temp_dir(), &[]).is_err());
     }
 
     #[test]

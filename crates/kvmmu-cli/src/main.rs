@@ -9,9 +9,12 @@ mod bench;
 mod torture;
 mod workload;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use kvmmu_cli::size;
 pub use kvmmu_cli::{AgingArg, MmuArg};
+use std::ffi::OsString;
+use std::process::ExitCode;
 
 /// kvmmu: KVM's x86 MMU on simulated hardware.
 ///
@@ -78,18 +81,167 @@ pub struct WorkloadArgs {
     /// Entries in each vCPU's software TLB.
     #[arg(long, default_value_t = 2048)]
     pub tlb_entries: usize,
+
+    /// Output.
+    #[command(flatten)]
+    pub out: kvmmu_cli::OutputArgs,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    restore_sigpipe();
+    let args = hoist_compare_flags(std::env::args_os().collect());
+    let matches = match Cli::command().try_get_matches_from(&args) {
+        Ok(m) => m,
+        Err(e) => return clap_error(e),
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => return clap_error(e),
+    };
+    match run(cli, &matches) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => kvmmu_cli::error::report(&e),
+    }
+}
+
+/// Rust starts programs with SIGPIPE ignored, so a closed pipe (`kvmmu ... | head`) turns the
+/// next `print!` into a panic with a backtrace; a command-line tool should end quietly instead,
+/// as `cat` does.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in `main`, before any other thread exists, so no thread can be
+    // relying on the old disposition; SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    kvmmu_cli::report::progress::install_interrupt_handler();
     match cli.command {
-        None => print!("{}", workload::run(&cli.workload)?),
-        Some(Command::Run(args)) => print!("{}", workload::run(&args)?),
+        None => workload::main(&cli.workload)?,
+        Some(Command::Run(args)) => workload::main(&args)?,
         Some(Command::AccessTracking(cmd)) => kvmmu_cli::access_tracking::main(&cmd)?,
         Some(Command::MmuStress(cmd)) => kvmmu_cli::mmu_stress::main(&cmd)?,
-        Some(Command::Compare(args)) => kvmmu_cli::compare::main(&args)?,
+        Some(Command::Compare(mut args)) => {
+            args.explicit = explicit_workload_flags(matches);
+            kvmmu_cli::compare::main(&args)?
+        }
         Some(Command::Torture(args)) => print!("{}", torture::run(&args)?),
         Some(Command::Bench(args)) => print!("{}", bench::run(&args)?),
     }
     Ok(())
+}
+
+/// The workload flags given on `compare`'s command line (not defaulted), by argument id.
+fn explicit_workload_flags(matches: &clap::ArgMatches) -> Vec<String> {
+    let Some((_, w)) = matches
+        .subcommand_matches("compare")
+        .and_then(|c| c.subcommand())
+    else {
+        return Vec::new();
+    };
+    w.ids()
+        .filter(|id| w.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.as_str().to_owned())
+        .collect()
+}
+
+/// `compare`'s own options are accepted after the workload name too: they are moved in front
+/// of it (the workloads have no option of these names, so nothing is ambiguous).
+fn hoist_compare_flags(args: Vec<OsString>) -> Vec<OsString> {
+    const OWN: [&str; 4] = ["--plot", "--json", "--runs", "--configs"];
+    const TAKES_VALUE: [&str; 3] = ["--plot", "--runs", "--configs"];
+    if args.get(1).and_then(|a| a.to_str()) != Some("compare") {
+        return args;
+    }
+    let Some(w) = args
+        .iter()
+        .position(|a| matches!(a.to_str(), Some("access-tracking" | "mmu-stress")))
+    else {
+        return args;
+    };
+    let (mut head, mut moved, mut tail) = (args[..w].to_vec(), Vec::new(), Vec::new());
+    let mut rest = args[w..].iter();
+    while let Some(a) = rest.next() {
+        let s = a.to_str().unwrap_or("");
+        let name = s.split('=').next().unwrap_or("");
+        if OWN.contains(&name) {
+            moved.push(a.clone());
+            if TAKES_VALUE.contains(&s)
+                && let Some(v) = rest.next()
+            {
+                moved.push(v.clone());
+            }
+        } else {
+            tail.push(a.clone());
+        }
+    }
+    head.extend(moved);
+    head.extend(tail);
+    head
+}
+
+/// A command line clap refused: its first line as the error, its tip (if any) as the hint.
+fn clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("error: invalid command line");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("error: {first}");
+    let tip = lines.find_map(|l| l.strip_prefix("tip: "));
+    match tip {
+        Some(t) => eprintln!("hint: {t}"),
+        None => eprintln!("hint: --help lists every option"),
+    }
+    ExitCode::from(kvmmu_cli::error::EXIT_USAGE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn compare_flags_after_the_workload_name_are_moved_before_it() {
+        let got = hoist_compare_flags(os(&[
+            "kvmmu",
+            "compare",
+            "access-tracking",
+            "-v",
+            "1",
+            "--plot",
+            "x.svg",
+            "--json",
+            "--runs=2",
+        ]));
+        assert_eq!(
+            got,
+            os(&[
+                "kvmmu",
+                "compare",
+                "--plot",
+                "x.svg",
+                "--json",
+                "--runs=2",
+                "access-tracking",
+                "-v",
+                "1"
+            ])
+        );
+        let other = os(&["kvmmu", "access-tracking", "--plot", "x.svg"]);
+        assert_eq!(hoist_compare_flags(other.clone()), other);
+    }
 }

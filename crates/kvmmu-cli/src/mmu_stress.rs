@@ -20,6 +20,7 @@
 //! is dead after `release` and its page-table pages were all freed.
 
 use crate::report::{Report, progress};
+use crate::vcpus::{PhaseTime, Span};
 use crate::{AgingArg, MmuArg, OutputArgs, size, vm_config};
 use anyhow::{Context, anyhow, bail, ensure};
 use clap::Args;
@@ -139,6 +140,17 @@ impl Rendezvous {
         Ok(())
     }
 
+    /// [`Rendezvous::wait`], recording on the calling thread when it arrived and when it left.
+    fn wait_marked(&self, marks: &mut Vec<Span>) -> anyhow::Result<()> {
+        let start = Instant::now();
+        self.wait()?;
+        marks.push(Span {
+            start,
+            end: Instant::now(),
+        });
+        Ok(())
+    }
+
     fn is_aborted(&self) -> bool {
         self.state.lock().map_or(true, |s| s.2)
     }
@@ -195,6 +207,7 @@ fn vcpu_thread(
     range: (u64, u64),
     sh: &Shared,
     rv: &Rendezvous,
+    marks: &mut Vec<Span>,
 ) -> anyhow::Result<()> {
     let pages = || (range.0..range.1).step_by(PAGE_SIZE as usize);
     let write_all = |vcpu: &mut Vcpu, stage: u64| -> anyhow::Result<()> {
@@ -205,12 +218,12 @@ fn vcpu_thread(
         }
         Ok(())
     };
-    rv.wait()?;
+    rv.wait_marked(marks)?;
     write_all(vcpu, 0)?;
-    rv.wait()?;
-    rv.wait()?; // the main thread resets the MMU between these two
+    rv.wait_marked(marks)?;
+    rv.wait_marked(marks)?; // the main thread resets the MMU between these two
     write_all(vcpu, 1)?;
-    rv.wait()?;
+    rv.wait_marked(marks)?;
     {
         let mut g = vcpu.enter();
         for gpa in pages() {
@@ -277,7 +290,7 @@ fn vcpu_thread(
         }
         std::thread::yield_now();
     }
-    rv.wait()?;
+    rv.wait_marked(marks)?;
     // Stage 4: writes fail with EFAULT until the main thread's mprotect(RW), then all complete.
     {
         let mut g = vcpu.enter();
@@ -306,7 +319,7 @@ fn vcpu_thread(
             }
         }
     }
-    rv.wait()?;
+    rv.wait_marked(marks)?;
     Ok(())
 }
 
@@ -373,11 +386,19 @@ fn validate(a: &StressArgs) -> anyhow::Result<u64> {
     Ok(slots)
 }
 
+/// Refuses bad flags (a usage error naming the flag) before any work; returns the slot count.
+pub fn check(a: &StressArgs) -> anyhow::Result<u64> {
+    let n = validate(a).map_err(crate::error::as_usage)?;
+    vm_config(a.mmu, a.aging, a.tlb_entries)
+        .validate()
+        .map_err(|e| crate::error::as_usage(anyhow::Error::new(e)))?;
+    Ok(n)
+}
+
 /// Runs the test with `write_protect` as the read-only step.
 pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Result<Report> {
-    let nslots = validate(a)?;
+    let nslots = check(a)?;
     let config = vm_config(a.mmu, a.aging, a.tlb_entries);
-    config.validate()?;
     let mut r = Report::new("mmu-stress");
     r.config("vcpus", a.vcpus);
     r.config("max_mem", a.max_mem);
@@ -439,7 +460,7 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
     let rv = Rendezvous::new(a.vcpus + 1);
     let stop_aging = AtomicBool::new(false);
     let names = ["run 1", "reset", "run 2", "ro", "rw"];
-    let pb = progress::bar(names.len() as u64 + 1, "mmu-stress stages");
+    let pb = progress::bar(names.len() as u64, "mmu-stress: run 1");
 
     let (times, aging_passes) = std::thread::scope(|s| {
         let ager = a.age.then(|| {
@@ -462,49 +483,50 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
                 let (sh, rv) = (&sh, &rv);
                 s.spawn(move || {
                     let mut guard = AbortOnDrop(rv, false);
-                    let res = vcpu_thread(i, v, *range, sh, rv);
+                    let mut marks = Vec::new();
+                    let res = vcpu_thread(i, v, *range, sh, rv, &mut marks);
                     guard.1 = res.is_ok();
-                    res
+                    res.map(|()| marks)
                 })
             })
             .collect();
-        let main = (|| -> anyhow::Result<Vec<Duration>> {
+        // The main thread is one more participant: its rendezvous marks bound the phases in
+        // which it works (reset, the mprotects), the vCPUs' marks those in which they do.
+        let main = (|| -> anyhow::Result<Vec<Span>> {
             let mut guard = AbortOnDrop(&rv, false);
-            let mut times = Vec::new();
-            rv.wait()?;
-            let mut last = Instant::now();
-            let mut lap = |times: &mut Vec<Duration>| {
-                let now = Instant::now();
-                times.push(now - last);
-                last = now;
-                pb.inc(1);
-            };
-            rv.wait()?;
-            lap(&mut times); // run 1
+            let mut marks = Vec::new();
+            rv.wait_marked(&mut marks)?;
+            rv.wait_marked(&mut marks)?;
+            pb.inc(1); // run 1
+            pb.set_message("mmu-stress: reset");
             vm.reset_mmu();
-            rv.wait()?;
-            lap(&mut times); // reset
-            rv.wait()?;
-            lap(&mut times); // run 2
+            rv.wait_marked(&mut marks)?;
+            pb.inc(1); // reset
+            pb.set_message("mmu-stress: run 2");
+            rv.wait_marked(&mut marks)?;
+            pb.inc(1); // run 2
+            pb.set_message("mmu-stress: ro");
             write_protect(&host, buf, a.slot_size).context("write-protecting the buffer")?;
             // ORDERING: Release pairs with the vCPUs' Acquire: the flag is set only after the
             // host operation returned.
             sh.ro_done.store(true, Ordering::Release);
-            rv.wait()?;
-            lap(&mut times); // ro
+            rv.wait_marked(&mut marks)?;
+            pb.inc(1); // ro
+            pb.set_message("mmu-stress: rw");
             host.mprotect(buf, a.slot_size, Prot::READ | Prot::WRITE)
                 .context("mprotect(RW)")?;
-            rv.wait()?;
-            lap(&mut times); // rw
+            rv.wait_marked(&mut marks)?;
+            pb.inc(1); // rw
             guard.1 = true;
-            Ok(times)
+            Ok(marks)
         })();
         stop_aging.store(true, Ordering::Release);
         // A vCPU that only saw the abort is a consequence of another failure: report the cause.
         let mut errors: Vec<anyhow::Error> = Vec::new();
+        let mut all_marks: Vec<Vec<Span>> = Vec::new();
         for (i, h) in hs.into_iter().enumerate() {
             match h.join() {
-                Ok(Ok(())) => {}
+                Ok(Ok(m)) => all_marks.push(m),
                 Ok(Err(e)) => errors.push(e),
                 Err(_) => errors.push(anyhow!("vCPU {i} panicked")),
             }
@@ -520,11 +542,12 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
         if let Some(e) = first_err {
             return Err(e);
         }
-        Ok((main?, passes))
+        all_marks.push(main?);
+        Ok((stage_times(&all_marks, names.len()), passes))
     })?;
     pb.finish_and_clear();
-    for (n, d) in names.iter().zip(&times) {
-        r.phase(*n, *d);
+    for (n, t) in names.iter().zip(&times) {
+        r.phase_time(*n, t);
     }
     r.counts.insert("aging_passes".into(), aging_passes);
     r.require(
@@ -560,6 +583,7 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
     }
     r.phase("delete even slots, unmap half", t.elapsed());
     let stats = vm.stats();
+    r.counts.extend(crate::vm_counts(&stats));
     r.counts.insert("faults".into(), stats.faults);
     r.counts.insert("fault_retries".into(), stats.fault_retries);
     r.counts
@@ -604,6 +628,26 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
     Ok(r)
 }
 
+/// The stages between consecutive rendezvous: stage `k` runs from the earliest time a participant
+/// left rendezvous `k` to the latest time one arrived at rendezvous `k + 1`, every instant read by
+/// the participant itself; each participant's own share is its leave-to-arrive interval.
+fn stage_times(marks: &[Vec<Span>], stages: usize) -> Vec<PhaseTime> {
+    (0..stages)
+        .map(|k| {
+            let spans: Vec<Span> = marks
+                .iter()
+                .filter_map(|m| {
+                    Some(Span {
+                        start: m.get(k)?.end,
+                        end: m.get(k + 1)?.start,
+                    })
+                })
+                .collect();
+            PhaseTime::from_spans(&spans)
+        })
+        .collect()
+}
+
 /// Runs the test as the selftest does.
 pub fn run(a: &StressArgs) -> anyhow::Result<Report> {
     run_with(a, &mprotect_read_only)
@@ -611,6 +655,13 @@ pub fn run(a: &StressArgs) -> anyhow::Result<Report> {
 
 /// `kvmmu mmu-stress`.
 pub fn main(cmd: &StressCommand) -> anyhow::Result<()> {
+    crate::report::check_output(&cmd.out)?;
+    if cmd.args.aging == AgingArg::Locked && !cmd.args.age {
+        return Err(crate::error::usage_hint(
+            "--aging locked changes nothing without --age (no aging thread runs)",
+            "add --age to run the aging thread under mmu_lock",
+        ));
+    }
     let r = run(&cmd.args)?;
     crate::report::emit(&r, &cmd.out)
 }

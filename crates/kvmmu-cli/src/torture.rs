@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use clap::Args;
 use kvmmu::config::{AgingMode, MmuKind};
-use kvmmu::torture::{Actors, TortureConfig};
+use kvmmu::torture::{Actors, TortureConfig, TortureError, TortureReport};
+use kvmmu_cli::report::progress;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use crate::{AgingArg, MmuArg};
 
@@ -78,6 +80,62 @@ pub struct TortureArgs {
     /// Turn off the MMU-reset actor.
     #[arg(long)]
     pub no_reset: bool,
+
+    /// Print the report as JSON (schema `kvmmu-torture/1`, see `to_json`) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Version tag of the torture report's JSON.
+pub const TORTURE_SCHEMA: &str = "kvmmu-torture/1";
+
+/// The torture report as JSON: `schema`, `seed` (hex string, as `--seed` takes it), `config`,
+/// `elapsed_s`, `actors` (`name`, `ops`, `ops_per_s`), `counts` (KVM stat names where one
+/// exists), `violations` (one string each) and `passed`.
+pub fn to_json(a: &TortureArgs, r: &TortureReport) -> serde_json::Value {
+    let s = &r.vm_stats;
+    serde_json::json!({
+        "schema": TORTURE_SCHEMA,
+        "seed": format!("{:#x}", r.seed),
+        "config": {
+            "mmu": a.mmu,
+            "aging": a.aging,
+            "vcpus": a.vcpus,
+            "pages": a.pages,
+            "dyn_pages": a.dyn_pages,
+            "frames": a.frames,
+            "tlb_entries": a.tlb_entries,
+            "duration_s": a.duration.map(|d| d.as_secs_f64()),
+            "ops": a.ops,
+            "elide_flush": !a.no_elide_flush,
+            "stall_timeout_s": a.stall_timeout.as_secs_f64(),
+            "host": !a.no_host,
+            "aging_actor": !a.no_aging,
+            "accessed": !a.no_accessed,
+            "memslot": !a.no_memslot,
+            "reset": !a.no_reset,
+        },
+        "elapsed_s": r.elapsed.as_secs_f64(),
+        "actors": r.actors.iter().map(|x| serde_json::json!({
+            "name": x.actor.to_string(),
+            "ops": x.ops,
+            "ops_per_s": x.ops_per_sec,
+        })).collect::<Vec<_>>(),
+        "counts": {
+            "pf_taken": s.faults,
+            "fault_retries": s.fault_retries,
+            "invalidate_starts": s.invalidate_starts,
+            "invalidate_ends": s.invalidate_ends,
+            "mmu_invalidate_seq": s.invalidate.seq,
+            "memslot_swaps": s.memslot_swaps,
+            "remote_tlb_flush": s.remote_tlb_flushes,
+            "out_of_frames_exits": r.out_of_frames_exits,
+            "accessed_hidden_by_tlb": r.accessed_hidden_by_tlb,
+            "accessed_excused_by_reset": r.accessed_excused_by_reset,
+        },
+        "violations": r.violations.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+        "passed": r.passed(),
+    })
 }
 
 /// Parses `30s`, `10m`, `4h`, `250ms` or a bare number of seconds.
@@ -151,7 +209,7 @@ pub fn config(a: &TortureArgs) -> TortureConfig {
         ops_per_vcpu: match (a.ops, a.duration) {
             (Some(n), _) => Some(n),
             (None, Some(_)) => None,
-            (None, None) => Some(20_000),
+            (None, None) => Some(DEFAULT_OPS),
         },
         duration: a.duration,
         actors,
@@ -160,18 +218,155 @@ pub fn config(a: &TortureArgs) -> TortureConfig {
     }
 }
 
-/// Runs `kvmmu torture`; an error (non-zero exit) if any oracle failed.
-pub fn run(a: &TortureArgs) -> anyhow::Result<String> {
-    let cfg = config(a);
-    eprintln!(
-        "kvmmu torture: seed {:#x} (replay with --seed {:#x}), {:?} MMU, {:?} aging, {} vCPUs",
-        cfg.seed, cfg.seed, cfg.mmu, cfg.aging, cfg.vcpus
-    );
-    let report = kvmmu::torture::run(&cfg).context("torture set-up failed")?;
-    if !report.passed() {
-        bail!("{report}");
+/// Operations per vCPU when neither --ops nor --duration is given.
+pub const DEFAULT_OPS: u64 = 20_000;
+
+/// Most operations per vCPU (`--ops`): about an hour at the slowest measured rate.
+pub const MAX_OPS: u64 = 1 << 32;
+
+/// Refuses, in the user's flag names, options the run could not honour or that mean nothing.
+pub fn check(a: &TortureArgs) -> anyhow::Result<()> {
+    use kvmmu_cli::error::{require, usage_hint};
+    if a.duration == Some(Duration::ZERO) {
+        return Err(usage_hint(
+            "--duration 0s would stop the run before any operation",
+            "give a positive duration (e.g. --duration 30s) or bound the run with --ops",
+        ));
     }
-    Ok(report.to_string())
+    if a.stall_timeout.is_zero() {
+        return Err(usage_hint(
+            "--stall-timeout 0s would report every actor as stalled at once",
+            "give a positive timeout (default 30s)",
+        ));
+    }
+    require(a.ops.is_none_or(|n| (1..=MAX_OPS).contains(&n)), || {
+        format!(
+            "--ops must be between 1 and {MAX_OPS} (got {})",
+            a.ops.unwrap_or(0)
+        )
+    })?;
+    require((1..=64).contains(&a.vcpus), || {
+        format!("-v/--vcpus must be between 1 and 64 (got {})", a.vcpus)
+    })?;
+    let private = TortureConfig::default().private;
+    require(a.pages >= private + 8, || {
+        format!("--pages must be at least {} (got {})", private + 8, a.pages)
+    })?;
+    require(
+        a.dyn_pages >= 1 && a.pages.saturating_add(a.dyn_pages) <= 1 << 20,
+        || {
+            format!(
+                "--dyn-pages must be at least 1, and --pages plus --dyn-pages at most 1048576 \
+                 (got {} + {})",
+                a.pages, a.dyn_pages
+            )
+        },
+    )?;
+    require(a.frames != Some(0), || "--frames must be at least 1".into())?;
+    require((1..=1 << 20).contains(&a.tlb_entries), || {
+        format!(
+            "--tlb-entries must be between 1 and 1048576 (got {})",
+            a.tlb_entries
+        )
+    })?;
+    Ok(())
+}
+
+/// The flag behind a library parameter name.
+fn flag_of(param: &str) -> &str {
+    match param {
+        "vcpus" => "--vcpus",
+        "main_pages" => "--pages",
+        "dyn_pages" => "--dyn-pages",
+        "ops_per_vcpu" => "--ops or --duration",
+        "tlb_entries" => "--tlb-entries",
+        other => other,
+    }
+}
+
+/// Runs `f` (the torture run) under a progress display: with `--duration`, a bar of the time
+/// elapsed and left; with `--ops`, a spinner with the elapsed time. (Operation rates and
+/// violations so far would need a progress hook in `kvmmu::torture`; the final report has them.)
+fn with_progress<T>(a: &TortureArgs, f: impl FnOnce() -> T) -> T {
+    let pb = match a.duration {
+        Some(d) => progress::bar(u64::try_from(d.as_millis()).unwrap_or(u64::MAX), "torture"),
+        None => progress::spinner(&format!(
+            "torture: {} ops per vCPU",
+            a.ops.unwrap_or(DEFAULT_OPS)
+        )),
+    };
+    if pb.is_hidden() {
+        return f();
+    }
+    let done = AtomicBool::new(false);
+    let start = Instant::now();
+    let r = std::thread::scope(|s| {
+        s.spawn(|| {
+            // Bounded: `done` is set as soon as `f` returns.
+            // ORDERING: Relaxed: a stop flag; the scope's join orders the rest.
+            while !done.load(Ordering::Relaxed) {
+                if let Some(d) = a.duration {
+                    let el = start.elapsed().min(d);
+                    pb.set_position(u64::try_from(el.as_millis()).unwrap_or(u64::MAX));
+                    pb.set_message(format!("torture: {}s left", (d - el).as_secs()));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let r = f();
+        // ORDERING: see the load.
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    pb.finish_and_clear();
+    r
+}
+
+/// Runs `kvmmu torture`: the report on success; on a violation the report is printed and the
+/// error lists every violation (exit status 1).
+pub fn run(a: &TortureArgs) -> anyhow::Result<String> {
+    check(a)?;
+    let cfg = config(a);
+    progress::suspend(|| {
+        eprintln!(
+            "kvmmu torture: {} MMU, {} aging, {} vCPUs",
+            format!("{:?}", cfg.mmu).to_lowercase(),
+            format!("{:?}", cfg.aging).to_lowercase(),
+            cfg.vcpus
+        );
+        eprintln!("seed {:#x} (replay with --seed {:#x})", cfg.seed, cfg.seed);
+    });
+    progress::set_interrupt_note(format!(
+        "torture cut short: no oracle had failed when it was stopped; seed {:#x} (replay \
+         with --seed {:#x} and the same options)",
+        cfg.seed, cfg.seed
+    ));
+    let report = with_progress(a, || kvmmu::torture::run(&cfg)).map_err(|e| match e {
+        TortureError::Parameter { name, why } => {
+            kvmmu_cli::error::usage(format!("{} {why}", flag_of(name)))
+        }
+        TortureError::Config(c) => kvmmu_cli::error::usage(c.to_string()),
+        other => anyhow::Error::new(other).context("torture set-up failed"),
+    })?;
+    let shown = if a.json {
+        format!("{:#}\n", to_json(a, &report))
+    } else {
+        kvmmu_cli::report::table::fold(&report.to_string(), kvmmu_cli::report::table::WIDTH, "    ")
+    };
+    if !report.passed() {
+        print!("{shown}");
+        let mut lines: Vec<String> = report
+            .violations
+            .iter()
+            .map(|v| format!("violation: {}", v.to_string().replace('\n', "; ")))
+            .collect();
+        lines.push(format!(
+            "torture failed with seed {:#x}: rerun with --seed {:#x} and the same options",
+            report.seed, report.seed
+        ));
+        return Err(kvmmu_cli::error::ChecksFailed { lines }.into());
+    }
+    Ok(shown)
 }
 
 #[cfg(test)]

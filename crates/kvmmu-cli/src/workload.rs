@@ -4,7 +4,10 @@ use crate::{AgingArg, MmuArg, WorkloadArgs};
 use anyhow::{Context, bail, ensure};
 use kvmmu::addr::PAGE_SIZE;
 use kvmmu::prelude::*;
-use kvmmu_cli::vcpus::run_vcpus;
+use kvmmu_cli::error::{as_usage, require, usage};
+use kvmmu_cli::report::Report as Common;
+use kvmmu_cli::report::progress;
+use kvmmu_cli::vcpus::{PhaseTime, run_vcpus};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -21,7 +24,7 @@ pub struct Report {
     mmu: MmuArg,
     aging: AgingArg,
     prefault: Duration,
-    populate: Duration,
+    populate: PhaseTime,
     faults: u64,
     fault_retries: u64,
     passes: Vec<(Duration, bool)>,
@@ -29,7 +32,7 @@ pub struct Report {
     hot_pages: u64,
     hot_seen_young: u64,
     cold_seen_young: u64,
-    verify: Duration,
+    verify: PhaseTime,
     stats: VmStats,
     tables_allocated: u64,
     tables_freed_after_teardown: u64,
@@ -39,24 +42,60 @@ fn value_for(vcpu: usize, page: u64) -> u64 {
     ((vcpu as u64) << 48) ^ (page.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16) ^ 0xA5
 }
 
-/// Runs the default workload described by `cli`.
-pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
-    kvmmu_cli::check_vcpus("--vcpus", cli.vcpus)?;
-    kvmmu_cli::check_pages("--bytes-per-vcpu", cli.bytes_per_vcpu)?;
-    let total = cli
-        .bytes_per_vcpu
+/// The default workload: the table, or `--json`, and `--plot`.
+pub fn main(cli: &WorkloadArgs) -> anyhow::Result<()> {
+    kvmmu_cli::report::check_output(&cli.out)?;
+    let r = run(cli)?;
+    if cli.out.json || cli.out.plot.is_some() {
+        let common = r.to_common();
+        if cli.out.json {
+            return kvmmu_cli::report::emit(&common, &cli.out);
+        }
+        print!("{r}");
+        return kvmmu_cli::report::plot_only(&common, &cli.out);
+    }
+    print!("{r}");
+    Ok(())
+}
+
+/// Most aging passes the default workload times (each is a full pass over guest memory).
+pub const MAX_PASSES: u32 = 10_000;
+
+/// Checks the flags before anything runs; returns the guest's size in bytes.
+pub fn validate(cli: &WorkloadArgs) -> anyhow::Result<u64> {
+    kvmmu_cli::check_vcpus("-v/--vcpus", cli.vcpus)?;
+    kvmmu_cli::check_pages("-b/--bytes-per-vcpu", cli.bytes_per_vcpu)?;
+    require(cli.passes <= MAX_PASSES, || {
+        format!(
+            "--passes must be at most {MAX_PASSES} (got {}); each pass ages all of guest memory",
+            cli.passes
+        )
+    })?;
+    require((1..=1 << 20).contains(&cli.tlb_entries), || {
+        format!(
+            "--tlb-entries must be between 1 and 1048576 (got {})",
+            cli.tlb_entries
+        )
+    })?;
+    cli.bytes_per_vcpu
         .checked_mul(cli.vcpus as u64)
         .filter(|t| *t <= MAX_TOTAL_BYTES)
-        .with_context(|| {
-            format!(
-                "guest memory must be at most {} GiB in all",
+        .ok_or_else(|| {
+            usage(format!(
+                "-v times -b must be at most {} GiB of guest memory in all",
                 MAX_TOTAL_BYTES >> 30
-            )
-        })?;
+            ))
+        })
+}
+
+/// Runs the default workload described by `cli`.
+pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
+    let total = validate(cli)?;
     let pages = total / PAGE_SIZE;
     let pages_per_vcpu = cli.bytes_per_vcpu / PAGE_SIZE;
 
     let config = kvmmu_cli::vm_config(cli.mmu, cli.aging, cli.tlb_entries);
+    config.validate().map_err(|e| as_usage(e.into()))?;
     // Refuse, before anything runs, a guest whose frame arena this machine cannot back.
     kvmmu_cli::check_host_memory(pages + 1024)?;
     let host = HostMm::new(HostConfig {
@@ -84,6 +123,7 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
         .map(|_| vm.create_vcpu())
         .collect::<Result<Vec<_>, _>>()?;
 
+    let pb = progress::spinner("populating");
     // Phase 1: populate (every page written once: a fault each).
     let populate = run_vcpus(&mut vcpus, |i, vcpu| {
         let mut g = vcpu.enter();
@@ -94,6 +134,7 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
     })?;
     let after_populate = vm.stats();
 
+    pb.set_message("aging passes");
     // Phase 2: full aging passes through the notifier path.
     let mut passes = Vec::new();
     let mut aged_first = 0;
@@ -107,6 +148,7 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
         }
     }
 
+    pb.set_message("hot/cold pass");
     // Phase 3: touch hot_percent of each vCPU's pages again (reads), then ask which pages are young.
     let hot_per_vcpu = pages_per_vcpu * u64::from(cli.hot_percent) / 100;
     host.clear_young(hva, total)?;
@@ -133,6 +175,7 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
         }
     }
 
+    pb.set_message("verifying");
     // Phase 4: every value reads back as written.
     let verify = run_vcpus(&mut vcpus, |i, vcpu| {
         let mut g = vcpu.enter();
@@ -148,6 +191,7 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
         Ok(())
     })?;
 
+    pb.finish_and_clear();
     let stats = vm.stats();
     ensure!(
         stats.invalidate.in_progress == 0 && stats.mn_active_invalidate_count == 0,
@@ -194,6 +238,85 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
     })
 }
 
+impl Report {
+    /// The report in the common shape (`kvmmu-report/1`, command `run`) for `--json` and
+    /// `--plot`; every check passed (a failed one ends the run with an error instead).
+    pub fn to_common(&self) -> Common {
+        let mut r = Common::new("run");
+        r.config("vcpus", self.vcpus);
+        r.config("guest_pages", self.pages);
+        r.config("mmu", self.mmu);
+        r.config("aging", self.aging);
+        r.phase("prefault RAM", self.prefault);
+        r.phase_time("populate", &self.populate);
+        for (i, (d, _)) in self.passes.iter().enumerate() {
+            r.phase(format!("aging pass {}", i + 1), *d);
+        }
+        r.phase_time("verify", &self.verify);
+        r.counts.extend(kvmmu_cli::vm_counts(&self.stats));
+        let c = &mut r.counts;
+        c.insert("guest_pages".into(), self.pages);
+        c.insert("faults".into(), self.faults);
+        c.insert("fault_retries".into(), self.fault_retries);
+        c.insert("aging_passes".into(), self.passes.len() as u64);
+        c.insert(
+            "aging_passes_young".into(),
+            self.passes.iter().filter(|(_, y)| *y).count() as u64,
+        );
+        c.insert("aged_sptes_first_pass".into(), self.aged_sptes_first_pass);
+        c.insert("hot_pages".into(), self.hot_pages);
+        c.insert("hot_seen_young".into(), self.hot_seen_young);
+        c.insert("cold_seen_young".into(), self.cold_seen_young);
+        c.insert("page_tables_allocated".into(), self.tables_allocated);
+        c.insert("page_tables_freed".into(), self.tables_freed_after_teardown);
+        c.insert(
+            "mmu_lock_read_acquisitions".into(),
+            self.stats.mmu_lock.read_acquisitions,
+        );
+        c.insert(
+            "mmu_lock_write_acquisitions".into(),
+            self.stats.mmu_lock.write_acquisitions,
+        );
+        c.insert(
+            "mmu_lock_contended_reads".into(),
+            self.stats.mmu_lock.contended_reads,
+        );
+        c.insert(
+            "mmu_lock_contended_writes".into(),
+            self.stats.mmu_lock.contended_writes,
+        );
+        r.metrics.insert(
+            "populate_faults_per_s_per_vcpu".into(),
+            rate(self.faults, self.populate.wall) / self.vcpus as f64,
+        );
+        r.require(
+            "every page read back the value written",
+            true,
+            format!("{} pages", self.pages),
+        );
+        r.require(
+            "invalidations balanced",
+            true,
+            format!("seq {}", self.stats.invalidate.seq),
+        );
+        r.require("no stale translation used", true, "0 stale accesses");
+        r.require(
+            "page-table pages freed at teardown",
+            true,
+            format!(
+                "{} allocated, {} freed",
+                self.tables_allocated, self.tables_freed_after_teardown
+            ),
+        );
+        r.notes.push(
+            "re-touches that hit a TLB entry cached before aging set no Accessed bit: x86 does \
+             not flush TLBs when aging"
+                .into(),
+        );
+        r
+    }
+}
+
 /// Accessed bits cleared by aging, whichever MMU holds the SPTEs.
 fn accessed_cleared(s: &VmStats) -> u64 {
     s.tdp.accessed_cleared + s.shadow.accessed_cleared
@@ -205,6 +328,21 @@ fn rate(n: u64, d: Duration) -> f64 {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut raw = String::new();
+        self.render(&mut raw)?;
+        let indent = " ".repeat(18);
+        f.write_str(&kvmmu_cli::report::table::fold(
+            &raw,
+            kvmmu_cli::report::table::WIDTH,
+            &indent,
+        ))
+    }
+}
+
+impl Report {
+    /// The summary with long lines unfolded.
+    fn render(&self, f: &mut String) -> fmt::Result {
+        use std::fmt::Write as _;
         let mib = (self.pages * PAGE_SIZE) >> 20;
         writeln!(
             f,
@@ -219,10 +357,10 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "  populate        {:>10.3} ms  {} faults ({} retries), {:.2} M faults/s per vCPU",
-            self.populate.as_secs_f64() * 1e3,
+            self.populate.wall.as_secs_f64() * 1e3,
             self.faults,
             self.fault_retries,
-            rate(self.faults, self.populate) / self.vcpus as f64 / 1e6
+            rate(self.faults, self.populate.wall) / self.vcpus as f64 / 1e6
         )?;
         for (i, (d, young)) in self.passes.iter().enumerate() {
             let extra = if i == 0 {
@@ -258,7 +396,7 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "  verify          {:>10.3} ms  every page read back the value written",
-            self.verify.as_secs_f64() * 1e3
+            self.verify.wall.as_secs_f64() * 1e3
         )?;
         writeln!(
             f,

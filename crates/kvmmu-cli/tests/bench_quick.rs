@@ -98,6 +98,17 @@ fn quick_json_has_every_scenario_and_ratio() {
             assert!(r["meets"].is_boolean(), "ratio {} lacks meets", r["name"]);
         }
     }
+    assert_eq!(v["schema"], "kvmmu-bench/2");
+    assert_eq!(v["config"]["reps"], 1, "config numbers are JSON numbers");
+    let mut ids: Vec<&str> = figures
+        .iter()
+        .chain(ratios)
+        .map(|x| x["id"].as_str().expect("every figure and ratio has an id"))
+        .collect();
+    let n = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "ids are unique");
     assert_eq!(v["config"]["mode"], "quick");
     assert_eq!(v["config"]["mmu"], "tdp");
 }
@@ -125,12 +136,12 @@ fn bad_sizes_are_refused() {
 }
 
 #[test]
-fn plot_draws_aging_and_slowdown_charts() {
+fn bars_draws_aging_and_slowdown_text_charts() {
     let out = Command::new(env!("CARGO_BIN_EXE_kvmmu"))
         .args([
             "bench",
             "--quick",
-            "--plot",
+            "--bars",
             "--bytes",
             "1M",
             "--reps",
@@ -149,6 +160,27 @@ fn plot_draws_aging_and_slowdown_charts() {
     assert!(text.contains("[aging plot, M SPTE/s]"), "{text}");
     assert!(text.contains("[slowdown plot, ms]"), "{text}");
     // Each chart has a full-width bar (its largest median; ties may add more).
-    let full = "#".repeat(50);
+    let full = "#".repeat(20);
     assert!(text.matches(full.as_str()).count() >= 2, "{text}");
+}
+
+#[test]
+fn plot_file_draws_the_aging_chart_like_every_other_plot() {
+    let path = std::env::temp_dir().join(format!("kvmmu-bench-{}.svg", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_kvmmu"))
+        .args([
+            "bench", "--quick", "--bytes", "1M", "--reps", "1", "--only", "aging",
+        ])
+        .arg("--plot")
+        .arg(&path)
+        .output()
+        .expect("the kvmmu binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(&path).expect("the plot was written");
+    assert!(svg.contains("<svg") && svg.contains("M SPTE/s"));
+    let _ = std::fs::remove_file(&path);
 }

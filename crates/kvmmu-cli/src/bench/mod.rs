@@ -16,11 +16,13 @@ mod peers;
 mod report;
 
 use crate::{MmuArg, size};
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use clap::Args;
 use guest::{Guest, touch_read, touch_write};
 use kvmmu::addr::PAGE_SIZE;
 use kvmmu::prelude::*;
+use kvmmu_cli::error::{require, usage, usage_hint};
+use kvmmu_cli::report::progress;
 use peers::Peer;
 use report::Report;
 use std::hint::black_box;
@@ -36,9 +38,13 @@ pub struct BenchArgs {
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// After the table, plot the aging and slowdown results as text bar charts.
+    /// After the table, draw the aging and slowdown results as text bar charts.
     #[arg(long, conflicts_with = "json")]
-    pub plot: bool,
+    pub bars: bool,
+    /// Also draw the aging rates (flat-scan limit, lockless, locked; per young percentage) to
+    /// FILE; the format follows the extension (.svg or .png), as every other --plot.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<std::path::PathBuf>,
     /// Which MMU kvmmu uses.
     #[arg(long, value_enum, default_value_t = MmuArg::Tdp)]
     pub mmu: MmuArg,
@@ -86,16 +92,33 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
         ..VmConfig::default()
     }
     .validate()
-    .with_context(|| format!("--mmu {:?}", args.mmu))?;
+    .map_err(|e| usage(format!("--mmu {:?}: {e}", args.mmu).to_lowercase()))?;
     let bytes = args
         .bytes
         .unwrap_or(if args.quick { 128 << 20 } else { 1 << 30 });
-    ensure!(
+    require(
         bytes >= 64 * PAGE_SIZE && bytes.is_multiple_of(PAGE_SIZE) && bytes <= 16 << 30,
-        "--bytes must be a multiple of 4 KiB between 256 KiB and 16 GiB"
-    );
+        || "--bytes must be a multiple of 4 KiB between 256 KiB and 16 GiB".into(),
+    )?;
     let reps = args.reps.unwrap_or(if args.quick { 5 } else { 9 });
-    ensure!((1..=1000).contains(&reps), "--reps must be 1..=1000");
+    require((1..=1000).contains(&reps), || {
+        format!("--reps must be between 1 and 1000 (got {reps})")
+    })?;
+    if let Some(p) = &args.plot {
+        kvmmu_cli::check_output_path("--plot", p, &["svg", "png"])?;
+        if !args.only.is_empty() && !args.only.iter().any(|o| o == "aging") {
+            return Err(usage_hint(
+                "--plot draws the aging scenario, which --only leaves out",
+                "add aging to --only, or drop --plot",
+            ));
+        }
+    }
+    if args.quick && !args.only.is_empty() && args.only.iter().all(|o| o == "scaling") {
+        return Err(usage_hint(
+            "--only scaling runs nothing with --quick (the quick run has no scaling sweep)",
+            "drop --quick to run the scaling sweep",
+        ));
+    }
     let pages = bytes / PAGE_SIZE;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
 
@@ -112,38 +135,95 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
     };
     let started = Instant::now();
     let on = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
-    if on("aging") {
-        aging(&mut r, mmu, pages, reps)?;
+    let planned: Vec<&str> = SCENARIOS
+        .iter()
+        .copied()
+        .filter(|s| on(s) && (*s != "scaling" || !args.quick))
+        .collect();
+    progress::stop_between_units();
+    let pb = progress::bar(planned.len() as u64, "bench");
+    let mut interrupted = false;
+    for (i, name) in planned.iter().enumerate() {
+        if progress::interrupted() {
+            interrupted = true;
+            break;
+        }
+        pb.set_message(format!("bench: {name} ({} of {})", i + 1, planned.len()));
+        match *name {
+            "aging" => aging(&mut r, mmu, pages, reps)?,
+            "slowdown" => slowdown(&mut r, mmu, pages, reps)?,
+            "fault" => fault_rate(&mut r, mmu, pages, reps)?,
+            "translation" => translation(&mut r, mmu, pages, reps)?,
+            "peers" => peer_ops(&mut r, mmu, pages, reps)?,
+            _ => scaling(&mut r, mmu, reps.min(3), args.max_scaling_gib)?,
+        }
+        pb.inc(1);
     }
-    if on("slowdown") {
-        slowdown(&mut r, mmu, pages, reps)?;
-    }
-    if on("fault") {
-        fault_rate(&mut r, mmu, pages, reps)?;
-    }
-    if on("translation") {
-        translation(&mut r, mmu, pages, reps)?;
-    }
-    if on("peers") {
-        peer_ops(&mut r, mmu, pages, reps)?;
-    }
-    if !args.quick && on("scaling") {
-        scaling(&mut r, mmu, reps.min(3), args.max_scaling_gib)?;
+    pb.finish_and_clear();
+    if interrupted {
+        r.config.push(("interrupted", "true".into()));
     }
     r.config.push((
         "wall_seconds",
         format!("{:.1}", started.elapsed().as_secs_f64()),
     ));
-    Ok(if args.json {
+    let out = if args.json {
         r.to_json()
-    } else if args.plot {
+    } else if args.bars {
         let mut s = r.to_text();
         s.push_str(&r.to_plot("aging", "M SPTE/s"));
         s.push_str(&r.to_plot("slowdown", "ms"));
         s
     } else {
         r.to_text()
+    };
+    if let Some(path) = &args.plot {
+        plot_aging(&r, path, &format!("{:?}", args.mmu).to_lowercase())?;
+    }
+    if interrupted {
+        print!("{out}");
+        return Err(kvmmu_cli::error::Interrupted.into());
+    }
+    Ok(out)
+}
+
+/// Draws the aging scenario's rates: one group per young percentage, one bar each for the
+/// flat-scan limit and kvmmu's lockless and locked passes.
+fn plot_aging(r: &Report, path: &std::path::Path, mmu: &str) -> anyhow::Result<()> {
+    use kvmmu_cli::report::plot;
+    let median = |name: &str| {
+        r.figures
+            .iter()
+            .find(|f| f.scenario == "aging" && f.name == name)
+            .map_or(0.0, report::Figure::median)
+    };
+    let cats: Vec<String> = YOUNG.iter().map(|p| format!("{p}% young")).collect();
+    let series: Vec<plot::Series> = [
+        ("flat-scan limit", "flat-scan limit, {}% young"),
+        ("kvmmu lockless", "kvmmu lockless pass, {}% young"),
+        ("kvmmu locked", "kvmmu locked pass, {}% young"),
+    ]
+    .iter()
+    .map(|(name, pattern)| plot::Series {
+        name: (*name).to_owned(),
+        values: YOUNG
+            .iter()
+            .map(|p| median(&pattern.replace("{}", &p.to_string())))
+            .collect(),
     })
+    .collect();
+    plot::bars_in(
+        path,
+        &format!("kvmmu bench: aging pass rate ({mmu} MMU, medians)"),
+        ("M SPTE/s", 1.0),
+        &cats,
+        &series,
+    )
+}
+
+/// A text line folded within the table width (see `kvmmu_cli::report::table::fold`).
+fn kvmmu_cli_fold(line: &str, indent: &str) -> String {
+    kvmmu_cli::report::table::fold(line, kvmmu_cli::report::table::WIDTH, indent)
 }
 
 fn modes() -> [(AgingMode, &'static str); 2] {
@@ -694,23 +774,14 @@ fn scaling(r: &mut Report, mmu: MmuKind, reps: u32, max_gib: u64) -> anyhow::Res
         for _ in 0..reps {
             let mut g = Guest::new(pages, mmu, AgingMode::Lockless, n, 2048)?;
             let share = pages / n as u64;
-            let t = Instant::now();
-            std::thread::scope(|s| -> anyhow::Result<()> {
-                let hs: Vec<_> = g
-                    .vcpus
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(i, v)| {
-                        let lo = i as u64 * share;
-                        s.spawn(move || touch_write(v, lo..lo + share))
-                    })
-                    .collect();
-                for h in hs {
-                    h.join().map_err(|_| anyhow::anyhow!("vCPU panicked"))??;
-                }
-                Ok(())
+            // Each vCPU thread times its own work; the phase is earliest start to latest end.
+            let time = kvmmu_cli::vcpus::run_vcpus(&mut g.vcpus, |i, v| {
+                let lo = i as u64 * share;
+                touch_write(v, lo..lo + share)
             })?;
-            per_vcpu.push(per_sec(share * n as u64, t) / n as f64 / 1e6);
+            per_vcpu.push(
+                (share * n as u64) as f64 / time.wall.as_secs_f64().max(1e-9) / n as f64 / 1e6,
+            );
             drop(g.vcpus);
             g.vm.shutdown();
         }

@@ -110,49 +110,58 @@ impl Report {
         for (k, v) in &self.config {
             let _ = writeln!(s, "  {k}: {v}");
         }
+        // Sample counts are shown only where they differ from --reps.
+        let reps = self
+            .config
+            .iter()
+            .find(|(k, _)| *k == "reps")
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        let w = self.figures.iter().map(|f| f.name.len()).max().unwrap_or(0);
         let mut last = "";
         for f in &self.figures {
             if f.scenario != last {
                 let _ = writeln!(s, "\n[{}]", f.scenario);
                 last = f.scenario;
             }
-            let _ = writeln!(
-                s,
-                "  {:<52} {:>14.3} {:<10} (n={})",
-                f.name,
-                f.median(),
-                f.unit,
-                f.samples.len()
-            );
+            let n = if Some(f.samples.len()) == reps {
+                String::new()
+            } else {
+                format!(" (n={})", f.samples.len())
+            };
+            let line = format!("  {:<w$} {:>10.3} {}{n}", f.name, f.median(), f.unit);
+            s.push_str(&super::kvmmu_cli_fold(&line, "    "));
         }
         let _ = writeln!(s, "\n[ratios]");
+        let w = self.ratios.iter().map(|r| r.name.len()).max().unwrap_or(0);
         for r in &self.ratios {
             let t = match (r.target, r.meets()) {
                 (Some((t, higher)), Some(ok)) => format!(
-                    "target {} {t}: {}",
+                    "  {} (target {} {t})",
+                    if ok { "MET" } else { "missed" },
                     if higher { ">=" } else { "<=" },
-                    if ok { "MET" } else { "missed" }
                 ),
                 _ => String::new(),
             };
-            let _ = writeln!(
-                s,
-                "  {:<52} {:>9.3}  {:<40} {t}",
-                r.name, r.value, r.meaning
-            );
+            let line = format!("  {:<w$} {:>8.3}{t}", r.name, r.value);
+            s.push_str(&super::kvmmu_cli_fold(&line, "    "));
+            s.push_str(&super::kvmmu_cli_fold(
+                &format!("      {}", r.meaning),
+                "      ",
+            ));
         }
         s
     }
 
     /// Horizontal bar charts of the figures of `scenario` that share `unit`, scaled to the largest.
     pub fn to_plot(&self, scenario: &str, unit: &str) -> String {
-        const WIDTH: f64 = 50.0;
+        const WIDTH: f64 = 20.0;
         let figs: Vec<&Figure> = self
             .figures
             .iter()
             .filter(|f| f.scenario == scenario && f.unit == unit)
             .collect();
         let max = figs.iter().map(|f| f.median()).fold(0.0, f64::max);
+        let w = figs.iter().map(|f| f.name.len()).max().unwrap_or(0);
         let mut s = format!("\n[{scenario} plot, {unit}]\n");
         for f in figs {
             let n = if max > 0.0 {
@@ -162,7 +171,7 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "  {:<52} |{:<50}| {:.1}",
+                "  {:<w$} |{:<20}| {:.1}",
                 f.name,
                 "#".repeat(n),
                 f.median()
@@ -171,78 +180,121 @@ impl Report {
         s
     }
 
-    /// JSON: `{"config":{..},"figures":[..],"ratios":[..]}`.
+    /// JSON, schema [`BENCH_SCHEMA`]: `{"schema", "config":{..}, "figures":[..], "ratios":[..]}`.
+    /// Numbers are JSON numbers (config values too, where they are numbers; a non-finite value
+    /// is `null`), and every figure and ratio has a stable `id` (its scenario and name, reduced
+    /// to `[a-z0-9_.]`) for scripts that compare runs.
     pub fn to_json(&self) -> String {
-        let mut s = String::from("{\"config\":{");
-        for (i, (k, v)) in self.config.iter().enumerate() {
-            let _ = write!(s, "{}{}:{}", sep(i), jstr(k), jstr(v));
-        }
-        s.push_str("},\"figures\":[");
-        for (i, f) in self.figures.iter().enumerate() {
-            let samples: Vec<String> = f.samples.iter().map(|x| jnum(*x)).collect();
-            let _ = write!(
-                s,
-                "{}{{\"scenario\":{},\"name\":{},\"unit\":{},\"median\":{},\"samples\":[{}]}}",
-                sep(i),
-                jstr(f.scenario),
-                jstr(&f.name),
-                jstr(f.unit),
-                jnum(f.median()),
-                samples.join(",")
-            );
-        }
-        s.push_str("],\"ratios\":[");
-        for (i, r) in self.ratios.iter().enumerate() {
-            let (target, higher, meets) = match (r.target, r.meets()) {
-                (Some((t, h)), Some(m)) => (jnum(t), h.to_string(), m.to_string()),
-                _ => ("null".into(), "null".into(), "null".into()),
-            };
-            let _ = write!(
-                s,
-                "{}{{\"name\":{},\"value\":{},\"meaning\":{},\"target\":{target},\"higher_is_better\":{higher},\"meets\":{meets}}}",
-                sep(i),
-                jstr(&r.name),
-                jnum(r.value),
-                jstr(r.meaning)
-            );
-        }
-        s.push_str("]}\n");
-        s
+        use serde_json::{Value, json};
+        let config: serde_json::Map<String, Value> = self
+            .config
+            .iter()
+            .map(|(k, v)| {
+                let value = if let Ok(n) = v.parse::<u64>() {
+                    json!(n)
+                } else if let Ok(x) = v.parse::<f64>() {
+                    json!(x)
+                } else if let Ok(b) = v.parse::<bool>() {
+                    json!(b)
+                } else {
+                    json!(v)
+                };
+                ((*k).to_owned(), value)
+            })
+            .collect();
+        let figures: Vec<Value> = self
+            .figures
+            .iter()
+            .map(|f| {
+                json!({
+                    "id": format!("{}.{}", f.scenario, slug(&f.name)),
+                    "scenario": f.scenario,
+                    "name": f.name,
+                    "unit": f.unit,
+                    "median": f.median(),
+                    "samples": f.samples,
+                })
+            })
+            .collect();
+        let ratios: Vec<Value> = self
+            .ratios
+            .iter()
+            .map(|r| {
+                json!({
+                    "id": format!("ratio.{}", slug(&r.name)),
+                    "name": r.name,
+                    "value": r.value,
+                    "meaning": r.meaning,
+                    "target": r.target.map(|(t, _)| t),
+                    "higher_is_better": r.target.map(|(_, h)| h),
+                    "meets": r.meets(),
+                })
+            })
+            .collect();
+        let v = json!({
+            "schema": BENCH_SCHEMA,
+            "config": config,
+            "figures": figures,
+            "ratios": ratios,
+        });
+        format!("{v}\n")
     }
 }
 
-fn sep(i: usize) -> &'static str {
-    if i == 0 { "" } else { "," }
-}
+/// Version tag of the bench JSON (2: numbers as numbers, `schema`, stable `id`s).
+pub const BENCH_SCHEMA: &str = "kvmmu-bench/2";
 
-fn jnum(x: f64) -> String {
-    if x.is_finite() {
-        format!("{x}")
-    } else {
-        "null".into()
-    }
-}
-
-fn jstr(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
+/// `name` reduced to a stable identifier: lower case, `%` as `pct`, every other run of
+/// characters outside `[a-z0-9]` as one `_`.
+pub fn slug(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.to_lowercase().replace('%', "pct").chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c);
+        } else if !out.ends_with('_') && !out.is_empty() {
+            out.push('_');
         }
     }
-    o.push('"');
-    o
+    out.trim_end_matches('_').to_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_has_schema_numbers_and_stable_ids() {
+        let mut r = Report {
+            config: vec![("reps", "5".into()), ("mmu", "tdp".into())],
+            ..Report::default()
+        };
+        r.figure(
+            "aging",
+            "kvmmu lockless pass, 0% young",
+            "M SPTE/s",
+            vec![f64::NAN, 2.0],
+        );
+        r.ratio(
+            "aging lockless / limit, 0% young",
+            0.5,
+            "fraction",
+            Some((0.3, true)),
+        );
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("valid JSON");
+        assert_eq!(v["schema"], BENCH_SCHEMA);
+        assert_eq!(v["config"]["reps"], 5);
+        assert_eq!(v["config"]["mmu"], "tdp");
+        assert_eq!(
+            v["figures"][0]["id"],
+            "aging.kvmmu_lockless_pass_0pct_young"
+        );
+        assert!(v["figures"][0]["samples"][0].is_null());
+        assert_eq!(
+            v["ratios"][0]["id"],
+            "ratio.aging_lockless_limit_0pct_young"
+        );
+        assert_eq!(v["ratios"][0]["meets"], true);
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {
@@ -259,12 +311,6 @@ mod tests {
         r.figure("aging", "c", "%", vec![100.0]);
         let p = r.to_plot("aging", "M SPTE/s");
         let bars: Vec<usize> = p.lines().skip(2).map(|l| l.matches('#').count()).collect();
-        assert_eq!(bars, vec![50, 25], "{p}");
-    }
-
-    #[test]
-    fn json_escapes_strings_and_nulls_non_finite() {
-        assert_eq!(jstr("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
-        assert_eq!(jnum(f64::INFINITY), "null");
+        assert_eq!(bars, vec![20, 10], "{p}");
     }
 }

@@ -7,6 +7,7 @@ pub mod plot;
 pub mod progress;
 pub mod table;
 
+use crate::vcpus::PhaseTime;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,8 +20,12 @@ pub const REPORT_SCHEMA: &str = "kvmmu-report/1";
 pub struct Phase {
     /// The phase's name, as the original selftest prints it.
     pub name: String,
-    /// Wall time in seconds.
+    /// Wall time in seconds: from the earliest start to the latest end of the threads doing the
+    /// phase's work, each read on that thread.
     pub seconds: f64,
+    /// Each working thread's own span in seconds (absent for a phase timed on one thread).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub thread_seconds: Vec<f64>,
 }
 
 /// The outcome of a check.
@@ -91,11 +96,21 @@ impl Report {
         self.config.insert(key.to_owned(), v);
     }
 
-    /// Records a timed phase.
+    /// Records a phase timed on the one thread that did its work.
     pub fn phase(&mut self, name: impl Into<String>, d: Duration) {
         self.phases.push(Phase {
             name: name.into(),
             seconds: d.as_secs_f64(),
+            thread_seconds: Vec::new(),
+        });
+    }
+
+    /// Records a phase timed where its work happened, with every working thread's own span.
+    pub fn phase_time(&mut self, name: impl Into<String>, t: &PhaseTime) {
+        self.phases.push(Phase {
+            name: name.into(),
+            seconds: t.wall.as_secs_f64(),
+            thread_seconds: t.per_thread.iter().map(Duration::as_secs_f64).collect(),
         });
     }
 
@@ -117,24 +132,85 @@ impl Report {
         self.check(name, s, detail);
     }
 
-    /// Every value a comparison can take a median of: phases by name, then metrics.
+    /// Every value a comparison can take a median of: phases by name, then metrics. A phase
+    /// name that repeats (the selftest marks memory idle twice) is kept apart: its second
+    /// occurrence is `NAME #2`, and so on.
     pub fn measurements(&self) -> Vec<(String, f64)> {
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
         self.phases
             .iter()
-            .map(|p| (p.name.clone(), p.seconds))
+            .map(|p| {
+                let n = seen.entry(p.name.as_str()).or_insert(0);
+                *n += 1;
+                let name = if *n == 1 {
+                    p.name.clone()
+                } else {
+                    format!("{} #{n}", p.name)
+                };
+                (name, p.seconds)
+            })
             .chain(self.metrics.iter().map(|(k, v)| (k.clone(), *v)))
+            .collect()
+    }
+
+    /// The failed checks, one line each (`check failed: NAME: DETAIL`).
+    pub fn failure_lines(&self) -> Vec<String> {
+        self.checks
+            .iter()
+            .filter(|c| c.status == Status::Fail)
+            .map(|c| format!("check failed: {}: {}", c.name, c.detail))
             .collect()
     }
 
     /// The failed checks, one per line (for the error message of a failed run).
     pub fn failures(&self) -> String {
-        self.checks
-            .iter()
-            .filter(|c| c.status == Status::Fail)
-            .map(|c| format!("check failed: {}: {}", c.name, c.detail))
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.failure_lines().join("\n")
     }
+}
+
+/// Refuses, before a run, output options whose files could not be written.
+pub fn check_output(out: &crate::OutputArgs) -> anyhow::Result<()> {
+    match &out.plot {
+        Some(p) => crate::check_output_path("--plot", p, &["svg", "png"]),
+        None => Ok(()),
+    }
+}
+
+/// Draws the plot `out` asks for, if any (nothing printed).
+pub fn plot_only(report: &Report, out: &crate::OutputArgs) -> anyhow::Result<()> {
+    let Some(path) = &out.plot else {
+        return Ok(());
+    };
+    // Repeated phase names are kept apart, as in compare.
+    let measured: Vec<(String, f64)> = report
+        .measurements()
+        .into_iter()
+        .take(report.phases.len())
+        .collect();
+    let series = [plot::Series {
+        name: report.command.clone(),
+        values: measured.iter().map(|(_, s)| *s).collect(),
+    }];
+    let cats: Vec<String> = measured.into_iter().map(|(n, _)| n).collect();
+    let config: Vec<String> = ["vcpus", "mmu", "aging", "idle"]
+        .iter()
+        .filter_map(|k| {
+            report.config.get(*k).map(|v| match v {
+                serde_json::Value::String(t) => format!("{k} {t}"),
+                other => format!("{k} {other}"),
+            })
+        })
+        .collect();
+    plot::bars(
+        path,
+        &format!(
+            "kvmmu {}: phase times ({})",
+            report.command,
+            config.join(", ")
+        ),
+        &cats,
+        &series,
+    )
 }
 
 /// Prints `report` as the output options ask, draws the plot if asked, and turns failed checks
@@ -145,21 +221,12 @@ pub fn emit(report: &Report, out: &crate::OutputArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", table::render(report));
     }
-    if let Some(path) = &out.plot {
-        let series = [plot::Series {
-            name: report.command.clone(),
-            values: report.phases.iter().map(|p| p.seconds).collect(),
-        }];
-        let cats: Vec<String> = report.phases.iter().map(|p| p.name.clone()).collect();
-        plot::bars(
-            path,
-            &format!("kvmmu {}: phase times", report.command),
-            &cats,
-            &series,
-        )?;
-    }
+    plot_only(report, out)?;
     if !report.passed {
-        anyhow::bail!("{}", report.failures());
+        return Err(crate::error::ChecksFailed {
+            lines: report.failure_lines(),
+        }
+        .into());
     }
     Ok(())
 }

@@ -39,6 +39,17 @@ pub fn bars(
     categories: &[String],
     series: &[Series],
 ) -> anyhow::Result<()> {
+    bars_in(path, title, ("ms", 1e3), categories, series)
+}
+
+/// [`bars`] with another unit: values are multiplied by `unit.1` and the y axis reads `unit.0`.
+pub fn bars_in(
+    path: &Path,
+    title: &str,
+    unit: (&str, f64),
+    categories: &[String],
+    series: &[Series],
+) -> anyhow::Result<()> {
     if categories.is_empty() || series.is_empty() {
         bail!("nothing to plot");
     }
@@ -60,12 +71,14 @@ pub fn bars(
         Some("svg") => draw(
             SVGBackend::new(path, size).into_drawing_area(),
             title,
+            unit,
             categories,
             series,
         ),
         Some("png") => draw(
             BitMapBackend::new(path, size).into_drawing_area(),
             title,
+            unit,
             categories,
             series,
         ),
@@ -77,6 +90,7 @@ pub fn bars(
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
+    (unit, scale): (&str, f64),
     categories: &[String],
     series: &[Series],
 ) -> anyhow::Result<()>
@@ -88,7 +102,7 @@ where
     let ymax = series
         .iter()
         .flat_map(|s| s.values.iter())
-        .fold(0.0f64, |a, v| a.max(v * 1e3))
+        .fold(0.0f64, |a, v| a.max(v * scale))
         .max(1e-3)
         * 1.6;
     let n = categories.len() as f64;
@@ -103,7 +117,7 @@ where
         .configure_mesh()
         .disable_x_mesh()
         .disable_x_axis()
-        .y_desc("ms")
+        .y_desc(unit)
         .label_style((FAMILY, 13))
         .draw()
         .map_err(err)?;
@@ -113,7 +127,7 @@ where
         chart
             .draw_series(s.values.iter().enumerate().map(|(i, v)| {
                 let x0 = i as f64 + 0.1 + j as f64 * w;
-                Rectangle::new([(x0, 0.0), (x0 + w * 0.92, v * 1e3)], color.filled())
+                Rectangle::new([(x0, 0.0), (x0 + w * 0.92, v * scale)], color.filled())
             }))
             .map_err(err)?
             .label(s.name.clone())

@@ -3,6 +3,57 @@
 use super::{Report, Status};
 use std::fmt::Write;
 
+/// Columns the table keeps within (a terminal's default width).
+pub const WIDTH: usize = 80;
+
+/// `text` broken at spaces into lines of at most `width` columns (a word longer than a line
+/// stands alone), the first indented by `first`, the rest by `rest`; every line ends in `\n`.
+pub fn wrap(text: &str, first: &str, rest: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut line = first.to_owned();
+    let mut fresh = true;
+    for word in text.split_whitespace() {
+        if !fresh && line.chars().count() + 1 + word.chars().count() > width {
+            out.push_str(&line);
+            out.push('\n');
+            line = rest.to_owned();
+            fresh = true;
+        }
+        if !fresh && !line.ends_with(' ') {
+            line.push(' ');
+        }
+        line.push_str(word);
+        fresh = false;
+    }
+    out.push_str(&line);
+    out.push('\n');
+    out
+}
+
+/// Every line of `text` longer than `width` columns folded at its last fitting space (spacing
+/// before the fold kept as it is, so aligned columns stay aligned), continued after `indent`.
+pub fn fold(text: &str, width: usize, indent: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let mut rest = line.to_owned();
+        while rest.chars().count() > width {
+            let cut = rest
+                .char_indices()
+                .take_while(|(i, _)| *i <= width)
+                .filter(|(i, c)| *c == ' ' && *i > indent.len() && !rest[..*i].trim().is_empty())
+                .map(|(i, _)| i)
+                .last();
+            let Some(cut) = cut else { break };
+            out.push_str(rest[..cut].trim_end());
+            out.push('\n');
+            rest = format!("{indent}{}", rest[cut..].trim_start());
+        }
+        out.push_str(&rest);
+        out.push('\n');
+    }
+    out
+}
+
 /// Renders `r` as aligned text: configuration, phases with times, counts, metrics, checks, notes.
 pub fn render(r: &Report) -> String {
     let mut s = String::new();
@@ -14,7 +65,8 @@ pub fn render(r: &Report) -> String {
             other => format!("{k}={other}"),
         })
         .collect();
-    let _ = writeln!(s, "kvmmu {}: {}", r.command, cfg.join(" "));
+    let _ = writeln!(s, "kvmmu {}", r.command);
+    s.push_str(&wrap(&cfg.join(" "), "  ", "  ", WIDTH));
     let w = r
         .phases
         .iter()
@@ -49,10 +101,15 @@ pub fn render(r: &Report) -> String {
             Status::Warn => "WARN",
             Status::Fail => "FAIL",
         };
-        let _ = writeln!(s, "  [{tag}] {}: {}", c.name, c.detail);
+        s.push_str(&wrap(
+            &format!("{}: {}", c.name, c.detail),
+            &format!("  [{tag}] "),
+            "         ",
+            WIDTH,
+        ));
     }
     for n in &r.notes {
-        let _ = writeln!(s, "  note: {n}");
+        s.push_str(&wrap(&format!("note: {n}"), "  ", "        ", WIDTH));
     }
     let _ = writeln!(s, "\n  result: {}", if r.passed { "PASS" } else { "FAIL" });
     s
@@ -71,6 +128,32 @@ pub fn seconds(v: f64) -> String {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn long_configuration_checks_and_notes_wrap_within_80_columns() {
+        let mut r = Report::new("demo");
+        for k in [
+            "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta",
+        ] {
+            r.config(&format!("{k}_setting"), "some-long-value");
+        }
+        r.require("a check", true, "x ".repeat(100));
+        r.notes.push("y ".repeat(100));
+        let t = render(&r);
+        for l in t.lines() {
+            assert!(
+                l.chars().count() <= WIDTH,
+                "{} columns: {l}",
+                l.chars().count()
+            );
+        }
+        assert!(t.contains("theta_setting=some-long-value"));
+        assert_eq!(wrap("a b", "  ", "    ", 3), "  a\n    b\n");
+        assert_eq!(
+            fold("  x   1 ms  long tail", 13, "    "),
+            "  x   1 ms\n    long tail\n"
+        );
+    }
 
     #[test]
     fn table_lists_every_phase_and_check_and_the_verdict() {
