@@ -74,7 +74,7 @@ pub fn vm_counts(s: &kvmmu::vm::VmStats) -> std::collections::BTreeMap<String, u
     [
         ("pf_taken", s.faults),
         ("fault_retries", s.fault_retries),
-        ("remote_tlb_flush", s.remote_tlb_flushes),
+        ("remote_tlb_flush", s.remote_tlb_flush),
         ("mmu_invalidate_seq", s.invalidate.seq),
         ("invalidate_starts", s.invalidate_starts),
         ("invalidate_ends", s.invalidate_ends),

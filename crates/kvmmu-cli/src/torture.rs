@@ -128,7 +128,7 @@ pub fn to_json(a: &TortureArgs, r: &TortureReport) -> serde_json::Value {
             "invalidate_ends": s.invalidate_ends,
             "mmu_invalidate_seq": s.invalidate.seq,
             "memslot_swaps": s.memslot_swaps,
-            "remote_tlb_flush": s.remote_tlb_flushes,
+            "remote_tlb_flush": s.remote_tlb_flush,
             "out_of_frames_exits": r.out_of_frames_exits,
             "accessed_hidden_by_tlb": r.accessed_hidden_by_tlb,
             "accessed_excused_by_reset": r.accessed_excused_by_reset,

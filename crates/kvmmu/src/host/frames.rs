@@ -28,11 +28,11 @@
 //!    free is in flight.
 
 use super::HostError;
-use crate::sync::percpu::{STRIPES, stripe};
 use super::words::AtomicWords;
 use crate::addr::Pfn;
 use crate::sync::Mutex;
 use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
+use crate::sync::percpu::{STRIPES, stripe};
 
 /// Number of 64-bit words in one 4 KiB frame.
 pub const WORDS_PER_FRAME: usize = 512;

@@ -6,13 +6,13 @@ use super::frames::{FrameArena, FrameTag};
 use super::notifier::{
     InvalidateEvent, InvalidationPair, MmuNotifier, NotifierId, NotifierList, NotifierRange,
 };
-use crate::sync::percpu::StripedCounter;
 use super::pgtable::PageTable;
 use super::vma::{Vma, Vmas, page_hva, pte, pte_frame};
 use super::{GupError, HostError};
 use crate::addr::{Hva, PAGE_SHIFT, Pfn, is_page_aligned};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::guest_mode;
+use crate::sync::percpu::StripedCounter;
 use crate::sync::{Arc, Mutex, RwLock};
 use core::ops::ControlFlow;
 
