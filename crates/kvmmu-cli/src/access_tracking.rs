@@ -22,9 +22,9 @@ use crate::vcpus::{PhaseTime, Span, run_vcpus};
 use crate::{AgingArg, MmuArg, OutputArgs, size, vm_config};
 use anyhow::{Context, ensure};
 use clap::{Args, ValueEnum};
-use kvmmu::addr::PAGE_SIZE;
-use kvmmu::host::{IdleState, LruGen, MAX_FRAMES, PageIdle};
+use kvmmu::PAGE_SIZE;
 use kvmmu::prelude::*;
+use kvmmu::{IdleState, LruGen, MAX_FRAMES, PageIdle};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 

@@ -70,7 +70,7 @@ pub struct OutputArgs {
 
 /// The VM's counters for a report, under KVM's binary-stat names where KVM has one
 /// (`pf_taken`, `remote_tlb_flush`, `mmu_invalidate_seq`, ...) and descriptive names otherwise.
-pub fn vm_counts(s: &kvmmu::vm::VmStats) -> std::collections::BTreeMap<String, u64> {
+pub fn vm_counts(s: &kvmmu::VmStats) -> std::collections::BTreeMap<String, u64> {
     [
         ("pf_taken", s.faults),
         ("fault_retries", s.fault_retries),
@@ -110,7 +110,7 @@ pub fn check_vcpus(flag: &str, vcpus: usize) -> anyhow::Result<()> {
 
 /// Refuses a byte size that is not a non-zero multiple of the 4 KiB page, naming the flag.
 pub fn check_pages(flag: &str, bytes: u64) -> anyhow::Result<()> {
-    use kvmmu::addr::PAGE_SIZE;
+    use kvmmu::PAGE_SIZE;
     error::require(
         bytes >= PAGE_SIZE && bytes.is_multiple_of(PAGE_SIZE),
         || format!("{flag} must be a non-zero multiple of 4K (4096 bytes; got {bytes})"),

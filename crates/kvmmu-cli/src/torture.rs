@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use clap::Args;
-use kvmmu::config::{AgingMode, MmuKind};
 use kvmmu::torture::{Actors, TortureConfig, TortureError, TortureReport};
+use kvmmu::{AgingMode, MmuKind};
 use kvmmu_cli::report::progress;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;

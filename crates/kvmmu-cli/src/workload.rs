@@ -2,7 +2,7 @@
 
 use crate::{AgingArg, MmuArg, WorkloadArgs};
 use anyhow::{Context, bail, ensure};
-use kvmmu::addr::PAGE_SIZE;
+use kvmmu::PAGE_SIZE;
 use kvmmu::prelude::*;
 use kvmmu_cli::error::{as_usage, require, usage};
 use kvmmu_cli::report::Report as Common;

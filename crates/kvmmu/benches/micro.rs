@@ -9,18 +9,18 @@
 //! Run with `cargo bench -p kvmmu --bench micro`; `cargo test` only compiles it (`harness = false`).
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use kvmmu::addr::{AsId, Gfn, GfnRange, Gpa, Level, PAGE_SIZE, Pfn, SlotId};
-use kvmmu::config::{AgingMode, MmuKind, VmConfig};
-use kvmmu::host::{HostConfig, HostMm, Prot};
-use kvmmu::mmu::shadow::rmap::{
+use kvmmu::internals::addr::{AsId, Gfn, GfnRange, Gpa, Level, PAGE_SIZE, Pfn, SlotId};
+use kvmmu::internals::config::{AgingMode, MmuKind, VmConfig};
+use kvmmu::internals::host::{HostConfig, HostMm, Prot};
+use kvmmu::internals::mmu::shadow::rmap::{
     AgeAction, RmapHead, RmapStats, SPTE_ACCESSED_MASK, SPTE_PRESENT_MASK, SptePtr,
 };
-use kvmmu::mmu::tdp::{RootRef, TdpMmu};
-use kvmmu::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush};
-use kvmmu::sync::{Arc, MmuLock, Rcu, Srcu};
-use kvmmu::vcpu::tlb::{Tlb, TlbEntry};
-use kvmmu::vm::Vm;
-use kvmmu::vm::memslot::{MemFlags, MemoryRegion};
+use kvmmu::internals::mmu::tdp::{RootRef, TdpMmu};
+use kvmmu::internals::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush};
+use kvmmu::internals::sync::{Arc, MmuLock, Rcu, Srcu};
+use kvmmu::internals::vcpu::tlb::{Tlb, TlbEntry};
+use kvmmu::internals::vm::Vm;
+use kvmmu::internals::vm::memslot::{MemFlags, MemoryRegion};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 

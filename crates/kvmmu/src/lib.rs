@@ -6,17 +6,28 @@
 //! simulated vCPUs, so that MMU locking designs can be prototyped, model-checked and benchmarked in
 //! seconds.
 //!
-//! ## A tour, top to bottom (imports point down only)
-//! - [`vcpu`]: simulated hardware. A [`vcpu::Vcpu`] reads and writes guest memory through a software
-//!   TLB and a page walker that sets Accessed/Dirty atomically; misses fault into the MMU.
-//! - [`vm`]: the VM (`struct kvm`): memslots published under SRCU, `mmu_lock`, the fault handler
-//!   and its retry protocol, the invalidation counters, and the MMU-notifier callbacks the host calls.
-//! - [`mmu`]: the arch MMU: [`mmu::Mmu`], the one place that chooses the TDP MMU (radix tables of
-//!   atomic SPTEs, freed through RCU) or the shadow MMU (shadow pages and rmaps); the SPTE format.
-//! - [`host`]: the primary MMU: a frame arena (simulated physical memory), host page tables, GUP,
-//!   `mmap`/`munmap`/`mprotect`/`madvise`, and the notifier list.
-//! - [`sync`]: the only module that names std, parking_lot, crossbeam-epoch or loom: facade types,
-//!   SRCU, RCU, lock witnesses and the lock-rank checker.
+//! ## The public face
+//! - The host: [`HostMm`] (the primary MMU: a frame arena of simulated physical memory, host page
+//!   tables, GUP, `mmap`/`munmap`/`mprotect`/`madvise`, aging, and the notifier list that
+//!   [`MmuNotifier`] subscribers join), [`HostConfig`], [`Prot`]; host-side aging policies
+//!   [`LruGen`] (MGLRU-like generations) and [`PageIdle`] (per-page idle flags).
+//! - The VM: [`Vm`] (`struct kvm`: memslots published under SRCU, `mmu_lock`, the fault handler and
+//!   its retry protocol, the MMU-notifier callbacks), [`VmConfig`], [`MemoryRegion`], [`MemFlags`],
+//!   [`VmStats`].
+//! - The vCPU: [`Vcpu`] (simulated hardware: a software TLB and a page walker that sets
+//!   Accessed/Dirty atomically; misses fault into the VM) and [`GuestMode`], a run of accesses.
+//! - Addresses as checked newtypes: [`Gpa`], [`Gfn`], [`Hva`], [`Pfn`], [`GfnRange`], [`SlotId`],
+//!   [`AsId`], [`Level`].
+//! - One error type per layer: [`HostError`] (with [`GupError`]), [`VmError`] and
+//!   [`SetMemoryRegionError`] (with [`MemslotError`]), [`VcpuExit`], [`ConfigError`], and
+//!   [`InGuestMode`] for a call the guest-mode contract forbids.
+//! - [`torture`]: every concurrent actor at once, under oracles (the engine of `kvmmu torture`).
+//!
+//! Inside, the layers import downwards only: vcpu → vm (memslots, the fault handler, the
+//! notifier callbacks) → mmu (the one place that chooses the TDP MMU or the shadow MMU; the SPTE
+//! format) → host → sync (the only module naming std, parking_lot, crossbeam-epoch, loom or
+//! shuttle). `docs/locking.md` and `docs/invariants.md` in the repository give the lock order, the
+//! races and the invariants the code keeps.
 //!
 //! ## Using it
 //! ```
@@ -37,39 +48,50 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-pub mod addr;
-#[cfg(not(loom))]
-pub mod config;
-pub mod geometry;
-pub mod mmu;
-pub mod sync;
-
-#[cfg(not(loom))]
-pub mod host;
+// The layers live in `internals` (hidden from the documentation, no stability promise) and are
+// imported here so that the crate names them `crate::host`, `crate::vm`, ...; a program sees the
+// public face below, re-exported at the root and, for the common types, in the prelude.
+#[doc(hidden)]
+pub mod internals;
 #[cfg(not(loom))]
 pub mod torture;
-#[cfg(not(loom))]
-pub mod vcpu;
-#[cfg(not(loom))]
-pub mod vm;
 
-/// Under loom only the small protocols are compiled: the sync primitives, the SPTE format, the TDP
-/// tables and the TLB-flush request protocol.
-#[cfg(loom)]
-pub mod vm {
-    #[path = "request.rs"]
-    pub mod request;
-    #[path = "seq.rs"]
-    pub mod seq;
-}
+use internals::{addr, geometry, mmu, sync, vm};
+#[cfg(not(loom))]
+use internals::{config, host, vcpu};
 
-/// The types most programs need.
+pub use addr::{AsId, Gfn, GfnRange, Gpa, Hva, Level, PAGE_SHIFT, PAGE_SIZE, Pfn, SlotId};
+#[cfg(not(loom))]
+pub use config::{AgingMode, ConfigError, MmuKind, VmConfig};
+#[cfg(not(loom))]
+pub use host::{
+    AGING_CHUNK_PAGES, AgingPass, FrameArena, FrameStats, FrameTag, GupError, GupPage, HostConfig,
+    HostError, HostMm, HostPte, HostStats, IdleState, InvalidateEvent, LruGen, MAX_FRAMES,
+    MmuNotifier, NotifierId, NotifierRange, PageIdle, Prot, StaleAccess, TASK_SIZE, YoungBitmap,
+};
+pub use sync::guest_mode::InGuestMode;
+#[cfg(not(loom))]
+pub use vcpu::{GuestMode, Vcpu, VcpuStats, tlb::TlbStats};
+#[cfg(not(loom))]
+pub use vm::memslot::{MemFlags, MemoryRegion, Memslot, MemslotError, SizeLimit};
+#[cfg(not(loom))]
+pub use vm::{SetMemoryRegionError, VcpuExit, Vm, VmError, VmStats};
+#[cfg(not(loom))]
+pub use {
+    mmu::shadow::ShadowStats,
+    mmu::shadow::rmap::RmapStatsSnapshot,
+    mmu::spte::{Spte, SpteKind},
+    mmu::tdp::TdpStats,
+    sync::witness::MmuLockStats,
+    vm::seq::InvalidateCounters,
+};
+
+/// The types most programs need, errors included.
 #[cfg(not(loom))]
 pub mod prelude {
-    pub use crate::addr::{AsId, Gfn, GfnRange, Gpa, Hva, Level, Pfn, SlotId};
-    pub use crate::config::{AgingMode, MmuKind, VmConfig};
-    pub use crate::host::{HostConfig, HostMm, Prot};
-    pub use crate::vcpu::{Vcpu, VcpuExit};
-    pub use crate::vm::memslot::{MemFlags, MemoryRegion};
-    pub use crate::vm::{Vm, VmStats};
+    pub use crate::{
+        AgingMode, AsId, ConfigError, Gfn, GfnRange, Gpa, GupError, HostConfig, HostError, HostMm,
+        Hva, InGuestMode, Level, MemFlags, MemoryRegion, MemslotError, MmuKind, Pfn, Prot,
+        SetMemoryRegionError, SlotId, Vcpu, VcpuExit, Vm, VmConfig, VmError, VmStats,
+    };
 }

@@ -9,9 +9,11 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::*;
-use kvmmu::host::{AGING_CHUNK_PAGES, HostError, LruGen, MmuNotifier, NotifierRange, YoungBitmap};
+use kvmmu::internals::host::{
+    AGING_CHUNK_PAGES, HostError, LruGen, MmuNotifier, NotifierRange, YoungBitmap,
+};
+use kvmmu::internals::sync::Arc;
 use kvmmu::prelude::*;
-use kvmmu::sync::Arc;
 
 const PAGE: u64 = 4096;
 

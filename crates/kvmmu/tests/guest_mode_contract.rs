@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::*;
-use kvmmu::host::{HostError, MmuNotifier, NotifierRange};
+use kvmmu::internals::host::{HostError, MmuNotifier, NotifierRange};
+use kvmmu::internals::sync::guest_mode::{InGuestMode, in_guest_mode};
+use kvmmu::internals::vm::{SetMemoryRegionError, VmError};
 use kvmmu::prelude::*;
-use kvmmu::sync::guest_mode::{InGuestMode, in_guest_mode};
-use kvmmu::vm::{SetMemoryRegionError, VmError};
 
 /// 16 pages of memslot 0, plus 16 spare mapped pages for a later memslot update.
 const BYTES: u64 = 16 * 4096;

@@ -5,8 +5,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use kvmmu::addr::{Hva, PAGE_SIZE};
-use kvmmu::host::{GupError, HostConfig, HostError, HostMm, MmuNotifier, NotifierRange, Prot};
+use kvmmu::internals::addr::{Hva, PAGE_SIZE};
+use kvmmu::internals::host::{
+    GupError, HostConfig, HostError, HostMm, MmuNotifier, NotifierRange, Prot,
+};
 
 const P: u64 = PAGE_SIZE;
 const PAGES: u64 = 32;

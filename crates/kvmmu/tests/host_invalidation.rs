@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use kvmmu::addr::{Hva, PAGE_SIZE};
-use kvmmu::host::{
+use kvmmu::internals::addr::{Hva, PAGE_SIZE};
+use kvmmu::internals::host::{
     FrameStats, FrameTag, HostConfig, HostError, HostMm, HostPte, InvalidateEvent, MmuNotifier,
     NotifierRange, Prot,
 };
@@ -328,7 +328,10 @@ fn bad_input_changes_nothing_and_calls_no_subscriber() {
                 matches!(err, HostError::Overlaps { existing, .. } if existing == hva)
             }
             "read unmapped" => {
-                matches!(err, HostError::Gup(kvmmu::host::GupError::NotMapped { .. }))
+                matches!(
+                    err,
+                    HostError::Gup(kvmmu::internals::host::GupError::NotMapped { .. })
+                )
             }
             _ => false,
         };

@@ -1,8 +1,8 @@
 //! Host memory semantics: zero-fill on DONTNEED, protection, young/dirty tracking, stale-access
 //! detection, frame exhaustion and address-space placement.
 
-use kvmmu::addr::{Hva, PAGE_SIZE, Pfn};
-use kvmmu::host::{
+use kvmmu::internals::addr::{Hva, PAGE_SIZE, Pfn};
+use kvmmu::internals::host::{
     FrameArena, FrameTag, GupError, HostConfig, HostError, HostMm, Prot, StaleAccess,
 };
 

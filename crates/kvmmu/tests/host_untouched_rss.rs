@@ -6,7 +6,7 @@
 //! One test in a binary of its own: resident memory is a process-wide number, and any test running
 //! beside it would move it.
 
-use kvmmu::host::{HostConfig, HostMm, Prot};
+use kvmmu::internals::host::{HostConfig, HostMm, Prot};
 use kvmmu::prelude::*;
 
 const PAGE: u64 = 4096;

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use kvmmu::host::HostError;
+use kvmmu::internals::host::HostError;
 use kvmmu::prelude::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use kvmmu::host::{MmuNotifier, NotifierRange};
+use kvmmu::internals::host::{MmuNotifier, NotifierRange};
 use kvmmu::prelude::*;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -2,8 +2,8 @@
 //! mn_invalidate_lock → mmu_lock → rmap bit → RCU) is enforced in debug builds, legal nestings pass.
 #![cfg(not(loom))]
 
-use kvmmu::sync::lock_rank::{self, LockRank};
-use kvmmu::sync::{MmuLock, RankedMutex, Rcu, Srcu};
+use kvmmu::internals::sync::lock_rank::{self, LockRank};
+use kvmmu::internals::sync::{MmuLock, RankedMutex, Rcu, Srcu};
 
 /// Every rank is released once the guards are gone.
 fn assert_nothing_held() {
@@ -191,6 +191,6 @@ fn release_builds_do_not_track_ranks() {
     let r = rcu.pin();
     let m = mmu.read(); // an inversion, unchecked in release builds
     assert_eq!(lock_rank::held(LockRank::Rcu), 0);
-    assert_eq!(core::mem::size_of::<kvmmu::sync::RankToken>(), 0);
+    assert_eq!(core::mem::size_of::<kvmmu::internals::sync::RankToken>(), 0);
     drop((m, r));
 }

@@ -7,11 +7,11 @@
 //! A broken fault that skips the check must be caught by the same model.
 #![cfg(loom)]
 
-use kvmmu::addr::{Gfn, GfnRange};
-use kvmmu::sync::Arc;
-use kvmmu::sync::atomic::{AtomicU64, Ordering};
-use kvmmu::sync::witness::MmuLock;
-use kvmmu::vm::seq::InvalidateState;
+use kvmmu::internals::addr::{Gfn, GfnRange};
+use kvmmu::internals::sync::Arc;
+use kvmmu::internals::sync::atomic::{AtomicU64, Ordering};
+use kvmmu::internals::sync::witness::MmuLock;
+use kvmmu::internals::vm::seq::InvalidateState;
 
 const EMPTY: u64 = 0;
 

@@ -15,9 +15,9 @@
 //! Run with `.ci/loom` (release, `--cfg loom`, own target dir, bounded preemptions).
 #![cfg(loom)]
 
-use kvmmu::sync::lock_rank::LockRank;
-use kvmmu::sync::witness::RankedMutex;
-use kvmmu::sync::{Arc, Condvar, Srcu, SrcuCell};
+use kvmmu::internals::sync::lock_rank::LockRank;
+use kvmmu::internals::sync::witness::RankedMutex;
+use kvmmu::internals::sync::{Arc, Condvar, Srcu, SrcuCell};
 use loom::thread;
 
 struct World {

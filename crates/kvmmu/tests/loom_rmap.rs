@@ -12,12 +12,12 @@
 
 use std::ops::ControlFlow;
 
-use kvmmu::mmu::shadow::rmap::{
+use kvmmu::internals::mmu::shadow::rmap::{
     AgeAction, RMAP_LOCKED, RmapHead, RmapStats, SPTE_ACCESSED_MASK, SPTE_PRESENT_MASK, SptePtr,
 };
-use kvmmu::sync::Arc;
-use kvmmu::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use kvmmu::sync::witness::MmuLock;
+use kvmmu::internals::sync::Arc;
+use kvmmu::internals::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use kvmmu::internals::sync::witness::MmuLock;
 
 struct World {
     slots: [AtomicU64; 2],

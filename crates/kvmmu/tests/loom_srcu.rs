@@ -7,8 +7,8 @@
 //! touching freed memory. Models stay at two threads.
 #![cfg(loom)]
 
-use kvmmu::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use kvmmu::sync::{Arc, Rcu, Srcu, SrcuCell};
+use kvmmu::internals::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use kvmmu::internals::sync::{Arc, Rcu, Srcu, SrcuCell};
 use loom::thread;
 
 /// A published value that the writer poisons once it believes no reader can reach it.

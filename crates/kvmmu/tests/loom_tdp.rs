@@ -4,13 +4,13 @@
 //! (bounded by `LOOM_MAX_PREEMPTIONS`, 2 in `.ci/loom`).
 #![cfg(loom)]
 
-use kvmmu::addr::{AsId, Gfn, GfnRange, Level, Pfn};
-use kvmmu::mmu::tdp::{RootRef, TdpMmu};
-use kvmmu::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush};
-use kvmmu::sync::Arc;
-use kvmmu::sync::atomic::{AtomicUsize, Ordering};
-use kvmmu::sync::rcu::Rcu;
-use kvmmu::sync::witness::MmuLock;
+use kvmmu::internals::addr::{AsId, Gfn, GfnRange, Level, Pfn};
+use kvmmu::internals::mmu::tdp::{RootRef, TdpMmu};
+use kvmmu::internals::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush};
+use kvmmu::internals::sync::Arc;
+use kvmmu::internals::sync::atomic::{AtomicUsize, Ordering};
+use kvmmu::internals::sync::rcu::Rcu;
+use kvmmu::internals::sync::witness::MmuLock;
 use loom::thread;
 
 const AS0: AsId = AsId::new(0);

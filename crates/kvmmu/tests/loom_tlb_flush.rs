@@ -1,4 +1,4 @@
-//! Loom models of the remote TLB flush protocol (`kvmmu::vm::request`, invariant 3 and 4).
+//! Loom models of the remote TLB flush protocol (`kvmmu::internals::vm::request`, invariant 3 and 4).
 //!
 //! Each vCPU holds a "TLB entry" filled before the model starts: the index of the frame the SPTE
 //! (`spte`) pointed to. The flusher repoints the SPTE to a new frame (the zap + refault), calls
@@ -17,7 +17,7 @@
 //! loom_tlb_flush`.
 #![cfg(loom)]
 
-use kvmmu::vm::request::{Request, VcpuHandle, VcpuRequests};
+use kvmmu::internals::vm::request::{Request, VcpuHandle, VcpuRequests};
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -187,7 +187,7 @@ fn request_posted_while_outside_is_taken_on_entry() {
         };
         // The take that returns the request sees what was published before the post (Relaxed
         // flag: only the protocol's Release post / Acquire take orders it).
-        let checked = |r: kvmmu::vm::request::Requests| {
+        let checked = |r: kvmmu::internals::vm::request::Requests| {
             if r.mmu_reload() {
                 assert!(
                     flag.load(Ordering::Relaxed),

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use kvmmu::addr::{AsId, Gfn, GfnRange, Gpa, Hva, PAGE_SIZE, SlotId};
-use kvmmu::vm::memslot::{
+use kvmmu::internals::addr::{AsId, Gfn, GfnRange, Gpa, Hva, PAGE_SIZE, SlotId};
+use kvmmu::internals::vm::memslot::{
     KVM_MEM_MAX_NR_PAGES, MemFlags, MemoryRegion, MemslotChange, MemslotError, Memslots, SizeLimit,
     plan_change,
 };
@@ -51,7 +51,9 @@ impl Vm {
 }
 
 /// A `Memslot` is not `Clone` (it is shared through `Arc`); rebuild it through the public API.
-fn clone_slot(s: &kvmmu::vm::memslot::Memslot) -> kvmmu::vm::memslot::Memslot {
+fn clone_slot(
+    s: &kvmmu::internals::vm::memslot::Memslot,
+) -> kvmmu::internals::vm::memslot::Memslot {
     let set = Memslots::new(s.as_id());
     let req = MemoryRegion {
         slot: s.id(),

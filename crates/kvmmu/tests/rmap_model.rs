@@ -3,9 +3,11 @@
 //! every descriptor allocated is freed.
 #![cfg(not(loom))]
 
-use kvmmu::mmu::shadow::rmap::{PTE_LIST_EXT, RmapError, RmapHead, RmapShape, RmapStats, SptePtr};
-use kvmmu::sync::atomic::AtomicU64;
-use kvmmu::sync::witness::{MmuLock, MmuWrite};
+use kvmmu::internals::mmu::shadow::rmap::{
+    PTE_LIST_EXT, RmapError, RmapHead, RmapShape, RmapStats, SptePtr,
+};
+use kvmmu::internals::sync::atomic::AtomicU64;
+use kvmmu::internals::sync::witness::{MmuLock, MmuWrite};
 use proptest::prelude::*;
 
 const SLOTS: usize = 48;

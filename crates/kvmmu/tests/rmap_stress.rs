@@ -7,11 +7,11 @@
 
 use std::ops::ControlFlow;
 
-use kvmmu::mmu::shadow::rmap::{
+use kvmmu::internals::mmu::shadow::rmap::{
     AgeAction, RMAP_LOCKED, RmapHead, RmapStats, SPTE_ACCESSED_MASK, SPTE_PRESENT_MASK, SptePtr,
 };
-use kvmmu::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use kvmmu::sync::witness::MmuLock;
+use kvmmu::internals::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use kvmmu::internals::sync::witness::MmuLock;
 
 const HEADS: usize = 4;
 const SLOTS_PER_HEAD: usize = 40;

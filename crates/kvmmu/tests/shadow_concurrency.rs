@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use kvmmu::host::HostError;
+use kvmmu::internals::host::HostError;
 use kvmmu::prelude::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

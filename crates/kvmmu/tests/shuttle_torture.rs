@@ -37,13 +37,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kvmmu::addr::{AsId, Gpa, Hva, SlotId};
-use kvmmu::config::{AgingMode, MmuKind, VmConfig};
-use kvmmu::host::{HostConfig, HostMm, Prot};
-use kvmmu::sync::Mutex;
-use kvmmu::vcpu::VcpuExit;
-use kvmmu::vm::Vm;
-use kvmmu::vm::memslot::{MemFlags, MemoryRegion};
+use kvmmu::internals::addr::{AsId, Gpa, Hva, SlotId};
+use kvmmu::internals::config::{AgingMode, MmuKind, VmConfig};
+use kvmmu::internals::host::{HostConfig, HostMm, Prot};
+use kvmmu::internals::sync::Mutex;
+use kvmmu::internals::vcpu::VcpuExit;
+use kvmmu::internals::vm::Vm;
+use kvmmu::internals::vm::memslot::{MemFlags, MemoryRegion};
 
 const PAGE: u64 = 4096;
 /// Host pages behind slot 0.
@@ -239,7 +239,7 @@ fn host_actor(w: &World, seed: u64, ops: u64) {
                 w.host.mprotect(hva, len, Prot::READ).expect("mprotect RO");
                 // After invalidate_range_start returned no guest write may land.
                 let snap: Vec<_> = (0..n).map(|i| w.host.read_u64(w.hva_of(hp + i))).collect();
-                kvmmu::sync::yield_now();
+                kvmmu::internals::sync::yield_now();
                 for (i, before) in snap.into_iter().enumerate() {
                     let p = hp + i as u64;
                     if let (Ok(b), Ok(a)) = (before, w.host.read_u64(w.hva_of(p)))
@@ -257,7 +257,7 @@ fn host_actor(w: &World, seed: u64, ops: u64) {
             _ => {
                 w.bump(hp, n);
                 w.host.munmap(hva, len).expect("munmap");
-                kvmmu::sync::yield_now();
+                kvmmu::internals::sync::yield_now();
                 w.host
                     .mmap_fixed(hva, len, Prot::READ | Prot::WRITE)
                     .expect("mmap_fixed");
@@ -306,8 +306,8 @@ fn memslots(w: &World, seed: u64, ops: u64) {
 fn scenario(mmu: MmuKind, aging: AgingMode, size: Size) {
     #[cfg(feature = "test-hooks")]
     {
-        kvmmu::mmu::tdp::hooks::set_yield_period(1);
-        kvmmu::mmu::shadow::rmap::hooks::set_yield_period(1);
+        kvmmu::internals::mmu::tdp::hooks::set_yield_period(1);
+        kvmmu::internals::mmu::shadow::rmap::hooks::set_yield_period(1);
     }
     let seed = {
         use shuttle::rand::RngCore;
@@ -435,11 +435,11 @@ mod correct {
         // With the hooks, their yield sites were scheduling points (process-wide counts).
         #[cfg(feature = "test-hooks")]
         if mmu == MmuKind::Shadow {
-            let n = kvmmu::mmu::shadow::rmap::hooks::injected();
+            let n = kvmmu::internals::mmu::shadow::rmap::hooks::injected();
             assert!(n.yields() > 0, "no rmap hook site yielded: {n:?}");
         } else {
             assert!(
-                kvmmu::mmu::tdp::hooks::injected().1 > 0,
+                kvmmu::internals::mmu::tdp::hooks::injected().1 > 0,
                 "no TDP hook site yielded"
             );
         }

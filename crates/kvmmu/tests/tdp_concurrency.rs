@@ -5,12 +5,12 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 
-use kvmmu::addr::{AsId, Gfn, GfnRange, Level, Pfn};
-use kvmmu::mmu::tdp::TdpMmu;
-use kvmmu::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason};
-use kvmmu::sync::Arc;
-use kvmmu::sync::rcu::Rcu;
-use kvmmu::sync::witness::MmuLock;
+use kvmmu::internals::addr::{AsId, Gfn, GfnRange, Level, Pfn};
+use kvmmu::internals::mmu::tdp::TdpMmu;
+use kvmmu::internals::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason};
+use kvmmu::internals::sync::Arc;
+use kvmmu::internals::sync::rcu::Rcu;
+use kvmmu::internals::sync::witness::MmuLock;
 
 const AS0: AsId = AsId::new(0);
 /// Gfns `[0, N)` are mapped up front and never zapped; `[N, 2N)` are mapped and zapped

@@ -5,12 +5,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use kvmmu::addr::{AsId, Gfn, GfnRange, Level, Pfn};
-use kvmmu::mmu::tdp::TdpMmu;
-use kvmmu::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason};
-use kvmmu::sync::Arc;
-use kvmmu::sync::rcu::Rcu;
-use kvmmu::sync::witness::MmuLock;
+use kvmmu::internals::addr::{AsId, Gfn, GfnRange, Level, Pfn};
+use kvmmu::internals::mmu::tdp::TdpMmu;
+use kvmmu::internals::mmu::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason};
+use kvmmu::internals::sync::Arc;
+use kvmmu::internals::sync::rcu::Rcu;
+use kvmmu::internals::sync::witness::MmuLock;
 use proptest::prelude::*;
 
 const AS0: AsId = AsId::new(0);
@@ -86,7 +86,7 @@ impl Vm {
         let rcu = self.rcu.pin();
         self.tdp.test_age_gfn_range(AS0, range(start, end), &rcu)
     }
-    fn leaf(&self, gfn: u64) -> Option<kvmmu::mmu::spte::Spte> {
+    fn leaf(&self, gfn: u64) -> Option<kvmmu::internals::mmu::spte::Spte> {
         let rcu = self.rcu.pin();
         self.tdp.leaf(AS0, Gfn::new(gfn), &rcu).map(|(s, l)| {
             assert_eq!(l, Level::L4K);
@@ -488,10 +488,10 @@ proptest! {
 #[test]
 #[should_panic(expected = "another RCU domain")]
 fn walking_under_a_guard_of_another_rcu_domain_is_refused() {
-    use kvmmu::addr::{AsId, Gfn, GfnRange};
-    use kvmmu::mmu::tdp::TdpMmu;
-    use kvmmu::sync::Arc;
-    use kvmmu::sync::rcu::Rcu;
+    use kvmmu::internals::addr::{AsId, Gfn, GfnRange};
+    use kvmmu::internals::mmu::tdp::TdpMmu;
+    use kvmmu::internals::sync::Arc;
+    use kvmmu::internals::sync::rcu::Rcu;
     let tdp = TdpMmu::new(1, Arc::new(Rcu::new()));
     let other = Rcu::new();
     let guard = other.pin();

@@ -122,7 +122,10 @@ fn invalidating_memory_from_inside_guest_mode_is_refused_instead_of_deadlocking(
     let mut g = vcpu.enter();
     g.write_u64(gpa(1), 1).unwrap();
     let e = host.madvise_dontneed(hva, 1 << 16).unwrap_err();
-    assert!(matches!(e, kvmmu::host::HostError::InGuestMode(_)), "{e:?}");
+    assert!(
+        matches!(e, kvmmu::internals::host::HostError::InGuestMode(_)),
+        "{e:?}"
+    );
     assert!(
         e.to_string().contains("guest mode"),
         "the error says why: {e}"

@@ -1,4 +1,4 @@
-//! Remote TLB flushes racing real threads (`kvmmu::vm::request` with `kvmmu::vcpu::tlb::Tlb`).
+//! Remote TLB flushes racing real threads (`kvmmu::internals::vm::request` with `kvmmu::internals::vcpu::tlb::Tlb`).
 //!
 //! vCPU threads enter and leave guest mode, check requests before every access and "fault" (take
 //! the simulated `mmu_lock`) outside guest mode; flusher threads bump the translation's version (a
@@ -10,9 +10,9 @@ use std::sync::{Arc, Barrier, Mutex, mpsc};
 use std::thread;
 use std::time::Duration;
 
-use kvmmu::addr::{Gfn, Pfn};
-use kvmmu::vcpu::tlb::{Tlb, TlbEntry};
-use kvmmu::vm::request::{Request, RequestStats, VcpuHandle, VcpuMode, VcpuRequests};
+use kvmmu::internals::addr::{Gfn, Pfn};
+use kvmmu::internals::vcpu::tlb::{Tlb, TlbEntry};
+use kvmmu::internals::vm::request::{Request, RequestStats, VcpuHandle, VcpuMode, VcpuRequests};
 
 const WATCHDOG: Duration = Duration::from_secs(120);
 
@@ -98,7 +98,7 @@ impl Machine {
 }
 
 struct VcpuResult {
-    stats: kvmmu::vm::request::VcpuRequestStats,
+    stats: kvmmu::internals::vm::request::VcpuRequestStats,
     final_pfn: u64,
 }
 

@@ -5,7 +5,7 @@
 //! Run with
 //! `cargo test -p kvmmu --features broken-rmap-flush-if-young --test torture_broken_rmap_flush_if_young`.
 
-use kvmmu::config::{AgingMode, MmuKind};
+use kvmmu::internals::config::{AgingMode, MmuKind};
 use kvmmu::torture::{Actors, TortureConfig, ViolationKind, hunt};
 
 /// Seeds tried before the test gives up (each a bounded run of 50k operations per vCPU).

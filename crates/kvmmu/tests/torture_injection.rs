@@ -5,9 +5,9 @@
 
 use std::sync::Mutex;
 
-use kvmmu::config::{AgingMode, MmuKind};
-use kvmmu::mmu::shadow::rmap::hooks as rmap_hooks;
-use kvmmu::mmu::tdp::hooks;
+use kvmmu::internals::config::{AgingMode, MmuKind};
+use kvmmu::internals::mmu::shadow::rmap::hooks as rmap_hooks;
+use kvmmu::internals::mmu::tdp::hooks;
 use kvmmu::torture::{TortureConfig, run};
 
 /// The hook knobs are process-wide and every run turns them off when it ends: runs of this binary

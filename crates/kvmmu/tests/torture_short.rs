@@ -2,7 +2,7 @@
 //! vCPU, not a wall time): every actor at once on the TDP and the shadow MMU, lockless and locked
 //! aging, plus frame exhaustion; each run must pass every oracle.
 
-use kvmmu::config::{AgingMode, ConfigError, MmuKind};
+use kvmmu::internals::config::{AgingMode, ConfigError, MmuKind};
 use kvmmu::torture::{Actors, TortureConfig, TortureError, run};
 
 fn short(seed: u64) -> TortureConfig {

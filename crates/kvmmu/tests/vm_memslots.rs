@@ -4,9 +4,9 @@
 mod common;
 
 use common::*;
+use kvmmu::internals::vm::SetMemoryRegionError;
+use kvmmu::internals::vm::memslot::MemslotError;
 use kvmmu::prelude::*;
-use kvmmu::vm::SetMemoryRegionError;
-use kvmmu::vm::memslot::MemslotError;
 
 #[test]
 fn refused_update_changes_nothing() {
@@ -53,7 +53,7 @@ fn generations_grow_by_address_space_count_and_keep_their_residue() {
             r.as_id = AsId::new(as_id);
             vm.set_user_memory_region(r).unwrap();
             let g = vm.memslots_generation(AsId::new(as_id)).unwrap();
-            assert_eq!(g & kvmmu::vm::MEMSLOT_GEN_UPDATE_IN_PROGRESS, 0);
+            assert_eq!(g & kvmmu::internals::vm::MEMSLOT_GEN_UPDATE_IN_PROGRESS, 0);
             assert!(g > last, "generation must grow");
             assert_eq!(
                 g % 2,

@@ -7,15 +7,15 @@
 
 use std::sync::atomic::AtomicU64;
 
-use kvmmu::addr::{AsId, Gfn, GfnRange, Level, Pfn};
-use kvmmu::mmu::shadow::rmap::{RmapHead, RmapStats, SptePtr};
-use kvmmu::mmu::shadow::{ShadowMmu, SlotRmaps};
-use kvmmu::mmu::tdp::TdpMmu;
-use kvmmu::mmu::{FaultOutcome, MapRequest, RemoteTlbFlush};
-use kvmmu::sync::Arc;
-use kvmmu::sync::rcu::Rcu;
-use kvmmu::sync::witness::MmuLock;
-use kvmmu::vm::seq::InvalidateState;
+use kvmmu::internals::addr::{AsId, Gfn, GfnRange, Level, Pfn};
+use kvmmu::internals::mmu::shadow::rmap::{RmapHead, RmapStats, SptePtr};
+use kvmmu::internals::mmu::shadow::{ShadowMmu, SlotRmaps};
+use kvmmu::internals::mmu::tdp::TdpMmu;
+use kvmmu::internals::mmu::{FaultOutcome, MapRequest, RemoteTlbFlush};
+use kvmmu::internals::sync::Arc;
+use kvmmu::internals::sync::rcu::Rcu;
+use kvmmu::internals::sync::witness::MmuLock;
+use kvmmu::internals::vm::seq::InvalidateState;
 
 const AS0: AsId = AsId::new(0);
 

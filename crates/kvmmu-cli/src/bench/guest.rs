@@ -2,7 +2,7 @@
 //! builds it, so every timed operation runs the library's real code path.
 
 use anyhow::Context;
-use kvmmu::addr::PAGE_SIZE;
+use kvmmu::PAGE_SIZE;
 use kvmmu::prelude::*;
 
 /// Guest physical address of the benchmark memslot (as the default workload).

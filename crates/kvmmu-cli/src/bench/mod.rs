@@ -19,7 +19,7 @@ use crate::{MmuArg, size};
 use anyhow::ensure;
 use clap::Args;
 use guest::{Guest, touch_read, touch_write};
-use kvmmu::addr::PAGE_SIZE;
+use kvmmu::PAGE_SIZE;
 use kvmmu::prelude::*;
 use kvmmu_cli::error::{require, usage, usage_hint};
 use kvmmu_cli::report::progress;

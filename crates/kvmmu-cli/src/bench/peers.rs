@@ -6,9 +6,9 @@
 //! is the translation structure itself.
 
 use anyhow::Context;
-use kvmmu::addr::{PAGE_SIZE, Pfn};
-use kvmmu::host::FrameTag;
+use kvmmu::FrameTag;
 use kvmmu::prelude::*;
+use kvmmu::{PAGE_SIZE, Pfn};
 use std::collections::HashMap;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};

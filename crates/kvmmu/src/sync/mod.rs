@@ -26,7 +26,7 @@
 //! - [`guest_mode`]: which threads hold a vCPU in guest mode, so that calls that could wait for
 //!   that vCPU's own TLB-flush acknowledgement are refused at their entry.
 //!
-//! The main types of the submodules are re-exported here (`kvmmu::sync::{Srcu, Rcu, MmuLock, ..}`).
+//! The main types of the submodules are re-exported here (`kvmmu::internals::sync::{Srcu, Rcu, MmuLock, ..}`).
 
 pub mod guest_mode;
 pub mod lock_rank;

@@ -107,7 +107,7 @@ pub struct TortureConfig {
     pub actors: Actors,
     /// A run fails if an actor makes no progress for this long.
     pub stall_timeout: Duration,
-    /// Forced CAS failure period (0 = off) in the TDP fault path (`kvmmu::mmu::tdp::hooks`) and
+    /// Forced CAS failure period (0 = off) in the TDP fault path (`kvmmu::internals::mmu::tdp::hooks`) and
     /// the rmap bit-lock acquire ([`crate::mmu::shadow::rmap::hooks`]); needs feature
     /// `test-hooks`.
     pub cas_failure_period: u32,

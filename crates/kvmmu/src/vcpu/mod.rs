@@ -258,7 +258,7 @@ impl Drop for Vcpu {
 ///
 /// ```compile_fail
 /// fn assert_send<T: Send>(_: T) {}
-/// fn move_to_another_thread(vcpu: &mut kvmmu::vcpu::Vcpu) {
+/// fn move_to_another_thread(vcpu: &mut kvmmu::Vcpu) {
 ///     assert_send(vcpu.enter());
 /// }
 /// ```

@@ -24,7 +24,7 @@ use crate::vm::VmInner;
 /// Why a vCPU access could not complete: what KVM would report to its user as a `KVM_RUN` exit.
 ///
 /// The fault handler's error type too (an unresolvable fault is such an exit); re-exported as
-/// `kvmmu::vcpu::VcpuExit`.
+/// `kvmmu::VcpuExit`.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum VcpuExit {
     /// The host refused the page (`-EFAULT`): the memory is unmapped, or it is a write to memory the
