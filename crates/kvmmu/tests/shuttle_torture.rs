@@ -148,7 +148,7 @@ fn vcpu(w: &World, id: u64, seed: u64, ops: u64) {
     let mut vcpu = w.vm.create_vcpu().expect("create_vcpu");
     let owned: Vec<u64> = (0..PAGES).filter(|hp| hp % VCPUS == id).collect();
     let mut rec = vec![Record::default(); PAGES as usize];
-    let mut rng = Rng(seed ^ (id + 1) * 0x1000);
+    let mut rng = Rng(seed ^ ((id + 1) * 0x1000));
     let mut seq = 0;
     for _ in 0..ops {
         let hp = owned[rng.below(owned.len() as u64) as usize];
