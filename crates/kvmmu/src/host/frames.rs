@@ -430,6 +430,40 @@ impl FrameArena {
         }
     }
 
+    /// Stores the bits of `v` selected by `mask` into a word and keeps its other bits, atomically
+    /// (a compare-and-swap loop, so a concurrent write to the other bits is never lost), with the
+    /// checks of [`FrameArena::write_tagged`]; returns the word's new value. The vCPU's partial-word
+    /// (byte) stores.
+    pub fn write_masked_tagged(
+        &self,
+        pfn: Pfn,
+        word: usize,
+        expect: FrameTag,
+        v: u64,
+        mask: u64,
+    ) -> Result<u64, StaleAccess> {
+        let (tag, data) = match self.locate(pfn, word) {
+            Ok(located) => located,
+            Err(_) => return Err(self.report_stale(pfn, expect, FrameTag::FREE)),
+        };
+        // ORDERING: as write_located: Relaxed check, then a Release update so a reader observing
+        // the new value synchronises with us, then the SeqCst fence before re-checking the tag
+        // (the store-buffering pattern with alloc's fence, invariant 3).
+        self.check(pfn, expect, tag.load(Ordering::Relaxed))?;
+        let mut cur = data.load(Ordering::Relaxed);
+        let new = loop {
+            let next = (cur & !mask) | (v & mask);
+            // ORDERING: Release on success (see above); Relaxed on failure, we only retry.
+            match data.compare_exchange_weak(cur, next, Ordering::Release, Ordering::Relaxed) {
+                Ok(_) => break next,
+                Err(actual) => cur = actual,
+            }
+        };
+        fence(Ordering::SeqCst);
+        self.check(pfn, expect, tag.load(Ordering::Relaxed))?;
+        Ok(new)
+    }
+
     #[inline(always)]
     fn read_located(
         &self,

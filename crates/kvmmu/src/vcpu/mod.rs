@@ -79,8 +79,8 @@ pub struct Vcpu {
 }
 
 impl Vm {
-    /// Creates a vCPU running in address space 0. It is owned by one thread at a time (it is
-    /// `Send`, not `Sync`).
+    /// Creates a vCPU running in address space 0. Every access takes `&mut self`, so one thread
+    /// drives it at a time (it can move between threads while outside guest mode).
     ///
     /// Errors: [`VmError::Dead`] after teardown, [`VmError::InGuestMode`] from a thread that holds
     /// a vCPU in guest mode (registering a vCPU waits for any remote TLB flush in flight).
@@ -154,6 +154,18 @@ impl Vcpu {
         self.try_enter()?.write_u64(gpa, value)
     }
 
+    /// Reads `buf.len()` bytes at `gpa` (any alignment, across pages); see
+    /// [`GuestMode::read_bytes`]. Errors: as there, and as [`Vcpu::read_u64`].
+    pub fn read_bytes(&mut self, gpa: Gpa, buf: &mut [u8]) -> Result<(), VcpuExit> {
+        self.try_enter()?.read_bytes(gpa, buf)
+    }
+
+    /// Writes `data` at `gpa` (any alignment, across pages); see [`GuestMode::write_bytes`].
+    /// Errors: as there, and as [`Vcpu::read_u64`].
+    pub fn write_bytes(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), VcpuExit> {
+        self.try_enter()?.write_bytes(gpa, data)
+    }
+
     /// Enters guest mode for a run of accesses; guest mode ends when the returned value is dropped.
     /// Running many accesses in one session is how a real guest runs, and is much cheaper than one
     /// entry per access.
@@ -222,6 +234,25 @@ impl Vcpu {
     }
 }
 
+impl core::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Vcpu")
+            .field("address_space", &self.as_id)
+            .field("root", &self.root)
+            .field("stats", &self.stats)
+            .field("tlb", &self.tlb.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl core::fmt::Debug for GuestMode<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("GuestMode")
+            .field("vcpu", &self.vcpu)
+            .finish()
+    }
+}
+
 /// Unregisters the vCPU from the VM's request registry.
 ///
 /// # Panics
@@ -272,13 +303,50 @@ impl GuestMode<'_> {
     /// Reads the 8-byte word at `gpa`.
     #[inline]
     pub fn read_u64(&mut self, gpa: Gpa) -> Result<u64, VcpuExit> {
-        self.access(gpa, None)
+        self.access(gpa, None, u64::MAX)
     }
 
     /// Writes the 8-byte word at `gpa`.
     #[inline]
     pub fn write_u64(&mut self, gpa: Gpa, value: u64) -> Result<(), VcpuExit> {
-        self.access(gpa, Some(value)).map(|_| ())
+        self.access(gpa, Some(value), u64::MAX).map(|_| ())
+    }
+
+    /// Reads `buf.len()` bytes starting at `gpa`, any alignment, across page boundaries (each
+    /// 8-byte word is one guest load, little-endian as on x86).
+    ///
+    /// Errors: the exits of [`GuestMode::read_u64`] for the first word that cannot be read (the
+    /// bytes before it are already in `buf`, as a `rep movs` that faults mid-way leaves them), and
+    /// [`VcpuExit::AddressOverflow`] if the range does not fit below 2^64 (nothing is read).
+    pub fn read_bytes(&mut self, gpa: Gpa, buf: &mut [u8]) -> Result<(), VcpuExit> {
+        let mut done = 0usize;
+        for (word, first, len) in byte_words(gpa, buf.len())? {
+            let bytes = self.access(word, None, u64::MAX)?.to_le_bytes();
+            buf[done..done + len].copy_from_slice(&bytes[first..first + len]);
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` starting at `gpa`, any alignment, across page boundaries. Whole words are
+    /// plain word stores; the bytes of a partly covered word are merged into it atomically, so a
+    /// concurrent write to its other bytes (by another vCPU or the host) is never lost.
+    ///
+    /// Errors: as [`GuestMode::read_bytes`] (the bytes before the failing word are written).
+    pub fn write_bytes(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), VcpuExit> {
+        let mut done = 0usize;
+        for (word, first, len) in byte_words(gpa, data.len())? {
+            let mut bytes = [0u8; 8];
+            bytes[first..first + len].copy_from_slice(&data[done..done + len]);
+            let mask = if len == 8 {
+                u64::MAX
+            } else {
+                (u64::MAX >> (64 - 8 * len as u32)) << (8 * first as u32)
+            };
+            self.access(word, Some(u64::from_le_bytes(bytes)), mask)?;
+            done += len;
+        }
+        Ok(())
     }
 
     /// One guest access: translate (TLB, walk, or fault) and perform it.
@@ -291,22 +359,22 @@ impl GuestMode<'_> {
     /// root, and the same thread changed nothing since, so repeating those checks (and counting a
     /// second TLB lookup) would be redundant.
     #[inline(always)]
-    fn access(&mut self, gpa: Gpa, write: Option<u64>) -> Result<u64, VcpuExit> {
+    fn access(&mut self, gpa: Gpa, write: Option<u64>, mask: u64) -> Result<u64, VcpuExit> {
         let vcpu = &mut *self.vcpu;
         if gpa.raw() & 7 == 0
             && !vcpu.handle.requests_pending()
             && vcpu.root.as_ref().is_some_and(|r| !r.is_invalid())
         {
-            return match walker::tlb_access(vcpu, gpa, write) {
+            return match walker::tlb_access(vcpu, gpa, write, mask) {
                 Some(Ok(v)) => {
                     vcpu.stats.accesses += 1;
                     Ok(v)
                 }
                 Some(Err(source)) => Err(VcpuExit::StaleTranslation { gpa, source }),
-                None => self.access_slow(gpa, write, true),
+                None => self.access_slow(gpa, write, mask, true),
             };
         }
-        self.access_slow(gpa, write, false)
+        self.access_slow(gpa, write, mask, false)
     }
 
     /// The general access loop: requests, root (re)load, translation, faults and retries.
@@ -317,6 +385,7 @@ impl GuestMode<'_> {
         &mut self,
         gpa: Gpa,
         write: Option<u64>,
+        mask: u64,
         mut missed: bool,
     ) -> Result<u64, VcpuExit> {
         if gpa.raw() & 7 != 0 {
@@ -326,7 +395,7 @@ impl GuestMode<'_> {
         loop {
             let attempt = if missed {
                 missed = false;
-                walker::walk_and_access(self.vcpu, gpa, write)?
+                walker::walk_and_access(self.vcpu, gpa, write, mask)?
             } else {
                 // An instruction boundary: acknowledge remote TLB flushes before translating.
                 let reqs = self.vcpu.handle.check_requests();
@@ -337,7 +406,7 @@ impl GuestMode<'_> {
                     self.leave_guest_mode_for(|v| v.load_root())?;
                     continue;
                 }
-                walker::translate_and_access(self.vcpu, gpa, write)?
+                walker::translate_and_access(self.vcpu, gpa, write, mask)?
             };
             match attempt {
                 walker::Access::Done(v) => {
@@ -384,6 +453,26 @@ impl GuestMode<'_> {
         let outside = Reenter(self.vcpu);
         f(&mut *outside.0)
     }
+}
+
+/// The 8-byte words a byte range `[gpa, gpa + len)` touches, as (word address, first byte in the
+/// word, bytes in the word), in address order.
+fn byte_words(gpa: Gpa, len: usize) -> Result<impl Iterator<Item = (Gpa, usize, usize)>, VcpuExit> {
+    let start = gpa.raw();
+    let end = start
+        .checked_add(len as u64)
+        .ok_or(VcpuExit::AddressOverflow { gpa, len })?;
+    let mut at = start;
+    Ok(core::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let word = at & !7;
+        let first = (at - word) as usize;
+        let n = (8 - first).min((end - at) as usize);
+        at += n as u64;
+        Some((Gpa::new(word), first, n))
+    }))
 }
 
 impl Drop for GuestMode<'_> {

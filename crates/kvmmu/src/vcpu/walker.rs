@@ -31,13 +31,14 @@ pub(super) fn tlb_access(
     vcpu: &mut Vcpu,
     gpa: Gpa,
     write: Option<u64>,
+    mask: u64,
 ) -> Option<Result<u64, StaleAccess>> {
     let e = vcpu.tlb.lookup(gpa.gfn())?;
     if write.is_some() && !(e.writable && e.dirty) {
         return None;
     }
     let (pfn, tag) = (e.pfn, FrameTag::from_raw(e.tag));
-    Some(frame_access(&vcpu.vm, gpa, pfn, tag, write))
+    Some(frame_access(&vcpu.vm, gpa, pfn, tag, write, mask))
 }
 
 /// One attempt at an access: the TLB, else a walk and a fill.
@@ -45,12 +46,13 @@ pub(super) fn translate_and_access(
     vcpu: &mut Vcpu,
     gpa: Gpa,
     write: Option<u64>,
+    mask: u64,
 ) -> Result<Access, VcpuExit> {
-    match tlb_access(vcpu, gpa, write) {
+    match tlb_access(vcpu, gpa, write, mask) {
         Some(r) => r
             .map(Access::Done)
             .map_err(|source| VcpuExit::StaleTranslation { gpa, source }),
-        None => walk_and_access(vcpu, gpa, write),
+        None => walk_and_access(vcpu, gpa, write, mask),
     }
 }
 
@@ -60,6 +62,7 @@ pub(super) fn walk_and_access(
     vcpu: &mut Vcpu,
     gpa: Gpa,
     write: Option<u64>,
+    mask: u64,
 ) -> Result<Access, VcpuExit> {
     let gfn = gpa.gfn();
     let is_write = write.is_some();
@@ -110,12 +113,14 @@ pub(super) fn walk_and_access(
         writable,
         dirty,
     });
-    frame_access(&vcpu.vm, gpa, pfn, tag, write)
+    frame_access(&vcpu.vm, gpa, pfn, tag, write, mask)
         .map(Access::Done)
         .map_err(|source| VcpuExit::StaleTranslation { gpa, source })
 }
 
-/// The checked word access to the frame a translation names (DESIGN invariant 2).
+/// The checked word access to the frame a translation names (DESIGN invariant 2). A write stores
+/// the bits of `write` selected by `mask` (all of them for a word access, where the constant mask
+/// folds the branch away) and keeps the others, atomically; it returns the word's new value.
 #[inline(always)]
 fn frame_access(
     vm: &VmInner,
@@ -123,11 +128,13 @@ fn frame_access(
     pfn: Pfn,
     tag: FrameTag,
     write: Option<u64>,
+    mask: u64,
 ) -> Result<u64, StaleAccess> {
     let word = (gpa.page_offset() / 8) as usize;
     let arena = vm.host.arena();
     match write {
-        Some(v) => arena.write_tagged(pfn, word, tag, v).map(|()| v),
+        Some(v) if mask == u64::MAX => arena.write_tagged(pfn, word, tag, v).map(|()| v),
+        Some(v) => arena.write_masked_tagged(pfn, word, tag, v, mask),
         None => arena.read_tagged(pfn, word, tag),
     }
 }

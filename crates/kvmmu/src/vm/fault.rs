@@ -68,6 +68,15 @@ pub enum VcpuExit {
     /// The VM has been torn down.
     #[error("the VM has been torn down")]
     VmDead,
+    /// A byte access whose range runs past the end of the 64-bit guest physical address space.
+    /// Nothing was accessed.
+    #[error("{len} bytes at gpa {gpa} run past the end of the address space")]
+    AddressOverflow {
+        /// The first byte.
+        gpa: Gpa,
+        /// The length asked for.
+        len: usize,
+    },
     /// The calling thread already holds a vCPU in guest mode: a second vCPU cannot enter from it
     /// (its faults would take `mmu_lock`, which a flusher waiting for the first vCPU may hold).
     /// Nothing was done.

@@ -173,6 +173,16 @@ pub struct Vm {
     subscription: NotifierId,
 }
 
+impl core::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Vm")
+            .field("config", &self.inner.config)
+            .field("dead", &self.inner.dead.load(Ordering::Relaxed))
+            .field("memslot_generations", &self.inner.generations)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Vm {
     /// Creates a VM on `host` and subscribes it to the host's MMU notifiers.
     ///

@@ -67,6 +67,37 @@ pub struct MemoryRegion {
     pub hva: Hva,
 }
 
+impl MemoryRegion {
+    /// A region of address space 0 with no flags: `size` bytes of guest memory at `gpa`, backed
+    /// by host memory at `hva`. Set [`MemoryRegion::as_id`] or [`MemoryRegion::flags`] (or use
+    /// [`MemoryRegion::with_flags`]) for the others; `size` 0 asks to delete the slot.
+    pub fn new(slot: SlotId, gpa: Gpa, size: u64, hva: Hva) -> MemoryRegion {
+        MemoryRegion {
+            slot,
+            as_id: AsId::new(0),
+            flags: MemFlags::empty(),
+            gpa,
+            size,
+            hva,
+        }
+    }
+
+    /// The same region with `flags`.
+    pub fn with_flags(self, flags: MemFlags) -> MemoryRegion {
+        MemoryRegion { flags, ..self }
+    }
+
+    /// The same region in address space `as_id`.
+    pub fn in_address_space(self, as_id: AsId) -> MemoryRegion {
+        MemoryRegion { as_id, ..self }
+    }
+
+    /// The request that deletes this region's slot (`size` 0).
+    pub fn deletion(self) -> MemoryRegion {
+        MemoryRegion { size: 0, ..self }
+    }
+}
+
 /// A guest memory slot: `npages` guest frames from `base_gfn`, backed by host memory from
 /// `userspace_addr`.
 ///
