@@ -30,7 +30,6 @@
 
 pub mod guest_mode;
 pub mod lock_rank;
-#[cfg(not(loom))]
 pub(crate) mod percpu;
 pub mod rcu;
 pub mod srcu;

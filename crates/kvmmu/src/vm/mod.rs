@@ -37,6 +37,7 @@ use crate::mmu::spte::Spte;
 use crate::mmu::tdp::TdpStats;
 use crate::mmu::{Mmu, MmuRoot, RemoteTlbFlush, RootReload};
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::percpu::StripedCounter;
 use crate::sync::guest_mode::{self, InGuestMode};
 use crate::sync::lock_rank::LockRank;
 use crate::sync::rcu::Rcu;
@@ -88,16 +89,19 @@ pub enum SetMemoryRegionError {
     InGuestMode(#[from] InGuestMode),
 }
 
-/// Counters of VM-level events, for reports and oracles.
+/// Counters of VM-level events, for reports and oracles. Those bumped on the fault and aging
+/// paths are striped ([`StripedCounter`]: vCPUs and agers on different CPUs bump different cache
+/// lines); the rare ones (memslot swaps, invalidation pairs, remote flushes, each already behind a
+/// lock or a flush that costs far more) stay plain atomics.
 #[derive(Debug, Default)]
 pub(crate) struct VmCounters {
-    pub(crate) faults: AtomicU64,
-    pub(crate) fault_retries: AtomicU64,
+    pub(crate) faults: StripedCounter,
+    pub(crate) fault_retries: StripedCounter,
     pub(crate) memslot_swaps: AtomicU64,
     pub(crate) invalidate_starts: AtomicU64,
     pub(crate) invalidate_ends: AtomicU64,
-    pub(crate) age_calls: AtomicU64,
-    pub(crate) age_young: AtomicU64,
+    pub(crate) age_calls: StripedCounter,
+    pub(crate) age_young: StripedCounter,
     pub(crate) remote_tlb_flush: AtomicU64,
 }
 
@@ -296,7 +300,8 @@ impl Vm {
 ///
 /// # Panics
 /// When dropped by a thread that holds a vCPU in guest mode, before anything is torn down (the VM
-/// then stays subscribed and alive as long as its vCPUs). If that thread is already unwinding,
+/// then stays subscribed, and its subscription keeps it alive, until the host's `release`: it was
+/// never torn down, so host changes must keep reaching it). If that thread is already unwinding,
 /// the drop does nothing instead of aborting the process with a second panic.
 impl Drop for Vm {
     fn drop(&mut self) {
@@ -455,13 +460,13 @@ impl VmInner {
     fn stats(&self) -> VmStats {
         let c = &self.counters;
         VmStats {
-            faults: c.faults.load(Ordering::Relaxed),
-            fault_retries: c.fault_retries.load(Ordering::Relaxed),
+            faults: c.faults.sum(),
+            fault_retries: c.fault_retries.sum(),
             memslot_swaps: c.memslot_swaps.load(Ordering::Relaxed),
             invalidate_starts: c.invalidate_starts.load(Ordering::Relaxed),
             invalidate_ends: c.invalidate_ends.load(Ordering::Relaxed),
-            age_calls: c.age_calls.load(Ordering::Relaxed),
-            age_young: c.age_young.load(Ordering::Relaxed),
+            age_calls: c.age_calls.sum(),
+            age_young: c.age_young.sum(),
             remote_tlb_flush: c.remote_tlb_flush.load(Ordering::Relaxed),
             invalidate: self.invalidate.counters(),
             mn_active_invalidate_count: *self.mn_invalidate.lock(),
