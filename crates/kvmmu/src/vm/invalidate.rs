@@ -196,7 +196,8 @@ impl VmInner {
         young
     }
 
-    /// Ages `[young.start(), young.end())` in one hva-range walk (protocol step 4 above; docs/locking.md "notifier step 4"), setting the
+    /// Ages `[young.start(), young.end())` in one hva-range walk (notifier step 4, as in the
+    /// module doc and docs/invariants.md "Notifier callbacks"), setting the
     /// bit of every page some memslot maps to a young leaf; never clears a bit.
     fn age_hva_range_bitmap(&self, young: &mut YoungBitmap) {
         self.counters.age_calls.add(1);

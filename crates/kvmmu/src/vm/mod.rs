@@ -7,11 +7,11 @@
 //! 2. Each swap waits, under `mn_invalidate_lock`, until no `invalidate_range_start`…`end` pair is in
 //!    flight (`mn_active_invalidate_count == 0`), publishes the new set while still holding that lock,
 //!    releases it, then waits for an SRCU grace period. So every start/end pair sees one set
-//!    (invariants 2–3) and no reader still uses the old set when the swap returns (invariant 8).
+//!    (spec §4 items 2–3) and no reader still uses the old set when the swap returns (spec §4 item 8).
 //! 3. DELETE and MOVE first publish a copy of the slot marked INVALID (faults on it retry), zap every
 //!    SPTE of the slot under `mmu_lock` write with a TLB flush, then publish the final set.
 //! 4. Generations follow KVM: the in-progress bit (bit 63) is set before the publish, and the final
-//!    value is `old + address_spaces`, so each address space keeps its residue (invariant 7).
+//!    value is `old + address_spaces`, so each address space keeps its residue (spec §4 item 7).
 //!
 //! # Teardown
 //! Dropping the [`Vm`] (or the host calling `release`) marks it dead, makes every vCPU drop its
