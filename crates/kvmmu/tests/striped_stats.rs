@@ -50,6 +50,9 @@ fn fault_and_install_counters_are_exact_under_concurrent_vcpus() {
         );
         let fin = f.vm.shutdown();
         assert_eq!(fin.tdp.tables_allocated, fin.tdp.tables_freed, "{mmu:?}");
-        assert_eq!(fin.shadow.pages_allocated, fin.shadow.pages_freed, "{mmu:?}");
+        assert_eq!(
+            fin.shadow.pages_allocated, fin.shadow.pages_freed,
+            "{mmu:?}"
+        );
     }
 }

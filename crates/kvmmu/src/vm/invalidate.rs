@@ -29,9 +29,9 @@ use super::VmInner;
 use crate::addr::{AsId, GfnRange, Hva};
 use crate::host::{MmuNotifier, NotifierRange, YoungBitmap};
 use crate::mmu::{RemoteTlbFlush, ZapBatch};
+use crate::sync::Arc;
 use crate::sync::atomic::Ordering;
 use crate::sync::witness::MmuWriteGuard;
-use crate::sync::Arc;
 use crate::vm::memslot::Memslot;
 
 /// What the hva-range walk does for each memslot it hits.
@@ -420,7 +420,11 @@ mod tests {
             }
         });
         let (v, h) = (vm.stats(), host.stats());
-        assert_eq!(v.age_calls, 2 * AGERS * ROUNDS, "every VM aging call counted once");
+        assert_eq!(
+            v.age_calls,
+            2 * AGERS * ROUNDS,
+            "every VM aging call counted once"
+        );
         assert_eq!(h.aging_calls, 2 * AGERS * ROUNDS, "one subscriber per call");
         assert!(v.age_young >= 1 && v.age_young <= v.age_calls);
     }

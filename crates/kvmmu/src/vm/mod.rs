@@ -32,14 +32,14 @@ use crate::addr::{AsId, Gfn, Level};
 use crate::config::{AgingMode, ConfigError, VmConfig};
 use crate::host::{HostMm, NotifierId};
 use crate::mmu::shadow::rmap::RmapHead;
-use crate::mmu::shadow::{RmapLookup, ShadowStats, SlotRmaps};
+use crate::mmu::shadow::{RmapAllocError, RmapLookup, ShadowStats, SlotRmaps};
 use crate::mmu::spte::Spte;
 use crate::mmu::tdp::TdpStats;
 use crate::mmu::{Mmu, MmuRoot, RemoteTlbFlush, RootReload};
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use crate::sync::percpu::StripedCounter;
 use crate::sync::guest_mode::{self, InGuestMode};
 use crate::sync::lock_rank::LockRank;
+use crate::sync::percpu::StripedCounter;
 use crate::sync::rcu::Rcu;
 use crate::sync::srcu::{Srcu, SrcuCell, SrcuGuard};
 use crate::sync::witness::{MmuLock, MmuLockStats, RankedMutex};
@@ -80,6 +80,10 @@ pub enum SetMemoryRegionError {
     /// The request is invalid; nothing changed.
     #[error(transparent)]
     Invalid(#[from] MemslotError),
+    /// The shadow MMU's rmap arrays for the new slot could not be allocated (a valid but huge
+    /// slot); nothing changed.
+    #[error(transparent)]
+    NoMemory(#[from] RmapAllocError),
     /// The VM was torn down.
     #[error("the VM has been torn down")]
     Dead,
@@ -327,7 +331,7 @@ impl VmInner {
         match change {
             MemslotChange::Unchanged => {}
             MemslotChange::Create { mut new } => {
-                self.attach_new_rmaps(&mut new);
+                self.attach_new_rmaps(&mut new)?;
                 self.swap_memslots(as_id, None, Some(Arc::new(new)));
             }
             MemslotChange::FlagsOnly { old, mut new } => {
@@ -342,7 +346,7 @@ impl VmInner {
                 self.swap_memslots(as_id, Some(&invalid), None);
             }
             MemslotChange::Move { old, mut new } => {
-                self.attach_new_rmaps(&mut new);
+                self.attach_new_rmaps(&mut new)?;
                 let invalid = Arc::new(old.invalid_copy());
                 self.swap_memslots(as_id, Some(&old), Some(invalid.clone()));
                 self.flush_shadow_memslot(&old);
@@ -381,10 +385,11 @@ impl VmInner {
     }
 
     /// Allocates rmap arrays for a new slot when the MMU needs them (`memslot_rmap_alloc`).
-    fn attach_new_rmaps(&self, slot: &mut Memslot) {
+    fn attach_new_rmaps(&self, slot: &mut Memslot) -> Result<(), RmapAllocError> {
         if self.mmu.needs_rmaps() {
-            slot.set_rmaps(Some(Arc::new(SlotRmaps::new(slot.gfn_range()))));
+            slot.set_rmaps(Some(Arc::new(SlotRmaps::new(slot.gfn_range())?)));
         }
+        Ok(())
     }
 
     /// The leaf SPTE for `gfn` in the valid root of `as_id` (oracle).

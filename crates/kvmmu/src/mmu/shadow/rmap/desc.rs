@@ -44,8 +44,9 @@ pub(super) struct DescPtr(NonNull<PteListDesc>);
 impl DescPtr {
     /// Allocates an empty descriptor whose `more` is `more` and whose `tail_count` is `tail_count`.
     pub(super) fn alloc(stats: &RmapStats, more: Option<DescPtr>, tail_count: usize) -> DescPtr {
-        let tail = u32::try_from(tail_count)
-            .expect("rmap invariant 7 (spec §4 item 27) broken: more than u32::MAX entries in one rmap");
+        let tail = u32::try_from(tail_count).expect(
+            "rmap invariant 7 (spec §4 item 27) broken: more than u32::MAX entries in one rmap",
+        );
         let desc = Box::new(PteListDesc {
             more: AtomicUsize::new(more.map_or(0, DescPtr::to_word)),
             spte_count: AtomicU32::new(0),
