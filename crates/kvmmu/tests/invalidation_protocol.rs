@@ -92,7 +92,7 @@ fn no_spte_survives_invalidate_range_start_for_the_range(mmu: MmuKind) {
         .madvise_dontneed(hva_of(f.hva, 16), 16 * 4096)
         .unwrap();
     assert!(blocker.starts.load(Ordering::SeqCst) > 0);
-    assert_eq!(seen_present.load(Ordering::SeqCst), 0, "invariant 10");
+    assert_eq!(seen_present.load(Ordering::SeqCst), 0, "spec §4 item 10");
     // Pages outside the range keep their translations.
     assert!(vm.spte(AsId::new(0), gpa(8).gfn()).is_some());
     assert!(vm.spte(AsId::new(0), gpa(40).gfn()).is_some());
@@ -120,7 +120,7 @@ fn no_spte_is_installed_between_start_and_end_and_the_fault_completes_after(mmu:
         std::thread::sleep(Duration::from_millis(20));
         assert!(
             f.vm.spte(AsId::new(0), gpa(3).gfn()).is_none(),
-            "invariant 11: no SPTE installed while the invalidation is in progress"
+            "spec §4 item 11: no SPTE installed while the invalidation is in progress"
         );
         assert!(!reader.is_finished());
         assert_eq!(f.vm.stats().invalidate.in_progress, 1);
@@ -269,9 +269,9 @@ fn aging_never_allocates_or_frees_page_tables(mmu: MmuKind) {
     );
     assert_eq!(
         before.tables_allocated, after.tables_allocated,
-        "invariant 14"
+        "spec §4 item 14"
     );
-    assert_eq!(before.tables_freed, after.tables_freed, "invariant 14");
+    assert_eq!(before.tables_freed, after.tables_freed, "spec §4 item 14");
     assert_eq!(
         before.leaves_zapped, after.leaves_zapped,
         "aging zaps nothing"

@@ -1,5 +1,5 @@
-//! The lock-rank checker on the real lock types: DESIGN.md's order (slots_lock → memslots SRCU →
-//! mn_invalidate_lock → mmu_lock → rmap bit → RCU) is enforced in debug builds, legal nestings pass.
+//! The lock-rank checker on the real lock types: the order of docs/locking.md (slots_lock →
+//! memslots SRCU → mn_invalidate_lock → mmu_lock → rmap bit → RCU) is enforced in debug builds, legal nestings pass.
 #![cfg(not(loom))]
 
 use kvmmu::internals::sync::lock_rank::{self, LockRank};

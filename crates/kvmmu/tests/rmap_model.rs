@@ -27,7 +27,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Checks invariant 27 and that the rmap lists exactly the model's multiset.
+/// Checks spec §4 item 27 (chain shape) and that the rmap lists exactly the model's multiset.
 fn check(head: &RmapHead, w: &MmuWrite, stats: &RmapStats, model: &[SptePtr]) {
     let count = head.count(w, stats);
     let mut listed = Vec::new();

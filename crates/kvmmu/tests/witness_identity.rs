@@ -110,7 +110,7 @@ fn a_shadow_zap_under_another_vms_lock_is_refused() {
     let (mine, other) = (MmuLock::new(), MmuLock::new());
     let shadow = ShadowMmu::new(1);
     shadow.bind_lock(&mine);
-    let rmaps = SlotRmaps::new(range(0, 64));
+    let rmaps = SlotRmaps::new(range(0, 64)).unwrap();
     {
         let w = mine.write();
         let root = shadow.get_root(AS0, w.witness());

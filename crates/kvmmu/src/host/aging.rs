@@ -11,7 +11,7 @@
 //! 2. No host lock is held while a subscriber is called (host invariant H7).
 
 use super::HostError;
-use super::mm::{Counters, HostMm, MMAP_MIN_ADDR, TASK_SIZE, check_mapped, page_range};
+use super::mm::{HostMm, MMAP_MIN_ADDR, TASK_SIZE, check_mapped, page_range};
 use super::notifier::{MmuNotifier, YoungBitmap};
 use super::vma::{page_hva, pte};
 use crate::addr::{Hva, PAGE_SIZE};
@@ -73,7 +73,7 @@ impl HostMm {
         for (_, n) in subs.iter() {
             young |= call(&**n, start, end);
         }
-        Counters::bump(&self.inner.counters.aging_calls, subs.len() as u64);
+        self.inner.counters.aging_calls.add(subs.len() as u64);
         Ok(young)
     }
 
@@ -121,7 +121,7 @@ impl HostMm {
         for (_, n) in subs.iter() {
             n.clear_young_bitmap(young);
         }
-        Counters::bump(&self.inner.counters.aging_calls, subs.len() as u64);
+        self.inner.counters.aging_calls.add(subs.len() as u64);
         Ok(())
     }
 
@@ -147,7 +147,7 @@ impl HostMm {
         for (_, n) in subs.iter() {
             young |= n.test_young(hva);
         }
-        Counters::bump(&self.inner.counters.aging_calls, subs.len() as u64);
+        self.inner.counters.aging_calls.add(subs.len() as u64);
         Ok(young)
     }
 }

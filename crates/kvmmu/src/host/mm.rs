@@ -119,7 +119,8 @@ pub(super) struct Counters {
     gup: StripedCounter,
     invalidate_start: AtomicU64,
     invalidate_end: AtomicU64,
-    pub(super) aging_calls: AtomicU64,
+    /// Striped: bumped by every aging call, from any number of agers at once.
+    pub(super) aging_calls: StripedCounter,
     release_calls: AtomicU64,
 }
 
@@ -591,7 +592,7 @@ impl HostMm {
             gup: c.gup.sum(),
             invalidate_start: ld(&c.invalidate_start),
             invalidate_end: ld(&c.invalidate_end),
-            aging_calls: ld(&c.aging_calls),
+            aging_calls: c.aging_calls.sum(),
             release_calls: ld(&c.release_calls),
             subscribers: self.inner.notifiers.len() as u64,
             page_table_bytes: self.inner.mmap_lock.read().pt.bytes(),

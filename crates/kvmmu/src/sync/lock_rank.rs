@@ -1,4 +1,4 @@
-//! Lock-rank checker: DESIGN.md's lock order, checked at run time in debug builds.
+//! Lock-rank checker: the lock order of docs/locking.md, checked at run time in debug builds.
 //!
 //! Protocol: every lock-like primitive of kvmmu (the `mmu_lock` guards, [`SrcuGuard`], [`RcuGuard`],
 //! [`RankedMutex`] guards, the shadow MMU's rmap bit lock) calls [`acquire`] with its [`LockRank`]
@@ -9,7 +9,7 @@
 //!
 //! Invariants checked (debug builds only; in release builds [`RankToken`] is a zero-sized no-op):
 //! 1. **Order.** A thread that holds a lock of rank `h` may take a lock of rank `r` only if
-//!    `r >= h` in the order of [`LockRank`] (outermost first, as DESIGN.md's "Locks" table and
+//!    `r >= h` in the order of [`LockRank`] (outermost first, as docs/locking.md's "Lock order" table and
 //!    spec §2.2).
 //! 2. **Re-entry.** Taking a rank the thread already holds is allowed only for the read sides that
 //!    nest ([`LockRank::MemslotsSrcu`], [`LockRank::Rcu`]); re-taking `slots_lock`,
@@ -30,7 +30,7 @@
 use core::fmt;
 use core::marker::PhantomData;
 
-/// The ranks of kvmmu's locks, outermost first (DESIGN.md "Locks, in the order they nest").
+/// The ranks of kvmmu's locks, outermost first (docs/locking.md "Lock order").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LockRank {
     /// `slots_lock`: serializes memslot updates (a mutex).
@@ -221,7 +221,7 @@ mod imp {
             if let Some(h) = highest_above(held, rank) {
                 panic!(
                     "lock order violation: taking {rank} while holding {h} \
-                     ({rank} must be taken before {h}; DESIGN.md lock order)"
+                     ({rank} must be taken before {h}; docs/locking.md lock order)"
                 );
             }
             let c = &held[rank.index()];

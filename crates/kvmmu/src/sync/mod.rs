@@ -22,7 +22,7 @@
 //! - [`srcu`]: our sleepable RCU, which protects the published memslot sets;
 //! - [`rcu`]: epoch-based reclamation for page-table pages (crossbeam-epoch, one collector per VM);
 //! - [`witness`]: zero-sized proofs that a lock is held, passed to functions that need it;
-//! - [`lock_rank`]: a debug-build checker of DESIGN.md's lock order;
+//! - [`lock_rank`]: a debug-build checker of the lock order in docs/locking.md;
 //! - [`guest_mode`]: which threads hold a vCPU in guest mode, so that calls that could wait for
 //!   that vCPU's own TLB-flush acknowledgement are refused at their entry.
 //!
@@ -30,7 +30,6 @@
 
 pub mod guest_mode;
 pub mod lock_rank;
-#[cfg(not(loom))]
 pub(crate) mod percpu;
 pub mod rcu;
 pub mod srcu;

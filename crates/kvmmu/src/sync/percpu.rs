@@ -6,8 +6,13 @@
 //! 2. A [`StripedCounter`]'s value is the sum of its stripes; each stripe only grows, so a sum read
 //!    while other threads count is a value the counter had at some moment between the first and
 //!    the last stripe load (no torn 64-bit values, no decrease).
+//!
+//! The atomics here are always std's, also under `cfg(loom)`: a statistic publishes nothing, so
+//! no loom model needs to explore its interleavings, and std's atomics can sit in a `static` and
+//! a `thread_local!` (loom's cannot), which lets the loom-compiled TDP MMU count through
+//! [`StripedCounter`] like every other build.
 
-use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Number of stripes (a power of two).
 pub(crate) const STRIPES: usize = 16;
@@ -41,6 +46,14 @@ impl StripedCounter {
         // ORDERING: Relaxed: a statistics counter; readers want a total, not a synchronisation
         // point (invariant 2).
         self.0[stripe()].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Adds `n` unless it is zero (skips touching even the own stripe's line).
+    #[inline]
+    pub(crate) fn add_nonzero(&self, n: u64) {
+        if n != 0 {
+            self.add(n);
+        }
     }
 
     /// Sum over all stripes.

@@ -10,7 +10,7 @@
 //! Invariants:
 //! 1. **Grace period.** A callback deferred at time `t` runs only after every guard pinned before
 //!    `t` is dropped; a walker that could still reach the unlinked page holds such a guard
-//!    (DESIGN.md invariant 5: freed only when no walker can reach it).
+//!    (DESIGN invariant 5 in docs/invariants.md: freed only when no walker can reach it).
 //! 2. **Accounting.** `pending` counts callbacks deferred and not yet run: incremented before the
 //!    callback is queued, decremented (Release) after it ran; `synchronize` returns only when it
 //!    reads 0 (Acquire), so the callbacks' effects (free counters) are visible to its caller.

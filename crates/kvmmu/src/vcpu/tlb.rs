@@ -7,7 +7,7 @@
 //!    the page tables; on a miss the vCPU walks, then fills the entry ([`Tlb::insert`]).
 //! 2. The vCPU empties the TLB ([`Tlb::flush_all`]) whenever it takes a `TlbFlush` request
 //!    (`crate::vm::request`), before its next guest access; that is what makes a remote TLB flush
-//!    complete (DESIGN.md invariant 2).
+//!    complete (DESIGN invariant 2, docs/invariants.md).
 //! 3. [`Tlb::flush_gfn`] drops one translation (a local `INVLPG`, e.g. after the vCPU's own fault
 //!    changed that gfn's SPTE).
 //!

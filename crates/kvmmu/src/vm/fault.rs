@@ -92,10 +92,10 @@ impl VmInner {
         gpa: Gpa,
         write: bool,
     ) -> Result<FaultOutcome, VcpuExit> {
-        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        self.counters.faults.add(1);
         let outcome = self.page_fault_inner(root, gpa.gfn(), gpa, write)?;
         if matches!(outcome, FaultOutcome::Retry(_)) {
-            self.counters.fault_retries.fetch_add(1, Ordering::Relaxed);
+            self.counters.fault_retries.add(1);
         }
         Ok(outcome)
     }

@@ -21,16 +21,17 @@
 //!    of its hva. Aliased memslots (several slots, or address spaces, over one hva) OR into the
 //!    same bit.
 //!
-//! The subscription holds only a `Weak` reference to the VM, so the host's subscriber list never
-//! keeps a dropped VM alive.
+//! The subscription holds a strong reference to the VM (no `Weak::upgrade` per call); `Vm`'s drop,
+//! `Vm::shutdown` and the host's `release` take it off the host's list, so a dropped VM is freed
+//! (see [`VmNotifier`]).
 
 use super::VmInner;
 use crate::addr::{AsId, GfnRange, Hva};
 use crate::host::{MmuNotifier, NotifierRange, YoungBitmap};
 use crate::mmu::{RemoteTlbFlush, ZapBatch};
+use crate::sync::Arc;
 use crate::sync::atomic::Ordering;
 use crate::sync::witness::MmuWriteGuard;
-use crate::sync::{Arc, Weak};
 use crate::vm::memslot::Memslot;
 
 /// What the hva-range walk does for each memslot it hits.
@@ -178,7 +179,7 @@ impl VmInner {
     }
 
     fn age_hva_range(&self, start: Hva, end: Hva, handler: Handler, flush_on_ret: bool) -> bool {
-        self.counters.age_calls.fetch_add(1, Ordering::Relaxed);
+        self.counters.age_calls.add(1);
         let young = self
             .handle_hva_range(HvaRangeWalk {
                 start,
@@ -190,15 +191,16 @@ impl VmInner {
             })
             .ret;
         if young {
-            self.counters.age_young.fetch_add(1, Ordering::Relaxed);
+            self.counters.age_young.add(1);
         }
         young
     }
 
-    /// Ages `[young.start(), young.end())` in one hva-range walk (module protocol 4), setting the
+    /// Ages `[young.start(), young.end())` in one hva-range walk (notifier step 4, as in the
+    /// module doc and docs/invariants.md "Notifier callbacks"), setting the
     /// bit of every page some memslot maps to a young leaf; never clears a bit.
     fn age_hva_range_bitmap(&self, young: &mut YoungBitmap) {
-        self.counters.age_calls.fetch_add(1, Ordering::Relaxed);
+        self.counters.age_calls.add(1);
         let walk = HvaRangeWalk {
             start: young.start(),
             end: young.end(),
@@ -221,7 +223,7 @@ impl VmInner {
             })
             .ret;
         if any {
-            self.counters.age_young.fetch_add(1, Ordering::Relaxed);
+            self.counters.age_young.add(1);
         }
     }
 
@@ -281,60 +283,149 @@ impl VmInner {
 }
 
 /// The VM's subscription to its host's MMU notifiers.
+///
+/// It holds a strong reference: a notifier call reaches the VM through a plain pointer, with no
+/// `Weak::upgrade` (an atomic read-modify-write on the VM's one shared reference count, from every
+/// ager and invalidation at once; issue 9 item 7). The reference cycle this makes (VM → host →
+/// subscriber list → subscription → VM) is broken by whichever comes first of `Vm`'s drop or
+/// `shutdown` (teardown, then unsubscribe: docs/locking.md "Teardown before unsubscribe") and the
+/// host's `release` (which takes every subscriber off the list). A `Vm` whose drop was refused
+/// because its thread held a vCPU in guest mode stays subscribed, and therefore alive, until the
+/// host's `release`: it was never torn down, so the host must keep reaching it.
 pub(crate) struct VmNotifier {
-    vm: Weak<VmInner>,
+    vm: Arc<VmInner>,
 }
 
 impl VmNotifier {
     pub(crate) fn new(vm: &Arc<VmInner>) -> VmNotifier {
-        VmNotifier {
-            vm: Arc::downgrade(vm),
-        }
+        VmNotifier { vm: Arc::clone(vm) }
     }
 }
 
 impl MmuNotifier for VmNotifier {
     fn invalidate_range_start(&self, range: &NotifierRange) {
-        if let Some(vm) = self.vm.upgrade() {
-            vm.invalidate_range_start(range);
-        }
+        self.vm.invalidate_range_start(range);
     }
 
     fn invalidate_range_end(&self, range: &NotifierRange) {
-        if let Some(vm) = self.vm.upgrade() {
-            vm.invalidate_range_end(range);
-        }
+        self.vm.invalidate_range_end(range);
     }
 
     fn clear_flush_young(&self, start: Hva, end: Hva) -> bool {
-        self.vm.upgrade().is_some_and(|vm| {
-            let flush = !vm.config.elide_tlb_flush_if_young;
-            vm.age_hva_range(start, end, Handler::Age, flush)
-        })
+        let flush = !self.vm.config.elide_tlb_flush_if_young;
+        self.vm.age_hva_range(start, end, Handler::Age, flush)
     }
 
     fn clear_young(&self, start: Hva, end: Hva) -> bool {
-        self.vm
-            .upgrade()
-            .is_some_and(|vm| vm.age_hva_range(start, end, Handler::Age, false))
+        self.vm.age_hva_range(start, end, Handler::Age, false)
     }
 
     fn clear_young_bitmap(&self, young: &mut YoungBitmap) {
-        if let Some(vm) = self.vm.upgrade() {
-            vm.age_hva_range_bitmap(young);
-        }
+        self.vm.age_hva_range_bitmap(young);
     }
 
     fn test_young(&self, addr: Hva) -> bool {
-        self.vm.upgrade().is_some_and(|vm| {
-            let end = addr.checked_add(1).unwrap_or(addr);
-            vm.age_hva_range(addr, end, Handler::TestAge, false)
-        })
+        let end = addr.checked_add(1).unwrap_or(addr);
+        self.vm.age_hva_range(addr, end, Handler::TestAge, false)
     }
 
     fn release(&self) {
-        if let Some(vm) = self.vm.upgrade() {
-            vm.teardown();
+        self.vm.teardown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::addr::{AsId, Gpa, SlotId};
+    use crate::config::{MmuKind, VmConfig};
+    use crate::host::{HostConfig, HostMm, Prot};
+    use crate::sync::Arc;
+    use crate::vm::Vm;
+    use crate::vm::memslot::{MemFlags, MemoryRegion};
+
+    /// A VM with one 64 KiB memslot at gpa 0, and a vCPU that wrote a page (so it has SPTEs).
+    fn vm_with_sptes(host: &HostMm, mmu: MmuKind) -> Vm {
+        let vm = Vm::new(
+            host,
+            VmConfig {
+                mmu,
+                ..VmConfig::default()
+            },
+        )
+        .unwrap();
+        let hva = host.mmap(1 << 16, Prot::READ | Prot::WRITE).unwrap();
+        vm.set_user_memory_region(MemoryRegion {
+            slot: SlotId::new(0),
+            as_id: AsId::new(0),
+            flags: MemFlags::empty(),
+            gpa: Gpa::new(0),
+            size: 1 << 16,
+            hva,
+        })
+        .unwrap();
+        let mut vcpu = vm.create_vcpu().unwrap();
+        vcpu.write_u64(Gpa::new(0x1000), 7).unwrap();
+        drop(vcpu);
+        vm
+    }
+
+    #[test]
+    fn dropping_a_vm_frees_it_although_its_subscription_holds_it_strongly() {
+        for mmu in [MmuKind::Tdp, MmuKind::Shadow] {
+            let host = HostMm::new(HostConfig { frames: 256 }).unwrap();
+            let vm = vm_with_sptes(&host, mmu);
+            let weak = Arc::downgrade(vm.inner());
+            drop(vm);
+            assert!(weak.upgrade().is_none(), "{mmu:?}: the VM leaked");
+            assert_eq!(host.stats().subscribers, 0);
         }
+    }
+
+    #[test]
+    fn shutting_a_vm_down_frees_it() {
+        let host = HostMm::new(HostConfig { frames: 256 }).unwrap();
+        let vm = vm_with_sptes(&host, MmuKind::Tdp);
+        let weak = Arc::downgrade(vm.inner());
+        let _ = vm.shutdown();
+        assert!(weak.upgrade().is_none(), "the VM leaked");
+    }
+
+    #[test]
+    fn a_vm_released_by_its_host_is_freed_when_dropped_and_the_host_when_both_go() {
+        let host = HostMm::new(HostConfig { frames: 256 }).unwrap();
+        let vm = vm_with_sptes(&host, MmuKind::Shadow);
+        let weak = Arc::downgrade(vm.inner());
+        host.release();
+        assert!(vm.is_dead());
+        assert_eq!(host.stats().subscribers, 0);
+        drop(vm);
+        assert!(weak.upgrade().is_none(), "the VM leaked");
+    }
+
+    #[test]
+    fn aging_counters_are_exact_under_concurrent_agers() {
+        const AGERS: u64 = 4;
+        const ROUNDS: u64 = 200;
+        let host = HostMm::new(HostConfig { frames: 256 }).unwrap();
+        let vm = vm_with_sptes(&host, MmuKind::Tdp);
+        let hva = vm.memslots(AsId::new(0)).unwrap()[0].userspace_addr();
+        std::thread::scope(|s| {
+            for _ in 0..AGERS {
+                s.spawn(|| {
+                    for _ in 0..ROUNDS {
+                        host.clear_young(hva, 1 << 16).unwrap();
+                        host.test_young(hva).unwrap();
+                    }
+                });
+            }
+        });
+        let (v, h) = (vm.stats(), host.stats());
+        assert_eq!(
+            v.age_calls,
+            2 * AGERS * ROUNDS,
+            "every VM aging call counted once"
+        );
+        assert_eq!(h.aging_calls, 2 * AGERS * ROUNDS, "one subscriber per call");
+        assert!(v.age_young >= 1 && v.age_young <= v.age_calls);
     }
 }

@@ -7,11 +7,11 @@
 //! 2. Each swap waits, under `mn_invalidate_lock`, until no `invalidate_range_start`…`end` pair is in
 //!    flight (`mn_active_invalidate_count == 0`), publishes the new set while still holding that lock,
 //!    releases it, then waits for an SRCU grace period. So every start/end pair sees one set
-//!    (invariants 2–3) and no reader still uses the old set when the swap returns (invariant 8).
+//!    (spec §4 items 2–3) and no reader still uses the old set when the swap returns (spec §4 item 8).
 //! 3. DELETE and MOVE first publish a copy of the slot marked INVALID (faults on it retry), zap every
 //!    SPTE of the slot under `mmu_lock` write with a TLB flush, then publish the final set.
 //! 4. Generations follow KVM: the in-progress bit (bit 63) is set before the publish, and the final
-//!    value is `old + address_spaces`, so each address space keeps its residue (invariant 7).
+//!    value is `old + address_spaces`, so each address space keeps its residue (spec §4 item 7).
 //!
 //! # Teardown
 //! Dropping the [`Vm`] (or the host calling `release`) marks it dead, makes every vCPU drop its
@@ -32,13 +32,14 @@ use crate::addr::{AsId, Gfn, Level};
 use crate::config::{AgingMode, ConfigError, VmConfig};
 use crate::host::{HostMm, NotifierId};
 use crate::mmu::shadow::rmap::RmapHead;
-use crate::mmu::shadow::{RmapLookup, ShadowStats, SlotRmaps};
+use crate::mmu::shadow::{RmapAllocError, RmapLookup, ShadowStats, SlotRmaps};
 use crate::mmu::spte::Spte;
 use crate::mmu::tdp::TdpStats;
 use crate::mmu::{Mmu, MmuRoot, RemoteTlbFlush, RootReload};
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::guest_mode::{self, InGuestMode};
 use crate::sync::lock_rank::LockRank;
+use crate::sync::percpu::StripedCounter;
 use crate::sync::rcu::Rcu;
 use crate::sync::srcu::{Srcu, SrcuCell, SrcuGuard};
 use crate::sync::witness::{MmuLock, MmuLockStats, RankedMutex};
@@ -79,6 +80,10 @@ pub enum SetMemoryRegionError {
     /// The request is invalid; nothing changed.
     #[error(transparent)]
     Invalid(#[from] MemslotError),
+    /// The shadow MMU's rmap arrays for the new slot could not be allocated (a valid but huge
+    /// slot); nothing changed.
+    #[error(transparent)]
+    NoMemory(#[from] RmapAllocError),
     /// The VM was torn down.
     #[error("the VM has been torn down")]
     Dead,
@@ -88,16 +93,19 @@ pub enum SetMemoryRegionError {
     InGuestMode(#[from] InGuestMode),
 }
 
-/// Counters of VM-level events, for reports and oracles.
+/// Counters of VM-level events, for reports and oracles. Those bumped on the fault and aging
+/// paths are striped ([`StripedCounter`]: vCPUs and agers on different CPUs bump different cache
+/// lines); the rare ones (memslot swaps, invalidation pairs, remote flushes, each already behind a
+/// lock or a flush that costs far more) stay plain atomics.
 #[derive(Debug, Default)]
 pub(crate) struct VmCounters {
-    pub(crate) faults: AtomicU64,
-    pub(crate) fault_retries: AtomicU64,
+    pub(crate) faults: StripedCounter,
+    pub(crate) fault_retries: StripedCounter,
     pub(crate) memslot_swaps: AtomicU64,
     pub(crate) invalidate_starts: AtomicU64,
     pub(crate) invalidate_ends: AtomicU64,
-    pub(crate) age_calls: AtomicU64,
-    pub(crate) age_young: AtomicU64,
+    pub(crate) age_calls: StripedCounter,
+    pub(crate) age_young: StripedCounter,
     pub(crate) remote_tlb_flush: AtomicU64,
 }
 
@@ -306,7 +314,8 @@ impl Vm {
 ///
 /// # Panics
 /// When dropped by a thread that holds a vCPU in guest mode, before anything is torn down (the VM
-/// then stays subscribed and alive as long as its vCPUs). If that thread is already unwinding,
+/// then stays subscribed, and its subscription keeps it alive, until the host's `release`: it was
+/// never torn down, so host changes must keep reaching it). If that thread is already unwinding,
 /// the drop does nothing instead of aborting the process with a second panic.
 impl Drop for Vm {
     fn drop(&mut self) {
@@ -332,7 +341,7 @@ impl VmInner {
         match change {
             MemslotChange::Unchanged => {}
             MemslotChange::Create { mut new } => {
-                self.attach_new_rmaps(&mut new);
+                self.attach_new_rmaps(&mut new)?;
                 self.swap_memslots(as_id, None, Some(Arc::new(new)));
             }
             MemslotChange::FlagsOnly { old, mut new } => {
@@ -347,7 +356,7 @@ impl VmInner {
                 self.swap_memslots(as_id, Some(&invalid), None);
             }
             MemslotChange::Move { old, mut new } => {
-                self.attach_new_rmaps(&mut new);
+                self.attach_new_rmaps(&mut new)?;
                 let invalid = Arc::new(old.invalid_copy());
                 self.swap_memslots(as_id, Some(&old), Some(invalid.clone()));
                 self.flush_shadow_memslot(&old);
@@ -386,10 +395,11 @@ impl VmInner {
     }
 
     /// Allocates rmap arrays for a new slot when the MMU needs them (`memslot_rmap_alloc`).
-    fn attach_new_rmaps(&self, slot: &mut Memslot) {
+    fn attach_new_rmaps(&self, slot: &mut Memslot) -> Result<(), RmapAllocError> {
         if self.mmu.needs_rmaps() {
-            slot.set_rmaps(Some(Arc::new(SlotRmaps::new(slot.gfn_range()))));
+            slot.set_rmaps(Some(Arc::new(SlotRmaps::new(slot.gfn_range())?)));
         }
+        Ok(())
     }
 
     /// The leaf SPTE for `gfn` in the valid root of `as_id` (oracle).
@@ -465,13 +475,13 @@ impl VmInner {
     fn stats(&self) -> VmStats {
         let c = &self.counters;
         VmStats {
-            faults: c.faults.load(Ordering::Relaxed),
-            fault_retries: c.fault_retries.load(Ordering::Relaxed),
+            faults: c.faults.sum(),
+            fault_retries: c.fault_retries.sum(),
             memslot_swaps: c.memslot_swaps.load(Ordering::Relaxed),
             invalidate_starts: c.invalidate_starts.load(Ordering::Relaxed),
             invalidate_ends: c.invalidate_ends.load(Ordering::Relaxed),
-            age_calls: c.age_calls.load(Ordering::Relaxed),
-            age_young: c.age_young.load(Ordering::Relaxed),
+            age_calls: c.age_calls.sum(),
+            age_young: c.age_young.sum(),
             remote_tlb_flush: c.remote_tlb_flush.load(Ordering::Relaxed),
             invalidate: self.invalidate.counters(),
             mn_active_invalidate_count: *self.mn_invalidate.lock(),

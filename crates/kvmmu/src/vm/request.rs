@@ -43,7 +43,7 @@
 //!    (step 4). No other RMW changes the generation.
 //! 2. *No lost request.* A request bit, once set, is cleared only by the owning vCPU in step 2 or 3,
 //!    which returns it to the caller; an exit (step 4) leaves it pending.
-//! 3. *No stale TLB use after a flush* (DESIGN.md invariant 2, last clause). When
+//! 3. *No stale TLB use after a flush* (DESIGN invariant 2 in docs/invariants.md, last clause). When
 //!    `flush_remote_tlbs` returns, every vCPU either (a) was outside guest mode at step 1, so its next
 //!    entry returns TlbFlush (invariant 2) before any access; or (b) performed, after step 1 in the
 //!    word's modification order, a step-3 take (which returned TlbFlush, since the bit was set: 1) or a

@@ -79,4 +79,4 @@ pub(crate) use mmu::RmapLookup;
 #[cfg(not(loom))]
 pub use mmu::{ShadowMmu, ShadowRoot, ShadowStats};
 #[cfg(not(loom))]
-pub use slot_rmaps::{RMAP_LEVELS, SlotRmaps};
+pub use slot_rmaps::{RMAP_LEVELS, RmapAllocError, SlotRmaps};

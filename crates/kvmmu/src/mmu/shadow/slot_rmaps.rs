@@ -31,19 +31,57 @@ fn gfn_to_index(gfn: u64, base: u64, level: Level) -> usize {
     ((gfn >> shift) - (base >> shift)) as usize
 }
 
+/// The rmap arrays of a memslot could not be allocated (`memslot_rmap_alloc` failing with
+/// `-ENOMEM`); nothing was allocated or changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("cannot allocate the {heads} rmap heads of a memslot of {pages} pages")]
+pub struct RmapAllocError {
+    /// Pages of the slot.
+    pub pages: u64,
+    /// Heads that were asked for (all levels).
+    pub heads: u64,
+}
+
+/// `n` empty heads in one zeroed allocation: the allocator hands out fresh zero pages for a large
+/// array (no page is touched until an rmap of it is used), so a huge memslot costs address space,
+/// not memory, and an allocation the system refuses is an error, not an abort.
+fn zeroed_heads(n: usize) -> Option<Box<[RmapHead]>> {
+    if n == 0 {
+        return Some(Box::default());
+    }
+    let layout = std::alloc::Layout::array::<RmapHead>(n).ok()?;
+    // SAFETY: `layout` has a non-zero size (n >= 1 and a head is one word).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<RmapHead>();
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` is a fresh allocation of `layout` (= an array of `n` heads, as a `Box<[_]>`
+    // frees it); an all-zero head is a valid, empty one (its only field is an atomic word, and
+    // an empty rmap is the value 0 (rmap invariants 1 and 4), which `RmapHead::new` produces).
+    Some(unsafe { Box::from_raw(core::ptr::slice_from_raw_parts_mut(p, n)) })
+}
+
 impl SlotRmaps {
     /// Empty rmaps for a slot covering `gfns` (`memslot_rmap_alloc`).
-    pub fn new(gfns: GfnRange) -> SlotRmaps {
+    ///
+    /// Errors: [`RmapAllocError`] if the arrays cannot be allocated (nothing is kept).
+    pub fn new(gfns: GfnRange) -> Result<SlotRmaps, RmapAllocError> {
         let base = gfns.start().raw();
         let last = gfns.end().raw().saturating_sub(1).max(base);
-        let alloc = |level: Level| -> Box<[RmapHead]> {
-            let n = gfn_to_index(last, base, level) + 1;
-            (0..n).map(|_| RmapHead::new()).collect()
+        let counts = RMAP_LEVELS.map(|level| gfn_to_index(last, base, level) + 1);
+        let err = RmapAllocError {
+            pages: gfns.end().raw() - base,
+            heads: counts.iter().map(|&n| n as u64).sum(),
         };
-        SlotRmaps {
+        let [a, b, c] = counts;
+        Ok(SlotRmaps {
             gfns,
-            levels: RMAP_LEVELS.map(alloc),
-        }
+            levels: [
+                zeroed_heads(a).ok_or(err)?,
+                zeroed_heads(b).ok_or(err)?,
+                zeroed_heads(c).ok_or(err)?,
+            ],
+        })
     }
 
     /// The rmap of (`gfn`, `level`) (`gfn_to_rmap`), or `None` if `gfn` is outside the slot or
@@ -80,7 +118,7 @@ mod tests {
     #[test]
     fn rmap_index_covers_every_level_block_touching_the_slot() {
         // Slot [511, 1025): 4K has 514 heads, 2M blocks 0, 512, 1024 → 3 heads, 1G → 1 head.
-        let r = SlotRmaps::new(GfnRange::new(Gfn::new(511), Gfn::new(1025)).unwrap());
+        let r = SlotRmaps::new(GfnRange::new(Gfn::new(511), Gfn::new(1025)).unwrap()).unwrap();
         assert_eq!(r.levels[0].len(), 514);
         assert_eq!(r.levels[1].len(), 3);
         assert_eq!(r.levels[2].len(), 1);
@@ -91,5 +129,20 @@ mod tests {
         assert_eq!(a, b, "one 2M rmap per aligned block");
         // The block of 0..512 touches the slot at 511, so its aligned start finds it.
         assert!(r.get(Gfn::new(0), Level::L2M).is_some());
+    }
+
+    #[test]
+    fn zeroed_heads_are_empty_and_an_impossible_array_is_refused() {
+        let heads = zeroed_heads(3).unwrap();
+        assert!(
+            heads
+                .iter()
+                .all(|h| h.raw_value() == RmapHead::new().raw_value())
+        );
+        assert!(
+            zeroed_heads(usize::MAX / 2).is_none(),
+            "layout overflow is an error"
+        );
+        assert!(zeroed_heads(0).unwrap().is_empty());
     }
 }

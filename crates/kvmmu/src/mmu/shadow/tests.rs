@@ -71,9 +71,8 @@ fn req(g: u64, write: bool) -> MapRequest {
 fn populated() -> (ShadowMmu, MmuLock, OneSlot, ShadowRoot) {
     let mmu = ShadowMmu::new(1);
     let lock = MmuLock::new();
-    let slot = OneSlot(SlotRmaps::new(
-        GfnRange::new(Gfn::new(0), Gfn::new(GFNS)).unwrap(),
-    ));
+    let slot =
+        OneSlot(SlotRmaps::new(GfnRange::new(Gfn::new(0), Gfn::new(GFNS)).unwrap()).unwrap());
     let w = lock.write();
     let root = mmu.get_root(AsId::new(0), w.witness());
     for g in (0..GFNS).step_by(3) {

@@ -87,7 +87,7 @@ fn hva_entry(slot: &Memslot) -> HvaEntry {
 }
 
 /// The memslots of one address space: sorted by `base_gfn` with non-overlapping gfn ranges, an id
-/// index, and an hva index that allows aliases (module invariants 2–4).
+/// index, and an hva index that allows aliases (memslot invariants 2–4).
 #[derive(Debug)]
 pub struct Memslots {
     as_id: AsId,
@@ -158,7 +158,7 @@ impl Memslots {
         let p = self.last_used.load(Ordering::Relaxed);
         // SAFETY: `p` is null or the address of a `GfnEntry` inside a node of `self.by_gfn` (the
         // only stores are of such addresses, see `set_hint`); that map is never changed while
-        // `self` lives (module invariant 4), so the value is alive, in place and never written
+        // `self` lives (memslot invariant 4), so the value is alive, in place and never written
         // for the lifetime of `&self`.
         unsafe { p.as_ref() }
     }
@@ -247,7 +247,7 @@ impl Memslots {
     ///
     /// # Panics
     ///
-    /// On a kvmmu bug that would break module invariant 2: `old` is not the very slot (same `Arc`)
+    /// On a kvmmu bug that would break memslot invariant 2: `old` is not the very slot (same `Arc`)
     /// this set holds under its id; `new` belongs to another address space; `new`'s id is taken by a
     /// slot other than `old`; or `new`'s gfn range overlaps another slot.
     pub fn with_change(

@@ -44,8 +44,9 @@ pub(super) struct DescPtr(NonNull<PteListDesc>);
 impl DescPtr {
     /// Allocates an empty descriptor whose `more` is `more` and whose `tail_count` is `tail_count`.
     pub(super) fn alloc(stats: &RmapStats, more: Option<DescPtr>, tail_count: usize) -> DescPtr {
-        let tail = u32::try_from(tail_count)
-            .expect("rmap invariant 27 broken: more than u32::MAX entries in one rmap");
+        let tail = u32::try_from(tail_count).expect(
+            "rmap invariant 7 (spec §4 item 27) broken: more than u32::MAX entries in one rmap",
+        );
         let desc = Box::new(PteListDesc {
             more: AtomicUsize::new(more.map_or(0, DescPtr::to_word)),
             spte_count: AtomicU32::new(0),
@@ -147,7 +148,7 @@ impl PteListDesc {
         let w = self.sptes[i].load(Ordering::Relaxed);
         assert!(
             w != 0,
-            "rmap invariant 27 broken: empty slot {i} below spte_count"
+            "rmap invariant 7 (spec §4 item 27) broken: empty slot {i} below spte_count"
         );
         // SAFETY: nonzero entries below `spte_count` are words of `SptePtr`s in the chain.
         unsafe { SptePtr::from_word(w) }
@@ -165,7 +166,7 @@ impl PteListDesc {
         let n = self.count();
         assert!(
             n < PTE_LIST_EXT,
-            "rmap invariant 27 broken: push into a full pte_list_desc"
+            "rmap invariant 7 (spec §4 item 27) broken: push into a full pte_list_desc"
         );
         self.set(n, spte);
         self.spte_count.store(n as u32 + 1, Ordering::Relaxed);
@@ -177,7 +178,7 @@ impl PteListDesc {
         let n = self.count();
         assert!(
             n > 0,
-            "rmap invariant 27 broken: pop from an empty pte_list_desc"
+            "rmap invariant 7 (spec §4 item 27) broken: pop from an empty pte_list_desc"
         );
         let last = self.get(n - 1);
         self.sptes[n - 1].store(0, Ordering::Relaxed);

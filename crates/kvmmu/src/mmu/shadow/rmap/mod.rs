@@ -42,9 +42,9 @@
 //!    a chain never converts from MANY back to a single pointer.
 //!
 //! # Lock order and waiting
-//! The bit ranks after `mmu_lock` and before RCU (DESIGN.md); debug builds register it with the lock-rank
-//! checker ([`LockRank::RmapBit`]), which also catches a nested rmap operation inside a
-//! [`RmapHead::for_each_spte`] callback (a self-deadlock). Lockers spin with [`spin_hint`] and fall back
+//! The bit ranks after `mmu_lock` and before RCU (docs/locking.md, lock order); debug builds
+//! register it with the lock-rank checker ([`LockRank::RmapBit`]), which also catches a nested
+//! rmap operation inside a [`RmapHead::for_each_spte`] callback (a self-deadlock). Lockers spin with [`spin_hint`] and fall back
 //! to [`yield_now`]: userspace cannot disable preemption, so a read-only holder must keep its critical
 //! section tiny and never block in it (spec §3.9 "Why disable preemption").
 
@@ -217,8 +217,8 @@ impl fmt::Debug for RmapHead {
 
 impl Drop for RmapHead {
     fn drop(&mut self) {
-        // Dropping a nonempty rmap leaks its descriptors: owners `zap_all` first (DESIGN.md
-        // invariant 5, allocations equal frees at teardown).
+        // Dropping a nonempty rmap leaks its descriptors: owners `zap_all` first (DESIGN
+        // invariant 5 in docs/invariants.md, allocations equal frees at teardown).
         if !std::thread::panicking() {
             debug_assert_eq!(
                 self.raw_value(),

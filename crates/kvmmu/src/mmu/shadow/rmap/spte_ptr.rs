@@ -108,7 +108,7 @@ impl SptePtr {
     #[inline]
     fn slot(&self) -> &AtomicU64 {
         // SAFETY: `SptePtr::new`'s contract keeps the slot allocated while this pointer is used
-        // (module invariant 5 of `rmap`); the slot is only accessed atomically, so a shared reference
+        // (rmap invariant 5); the slot is only accessed atomically, so a shared reference
         // is sound even while hardware and other threads update it.
         unsafe { self.0.as_ref() }
     }

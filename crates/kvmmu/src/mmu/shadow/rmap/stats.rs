@@ -7,7 +7,7 @@ use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::witness::{LockBinding, MmuLock, MmuWrite};
 
 /// Counters shared by the rmaps of one VM: descriptor allocations and frees (equal at teardown,
-/// spec §4 invariant 5 of DESIGN.md) and contended bit-lock acquisitions.
+/// DESIGN invariant 5, spec §4 items 28–34) and contended bit-lock acquisitions.
 ///
 /// Written only on writer paths (under `mmu_lock`) and on contended acquisitions, never on an
 /// uncontended read-only lock, so lockless aging does not bounce this cache line.
