@@ -78,8 +78,8 @@ pub use vm::memslot::{MemFlags, MemoryRegion, Memslot, MemslotError, SizeLimit};
 pub use vm::{SetMemoryRegionError, VcpuExit, Vm, VmError, VmStats};
 #[cfg(not(loom))]
 pub use {
-    mmu::shadow::ShadowStats,
     mmu::shadow::rmap::RmapStatsSnapshot,
+    mmu::shadow::{RmapAllocError, ShadowStats},
     mmu::spte::{Spte, SpteKind},
     mmu::tdp::TdpStats,
     sync::witness::MmuLockStats,

@@ -5,9 +5,9 @@
 //!
 //! One test in a binary of its own: resident memory is a process-wide number.
 
-use kvmmu::host::{HostConfig, HostMm, Prot};
+use kvmmu::internals::host::{HostConfig, HostMm, Prot};
+use kvmmu::internals::vm::SetMemoryRegionError;
 use kvmmu::prelude::*;
-use kvmmu::vm::SetMemoryRegionError;
 
 const PAGE: u64 = 4096;
 /// 2^26 pages (256 GiB): 512 MiB of 4K rmap heads if they were written.
