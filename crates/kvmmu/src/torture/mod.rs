@@ -14,8 +14,9 @@
 //!    `clear_young` / `test_young` / `clear_flush_young`, and the accessed oracle); memslots
 //!    (move, flag change, delete/create, alias create/delete); MMU reset (`reset_mmu`).
 //! 3. vCPUs stop after `ops_per_vcpu` operations each (or when `duration` elapses, or at the first
-//!    violation); the other actors stop with them. A watchdog fails the run, with every actor's
-//!    last operation, if an actor makes no progress for `stall_timeout`.
+//!    violation); the other actors stop with them, once each has completed an operation. A
+//!    watchdog fails the run, with every actor's last operation, if an actor makes no progress
+//!    for `stall_timeout`.
 //! 4. At quiescence and teardown the counter oracles run; then the VM is shut down and the host
 //!    released.
 //!
@@ -505,7 +506,15 @@ fn supervise(cfg: &TortureConfig, vm: &Vm, sh: &Shared, threads: &[ActorThread])
             .iter()
             .filter(|t| matches!(t.actor, ActorId::Vcpu(_)))
             .all(done);
-        if vcpus_done || cfg.duration.is_some_and(|d| sh.started.elapsed() >= d) {
+        // With a bounded operation count the vCPUs can finish before a descheduled actor ran
+        // once (a loaded machine); such a run would test nothing of that actor, so the others
+        // stop only once each completed an operation (the watchdog still catches one that stalls).
+        // ORDERING: Relaxed: a progress counter.
+        let others_ran = threads
+            .iter()
+            .filter(|t| !matches!(t.actor, ActorId::Vcpu(_)))
+            .all(|t| done(t) || t.progress.ops.load(Ordering::Relaxed) > 0);
+        if (vcpus_done && others_ran) || cfg.duration.is_some_and(|d| sh.started.elapsed() >= d) {
             // ORDERING: Relaxed: actors poll it (oracle protocol 4).
             sh.stop.store(true, Ordering::Relaxed);
         }
