@@ -1,1 +1,1 @@
-//! placeholder
+//! Timing side by side (filled in below).
