@@ -6,11 +6,11 @@
 //! Addresses are generated symbolically and resolved per side: offsets into each side's own host
 //! buffer, and distances below each side's own ends of the host user address space and of the
 //! guest physical space ([`HostLimits`], probed on the real host), because kvmmu's simulated host
-//! (`TASK_SIZE` 2^43, 48-bit gpa) is smaller than the real one. No guest runs in this family, so
+//! (48-bit gpa, where this host's shadow-paging KVM allows 52) is smaller than the real one. No guest runs in this family, so
 //! memslots may point anywhere.
 
 use kvmmu::addr::{AsId, Gpa, Hva, SlotId};
-use kvmmu::host::{HostConfig, HostMm, Prot, TASK_SIZE};
+use kvmmu::host::{HostConfig, HostMm, Prot};
 use kvmmu::prelude::{MemFlags, MemoryRegion, Vm, VmConfig};
 
 use super::{Divergence, FamilyError, Rng, Summary, errno_of, replay_command};
@@ -20,9 +20,10 @@ use crate::runner::{HostLimits, KvmVm};
 /// Pages of the host buffer each side's slots point into.
 const BUF_PAGES: u64 = 64;
 
-/// kvmmu's limits: its simulated host's user address space and its 4-level guest physical space.
+/// kvmmu's limits: x86-64's 4-level user address space (`USER_ADDR_END`, as `access_ok`) and
+/// its 4-level guest physical space.
 pub const KVMMU_LIMITS: HostLimits = HostLimits {
-    hva_end: TASK_SIZE,
+    hva_end: kvmmu::vm::memslot::USER_ADDR_END,
     gpa_end: 1 << 48,
 };
 

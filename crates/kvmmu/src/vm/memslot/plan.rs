@@ -10,8 +10,13 @@ use super::set::Memslots;
 use super::slot::{KVM_MEM_MAX_NR_PAGES, MemFlags, MemoryRegion, Memslot};
 use crate::addr::{AsId, Gfn, GfnRange, Gpa, Hva, PAGE_SHIFT, SlotId, is_page_aligned};
 use crate::geometry::GFN_LIMIT;
-use crate::host::TASK_SIZE;
 use crate::sync::Arc;
+
+/// One past the last user address of x86-64 with 4-level paging: KVM's `access_ok(hva, size)`
+/// refuses a memslot whose host range ends above it (measured on the project's hosts by
+/// crates/kvmmu-kvm: a slot ending exactly here is accepted, one page further is refused). The
+/// simulated host's own `TASK_SIZE` is smaller; a slot above it is valid and its accesses fault.
+pub const USER_ADDR_END: u64 = 1 << 47;
 
 /// What a valid request does to its address space (`enum kvm_mr_change`, plus the no-op).
 #[derive(Debug)]
@@ -48,8 +53,8 @@ pub enum MemslotChange {
 /// Which limit a too-large memory region breaks (see [`MemslotError::SizeOverflow`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SizeLimit {
-    /// `hva + size` leaves the host's user address space (overflows, or ends above
-    /// [`TASK_SIZE`]): KVM's `access_ok` fails.
+    /// `hva + size` leaves the user address space (overflows, or ends above
+    /// [`USER_ADDR_END`]): KVM's `access_ok` fails.
     HvaEnd,
     /// `gpa + size` does not fit in 64 bits.
     GpaEnd,
@@ -66,7 +71,7 @@ impl fmt::Display for SizeLimit {
         match self {
             SizeLimit::HvaEnd => write!(
                 f,
-                "hva + size leaves the host's user address space (ends above {TASK_SIZE:#x})"
+                "hva + size leaves the user address space (ends above {USER_ADDR_END:#x})"
             ),
             SizeLimit::GpaEnd => {
                 f.write_str("gpa + size overflows the 64-bit guest physical space")
@@ -248,7 +253,7 @@ pub fn plan_change(sets: &[&Memslots], req: &MemoryRegion) -> Result<MemslotChan
     if req
         .hva
         .checked_add(req.size)
-        .is_none_or(|end| end.raw() > TASK_SIZE)
+        .is_none_or(|end| end.raw() > USER_ADDR_END)
     {
         return Err(too_large(SizeLimit::HvaEnd));
     }
