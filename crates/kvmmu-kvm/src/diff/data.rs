@@ -354,17 +354,22 @@ fn gen_gpa(rng: &mut Rng, vm: &Vm) -> u64 {
     } else {
         GPA_BASE / PAGE + rng.below(GPA_PAGES + 4)
     };
-    page * PAGE + 8 * rng.below(512)
+    // A few word offsets per page, so that reads meet earlier writes often.
+    page * PAGE + [0, 8, 0x800, 0xff8][rng.below(4) as usize]
 }
 
-/// Generates the next operation; `mapped` says which chunks are mapped on both hosts.
-pub fn gen_op(rng: &mut Rng, vm: &Vm, mapped: &[bool]) -> DataOp {
+/// Generates the next operation; `mapped` says which chunks are mapped on both hosts, `written`
+/// holds recently written gpas (half the reads go there).
+pub fn gen_op(rng: &mut Rng, vm: &Vm, mapped: &[bool], written: &[u64]) -> DataOp {
     let chunk = rng.below(CHUNKS);
     let is_mapped = mapped[chunk as usize];
     match rng.below(100) {
         0..=29 => DataOp::Write {
             gpa: gen_gpa(rng, vm),
             value: rng.next_u64(),
+        },
+        30..=44 if !written.is_empty() => DataOp::Read {
+            gpa: written[rng.below(written.len() as u64) as usize],
         },
         30..=59 => DataOp::Read {
             gpa: gen_gpa(rng, vm),
@@ -402,8 +407,17 @@ pub fn run(seed: u64, ops: usize, mmu: MmuKind, test: &str) -> Result<Summary, F
     let mut sides = Sides::new(mmu)?;
     let mut rng = Rng::new(seed);
     let mut summary = Summary::default();
+    let mut written: Vec<u64> = Vec::new();
     for index in 0..ops {
-        let op = gen_op(&mut rng, &sides.vm, &sides.mapped);
+        let op = gen_op(&mut rng, &sides.vm, &sides.mapped, &written);
+        match &op {
+            DataOp::Write { gpa, .. } => written.push(*gpa),
+            DataOp::Batch { gpas, .. } => written.extend(gpas),
+            _ => {}
+        }
+        if written.len() > 64 {
+            written.drain(..written.len() - 64);
+        }
         let (sim, kvm, ok) = sides.apply(&op)?;
         if !ok {
             return Err(FamilyError::Divergence(Box::new(Divergence {

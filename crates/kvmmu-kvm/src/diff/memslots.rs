@@ -173,7 +173,28 @@ pub fn run(seed: u64, ops: usize, test: &str) -> Result<Summary, FamilyError> {
                 size: op.size,
                 hva: Hva::new(resolve_hva(op.hva, sim_buf.raw(), &KVMMU_LIMITS)),
             };
-            Some(vm.set_user_memory_region(region))
+            // A kvmmu panic (a broken invariant) is an answer too: report it as the divergence.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                vm.set_user_memory_region(region)
+            })) {
+                Ok(r) => Some(r),
+                Err(p) => {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    return Err(FamilyError::Divergence(Box::new(Divergence {
+                        family: "memslots",
+                        seed,
+                        index,
+                        op: format!("{op:?}"),
+                        kvmmu: format!("panicked: {msg}"),
+                        kvm: format!("{kvm:?}"),
+                        replay: replay_command(test, seed, index + 1),
+                    })));
+                }
+            }
         };
         let sim_errno = match &sim {
             Some(Ok(())) => 0,
