@@ -51,17 +51,21 @@ pub enum Routine {
     /// For `rdi` from its value while `rdi < rdx`, step 4 KiB: `mov [rdi], rsi`; then `hlt` (the
     /// populate / re-touch loop of the timing workload).
     StoreStride,
+    /// For `rdi` from its value while `rdi < rdx`, step 4 KiB: `mov rax, [rdi]`; then `hlt` (the
+    /// re-touch loop of the timing workload, reads as in the default run).
+    LoadStride,
     /// `hlt` alone.
     Halt,
 }
 
 impl Routine {
     /// Every routine, in code-page order.
-    pub const ALL: [Routine; 5] = [
+    pub const ALL: [Routine; 6] = [
         Routine::Store,
         Routine::Load,
         Routine::StoreList,
         Routine::StoreStride,
+        Routine::LoadStride,
         Routine::Halt,
     ];
 
@@ -72,7 +76,8 @@ impl Routine {
             Routine::Load => 0x10,
             Routine::StoreList => 0x20,
             Routine::StoreStride => 0x60,
-            Routine::Halt => 0xa0,
+            Routine::LoadStride => 0xa0,
+            Routine::Halt => 0xe0,
         }
     }
 
@@ -107,13 +112,17 @@ impl Routine {
                 c.push(HLT);
                 c
             }
-            Routine::StoreStride => {
+            Routine::StoreStride | Routine::LoadStride => {
                 let mut c = Vec::new();
                 let top = c.len();
                 c.extend([0x48, 0x39, 0xd7]); // cmp rdi, rdx
                 c.extend([0x73, 0x00]); // jae done (patched)
                 let jae = c.len() - 1;
-                c.extend([0x48, 0x89, 0x37]); // mov [rdi], rsi
+                if self == Routine::StoreStride {
+                    c.extend([0x48, 0x89, 0x37]); // mov [rdi], rsi
+                } else {
+                    c.extend([0x48, 0x8b, 0x07]); // mov rax, [rdi]
+                }
                 c.extend([0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00]); // add rdi, 0x1000
                 c.extend([0xeb, 0x00]); // jmp top (patched)
                 let jmp = c.len() - 1;
