@@ -156,7 +156,11 @@ pub fn reserved_image() -> Vec<u8> {
     put(&mut img, PML4_OFFSET, (RESERVED_GPA + PDPT_OFFSET) | P | RW);
     for pd in 0..4u64 {
         let pd_off = PD_OFFSET + pd * 0x1000;
-        put(&mut img, PDPT_OFFSET + pd * 8, (RESERVED_GPA + pd_off) | P | RW);
+        put(
+            &mut img,
+            PDPT_OFFSET + pd * 8,
+            (RESERVED_GPA + pd_off) | P | RW,
+        );
         for e in 0..512u64 {
             let gpa = (pd << 30) | (e << 21);
             put(&mut img, pd_off + e * 8, gpa | P | RW | PS);

@@ -210,8 +210,13 @@ impl HostRegion {
     pub fn populate_write(&self) -> Result<(), HostMemError> {
         const MADV_POPULATE_WRITE: libc::c_int = 23;
         // SAFETY: the whole region is ours (contract item 1); populating changes no contents.
-        if unsafe { libc::madvise(self.base as *mut libc::c_void, self.len as usize, MADV_POPULATE_WRITE) }
-            != 0
+        if unsafe {
+            libc::madvise(
+                self.base as *mut libc::c_void,
+                self.len as usize,
+                MADV_POPULATE_WRITE,
+            )
+        } != 0
         {
             return Err(sys("madvise(MADV_POPULATE_WRITE)"));
         }

@@ -81,8 +81,10 @@ impl KvmStats {
             let size = u16::from_le_bytes([d[6], d[7]]) as usize;
             let offset = u64::from(u32_at(d, 8)?);
             let name = &d[16..];
-            let name = String::from_utf8_lossy(&name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())])
-                .into_owned();
+            let name = String::from_utf8_lossy(
+                &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())],
+            )
+            .into_owned();
             if size > 1 << 16 {
                 return Err(StatsError::Malformed("stat too large"));
             }

@@ -128,18 +128,34 @@ fn run_kvm(pages: u64, hot: u64) -> Result<Sample, TimingError> {
         }
         Ok(d)
     };
-    Ok((timed(Routine::StoreStride, pages)?, timed(Routine::LoadStride, hot)?))
+    Ok((
+        timed(Routine::StoreStride, pages)?,
+        timed(Routine::LoadStride, hot)?,
+    ))
 }
 
 fn run_kvmmu(pages: u64, hot: u64, mmu: MmuKind) -> Result<Sample, TimingError> {
-    let s = side(if mmu == MmuKind::Tdp { "kvmmu-tdp" } else { "kvmmu-shadow" });
+    let s = side(if mmu == MmuKind::Tdp {
+        "kvmmu-tdp"
+    } else {
+        "kvmmu-shadow"
+    });
     let host = HostMm::new(HostConfig {
         frames: (pages + 1024) as usize,
     })
     .map_err(|e| s(&e))?;
     host.prefault().map_err(|e| s(&e))?;
-    let vm = Vm::new(&host, VmConfig { mmu, ..VmConfig::default() }).map_err(|e| s(&e))?;
-    let hva = host.mmap(pages * PAGE, Prot::READ | Prot::WRITE).map_err(|e| s(&e))?;
+    let vm = Vm::new(
+        &host,
+        VmConfig {
+            mmu,
+            ..VmConfig::default()
+        },
+    )
+    .map_err(|e| s(&e))?;
+    let hva = host
+        .mmap(pages * PAGE, Prot::READ | Prot::WRITE)
+        .map_err(|e| s(&e))?;
     vm.set_user_memory_region(MemoryRegion {
         slot: SlotId::new(0),
         as_id: AsId::new(0),
@@ -153,7 +169,8 @@ fn run_kvmmu(pages: u64, hot: u64, mmu: MmuKind) -> Result<Sample, TimingError> 
     let mut g = vcpu.enter();
     let t = Instant::now();
     for p in 0..pages {
-        g.write_u64(Gpa::new(GPA + p * PAGE), 1).map_err(|e| s(&e))?;
+        g.write_u64(Gpa::new(GPA + p * PAGE), 1)
+            .map_err(|e| s(&e))?;
     }
     let populate = t.elapsed();
     let t = Instant::now();

@@ -16,7 +16,9 @@ fn assert_diverges(family: &str, r: Result<diff::Summary, FamilyError>) {
     match r {
         Err(FamilyError::Divergence(d)) => println!("{family}: caught as expected:\n{d}"),
         Err(FamilyError::Setup(e)) => panic!("{family}: setup failed instead of a divergence: {e}"),
-        Ok(s) => panic!("{family}: the broken kvmmu build passed {s:?}; the differential test is blind"),
+        Ok(s) => {
+            panic!("{family}: the broken kvmmu build passed {s:?}; the differential test is blind")
+        }
     }
 }
 
@@ -29,7 +31,10 @@ fn memslot_family_catches_a_kvmmu_that_accepts_overlapping_slots() {
     {
         return;
     }
-    assert_diverges("memslots", diff::memslots::run(1, 3000, "n/a (broken build)"));
+    assert_diverges(
+        "memslots",
+        diff::memslots::run(1, 3000, "n/a (broken build)"),
+    );
 }
 
 #[cfg(feature = "broken-madvise-no-zap")]

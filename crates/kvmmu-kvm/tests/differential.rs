@@ -45,7 +45,11 @@ fn memslot_requests_are_accepted_or_refused_like_kvm() {
     for seed in seeds() {
         check(
             "memslots",
-            diff::memslots::run(seed, ops(3000), "memslot_requests_are_accepted_or_refused_like_kvm"),
+            diff::memslots::run(
+                seed,
+                ops(3000),
+                "memslot_requests_are_accepted_or_refused_like_kvm",
+            ),
         );
     }
 }
@@ -59,7 +63,12 @@ fn guest_data_and_exits_match_kvm_with_tdp() {
     for seed in seeds() {
         check(
             "data/tdp",
-            diff::data::run(seed, ops(2000), MmuKind::Tdp, "guest_data_and_exits_match_kvm_with_tdp"),
+            diff::data::run(
+                seed,
+                ops(2000),
+                MmuKind::Tdp,
+                "guest_data_and_exits_match_kvm_with_tdp",
+            ),
         );
     }
 }
@@ -91,9 +100,19 @@ fn stats_side_by_side_agree_where_semantics_match() {
     }
     for mmu in [MmuKind::Tdp, MmuKind::Shadow] {
         let rows = diff::stats::run(256, mmu).unwrap_or_else(|e| panic!("{e}"));
-        println!("kvmmu {mmu:?} vs KVM, 256 pages:\n{}", diff::stats::render(&rows));
-        for r in rows.iter().filter(|r| r.relation == diff::stats::Relation::Same) {
-            assert_eq!(r.kvm, r.kvmmu, "{} / {} in phase {}", r.kvm_name, r.kvmmu_name, r.phase);
+        println!(
+            "kvmmu {mmu:?} vs KVM, 256 pages:\n{}",
+            diff::stats::render(&rows)
+        );
+        for r in rows
+            .iter()
+            .filter(|r| r.relation == diff::stats::Relation::Same)
+        {
+            assert_eq!(
+                r.kvm, r.kvmmu,
+                "{} / {} in phase {}",
+                r.kvm_name, r.kvmmu_name, r.phase
+            );
         }
     }
 }

@@ -157,10 +157,17 @@ fn hva_range_above_the_user_address_space_is_rejected_even_for_a_delete() {
         vm.plan(region(0, 0, PAGE_SIZE, end - PAGE_SIZE)),
         Ok(MemslotChange::Create { .. })
     ));
-    for (size, hva) in [(PAGE_SIZE, end), (2 * PAGE_SIZE, end - PAGE_SIZE), (0, u64::MAX - 4095)] {
+    for (size, hva) in [
+        (PAGE_SIZE, end),
+        (2 * PAGE_SIZE, end - PAGE_SIZE),
+        (0, u64::MAX - 4095),
+    ] {
         assert!(matches!(
             err(&vm, region(0, 0, size, hva)),
-            MemslotError::SizeOverflow { limit: SizeLimit::HvaEnd, .. }
+            MemslotError::SizeOverflow {
+                limit: SizeLimit::HvaEnd,
+                ..
+            }
         ));
     }
 }
@@ -176,7 +183,10 @@ fn slot_past_the_largest_mappable_gfn_is_rejected_on_create() {
     ));
     assert!(matches!(
         err(&vm, region(0, end - PAGE_SIZE, 2 * PAGE_SIZE, HVA)),
-        MemslotError::SizeOverflow { limit: SizeLimit::MaxGfn, .. }
+        MemslotError::SizeOverflow {
+            limit: SizeLimit::MaxGfn,
+            ..
+        }
     ));
 }
 
@@ -186,7 +196,10 @@ fn moving_a_slot_past_the_largest_mappable_gfn_is_rejected() {
     vm.set(region(0, 0, 2 * PAGE_SIZE, HVA)).expect("create");
     assert!(matches!(
         err(&vm, region(0, (1u64 << 48) - PAGE_SIZE, 2 * PAGE_SIZE, HVA)),
-        MemslotError::SizeOverflow { limit: SizeLimit::MaxGfn, .. }
+        MemslotError::SizeOverflow {
+            limit: SizeLimit::MaxGfn,
+            ..
+        }
     ));
 }
 

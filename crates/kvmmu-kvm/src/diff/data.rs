@@ -178,7 +178,9 @@ impl Sides {
     /// Reads through a slot whose only page is unmapped, to learn how this host reports it.
     fn probe_fault_style(&mut self) -> Result<HostFaultStyle, FamilyError> {
         let off = (CHUNKS - 1) * CHUNK_PAGES * PAGE;
-        self.real_buf.munmap(off, PAGE).map_err(FamilyError::setup)?;
+        self.real_buf
+            .munmap(off, PAGE)
+            .map_err(FamilyError::setup)?;
         self.real
             .set_user_memory_region(0, 0, 0, GPA_BASE, PAGE, self.real_buf.base() + off)
             .map_err(FamilyError::setup)?
@@ -223,7 +225,11 @@ impl Sides {
                     .map_err(FamilyError::setup)?;
                 let s = self.vcpu.write_u64(Gpa::new(*gpa), *value);
                 let (so, ko) = (sim_outcome(&s, None), kvm_outcome(&k.exit, None));
-                (format!("{so:?} {s:?}"), format!("{ko:?} {:?}", k.exit), self.agree(so, ko))
+                (
+                    format!("{so:?} {s:?}"),
+                    format!("{ko:?} {:?}", k.exit),
+                    self.agree(so, ko),
+                )
             }
             DataOp::Read { gpa } => {
                 let k = self
@@ -233,7 +239,11 @@ impl Sides {
                 let s = self.vcpu.read_u64(Gpa::new(*gpa));
                 let so = sim_outcome(&s, s.as_ref().ok().copied());
                 let ko = kvm_outcome(&k.exit, Some(k.regs.rax));
-                (format!("{so:?} {s:?}"), format!("{ko:?} {:?}", k.exit), self.agree(so, ko))
+                (
+                    format!("{so:?} {s:?}"),
+                    format!("{ko:?} {:?}", k.exit),
+                    self.agree(so, ko),
+                )
             }
             DataOp::Batch { gpas, base } => {
                 self.real.set_list(gpas).map_err(FamilyError::setup)?;
@@ -274,11 +284,23 @@ impl Sides {
                 buf_page,
                 pages,
             } => {
-                let flags = if *readonly { MemFlags::READONLY } else { MemFlags::empty() };
+                let flags = if *readonly {
+                    MemFlags::READONLY
+                } else {
+                    MemFlags::empty()
+                };
                 let gpa = GPA_BASE + gpa_page * PAGE;
                 let (size, off) = (pages * PAGE, buf_page * PAGE);
-                let real_hva = if *pages == 0 { 0 } else { self.real_buf.base() + off };
-                let sim_hva = if *pages == 0 { Hva::new(0) } else { sim_at(self.sim_buf, off) };
+                let real_hva = if *pages == 0 {
+                    0
+                } else {
+                    self.real_buf.base() + off
+                };
+                let sim_hva = if *pages == 0 {
+                    Hva::new(0)
+                } else {
+                    sim_at(self.sim_buf, off)
+                };
                 let k = self
                     .real
                     .set_user_memory_region(0, *id, flags.bits(), gpa, size, real_hva)
@@ -299,7 +321,9 @@ impl Sides {
                 self.real_buf
                     .munmap(chunk_off(*chunk), len)
                     .map_err(FamilyError::setup)?;
-                let s = self.host.munmap(sim_at(self.sim_buf, chunk_off(*chunk)), len);
+                let s = self
+                    .host
+                    .munmap(sim_at(self.sim_buf, chunk_off(*chunk)), len);
                 self.mapped[*chunk as usize] = false;
                 (format!("{s:?}"), "Ok".into(), s.is_ok())
             }
@@ -313,7 +337,8 @@ impl Sides {
                 } else {
                     Ok(())
                 };
-                let s = unmapped.and_then(|()| self.host.mmap_fixed(at, len, Prot::READ | Prot::WRITE));
+                let s =
+                    unmapped.and_then(|()| self.host.mmap_fixed(at, len, Prot::READ | Prot::WRITE));
                 self.mapped[*chunk as usize] = true;
                 (format!("{s:?}"), "Ok".into(), s.is_ok())
             }
@@ -326,7 +351,9 @@ impl Sides {
                 self.real_buf
                     .mprotect(chunk_off(*chunk), len, hp)
                     .map_err(FamilyError::setup)?;
-                let s = self.host.mprotect(sim_at(self.sim_buf, chunk_off(*chunk)), len, sp);
+                let s = self
+                    .host
+                    .mprotect(sim_at(self.sim_buf, chunk_off(*chunk)), len, sp);
                 (format!("{s:?}"), "Ok".into(), s.is_ok())
             }
             DataOp::Dontneed { chunk } => {
@@ -424,7 +451,10 @@ pub fn run(seed: u64, ops: usize, mmu: MmuKind, test: &str) -> Result<Summary, F
                 family: "data",
                 seed,
                 index,
-                op: format!("{op:?} (kvmmu {mmu:?}, host faults reported as {:?})", sides.fault_style),
+                op: format!(
+                    "{op:?} (kvmmu {mmu:?}, host faults reported as {:?})",
+                    sides.fault_style
+                ),
                 kvmmu: sim,
                 kvm,
                 replay: replay_command(test, seed, index + 1),

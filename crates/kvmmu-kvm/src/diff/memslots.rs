@@ -84,7 +84,13 @@ fn resolve_hva(h: HvaSpec, base: u64, l: &HostLimits) -> u64 {
 pub fn gen_op(rng: &mut Rng, nr_as: u16, slots: &[u16]) -> SlotOp {
     let pick_id = |rng: &mut Rng| -> u16 {
         if rng.chance(8) {
-            [SlotId::MAX - 1, SlotId::MAX, SlotId::MAX + 1, u16::MAX, slots[0]][rng.below(5) as usize]
+            [
+                SlotId::MAX - 1,
+                SlotId::MAX,
+                SlotId::MAX + 1,
+                u16::MAX,
+                slots[0],
+            ][rng.below(5) as usize]
         } else {
             slots[rng.below(slots.len() as u64) as usize]
         }
@@ -108,9 +114,9 @@ pub fn gen_op(rng: &mut Rng, nr_as: u16, slots: &[u16]) -> SlotOp {
         1 => gpa = GpaSpec::Abs(rng.below(32) * PAGE + 1 + rng.below(PAGE - 1)),
         2 => hva = HvaSpec::Buf(rng.below(BUF_PAGES - npages) * PAGE + 8),
         3 => size = (kvmmu::vm::memslot::KVM_MEM_MAX_NR_PAGES + 1 + rng.below(2)) * PAGE,
-        4 => size = u64::MAX & !(PAGE - 1),
-        5 => gpa = GpaSpec::Abs(u64::MAX & !(PAGE - 1)),
-        6 => hva = HvaSpec::Abs(u64::MAX & !(PAGE - 1)),
+        4 => size = !(PAGE - 1),
+        5 => gpa = GpaSpec::Abs(!(PAGE - 1)),
+        6 => hva = HvaSpec::Abs(!(PAGE - 1)),
         7 | 8 => gpa = GpaSpec::EndMinus(size.max(PAGE) + PAGE * rng.below(3)),
         9 | 10 => gpa = GpaSpec::EndMinus(size.saturating_sub(PAGE).max(PAGE)),
         11 | 12 => hva = HvaSpec::EndMinus(size.max(PAGE) + PAGE * rng.below(3)),
