@@ -243,12 +243,12 @@ pub fn render(rows: &[TimingRow], cfg: &TimingConfig) -> String {
         cfg.runs.max(1)
     );
     s += &format!(
-        "{:<14} {:>16} {:>8} {:>16} {:>8}\n",
+        "{:<14} {:>16} {:>9} {:>16} {:>9}\n",
         "backend", "populate ns/page", "ratio", "re-touch ns/page", "ratio"
     );
     for r in rows {
         s += &format!(
-            "{:<14} {:>16.1} {:>7.2}x {:>16.1} {:>7.2}x\n",
+            "{:<14} {:>16.1} {:>8.3}x {:>16.1} {:>8.3}x\n",
             r.backend.name(),
             r.populate_ns_per_page,
             r.populate_ratio,

@@ -176,3 +176,43 @@ pub struct Summary {
     /// Operations both sides refused (or accesses that exited on both).
     pub refused: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvmmu::addr::{Gpa, SlotId};
+
+    #[test]
+    fn errno_of_maps_overlap_to_eexist_and_every_other_refusal_to_einval() {
+        let overlap = SetMemoryRegionError::Invalid(MemslotError::Overlap {
+            slot: SlotId::new(1),
+            with: SlotId::new(0),
+        });
+        assert_eq!(errno_of(&overlap), libc::EEXIST);
+        let unaligned =
+            SetMemoryRegionError::Invalid(MemslotError::UnalignedGpa { gpa: Gpa::new(1) });
+        assert_eq!(errno_of(&unaligned), libc::EINVAL);
+        assert_eq!(
+            ERRNO_TABLE.iter().filter(|r| r.1 == libc::EEXIST).count(),
+            1,
+            "only an overlap is -EEXIST"
+        );
+    }
+
+    #[test]
+    fn rng_is_deterministic_per_seed() {
+        let a: Vec<u64> = (0..4)
+            .scan(Rng::new(7), |r, _| Some(r.next_u64()))
+            .collect();
+        let b: Vec<u64> = (0..4)
+            .scan(Rng::new(7), |r, _| Some(r.next_u64()))
+            .collect();
+        assert_eq!(a, b);
+        assert_ne!(
+            a,
+            (0..4)
+                .scan(Rng::new(8), |r, _| Some(r.next_u64()))
+                .collect::<Vec<_>>()
+        );
+    }
+}
