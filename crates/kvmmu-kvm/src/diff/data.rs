@@ -72,6 +72,8 @@ pub enum DataOp {
         id: u16,
         /// Read-only.
         readonly: bool,
+        /// Dirty logging (`KVM_MEM_LOG_DIRTY_PAGES`).
+        dirty: bool,
         /// First guest page in the window.
         gpa_page: u64,
         /// First page in the host buffer.
@@ -280,15 +282,19 @@ impl Sides {
             DataOp::Slot {
                 id,
                 readonly,
+                dirty,
                 gpa_page,
                 buf_page,
                 pages,
             } => {
-                let flags = if *readonly {
+                let mut flags = if *readonly {
                     MemFlags::READONLY
                 } else {
                     MemFlags::empty()
                 };
+                if *dirty {
+                    flags |= MemFlags::LOG_DIRTY_PAGES;
+                }
                 let gpa = GPA_BASE + gpa_page * PAGE;
                 let (size, off) = (pages * PAGE, buf_page * PAGE);
                 let real_hva = if *pages == 0 {
@@ -385,10 +391,44 @@ fn gen_gpa(rng: &mut Rng, vm: &Vm) -> u64 {
     page * PAGE + [0, 8, 0x800, 0xff8][rng.below(4) as usize]
 }
 
+/// A change of an existing slot: a move (same host range, new gpa) or a flip of the dirty-log
+/// flag, as KVM's `KVM_MR_MOVE` and `KVM_MR_FLAGS_ONLY`.
+fn gen_slot_change(rng: &mut Rng, vm: &Vm, sim_buf: Hva) -> Option<DataOp> {
+    let slots = vm.memslots(AsId::new(0)).unwrap_or_default();
+    let ours: Vec<_> = slots.iter().filter(|s| s.id().get() < SLOTS).collect();
+    let s = ours.get(rng.below(ours.len().max(1) as u64) as usize)?;
+    let off = s.userspace_addr().raw().checked_sub(sim_buf.raw())?;
+    let flags = s.flags();
+    let (gpa_page, dirty) = if rng.chance(60) {
+        (
+            rng.below(GPA_PAGES - 12),
+            flags.contains(MemFlags::LOG_DIRTY_PAGES),
+        )
+    } else {
+        (
+            s.base_gfn().raw() - GPA_BASE / PAGE,
+            !flags.contains(MemFlags::LOG_DIRTY_PAGES),
+        )
+    };
+    Some(DataOp::Slot {
+        id: s.id().get(),
+        readonly: flags.contains(MemFlags::READONLY),
+        dirty,
+        gpa_page,
+        buf_page: off / PAGE,
+        pages: s.npages(),
+    })
+}
+
 /// Generates the next operation; `mapped` says which chunks are mapped on both hosts, `written`
 /// holds recently written gpas (half the reads go there).
-pub fn gen_op(rng: &mut Rng, vm: &Vm, mapped: &[bool], written: &[u64]) -> DataOp {
+pub fn gen_op(rng: &mut Rng, vm: &Vm, sim_buf: Hva, mapped: &[bool], written: &[u64]) -> DataOp {
     let chunk = rng.below(CHUNKS);
+    if rng.chance(6)
+        && let Some(op) = gen_slot_change(rng, vm, sim_buf)
+    {
+        return op;
+    }
     let is_mapped = mapped[chunk as usize];
     match rng.below(100) {
         0..=29 => DataOp::Write {
@@ -413,6 +453,7 @@ pub fn gen_op(rng: &mut Rng, vm: &Vm, mapped: &[bool], written: &[u64]) -> DataO
             DataOp::Slot {
                 id: rng.below(u64::from(SLOTS)) as u16,
                 readonly: rng.chance(25),
+                dirty: rng.chance(20),
                 gpa_page: rng.below(GPA_PAGES - 12),
                 buf_page: rng.below(BUF_PAGES - 12),
                 pages,
@@ -436,7 +477,7 @@ pub fn run(seed: u64, ops: usize, mmu: MmuKind, test: &str) -> Result<Summary, F
     let mut summary = Summary::default();
     let mut written: Vec<u64> = Vec::new();
     for index in 0..ops {
-        let op = gen_op(&mut rng, &sides.vm, &sides.mapped, &written);
+        let op = gen_op(&mut rng, &sides.vm, sides.sim_buf, &sides.mapped, &written);
         match &op {
             DataOp::Write { gpa, .. } => written.push(*gpa),
             DataOp::Batch { gpas, .. } => written.extend(gpas),

@@ -107,7 +107,7 @@ pub fn gen_op(rng: &mut Rng, nr_as: u16, slots: &[u16]) -> SlotOp {
     }
     let npages = 1 + rng.below(8);
     let mut size = if rng.chance(15) { 0 } else { npages * PAGE };
-    let mut gpa = GpaSpec::Abs(rng.below(32) * PAGE);
+    let mut gpa = GpaSpec::Abs(rng.below(64) * PAGE);
     let mut hva = HvaSpec::Buf(rng.below(BUF_PAGES - npages) * PAGE);
     match rng.below(40) {
         0 => size += 1 + rng.below(PAGE - 1),
