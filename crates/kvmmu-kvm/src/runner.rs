@@ -104,6 +104,7 @@ pub struct KvmVm {
     vm: VmFd,
     kvm: Kvm,
     regions: Vec<Arc<HostRegion>>,
+    reserved: Option<Arc<HostRegion>>,
     nr_address_spaces: usize,
 }
 
@@ -133,6 +134,7 @@ impl KvmVm {
             vm,
             kvm,
             regions: Vec::new(),
+            reserved: None,
             nr_address_spaces: nr,
         })
     }
@@ -203,6 +205,7 @@ impl KvmVm {
         reserved.write_bytes(0, &guest::reserved_image())?;
         let base = reserved.base();
         self.adopt(Arc::clone(&reserved));
+        self.reserved = Some(Arc::clone(&reserved));
         let vcpu = self.vm.create_vcpu(0).map_err(ioctl("KVM_CREATE_VCPU"))?;
         self.vcpu = Some(vcpu);
         self.set_user_memory_region(
@@ -264,7 +267,7 @@ impl KvmVm {
 
     /// Writes the gpa list of [`Routine::StoreList`] (at most [`guest::LIST_CAPACITY`] entries).
     pub fn set_list(&self, gpas: &[u64]) -> Result<(), KvmError> {
-        let reserved = self.regions.first().ok_or(KvmError::NoVcpu)?;
+        let reserved = self.reserved.as_ref().ok_or(KvmError::NoVcpu)?;
         let gpas = &gpas[..gpas.len().min(guest::LIST_CAPACITY)];
         let bytes: Vec<u8> = gpas.iter().flat_map(|g| g.to_le_bytes()).collect();
         reserved.write_bytes(guest::LIST_OFFSET, &bytes)?;
