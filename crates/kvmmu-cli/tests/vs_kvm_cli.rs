@@ -6,8 +6,9 @@ use common::*;
 
 #[test]
 fn vs_kvm_json_has_a_row_per_backend_with_ratios_to_real_kvm() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("SKIPPED vs_kvm_json_has_a_row_per_backend_with_ratios_to_real_kvm: no /dev/kvm");
+    if kvmmu_kvm::open_or_skip("vs_kvm_json_has_a_row_per_backend_with_ratios_to_real_kvm")
+        .is_none()
+    {
         return;
     }
     let r = json(&["vs-kvm", "-b", "2M", "--runs", "1"]);

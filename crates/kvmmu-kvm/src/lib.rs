@@ -31,12 +31,22 @@ pub fn kvm_lock() -> MutexGuard<'static, ()> {
     KVM_LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Prints `SKIPPED <what>: <why>` straight to the process's stderr, past the test harness's output
+/// capture, so that a skip shows in a plain `cargo test` run.
+pub fn skip_line(what: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {what}: {why} (the real-KVM tests need /dev/kvm)"
+    );
+}
+
 /// Opens a real VM, or prints `SKIPPED <what>: <why>` on stderr and returns `None`.
 pub fn open_or_skip(what: &str) -> Option<KvmVm> {
     match KvmVm::open() {
         Ok(vm) => Some(vm),
         Err(why) => {
-            eprintln!("SKIPPED {what}: {why} (the real-KVM tests need /dev/kvm)");
+            skip_line(what, &why.to_string());
             None
         }
     }
