@@ -15,6 +15,7 @@ pub mod mmu_stress;
 pub mod report;
 pub mod size;
 pub mod vcpus;
+pub mod vs_kvm;
 
 use clap::{Args, ValueEnum};
 use kvmmu::prelude::{AgingMode, MmuKind, VmConfig};

@@ -49,6 +49,9 @@ pub enum Command {
     Torture(torture::TortureArgs),
     /// Benchmark kvmmu against its hardware limits and its peers (medians and ratios).
     Bench(bench::BenchArgs),
+    /// The populate / re-touch workload on real KVM (/dev/kvm) and on kvmmu (TDP, shadow), side
+    /// by side: per-page costs and ratios.
+    VsKvm(kvmmu_cli::vs_kvm::VsKvmArgs),
 }
 
 /// Options of the default workload.
@@ -129,6 +132,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         }
         Some(Command::Torture(args)) => print!("{}", torture::run(&args)?),
         Some(Command::Bench(args)) => print!("{}", bench::run(&args)?),
+        Some(Command::VsKvm(args)) => kvmmu_cli::vs_kvm::main(&args)?,
     }
     Ok(())
 }

@@ -151,6 +151,61 @@ fn hva_end_overflow_is_rejected() {
 }
 
 #[test]
+fn hva_range_above_the_user_address_space_is_rejected_even_for_a_delete() {
+    // KVM's access_ok(hva, size): found by the real-KVM differential test (crates/kvmmu-kvm).
+    let vm = Vm::new();
+    let end = kvmmu::vm::memslot::USER_ADDR_END;
+    assert!(matches!(
+        vm.plan(region(0, 0, PAGE_SIZE, end - PAGE_SIZE)),
+        Ok(MemslotChange::Create { .. })
+    ));
+    for (size, hva) in [
+        (PAGE_SIZE, end),
+        (2 * PAGE_SIZE, end - PAGE_SIZE),
+        (0, u64::MAX - 4095),
+    ] {
+        assert!(matches!(
+            err(&vm, region(0, 0, size, hva)),
+            MemslotError::SizeOverflow {
+                limit: SizeLimit::HvaEnd,
+                ..
+            }
+        ));
+    }
+}
+
+#[test]
+fn slot_past_the_largest_mappable_gfn_is_rejected_on_create() {
+    // x86's kvm_arch_prepare_memory_region: last gfn <= kvm_mmu_max_gfn() (48-bit here).
+    let vm = Vm::new();
+    let end = 1u64 << 48;
+    assert!(matches!(
+        vm.plan(region(0, end - PAGE_SIZE, PAGE_SIZE, HVA)),
+        Ok(MemslotChange::Create { .. })
+    ));
+    assert!(matches!(
+        err(&vm, region(0, end - PAGE_SIZE, 2 * PAGE_SIZE, HVA)),
+        MemslotError::SizeOverflow {
+            limit: SizeLimit::MaxGfn,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn moving_a_slot_past_the_largest_mappable_gfn_is_rejected() {
+    let mut vm = Vm::new();
+    vm.set(region(0, 0, 2 * PAGE_SIZE, HVA)).expect("create");
+    assert!(matches!(
+        err(&vm, region(0, (1u64 << 48) - PAGE_SIZE, 2 * PAGE_SIZE, HVA)),
+        MemslotError::SizeOverflow {
+            limit: SizeLimit::MaxGfn,
+            ..
+        }
+    ));
+}
+
+#[test]
 fn gpa_end_overflow_is_rejected() {
     let gpa = u64::MAX - (PAGE_SIZE - 1);
     let req = region(0, gpa, 2 * PAGE_SIZE, HVA);
@@ -165,12 +220,13 @@ fn more_than_max_pages_is_rejected_and_exactly_max_is_accepted() {
     let vm = Vm::new();
     let too_big = (KVM_MEM_MAX_NR_PAGES + 1) * PAGE_SIZE;
     assert!(matches!(
-        err(&vm, region(0, 0, too_big, HVA)),
+        err(&vm, region(0, 0, too_big, 1 << 40)),
         MemslotError::SizeOverflow { limit: SizeLimit::MaxPages, size, .. } if size == too_big
     ));
     let max = KVM_MEM_MAX_NR_PAGES * PAGE_SIZE;
+    // 8 TiB of host range: it must start low to end inside the user address space.
     assert!(matches!(
-        vm.plan(region(0, 0, max, HVA)),
+        vm.plan(region(0, 0, max, 1 << 40)),
         Ok(MemslotChange::Create { .. })
     ));
 }

@@ -42,6 +42,6 @@ mod plan;
 mod set;
 mod slot;
 
-pub use plan::{MemslotChange, MemslotError, SizeLimit, plan_change};
+pub use plan::{MemslotChange, MemslotError, SizeLimit, USER_ADDR_END, plan_change};
 pub use set::Memslots;
 pub use slot::{KVM_MEM_MAX_NR_PAGES, MemFlags, MemoryRegion, Memslot};

@@ -9,7 +9,14 @@ use core::fmt;
 use super::set::Memslots;
 use super::slot::{KVM_MEM_MAX_NR_PAGES, MemFlags, MemoryRegion, Memslot};
 use crate::addr::{AsId, Gfn, GfnRange, Gpa, Hva, PAGE_SHIFT, SlotId, is_page_aligned};
+use crate::geometry::GFN_LIMIT;
 use crate::sync::Arc;
+
+/// One past the last user address of x86-64 with 4-level paging: KVM's `access_ok(hva, size)`
+/// refuses a memslot whose host range ends above it (measured on the project's hosts by
+/// crates/kvmmu-kvm: a slot ending exactly here is accepted, one page further is refused). The
+/// simulated host's own `TASK_SIZE` is smaller; a slot above it is valid and its accesses fault.
+pub const USER_ADDR_END: u64 = 1 << 47;
 
 /// What a valid request does to its address space (`enum kvm_mr_change`, plus the no-op).
 #[derive(Debug)]
@@ -46,18 +53,26 @@ pub enum MemslotChange {
 /// Which limit a too-large memory region breaks (see [`MemslotError::SizeOverflow`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SizeLimit {
-    /// `hva + size` does not fit in 64 bits (KVM's `access_ok` fails).
+    /// `hva + size` leaves the user address space (overflows, or ends above
+    /// [`USER_ADDR_END`]): KVM's `access_ok` fails.
     HvaEnd,
     /// `gpa + size` does not fit in 64 bits.
     GpaEnd,
     /// The region spans more than [`KVM_MEM_MAX_NR_PAGES`] pages.
     MaxPages,
+    /// The region ends above the largest guest physical address the MMU can map (x86's
+    /// `kvm_arch_prepare_memory_region` checks the last gfn against `kvm_mmu_max_gfn()`; here the
+    /// 4-level geometry's 48-bit limit). Checked for a create or a move only.
+    MaxGfn,
 }
 
 impl fmt::Display for SizeLimit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SizeLimit::HvaEnd => f.write_str("hva + size overflows the 64-bit host address space"),
+            SizeLimit::HvaEnd => write!(
+                f,
+                "hva + size leaves the user address space (ends above {USER_ADDR_END:#x})"
+            ),
             SizeLimit::GpaEnd => {
                 f.write_str("gpa + size overflows the 64-bit guest physical space")
             }
@@ -65,6 +80,11 @@ impl fmt::Display for SizeLimit {
                 f,
                 "it spans more than KVM_MEM_MAX_NR_PAGES ({KVM_MEM_MAX_NR_PAGES}) pages; split it \
                  into several slots"
+            ),
+            SizeLimit::MaxGfn => write!(
+                f,
+                "it ends above the largest guest physical address the MMU maps ({:#x})",
+                GFN_LIMIT << PAGE_SHIFT
             ),
         }
     }
@@ -229,7 +249,12 @@ pub fn plan_change(sets: &[&Memslots], req: &MemoryRegion) -> Result<MemslotChan
         size: req.size,
         limit,
     };
-    if req.hva.checked_add(req.size).is_none() {
+    // `access_ok(hva, size)`: the whole range, even of a delete, lies in user space.
+    if req
+        .hva
+        .checked_add(req.size)
+        .is_none_or(|end| end.raw() > USER_ADDR_END)
+    {
         return Err(too_large(SizeLimit::HvaEnd));
     }
     let Some(set) = sets.get(req.as_id.index()) else {
@@ -271,6 +296,7 @@ pub fn plan_change(sets: &[&Memslots], req: &MemoryRegion) -> Result<MemslotChan
     };
     let Some(old) = old else {
         check_overlap(set, req.slot, base_gfn, npages)?;
+        check_max_gfn(req, base_gfn, npages)?;
         return Ok(MemslotChange::Create { new: new() });
     };
     if req.hva != old.userspace_addr() {
@@ -296,6 +322,7 @@ pub fn plan_change(sets: &[&Memslots], req: &MemoryRegion) -> Result<MemslotChan
     }
     if base_gfn != old.base_gfn() {
         check_overlap(set, req.slot, base_gfn, npages)?;
+        check_max_gfn(req, base_gfn, npages)?;
         Ok(MemslotChange::Move {
             old: Arc::clone(old),
             new: new(),
@@ -310,6 +337,20 @@ pub fn plan_change(sets: &[&Memslots], req: &MemoryRegion) -> Result<MemslotChan
     }
 }
 
+/// x86's `kvm_arch_prepare_memory_region` refuses a created or moved slot whose last gfn the MMU
+/// cannot map; it runs after the overlap check (in `kvm_set_memslot`), so an overlap wins.
+fn check_max_gfn(req: &MemoryRegion, base_gfn: Gfn, npages: u64) -> Result<(), MemslotError> {
+    if base_gfn.raw() + npages > GFN_LIMIT {
+        return Err(MemslotError::SizeOverflow {
+            gpa: req.gpa,
+            hva: req.hva,
+            size: req.size,
+            limit: SizeLimit::MaxGfn,
+        });
+    }
+    Ok(())
+}
+
 /// `kvm_check_memslot_overlap`: fails if `[base_gfn, base_gfn + npages)` overlaps a slot of `set`
 /// other than `id` (a move may overlap its own old range). O(log n + 1): gfn ranges in a set are
 /// sorted and disjoint, so at most the slots around the new range's start can clash first.
@@ -319,6 +360,10 @@ fn check_overlap(
     base_gfn: Gfn,
     npages: u64,
 ) -> Result<(), MemslotError> {
+    // Deliberately broken build (negative differential test in crates/kvmmu-kvm): no overlap check.
+    if cfg!(feature = "broken-accept-overlapping-slots") {
+        return Ok(());
+    }
     let range = GfnRange::from_len(base_gfn, npages)
         .expect("plan_change checked gpa + size (memslot invariant 1)");
     match set.first_overlap(range, id) {

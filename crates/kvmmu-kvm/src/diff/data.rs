@@ -1,0 +1,512 @@
+//! Family 2, guest-visible data and exits: writes, reads and batches of writes through several
+//! slots (some aliasing the same host pages, some read-only), with host `munmap`, `mprotect` RO/RW,
+//! `madvise(MADV_DONTNEED)`, `mmap(MAP_FIXED)` at the same address and memslot changes in between.
+//! Every access must give the same value and the same exit kind on both sides.
+//!
+//! Host operations act on whole chunks of the host buffer, only where both hosts can do them the
+//! same way (kvmmu's `munmap` needs a mapped range and its `mmap_fixed` replaces nothing, so a
+//! remap of a mapped chunk is `munmap` + `mmap_fixed` on kvmmu, one `MAP_FIXED` on Linux).
+
+use std::sync::Arc;
+
+use kvmmu::addr::{AsId, Gpa, Hva, SlotId};
+use kvmmu::config::MmuKind;
+use kvmmu::host::{HostConfig, HostMm, Prot};
+use kvmmu::prelude::{MemFlags, MemoryRegion, Vm, VmConfig};
+use kvmmu::vcpu::{Vcpu, VcpuExit};
+
+use super::{Divergence, FamilyError, Rng, Summary, errno_of, replay_command};
+use crate::guest::{self, Routine};
+use crate::hostmem::{HostProt, HostRegion, PAGE};
+use crate::runner::{KvmExit, KvmVm};
+
+/// Pages per chunk of the host buffer (a hole stays within `hostmem::MAX_HOLE`).
+const CHUNK_PAGES: u64 = 4;
+/// Chunks in the host buffer.
+const CHUNKS: u64 = 8;
+const BUF_PAGES: u64 = CHUNK_PAGES * CHUNKS;
+/// Guest physical window the slots live in.
+const GPA_BASE: u64 = 0x10_0000;
+const GPA_PAGES: u64 = 96;
+/// Slot ids the family uses.
+const SLOTS: u16 = 5;
+
+/// The kind of an access's outcome, the vocabulary both sides are decoded into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The access completed; a read carries its value.
+    Done(Option<u64>),
+    /// KVM_EXIT_MMIO / kvmmu's `NoMemslot` or `ReadonlyMemslot`.
+    Mmio,
+    /// `KVM_RUN` `-EFAULT` / kvmmu's `HostFault`.
+    HostFault,
+    /// Anything else (a harness problem or a kvmmu bug such as a stale translation).
+    Other,
+}
+
+/// One operation of the sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DataOp {
+    /// Guest write of `value` at `gpa`.
+    Write {
+        /// Address.
+        gpa: u64,
+        /// Value.
+        value: u64,
+    },
+    /// Guest read at `gpa`.
+    Read {
+        /// Address.
+        gpa: u64,
+    },
+    /// Guest writes `base + i` at `gpas[i]`, in order, stopping at the first exit.
+    Batch {
+        /// Addresses.
+        gpas: Vec<u64>,
+        /// Value of the first write.
+        base: u64,
+    },
+    /// Create or change a slot (or delete it with `pages == 0`).
+    Slot {
+        /// Slot id.
+        id: u16,
+        /// Read-only.
+        readonly: bool,
+        /// Dirty logging (`KVM_MEM_LOG_DIRTY_PAGES`).
+        dirty: bool,
+        /// First guest page in the window.
+        gpa_page: u64,
+        /// First page in the host buffer.
+        buf_page: u64,
+        /// Pages (0 deletes).
+        pages: u64,
+    },
+    /// `munmap` of a mapped chunk.
+    Munmap {
+        /// Chunk.
+        chunk: u64,
+    },
+    /// `mmap(MAP_FIXED)` of fresh read-write memory over a chunk.
+    Remap {
+        /// Chunk.
+        chunk: u64,
+    },
+    /// `mprotect` of a mapped chunk.
+    Mprotect {
+        /// Chunk.
+        chunk: u64,
+        /// Read-only (else read-write).
+        readonly: bool,
+    },
+    /// `madvise(MADV_DONTNEED)` of a mapped chunk.
+    Dontneed {
+        /// Chunk.
+        chunk: u64,
+    },
+}
+
+/// How the real host reports a guest access to host memory it refuses (unmapped, or a write to a
+/// read-only mapping): probed once per run, see docs/kvm-differences.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostFaultStyle {
+    /// `KVM_RUN` fails with `-EFAULT` (the kernel's documented behaviour).
+    Efault,
+    /// The access exits as MMIO (seen on nested, shadow-paging hosts).
+    Mmio,
+}
+
+struct Sides {
+    real: KvmVm,
+    real_buf: Arc<HostRegion>,
+    host: HostMm,
+    vm: Vm,
+    vcpu: Vcpu,
+    sim_buf: Hva,
+    mapped: [bool; CHUNKS as usize],
+    fault_style: HostFaultStyle,
+}
+
+fn kvm_outcome(exit: &KvmExit, value: Option<u64>) -> Outcome {
+    match exit {
+        KvmExit::Hlt => Outcome::Done(value),
+        KvmExit::Mmio { .. } => Outcome::Mmio,
+        KvmExit::HostFault { .. } => Outcome::HostFault,
+        KvmExit::Other(_) => Outcome::Other,
+    }
+}
+
+fn sim_outcome<T>(r: &Result<T, VcpuExit>, value: Option<u64>) -> Outcome {
+    match r {
+        Ok(_) => Outcome::Done(value),
+        Err(VcpuExit::NoMemslot { .. } | VcpuExit::ReadonlyMemslot { .. }) => Outcome::Mmio,
+        Err(VcpuExit::HostFault { .. }) => Outcome::HostFault,
+        Err(_) => Outcome::Other,
+    }
+}
+
+impl Sides {
+    fn new(mmu: MmuKind) -> Result<Sides, FamilyError> {
+        let mut real = KvmVm::open().map_err(FamilyError::setup)?;
+        real.enable_guest().map_err(FamilyError::setup)?;
+        let real_buf = Arc::new(HostRegion::new(BUF_PAGES * PAGE).map_err(FamilyError::setup)?);
+        real.adopt(Arc::clone(&real_buf));
+        let host = HostMm::new(HostConfig { frames: 1024 }).map_err(FamilyError::setup)?;
+        let vm = Vm::new(
+            &host,
+            VmConfig {
+                mmu,
+                ..VmConfig::default()
+            },
+        )
+        .map_err(FamilyError::setup)?;
+        let vcpu = vm.create_vcpu().map_err(FamilyError::setup)?;
+        let sim_buf = host
+            .mmap(BUF_PAGES * PAGE, Prot::READ | Prot::WRITE)
+            .map_err(FamilyError::setup)?;
+        let mut sides = Sides {
+            real,
+            real_buf,
+            host,
+            vm,
+            vcpu,
+            sim_buf,
+            mapped: [true; CHUNKS as usize],
+            fault_style: HostFaultStyle::Efault,
+        };
+        sides.fault_style = sides.probe_fault_style()?;
+        Ok(sides)
+    }
+
+    /// Reads through a slot whose only page is unmapped, to learn how this host reports it.
+    fn probe_fault_style(&mut self) -> Result<HostFaultStyle, FamilyError> {
+        let off = (CHUNKS - 1) * CHUNK_PAGES * PAGE;
+        self.real_buf
+            .munmap(off, PAGE)
+            .map_err(FamilyError::setup)?;
+        self.real
+            .set_user_memory_region(0, 0, 0, GPA_BASE, PAGE, self.real_buf.base() + off)
+            .map_err(FamilyError::setup)?
+            .map_err(FamilyError::setup)?;
+        let out = self
+            .real
+            .run(Routine::Load, GPA_BASE, 0, 0)
+            .map_err(FamilyError::setup)?;
+        self.real
+            .set_user_memory_region(0, 0, 0, 0, 0, 0)
+            .map_err(FamilyError::setup)?
+            .map_err(FamilyError::setup)?;
+        self.real_buf
+            .mmap_fixed(off, PAGE, HostProt::ReadWrite)
+            .map_err(FamilyError::setup)?;
+        match out.exit {
+            KvmExit::HostFault { .. } => Ok(HostFaultStyle::Efault),
+            KvmExit::Mmio { .. } => Ok(HostFaultStyle::Mmio),
+            other => Err(FamilyError::Setup(format!(
+                "probe of an unmapped page gave {other:?}"
+            ))),
+        }
+    }
+
+    /// Whether `sim` (kvmmu) and `kvm` outcomes agree, given how this host reports host faults.
+    fn agree(&self, sim: Outcome, kvm: Outcome) -> bool {
+        sim == kvm
+            || (self.fault_style == HostFaultStyle::Mmio
+                && sim == Outcome::HostFault
+                && kvm == Outcome::Mmio)
+    }
+
+    fn apply(&mut self, op: &DataOp) -> Result<(String, String, bool), FamilyError> {
+        let chunk_off = |c: u64| c * CHUNK_PAGES * PAGE;
+        let len = CHUNK_PAGES * PAGE;
+        let sim_at = |base: Hva, off: u64| Hva::new(base.raw() + off);
+        Ok(match op {
+            DataOp::Write { gpa, value } => {
+                let k = self
+                    .real
+                    .run(Routine::Store, *gpa, *value, 0)
+                    .map_err(FamilyError::setup)?;
+                let s = self.vcpu.write_u64(Gpa::new(*gpa), *value);
+                let (so, ko) = (sim_outcome(&s, None), kvm_outcome(&k.exit, None));
+                (
+                    format!("{so:?} {s:?}"),
+                    format!("{ko:?} {:?}", k.exit),
+                    self.agree(so, ko),
+                )
+            }
+            DataOp::Read { gpa } => {
+                let k = self
+                    .real
+                    .run(Routine::Load, *gpa, 0, 0)
+                    .map_err(FamilyError::setup)?;
+                let s = self.vcpu.read_u64(Gpa::new(*gpa));
+                let so = sim_outcome(&s, s.as_ref().ok().copied());
+                let ko = kvm_outcome(&k.exit, Some(k.regs.rax));
+                (
+                    format!("{so:?} {s:?}"),
+                    format!("{ko:?} {:?}", k.exit),
+                    self.agree(so, ko),
+                )
+            }
+            DataOp::Batch { gpas, base } => {
+                self.real.set_list(gpas).map_err(FamilyError::setup)?;
+                let k = self
+                    .real
+                    .run(
+                        Routine::StoreList,
+                        guest::RESERVED_GPA + guest::LIST_OFFSET,
+                        *base,
+                        gpas.len() as u64,
+                    )
+                    .map_err(FamilyError::setup)?;
+                let mut s_stop = (gpas.len(), Outcome::Done(None));
+                for (i, g) in gpas.iter().enumerate() {
+                    let r = self.vcpu.write_u64(Gpa::new(*g), base + i as u64);
+                    if r.is_err() {
+                        s_stop = (i, sim_outcome(&r, None));
+                        break;
+                    }
+                }
+                let ko = kvm_outcome(&k.exit, None);
+                let k_stop = if ko == Outcome::Done(None) {
+                    gpas.len()
+                } else {
+                    k.regs.rcx as usize
+                };
+                let ok = s_stop.0 == k_stop && self.agree(s_stop.1, ko);
+                (
+                    format!("stopped at {} with {:?}", s_stop.0, s_stop.1),
+                    format!("stopped at {k_stop} with {ko:?} {:?}", k.exit),
+                    ok,
+                )
+            }
+            DataOp::Slot {
+                id,
+                readonly,
+                dirty,
+                gpa_page,
+                buf_page,
+                pages,
+            } => {
+                let mut flags = if *readonly {
+                    MemFlags::READONLY
+                } else {
+                    MemFlags::empty()
+                };
+                if *dirty {
+                    flags |= MemFlags::LOG_DIRTY_PAGES;
+                }
+                let gpa = GPA_BASE + gpa_page * PAGE;
+                let (size, off) = (pages * PAGE, buf_page * PAGE);
+                let real_hva = if *pages == 0 {
+                    0
+                } else {
+                    self.real_buf.base() + off
+                };
+                let sim_hva = if *pages == 0 {
+                    Hva::new(0)
+                } else {
+                    sim_at(self.sim_buf, off)
+                };
+                let k = self
+                    .real
+                    .set_user_memory_region(0, *id, flags.bits(), gpa, size, real_hva)
+                    .map_err(FamilyError::setup)?;
+                let s = self.vm.set_user_memory_region(MemoryRegion {
+                    slot: SlotId::new(*id),
+                    as_id: AsId::new(0),
+                    flags,
+                    gpa: Gpa::new(gpa),
+                    size,
+                    hva: sim_hva,
+                });
+                let se = s.as_ref().err().map(errno_of).unwrap_or(0);
+                let ke = k.err().unwrap_or(0);
+                (format!("errno {se} {s:?}"), format!("errno {ke}"), se == ke)
+            }
+            DataOp::Munmap { chunk } => {
+                self.real_buf
+                    .munmap(chunk_off(*chunk), len)
+                    .map_err(FamilyError::setup)?;
+                let s = self
+                    .host
+                    .munmap(sim_at(self.sim_buf, chunk_off(*chunk)), len);
+                self.mapped[*chunk as usize] = false;
+                (format!("{s:?}"), "Ok".into(), s.is_ok())
+            }
+            DataOp::Remap { chunk } => {
+                self.real_buf
+                    .mmap_fixed(chunk_off(*chunk), len, HostProt::ReadWrite)
+                    .map_err(FamilyError::setup)?;
+                let at = sim_at(self.sim_buf, chunk_off(*chunk));
+                let unmapped = if self.mapped[*chunk as usize] {
+                    self.host.munmap(at, len).map(|_| ())
+                } else {
+                    Ok(())
+                };
+                let s =
+                    unmapped.and_then(|()| self.host.mmap_fixed(at, len, Prot::READ | Prot::WRITE));
+                self.mapped[*chunk as usize] = true;
+                (format!("{s:?}"), "Ok".into(), s.is_ok())
+            }
+            DataOp::Mprotect { chunk, readonly } => {
+                let (hp, sp) = if *readonly {
+                    (HostProt::Read, Prot::READ)
+                } else {
+                    (HostProt::ReadWrite, Prot::READ | Prot::WRITE)
+                };
+                self.real_buf
+                    .mprotect(chunk_off(*chunk), len, hp)
+                    .map_err(FamilyError::setup)?;
+                let s = self
+                    .host
+                    .mprotect(sim_at(self.sim_buf, chunk_off(*chunk)), len, sp);
+                (format!("{s:?}"), "Ok".into(), s.is_ok())
+            }
+            DataOp::Dontneed { chunk } => {
+                self.real_buf
+                    .madvise_dontneed(chunk_off(*chunk), len)
+                    .map_err(FamilyError::setup)?;
+                let s = self
+                    .host
+                    .madvise_dontneed(sim_at(self.sim_buf, chunk_off(*chunk)), len);
+                (format!("{s:?}"), "Ok".into(), s.is_ok())
+            }
+        })
+    }
+}
+
+fn gen_gpa(rng: &mut Rng, vm: &Vm) -> u64 {
+    let slots = vm.memslots(AsId::new(0)).unwrap_or_default();
+    let in_slot = slots
+        .iter()
+        .filter(|s| s.id().get() < SLOTS)
+        .collect::<Vec<_>>();
+    let page = if !in_slot.is_empty() && rng.chance(80) {
+        let s = in_slot[rng.below(in_slot.len() as u64) as usize];
+        s.base_gfn().raw() + rng.below(s.npages())
+    } else {
+        GPA_BASE / PAGE + rng.below(GPA_PAGES + 4)
+    };
+    // A few word offsets per page, so that reads meet earlier writes often.
+    page * PAGE + [0, 8, 0x800, 0xff8][rng.below(4) as usize]
+}
+
+/// A change of an existing slot: a move (same host range, new gpa) or a flip of the dirty-log
+/// flag, as KVM's `KVM_MR_MOVE` and `KVM_MR_FLAGS_ONLY`.
+fn gen_slot_change(rng: &mut Rng, vm: &Vm, sim_buf: Hva) -> Option<DataOp> {
+    let slots = vm.memslots(AsId::new(0)).unwrap_or_default();
+    let ours: Vec<_> = slots.iter().filter(|s| s.id().get() < SLOTS).collect();
+    let s = ours.get(rng.below(ours.len().max(1) as u64) as usize)?;
+    let off = s.userspace_addr().raw().checked_sub(sim_buf.raw())?;
+    let flags = s.flags();
+    let (gpa_page, dirty) = if rng.chance(60) {
+        (
+            rng.below(GPA_PAGES - 12),
+            flags.contains(MemFlags::LOG_DIRTY_PAGES),
+        )
+    } else {
+        (
+            s.base_gfn().raw() - GPA_BASE / PAGE,
+            !flags.contains(MemFlags::LOG_DIRTY_PAGES),
+        )
+    };
+    Some(DataOp::Slot {
+        id: s.id().get(),
+        readonly: flags.contains(MemFlags::READONLY),
+        dirty,
+        gpa_page,
+        buf_page: off / PAGE,
+        pages: s.npages(),
+    })
+}
+
+/// Generates the next operation; `mapped` says which chunks are mapped on both hosts, `written`
+/// holds recently written gpas (half the reads go there).
+pub fn gen_op(rng: &mut Rng, vm: &Vm, sim_buf: Hva, mapped: &[bool], written: &[u64]) -> DataOp {
+    let chunk = rng.below(CHUNKS);
+    if rng.chance(6)
+        && let Some(op) = gen_slot_change(rng, vm, sim_buf)
+    {
+        return op;
+    }
+    let is_mapped = mapped[chunk as usize];
+    match rng.below(100) {
+        0..=29 => DataOp::Write {
+            gpa: gen_gpa(rng, vm),
+            value: rng.next_u64(),
+        },
+        30..=44 if !written.is_empty() => DataOp::Read {
+            gpa: written[rng.below(written.len() as u64) as usize],
+        },
+        30..=59 => DataOp::Read {
+            gpa: gen_gpa(rng, vm),
+        },
+        60..=67 => {
+            let n = 1 + rng.below(12);
+            DataOp::Batch {
+                gpas: (0..n).map(|_| gen_gpa(rng, vm)).collect(),
+                base: rng.next_u64() >> 8,
+            }
+        }
+        68..=81 => {
+            let pages = if rng.chance(20) { 0 } else { 1 + rng.below(12) };
+            DataOp::Slot {
+                id: rng.below(u64::from(SLOTS)) as u16,
+                readonly: rng.chance(25),
+                dirty: rng.chance(20),
+                gpa_page: rng.below(GPA_PAGES - 12),
+                buf_page: rng.below(BUF_PAGES - 12),
+                pages,
+            }
+        }
+        82..=85 if is_mapped => DataOp::Munmap { chunk },
+        82..=87 => DataOp::Remap { chunk },
+        88..=93 if is_mapped => DataOp::Mprotect {
+            chunk,
+            readonly: rng.chance(50),
+        },
+        _ if is_mapped => DataOp::Dontneed { chunk },
+        _ => DataOp::Remap { chunk },
+    }
+}
+
+/// Runs `ops` operations from `seed` with kvmmu's `mmu` against real KVM.
+pub fn run(seed: u64, ops: usize, mmu: MmuKind, test: &str) -> Result<Summary, FamilyError> {
+    let mut sides = Sides::new(mmu)?;
+    let mut rng = Rng::new(seed);
+    let mut summary = Summary::default();
+    let mut written: Vec<u64> = Vec::new();
+    for index in 0..ops {
+        let op = gen_op(&mut rng, &sides.vm, sides.sim_buf, &sides.mapped, &written);
+        match &op {
+            DataOp::Write { gpa, .. } => written.push(*gpa),
+            DataOp::Batch { gpas, .. } => written.extend(gpas),
+            _ => {}
+        }
+        if written.len() > 64 {
+            written.drain(..written.len() - 64);
+        }
+        let (sim, kvm, ok) = sides.apply(&op)?;
+        if !ok {
+            return Err(FamilyError::Divergence(Box::new(Divergence {
+                family: "data",
+                seed,
+                index,
+                op: format!(
+                    "{op:?} (kvmmu {mmu:?}, host faults reported as {:?})",
+                    sides.fault_style
+                ),
+                kvmmu: sim,
+                kvm,
+                replay: replay_command(test, seed, index + 1),
+            })));
+        }
+        summary.ops += 1;
+        if sim.starts_with("Done") || sim.starts_with("Ok") || sim.starts_with("errno 0") {
+            summary.accepted += 1;
+        } else {
+            summary.refused += 1;
+        }
+    }
+    Ok(summary)
+}
