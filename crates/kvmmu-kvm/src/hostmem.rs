@@ -1,5 +1,5 @@
 //! Real host memory for real guests: an anonymous private mapping of this process, and the host
-//! memory operations that mirror kvmmu's [`kvmmu::host::HostMm`] ones (`munmap`, `mprotect`,
+//! memory operations that mirror kvmmu's [`kvmmu::HostMm`] ones (`munmap`, `mprotect`,
 //! `madvise(MADV_DONTNEED)`, `mmap(MAP_FIXED)` at the same address).
 //!
 //! This module is the only place that calls `mmap` and friends. The contract that keeps it sound

@@ -63,7 +63,7 @@ fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
     move |errno| KvmError::Ioctl { what, errno }
 }
 
-/// What one run of a routine ended with, in kvmmu's vocabulary (`kvmmu::vcpu::VcpuExit`).
+/// What one run of a routine ended with, in kvmmu's vocabulary (`kvmmu::VcpuExit`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KvmExit {
     /// The routine reached its `hlt`: every access succeeded.

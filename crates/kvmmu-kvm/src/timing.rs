@@ -10,10 +10,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvmmu::addr::{AsId, Gpa, SlotId};
-use kvmmu::config::MmuKind;
-use kvmmu::host::{HostConfig, HostMm, Prot};
+use kvmmu::MmuKind;
 use kvmmu::prelude::{MemFlags, MemoryRegion, Vm, VmConfig};
+use kvmmu::{AsId, Gpa, SlotId};
+use kvmmu::{HostConfig, HostMm, Prot};
 
 use crate::guest::{GUEST_GPA_LIMIT, Routine};
 use crate::hostmem::{HostRegion, PAGE};

@@ -44,7 +44,7 @@ fn data_family_catches_a_kvmmu_whose_madvise_does_not_zap() {
     if kvmmu_kvm::open_or_skip("data_family_catches_a_kvmmu_whose_madvise_does_not_zap").is_none() {
         return;
     }
-    for mmu in [kvmmu::config::MmuKind::Tdp, kvmmu::config::MmuKind::Shadow] {
+    for mmu in [kvmmu::MmuKind::Tdp, kvmmu::MmuKind::Shadow] {
         assert_diverges("data", diff::data::run(1, 3000, mmu, "n/a (broken build)"));
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! `KVMMU_KVM_SEEDS=1,0x2a` and `KVMMU_KVM_OPS=N` override the seeds and the operation count.
 
-use kvmmu::config::MmuKind;
+use kvmmu::MmuKind;
 use kvmmu_kvm::diff::{self, FamilyError};
 
 fn seeds() -> Vec<u64> {

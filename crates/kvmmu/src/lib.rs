@@ -73,7 +73,9 @@ pub use sync::guest_mode::InGuestMode;
 #[cfg(not(loom))]
 pub use vcpu::{GuestMode, Vcpu, VcpuStats, tlb::TlbStats};
 #[cfg(not(loom))]
-pub use vm::memslot::{MemFlags, MemoryRegion, Memslot, MemslotError, SizeLimit};
+pub use vm::memslot::{
+    KVM_MEM_MAX_NR_PAGES, MemFlags, MemoryRegion, Memslot, MemslotError, SizeLimit, USER_ADDR_END,
+};
 #[cfg(not(loom))]
 pub use vm::{SetMemoryRegionError, VcpuExit, Vm, VmError, VmStats};
 #[cfg(not(loom))]

@@ -154,7 +154,7 @@ fn hva_end_overflow_is_rejected() {
 fn hva_range_above_the_user_address_space_is_rejected_even_for_a_delete() {
     // KVM's access_ok(hva, size): found by the real-KVM differential test (crates/kvmmu-kvm).
     let vm = Vm::new();
-    let end = kvmmu::vm::memslot::USER_ADDR_END;
+    let end = kvmmu::internals::vm::memslot::USER_ADDR_END;
     assert!(matches!(
         vm.plan(region(0, 0, PAGE_SIZE, end - PAGE_SIZE)),
         Ok(MemslotChange::Create { .. })

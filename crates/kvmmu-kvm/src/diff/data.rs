@@ -9,11 +9,11 @@
 
 use std::sync::Arc;
 
-use kvmmu::addr::{AsId, Gpa, Hva, SlotId};
-use kvmmu::config::MmuKind;
-use kvmmu::host::{HostConfig, HostMm, Prot};
+use kvmmu::MmuKind;
 use kvmmu::prelude::{MemFlags, MemoryRegion, Vm, VmConfig};
-use kvmmu::vcpu::{Vcpu, VcpuExit};
+use kvmmu::{AsId, Gpa, Hva, SlotId};
+use kvmmu::{HostConfig, HostMm, Prot};
+use kvmmu::{Vcpu, VcpuExit};
 
 use super::{Divergence, FamilyError, Rng, Summary, errno_of, replay_command};
 use crate::guest::{self, Routine};

@@ -9,9 +9,9 @@
 //! (48-bit gpa, where this host's shadow-paging KVM allows 52) is smaller than the real one. No guest runs in this family, so
 //! memslots may point anywhere.
 
-use kvmmu::addr::{AsId, Gpa, Hva, SlotId};
-use kvmmu::host::{HostConfig, HostMm, Prot};
 use kvmmu::prelude::{MemFlags, MemoryRegion, Vm, VmConfig};
+use kvmmu::{AsId, Gpa, Hva, SlotId};
+use kvmmu::{HostConfig, HostMm, Prot};
 
 use super::{Divergence, FamilyError, Rng, Summary, errno_of, replay_command};
 use crate::hostmem::{HostRegion, PAGE};
@@ -23,7 +23,7 @@ const BUF_PAGES: u64 = 64;
 /// kvmmu's limits: x86-64's 4-level user address space (`USER_ADDR_END`, as `access_ok`) and
 /// its 4-level guest physical space.
 pub const KVMMU_LIMITS: HostLimits = HostLimits {
-    hva_end: kvmmu::vm::memslot::USER_ADDR_END,
+    hva_end: kvmmu::USER_ADDR_END,
     gpa_end: 1 << 48,
 };
 
@@ -113,7 +113,7 @@ pub fn gen_op(rng: &mut Rng, nr_as: u16, slots: &[u16]) -> SlotOp {
         0 => size += 1 + rng.below(PAGE - 1),
         1 => gpa = GpaSpec::Abs(rng.below(32) * PAGE + 1 + rng.below(PAGE - 1)),
         2 => hva = HvaSpec::Buf(rng.below(BUF_PAGES - npages) * PAGE + 8),
-        3 => size = (kvmmu::vm::memslot::KVM_MEM_MAX_NR_PAGES + 1 + rng.below(2)) * PAGE,
+        3 => size = (kvmmu::KVM_MEM_MAX_NR_PAGES + 1 + rng.below(2)) * PAGE,
         4 => size = !(PAGE - 1),
         5 => gpa = GpaSpec::Abs(!(PAGE - 1)),
         6 => hva = HvaSpec::Abs(!(PAGE - 1)),

@@ -18,8 +18,8 @@ pub mod stats;
 
 use std::fmt;
 
-use kvmmu::vm::SetMemoryRegionError;
-use kvmmu::vm::memslot::MemslotError;
+use kvmmu::MemslotError;
+use kvmmu::SetMemoryRegionError;
 
 /// The errno classes a memslot request can get, and which of kvmmu's errors maps to which: the one
 /// table the memslot family compares through. KVM's `kvm_set_memory_region` returns `-EINVAL` for
@@ -180,7 +180,7 @@ pub struct Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvmmu::addr::{Gpa, SlotId};
+    use kvmmu::{Gpa, SlotId};
 
     #[test]
     fn errno_of_maps_overlap_to_eexist_and_every_other_refusal_to_einval() {

@@ -11,10 +11,10 @@
 
 use std::sync::Arc;
 
-use kvmmu::addr::{AsId, Gpa, SlotId};
-use kvmmu::config::MmuKind;
-use kvmmu::host::{HostConfig, HostMm, Prot};
+use kvmmu::MmuKind;
 use kvmmu::prelude::{MemFlags, MemoryRegion, Vm, VmConfig, VmStats};
+use kvmmu::{AsId, Gpa, SlotId};
+use kvmmu::{HostConfig, HostMm, Prot};
 
 use super::FamilyError;
 use crate::guest::Routine;
