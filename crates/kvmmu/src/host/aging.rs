@@ -69,11 +69,11 @@ impl HostMm {
         crate::sync::guest_mode::check("host aging")?;
         let mut young = false;
         let (start, end) = self.clear_host_young(hva, len, |_| young = true)?;
-        let subs = self.inner.notifiers.snapshot();
-        for (_, n) in subs.iter() {
-            young |= call(&**n, start, end);
-        }
-        self.inner.counters.aging_calls.add(subs.len() as u64);
+        let called = self
+            .inner
+            .notifiers
+            .for_each(|n| young |= call(n, start, end));
+        self.inner.counters.aging_calls.add(called as u64);
         Ok(young)
     }
 
@@ -117,11 +117,11 @@ impl HostMm {
         let base = young.start().page();
         let len = young.pages() * PAGE_SIZE;
         self.clear_host_young(young.start(), len, |page| young.set_page(page - base))?;
-        let subs = self.inner.notifiers.snapshot();
-        for (_, n) in subs.iter() {
-            n.clear_young_bitmap(young);
-        }
-        self.inner.counters.aging_calls.add(subs.len() as u64);
+        let called = self
+            .inner
+            .notifiers
+            .for_each(|n| n.clear_young_bitmap(young));
+        self.inner.counters.aging_calls.add(called as u64);
         Ok(())
     }
 
@@ -143,11 +143,11 @@ impl HostMm {
                 .entry(page)
                 .is_some_and(|w| w.load(Ordering::Relaxed) & pte::YOUNG != 0)
         };
-        let subs = self.inner.notifiers.snapshot();
-        for (_, n) in subs.iter() {
-            young |= n.test_young(hva);
-        }
-        self.inner.counters.aging_calls.add(subs.len() as u64);
+        let called = self
+            .inner
+            .notifiers
+            .for_each(|n| young |= n.test_young(hva));
+        self.inner.counters.aging_calls.add(called as u64);
         Ok(young)
     }
 }

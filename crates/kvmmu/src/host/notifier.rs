@@ -29,7 +29,8 @@
 use super::{HostError, TASK_SIZE};
 use crate::addr::{Hva, PAGE_SHIFT, PAGE_SIZE};
 use crate::sync::atomic::{AtomicU64, Ordering};
-use crate::sync::{Arc, RwLock};
+use crate::sync::srcu::{Srcu, SrcuCell};
+use crate::sync::{Arc, Mutex};
 
 /// Why a range is being invalidated (`enum mmu_notifier_event`, reduced).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
@@ -289,7 +290,7 @@ pub(crate) type Subscriber = (NotifierId, Arc<dyn MmuNotifier>);
 /// returned, once each, in the same order.
 #[must_use = "dropping the pair ends the invalidation at once"]
 pub(crate) struct InvalidationPair<'a> {
-    subs: Arc<[Subscriber]>,
+    subs: Arc<Vec<Subscriber>>,
     range: NotifierRange,
     /// Subscribers `[0, started)` returned from their start.
     started: usize,
@@ -303,7 +304,7 @@ impl<'a> InvalidationPair<'a> {
     /// returns in `starts`; `ends` will count the end calls. If a start panics, the ends of the
     /// subscribers started before it run as the panic unwinds.
     pub(crate) fn start(
-        subs: Arc<[Subscriber]>,
+        subs: Arc<Vec<Subscriber>>,
         range: NotifierRange,
         starts: &AtomicU64,
         ends: &'a AtomicU64,
@@ -350,55 +351,90 @@ impl Drop for InvalidationPair<'_> {
     }
 }
 
-/// The subscriber list: an immutable snapshot replaced on every (un)registration.
+/// The subscriber list: an immutable snapshot replaced on every (un)registration, published
+/// under the list's own SRCU domain (Linux's `mmu_notifier` SRCU).
+///
+/// Protocol: readers (aging, per call) enter an SRCU read section and iterate the current
+/// snapshot in place, writing only their SRCU stripe — no shared reference count, no shared
+/// lock word (the statistics rule of `docs/invariants.md`, striped counters). An invalidation
+/// pair clones the snapshot's `Arc` instead, so its start and end reach the same subscribers
+/// (invariant 1) however long the host change in between takes. Writers serialize on `writer`,
+/// publish a new snapshot and wait for a grace period before dropping the old one, so when
+/// `unregister` returns no aging call still runs on the removed subscriber. A writer must not
+/// be inside a read section of this list (a callback must not register or unregister).
 pub(crate) struct NotifierList {
-    current: RwLock<Arc<[Subscriber]>>,
+    srcu: Srcu,
+    current: SrcuCell<Vec<Subscriber>>,
+    writer: Mutex<()>,
     next_id: AtomicU64,
 }
 
 impl NotifierList {
     pub(crate) fn new() -> NotifierList {
         NotifierList {
-            current: RwLock::new(Arc::from(Vec::new())),
+            srcu: Srcu::new(),
+            current: SrcuCell::new(Arc::new(Vec::new())),
+            writer: Mutex::new(()),
             next_id: AtomicU64::new(1),
         }
     }
 
-    /// The subscribers now (invariant 1: use one snapshot for a whole start/end pair).
-    pub(crate) fn snapshot(&self) -> Arc<[Subscriber]> {
-        self.current.read().clone()
+    /// The subscribers now, as a snapshot an invalidation pair keeps for its start and end
+    /// (invariant 1).
+    pub(crate) fn snapshot(&self) -> Arc<Vec<Subscriber>> {
+        self.current.current()
+    }
+
+    /// Calls `f` on every subscriber of the current snapshot, inside an SRCU read section (no
+    /// shared cache line is written); returns how many were called.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&dyn MmuNotifier)) -> usize {
+        let guard = self.srcu.read_lock();
+        let subs = self.current.load(&guard);
+        for (_, n) in subs.iter() {
+            f(&**n);
+        }
+        subs.len()
+    }
+
+    /// Publishes `next` and waits until no reader can still see the old snapshot.
+    fn publish(&self, next: Vec<Subscriber>) -> Arc<Vec<Subscriber>> {
+        self.current.replace(Arc::new(next), &self.srcu).wait()
     }
 
     /// Adds a subscriber.
     pub(crate) fn register(&self, n: Arc<dyn MmuNotifier>) -> NotifierId {
         // ORDERING: Relaxed: ids only need to be unique.
         let id = NotifierId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let mut cur = self.current.write();
-        let mut v: Vec<Subscriber> = cur.iter().cloned().collect();
+        let _w = self.writer.lock();
+        let mut v: Vec<Subscriber> = (*self.current.current()).clone();
         v.push((id, n));
-        *cur = Arc::from(v);
+        drop(self.publish(v));
         id
     }
 
-    /// Removes a subscriber; false if `id` is not registered.
+    /// Removes a subscriber; false if `id` is not registered. When it returns, no aging call
+    /// runs on the subscriber any more (an invalidation pair that started before still ends).
     pub(crate) fn unregister(&self, id: NotifierId) -> bool {
-        let mut cur = self.current.write();
+        let _w = self.writer.lock();
+        let cur = self.current.current();
         if !cur.iter().any(|(i, _)| *i == id) {
             return false;
         }
         let v: Vec<Subscriber> = cur.iter().filter(|(i, _)| *i != id).cloned().collect();
-        *cur = Arc::from(v);
+        drop(cur);
+        drop(self.publish(v));
         true
     }
 
     /// Removes every subscriber and returns them.
-    pub(crate) fn take_all(&self) -> Arc<[Subscriber]> {
-        core::mem::replace(&mut *self.current.write(), Arc::from(Vec::new()))
+    pub(crate) fn take_all(&self) -> Arc<Vec<Subscriber>> {
+        let _w = self.writer.lock();
+        self.publish(Vec::new())
     }
 
     /// Number of subscribers now.
     pub(crate) fn len(&self) -> usize {
-        self.current.read().len()
+        self.current.current().len()
     }
 }
 
