@@ -11,7 +11,7 @@ use common::*;
 use kvmmu::internals::host::HostError;
 use kvmmu::prelude::*;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 const PAGES: u64 = 128;
 const SLOT_B_PAGES: u64 = 32;
@@ -38,6 +38,10 @@ fn run(aging: AgingMode) -> VmStats {
     f.vm.set_user_memory_region(region(1, SLOT_B_GPA, SLOT_B_PAGES * 4096, b_hva))
         .unwrap();
     let host_done = Arc::new(AtomicBool::new(false));
+    // The host churn starts once every vCPU finished a round, i.e. populated its churn pages: a
+    // host operation over a range with no present PTE notifies nobody, so on a loaded machine a
+    // host thread that ran all its rounds first would test nothing (and `seq` would stay 0).
+    let vcpu_rounds = Arc::new(AtomicU64::new(0));
     let slots_done = Arc::new(AtomicBool::new(false));
     let half = PAGES / 2;
     let churn_hva = hva_of(f.hva, half);
@@ -47,6 +51,7 @@ fn run(aging: AgingMode) -> VmStats {
         for id in 0..VCPUS {
             let vm = &f.vm;
             let (host_done, slots_done) = (host_done.clone(), slots_done.clone());
+            let vcpu_rounds = vcpu_rounds.clone();
             s.spawn(move || {
                 let mut vcpu = vm.create_vcpu().unwrap();
                 let mut last = vec![0u64; PAGES as usize];
@@ -94,6 +99,10 @@ fn run(aging: AgingMode) -> VmStats {
                     for p in (id as u64..half).step_by(VCPUS) {
                         assert_eq!(vcpu.read_u64(gpa(p)).unwrap(), last[p as usize]);
                     }
+                    if round == 1 {
+                        // ORDERING: Relaxed: a start signal; the host thread only waits for it.
+                        vcpu_rounds.fetch_add(1, Ordering::Relaxed);
+                    }
                     round += 1;
                 }
             });
@@ -136,7 +145,12 @@ fn run(aging: AgingMode) -> VmStats {
         {
             let host = &f.host;
             let host_done = host_done.clone();
+            let vcpu_rounds = vcpu_rounds.clone();
             s.spawn(move || {
+                // ORDERING: Relaxed: see `vcpu_rounds`.
+                while vcpu_rounds.load(Ordering::Relaxed) < VCPUS as u64 {
+                    std::thread::yield_now();
+                }
                 for i in 0..HOST_ROUNDS {
                     let off = (i * 7 % half) * 4096;
                     let len = (((i % 5) + 1) * 4096).min(churn_len - off);
