@@ -147,8 +147,12 @@ fn run(aging: AgingMode) -> VmStats {
             let host_done = host_done.clone();
             let vcpu_rounds = vcpu_rounds.clone();
             s.spawn(move || {
-                // ORDERING: Relaxed: see `vcpu_rounds`.
-                while vcpu_rounds.load(Ordering::Relaxed) < VCPUS as u64 {
+                // ORDERING: Relaxed: see `vcpu_rounds`. Bounded, so that a vCPU that panicked in
+                // its first round fails the test instead of hanging it.
+                let since = std::time::Instant::now();
+                while vcpu_rounds.load(Ordering::Relaxed) < VCPUS as u64
+                    && since.elapsed() < std::time::Duration::from_secs(120)
+                {
                     std::thread::yield_now();
                 }
                 for i in 0..HOST_ROUNDS {
