@@ -19,6 +19,10 @@ fn run(config: VmConfig) {
     let stop = Arc::new(AtomicBool::new(false));
     // Host page protection generation: odd while the churn half is read-only.
     let ro_epoch = Arc::new(AtomicU64::new(0));
+    // The host churn starts once every vCPU finished a round (populated its churn pages): a host
+    // operation over a range with no present PTE notifies nobody, so a host thread that ran
+    // first on a loaded machine would test nothing.
+    let vcpu_rounds = Arc::new(AtomicU64::new(0));
     let half = PAGES / 2;
     let churn_hva = hva_of(f.hva, half);
     let churn_len = half * 4096;
@@ -29,6 +33,7 @@ fn run(config: VmConfig) {
         for id in 0..VCPUS {
             let vm = &f.vm;
             let stop = stop.clone();
+            let vcpu_rounds = vcpu_rounds.clone();
             s.spawn(move || {
                 let mut vcpu = vm.create_vcpu().unwrap();
                 let mut last = vec![0u64; PAGES as usize];
@@ -63,6 +68,10 @@ fn run(config: VmConfig) {
                     for p in (id as u64..half).step_by(VCPUS) {
                         assert_eq!(vcpu.read_u64(gpa(p)).unwrap(), last[p as usize]);
                     }
+                    if round == 1 {
+                        // ORDERING: Relaxed: a start signal the host thread waits for.
+                        vcpu_rounds.fetch_add(1, Ordering::Relaxed);
+                    }
                     round += 1;
                 }
             });
@@ -90,7 +99,16 @@ fn run(config: VmConfig) {
         {
             let host = &f.host;
             let ro_epoch = ro_epoch.clone();
+            let vcpu_rounds = vcpu_rounds.clone();
             s.spawn(move || {
+                // ORDERING: Relaxed: see `vcpu_rounds`; bounded so a vCPU that panicked in its
+                // first round fails the test instead of hanging it.
+                let since = std::time::Instant::now();
+                while vcpu_rounds.load(Ordering::Relaxed) < VCPUS as u64
+                    && since.elapsed() < std::time::Duration::from_secs(120)
+                {
+                    std::thread::yield_now();
+                }
                 for i in 0..120u64 {
                     let off = (i * 7 % half) * 4096;
                     let len = ((i % 5) + 1) * 4096;

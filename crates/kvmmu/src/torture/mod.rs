@@ -14,7 +14,7 @@
 //!    `clear_young` / `test_young` / `clear_flush_young`, and the accessed oracle); memslots
 //!    (move, flag change, delete/create, alias create/delete); MMU reset (`reset_mmu`).
 //! 3. vCPUs stop after `ops_per_vcpu` operations each (or when `duration` elapses, or at the first
-//!    violation); the other actors stop with them, once each has completed an operation. A
+//!    violation); the other actors stop with them, once each has completed a few operations. A
 //!    watchdog fails the run, with every actor's last operation, if an actor makes no progress
 //!    for `stall_timeout`.
 //! 4. At quiescence and teardown the counter oracles run; then the VM is shut down and the host
@@ -481,6 +481,9 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
     })
 }
 
+/// Operations every non-vCPU actor completes before a run bounded by `ops_per_vcpu` stops.
+const MIN_OPS_PER_ACTOR: u64 = 8;
+
 /// Waits for the vCPUs to finish (or the duration to elapse, or a violation), stops the other
 /// actors, and watches for stalls. Returns true if an actor stalled (its thread is abandoned).
 fn supervise(cfg: &TortureConfig, vm: &Vm, sh: &Shared, threads: &[ActorThread]) -> bool {
@@ -508,12 +511,13 @@ fn supervise(cfg: &TortureConfig, vm: &Vm, sh: &Shared, threads: &[ActorThread])
             .all(done);
         // With a bounded operation count the vCPUs can finish before a descheduled actor ran
         // once (a loaded machine); such a run would test nothing of that actor, so the others
-        // stop only once each completed an operation (the watchdog still catches one that stalls).
+        // stop only once each completed MIN_OPS_PER_ACTOR operations (the watchdog still catches
+        // one that stalls).
         // ORDERING: Relaxed: a progress counter.
         let others_ran = threads
             .iter()
             .filter(|t| !matches!(t.actor, ActorId::Vcpu(_)))
-            .all(|t| done(t) || t.progress.ops.load(Ordering::Relaxed) > 0);
+            .all(|t| done(t) || t.progress.ops.load(Ordering::Relaxed) >= MIN_OPS_PER_ACTOR);
         if (vcpus_done && others_ran) || cfg.duration.is_some_and(|d| sh.started.elapsed() >= d) {
             // ORDERING: Relaxed: actors poll it (oracle protocol 4).
             sh.stop.store(true, Ordering::Relaxed);
