@@ -58,13 +58,20 @@ mod lru_gen;
 mod mm;
 mod notifier;
 mod pgtable;
+mod reclaim;
+mod swap;
 mod vma;
 mod words;
 
 pub use frames::{FrameArena, FrameStats, FrameTag, MAX_FRAMES, StaleAccess, WORDS_PER_FRAME};
 pub use idle::{IdleState, PageIdle};
-pub use lru_gen::{AGING_CHUNK_PAGES, AgingPass, LruGen};
+pub use lru_gen::{AGING_CHUNK_PAGES, AgingPass, LruGen, MIN_NR_GENS};
 pub use mm::{GupPage, HostConfig, HostMm, HostPte, HostStats, MMAP_MIN_ADDR, Prot, TASK_SIZE};
+pub use reclaim::{
+    Kswapd, MAX_DIRECT_RECLAIM_ATTEMPTS, MAX_NR_GENS, MIN_LIMIT_FRAMES, ReclaimAging, ReclaimConfig,
+    ReclaimError, ReclaimStats, SWAP_CLUSTER_MAX,
+};
+pub use swap::{MAX_SWAP_SLOTS, SwapStats};
 pub use notifier::{InvalidateEvent, MmuNotifier, NotifierId, NotifierRange, YoungBitmap};
 
 use crate::addr::{Hva, Pfn};
