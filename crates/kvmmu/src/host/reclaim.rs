@@ -41,6 +41,7 @@ use super::mm::GupPage;
 use super::{AGING_CHUNK_PAGES, GupError, HostError};
 use crate::addr::{Hva, Pfn};
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::witness::thread_mmu_lock_wait_nanos;
 use crate::sync::{Condvar, Mutex, guest_mode};
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -152,6 +153,11 @@ pub struct ReclaimStats {
     pub swap_full: u64,
     /// `invalidate_range_start` calls made by eviction (one per evicted page attempt).
     pub invalidate_pairs: u64,
+    /// Nanoseconds eviction's `invalidate_range_start` calls spent waiting for a VM's
+    /// `mmu_lock` (held by a fault, a zap or locked aging).
+    pub invalidate_mmu_lock_wait_nanos: u64,
+    /// Nanoseconds aging passes spent waiting for a VM's `mmu_lock` (locked aging only).
+    pub aging_mmu_lock_wait_nanos: u64,
     /// Oldest and youngest generation.
     pub min_seq: u32,
     /// Youngest generation.
@@ -191,6 +197,8 @@ pub(crate) struct Reclaim {
     young: AtomicU64,
     aging_nanos: AtomicU64,
     pairs: AtomicU64,
+    invalidate_wait: AtomicU64,
+    aging_wait: AtomicU64,
     latencies: Mutex<Vec<u32>>,
     kswapd: Mutex<KswapdState>,
     kswapd_cv: Condvar,
@@ -212,6 +220,8 @@ impl Default for Reclaim {
             young: AtomicU64::new(0),
             aging_nanos: AtomicU64::new(0),
             pairs: AtomicU64::new(0),
+            invalidate_wait: AtomicU64::new(0),
+            aging_wait: AtomicU64::new(0),
             latencies: Mutex::new(Vec::new()),
             kswapd: Mutex::new(KswapdState::default()),
             kswapd_cv: Condvar::new(),
@@ -384,6 +394,8 @@ impl HostMm {
             aging_nanos: ld(&r.aging_nanos),
             swap_full: swap.full,
             invalidate_pairs: ld(&r.pairs),
+            invalidate_mmu_lock_wait_nanos: ld(&r.invalidate_wait),
+            aging_mmu_lock_wait_nanos: ld(&r.aging_wait),
             min_seq,
             max_seq,
             swap,
@@ -570,6 +582,7 @@ impl HostMm {
         let r = &self.inner.reclaim;
         let _one = a.aging.lock();
         let t0 = Instant::now();
+        let waited = thread_mmu_lock_wait_nanos();
         let seq = a.gens.new_generation();
         bump(&r.passes, 1);
         if a.cfg.aging == ReclaimAging::None {
@@ -613,6 +626,7 @@ impl HostMm {
             }
         }
         bump(&r.aging_nanos, t0.elapsed().as_nanos() as u64);
+        bump(&r.aging_wait, thread_mmu_lock_wait_nanos() - waited);
     }
 
     /// Evicts host page `page` if frame `pfn` still backs it (module doc, R2, R3).
@@ -638,6 +652,7 @@ impl HostMm {
             event: InvalidateEvent::Reclaim,
             blockable: true,
         };
+        let waited = thread_mmu_lock_wait_nanos();
         let t0 = Instant::now();
         let pair = if cfg!(feature = "broken-evict-no-invalidate") {
             None
@@ -651,6 +666,7 @@ impl HostMm {
         };
         let nanos = u32::try_from(t0.elapsed().as_nanos()).unwrap_or(u32::MAX);
         bump(&r.pairs, 1);
+        bump(&r.invalidate_wait, thread_mmu_lock_wait_nanos() - waited);
         {
             let mut l = r.latencies.lock();
             if l.len() < MAX_LATENCY_SAMPLES {

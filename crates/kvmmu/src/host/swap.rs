@@ -62,9 +62,21 @@ pub struct SwapStats {
     pub full: u64,
 }
 
+/// Words of a page kept as (index, value) pairs when at most this many are non-zero (like
+/// zswap's same-filled pages: a mostly-empty page costs a few bytes, not 4 KiB).
+const SPARSE_MAX: usize = 32;
+
+/// The contents of one slot.
+enum SlotData {
+    /// A page with at most [`SPARSE_MAX`] non-zero words.
+    Sparse(Box<[(u16, u64)]>),
+    /// Any other page.
+    Full(Box<[u64; WORDS_PER_FRAME]>),
+}
+
 #[derive(Default)]
 struct Slots {
-    data: Vec<Option<Box<[u64; WORDS_PER_FRAME]>>>,
+    data: Vec<Option<SlotData>>,
     free: Vec<u32>,
 }
 
@@ -122,36 +134,59 @@ impl SwapDevice {
                 return None;
             }
         };
-        let mut page = s.data[slot as usize]
-            .take()
-            .unwrap_or_else(|| Box::new([0; WORDS_PER_FRAME]));
+        let mut page = [0u64; WORDS_PER_FRAME];
+        let mut nonzero = 0;
         for (d, w) in page.iter_mut().zip(words) {
             // ORDERING: Relaxed: the caller holds mmap_lock write after invalidate_range_start
             // returned, so no writer can reach the frame (host H1, S1).
             *d = w.load(Ordering::Relaxed);
+            nonzero += usize::from(*d != 0);
         }
-        s.data[slot as usize] = Some(page);
+        let data = if nonzero <= SPARSE_MAX {
+            let pairs: Vec<(u16, u64)> = (0..WORDS_PER_FRAME)
+                .filter(|&i| page[i] != 0)
+                .map(|i| (i as u16, page[i]))
+                .collect();
+            SlotData::Sparse(pairs.into_boxed_slice())
+        } else {
+            SlotData::Full(Box::new(page))
+        };
+        s.data[slot as usize] = Some(data);
         bump(&self.used, 1);
         bump(&self.swap_outs, 1);
         Some(slot)
     }
 
-    /// Copies slot `slot` into `words` (one frame the caller owns exclusively, not yet published).
-    /// A slot freed meanwhile (the caller lost the refault race, S3) reads as zeros; the caller's
-    /// CAS then fails and the copy is discarded.
+    /// Copies slot `slot` into `words` (one zero-filled frame the caller owns exclusively, not yet
+    /// published). A slot freed meanwhile (the caller lost the refault race, S3) leaves the frame
+    /// zero; the caller's CAS then fails and the copy is discarded.
     pub(crate) fn load_into(&self, slot: u32, words: &[AtomicU64]) {
         let s = self.slots.lock();
-        let page = s.data.get(slot as usize).and_then(|p| p.as_deref());
-        for (i, w) in words.iter().enumerate() {
-            // ORDERING: Relaxed: the frame is published later by the caller's release CAS.
-            w.store(page.map_or(0, |p| p[i]), Ordering::Relaxed);
+        // ORDERING (every store here): Relaxed: the frame is published later by the caller's
+        // release CAS. The frame comes zero-filled from the arena.
+        match s.data.get(slot as usize).and_then(Option::as_ref) {
+            Some(SlotData::Full(page)) => {
+                for (w, v) in words.iter().zip(page.iter()) {
+                    w.store(*v, Ordering::Relaxed);
+                }
+            }
+            Some(SlotData::Sparse(pairs)) => {
+                for &(i, v) in pairs.iter() {
+                    if let Some(w) = words.get(usize::from(i)) {
+                        w.store(v, Ordering::Relaxed);
+                    }
+                }
+            }
+            None => {}
         }
     }
 
     /// Returns slot `slot` to the free list (S3: by the thread that removed its swap entry).
     pub(crate) fn free(&self, slot: u32, swapped_in: bool) {
         let mut s = self.slots.lock();
-        if (slot as usize) < s.data.len() {
+        if let Some(d) = s.data.get_mut(slot as usize) {
+            // The contents go with the slot: a drained device holds no memory.
+            *d = None;
             s.free.push(slot);
             bump(&self.used, -1);
             if swapped_in {
