@@ -12,6 +12,7 @@ pub mod access_tracking;
 pub mod compare;
 pub mod error;
 pub mod mmu_stress;
+pub mod reclaim;
 pub mod report;
 pub mod size;
 pub mod vcpus;

@@ -45,6 +45,9 @@ pub enum Command {
     MmuStress(kvmmu_cli::mmu_stress::StressCommand),
     /// Run one workload in several configurations, alternated; print medians and ratios.
     Compare(kvmmu_cli::compare::CompareArgs),
+    /// Memory overcommit: vCPUs run a hot and a cold set under a host memory limit while reclaim
+    /// ages and evicts to swap; reports invalidate_range_start latency, evictions and refaults.
+    Reclaim(kvmmu_cli::reclaim::ReclaimCommand),
     /// Run every MMU actor at once under oracles (rcutorture-style); fails on any violation.
     Torture(torture::TortureArgs),
     /// Benchmark kvmmu against its hardware limits and its peers (medians and ratios).
@@ -123,6 +126,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         Some(Command::Run(args)) => workload::main(&args)?,
         Some(Command::AccessTracking(cmd)) => kvmmu_cli::access_tracking::main(&cmd)?,
         Some(Command::MmuStress(cmd)) => kvmmu_cli::mmu_stress::main(&cmd)?,
+        Some(Command::Reclaim(cmd)) => kvmmu_cli::reclaim::main(&cmd)?,
         Some(Command::Compare(mut args)) => {
             args.explicit = explicit_workload_flags(matches);
             kvmmu_cli::compare::main(&args)?
@@ -157,7 +161,7 @@ fn hoist_compare_flags(args: Vec<OsString>) -> Vec<OsString> {
     }
     let Some(w) = args
         .iter()
-        .position(|a| matches!(a.to_str(), Some("access-tracking" | "mmu-stress")))
+        .position(|a| matches!(a.to_str(), Some("access-tracking" | "mmu-stress" | "reclaim")))
     else {
         return args;
     };
