@@ -330,8 +330,8 @@ pub fn run(a: &ReclaimArgs) -> anyhow::Result<Report> {
     let hs = host.stats();
     let vs = vm.stats();
     let latencies = host.take_invalidate_latencies();
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
-        .context("latency histogram")?;
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).context("latency histogram")?;
     for l in &latencies {
         hist.saturating_record(u64::from(*l).max(1));
     }
@@ -345,19 +345,42 @@ pub fn run(a: &ReclaimArgs) -> anyhow::Result<Report> {
     r.config("hot_access_percent", a.hot_access_percent);
     r.config("duration_s", a.duration.as_secs_f64());
     r.config("mmu", a.mmu);
-    r.config("aging", if a.no_aging { "none".into() } else { format!("{:?}", a.aging).to_lowercase() });
+    r.config(
+        "aging",
+        if a.no_aging {
+            "none".into()
+        } else {
+            format!("{:?}", a.aging).to_lowercase()
+        },
+    );
     let accesses: u64 = results.iter().map(|v| v.accesses).sum();
     let ns = |v: u64| v as f64 * 1e-9;
     if !hist.is_empty() {
-        r.metrics.insert("invalidate_range_start p50".into(), ns(hist.value_at_quantile(0.5)));
-        r.metrics.insert("invalidate_range_start p99".into(), ns(hist.value_at_quantile(0.99)));
-        r.metrics.insert("invalidate_range_start max".into(), ns(hist.max()));
+        r.metrics.insert(
+            "invalidate_range_start p50".into(),
+            ns(hist.value_at_quantile(0.5)),
+        );
+        r.metrics.insert(
+            "invalidate_range_start p99".into(),
+            ns(hist.value_at_quantile(0.99)),
+        );
+        r.metrics
+            .insert("invalidate_range_start max".into(), ns(hist.max()));
     }
-    r.metrics.insert("evictions/s".into(), rs.evicted as f64 / elapsed);
-    r.metrics.insert("refaults/s".into(), rs.refaults as f64 / elapsed);
-    r.metrics.insert("vcpu accesses/s".into(), accesses as f64 / elapsed);
-    r.metrics.insert("evict mmu_lock wait".into(), ns(rs.invalidate_mmu_lock_wait_nanos));
-    r.metrics.insert("aging mmu_lock wait".into(), ns(rs.aging_mmu_lock_wait_nanos));
+    r.metrics
+        .insert("evictions/s".into(), rs.evicted as f64 / elapsed);
+    r.metrics
+        .insert("refaults/s".into(), rs.refaults as f64 / elapsed);
+    r.metrics
+        .insert("vcpu accesses/s".into(), accesses as f64 / elapsed);
+    r.metrics.insert(
+        "evict mmu_lock wait".into(),
+        ns(rs.invalidate_mmu_lock_wait_nanos),
+    );
+    r.metrics.insert(
+        "aging mmu_lock wait".into(),
+        ns(rs.aging_mmu_lock_wait_nanos),
+    );
     r.metrics.insert("aging time".into(), ns(rs.aging_nanos));
     for (k, v) in [
         ("vcpu_accesses", accesses),
@@ -386,7 +409,8 @@ pub fn run(a: &ReclaimArgs) -> anyhow::Result<Report> {
         lock.contended_reads - lock_before.contended_reads,
     );
     r.counts.insert("pf_taken".into(), vs.faults);
-    r.counts.insert("remote_tlb_flush".into(), vs.remote_tlb_flush);
+    r.counts
+        .insert("remote_tlb_flush".into(), vs.remote_tlb_flush);
 
     let mismatches: u64 = results.iter().map(|v| v.mismatches).sum();
     let first = results.iter().find_map(|v| v.first_mismatch.clone());
@@ -421,7 +445,10 @@ pub fn run(a: &ReclaimArgs) -> anyhow::Result<Report> {
     r.require(
         "the limit held",
         rs.charged <= plan.limit_frames,
-        format!("{} frames resident, limit {}", rs.charged, plan.limit_frames),
+        format!(
+            "{} frames resident, limit {}",
+            rs.charged, plan.limit_frames
+        ),
     );
     r.require(
         "reclaim ran",
@@ -444,7 +471,11 @@ pub fn run(a: &ReclaimArgs) -> anyhow::Result<Report> {
         if killed.is_empty() {
             "every vCPU ran for the whole duration".into()
         } else {
-            format!("{} (swap full: {} refusals)", killed.join("; "), rs.swap.full)
+            format!(
+                "{} (swap full: {} refusals)",
+                killed.join("; "),
+                rs.swap.full
+            )
         },
     );
     r.notes.push(
@@ -453,7 +484,8 @@ pub fn run(a: &ReclaimArgs) -> anyhow::Result<Report> {
             .into(),
     );
     if progress::interrupted() {
-        r.notes.push("interrupted by Ctrl-C before --duration elapsed".into());
+        r.notes
+            .push("interrupted by Ctrl-C before --duration elapsed".into());
     }
     Ok(r)
 }
@@ -484,7 +516,10 @@ pub fn main(cmd: &ReclaimCommand) -> anyhow::Result<()> {
                 "kvmmu reclaim: invalidate_range_start latency ({} vCPUs, {:?} MMU, aging {})",
                 cmd.args.vcpus,
                 cmd.args.mmu,
-                r.config.get("aging").and_then(|v| v.as_str()).unwrap_or("?")
+                r.config
+                    .get("aging")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("?")
             ),
             &cats,
             &[plot::Series {
@@ -571,8 +606,16 @@ mod tests {
         a.hot_percent = 100;
         a.duration = Duration::from_secs(30);
         let r = run(&a).unwrap();
-        let oom = r.checks.iter().find(|c| c.name == "no vCPU OOM-killed").unwrap();
+        let oom = r
+            .checks
+            .iter()
+            .find(|c| c.name == "no vCPU OOM-killed")
+            .unwrap();
         assert_eq!(oom.status, Status::Warn, "{}", oom.detail);
-        assert!(r.passed, "an OOM kill is not a failed check: {}", r.failures());
+        assert!(
+            r.passed,
+            "an OOM kill is not a failed check: {}",
+            r.failures()
+        );
     }
 }

@@ -89,12 +89,14 @@ fn scenario(config: VmConfig, aging: ReclaimAging) -> Vec<String> {
                     let i = if op % 4 != 0 { i % (mine.len() / 4) } else { i };
                     let g = gpa(mine[i]);
                     let end = Gpa::new(g.raw() + 4088);
-                    if next(&mut x) % 2 == 0 {
+                    if next(&mut x).is_multiple_of(2) {
                         let v = (id << 56) | (op + 1);
                         let r = vcpu.write_u64(g, v).and_then(|()| vcpu.write_u64(end, !v));
                         match r {
                             Ok(()) => last[i] = v,
-                            Err(e) => problems.push(format!("vcpu{id} write page {}: {e}", mine[i])),
+                            Err(e) => {
+                                problems.push(format!("vcpu{id} write page {}: {e}", mine[i]))
+                            }
                         }
                     } else {
                         let r = vcpu.read_u64(g).and_then(|a| Ok((a, vcpu.read_u64(end)?)));
@@ -217,12 +219,20 @@ fn tdp_locked_aging_reclaim_loses_no_data() {
 
 #[test]
 fn shadow_lockless_aging_reclaim_loses_no_data() {
-    check(MmuKind::Shadow, AgingMode::Lockless, ReclaimAging::Generations);
+    check(
+        MmuKind::Shadow,
+        AgingMode::Lockless,
+        ReclaimAging::Generations,
+    );
 }
 
 #[test]
 fn shadow_locked_aging_reclaim_loses_no_data() {
-    check(MmuKind::Shadow, AgingMode::Locked, ReclaimAging::Generations);
+    check(
+        MmuKind::Shadow,
+        AgingMode::Locked,
+        ReclaimAging::Generations,
+    );
 }
 
 #[test]

@@ -91,7 +91,10 @@ fn a_full_swap_device_is_an_out_of_memory_error_and_other_pages_stay_intact() {
         }
         assert!(written < 64, "16 frames + 8 slots cannot hold 64 pages");
     };
-    assert!(matches!(err, HostError::Gup(GupError::OutOfFrames)), "{err}");
+    assert!(
+        matches!(err, HostError::Gup(GupError::OutOfFrames)),
+        "{err}"
+    );
     assert_eq!(written, 24, "the limit plus the swap device");
     let s = host.reclaim_stats();
     assert!(s.oom_kills >= 1 && s.swap.full >= 1);
@@ -240,7 +243,11 @@ fn a_vcpu_beyond_a_full_swap_gets_a_clean_out_of_memory_exit() {
         "{exit}"
     );
     let (resident, swapped) = split_resident(&host, hva, written);
-    assert_eq!(resident.len() + swapped.len(), 20, "the limit plus the swap device");
+    assert_eq!(
+        resident.len() + swapped.len(),
+        20,
+        "the limit plus the swap device"
+    );
     for &p in &resident {
         assert_eq!(vcpu.read_u64(gpa(p)).unwrap(), p + 1, "page {p} intact");
         host.madvise_dontneed(hva_of(hva, p), PAGE).unwrap();

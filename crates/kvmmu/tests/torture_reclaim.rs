@@ -2,7 +2,7 @@
 //! modes: vCPU pages evicted to swap at random are refaulted intact, and every oracle passes.
 
 use kvmmu::config::{AgingMode, MmuKind};
-use kvmmu::torture::{Actors, ActorId, TortureConfig, run};
+use kvmmu::torture::{ActorId, Actors, TortureConfig, run};
 
 fn assert_passes(seed: u64, mmu: MmuKind, aging: AgingMode) {
     let cfg = TortureConfig {
@@ -21,7 +21,10 @@ fn assert_passes(seed: u64, mmu: MmuKind, aging: AgingMode) {
         .iter()
         .find(|a| a.actor == ActorId::Reclaim)
         .expect("the reclaim actor ran");
-    assert!(reclaim.ops > 0, "the reclaim actor made no progress:\n{report}");
+    assert!(
+        reclaim.ops > 0,
+        "the reclaim actor made no progress:\n{report}"
+    );
 }
 
 #[test]

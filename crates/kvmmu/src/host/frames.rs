@@ -335,7 +335,9 @@ impl FrameArena {
     /// swap; the caller owns the frame exclusively (eviction under `mmap_lock` write after the
     /// invalidation, or a refault before the frame is published).
     pub(super) fn frame_contents(&self, pfn: Pfn) -> Option<&[AtomicU64]> {
-        let i = usize::try_from(pfn.raw()).ok().filter(|&i| i < self.nframes)?;
+        let i = usize::try_from(pfn.raw())
+            .ok()
+            .filter(|&i| i < self.nframes)?;
         Some(self.frame_words(i))
     }
 

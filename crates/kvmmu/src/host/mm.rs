@@ -431,7 +431,12 @@ impl HostMm {
     /// GUP with `mmap_lock` held for read: the PTE of `hva`, faulting a zero-filled frame in if
     /// needed, with young (and dirty on write) set.
     #[inline]
-    pub(super) fn gup_locked(&self, vmas: &Vmas, hva: Hva, write: bool) -> Result<GupPage, GupError> {
+    pub(super) fn gup_locked(
+        &self,
+        vmas: &Vmas,
+        hva: Hva,
+        write: bool,
+    ) -> Result<GupPage, GupError> {
         let page = hva.page();
         let vma = vmas.find(page).ok_or(GupError::NotMapped { hva })?;
         if (write && !vma.writable()) || !vma.readable() {

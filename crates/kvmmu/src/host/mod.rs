@@ -67,12 +67,12 @@ pub use frames::{FrameArena, FrameStats, FrameTag, MAX_FRAMES, StaleAccess, WORD
 pub use idle::{IdleState, PageIdle};
 pub use lru_gen::{AGING_CHUNK_PAGES, AgingPass, LruGen, MIN_NR_GENS};
 pub use mm::{GupPage, HostConfig, HostMm, HostPte, HostStats, MMAP_MIN_ADDR, Prot, TASK_SIZE};
+pub use notifier::{InvalidateEvent, MmuNotifier, NotifierId, NotifierRange, YoungBitmap};
 pub use reclaim::{
-    Kswapd, MAX_DIRECT_RECLAIM_ATTEMPTS, MAX_NR_GENS, MIN_LIMIT_FRAMES, ReclaimAging, ReclaimConfig,
-    ReclaimError, ReclaimStats, SWAP_CLUSTER_MAX,
+    Kswapd, MAX_DIRECT_RECLAIM_ATTEMPTS, MAX_NR_GENS, MIN_LIMIT_FRAMES, ReclaimAging,
+    ReclaimConfig, ReclaimError, ReclaimStats, SWAP_CLUSTER_MAX,
 };
 pub use swap::{MAX_SWAP_SLOTS, SwapStats};
-pub use notifier::{InvalidateEvent, MmuNotifier, NotifierId, NotifierRange, YoungBitmap};
 
 use crate::addr::{Hva, Pfn};
 

@@ -33,11 +33,11 @@
 
 use super::frames::FrameArena;
 use super::lru_gen::{FrameGens, MIN_NR_GENS};
+use super::mm::GupPage;
 use super::mm::HostMm;
 use super::notifier::{InvalidateEvent, InvalidationPair, NotifierRange, YoungBitmap};
 use super::swap::{MAX_SWAP_SLOTS, SwapDevice, SwapStats, swap_entry};
 use super::vma::{page_hva, pte, pte_frame};
-use super::mm::GupPage;
 use super::{AGING_CHUNK_PAGES, GupError, HostError};
 use crate::addr::{Hva, Pfn};
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
