@@ -13,6 +13,10 @@
 //!   `release` before any frame is freed. Aging (`clear_young`, `clear_flush_young`, `test_young`,
 //!   `clear_young_range`) combines the host young bits with one subscriber call per range.
 //!
+//! - Under a memory limit ([`HostMm::enable_reclaim`]) reclaim evicts pages to swap inside an
+//!   invalidate pair, and GUP refaults them (`reclaim` and `swap` modules, invariants R1–R4 and
+//!   S1–S3 in `docs/invariants.md`).
+//!
 //! - A thread that holds a vCPU in guest mode is refused, at the entry and before any change,
 //!   every operation that takes `mm_writer` or calls subscribers (a subscriber may wait for that
 //!   vCPU's TLB-flush acknowledgement): [`HostError::InGuestMode`], or a panic for `release` and
@@ -39,10 +43,12 @@
 //!   snapshot, and before `invalidate_range_end` is called on the same snapshot. An operation
 //!   that skips the notifier (no present PTE affected) checks and changes in one write-locked
 //!   section, so a concurrent GUP cannot make a page present in between.
-//! - H2. A frame is freed only after the PTE naming it was swapped to 0 under `mmap_lock` write;
-//!   so a present PTE always names an allocated frame whose tag it records.
-//! - H3. Under `mmap_lock` read a PTE only goes from 0 to present (GUP's CAS) and gains or loses
-//!   young/dirty bits; a reader that saw a present PTE may use its frame until it drops the lock.
+//! - H2. A frame is freed only after the PTE naming it was swapped to 0 (or, by reclaim, to a swap
+//!   entry) under `mmap_lock` write; so a present PTE always names an allocated frame whose tag it
+//!   records.
+//! - H3. Under `mmap_lock` read a PTE only goes from 0 or a swap entry to present (GUP's CAS: a
+//!   first touch or a refault) and gains or loses young/dirty bits; a reader that saw a present
+//!   PTE may use its frame until it drops the lock.
 //! - H4. Validation happens before any notifier call or change; a failed operation changes nothing
 //!   and calls no subscriber.
 //! - H5. Every mapped page lies below [`TASK_SIZE`], so its number fits a [`FrameTag`].
