@@ -22,6 +22,7 @@ use super::mm::{check_mapped, page_range};
 use super::{HostError, HostMm, YoungBitmap};
 use crate::addr::{Hva, PAGE_SIZE};
 use crate::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 /// Pages aged per range call by [`LruGen::age`] (one leaf page table's worth): bounds the
 /// bitmap and how long one notifier call keeps a secondary MMU busy.
@@ -38,6 +39,28 @@ pub struct AgingPass {
     pub young: u64,
 }
 
+/// One bin of a working-set report ([`LruGen::working_set`]): resident memory by idle age,
+/// like crosvm's balloon `WorkingSetBucket`.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct WorkingSetBin {
+    /// Aging passes since these pages were last found young (the last bin: at least this many).
+    pub idle_passes: u32,
+    /// Time since the pass that last found them young (the oldest such pass for the last bin).
+    pub idle: Duration,
+    /// Resident bytes in the bin.
+    pub bytes: u64,
+}
+
+/// A working-set estimate of one tracked range: bins of {idle age, bytes}, youngest first, whose
+/// bytes add up to the range's resident memory.
+#[derive(Clone, PartialEq, Debug, Default)]
+pub struct WorkingSet {
+    /// The bins, youngest first.
+    pub bins: Vec<WorkingSetBin>,
+    /// Resident bytes of the range (the bins' total).
+    pub resident_bytes: u64,
+}
+
 /// Generations of the pages of one host range.
 #[derive(Debug)]
 pub struct LruGen {
@@ -45,6 +68,8 @@ pub struct LruGen {
     start: Hva,
     gens: Vec<u32>,
     max_gen: u32,
+    /// When each generation was created (index = generation; 0 = tracking start).
+    born: Vec<Instant>,
 }
 
 impl LruGen {
@@ -69,6 +94,7 @@ impl LruGen {
             start: hva,
             gens,
             max_gen: 0,
+            born: vec![Instant::now()],
         })
     }
 
@@ -88,9 +114,11 @@ impl LruGen {
             generation,
             ..AgingPass::default()
         };
+        let started = Instant::now();
         let result = self.age_chunks(&mut pass);
         if result.is_ok() || pass.young > 0 {
             self.max_gen = generation;
+            self.born.push(started);
         }
         result.map(|()| pass)
     }
@@ -122,6 +150,46 @@ impl LruGen {
             first += pages;
         }
         Ok(())
+    }
+
+    /// The working-set estimate (module doc): resident pages binned by the number of aging passes
+    /// since one last found them young, bins `0..nbins-1` one pass each and the last bin everything
+    /// older (`nbins` is clamped to 1..=64). Pages never found young count from tracking start.
+    pub fn working_set(&self, nbins: usize) -> WorkingSet {
+        let nbins = nbins.clamp(1, 64);
+        let now = Instant::now();
+        let h = self.histogram();
+        let mut ws = WorkingSet::default();
+        for k in 0..nbins as u32 {
+            let last = k as usize + 1 == nbins;
+            // Generations `max_gen - k` (or every older one, for the last bin).
+            let Some(g) = self.max_gen.checked_sub(k) else {
+                break;
+            };
+            let pages: u64 = if last {
+                h[..=g as usize].iter().sum()
+            } else {
+                h[g as usize]
+            };
+            let bytes = pages * PAGE_SIZE;
+            ws.resident_bytes += bytes;
+            ws.bins.push(WorkingSetBin {
+                idle_passes: k,
+                idle: now.saturating_duration_since(self.born[g as usize]),
+                bytes,
+            });
+        }
+        ws
+    }
+
+    /// Page indexes (from the range's start) found young by the last aging pass, in order.
+    pub fn young_in_last_pass(&self) -> impl Iterator<Item = u64> + '_ {
+        let g = self.max_gen;
+        self.gens
+            .iter()
+            .enumerate()
+            .filter(move |(_, x)| **x == g && g > 0)
+            .map(|(i, _)| i as u64)
     }
 
     /// The youngest generation.
@@ -346,6 +414,26 @@ mod tests {
             host.test_young(Hva::new(hva.raw() + (AGING_CHUNK_PAGES + 1) * PAGE_SIZE))
                 .unwrap()
         );
+    }
+
+    #[test]
+    fn working_set_bins_add_up_to_resident_memory_and_age_with_passes() {
+        let host = HostMm::new(HostConfig { frames: 64 }).unwrap();
+        let hva = host.mmap(8 * PAGE_SIZE, Prot::READ | Prot::WRITE).unwrap();
+        for p in 0..6 {
+            host.write_u64(Hva::new(hva.raw() + p * PAGE_SIZE), p)
+                .unwrap();
+        }
+        let mut lru = LruGen::new(&host, hva, 8 * PAGE_SIZE).unwrap();
+        lru.age().unwrap();
+        host.read_u64(hva).unwrap();
+        lru.age().unwrap();
+        assert_eq!(lru.young_in_last_pass().collect::<Vec<_>>(), vec![0]);
+        let ws = lru.working_set(4);
+        let bytes: Vec<u64> = ws.bins.iter().map(|b| b.bytes / PAGE_SIZE).collect();
+        assert_eq!(bytes, vec![1, 5, 0], "1 page young now, 5 one pass ago");
+        assert_eq!(ws.resident_bytes, 6 * PAGE_SIZE);
+        assert!(ws.bins[0].idle <= ws.bins[1].idle);
     }
 
     #[test]
