@@ -16,6 +16,7 @@ pub mod reclaim;
 pub mod report;
 pub mod size;
 pub mod vcpus;
+pub mod wss;
 
 use clap::{Args, ValueEnum};
 use kvmmu::prelude::{AgingMode, MmuKind, VmConfig};

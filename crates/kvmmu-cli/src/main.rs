@@ -48,6 +48,9 @@ pub enum Command {
     /// Memory overcommit: vCPUs run a hot and a cold set under a host memory limit while reclaim
     /// ages and evicts to swap; reports invalidate_range_start latency, evictions and refaults.
     Reclaim(kvmmu_cli::reclaim::ReclaimCommand),
+    /// Working-set estimation: bins of {idle age, bytes} per window, per memslot and per VM, with
+    /// their accuracy against the vCPUs' actual accesses.
+    Wss(kvmmu_cli::wss::WssArgs),
     /// Run every MMU actor at once under oracles (rcutorture-style); fails on any violation.
     Torture(torture::TortureArgs),
     /// Benchmark kvmmu against its hardware limits and its peers (medians and ratios).
@@ -127,6 +130,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         Some(Command::AccessTracking(cmd)) => kvmmu_cli::access_tracking::main(&cmd)?,
         Some(Command::MmuStress(cmd)) => kvmmu_cli::mmu_stress::main(&cmd)?,
         Some(Command::Reclaim(cmd)) => kvmmu_cli::reclaim::main(&cmd)?,
+        Some(Command::Wss(args)) => kvmmu_cli::wss::main(&args)?,
         Some(Command::Compare(mut args)) => {
             args.explicit = explicit_workload_flags(matches);
             kvmmu_cli::compare::main(&args)?

@@ -71,9 +71,7 @@ mod words;
 
 pub use frames::{FrameArena, FrameStats, FrameTag, MAX_FRAMES, StaleAccess, WORDS_PER_FRAME};
 pub use idle::{IdleState, PageIdle};
-pub use lru_gen::{
-    AGING_CHUNK_PAGES, AgingPass, LruGen, MIN_NR_GENS, WorkingSet, WorkingSetBin,
-};
+pub use lru_gen::{AGING_CHUNK_PAGES, AgingPass, LruGen, MIN_NR_GENS, WorkingSet, WorkingSetBin};
 pub use mm::{GupPage, HostConfig, HostMm, HostPte, HostStats, MMAP_MIN_ADDR, Prot, TASK_SIZE};
 pub use notifier::{InvalidateEvent, MmuNotifier, NotifierId, NotifierRange, YoungBitmap};
 pub use reclaim::{
