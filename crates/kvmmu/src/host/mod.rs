@@ -60,6 +60,7 @@
 mod aging;
 mod frames;
 mod idle;
+mod kswapd;
 mod lru_gen;
 mod mm;
 mod notifier;
@@ -71,12 +72,13 @@ mod words;
 
 pub use frames::{FrameArena, FrameStats, FrameTag, MAX_FRAMES, StaleAccess, WORDS_PER_FRAME};
 pub use idle::{IdleState, PageIdle};
+pub use kswapd::Kswapd;
 pub use lru_gen::{AGING_CHUNK_PAGES, AgingPass, LruGen, MIN_NR_GENS, WorkingSet, WorkingSetBin};
 pub use mm::{GupPage, HostConfig, HostMm, HostPte, HostStats, MMAP_MIN_ADDR, Prot, TASK_SIZE};
 pub use notifier::{InvalidateEvent, MmuNotifier, NotifierId, NotifierRange, YoungBitmap};
 pub use reclaim::{
-    Kswapd, MAX_DIRECT_RECLAIM_ATTEMPTS, MAX_NR_GENS, MIN_LIMIT_FRAMES, ReclaimAging,
-    ReclaimConfig, ReclaimError, ReclaimStats, SWAP_CLUSTER_MAX,
+    MAX_DIRECT_RECLAIM_ATTEMPTS, MAX_NR_GENS, MIN_LIMIT_FRAMES, ReclaimAging, ReclaimConfig,
+    ReclaimStats, SWAP_CLUSTER_MAX,
 };
 pub use swap::{MAX_SWAP_SLOTS, SwapStats};
 
@@ -216,6 +218,53 @@ pub enum HostError {
     /// own TLB-flush acknowledgement. Refused before anything changed or anyone was called.
     #[error(transparent)]
     InGuestMode(#[from] crate::sync::guest_mode::InGuestMode),
+}
+
+/// Why a reclaim request was refused (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum ReclaimError {
+    /// The limit is below [`MIN_LIMIT_FRAMES`].
+    #[error("memory limit of {limit} frames is below the minimum of {min}")]
+    LimitTooSmall {
+        /// The requested limit.
+        limit: u64,
+        /// [`MIN_LIMIT_FRAMES`].
+        min: u64,
+    },
+    /// The limit is not below the arena's size (it would never be reached).
+    #[error("memory limit of {limit} frames is not below the {capacity} frames of the arena")]
+    LimitAboveArena {
+        /// The requested limit.
+        limit: u64,
+        /// The arena's frames.
+        capacity: u64,
+    },
+    /// More swap slots than a swap entry can name.
+    #[error("{slots} swap slots is more than the maximum of {max}")]
+    SwapTooLarge {
+        /// The requested slots.
+        slots: u64,
+        /// [`MAX_SWAP_SLOTS`].
+        max: u64,
+    },
+    /// Reclaim is already enabled on this host.
+    #[error("reclaim is already enabled")]
+    AlreadyEnabled,
+    /// Reclaim is not enabled on this host.
+    #[error("reclaim is not enabled")]
+    NotEnabled,
+    /// A kswapd thread already runs for this host.
+    #[error("kswapd already runs")]
+    KswapdRunning,
+    /// The OS refused to start the kswapd thread.
+    #[error("cannot start kswapd: {0}")]
+    Spawn(std::io::Error),
+    /// The generation array (4 bytes per frame) could not be allocated.
+    #[error("cannot allocate the generation array")]
+    NoMemory,
+    /// A host error (a bad range, or a call from a thread in guest mode).
+    #[error(transparent)]
+    Host(#[from] HostError),
 }
 
 // The handles are shared across vCPU threads: keep them Send + Sync (checked at compile time).

@@ -18,7 +18,8 @@
 //!   page, under `mm_writer`: `invalidate_range_start` over the page (timed: the latency the
 //!   lockless-aging series is about), then under `mmap_lock` write the frame is copied to a swap
 //!   slot, the PTE becomes a swap entry and the frame is freed; then `invalidate_range_end`.
-//! - **kswapd** ([`Kswapd`]) wakes when the charge passes the high watermark, ages when fewer than
+//! - **kswapd** ([`super::Kswapd`], `kswapd` module) wakes when the charge passes the high
+//!   watermark, ages when fewer than
 //!   [`MAX_NR_GENS`] generations exist and evicts until the charge is below the low watermark.
 //!
 //! Invariants:
@@ -38,7 +39,7 @@ use super::mm::HostMm;
 use super::notifier::{InvalidateEvent, InvalidationPair, NotifierRange, YoungBitmap};
 use super::swap::{MAX_SWAP_SLOTS, SwapDevice, SwapStats, swap_entry};
 use super::vma::{page_hva, pte, pte_frame};
-use super::{AGING_CHUNK_PAGES, GupError, HostError};
+use super::{AGING_CHUNK_PAGES, GupError, HostError, ReclaimError};
 use crate::addr::{Hva, Pfn};
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::witness::thread_mmu_lock_wait_nanos;
@@ -77,53 +78,6 @@ pub struct ReclaimConfig {
     pub swap_slots: u64,
     /// Aging before eviction.
     pub aging: ReclaimAging,
-}
-
-/// Why a reclaim request was refused (nothing changed).
-#[derive(Debug, thiserror::Error)]
-pub enum ReclaimError {
-    /// The limit is below [`MIN_LIMIT_FRAMES`].
-    #[error("memory limit of {limit} frames is below the minimum of {min}")]
-    LimitTooSmall {
-        /// The requested limit.
-        limit: u64,
-        /// [`MIN_LIMIT_FRAMES`].
-        min: u64,
-    },
-    /// The limit is not below the arena's size (it would never be reached).
-    #[error("memory limit of {limit} frames is not below the {capacity} frames of the arena")]
-    LimitAboveArena {
-        /// The requested limit.
-        limit: u64,
-        /// The arena's frames.
-        capacity: u64,
-    },
-    /// More swap slots than a swap entry can name.
-    #[error("{slots} swap slots is more than the maximum of {max}")]
-    SwapTooLarge {
-        /// The requested slots.
-        slots: u64,
-        /// [`MAX_SWAP_SLOTS`].
-        max: u64,
-    },
-    /// Reclaim is already enabled on this host.
-    #[error("reclaim is already enabled")]
-    AlreadyEnabled,
-    /// Reclaim is not enabled on this host.
-    #[error("reclaim is not enabled")]
-    NotEnabled,
-    /// A kswapd thread already runs for this host.
-    #[error("kswapd already runs")]
-    KswapdRunning,
-    /// The OS refused to start the kswapd thread.
-    #[error("cannot start kswapd: {0}")]
-    Spawn(std::io::Error),
-    /// The generation array (4 bytes per frame) could not be allocated.
-    #[error("cannot allocate the generation array")]
-    NoMemory,
-    /// A host error (a bad range, or a call from a thread in guest mode).
-    #[error(transparent)]
-    Host(#[from] HostError),
 }
 
 /// Reclaim counters ([`HostMm::reclaim_stats`]).
@@ -167,10 +121,10 @@ pub struct ReclaimStats {
 }
 
 /// What eviction needs once reclaim is enabled.
-struct Active {
-    cfg: ReclaimConfig,
+pub(super) struct Active {
+    pub(super) cfg: ReclaimConfig,
     swap: SwapDevice,
-    gens: FrameGens,
+    pub(super) gens: FrameGens,
     /// Serialises evictors; the frame index where the next scan starts.
     cursor: Mutex<usize>,
     /// Serialises aging passes.
@@ -178,21 +132,21 @@ struct Active {
 }
 
 #[derive(Default)]
-struct KswapdState {
-    running: bool,
-    stop: bool,
+pub(super) struct KswapdState {
+    pub(super) running: bool,
+    pub(super) stop: bool,
 }
 
 /// The host's reclaim state (inside `HostMm`).
 pub(crate) struct Reclaim {
     charged: AtomicU64,
     limit: AtomicU64,
-    active: OnceLock<Active>,
+    pub(super) active: OnceLock<Active>,
     evicted: AtomicU64,
     refaults: AtomicU64,
     direct: AtomicU64,
     oom: AtomicU64,
-    wakeups: AtomicU64,
+    pub(super) wakeups: AtomicU64,
     passes: AtomicU64,
     young: AtomicU64,
     aging_nanos: AtomicU64,
@@ -200,9 +154,9 @@ pub(crate) struct Reclaim {
     invalidate_wait: AtomicU64,
     aging_wait: AtomicU64,
     latencies: Mutex<Vec<u32>>,
-    kswapd: Mutex<KswapdState>,
-    kswapd_cv: Condvar,
-    wake_pending: AtomicBool,
+    pub(super) kswapd: Mutex<KswapdState>,
+    pub(super) kswapd_cv: Condvar,
+    pub(super) wake_pending: AtomicBool,
 }
 
 impl Default for Reclaim {
@@ -230,14 +184,14 @@ impl Default for Reclaim {
     }
 }
 
-fn bump(c: &AtomicU64, n: u64) {
+pub(super) fn bump(c: &AtomicU64, n: u64) {
     // ORDERING: Relaxed: statistics.
     c.fetch_add(n, Ordering::Relaxed);
 }
 
 impl Reclaim {
     /// `(high, low)` watermarks for `limit`: kswapd wakes above high and stops at low.
-    fn watermarks(limit: u64) -> (u64, u64) {
+    pub(super) fn watermarks(limit: u64) -> (u64, u64) {
         let gap = (limit / 64).max(1);
         (limit - gap, limit.saturating_sub(2 * gap))
     }
@@ -309,7 +263,7 @@ impl Reclaim {
         }
     }
 
-    fn over(&self, mark: u64) -> bool {
+    pub(super) fn over(&self, mark: u64) -> bool {
         // ORDERING: SeqCst: see `try_charge`.
         self.charged.load(Ordering::SeqCst) > mark
     }
@@ -533,7 +487,7 @@ impl HostMm {
 
     /// Evicts up to `want` pages of the oldest generation (aging first when only the two
     /// youngest exist). Returns the pages evicted.
-    fn evict_batch(&self, a: &Active, want: usize) -> usize {
+    pub(super) fn evict_batch(&self, a: &Active, want: usize) -> usize {
         let mut cursor = a.cursor.lock();
         let frames = a.gens.frames();
         let arena = self.arena();
@@ -578,7 +532,7 @@ impl HostMm {
     }
 
     /// One aging pass (module doc): a new generation, then the walk unless aging is off.
-    fn age_generations(&self, a: &Active) {
+    pub(super) fn age_generations(&self, a: &Active) {
         let r = &self.inner.reclaim;
         let _one = a.aging.lock();
         let t0 = Instant::now();
@@ -706,107 +660,6 @@ impl HostMm {
             p.end();
         }
         outcome
-    }
-
-    /// Starts this host's kswapd thread (module doc); it stops when the handle is dropped.
-    ///
-    /// Errors: [`ReclaimError::NotEnabled`], [`ReclaimError::KswapdRunning`],
-    /// [`ReclaimError::Spawn`].
-    pub fn spawn_kswapd(&self) -> Result<Kswapd, ReclaimError> {
-        let r = &self.inner.reclaim;
-        if r.active.get().is_none() {
-            return Err(ReclaimError::NotEnabled);
-        }
-        {
-            let mut st = r.kswapd.lock();
-            if st.running {
-                return Err(ReclaimError::KswapdRunning);
-            }
-            st.running = true;
-            st.stop = false;
-        }
-        let host = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("kswapd".into())
-            .spawn(move || host.kswapd_main());
-        match spawned {
-            Ok(handle) => Ok(Kswapd {
-                host: self.clone(),
-                handle: Some(handle),
-            }),
-            Err(e) => {
-                r.kswapd.lock().running = false;
-                Err(ReclaimError::Spawn(e))
-            }
-        }
-    }
-
-    fn kswapd_main(&self) {
-        let r = &self.inner.reclaim;
-        let Some(a) = r.active.get() else { return };
-        let (high, low) = Reclaim::watermarks(a.cfg.limit_frames);
-        // Set when a round evicted nothing: sleep until the next wake-up even above the high
-        // watermark, instead of spinning on a memory that cannot shrink.
-        let mut stalled = false;
-        loop {
-            {
-                let mut st = r.kswapd.lock();
-                loop {
-                    if st.stop {
-                        return;
-                    }
-                    // ORDERING: SeqCst: the wake-up handshake of `try_charge`: clear the flag,
-                    // then look at the charge; a charger bumps the charge, then sets the flag.
-                    r.wake_pending.store(false, Ordering::SeqCst);
-                    if r.over(high) && !stalled {
-                        break;
-                    }
-                    stalled = false;
-                    r.kswapd_cv.wait(&mut st);
-                }
-            }
-            bump(&r.wakeups, 1);
-            while r.over(low) {
-                if r.kswapd.lock().stop {
-                    return;
-                }
-                let (min, max) = a.gens.seqs();
-                if max + 1 - min < MAX_NR_GENS {
-                    self.age_generations(a);
-                }
-                if self.evict_batch(a, SWAP_CLUSTER_MAX) == 0 {
-                    stalled = true;
-                    break;
-                }
-            }
-        }
-    }
-}
-
-/// A running kswapd thread; dropping the handle stops and joins it.
-pub struct Kswapd {
-    host: HostMm,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl core::fmt::Debug for Kswapd {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Kswapd").finish_non_exhaustive()
-    }
-}
-
-impl Drop for Kswapd {
-    fn drop(&mut self) {
-        let r = &self.host.inner.reclaim;
-        {
-            let mut st = r.kswapd.lock();
-            st.stop = true;
-            r.kswapd_cv.notify_all();
-        }
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-        r.kswapd.lock().running = false;
     }
 }
 
