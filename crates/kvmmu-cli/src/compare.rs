@@ -293,6 +293,18 @@ pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
                 format!("drop --{flag} from the {workload} flags, or {name} from --configs"),
             ));
         }
+        if let CompareWorkload::Reclaim(r) = &a.workload
+            && r.no_aging
+            && matches!(c, ConfigArg::Lockless | ConfigArg::Locked)
+        {
+            return Err(usage_hint(
+                format!(
+                    "--configs {name} changes nothing for reclaim with --no-aging (no aging \
+                     call reaches the VM)"
+                ),
+                "drop --no-aging from the reclaim flags (no-aging is a configuration of its own)",
+            ));
+        }
         if is_stress && !age && matches!(c, ConfigArg::Lockless | ConfigArg::Locked) {
             return Err(usage_hint(
                 format!(

@@ -545,7 +545,8 @@ mod tests {
         ReclaimArgs {
             vcpus: 2,
             bytes_per_vcpu: 4 << 20,
-            limit: Some(4 << 20),
+            // Below the two hot sets (2 × 1M): eviction is certain however little CPU the vCPUs get.
+            limit: Some(1 << 20),
             swap: None,
             hot_percent: 25,
             hot_access_percent: 90,
@@ -576,7 +577,7 @@ mod tests {
         a.limit = Some(64 << 10);
         let e = check(&a).unwrap_err().to_string();
         assert!(e.contains("per vCPU"), "{e}");
-        a.limit = Some(4 << 20);
+        a.limit = Some(1 << 20);
         a.duration = Duration::ZERO;
         let e = check(&a).unwrap_err().to_string();
         assert!(e.contains("--duration"), "{e}");
