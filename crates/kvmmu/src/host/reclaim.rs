@@ -479,8 +479,14 @@ impl HostMm {
         let n = self.evict_batch(a, SWAP_CLUSTER_MAX);
         // ORDERING: Relaxed: a hint; the retry's charge decides.
         if n == 0 && r.charged.load(Ordering::Relaxed) >= r.limit.load(Ordering::Relaxed) {
-            bump(&r.oom, 1);
-            return false;
+            if a.swap.stats().used >= a.cfg.swap_slots {
+                // Swap is full: nothing can be evicted until something is freed.
+                bump(&r.oom, 1);
+                return false;
+            }
+            // The only candidates were in flight (a frame allocated by a racing GUP, not yet
+            // published): let them settle; the attempt bound above ends a hopeless case.
+            crate::sync::yield_now();
         }
         true
     }
@@ -520,12 +526,18 @@ impl HostMm {
                 a.gens.retire_oldest(min);
                 continue;
             }
+            let before = evicted;
             for &(pfn, page) in &candidates {
                 match self.evict_page(a, page, Pfn::new(pfn as u64)) {
                     Evicted::Yes => evicted += 1,
                     Evicted::Skipped => {}
                     Evicted::SwapFull => return evicted,
                 }
+            }
+            if evicted == before {
+                // Every candidate was in flight (allocated, not yet published by its GUP): they
+                // keep their stale sequence (G3) and stay evictable; move on to younger pages.
+                a.gens.retire_oldest(min);
             }
         }
         evicted
