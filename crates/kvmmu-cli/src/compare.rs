@@ -275,7 +275,8 @@ pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
     let given = |id: &str| a.explicit.iter().any(|e| e == id);
     let (workload, is_stress, age) = match &a.workload {
         CompareWorkload::AccessTracking(_) => ("access-tracking", false, true),
-        CompareWorkload::MmuStress(s) => ("mmu-stress", true, s.age),
+        // Under --reclaim, kswapd's aging passes reach the VM: the aging mode matters.
+        CompareWorkload::MmuStress(s) => ("mmu-stress", true, s.age || s.reclaim),
         CompareWorkload::Reclaim(_) => ("reclaim", false, true),
     };
     for (c, name) in a.configs.iter().zip(&names) {
@@ -308,10 +309,10 @@ pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
         if is_stress && !age && matches!(c, ConfigArg::Lockless | ConfigArg::Locked) {
             return Err(usage_hint(
                 format!(
-                    "--configs {name} changes nothing for mmu-stress without --age (no aging \
-                     thread runs)"
+                    "--configs {name} changes nothing for mmu-stress without --age or --reclaim \
+                     (no aging reaches the VM)"
                 ),
-                "add --age to the mmu-stress flags",
+                "add --age (or --reclaim) to the mmu-stress flags",
             ));
         }
     }

@@ -717,10 +717,10 @@ pub fn run(a: &StressArgs) -> anyhow::Result<Report> {
 /// `kvmmu mmu-stress`.
 pub fn main(cmd: &StressCommand) -> anyhow::Result<()> {
     crate::report::check_output(&cmd.out)?;
-    if cmd.args.aging == AgingArg::Locked && !cmd.args.age {
+    if cmd.args.aging == AgingArg::Locked && !cmd.args.age && !cmd.args.reclaim {
         return Err(crate::error::usage_hint(
-            "--aging locked changes nothing without --age (no aging thread runs)",
-            "add --age to run the aging thread under mmu_lock",
+            "--aging locked changes nothing without --age or --reclaim (no aging reaches the VM)",
+            "add --age to run the aging thread under mmu_lock (or --reclaim for kswapd's aging)",
         ));
     }
     let r = run(&cmd.args)?;
