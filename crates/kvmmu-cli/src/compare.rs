@@ -4,7 +4,8 @@
 
 use crate::access_tracking::{self, AccessArgs};
 use crate::mmu_stress::{self, StressArgs};
-use crate::report::{Report, plot, progress, table::seconds};
+use crate::reclaim::{self, ReclaimArgs};
+use crate::report::{Report, plot, progress, table::value};
 use crate::{AgingArg, MmuArg, OutputArgs};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
@@ -37,6 +38,8 @@ pub enum CompareWorkload {
     AccessTracking(AccessArgs),
     /// `mmu-stress` with these flags.
     MmuStress(StressArgs),
+    /// `reclaim` with these flags.
+    Reclaim(ReclaimArgs),
 }
 
 /// Options of `compare`.
@@ -118,6 +121,13 @@ fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
             ConfigArg::Shadow => s.mmu = MmuArg::Shadow,
             ConfigArg::NoAging => s.age = false,
         },
+        CompareWorkload::Reclaim(r) => match c {
+            ConfigArg::Lockless => r.aging = AgingArg::Lockless,
+            ConfigArg::Locked => r.aging = AgingArg::Locked,
+            ConfigArg::Tdp => r.mmu = MmuArg::Tdp,
+            ConfigArg::Shadow => r.mmu = MmuArg::Shadow,
+            ConfigArg::NoAging => r.no_aging = true,
+        },
     }
     w
 }
@@ -126,6 +136,7 @@ fn run_one(w: &CompareWorkload) -> anyhow::Result<Report> {
     match w {
         CompareWorkload::AccessTracking(a) => access_tracking::run(a),
         CompareWorkload::MmuStress(s) => mmu_stress::run(s),
+        CompareWorkload::Reclaim(r) => reclaim::run(r),
     }
 }
 
@@ -218,6 +229,7 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<Comparison> {
         workload: match a.workload {
             CompareWorkload::AccessTracking(_) => "access-tracking".into(),
             CompareWorkload::MmuStress(_) => "mmu-stress".into(),
+            CompareWorkload::Reclaim(_) => "reclaim".into(),
         },
         configs: names,
         runs: a.runs,
@@ -263,7 +275,9 @@ pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
     let given = |id: &str| a.explicit.iter().any(|e| e == id);
     let (workload, is_stress, age) = match &a.workload {
         CompareWorkload::AccessTracking(_) => ("access-tracking", false, true),
-        CompareWorkload::MmuStress(s) => ("mmu-stress", true, s.age),
+        // Under --reclaim, kswapd's aging passes reach the VM: the aging mode matters.
+        CompareWorkload::MmuStress(s) => ("mmu-stress", true, s.age || s.reclaim),
+        CompareWorkload::Reclaim(_) => ("reclaim", false, true),
     };
     for (c, name) in a.configs.iter().zip(&names) {
         let flag = match c {
@@ -280,13 +294,25 @@ pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
                 format!("drop --{flag} from the {workload} flags, or {name} from --configs"),
             ));
         }
+        if let CompareWorkload::Reclaim(r) = &a.workload
+            && r.no_aging
+            && matches!(c, ConfigArg::Lockless | ConfigArg::Locked)
+        {
+            return Err(usage_hint(
+                format!(
+                    "--configs {name} changes nothing for reclaim with --no-aging (no aging \
+                     call reaches the VM)"
+                ),
+                "drop --no-aging from the reclaim flags (no-aging is a configuration of its own)",
+            ));
+        }
         if is_stress && !age && matches!(c, ConfigArg::Lockless | ConfigArg::Locked) {
             return Err(usage_hint(
                 format!(
-                    "--configs {name} changes nothing for mmu-stress without --age (no aging \
-                     thread runs)"
+                    "--configs {name} changes nothing for mmu-stress without --age or --reclaim \
+                     (no aging reaches the VM)"
                 ),
-                "add --age to the mmu-stress flags",
+                "add --age (or --reclaim) to the mmu-stress flags",
             ));
         }
     }
@@ -296,6 +322,7 @@ pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
         match w {
             CompareWorkload::AccessTracking(x) => access_tracking::check(x).map(|_| ()),
             CompareWorkload::MmuStress(x) => mmu_stress::check(x).map(|_| ()),
+            CompareWorkload::Reclaim(x) => reclaim::check(x).map(|_| ()),
         }
         .map_err(|e| e.context(format!("configuration {name}")))?;
     }
@@ -326,7 +353,7 @@ pub fn render(c: &Comparison) -> String {
     for r in &c.rows {
         let _ = write!(s, "  {:<w$}", r.name);
         for m in &r.medians {
-            let _ = write!(s, " {:>12}", m.map_or("-".into(), seconds));
+            let _ = write!(s, " {:>12}", m.map_or("-".into(), |v| value(&r.name, v)));
         }
         let _ = writeln!(s);
     }
@@ -368,15 +395,17 @@ pub fn main(a: &CompareArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", render(&c));
     }
-    if let Some(path) = a.out.plot.as_ref().filter(|_| !c.rows.is_empty()) {
-        let cats: Vec<String> = c.rows.iter().map(|r| r.name.clone()).collect();
+    // The plot's axis is time: rates (`/s` rows) are left to the table.
+    let timed: Vec<&Row> = c.rows.iter().filter(|r| !r.name.ends_with("/s")).collect();
+    if let Some(path) = a.out.plot.as_ref().filter(|_| !timed.is_empty()) {
+        let cats: Vec<String> = timed.iter().map(|r| r.name.clone()).collect();
         let series: Vec<plot::Series> = c
             .configs
             .iter()
             .enumerate()
             .map(|(k, name)| plot::Series {
                 name: name.clone(),
-                values: c.rows.iter().map(|r| r.medians[k].unwrap_or(0.0)).collect(),
+                values: timed.iter().map(|r| r.medians[k].unwrap_or(0.0)).collect(),
             })
             .collect();
         plot::bars(

@@ -12,10 +12,12 @@ pub mod access_tracking;
 pub mod compare;
 pub mod error;
 pub mod mmu_stress;
+pub mod reclaim;
 pub mod report;
 pub mod size;
 pub mod vcpus;
 pub mod vs_kvm;
+pub mod wss;
 
 use clap::{Args, ValueEnum};
 use kvmmu::prelude::{AgingMode, MmuKind, VmConfig};

@@ -45,6 +45,12 @@ pub enum Command {
     MmuStress(kvmmu_cli::mmu_stress::StressCommand),
     /// Run one workload in several configurations, alternated; print medians and ratios.
     Compare(kvmmu_cli::compare::CompareArgs),
+    /// Memory overcommit: vCPUs run a hot and a cold set under a host memory limit while reclaim
+    /// ages and evicts to swap; reports invalidate_range_start latency, evictions and refaults.
+    Reclaim(kvmmu_cli::reclaim::ReclaimCommand),
+    /// Working-set estimation: bins of {idle age, bytes} per window, per memslot and per VM, with
+    /// their accuracy against the vCPUs' actual accesses.
+    Wss(kvmmu_cli::wss::WssArgs),
     /// Run every MMU actor at once under oracles (rcutorture-style); fails on any violation.
     Torture(torture::TortureArgs),
     /// Benchmark kvmmu against its hardware limits and its peers (medians and ratios).
@@ -126,6 +132,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         Some(Command::Run(args)) => workload::main(&args)?,
         Some(Command::AccessTracking(cmd)) => kvmmu_cli::access_tracking::main(&cmd)?,
         Some(Command::MmuStress(cmd)) => kvmmu_cli::mmu_stress::main(&cmd)?,
+        Some(Command::Reclaim(cmd)) => kvmmu_cli::reclaim::main(&cmd)?,
+        Some(Command::Wss(args)) => kvmmu_cli::wss::main(&args)?,
         Some(Command::Compare(mut args)) => {
             args.explicit = explicit_workload_flags(matches);
             kvmmu_cli::compare::main(&args)?
@@ -159,10 +167,12 @@ fn hoist_compare_flags(args: Vec<OsString>) -> Vec<OsString> {
     if args.get(1).and_then(|a| a.to_str()) != Some("compare") {
         return args;
     }
-    let Some(w) = args
-        .iter()
-        .position(|a| matches!(a.to_str(), Some("access-tracking" | "mmu-stress")))
-    else {
+    let Some(w) = args.iter().position(|a| {
+        matches!(
+            a.to_str(),
+            Some("access-tracking" | "mmu-stress" | "reclaim")
+        )
+    }) else {
         return args;
     };
     let (mut head, mut moved, mut tail) = (args[..w].to_vec(), Vec::new(), Vec::new());

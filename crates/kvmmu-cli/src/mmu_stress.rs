@@ -73,6 +73,15 @@ pub struct StressArgs {
     /// Entries in each vCPU's software TLB.
     #[arg(long, default_value_t = 2048)]
     pub tlb_entries: usize,
+
+    /// Run the stages under a host memory limit with swap: kswapd and direct reclaim age and
+    /// evict the buffer's pages throughout (the shape of Yu Zhao's `max_guest_memory_test` runs).
+    #[arg(long)]
+    pub reclaim: bool,
+
+    /// The memory limit with `--reclaim` (bytes, below -s; default half of -s).
+    #[arg(long, requires = "reclaim", value_parser = size::parse_size)]
+    pub limit: Option<u64>,
 }
 
 /// `mmu-stress` with its output options.
@@ -377,6 +386,17 @@ fn validate(a: &StressArgs) -> anyhow::Result<u64> {
         }
         slots += 1;
     }
+    if a.reclaim {
+        let limit = reclaim_limit(a);
+        let need =
+            (a.vcpus as u64 * crate::reclaim::MIN_PAGES_PER_VCPU).max(kvmmu::MIN_LIMIT_FRAMES);
+        ensure!(
+            limit.is_multiple_of(PAGE_SIZE) && limit / PAGE_SIZE >= need && limit < a.slot_size,
+            "--limit ({limit}) must be a multiple of 4K, at least {} bytes and below -s ({})",
+            need * PAGE_SIZE,
+            a.slot_size
+        );
+    }
     let pages = slots * (a.slot_size / PAGE_SIZE);
     ensure!(
         pages >= a.vcpus as u64,
@@ -384,6 +404,11 @@ fn validate(a: &StressArgs) -> anyhow::Result<u64> {
         a.vcpus
     );
     Ok(slots)
+}
+
+/// The `--reclaim` limit in bytes (default half the buffer, rounded down to a page).
+fn reclaim_limit(a: &StressArgs) -> u64 {
+    a.limit.unwrap_or(a.slot_size / 2 / PAGE_SIZE * PAGE_SIZE)
 }
 
 /// Refuses bad flags (a usage error naming the flag) before any work; returns the slot count.
@@ -413,6 +438,18 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
         frames: usize::try_from(buf_pages + 64)?,
     })?;
     host.prefault()?;
+    r.config("reclaim", a.reclaim);
+    let kswapd = if a.reclaim {
+        host.enable_reclaim(kvmmu::ReclaimConfig {
+            limit_frames: reclaim_limit(a) / PAGE_SIZE,
+            swap_slots: buf_pages,
+            aging: kvmmu::ReclaimAging::Generations,
+        })?;
+        r.config("limit", reclaim_limit(a));
+        Some(host.spawn_kswapd()?)
+    } else {
+        None
+    };
     let vm = Vm::new(&host, config)?;
     let buf = host.mmap(a.slot_size, Prot::READ | Prot::WRITE)?;
     let t = Instant::now();
@@ -582,6 +619,30 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
         host.munmap(buf, half)?;
     }
     r.phase("delete even slots, unmap half", t.elapsed());
+    if let Some(k) = kswapd {
+        drop(k);
+        let rs = host.reclaim_stats();
+        r.counts.insert("evicted".into(), rs.evicted);
+        r.counts.insert("refaults".into(), rs.refaults);
+        r.counts
+            .insert("direct_reclaims".into(), rs.direct_reclaims);
+        r.counts
+            .insert("reclaim_aging_passes".into(), rs.aging_passes);
+        let mut l = host.take_invalidate_latencies();
+        if !l.is_empty() {
+            l.sort_unstable();
+            let at = |q: f64| f64::from(l[((l.len() - 1) as f64 * q) as usize]) * 1e-9;
+            r.metrics
+                .insert("invalidate_range_start p99".into(), at(0.99));
+            r.metrics
+                .insert("invalidate_range_start max".into(), at(1.0));
+        }
+        r.require(
+            "reclaim ran",
+            rs.evicted > 0,
+            format!("{} pages evicted, {} refaulted", rs.evicted, rs.refaults),
+        );
+    }
     let stats = vm.stats();
     r.counts.extend(crate::vm_counts(&stats));
     r.counts.insert("faults".into(), stats.faults);
@@ -656,10 +717,10 @@ pub fn run(a: &StressArgs) -> anyhow::Result<Report> {
 /// `kvmmu mmu-stress`.
 pub fn main(cmd: &StressCommand) -> anyhow::Result<()> {
     crate::report::check_output(&cmd.out)?;
-    if cmd.args.aging == AgingArg::Locked && !cmd.args.age {
+    if cmd.args.aging == AgingArg::Locked && !cmd.args.age && !cmd.args.reclaim {
         return Err(crate::error::usage_hint(
-            "--aging locked changes nothing without --age (no aging thread runs)",
-            "add --age to run the aging thread under mmu_lock",
+            "--aging locked changes nothing without --age or --reclaim (no aging reaches the VM)",
+            "add --age to run the aging thread under mmu_lock (or --reclaim for kswapd's aging)",
         ));
     }
     let r = run(&cmd.args)?;
@@ -679,7 +740,21 @@ mod tests {
             aging: AgingArg::Lockless,
             age: false,
             tlb_entries: 64,
+            reclaim: false,
+            limit: None,
         }
+    }
+
+    #[test]
+    fn every_stage_passes_under_a_memory_limit_with_reclaim() {
+        let mut a = args();
+        a.reclaim = true;
+        a.limit = Some(512 << 10);
+        let r = run(&a).unwrap();
+        assert!(r.passed, "{}", r.failures());
+        assert!(r.counts["evicted"] > 0 && r.counts["refaults"] > 0);
+        a.limit = Some(2 << 20);
+        assert!(run(&a).unwrap_err().to_string().contains("--limit"));
     }
 
     #[test]

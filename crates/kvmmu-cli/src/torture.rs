@@ -80,6 +80,10 @@ pub struct TortureArgs {
     /// Turn off the MMU-reset actor.
     #[arg(long)]
     pub no_reset: bool,
+    /// Turn on the reclaim actor: random vCPU pages evicted to swap and refaulted (needs a host
+    /// of at least 17 frames).
+    #[arg(long)]
+    pub reclaim: bool,
 
     /// Print the report as JSON (schema `kvmmu-torture/1`, see `to_json`) instead of text.
     #[arg(long)]
@@ -114,6 +118,7 @@ pub fn to_json(a: &TortureArgs, r: &TortureReport) -> serde_json::Value {
             "accessed": !a.no_accessed,
             "memslot": !a.no_memslot,
             "reset": !a.no_reset,
+            "reclaim": a.reclaim,
         },
         "elapsed_s": r.elapsed.as_secs_f64(),
         "actors": r.actors.iter().map(|x| serde_json::json!({
@@ -173,7 +178,10 @@ pub fn parse_seed(s: &str) -> Result<u64, String> {
 
 /// The library configuration these options describe; a fresh seed from the clock if none given.
 pub fn config(a: &TortureArgs) -> TortureConfig {
-    let mut actors = Actors::all();
+    let mut actors = Actors::all().difference(Actors::RECLAIM);
+    if a.reclaim {
+        actors.insert(Actors::RECLAIM);
+    }
     for (off, a) in [
         (a.no_host, Actors::HOST),
         (a.no_aging, Actors::AGING),

@@ -14,6 +14,8 @@ fn args() -> StressArgs {
         aging: AgingArg::Lockless,
         age: false,
         tlb_entries: 64,
+        reclaim: false,
+        limit: None,
     }
 }
 

@@ -66,9 +66,12 @@ pub use config::{AgingMode, ConfigError, MmuKind, VmConfig};
 #[cfg(not(loom))]
 pub use host::{
     AGING_CHUNK_PAGES, AgingPass, FrameArena, FrameStats, FrameTag, GupError, GupPage, HostConfig,
-    HostError, HostMm, HostPte, HostStats, IdleState, InvalidateEvent, LruGen, MAX_FRAMES,
-    MmuNotifier, NotifierId, NotifierRange, PageIdle, Prot, StaleAccess, TASK_SIZE, YoungBitmap,
+    HostError, HostMm, HostPte, HostStats, IdleState, InvalidateEvent, Kswapd, LruGen, MAX_FRAMES,
+    MAX_SWAP_SLOTS, MmuNotifier, NotifierId, NotifierRange, PageIdle, Prot, StaleAccess, SwapStats,
+    TASK_SIZE, WorkingSet, WorkingSetBin, YoungBitmap,
 };
+#[cfg(not(loom))]
+pub use host::{MIN_LIMIT_FRAMES, ReclaimAging, ReclaimConfig, ReclaimError, ReclaimStats};
 pub use sync::guest_mode::InGuestMode;
 #[cfg(not(loom))]
 pub use vcpu::{GuestMode, Vcpu, VcpuStats, tlb::TlbStats};

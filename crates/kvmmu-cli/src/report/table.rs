@@ -85,7 +85,7 @@ pub fn render(r: &Report) -> String {
     if !r.metrics.is_empty() {
         let _ = writeln!(s);
         for (k, v) in &r.metrics {
-            let _ = writeln!(s, "  {k:<w$}  {:>12}", seconds(*v));
+            let _ = writeln!(s, "  {k:<w$}  {:>12}", value(k, *v));
         }
     }
     if !r.counts.is_empty() {
@@ -113,6 +113,18 @@ pub fn render(r: &Report) -> String {
     }
     let _ = writeln!(s, "\n  result: {}", if r.passed { "PASS" } else { "FAIL" });
     s
+}
+
+/// A metric's value in its unit: a rate for names ending in `/s`, else seconds.
+pub fn value(name: &str, v: f64) -> String {
+    if name.ends_with("/s") {
+        format!("{v:.0}/s")
+    } else if v > 0.0 && v < 1e-3 {
+        // Latencies of a few microseconds would all print as 0.000 ms.
+        format!("{:.3} us", v * 1e6)
+    } else {
+        seconds(v)
+    }
 }
 
 /// `0.123456` → `"123.456 ms"`, `2.5` → `"2.500 s"`.

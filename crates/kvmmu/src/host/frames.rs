@@ -331,6 +331,16 @@ impl FrameArena {
         Ok(())
     }
 
+    /// The words of frame `pfn` (`None` outside the arena), for copying a whole page to or from
+    /// swap; the caller owns the frame exclusively (eviction under `mmap_lock` write after the
+    /// invalidation, or a refault before the frame is published).
+    pub(super) fn frame_contents(&self, pfn: Pfn) -> Option<&[AtomicU64]> {
+        let i = usize::try_from(pfn.raw())
+            .ok()
+            .filter(|&i| i < self.nframes)?;
+        Some(self.frame_words(i))
+    }
+
     /// The frame's current tag ([`FrameTag::FREE`] when free or outside the arena).
     pub fn tag(&self, pfn: Pfn) -> FrameTag {
         // ORDERING: Acquire: a caller that sees an owner tag also sees the zero fill that

@@ -21,6 +21,8 @@
 use super::mm::{check_mapped, page_range};
 use super::{HostError, HostMm, YoungBitmap};
 use crate::addr::{Hva, PAGE_SIZE};
+use crate::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 /// Pages aged per range call by [`LruGen::age`] (one leaf page table's worth): bounds the
 /// bitmap and how long one notifier call keeps a secondary MMU busy.
@@ -37,6 +39,28 @@ pub struct AgingPass {
     pub young: u64,
 }
 
+/// One bin of a working-set report ([`LruGen::working_set`]): resident memory by idle age,
+/// like crosvm's balloon `WorkingSetBucket`.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct WorkingSetBin {
+    /// Aging passes since these pages were last found young (the last bin: at least this many).
+    pub idle_passes: u32,
+    /// Time since the pass that last found them young (the oldest such pass for the last bin).
+    pub idle: Duration,
+    /// Resident bytes in the bin.
+    pub bytes: u64,
+}
+
+/// A working-set estimate of one tracked range: bins of {idle age, bytes}, youngest first, whose
+/// bytes add up to the range's resident memory.
+#[derive(Clone, PartialEq, Debug, Default)]
+pub struct WorkingSet {
+    /// The bins, youngest first.
+    pub bins: Vec<WorkingSetBin>,
+    /// Resident bytes of the range (the bins' total).
+    pub resident_bytes: u64,
+}
+
 /// Generations of the pages of one host range.
 #[derive(Debug)]
 pub struct LruGen {
@@ -44,6 +68,8 @@ pub struct LruGen {
     start: Hva,
     gens: Vec<u32>,
     max_gen: u32,
+    /// When each generation was created (index = generation; 0 = tracking start).
+    born: Vec<Instant>,
 }
 
 impl LruGen {
@@ -68,6 +94,7 @@ impl LruGen {
             start: hva,
             gens,
             max_gen: 0,
+            born: vec![Instant::now()],
         })
     }
 
@@ -87,9 +114,11 @@ impl LruGen {
             generation,
             ..AgingPass::default()
         };
+        let started = Instant::now();
         let result = self.age_chunks(&mut pass);
         if result.is_ok() || pass.young > 0 {
             self.max_gen = generation;
+            self.born.push(started);
         }
         result.map(|()| pass)
     }
@@ -121,6 +150,46 @@ impl LruGen {
             first += pages;
         }
         Ok(())
+    }
+
+    /// The working-set estimate (module doc): resident pages binned by the number of aging passes
+    /// since one last found them young, bins `0..nbins-1` one pass each and the last bin everything
+    /// older (`nbins` is clamped to 1..=64). Pages never found young count from tracking start.
+    pub fn working_set(&self, nbins: usize) -> WorkingSet {
+        let nbins = nbins.clamp(1, 64);
+        let now = Instant::now();
+        let h = self.histogram();
+        let mut ws = WorkingSet::default();
+        for k in 0..nbins as u32 {
+            let last = k as usize + 1 == nbins;
+            // Generations `max_gen - k` (or every older one, for the last bin).
+            let Some(g) = self.max_gen.checked_sub(k) else {
+                break;
+            };
+            let pages: u64 = if last {
+                h[..=g as usize].iter().sum()
+            } else {
+                h[g as usize]
+            };
+            let bytes = pages * PAGE_SIZE;
+            ws.resident_bytes += bytes;
+            ws.bins.push(WorkingSetBin {
+                idle_passes: k,
+                idle: now.saturating_duration_since(self.born[g as usize]),
+                bytes,
+            });
+        }
+        ws
+    }
+
+    /// Page indexes (from the range's start) found young by the last aging pass, in order.
+    pub fn young_in_last_pass(&self) -> impl Iterator<Item = u64> + '_ {
+        let g = self.max_gen;
+        self.gens
+            .iter()
+            .enumerate()
+            .filter(move |(_, x)| **x == g && g > 0)
+            .map(|(i, _)| i as u64)
     }
 
     /// The youngest generation.
@@ -164,6 +233,130 @@ impl LruGen {
     pub fn find_generation(&self, pages: u64) -> Option<u32> {
         let h = self.histogram();
         (0..=self.max_gen).find(|g| h[*g as usize] > pages)
+    }
+}
+
+/// MGLRU's minimum number of generations: the two youngest are never evicted from, so a page
+/// faulted in or found young always survives at least one more aging pass.
+pub const MIN_NR_GENS: u32 = 2;
+
+/// The generation of every frame of an arena (MGLRU keeps it in the folio's flags): the sequence
+/// number of the youngest generation when the frame was faulted in or last found young.
+///
+/// Protocol (what [`super::reclaim`] does with it): a frame faulted in gets `max_seq`
+/// ([`FrameGens::fault_in`]); an aging pass publishes `max_seq + 1` first
+/// ([`FrameGens::new_generation`]) and then moves every frame found young to it
+/// ([`FrameGens::promote`]); eviction takes frames whose sequence is at most `min_seq`
+/// ([`FrameGens::is_evictable`]) and bumps `min_seq` when a whole scan finds none
+/// ([`FrameGens::retire_oldest`]).
+///
+/// Invariants:
+/// 1. `min_seq + MIN_NR_GENS <= max_seq + 1` whenever eviction may take a frame: eviction never
+///    takes a frame of the two youngest generations.
+/// 2. `min_seq` and `max_seq` only grow; a frame's sequence only grows while it stays allocated
+///    (a sequence below `min_seq` reads as `min_seq`).
+/// 3. Sequences are hints: a frame freed and reallocated between a scan and its eviction is
+///    re-checked against the host PTE by the evictor, so a stale sequence never evicts a wrong page.
+pub(crate) struct FrameGens {
+    seq: Box<[AtomicU32]>,
+    min_seq: AtomicU32,
+    max_seq: AtomicU32,
+}
+
+impl FrameGens {
+    /// Generations for `frames` frames, all in generation 0; `None` if the array (4 bytes per
+    /// frame) cannot be allocated.
+    pub(crate) fn new(frames: usize) -> Option<FrameGens> {
+        let mut seq = Vec::new();
+        seq.try_reserve_exact(frames).ok()?;
+        seq.resize_with(frames, || AtomicU32::new(0));
+        Some(FrameGens {
+            seq: seq.into_boxed_slice(),
+            // Generation 0 and 1 exist from the start: the two youngest (invariant 1).
+            min_seq: AtomicU32::new(0),
+            max_seq: AtomicU32::new(1),
+        })
+    }
+
+    /// Frames tracked.
+    pub(crate) fn frames(&self) -> usize {
+        self.seq.len()
+    }
+
+    /// `(min_seq, max_seq)`.
+    pub(crate) fn seqs(&self) -> (u32, u32) {
+        // ORDERING: Relaxed: hints (invariant 3); the evictor re-checks under host locks.
+        (
+            self.min_seq.load(Ordering::Relaxed),
+            self.max_seq.load(Ordering::Relaxed),
+        )
+    }
+
+    /// True if eviction may take a frame now (invariant 1).
+    pub(crate) fn can_evict(&self) -> bool {
+        let (min, max) = self.seqs();
+        min + MIN_NR_GENS <= max
+    }
+
+    /// A frame was faulted in: it joins the youngest generation.
+    #[inline]
+    pub(crate) fn fault_in(&self, pfn: usize) {
+        if let Some(s) = self.seq.get(pfn) {
+            // ORDERING: Relaxed: invariant 3.
+            s.store(self.max_seq.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    /// Starts a new youngest generation; returns its sequence number.
+    pub(crate) fn new_generation(&self) -> u32 {
+        // ORDERING: Relaxed: invariant 3.
+        self.max_seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Moves a frame found young to generation `seq` (never backwards, invariant 2).
+    pub(crate) fn promote(&self, pfn: usize, seq: u32) {
+        if let Some(s) = self.seq.get(pfn) {
+            // ORDERING: Relaxed: invariant 3.
+            s.fetch_max(seq, Ordering::Relaxed);
+        }
+    }
+
+    /// True if frame `pfn` lies in the oldest generation (or below it).
+    #[inline]
+    pub(crate) fn is_evictable(&self, pfn: usize, min_seq: u32) -> bool {
+        // ORDERING: Relaxed: invariant 3.
+        self.seq
+            .get(pfn)
+            .is_some_and(|s| s.load(Ordering::Relaxed) <= min_seq)
+    }
+
+    /// The oldest generation `min_seq` is empty: retire it, unless that would break invariant 1.
+    /// Returns true if `min_seq` moved.
+    pub(crate) fn retire_oldest(&self, min_seq: u32) -> bool {
+        let max = self.max_seq.load(Ordering::Relaxed);
+        if min_seq + MIN_NR_GENS > max {
+            return false;
+        }
+        // ORDERING: Relaxed: invariant 3; the CAS only keeps two retirers from skipping a
+        // generation.
+        self.min_seq
+            .compare_exchange(min_seq, min_seq + 1, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Resident frames per generation, oldest first, from `min_seq` to `max_seq`, counting only
+    /// frames for which `allocated(pfn)` holds.
+    pub(crate) fn histogram(&self, allocated: impl Fn(usize) -> bool) -> Vec<u64> {
+        let (min, max) = self.seqs();
+        let mut h = vec![0u64; (max - min + 1) as usize];
+        for (pfn, s) in self.seq.iter().enumerate() {
+            if allocated(pfn) {
+                // ORDERING: Relaxed: a statistic.
+                let g = s.load(Ordering::Relaxed).clamp(min, max);
+                h[(g - min) as usize] += 1;
+            }
+        }
+        h
     }
 }
 
@@ -221,6 +414,26 @@ mod tests {
             host.test_young(Hva::new(hva.raw() + (AGING_CHUNK_PAGES + 1) * PAGE_SIZE))
                 .unwrap()
         );
+    }
+
+    #[test]
+    fn working_set_bins_add_up_to_resident_memory_and_age_with_passes() {
+        let host = HostMm::new(HostConfig { frames: 64 }).unwrap();
+        let hva = host.mmap(8 * PAGE_SIZE, Prot::READ | Prot::WRITE).unwrap();
+        for p in 0..6 {
+            host.write_u64(Hva::new(hva.raw() + p * PAGE_SIZE), p)
+                .unwrap();
+        }
+        let mut lru = LruGen::new(&host, hva, 8 * PAGE_SIZE).unwrap();
+        lru.age().unwrap();
+        host.read_u64(hva).unwrap();
+        lru.age().unwrap();
+        assert_eq!(lru.young_in_last_pass().collect::<Vec<_>>(), vec![0]);
+        let ws = lru.working_set(4);
+        let bytes: Vec<u64> = ws.bins.iter().map(|b| b.bytes / PAGE_SIZE).collect();
+        assert_eq!(bytes, vec![1, 5, 0], "1 page young now, 5 one pass ago");
+        assert_eq!(ws.resident_bytes, 6 * PAGE_SIZE);
+        assert!(ws.bins[0].idle <= ws.bins[1].idle);
     }
 
     #[test]

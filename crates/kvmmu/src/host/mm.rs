@@ -7,6 +7,8 @@ use super::notifier::{
     InvalidateEvent, InvalidationPair, MmuNotifier, NotifierId, NotifierList, NotifierRange,
 };
 use super::pgtable::PageTable;
+use super::reclaim::Reclaim;
+use super::swap::swap_slot;
 use super::vma::{Vma, Vmas, page_hva, pte, pte_frame};
 use super::{GupError, HostError};
 use crate::addr::{Hva, PAGE_SHIFT, Pfn, is_page_aligned};
@@ -79,6 +81,8 @@ pub struct HostPte {
     pub young: bool,
     /// Written since faulted in.
     pub dirty: bool,
+    /// The page was evicted: its contents are in a swap slot and the next access refaults it.
+    pub swapped: bool,
 }
 
 /// Counters of host operations (successful ones, except `gup` which counts every call).
@@ -117,8 +121,8 @@ pub(super) struct Counters {
     mprotect: AtomicU64,
     dontneed: AtomicU64,
     gup: StripedCounter,
-    invalidate_start: AtomicU64,
-    invalidate_end: AtomicU64,
+    pub(super) invalidate_start: AtomicU64,
+    pub(super) invalidate_end: AtomicU64,
     /// Striped: bumped by every aging call, from any number of agers at once.
     pub(super) aging_calls: StripedCounter,
     release_calls: AtomicU64,
@@ -132,13 +136,15 @@ impl Counters {
 }
 
 pub(super) struct Inner {
-    arena: FrameArena,
+    pub(super) arena: FrameArena,
     /// Serialises structural operations; held across invalidation callbacks (H1, H7).
-    mm_writer: Mutex<()>,
+    pub(super) mm_writer: Mutex<()>,
     /// VMAs and host PTEs; never held across a subscriber callback (H7).
     pub(super) mmap_lock: RwLock<Vmas>,
     pub(super) notifiers: NotifierList,
     pub(super) counters: Counters,
+    /// Memory limit, swap and generations (`reclaim` module).
+    pub(super) reclaim: Reclaim,
 }
 
 /// The simulated process address space (the primary MMU). Cheap to clone: clones share it.
@@ -212,6 +218,7 @@ impl HostMm {
                 mmap_lock: RwLock::new(Vmas::default()),
                 notifiers: NotifierList::new(),
                 counters: Counters::default(),
+                reclaim: Reclaim::default(),
             }),
         })
     }
@@ -348,7 +355,7 @@ impl HostMm {
                 vmas.split_at(s);
                 vmas.split_at(e);
                 vmas.remove_range(s, e);
-                zap_ptes(&vmas.pt, s, e, arena);
+                zap_ptes(&vmas.pt, s, e, arena, &self.inner.reclaim);
                 // Like `free_pgtables`: the range's tables go with it (those still holding a
                 // neighbour's PTE stay).
                 vmas.pt.prune(s, e);
@@ -421,7 +428,7 @@ impl HostMm {
             |v| check_mapped(v, s, e),
             |v| any_present(v, s, e, |_| true),
             // The range was checked to be fully mapped; its tables stay (as in Linux).
-            |vmas, arena| zap_ptes(&vmas.pt, s, e, arena),
+            |vmas, arena| zap_ptes(&vmas.pt, s, e, arena, &self.inner.reclaim),
         )?;
         Counters::bump(&self.inner.counters.dontneed, 1);
         Ok(())
@@ -430,7 +437,12 @@ impl HostMm {
     /// GUP with `mmap_lock` held for read: the PTE of `hva`, faulting a zero-filled frame in if
     /// needed, with young (and dirty on write) set.
     #[inline]
-    fn gup_locked(&self, vmas: &Vmas, hva: Hva, write: bool) -> Result<GupPage, GupError> {
+    pub(super) fn gup_locked(
+        &self,
+        vmas: &Vmas,
+        hva: Hva,
+        write: bool,
+    ) -> Result<GupPage, GupError> {
         let page = hva.page();
         let vma = vmas.find(page).ok_or(GupError::NotMapped { hva })?;
         if (write && !vma.writable()) || !vma.readable() {
@@ -452,21 +464,39 @@ impl HostMm {
                 let (pfn, tag) = pte_frame(page, cur);
                 return Ok(GupPage { pfn, tag, writable });
             }
+            // A frame is needed (first touch, or a refault of a swap entry): charge it to the
+            // memory limit first; a refused charge sends the caller to direct reclaim.
+            let reclaim = &self.inner.reclaim;
+            if !reclaim.try_charge() {
+                return Err(GupError::OutOfFrames);
+            }
             let (pfn, tag) = match self.inner.arena.alloc(page) {
                 Ok(f) => f,
-                Err(HostError::OutOfFrames) => return Err(GupError::OutOfFrames),
+                Err(HostError::OutOfFrames) => {
+                    reclaim.uncharge(1);
+                    return Err(GupError::OutOfFrames);
+                }
                 Err(e) => panic!("host invariant H5 violated: mapped page {page:#x}: {e}"),
             };
+            let slot = swap_slot(cur);
+            if let Some(slot) = slot {
+                reclaim.swap_in(&self.inner.arena, pfn, slot);
+            }
             let new = pte::encode(pfn.raw(), tag.generation(), want);
-            // ORDERING: AcqRel: Release publishes the frame's tag and zero fill with the PTE;
-            // Acquire on failure reads the winner's frame like the load above. Non-present PTEs
-            // are exactly 0 (vma invariant 2), so 0 is the right expected value.
-            match word.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Ok(GupPage { pfn, tag, writable }),
+            // ORDERING: AcqRel: Release publishes the frame's tag and contents (zero fill or the
+            // swapped-in copy) with the PTE; Acquire on failure reads the winner's frame like the
+            // load above. A non-present PTE is 0 or a swap entry (vma invariant 2, swap S1), and
+            // `cur` is the one we saw, so only the thread that saw it wins.
+            match word.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    reclaim.faulted_in(pfn, slot);
+                    return Ok(GupPage { pfn, tag, writable });
+                }
                 Err(actual) => {
                     if let Err(e) = self.inner.arena.free(pfn, tag) {
                         panic!("frame arena invariant 1 violated: unpublished frame {pfn}: {e}");
                     }
+                    reclaim.uncharge(1);
                     cur = actual;
                 }
             }
@@ -478,11 +508,20 @@ impl HostMm {
     ///
     /// Errors: [`GupError::NotMapped`], [`GupError::ProtectionViolation`] (write to a
     /// non-writable mapping, or any access to a `Prot::empty()` one), [`GupError::OutOfFrames`].
+    ///
+    /// Under a memory limit ([`HostMm::enable_reclaim`]) a page that needs a frame beyond the
+    /// limit runs direct reclaim and retries; [`GupError::OutOfFrames`] then means reclaim could
+    /// free nothing (the swap device is full, or nothing is evictable): an out-of-memory kill of
+    /// the access, with every other page intact.
     #[inline]
     pub fn get_user_page(&self, hva: Hva, write: bool) -> Result<GupPage, GupError> {
         self.inner.counters.gup.add(1);
-        let vmas = self.inner.mmap_lock.read();
-        self.gup_locked(&vmas, hva, write)
+        self.with_page(hva, write, |_| Ok(()))
+            .map(|(p, ())| p)
+            .map_err(|e| match e {
+                HostError::Gup(g) => g,
+                _ => GupError::OutOfFrames,
+            })
     }
 
     fn access(&self, hva: Hva, write: Option<u64>) -> Result<u64, HostError> {
@@ -490,19 +529,18 @@ impl HostMm {
             return Err(HostError::UnalignedAccess { hva });
         }
         self.inner.counters.gup.add(1);
-        let vmas = self.inner.mmap_lock.read();
-        let page = self.gup_locked(&vmas, hva, write.is_some())?;
         let word = ((hva.raw() & ((1 << PAGE_SHIFT) - 1)) / 8) as usize;
-        // The frame cannot be freed while we hold mmap_lock read (H2, H3), so a stale error here
-        // would be a host bug; it is still reported rather than hidden.
-        match write {
+        // The frame cannot be freed while `with_page` holds mmap_lock read (H2, H3), so a stale
+        // error here would be a host bug; it is still reported rather than hidden.
+        self.with_page(hva, write.is_some(), |page| match write {
             Some(v) => self
                 .inner
                 .arena
                 .write_u64(page.pfn, word, page.tag, v)
                 .map(|()| v),
             None => self.inner.arena.read_u64(page.pfn, word, page.tag),
-        }
+        })
+        .map(|(_, v)| v)
     }
 
     /// A userspace 8-byte read of `hva` (8-byte aligned), faulting the page in if needed.
@@ -537,6 +575,7 @@ impl HostMm {
             writable: v.writable(),
             young: w & pte::YOUNG != 0,
             dirty: w & pte::DIRTY != 0,
+            swapped: swap_slot(w).is_some(),
         })
     }
 
@@ -579,7 +618,7 @@ impl HostMm {
         drop(subs);
         let mut vmas = inner.mmap_lock.write();
         for v in vmas.take_all() {
-            zap_ptes(&vmas.pt, v.start, v.end, &inner.arena);
+            zap_ptes(&vmas.pt, v.start, v.end, &inner.arena, &inner.reclaim);
             vmas.pt.prune(v.start, v.end);
         }
     }
@@ -618,18 +657,19 @@ impl HostMm {
 /// Clears the present PTEs of pages `[s, e)` and frees their frames. Called with `mmap_lock`
 /// held for write, after `invalidate_range_start` (H1, H2). Visits only allocated leaves and
 /// writes only present PTEs, so an untouched range costs no memory.
-fn zap_ptes(pt: &PageTable, s: u64, e: u64, arena: &FrameArena) {
+fn zap_ptes(pt: &PageTable, s: u64, e: u64, arena: &FrameArena, reclaim: &Reclaim) {
     let _ = pt.for_each_leaf(s, e, |first, ptes| {
         for (i, w) in ptes.iter().enumerate() {
-            zap_pte(first + i as u64, w, arena);
+            zap_pte(first + i as u64, w, arena, reclaim);
         }
         ControlFlow::Continue(())
     });
 }
 
-/// Clears one PTE and frees its frame if it was present (see [`zap_ptes`]).
+/// Clears one PTE and frees its frame if it was present, or its swap slot if it was a swap entry
+/// (see [`zap_ptes`]).
 #[inline]
-fn zap_pte(page: u64, w: &AtomicU64, arena: &FrameArena) {
+fn zap_pte(page: u64, w: &AtomicU64, arena: &FrameArena, reclaim: &Reclaim) {
     // ORDERING: Relaxed: mmap_lock write excludes every other PTE user (H3), and its release
     // orders this before later readers.
     if w.load(Ordering::Relaxed) == 0 {
@@ -646,5 +686,8 @@ fn zap_pte(page: u64, w: &AtomicU64, arena: &FrameArena) {
         if arena.free(pfn, tag).is_err() {
             arena.report_stale(pfn, tag, arena.tag(pfn));
         }
+        reclaim.uncharge(1);
+    } else if let Some(slot) = swap_slot(old) {
+        reclaim.drop_swap_slot(slot);
     }
 }

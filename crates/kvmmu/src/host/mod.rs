@@ -13,6 +13,10 @@
 //!   `release` before any frame is freed. Aging (`clear_young`, `clear_flush_young`, `test_young`,
 //!   `clear_young_range`) combines the host young bits with one subscriber call per range.
 //!
+//! - Under a memory limit ([`HostMm::enable_reclaim`]) reclaim evicts pages to swap inside an
+//!   invalidate pair, and GUP refaults them (`reclaim` and `swap` modules, invariants R1–R4 and
+//!   S1–S3 in `docs/invariants.md`).
+//!
 //! - A thread that holds a vCPU in guest mode is refused, at the entry and before any change,
 //!   every operation that takes `mm_writer` or calls subscribers (a subscriber may wait for that
 //!   vCPU's TLB-flush acknowledgement): [`HostError::InGuestMode`], or a panic for `release` and
@@ -39,10 +43,12 @@
 //!   snapshot, and before `invalidate_range_end` is called on the same snapshot. An operation
 //!   that skips the notifier (no present PTE affected) checks and changes in one write-locked
 //!   section, so a concurrent GUP cannot make a page present in between.
-//! - H2. A frame is freed only after the PTE naming it was swapped to 0 under `mmap_lock` write;
-//!   so a present PTE always names an allocated frame whose tag it records.
-//! - H3. Under `mmap_lock` read a PTE only goes from 0 to present (GUP's CAS) and gains or loses
-//!   young/dirty bits; a reader that saw a present PTE may use its frame until it drops the lock.
+//! - H2. A frame is freed only after the PTE naming it was swapped to 0 (or, by reclaim, to a swap
+//!   entry) under `mmap_lock` write; so a present PTE always names an allocated frame whose tag it
+//!   records.
+//! - H3. Under `mmap_lock` read a PTE only goes from 0 or a swap entry to present (GUP's CAS: a
+//!   first touch or a refault) and gains or loses young/dirty bits; a reader that saw a present
+//!   PTE may use its frame until it drops the lock.
 //! - H4. Validation happens before any notifier call or change; a failed operation changes nothing
 //!   and calls no subscriber.
 //! - H5. Every mapped page lies below [`TASK_SIZE`], so its number fits a [`FrameTag`].
@@ -54,18 +60,27 @@
 mod aging;
 mod frames;
 mod idle;
+mod kswapd;
 mod lru_gen;
 mod mm;
 mod notifier;
 mod pgtable;
+mod reclaim;
+mod swap;
 mod vma;
 mod words;
 
 pub use frames::{FrameArena, FrameStats, FrameTag, MAX_FRAMES, StaleAccess, WORDS_PER_FRAME};
 pub use idle::{IdleState, PageIdle};
-pub use lru_gen::{AGING_CHUNK_PAGES, AgingPass, LruGen};
+pub use kswapd::Kswapd;
+pub use lru_gen::{AGING_CHUNK_PAGES, AgingPass, LruGen, MIN_NR_GENS, WorkingSet, WorkingSetBin};
 pub use mm::{GupPage, HostConfig, HostMm, HostPte, HostStats, MMAP_MIN_ADDR, Prot, TASK_SIZE};
 pub use notifier::{InvalidateEvent, MmuNotifier, NotifierId, NotifierRange, YoungBitmap};
+pub use reclaim::{
+    MAX_DIRECT_RECLAIM_ATTEMPTS, MAX_NR_GENS, MIN_LIMIT_FRAMES, ReclaimAging, ReclaimConfig,
+    ReclaimStats, SWAP_CLUSTER_MAX,
+};
+pub use swap::{MAX_SWAP_SLOTS, SwapStats};
 
 use crate::addr::{Hva, Pfn};
 
@@ -203,6 +218,53 @@ pub enum HostError {
     /// own TLB-flush acknowledgement. Refused before anything changed or anyone was called.
     #[error(transparent)]
     InGuestMode(#[from] crate::sync::guest_mode::InGuestMode),
+}
+
+/// Why a reclaim request was refused (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum ReclaimError {
+    /// The limit is below [`MIN_LIMIT_FRAMES`].
+    #[error("memory limit of {limit} frames is below the minimum of {min}")]
+    LimitTooSmall {
+        /// The requested limit.
+        limit: u64,
+        /// [`MIN_LIMIT_FRAMES`].
+        min: u64,
+    },
+    /// The limit is not below the arena's size (it would never be reached).
+    #[error("memory limit of {limit} frames is not below the {capacity} frames of the arena")]
+    LimitAboveArena {
+        /// The requested limit.
+        limit: u64,
+        /// The arena's frames.
+        capacity: u64,
+    },
+    /// More swap slots than a swap entry can name.
+    #[error("{slots} swap slots is more than the maximum of {max}")]
+    SwapTooLarge {
+        /// The requested slots.
+        slots: u64,
+        /// [`MAX_SWAP_SLOTS`].
+        max: u64,
+    },
+    /// Reclaim is already enabled on this host.
+    #[error("reclaim is already enabled")]
+    AlreadyEnabled,
+    /// Reclaim is not enabled on this host.
+    #[error("reclaim is not enabled")]
+    NotEnabled,
+    /// A kswapd thread already runs for this host.
+    #[error("kswapd already runs")]
+    KswapdRunning,
+    /// The OS refused to start the kswapd thread.
+    #[error("cannot start kswapd: {0}")]
+    Spawn(std::io::Error),
+    /// The generation array (4 bytes per frame) could not be allocated.
+    #[error("cannot allocate the generation array")]
+    NoMemory,
+    /// A host error (a bad range, or a call from a thread in guest mode).
+    #[error(transparent)]
+    Host(#[from] HostError),
 }
 
 // The handles are shared across vCPU threads: keep them Send + Sync (checked at compile time).

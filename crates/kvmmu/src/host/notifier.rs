@@ -41,6 +41,9 @@ pub enum InvalidateEvent {
     Protect,
     /// The range's pages are discarded and will read as zero (`madvise(MADV_DONTNEED)`).
     DontNeed,
+    /// Reclaim writes the range's pages to swap and unmaps them (`try_to_unmap`, Linux's
+    /// `MMU_NOTIFY_CLEAR`); the next access refaults them with their contents.
+    Reclaim,
 }
 
 /// The range an invalidation covers (`struct mmu_notifier_range`).

@@ -10,7 +10,8 @@
 //!
 //! Invariants:
 //! 1. The PTE of a page outside every VMA is 0 (`munmap` clears a range before removing it).
-//! 2. A non-present PTE is exactly 0 (aging never touches a non-present PTE; removal swaps to 0).
+//! 2. A non-present PTE is exactly 0 or a swap entry (`swap` module: bit 63, no present, young or
+//!    dirty bit); aging never touches a non-present PTE; removal swaps to 0.
 //! 3. VMAs in a [`Vmas`] never overlap.
 
 use std::collections::BTreeMap;

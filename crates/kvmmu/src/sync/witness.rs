@@ -283,7 +283,9 @@ impl MmuLock {
         }
         self.contended_reads.fetch_add(1, Ordering::Relaxed);
         self.waiters.fetch_add(1, Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
         let g = self.lock.read();
+        note_wait(t0);
         self.waiters.fetch_sub(1, Ordering::Relaxed);
         g
     }
@@ -296,7 +298,9 @@ impl MmuLock {
         }
         self.contended_writes.fetch_add(1, Ordering::Relaxed);
         self.waiters.fetch_add(1, Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
         let g = self.lock.write();
+        note_wait(t0);
         self.waiters.fetch_sub(1, Ordering::Relaxed);
         g
     }
@@ -305,6 +309,23 @@ impl MmuLock {
         // ORDERING: Relaxed: a statistic.
         self.resched_yields.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+crate::sync::thread_local! {
+    /// Nanoseconds this thread has waited for any `mmu_lock` (contended acquisitions only).
+    static MMU_LOCK_WAIT_NANOS: core::cell::Cell<u64> = const { core::cell::Cell::new(0) };
+}
+
+fn note_wait(t0: std::time::Instant) {
+    let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    MMU_LOCK_WAIT_NANOS.with(|c| c.set(c.get().saturating_add(ns)));
+}
+
+/// Nanoseconds the calling thread has waited for any `mmu_lock` so far (contended acquisitions
+/// only): a caller samples it around an operation to learn how long that operation waited for
+/// the lock (reclaim uses it to time its `invalidate_range_start` waits).
+pub fn thread_mmu_lock_wait_nanos() -> u64 {
+    MMU_LOCK_WAIT_NANOS.with(core::cell::Cell::get)
 }
 
 /// `mmu_lock` held for read.

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::addr::{AsId, Gpa, Hva, SlotId};
-use crate::host::{GupError, HostError, HostMm, Prot};
+use crate::host::{GupError, HostError, HostMm, Prot, ReclaimError};
 use crate::vcpu::VcpuExit;
 use crate::vm::Vm;
 use crate::vm::memslot::{MemFlags, MemoryRegion};
@@ -570,5 +570,32 @@ pub(super) fn reset(vm: &Vm, sh: &Shared, progress: &Progress) {
         progress.done_op();
         // Pace resets so that most accessed-oracle rounds run without one in progress.
         std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// The reclaim thread: evicts random ranges of vCPU pages to swap (`madvise(MADV_PAGEOUT)`); the
+/// vCPUs' next accesses refault them, and the data oracle checks they read what they wrote.
+pub(super) fn reclaim(host: &HostMm, sh: &Shared, cfg: &TortureConfig, progress: &Progress) {
+    let l = sh.layout;
+    let mut rng = Rng::new(cfg.seed, 6000);
+    while !sh.stopped() {
+        let hp = rng.below(l.host_pages());
+        let n = 1 + rng.below(8);
+        if !(hp..hp + n).all(|p| p < l.host_pages() && !l.is_private(p)) {
+            continue;
+        }
+        progress.start(op::PAGE_OUT, hp);
+        match host.page_out(l.hva_of(hp), n * PAGE) {
+            // The host actor may have the range unmapped for a remap right now.
+            Ok(_) | Err(ReclaimError::Host(HostError::NotMapped { .. })) => {}
+            Err(e) => sh.violation(
+                ActorId::Reclaim,
+                ViolationKind::UnexpectedError,
+                None,
+                format!("page_out: {e}"),
+            ),
+        }
+        progress.done_op();
+        std::thread::yield_now();
     }
 }

@@ -72,6 +72,8 @@ bitflags::bitflags! {
         const MEMSLOT = 8;
         /// The MMU-reset thread.
         const RESET = 16;
+        /// The reclaim thread: evicts random vCPU pages to swap (not in the default set).
+        const RECLAIM = 32;
     }
 }
 
@@ -132,7 +134,7 @@ impl Default for TortureConfig {
             elide_tlb_flush_if_young: true,
             ops_per_vcpu: Some(5_000),
             duration: None,
-            actors: Actors::all(),
+            actors: Actors::all().difference(Actors::RECLAIM),
             stall_timeout: Duration::from_secs(20),
             cas_failure_period: 0,
             yield_period: 0,
@@ -360,6 +362,20 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
     layout.hva = host.mmap(total * 4096, Prot::READ | Prot::WRITE)?;
     vm.set_user_memory_region(actors::main_region(&layout))?;
     vm.set_user_memory_region(actors::dyn_region(&layout, 0, MemFlags::empty()))?;
+    if cfg.actors.contains(Actors::RECLAIM) {
+        // Swap for every page, and a limit that leaves the accessed oracle's pages alone: the
+        // actor evicts only vCPU pages, explicitly.
+        let capacity = host.arena().capacity() as u64;
+        host.enable_reclaim(crate::host::ReclaimConfig {
+            limit_frames: capacity - 1,
+            swap_slots: total,
+            aging: crate::host::ReclaimAging::Generations,
+        })
+        .map_err(|_| TortureError::Parameter {
+            name: "frames",
+            why: "the reclaim actor needs at least 17 frames",
+        })?;
+    }
     set_hooks(cfg);
 
     let shared = Arc::new(Shared {
@@ -426,6 +442,13 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
         spawn(
             ActorId::Memslot,
             Box::new(move |p| actors::memslot(&vm, &sh, &c, p)),
+        );
+    }
+    if cfg.actors.contains(Actors::RECLAIM) {
+        let (h, sh, c) = (host.clone(), Arc::clone(&shared), cfg.clone());
+        spawn(
+            ActorId::Reclaim,
+            Box::new(move |p| actors::reclaim(&h, &sh, &c, p)),
         );
     }
     if cfg.actors.contains(Actors::RESET) {

@@ -35,6 +35,8 @@ pub enum ActorId {
     Memslot,
     /// The MMU-reset thread.
     Reset,
+    /// The reclaim thread (evicts vCPU pages to swap, `madvise(MADV_PAGEOUT)`).
+    Reclaim,
     /// The liveness watchdog.
     Watchdog,
     /// The checks at quiescence and teardown.
@@ -49,6 +51,7 @@ impl fmt::Display for ActorId {
             ActorId::Aging => f.write_str("aging"),
             ActorId::Memslot => f.write_str("memslot"),
             ActorId::Reset => f.write_str("reset"),
+            ActorId::Reclaim => f.write_str("reclaim"),
             ActorId::Watchdog => f.write_str("watchdog"),
             ActorId::Teardown => f.write_str("teardown"),
         }
@@ -222,6 +225,8 @@ pub mod op {
     pub const MEMSLOT: u64 = 8;
     /// MMU reset.
     pub const RESET: u64 = 9;
+    /// Page-out of a range to swap.
+    pub const PAGE_OUT: u64 = 10;
 }
 
 /// A readable form of a [`Progress::last_op`] value.
@@ -237,6 +242,7 @@ pub fn describe_op(v: u64) -> String {
         op::ACCESSED => "accessed-oracle round",
         op::MEMSLOT => "memslot change",
         op::RESET => "reset_mmu",
+        op::PAGE_OUT => "page_out",
         _ => "unknown",
     };
     format!("{name} (host page {})", v & 0xFFFF_FFFF)
