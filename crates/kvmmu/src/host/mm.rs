@@ -3,13 +3,14 @@
 //! See the `host` module doc for the locking protocol and its invariants (cited here as H1–H7).
 
 use super::frames::{FrameArena, FrameTag};
+use super::huge::{HugeMode, HugeState, marker_level, split_cut, zap_huge};
 use super::notifier::{
     InvalidateEvent, InvalidationPair, MmuNotifier, NotifierId, NotifierList, NotifierRange,
 };
 use super::pgtable::PageTable;
 use super::vma::{Vma, Vmas, page_hva, pte, pte_frame};
 use super::{GupError, HostError};
-use crate::addr::{Hva, PAGE_SHIFT, Pfn, is_page_aligned};
+use crate::addr::{Hva, Level, PAGE_SHIFT, Pfn, is_page_aligned};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::guest_mode;
 use crate::sync::percpu::StripedCounter;
@@ -62,6 +63,9 @@ pub struct GupPage {
     pub tag: FrameTag,
     /// Whether the mapping allows writes.
     pub writable: bool,
+    /// The host mapping level of the page (`host_pfn_mapping_level`): 2M or 1G when a huge page
+    /// backs it, whose frames are contiguous and aligned (`pfn` is the frame of this 4K page).
+    pub level: Level,
 }
 
 /// A snapshot of one host PTE (for tests and oracles).
@@ -79,6 +83,8 @@ pub struct HostPte {
     pub young: bool,
     /// Written since faulted in.
     pub dirty: bool,
+    /// The host mapping level (4K, or the huge page backing it).
+    pub level: Level,
 }
 
 /// Counters of host operations (successful ones, except `gup` which counts every call).
@@ -108,6 +114,10 @@ pub struct HostStats {
     /// is first faulted in and freed by `munmap`, so mapping, zapping or aging an untouched
     /// range never grows this.
     pub page_table_bytes: u64,
+    /// Huge pages faulted in whole (THP and hugetlb).
+    pub huge_faults: u64,
+    /// THPs split because an operation's range cut them.
+    pub thp_splits: u64,
 }
 
 #[derive(Default)]
@@ -121,6 +131,8 @@ pub(super) struct Counters {
     invalidate_end: AtomicU64,
     pub(super) aging_calls: AtomicU64,
     release_calls: AtomicU64,
+    pub(super) huge_faults: AtomicU64,
+    thp_splits: AtomicU64,
 }
 
 impl Counters {
@@ -138,6 +150,8 @@ pub(super) struct Inner {
     pub(super) mmap_lock: RwLock<Vmas>,
     pub(super) notifiers: NotifierList,
     pub(super) counters: Counters,
+    /// The huge-fault mutex (`huge.rs`), inside `mmap_lock` read and `mm_writer`.
+    pub(super) huge: Mutex<HugeState>,
 }
 
 /// The simulated process address space (the primary MMU). Cheap to clone: clones share it.
@@ -211,6 +225,7 @@ impl HostMm {
                 mmap_lock: RwLock::new(Vmas::default()),
                 notifiers: NotifierList::new(),
                 counters: Counters::default(),
+                huge: Mutex::new(HugeState::default()),
             }),
         })
     }
@@ -241,6 +256,13 @@ impl HostMm {
         }
         let npages = len >> PAGE_SHIFT;
         let align = if npages >= HUGE_PAGES { HUGE_PAGES } else { 1 };
+        self.mmap_vma(len, align, Vma::new(0, 0, prot))
+    }
+
+    /// Places `proto` (its bounds ignored) over `len` bytes (page aligned, non-zero) of free
+    /// address space starting at a multiple of `align` pages.
+    pub(super) fn mmap_vma(&self, len: u64, align: u64, proto: Vma) -> Result<Hva, HostError> {
+        let npages = len >> PAGE_SHIFT;
         let _w = self.inner.mm_writer.lock();
         let mut vmas = self.inner.mmap_lock.write();
         let start = vmas
@@ -252,9 +274,21 @@ impl HostMm {
                 align,
             )
             .ok_or(HostError::AddressSpaceExhausted)?;
-        vmas.insert(Vma::new(start, start + npages, prot));
+        vmas.insert(Vma {
+            start,
+            end: start + npages,
+            ..proto
+        });
         Counters::bump(&self.inner.counters.mmap, 1);
         Ok(page_hva(start))
+    }
+
+    /// Runs `f` on the VMAs under `mm_writer` and `mmap_lock` write, for a change that removes
+    /// or changes no present PTE (so it needs no invalidation, H1).
+    pub(super) fn with_vmas_write<R>(&self, f: impl FnOnce(&mut Vmas) -> R) -> R {
+        let _w = self.inner.mm_writer.lock();
+        let mut vmas = self.inner.mmap_lock.write();
+        f(&mut vmas)
     }
 
     /// Maps `len` bytes at exactly `hva`; fails with [`HostError::Overlaps`] if any page of the
@@ -295,22 +329,38 @@ impl HostMm {
     ) -> Result<(), HostError> {
         let inner = &*self.inner;
         let _w = inner.mm_writer.lock();
-        let range = NotifierRange {
-            start: page_hva(s),
-            end: page_hva(e),
-            event,
-            blockable: true,
-        };
+        // Clears the in-flight range (huge.rs) however this function is left.
+        struct Inflight<'a>(&'a HostMm);
+        impl Drop for Inflight<'_> {
+            fn drop(&mut self) {
+                self.0.set_inflight(None);
+            }
+        }
         // Every subscriber whose start returned gets its end when `notified` goes, even if a
         // callback (or `apply`) panics: the pair stays balanced (DESIGN invariant 1).
         let mut notified: Option<InvalidationPair<'_>> = None;
+        let mut inflight: Option<Inflight<'_>> = None;
         let result = loop {
             let mut vmas = inner.mmap_lock.write();
             if let Err(err) = validate(&vmas) {
                 break Err(err);
             }
+            // A range cutting a THP invalidates (and splits) the THP's whole 2 MiB; one cutting a
+            // hugetlb page is refused before anything changed (huge.rs).
+            let (ns, ne) = match HostMm::widen_for_split(&vmas, (s, e)) {
+                Ok(r) => r,
+                Err(err) => break Err(err),
+            };
             if notified.is_none() && needs_notify(&vmas) {
                 drop(vmas);
+                self.set_inflight(Some((ns, ne)));
+                inflight = Some(Inflight(self));
+                let range = NotifierRange {
+                    start: page_hva(ns),
+                    end: page_hva(ne),
+                    event,
+                    blockable: true,
+                };
                 notified = Some(InvalidationPair::start(
                     inner.notifiers.snapshot(),
                     range,
@@ -319,12 +369,19 @@ impl HostMm {
                 ));
                 continue;
             }
+            // Split only under a started invalidation (whose range covered the THPs); with no
+            // present page changing nothing is cut.
+            if notified.is_some() {
+                let splits = split_cut(&vmas.pt, s, e);
+                Counters::bump(&inner.counters.thp_splits, splits);
+            }
             apply(&mut vmas, &inner.arena);
             break Ok(());
         };
         if let Some(pair) = notified {
             pair.end();
         }
+        drop(inflight);
         result
     }
 
@@ -444,7 +501,17 @@ impl HostMm {
                     word.fetch_or(want, Ordering::Relaxed);
                 }
                 let (pfn, tag) = pte_frame(page, cur);
-                return Ok(GupPage { pfn, tag, writable });
+                // A THP outlives MADV_NOHUGEPAGE: the marker, not the VMA, says.
+                let level = marker_level(&vmas.pt, page);
+                return Ok(GupPage {
+                    pfn,
+                    tag,
+                    writable,
+                    level,
+                });
+            }
+            if vma.huge != HugeMode::None {
+                return self.gup_huge(vmas, vma, hva, write);
             }
             let (pfn, tag) = match self.inner.arena.alloc(page) {
                 Ok(f) => f,
@@ -456,7 +523,14 @@ impl HostMm {
             // Acquire on failure reads the winner's frame like the load above. Non-present PTEs
             // are exactly 0 (vma invariant 2), so 0 is the right expected value.
             match word.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Ok(GupPage { pfn, tag, writable }),
+                Ok(_) => {
+                    return Ok(GupPage {
+                        pfn,
+                        tag,
+                        writable,
+                        level: Level::L4K,
+                    });
+                }
                 Err(actual) => {
                     if let Err(e) = self.inner.arena.free(pfn, tag) {
                         panic!("frame arena invariant 1 violated: unpublished frame {pfn}: {e}");
@@ -531,6 +605,11 @@ impl HostMm {
             writable: v.writable(),
             young: w & pte::YOUNG != 0,
             dirty: w & pte::DIRTY != 0,
+            level: if present {
+                marker_level(&vmas.pt, page)
+            } else {
+                Level::L4K
+            },
         })
     }
 
@@ -595,6 +674,8 @@ impl HostMm {
             release_calls: ld(&c.release_calls),
             subscribers: self.inner.notifiers.len() as u64,
             page_table_bytes: self.inner.mmap_lock.read().pt.bytes(),
+            huge_faults: ld(&c.huge_faults),
+            thp_splits: ld(&c.thp_splits),
         }
     }
 
@@ -613,6 +694,7 @@ impl HostMm {
 /// held for write, after `invalidate_range_start` (H1, H2). Visits only allocated leaves and
 /// writes only present PTEs, so an untouched range costs no memory.
 fn zap_ptes(pt: &PageTable, s: u64, e: u64, arena: &FrameArena) {
+    zap_huge(pt, s, e, arena);
     let _ = pt.for_each_leaf(s, e, |first, ptes| {
         for (i, w) in ptes.iter().enumerate() {
             zap_pte(first + i as u64, w, arena);
