@@ -68,7 +68,7 @@ pub mod vm {
 pub mod prelude {
     pub use crate::addr::{AsId, Gfn, GfnRange, Gpa, Hva, Level, Pfn, SlotId};
     pub use crate::config::{AgingMode, MmuKind, VmConfig};
-    pub use crate::host::{HostConfig, HostMm, Prot};
+    pub use crate::host::{BackingSrc, HostConfig, HostMm, Prot};
     pub use crate::vcpu::{Vcpu, VcpuExit};
     pub use crate::vm::memslot::{MemFlags, MemoryRegion};
     pub use crate::vm::{Vm, VmStats};

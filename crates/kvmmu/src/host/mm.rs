@@ -352,9 +352,11 @@ impl HostMm {
                 Err(err) => break Err(err),
             };
             if notified.is_none() && needs_notify(&vmas) {
-                drop(vmas);
+                // Recorded before `mmap_lock` is dropped: no huge-page fault-in (which runs
+                // under `mmap_lock` read) can slip a THP reaching into the range in between.
                 self.set_inflight(Some((ns, ne)));
                 inflight = Some(Inflight(self));
+                drop(vmas);
                 let range = NotifierRange {
                     start: page_hva(ns),
                     end: page_hva(ne),

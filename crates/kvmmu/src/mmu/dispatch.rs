@@ -311,6 +311,11 @@ impl Mmu {
         }
     }
 
+    /// Present leaves per level over both MMUs (KVM's `pages_4k`, `pages_2m`, `pages_1g`).
+    pub fn page_stats(&self) -> crate::mmu::PageStats {
+        self.tdp.page_stats().plus(self.shadow.page_stats())
+    }
+
     /// The TDP MMU's statistics.
     pub fn tdp_stats(&self) -> TdpStats {
         self.tdp.stats()

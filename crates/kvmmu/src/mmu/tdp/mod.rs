@@ -113,6 +113,8 @@ pub(crate) struct Counters {
     roots_freed: AtomicU64,
     cas_retries: AtomicU64,
     accessed_cleared: AtomicU64,
+    /// Present leaves per level (`mmu/hugepage.rs`).
+    pub(crate) pages: crate::mmu::hugepage::PageCounts,
 }
 
 impl Counters {
@@ -127,6 +129,7 @@ impl Counters {
             roots_freed: AtomicU64::new(0),
             cas_retries: AtomicU64::new(0),
             accessed_cleared: AtomicU64::new(0),
+            pages: Default::default(),
         }
     }
     /// Adds `n` to a counter.
@@ -468,6 +471,11 @@ impl TdpMmu {
     /// Statistics.
     pub fn stats(&self) -> TdpStats {
         self.counters().snapshot()
+    }
+
+    /// Present leaves per level (`pages_4k`, `pages_2m`, `pages_1g`).
+    pub fn page_stats(&self) -> crate::mmu::PageStats {
+        self.inner.counters.pages.snapshot()
     }
 }
 

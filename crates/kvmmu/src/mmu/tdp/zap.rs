@@ -98,6 +98,7 @@ unsafe fn handle_removed_pt(
         match old.kind(level) {
             SpteKind::Leaf => {
                 leaves += 1;
+                counters.pages.remove(level, 1);
                 if old.is_dirty() {
                     Counters::add(&counters.dirty_leaves_zapped, 1);
                 }
@@ -287,6 +288,7 @@ impl TdpMmu {
                     let prev = write_spte(it.sptep(), old, Spte::NONPRESENT, it.level());
                     it.set_old(prev);
                     zapped += 1;
+                    counters.pages.remove(it.level(), 1);
                     if prev.is_dirty() {
                         Counters::add(&counters.dirty_leaves_zapped, 1);
                     }
