@@ -32,7 +32,11 @@ fn the_aging_check_catches_rmap_aging_that_forgets_to_round_down() {
         .iter()
         .map(|p| host.test_young(hva_of(hva, *p)).unwrap())
         .collect();
-    assert_eq!(per_page, [false, true], "test_young sees the 2M leaf at 512");
+    assert_eq!(
+        per_page,
+        [false, true],
+        "test_young sees the 2M leaf at 512"
+    );
     let bitmap = host.clear_young_range(hva_of(hva, 511), 2 * 4096).unwrap();
     let got: Vec<bool> = (0..2).map(|i| bitmap.is_young(i)).collect();
     assert_ne!(

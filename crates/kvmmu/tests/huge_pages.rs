@@ -66,15 +66,17 @@ both_mmus!(
     the_aging_bitmap_equals_per_page_test_young_over_mixed_4k_2m_1g_memory,
 );
 
-fn a_huge_leaf_is_installed_only_when_host_level_alignment_and_disallow_lpage_allow(
-    mmu: MmuKind,
-) {
+fn a_huge_leaf_is_installed_only_when_host_level_alignment_and_disallow_lpage_allow(mmu: MmuKind) {
     // THP host, aligned slot: 2M.
     let f = backed(mmu, BackingSrc::AnonymousThp, 2 * MB2, 0, 4096);
     let mut v = f.vm.create_vcpu().unwrap();
     v.write_u64(gpa(3), 7).unwrap();
     assert_eq!(level_of(&f, 3), Some(Level::L2M));
-    assert_eq!(level_of(&f, 511), Some(Level::L2M), "one leaf maps the block");
+    assert_eq!(
+        level_of(&f, 511),
+        Some(Level::L2M),
+        "one leaf maps the block"
+    );
     assert_eq!((f.vm.stats().pages_2m, f.vm.stats().pages_4k), (1, 0));
     for p in 0..512 {
         v.write_u64(gpa(p), p).unwrap();
@@ -93,7 +95,11 @@ fn a_huge_leaf_is_installed_only_when_host_level_alignment_and_disallow_lpage_al
     let host = HostMm::new(HostConfig { frames: 4096 }).unwrap();
     let vm = Vm::new(&host, cfg(mmu)).unwrap();
     let hva = host
-        .mmap_backed(2 * MB2, Prot::READ | Prot::WRITE, BackingSrc::AnonymousHugetlb2M)
+        .mmap_backed(
+            2 * MB2,
+            Prot::READ | Prot::WRITE,
+            BackingSrc::AnonymousHugetlb2M,
+        )
         .unwrap();
     vm.set_user_memory_region(region(0, BASE_GPA + PAGE, MB2, hva))
         .unwrap();
@@ -104,7 +110,11 @@ fn a_huge_leaf_is_installed_only_when_host_level_alignment_and_disallow_lpage_al
             .map(|(_, l)| l),
         Some(Level::L4K)
     );
-    assert_eq!(host.host_pte(hva).unwrap().level, Level::L2M, "host is huge");
+    assert_eq!(
+        host.host_pte(hva).unwrap().level,
+        Level::L2M,
+        "host is huge"
+    );
     let s = vm.stats();
     assert_eq!((s.pages_2m, s.pages_4k), (0, 1));
 }
@@ -161,7 +171,11 @@ fn a_partial_munmap_of_a_thp_splits_it_and_no_spte_survives_over_the_invalidated
             "gfn {p}: the huge leaf over the split THP is gone"
         );
     }
-    assert_eq!(level_of(&f, 512), Some(Level::L2M), "the other THP is intact");
+    assert_eq!(
+        level_of(&f, 512),
+        Some(Level::L2M),
+        "the other THP is intact"
+    );
     assert_eq!(f.vm.stats().pages_2m, 1);
     for p in (0..1024).filter(|p| *p != 100) {
         assert_eq!(v.read_u64(gpa(p)).unwrap(), p + 1, "page {p}");
@@ -170,7 +184,11 @@ fn a_partial_munmap_of_a_thp_splits_it_and_no_spte_survives_over_the_invalidated
         v.read_u64(gpa(100)),
         Err(VcpuExit::HostFault { .. })
     ));
-    assert_eq!(level_of(&f, 7), Some(Level::L4K), "refaulted 4K after the split");
+    assert_eq!(
+        level_of(&f, 7),
+        Some(Level::L4K),
+        "refaulted 4K after the split"
+    );
     assert_eq!(f.host.arena().stats().stale_accesses, 0);
 }
 
@@ -188,7 +206,11 @@ fn a_partial_mprotect_of_a_thp_zaps_the_huge_leaf_and_data_written_through_it_re
         .unwrap();
     assert!((0..512).all(|p| f.vm.spte(AsId::new(0), gfn(p)).is_none()));
     for p in 0..512 {
-        assert_eq!(v.read_u64(gpa(p)).unwrap(), 3 * p, "page {p} after the split");
+        assert_eq!(
+            v.read_u64(gpa(p)).unwrap(),
+            3 * p,
+            "page {p} after the split"
+        );
     }
     assert!(matches!(
         v.write_u64(gpa(301), 1),
@@ -198,7 +220,10 @@ fn a_partial_mprotect_of_a_thp_zaps_the_huge_leaf_and_data_written_through_it_re
     assert_eq!(f.host.read_u64(hva_of(f.hva, 302)).unwrap(), 9);
     let s = f.vm.stats();
     assert_eq!(s.pages_2m, 0);
-    assert_eq!(s.pages_4k, 512, "every page refaulted at 4K (the write upgraded a leaf)");
+    assert_eq!(
+        s.pages_4k, 512,
+        "every page refaulted at 4K (the write upgraded a leaf)"
+    );
 }
 
 fn a_1g_hugetlb_slot_is_mapped_by_one_1g_leaf(mmu: MmuKind) {
@@ -282,7 +307,9 @@ fn mixed(mmu: MmuKind) -> (HostMm, Vm, [Hva; 3]) {
     let mut hvas = [Hva::new(0); 3];
     let mut g = BASE_GPA;
     for (i, (src, len)) in srcs.into_iter().enumerate() {
-        let hva = host.mmap_backed(len, Prot::READ | Prot::WRITE, src).unwrap();
+        let hva = host
+            .mmap_backed(len, Prot::READ | Prot::WRITE, src)
+            .unwrap();
         g = g.next_multiple_of(1 << 30);
         vm.set_user_memory_region(region(i as u16, g, len, hva))
             .unwrap();

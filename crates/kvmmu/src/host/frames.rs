@@ -413,7 +413,8 @@ impl FrameArena {
         }
         if reused {
             fence(Ordering::SeqCst);
-            for w in &self.words.as_slice()[first * WORDS_PER_FRAME..(first + frames) * WORDS_PER_FRAME]
+            for w in
+                &self.words.as_slice()[first * WORDS_PER_FRAME..(first + frames) * WORDS_PER_FRAME]
             {
                 // ORDERING: as in `alloc`: after the SeqCst fence (invariants 3, 4).
                 w.store(0, Ordering::Relaxed);

@@ -107,7 +107,9 @@ impl core::fmt::Display for BackingSrc {
 
 /// An unknown backing source name.
 #[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
-#[error("unknown backing source {0:?} (anonymous, anonymous_thp, anonymous_hugetlb_2mb, anonymous_hugetlb_1gb)")]
+#[error(
+    "unknown backing source {0:?} (anonymous, anonymous_thp, anonymous_hugetlb_2mb, anonymous_hugetlb_1gb)"
+)]
 pub struct UnknownBackingSrc(pub String);
 
 impl FromStr for BackingSrc {
@@ -221,7 +223,11 @@ impl HostMm {
             vmas.split_at(s);
             vmas.split_at(e);
             for v in vmas.range_mut(s, e) {
-                v.huge = if enable { HugeMode::Thp } else { HugeMode::None };
+                v.huge = if enable {
+                    HugeMode::Thp
+                } else {
+                    HugeMode::None
+                };
             }
             Ok(())
         })
@@ -439,9 +445,7 @@ pub(crate) fn zap_huge(pt: &PageTable, s: u64, e: u64, arena: &FrameArena) {
             return ControlFlow::Continue(());
         }
         // ORDERING: Relaxed: as above.
-        let w = pt
-            .entry(head)
-            .map_or(0, |w| w.load(Ordering::Relaxed));
+        let w = pt.entry(head).map_or(0, |w| w.load(Ordering::Relaxed));
         let (pfn, tag) = pte_frame(head, w);
         for span2m in (head..head + n).step_by(RUN_2M) {
             if let Some(m) = pt.huge_marker(span2m) {

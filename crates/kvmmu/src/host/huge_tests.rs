@@ -78,7 +78,11 @@ fn a_thp_vma_maps_its_unaligned_edges_with_4k_pages() {
     // Cut the mapping so its first 2M span is partial: [hva + 4K, hva + 8M).
     h.munmap(hva, PAGE).unwrap();
     let g = h.get_user_page(at(hva, 2 * PAGE), false).unwrap();
-    assert_eq!(g.level, Level::L4K, "a span not inside the VMA is mapped 4K");
+    assert_eq!(
+        g.level,
+        Level::L4K,
+        "a span not inside the VMA is mapped 4K"
+    );
     let g = h.get_user_page(at(hva, MB2), false).unwrap();
     assert_eq!(g.level, Level::L2M, "the interior is mapped huge");
 }
@@ -156,7 +160,11 @@ fn munmap_of_a_whole_huge_page_frees_its_run_for_reuse() {
     let h = host(2048);
     for _ in 0..8 {
         let hva = h
-            .mmap_backed(2 * MB2, Prot::READ | Prot::WRITE, BackingSrc::AnonymousHugetlb2M)
+            .mmap_backed(
+                2 * MB2,
+                Prot::READ | Prot::WRITE,
+                BackingSrc::AnonymousHugetlb2M,
+            )
             .unwrap();
         h.write_u64(hva, 1).unwrap();
         h.write_u64(at(hva, MB2 + 8), 2).unwrap();
@@ -177,7 +185,11 @@ fn hugetlb_refuses_unaligned_lengths_and_cuts_and_changes_nothing() {
     ));
     assert!(h.mappings().is_empty());
     let hva = h
-        .mmap_backed(2 * MB2, Prot::READ | Prot::WRITE, BackingSrc::AnonymousHugetlb2M)
+        .mmap_backed(
+            2 * MB2,
+            Prot::READ | Prot::WRITE,
+            BackingSrc::AnonymousHugetlb2M,
+        )
         .unwrap();
     h.write_u64(hva, 5).unwrap();
     h.write_u64(at(hva, MB2), 6).unwrap();
@@ -199,17 +211,27 @@ fn hugetlb_refuses_unaligned_lengths_and_cuts_and_changes_nothing() {
 fn a_1g_hugetlb_page_is_one_aligned_run_and_frees_whole() {
     let h = host(1 << 19);
     let hva = h
-        .mmap_backed(1 << 30, Prot::READ | Prot::WRITE, BackingSrc::AnonymousHugetlb1G)
+        .mmap_backed(
+            1 << 30,
+            Prot::READ | Prot::WRITE,
+            BackingSrc::AnonymousHugetlb1G,
+        )
         .unwrap();
     assert!(hva.raw().is_multiple_of(1 << 30));
     let g = h.get_user_page(at(hva, 3 * MB2 + 8 * PAGE), true).unwrap();
     assert_eq!(g.level, Level::L1G);
     assert!((g.pfn.raw() - (3 * 512 + 8)).is_multiple_of(RUN_1G as u64));
-    assert_eq!(h.host_pte(at(hva, (1 << 30) - PAGE)).unwrap().level, Level::L1G);
+    assert_eq!(
+        h.host_pte(at(hva, (1 << 30) - PAGE)).unwrap().level,
+        Level::L1G
+    );
     assert_eq!(h.arena().stats().allocated, RUN_1G as u64);
     h.munmap(hva, 1 << 30).unwrap();
     assert_eq!(h.arena().stats().allocated, 0);
-    assert!(h.stats().page_table_bytes < 1 << 16, "its tables were pruned");
+    assert!(
+        h.stats().page_table_bytes < 1 << 16,
+        "its tables were pruned"
+    );
 }
 
 #[test]

@@ -126,7 +126,11 @@ mod tests {
         assert_eq!(l.disallow_lpage(Gfn::new(1539), Level::L2M), Some(1));
         assert_eq!(l.max_level(Gfn::new(700)), Level::L2M);
         assert_eq!(l.max_level(Gfn::new(511)), Level::L4K);
-        assert_eq!(l.disallow_lpage(Gfn::new(700), Level::L1G), Some(2), "head and tail");
+        assert_eq!(
+            l.disallow_lpage(Gfn::new(700), Level::L1G),
+            Some(2),
+            "head and tail"
+        );
         assert_eq!(l.disallow_lpage(Gfn::new(1 << 20), Level::L2M), None);
     }
 
