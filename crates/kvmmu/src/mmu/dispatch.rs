@@ -191,6 +191,38 @@ impl Mmu {
         batch
     }
 
+    /// Makes `gfns` of one memslot map at most `target` (4K for dirty logging): the entry point
+    /// for eager page splitting (`kvm_mmu_try_split_huge_pages`). The TDP MMU splits its huge
+    /// leaves in place under `mmu_lock` read (one CAS each, no flush needed); the shadow MMU
+    /// then drops its huge leaves under `mmu_lock` write and flushes remote TLBs before
+    /// releasing it. Returns the number of huge leaves split or dropped.
+    pub fn split_huge_pages(
+        &self,
+        lock: &MmuLock,
+        as_id: AsId,
+        rmaps: Option<&SlotRmaps>,
+        gfns: GfnRange,
+        target: Level,
+        flusher: &impl RemoteTlbFlush,
+    ) -> u64 {
+        let mut n = {
+            let mmu = lock.read();
+            self.tdp
+                .split_huge_pages(as_id, gfns, target, mmu.witness())
+        };
+        if let Some(rmaps) = rmaps {
+            let mmu = lock.write();
+            let dropped = self
+                .shadow
+                .drop_huge_leaves(rmaps, gfns, target, mmu.witness());
+            if dropped != 0 {
+                flusher.flush_remote_tlbs();
+            }
+            n += dropped;
+        }
+        n
+    }
+
     /// `may_have_shadow_sptes`: TDP off, or indirect shadow pages exist (spec §3.8).
     #[inline]
     fn may_have_shadow_sptes(&self) -> bool {

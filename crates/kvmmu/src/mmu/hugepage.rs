@@ -107,3 +107,53 @@ pub(crate) fn leaf_pfn(gfn: u64, pfn: Pfn, level: Level) -> Pfn {
 pub(crate) fn frame_in_leaf(gfn: u64, base: Pfn, level: Level) -> Pfn {
     Pfn::new(base.raw() + (gfn - geometry::align_down(gfn, level)))
 }
+
+/// The SPTE of child `i` when a huge leaf `huge` at `level` is split into a table of leaves one
+/// level down (`make_small_spte` / `make_huge_page_split_spte`): every bit of the huge leaf —
+/// permissions, host/MMU-writable, Accessed and Dirty — is inherited, the pfn advances by the
+/// child's span, and the PS bit stays only if the child is itself huge.
+#[inline]
+pub(crate) fn split_child_spte(
+    huge: crate::mmu::spte::Spte,
+    level: Level,
+    i: usize,
+) -> crate::mmu::spte::Spte {
+    use crate::mmu::spte::{BASE_ADDR_MASK, PAGE_SIZE_MASK, Spte};
+    let child = level.down().unwrap_or(Level::L4K);
+    let pfn = huge.pfn().raw() + i as u64 * geometry::pages(child);
+    let mut raw = (huge.raw() & !BASE_ADDR_MASK) | ((pfn << 12) & BASE_ADDR_MASK);
+    if child == Level::L4K {
+        raw &= !PAGE_SIZE_MASK;
+    }
+    Spte::from_raw(raw)
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::mmu::spte::{LeafAttrs, SpteKind, make_spte};
+
+    #[test]
+    fn split_children_inherit_every_bit_but_the_pfn_and_the_4k_ps_bit() {
+        let attrs = LeafAttrs {
+            host_writable: true,
+            write_allowed: true,
+            prefetch: false,
+        };
+        let huge = make_spte(Pfn::new(1024), Level::L2M, attrs);
+        for i in [0usize, 1, 511] {
+            let c = split_child_spte(huge, Level::L2M, i);
+            assert_eq!(c.kind(Level::L4K), SpteKind::Leaf);
+            assert_eq!(c.pfn(), Pfn::new(1024 + i as u64));
+            assert_eq!(
+                (c.is_writable(), c.is_accessed(), c.is_dirty(), c.is_host_writable()),
+                (true, true, true, true)
+            );
+            assert_eq!(c.raw() & (1 << 7), 0, "no PS bit at 4K");
+        }
+        let g = make_spte(Pfn::new(1 << 18), Level::L1G, attrs);
+        let c = split_child_spte(g, Level::L1G, 3);
+        assert_eq!(c.kind(Level::L2M), SpteKind::Leaf, "a 2M child stays huge");
+        assert_eq!(c.pfn(), Pfn::new((1 << 18) + 3 * 512));
+    }
+}

@@ -134,7 +134,15 @@ impl VmInner {
         // `kvm_mmu_max_mapping_level`: the host mapping level (read by GUP without any lock
         // KVM holds; a split after it invalidates the whole huge range, so the retry rule below
         // catches it) capped by the memslot's alignment and `disallow_lpage` counts.
-        let level = page.level.min(slot.max_mapping_level(gfn));
+        // A slot with dirty logging maps 4K pages only (`kvm_slot_dirty_track_enabled`).
+        let level = if slot
+            .flags()
+            .contains(crate::vm::memslot::MemFlags::LOG_DIRTY_PAGES)
+        {
+            crate::addr::Level::L4K
+        } else {
+            page.level.min(slot.max_mapping_level(gfn))
+        };
         let req = MapRequest {
             gfn,
             pfn: page.pfn,

@@ -1,7 +1,7 @@
 //! The shadow MMU's map step (`direct_map`, `mmu_set_spte`, `__rmap_add`): the protocol is in the
 //! module documentation of [`super`] (S1–S7).
 
-use crate::addr::Level;
+use crate::addr::{Gfn, Level};
 use crate::geometry::{GFN_LIMIT, index};
 use crate::mmu::hugepage::{leaf_pfn, max_leaf_level};
 use crate::mmu::spte::{ACCESSED_MASK, DIRTY_MASK, LeafAttrs, Spte, SpteKind, make_spte};
@@ -56,8 +56,20 @@ impl ShadowMmu {
             let level = page.role.level;
             let sptep = page.entry(gfn);
             // ORDERING: non-leaf SPTEs change only under `mmu_lock` write, which we hold.
-            let old = sptep.load(Ordering::Relaxed);
-            let kind = old.kind(level);
+            let mut old = sptep.load(Ordering::Relaxed);
+            let mut kind = old.kind(level);
+            if kind == SpteKind::Leaf && level > target {
+                // A huge leaf where the fault wants a smaller one (dirty logging): drop it
+                // (`drop_large_spte`: zap its rmap and flush), then link a page below.
+                if let Some(r) = rmaps.get(Gfn::new(gfn), level)
+                    && self.zap_rmap(r, level, mmu)
+                {
+                    flush.flush_remote_tlbs();
+                }
+                // ORDERING: as above.
+                old = sptep.load(Ordering::Relaxed);
+                kind = old.kind(level);
+            }
             if level == target || kind == SpteKind::Leaf {
                 if kind != SpteKind::Table {
                     let Some(rmap) = rmaps.get(req.gfn, level) else {

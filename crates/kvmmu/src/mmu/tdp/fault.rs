@@ -2,12 +2,13 @@
 //!
 //! Walk from the root to the target level (`req.level`, at most 1G; `mmu/hugepage.rs`); link every
 //! missing table with a `Release` CAS (P2) — a lost CAS frees the never-published table and
-//! retries; FROZEN anywhere retries (P7); a huge leaf on the way is the target; a table at the
-//! target level lowers the target. At the target, a present leaf that already allows the access
+//! retries; FROZEN anywhere retries (P7); a table at the
+//! target level lowers the target; a huge leaf above the target is split in place (P8). At the target, a present leaf that already allows the access
 //! is spurious, otherwise the new leaf is installed with one CAS from the value read (P3).
 
 use crate::addr::Level;
 use crate::mmu::hugepage::{leaf_pfn, max_leaf_level};
+use super::split::split_huge_spte;
 use crate::mmu::spte::{LeafAttrs, SpteKind, make_spte};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
@@ -56,8 +57,8 @@ impl TdpMmu {
         let mut target = req.level.min(max_leaf_level());
         let mut table = root.table();
         let mut level = ROOT_LEVEL;
-        // Walk down to the target level; a huge leaf met on the way becomes the target (the
-        // fault is for a gfn it already maps), a table at the target level lowers the target.
+        // Walk down to the target level; a huge leaf above it is split, a table at the target
+        // level lowers the target.
         let (sptep, old) = loop {
             // SAFETY: `table` is the root table of a root we hold a reference to (P4), or a
             // table read from a present non-leaf SPTE under `_rcu`, which P1 keeps allocated
@@ -65,10 +66,21 @@ impl TdpMmu {
             let t = unsafe { table.get() };
             let sptep = t.entry(gfn, level);
             // ORDERING: O1 — we may follow the pointer into the child table.
-            let old = sptep.load(Ordering::Acquire);
-            let kind = old.kind(level);
+            let mut old = sptep.load(Ordering::Acquire);
+            let mut kind = old.kind(level);
             if kind == SpteKind::Frozen {
                 return FaultOutcome::Retry(RetryReason::Frozen);
+            }
+            if kind == SpteKind::Leaf && level > target {
+                // A huge leaf where the fault wants a smaller one (dirty logging): split it in
+                // place (P8) and continue into the new table, as `kvm_tdp_mmu_map` does.
+                if split_huge_spte(sptep, old, level, counters).is_err() {
+                    Counters::add(&counters.cas_retries, 1);
+                    return FaultOutcome::Retry(RetryReason::CasLost);
+                }
+                // ORDERING: O1, as above.
+                old = sptep.load(Ordering::Acquire);
+                kind = old.kind(level);
             }
             if level == target || kind == SpteKind::Leaf {
                 if kind != SpteKind::Table {

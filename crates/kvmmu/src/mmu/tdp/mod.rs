@@ -49,9 +49,16 @@
 //!    walk; a walker that meets FROZEN treats it as not present (`map` retries). FROZEN has no A/D
 //!    bit, so an ager or the CPU racing the freeze cannot alter it (item 35).
 //!
+//! 8. **P8 (huge leaves and splits)** A leaf may sit at 2M or 1G (PS bit; `mmu/hugepage.rs`).
+//!    Under `mmu_lock` read a present huge leaf may be replaced by a link to a table one level
+//!    down, fully populated before it is published, with one `Release` CAS from the exact value
+//!    its children were built from (`split.rs`): the translation of every gfn is unchanged, and
+//!    no concurrent A/D or permission update is lost (the CAS fails and the children are
+//!    rebuilt). A table is never replaced by a leaf under `mmu_lock` read.
+//!
 //! # Not modelled (yet)
-//! Huge leaves (`MapRequest::level` above 4K is mapped at 4K; the walkers and the iterator already
-//! handle PS leaves), A/D-disabled SPTEs and access tracking, zaps under `mmu_lock` read (shared-mode
+//! In-place recovery of huge leaves (collapsing a populated table back into a huge leaf),
+//! A/D-disabled SPTEs and access tracking, zaps under `mmu_lock` read (shared-mode
 //! `handle_removed_pt` with its FROZEN exchange loop), MMIO SPTEs, and mirror (TDX) roots.
 
 mod age;
@@ -59,6 +66,7 @@ mod fault;
 #[cfg(feature = "test-hooks")]
 pub mod hooks;
 mod iter;
+mod split;
 pub(crate) mod table;
 mod walk;
 mod zap;
@@ -99,6 +107,8 @@ pub struct TdpStats {
     pub cas_retries: u64,
     /// Accessed bits cleared by aging.
     pub accessed_cleared: u64,
+    /// Huge leaves split into tables of smaller leaves (P8).
+    pub huge_splits: u64,
 }
 
 /// Shared counters; RCU callbacks hold an `Arc` to them so frees are counted when they happen.
@@ -113,6 +123,8 @@ pub(crate) struct Counters {
     roots_freed: AtomicU64,
     cas_retries: AtomicU64,
     accessed_cleared: AtomicU64,
+    /// Huge leaves split into tables (P8).
+    huge_splits: AtomicU64,
     /// Present leaves per level (`mmu/hugepage.rs`).
     pub(crate) pages: crate::mmu::hugepage::PageCounts,
 }
@@ -129,6 +141,7 @@ impl Counters {
             roots_freed: AtomicU64::new(0),
             cas_retries: AtomicU64::new(0),
             accessed_cleared: AtomicU64::new(0),
+            huge_splits: AtomicU64::new(0),
             pages: Default::default(),
         }
     }
@@ -153,6 +166,7 @@ impl Counters {
             roots_freed: r(&self.roots_freed),
             cas_retries: r(&self.cas_retries),
             accessed_cleared: r(&self.accessed_cleared),
+            huge_splits: r(&self.huge_splits),
         }
     }
 }

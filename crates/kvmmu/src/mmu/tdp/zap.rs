@@ -215,7 +215,7 @@ impl TdpMmu {
 
     /// References to the roots of `as_id` (all roots if `None`) that are still referenced
     /// (`for_each_tdp_mmu_root_yield_safe`: the references keep them on the list across yields).
-    fn roots_of(&self, as_id: Option<AsId>) -> Vec<RootRef> {
+    pub(super) fn roots_of(&self, as_id: Option<AsId>) -> Vec<RootRef> {
         let roots = self.inner.roots.lock();
         let mut out = Vec::with_capacity(roots.len());
         for e in roots.iter() {

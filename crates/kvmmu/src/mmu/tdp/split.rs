@@ -1,0 +1,112 @@
+//! Splitting huge leaves (`tdp_mmu_split_huge_page`, `kvm_tdp_mmu_try_split_huge_pages`), under
+//! `mmu_lock` **read**, with one compare-and-swap (P8 in the module doc).
+//!
+//! A huge leaf is replaced by a link to a new table whose 512 entries are fully populated before
+//! it is published: each child inherits the huge leaf's permissions and A/D bits
+//! ([`split_child_spte`]) and maps its part of the same frames. The children are built from the
+//! exact value the CAS then replaces, so a concurrent Accessed clear (a lockless ager), a
+//! hardware A/D set or a fault's permission upgrade on the huge leaf either lands before the read
+//! (and is inherited) or makes the CAS fail (and the children are rebuilt from the new value): no
+//! A/D update is lost. Every translation the table provides equals the huge leaf's, so no TLB
+//! flush is needed for correctness; a vCPU still holding the huge translation writes through
+//! it only with Dirty already set (a write through an entry without Dirty re-walks and sets D in
+//! the child).
+
+use crate::addr::{AsId, GfnRange, Level};
+use crate::mmu::hugepage::split_child_spte;
+use crate::mmu::spte::{AtomicSpte, Spte, SpteKind};
+use crate::sync::atomic::Ordering;
+use crate::sync::witness::MmuRead;
+
+use super::iter::TdpIter;
+use super::table::{ENTRIES, GFN_LIMIT, TablePtr};
+use super::{Counters, TdpMmu};
+
+/// Splits the huge leaf last seen as `old` at `level` in `sptep` into a populated table one
+/// level down. `Ok(())` once the table is linked; `Err(actual)` if the slot no longer holds a
+/// present huge leaf (it was zapped, split or frozen meanwhile: nothing changed). Re-reads and
+/// rebuilds while only the leaf's bits change under it (A/D, permission), so it never gives up
+/// on a leaf that stays present.
+pub(crate) fn split_huge_spte(
+    sptep: &AtomicSpte,
+    mut old: Spte,
+    level: Level,
+    counters: &Counters,
+) -> Result<(), Spte> {
+    let child = TablePtr::alloc();
+    Counters::add(&counters.tables_allocated, 1);
+    loop {
+        if level == Level::L4K || !old.is_present_leaf(level) {
+            // SAFETY: never published (P1).
+            unsafe { child.free() };
+            Counters::add(&counters.tables_freed, 1);
+            return Err(old);
+        }
+        // SAFETY: we own the unpublished table (P1).
+        let t = unsafe { child.get() };
+        for i in 0..ENTRIES {
+            // ORDERING: Relaxed: the table is published by the Release CAS below (O2).
+            t.at(i)
+                .store(split_child_spte(old, level, i), Ordering::Relaxed);
+        }
+        // ORDERING: O2 — Release publishes the initialised children with the link; Acquire on
+        // failure, as the value read is the next huge leaf to rebuild from (or a table to skip).
+        match sptep.compare_exchange(old, child.to_spte(), Ordering::Release, Ordering::Acquire) {
+            Ok(_) => {
+                let below = level.down().unwrap_or(Level::L4K);
+                counters.pages.remove(level, 1);
+                for _ in 0..ENTRIES {
+                    counters.pages.install(below);
+                }
+                Counters::add(&counters.huge_splits, 1);
+                return Ok(());
+            }
+            Err(actual) => old = actual,
+        }
+    }
+}
+
+impl TdpMmu {
+    /// Splits every huge leaf above `target` that maps part of `range` in the roots of `as_id`,
+    /// down to `target` (`kvm_tdp_mmu_try_split_huge_pages`, eager page splitting), under
+    /// `mmu_lock` read. Returns the number of huge leaves split. Needs no TLB flush (module doc).
+    ///
+    /// # Panics
+    /// If `mmu` guards another `mmu_lock` than the one this MMU is bound to.
+    pub fn split_huge_pages(
+        &self,
+        as_id: AsId,
+        range: GfnRange,
+        target: Level,
+        mmu: &MmuRead,
+    ) -> u64 {
+        self.check_lock(mmu.lock_id());
+        let start = range.start().raw();
+        let end = range.end().raw().min(GFN_LIMIT);
+        if start >= end {
+            return 0;
+        }
+        let counters = &self.inner.counters;
+        let mut split = 0;
+        for root in &self.roots_of(Some(as_id)) {
+            if root.is_invalid() {
+                continue;
+            }
+            let guard = self.inner.rcu.pin();
+            // SAFETY: we hold a reference to `root`, so its table is allocated (P4).
+            let mut it = unsafe { TdpIter::new(root.table(), start, end, &guard) };
+            while it.valid() {
+                let old = it.old();
+                if it.level() > target && old.kind(it.level()) == SpteKind::Leaf {
+                    if split_huge_spte(it.sptep(), old, it.level(), counters).is_ok() {
+                        split += 1;
+                    }
+                    // `next` re-reads the slot and steps into the new table (pre-order), so a
+                    // 1G leaf split into 2M leaves has those split in turn.
+                }
+                it.next();
+            }
+        }
+        split
+    }
+}
