@@ -64,7 +64,83 @@ both_mmus!(
     a_1g_hugetlb_slot_is_mapped_by_one_1g_leaf,
     clear_young_over_gfns_511_to_513_reports_the_young_2m_leaf_at_512,
     the_aging_bitmap_equals_per_page_test_young_over_mixed_4k_2m_1g_memory,
+    data_written_through_huge_leaves_reads_back_after_split_and_recovery,
+    a_1g_leaf_splits_into_2m_and_4k_leaves_that_keep_its_data,
 );
+
+fn slot_range(pages: u64) -> GfnRange {
+    GfnRange::from_len(gfn(0), pages).unwrap()
+}
+
+fn data_written_through_huge_leaves_reads_back_after_split_and_recovery(mmu: MmuKind) {
+    let f = backed(mmu, BackingSrc::AnonymousThp, 2 * MB2, 0, 4096);
+    let mut v = f.vm.create_vcpu().unwrap();
+    for p in 0..1024 {
+        v.write_u64(gpa(p), p ^ 0x5a5a).unwrap();
+    }
+    assert_eq!(f.vm.stats().pages_2m, 2);
+    let split =
+        f.vm.split_huge_pages(AsId::new(0), slot_range(1024), Level::L4K);
+    assert_eq!(split, 2);
+    let s = f.vm.stats();
+    assert_eq!(s.pages_2m, 0);
+    if mmu == MmuKind::Tdp {
+        assert_eq!(s.pages_4k, 1024, "split in place: 512 children per leaf");
+        assert_eq!(s.tdp.huge_splits, 2);
+        let (spte, lvl) = f.vm.spte(AsId::new(0), gfn(7)).unwrap();
+        assert_eq!(lvl, Level::L4K);
+        assert!(
+            spte.is_dirty() && spte.is_writable(),
+            "children inherit W and D"
+        );
+    }
+    for p in 0..1024 {
+        assert_eq!(
+            v.read_u64(gpa(p)).unwrap(),
+            p ^ 0x5a5a,
+            "page {p} after the split"
+        );
+    }
+    v.write_u64(gpa(5), 1).unwrap();
+    assert_eq!(f.host.read_u64(hva_of(f.hva, 5)).unwrap(), 1);
+    let rec = f.vm.recover_huge_pages(AsId::new(0), slot_range(1024));
+    if mmu == MmuKind::Tdp {
+        assert_eq!(rec, 2, "two tables replaced in place");
+        eprintln!("{:?}", f.vm.stats().tdp);
+    }
+    for p in 0..1024 {
+        let want = if p == 5 { 1 } else { p ^ 0x5a5a };
+        assert_eq!(v.read_u64(gpa(p)).unwrap(), want, "page {p} after recovery");
+    }
+    let s = f.vm.stats();
+    assert_eq!((s.pages_2m, s.pages_4k), (2, 0), "{s:?}");
+    assert_eq!(f.host.arena().stats().stale_accesses, 0);
+    drop(v);
+    let s = f.vm.shutdown();
+    assert_eq!((s.pages_2m, s.pages_4k), (0, 0));
+    assert_eq!(s.tdp.tables_allocated, s.tdp.tables_freed, "{:?}", s.tdp);
+}
+
+fn a_1g_leaf_splits_into_2m_and_4k_leaves_that_keep_its_data(mmu: MmuKind) {
+    let f = backed(mmu, BackingSrc::AnonymousHugetlb1G, 1 << 30, 0, 1 << 18);
+    let mut v = f.vm.create_vcpu().unwrap();
+    for p in [0, 513, 200_000] {
+        v.write_u64(gpa(p), p + 1).unwrap();
+    }
+    assert_eq!(f.vm.stats().pages_1g, 1);
+    f.vm.split_huge_pages(AsId::new(0), slot_range(1 << 18), Level::L2M);
+    let s = f.vm.stats();
+    assert_eq!(s.pages_1g, 0);
+    if mmu == MmuKind::Tdp {
+        assert_eq!(s.pages_2m, 512);
+        f.vm.split_huge_pages(AsId::new(0), slot_range(1024), Level::L4K);
+        let s = f.vm.stats();
+        assert_eq!((s.pages_2m, s.pages_4k), (510, 1024));
+    }
+    for p in [0, 513, 200_000] {
+        assert_eq!(v.read_u64(gpa(p)).unwrap(), p + 1);
+    }
+}
 
 fn a_huge_leaf_is_installed_only_when_host_level_alignment_and_disallow_lpage_allow(mmu: MmuKind) {
     // THP host, aligned slot: 2M.

@@ -223,6 +223,36 @@ impl Mmu {
         n
     }
 
+    /// Recovers huge mappings over `gfns` of one memslot (`kvm_mmu_recover_huge_pages`, e.g. when
+    /// dirty logging is disabled) for the blocks `allowed(block_gfn, level)` names: the TDP MMU
+    /// replaces each fully populated table in place by a huge leaf; the shadow MMU zaps the small
+    /// leaves so they fault back huge. One remote TLB flush per root (TDP) or per call (shadow),
+    /// under `mmu_lock` write. Returns the number of huge leaves formed (TDP) plus rmaps zapped
+    /// (shadow).
+    pub fn recover_huge_pages(
+        &self,
+        mmu: &MmuWriteGuard<'_>,
+        as_id: AsId,
+        rmaps: Option<&SlotRmaps>,
+        gfns: GfnRange,
+        allowed: &dyn Fn(u64, Level) -> bool,
+        flusher: &impl RemoteTlbFlush,
+    ) -> u64 {
+        let mut n = self
+            .tdp
+            .recover_huge_pages(as_id, gfns, allowed, mmu.witness(), flusher);
+        if let Some(rmaps) = rmaps {
+            let zapped = self
+                .shadow
+                .zap_collapsible(rmaps, gfns, allowed, mmu.witness());
+            if zapped != 0 {
+                flusher.flush_remote_tlbs();
+            }
+            n += zapped;
+        }
+        n
+    }
+
     /// `may_have_shadow_sptes`: TDP off, or indirect shadow pages exist (spec §3.8).
     #[inline]
     fn may_have_shadow_sptes(&self) -> bool {

@@ -146,7 +146,12 @@ mod tests {
             assert_eq!(c.kind(Level::L4K), SpteKind::Leaf);
             assert_eq!(c.pfn(), Pfn::new(1024 + i as u64));
             assert_eq!(
-                (c.is_writable(), c.is_accessed(), c.is_dirty(), c.is_host_writable()),
+                (
+                    c.is_writable(),
+                    c.is_accessed(),
+                    c.is_dirty(),
+                    c.is_host_writable()
+                ),
                 (true, true, true, true)
             );
             assert_eq!(c.raw() & (1 << 7), 0, "no PS bit at 4K");

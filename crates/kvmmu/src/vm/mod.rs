@@ -21,6 +21,7 @@
 //! fail with `VcpuExit::VmDead`.
 
 mod fault;
+mod huge;
 pub mod invalidate;
 pub mod memslot;
 pub mod request;

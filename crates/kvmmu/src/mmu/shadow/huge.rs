@@ -39,3 +39,38 @@ impl ShadowMmu {
         dropped
     }
 }
+
+impl ShadowMmu {
+    /// Recovery for the shadow MMU (`kvm_rmap_zap_collapsible_sptes`): the small leaves of every
+    /// block `allowed(block_gfn, level)` names inside `gfns` are zapped, so the next fault maps the
+    /// block with one huge leaf. Returns the number of rmaps that held a leaf; non-zero means a
+    /// remote TLB flush is due before `mmu_lock` is dropped.
+    pub fn zap_collapsible(
+        &self,
+        rmaps: &SlotRmaps,
+        gfns: GfnRange,
+        allowed: impl Fn(u64, Level) -> bool,
+        mmu: &MmuWrite,
+    ) -> u64 {
+        self.check_lock(mmu.lock_id());
+        let mut zapped = 0;
+        let level = Level::L2M;
+        let n = level.pages();
+        let mut block = gfns.start().align_down(level).raw();
+        while block < gfns.end().raw() {
+            if block >= gfns.start().raw() && block + n <= gfns.end().raw() && allowed(block, level)
+            {
+                for g in block..block + n {
+                    if let Some(r) = rmaps.get(Gfn::new(g), Level::L4K)
+                        && !r.is_empty()
+                        && self.zap_rmap(r, Level::L4K, mmu)
+                    {
+                        zapped += 1;
+                    }
+                }
+            }
+            block += n;
+        }
+        zapped
+    }
+}

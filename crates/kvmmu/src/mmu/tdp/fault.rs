@@ -6,9 +6,9 @@
 //! target level lowers the target; a huge leaf above the target is split in place (P8). At the target, a present leaf that already allows the access
 //! is spurious, otherwise the new leaf is installed with one CAS from the value read (P3).
 
+use super::split::split_huge_spte;
 use crate::addr::Level;
 use crate::mmu::hugepage::{leaf_pfn, max_leaf_level};
-use super::split::split_huge_spte;
 use crate::mmu::spte::{LeafAttrs, SpteKind, make_spte};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;

@@ -57,8 +57,7 @@
 //!    rebuilt). A table is never replaced by a leaf under `mmu_lock` read.
 //!
 //! # Not modelled (yet)
-//! In-place recovery of huge leaves (collapsing a populated table back into a huge leaf),
-//! A/D-disabled SPTEs and access tracking, zaps under `mmu_lock` read (shared-mode
+//! In-place recovery under `mmu_lock` read (here it takes write, `split.rs`), A/D-disabled SPTEs and access tracking, zaps under `mmu_lock` read (shared-mode
 //! `handle_removed_pt` with its FROZEN exchange loop), MMIO SPTEs, and mirror (TDX) roots.
 
 mod age;
@@ -109,6 +108,8 @@ pub struct TdpStats {
     pub accessed_cleared: u64,
     /// Huge leaves split into tables of smaller leaves (P8).
     pub huge_splits: u64,
+    /// Huge leaves formed in place by `recover_huge_pages`.
+    pub huge_recovered: u64,
 }
 
 /// Shared counters; RCU callbacks hold an `Arc` to them so frees are counted when they happen.
@@ -125,6 +126,8 @@ pub(crate) struct Counters {
     accessed_cleared: AtomicU64,
     /// Huge leaves split into tables (P8).
     huge_splits: AtomicU64,
+    /// Huge leaves formed in place by recovery.
+    huge_recovered: AtomicU64,
     /// Present leaves per level (`mmu/hugepage.rs`).
     pub(crate) pages: crate::mmu::hugepage::PageCounts,
 }
@@ -142,6 +145,7 @@ impl Counters {
             cas_retries: AtomicU64::new(0),
             accessed_cleared: AtomicU64::new(0),
             huge_splits: AtomicU64::new(0),
+            huge_recovered: AtomicU64::new(0),
             pages: Default::default(),
         }
     }
@@ -167,6 +171,7 @@ impl Counters {
             cas_retries: r(&self.cas_retries),
             accessed_cleared: r(&self.accessed_cleared),
             huge_splits: r(&self.huge_splits),
+            huge_recovered: r(&self.huge_recovered),
         }
     }
 }

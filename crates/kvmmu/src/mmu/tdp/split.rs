@@ -110,3 +110,107 @@ impl TdpMmu {
         split
     }
 }
+
+impl TdpMmu {
+    /// In-place recovery of huge leaves (`kvm_mmu_recover_huge_pages`): every table at 2M or 1G
+    /// whose block lies inside `range`, for which `allowed(block_gfn, level)` holds, and whose
+    /// entries are all present leaves mapping one contiguous, aligned run of frames with the same
+    /// permissions, is replaced by one huge leaf. Runs under `mmu_lock` write (the kernel since
+    /// 6.13 does it under read with a frozen exchange; here the exclusive-mode unlink of
+    /// `handle_removed_pt` is reused). The huge leaf gets Accessed, and Dirty when writable (a
+    /// child's concurrent D set cannot be lost: the leaf is conservatively dirty). Remote TLBs
+    /// are flushed once, before the RCU guard that retires the unlinked tables is dropped (P6).
+    /// Returns the number of huge leaves formed.
+    pub fn recover_huge_pages(
+        &self,
+        as_id: AsId,
+        range: GfnRange,
+        allowed: impl Fn(u64, Level) -> bool,
+        mmu: &crate::sync::witness::MmuWrite,
+        flusher: &dyn crate::mmu::types::RemoteTlbFlush,
+    ) -> u64 {
+        use crate::geometry::{align_down, pages};
+        use crate::mmu::hugepage::max_leaf_level;
+        use crate::mmu::spte::{ACCESSED_MASK, BASE_ADDR_MASK, DIRTY_MASK, PAGE_SIZE_MASK};
+        self.check_lock(mmu.lock_id());
+        let start = range.start().raw();
+        let end = range.end().raw().min(GFN_LIMIT);
+        if start >= end {
+            return 0;
+        }
+        let counters = &self.inner.counters;
+        let mut formed = 0;
+        for root in &self.roots_of(Some(as_id)) {
+            if root.is_invalid() {
+                continue;
+            }
+            let guard = self.inner.rcu.pin();
+            let mut unlinked = false;
+            // SAFETY: we hold a reference to `root`, so its table is allocated (P4).
+            let mut it = unsafe { TdpIter::new(root.table(), start, end, &guard) };
+            while it.valid() {
+                let level = it.level();
+                let old = it.old();
+                let base = it.gfn();
+                let candidate = level > Level::L4K
+                    && level <= max_leaf_level()
+                    && old.kind(level) == SpteKind::Table
+                    && base >= start
+                    && base + pages(level) <= end
+                    && allowed(base, level);
+                if candidate {
+                    let child_level = level.down().unwrap_or(Level::L4K);
+                    let child = TablePtr::from_spte(old);
+                    // SAFETY: a present non-leaf SPTE read under `guard` (P1).
+                    let t = unsafe { child.get() };
+                    // ORDERING: Relaxed: under `mmu_lock` write only A/D change concurrently,
+                    // and the new leaf does not depend on them (doc above).
+                    let first = t.at(0).load(Ordering::Relaxed);
+                    let same = |s: Spte| {
+                        (s.raw() & !(BASE_ADDR_MASK | ACCESSED_MASK | DIRTY_MASK))
+                            == (first.raw() & !(BASE_ADDR_MASK | ACCESSED_MASK | DIRTY_MASK))
+                    };
+                    let aligned = first.pfn().raw() == align_down(first.pfn().raw(), level);
+                    let ok = first.is_present_leaf(child_level)
+                        && aligned
+                        && (0..ENTRIES).all(|i| {
+                            // ORDERING: as above.
+                            let s = t.at(i).load(Ordering::Relaxed);
+                            s.is_present_leaf(child_level)
+                                && same(s)
+                                && s.pfn().raw()
+                                    == first.pfn().raw() + i as u64 * pages(child_level)
+                        });
+                    if ok {
+                        let mut raw = first.raw() | PAGE_SIZE_MASK | ACCESSED_MASK;
+                        if first.is_writable() {
+                            raw |= DIRTY_MASK;
+                        }
+                        let huge = Spte::from_raw(raw);
+                        // ORDERING: Release, as a fault's install (O2): walkers that Acquire-load
+                        // the leaf see the frames' initialisation they saw through the children.
+                        it.sptep().store(huge, Ordering::Release);
+                        it.set_old(huge);
+                        // SAFETY: unlinked just now under `mmu_lock` write with `guard` pinned;
+                        // handed over once (P1); freed only after the flush below.
+                        let leaves = unsafe {
+                            super::zap::handle_removed_pt(child, child_level, &guard, counters)
+                        };
+                        let _ = leaves;
+                        counters.pages.install(level);
+                        formed += 1;
+                        unlinked = true;
+                    }
+                }
+                it.next();
+            }
+            // P6: flush before the guard that deferred the frees is dropped.
+            if unlinked {
+                flusher.flush_remote_tlbs();
+            }
+            drop(guard);
+        }
+        Counters::add(&counters.huge_recovered, formed);
+        formed
+    }
+}

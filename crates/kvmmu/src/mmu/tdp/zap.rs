@@ -77,7 +77,7 @@ fn write_spte(sptep: &AtomicSpte, old: Spte, new: Spte, level: Level) -> Spte {
 /// # Safety
 /// `table` must be unreachable from every root and SPTE, unlinked by the caller under
 /// `mmu_lock` write while `rcu` is pinned, and handed to this function once (P1).
-unsafe fn handle_removed_pt(
+pub(super) unsafe fn handle_removed_pt(
     table: TablePtr,
     level: Level,
     rcu: &RcuGuard<'_>,
