@@ -13,7 +13,31 @@
 
 use crate::addr::{Level, Pfn};
 use crate::geometry;
+#[cfg(not(loom))]
 use crate::sync::percpu::StripedCounter;
+
+/// A plain counter under loom (`sync/percpu.rs` is not modelled): same interface.
+#[cfg(loom)]
+struct StripedCounter(crate::sync::atomic::AtomicU64);
+
+#[cfg(loom)]
+impl Default for StripedCounter {
+    fn default() -> Self {
+        StripedCounter(crate::sync::atomic::AtomicU64::new(0))
+    }
+}
+
+#[cfg(loom)]
+impl StripedCounter {
+    fn add(&self, n: u64) {
+        // ORDERING: Relaxed: a statistic.
+        self.0.fetch_add(n, crate::sync::atomic::Ordering::Relaxed);
+    }
+    fn sum(&self) -> u64 {
+        // ORDERING: Relaxed: a statistic.
+        self.0.load(crate::sync::atomic::Ordering::Relaxed)
+    }
+}
 
 /// Leaves currently installed per level (KVM's VM-wide page stats).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -84,8 +108,12 @@ impl PageCounts {
     }
 }
 
-/// The largest level an MMU may install a leaf at (1G, or below the root in the loom geometry).
+/// The largest level an MMU may install a leaf at: 1G. In the tiny loom geometry (4 entries x 2
+/// levels) the root's entries may hold huge leaves themselves, so that a model can split one.
 pub(crate) fn max_leaf_level() -> Level {
+    if cfg!(loom) {
+        return geometry::ROOT_LEVEL;
+    }
     let below_root = geometry::ROOT_LEVEL.down().unwrap_or(Level::L4K);
     if below_root > Level::L1G {
         Level::L1G

@@ -224,13 +224,16 @@ enum SpteCheck {
     NotInstalled,
 }
 
-/// Runs an SPTE oracle. Only the owner vCPU faults its gfns in and it has not accessed `gpa`
-/// since, so a present SPTE is the one its access went through (zaps only remove SPTEs).
+/// Runs an SPTE oracle. Only the owner vCPU faults its gfns in at 4K and it has not accessed
+/// `gpa` since, so a present 4K SPTE is the one its access went through (zaps only remove SPTEs).
 fn check_spte(vm: &Vm, sh: &Shared, actor: ActorId, gpa: Gpa, what: SpteCheck) {
     let Some((spte, level)) = vm.spte(AsId::new(0), gpa.gfn()) else {
         return;
     };
-    if !spte.is_present_leaf(level) {
+    // A huge leaf also maps other vCPUs' gfns: any of them may have faulted it in after this
+    // vCPU's leaf was zapped (a host THP split, a reset), so the premise above holds for 4K
+    // leaves only.
+    if !spte.is_present_leaf(level) || level != crate::addr::Level::L4K {
         return;
     }
     match what {
@@ -326,6 +329,10 @@ pub(super) fn host(host: &HostMm, sh: &Shared, cfg: &TortureConfig, progress: &P
                 std::thread::yield_now();
                 if let Err(e) = host.mmap_fixed(hva, len, Prot::READ | Prot::WRITE) {
                     fail("mmap_fixed", e);
+                } else if cfg.backing == crate::host::BackingSrc::AnonymousThp
+                    && let Err(e) = host.madvise_hugepage(hva, len, true)
+                {
+                    fail("madvise_hugepage", e);
                 }
                 sh.bump_discard(hp, n);
             }
