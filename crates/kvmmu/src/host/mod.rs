@@ -61,6 +61,7 @@ mod notifier;
 mod pgtable;
 mod vma;
 mod words;
+mod zap;
 
 pub use frames::{
     FrameArena, FrameStats, FrameTag, MAX_FRAMES, RUN_1G, RUN_2M, StaleAccess, WORDS_PER_FRAME,

@@ -97,12 +97,13 @@ impl TdpMmu {
             let mut it = unsafe { TdpIter::new(root.table(), start, end, &guard) };
             while it.valid() {
                 let old = it.old();
-                if it.level() > target && old.kind(it.level()) == SpteKind::Leaf {
-                    if split_huge_spte(it.sptep(), old, it.level(), counters).is_ok() {
-                        split += 1;
-                    }
-                    // `next` re-reads the slot and steps into the new table (pre-order), so a
-                    // 1G leaf split into 2M leaves has those split in turn.
+                // `next` re-reads the slot and steps into the new table (pre-order), so a 1G leaf
+                // split into 2M leaves has those split in turn.
+                if it.level() > target
+                    && old.kind(it.level()) == SpteKind::Leaf
+                    && split_huge_spte(it.sptep(), old, it.level(), counters).is_ok()
+                {
+                    split += 1;
                 }
                 it.next();
             }
