@@ -140,6 +140,7 @@ pub fn to_json(a: &TortureArgs, r: &TortureReport) -> serde_json::Value {
             "tdp_huge_splits": s.tdp.huge_splits,
             "host_huge_faults": r.host_stats.huge_faults,
             "host_thp_splits": r.host_stats.thp_splits,
+            "host_thp_collapses": r.host_stats.thp_collapses,
             "out_of_frames_exits": r.out_of_frames_exits,
             "accessed_hidden_by_tlb": r.accessed_hidden_by_tlb,
             "accessed_excused_by_reset": r.accessed_excused_by_reset,

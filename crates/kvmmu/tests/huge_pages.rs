@@ -66,7 +66,61 @@ both_mmus!(
     the_aging_bitmap_equals_per_page_test_young_over_mixed_4k_2m_1g_memory,
     data_written_through_huge_leaves_reads_back_after_split_and_recovery,
     a_1g_leaf_splits_into_2m_and_4k_leaves_that_keep_its_data,
+    a_host_collapse_invalidates_and_data_reads_back_through_a_new_2m_leaf,
 );
+
+fn a_host_collapse_invalidates_and_data_reads_back_through_a_new_2m_leaf(mmu: MmuKind) {
+    let f = backed(mmu, BackingSrc::Anonymous, 2 * MB2, 0, 4096);
+    let mut v = f.vm.create_vcpu().unwrap();
+    for p in 0..512 {
+        v.write_u64(gpa(p), p * 7 + 1).unwrap();
+    }
+    assert_eq!((f.vm.stats().pages_4k, f.vm.stats().pages_2m), (512, 0));
+    assert!(
+        !f.host.collapse(f.hva).unwrap(),
+        "not THP-enabled: no collapse"
+    );
+    f.host.madvise_hugepage(f.hva, 2 * MB2, true).unwrap();
+    assert!(
+        !f.host.collapse(hva_of(f.hva, 512)).unwrap(),
+        "a span with missing pages is not collapsed"
+    );
+    assert!(f.host.collapse(f.hva).unwrap());
+    assert_eq!(f.host.stats().thp_collapses, 1);
+    assert_eq!(f.host.host_pte(f.hva).unwrap().level, Level::L2M);
+    assert!(
+        (0..512).all(|p| f.vm.spte(AsId::new(0), gfn(p)).is_none()),
+        "the collapse's invalidation zapped every small leaf"
+    );
+    assert_eq!(
+        f.host.get_user_page(hva_of(f.hva, 3), false).unwrap().level,
+        Level::L2M,
+        "GUP reports the new huge page"
+    );
+    // The emptied 4K table (TDP) or shadow page still sits where the huge leaf would go, and a
+    // fault maps below an existing table (`mmu/hugepage.rs`): recovery unlinks empty TDP tables,
+    // a fresh root drops the shadow pages.
+    if mmu == MmuKind::Tdp {
+        f.vm.recover_huge_pages(AsId::new(0), slot_range(1024));
+    } else {
+        f.vm.reset_mmu();
+    }
+    for p in 0..512 {
+        assert_eq!(
+            v.read_u64(gpa(p)).unwrap(),
+            p * 7 + 1,
+            "page {p} after collapse"
+        );
+    }
+    let s = f.vm.stats();
+    assert_eq!((s.pages_4k, s.pages_2m), (0, 1));
+    assert_eq!(f.host.arena().stats().stale_accesses, 0);
+    assert_eq!(
+        f.host.arena().stats().allocated,
+        512,
+        "the small frames were freed"
+    );
+}
 
 fn slot_range(pages: u64) -> GfnRange {
     GfnRange::from_len(gfn(0), pages).unwrap()

@@ -361,6 +361,91 @@ impl HostMm {
     }
 }
 
+impl HostMm {
+    /// khugepaged's collapse of one 2 MiB span (`collapse_huge_page`): if the span at `hva` (2 MiB
+    /// aligned) lies in one THP-enabled mapping, is not huge yet and every page of it is present,
+    /// an invalidation over the span starts (event `Unmap`, as Linux's `MMU_NOTIFY_CLEAR`), the
+    /// 512 pages are copied into a fresh 2 MiB run (young and dirty bits kept per page), the PTEs
+    /// switch to it with the huge marker, the old frames are freed, and the invalidation ends.
+    /// Returns false (and changes nothing) when the span is not collapsible or no run is free.
+    ///
+    /// Errors (nothing changed, nobody called): [`HostError::HugeUnaligned`] for an unaligned
+    /// `hva`; [`HostError::OutOfRange`]; [`HostError::NotMapped`] if the span is not mapped;
+    /// [`HostError::InGuestMode`].
+    pub fn collapse(&self, hva: Hva) -> Result<bool, HostError> {
+        guest_mode::check("collapse")?;
+        let n = RUN_2M as u64;
+        if !hva.raw().is_multiple_of(n << PAGE_SHIFT) {
+            return Err(HostError::HugeUnaligned {
+                hva,
+                len: n << PAGE_SHIFT,
+                page_size: n << PAGE_SHIFT,
+            });
+        }
+        let (s, e) = page_range(hva, n << PAGE_SHIFT)?;
+        let collapsible = |vmas: &Vmas| {
+            vmas.overlapping(s, e).count() == 1
+                && vmas.find(s).is_some_and(|v| v.huge == HugeMode::Thp)
+                && marker_level(&vmas.pt, s) == Level::L4K
+                && (s..e).all(|p| {
+                    // ORDERING: Acquire, as GUP's load (the frame's tag is read below).
+                    vmas.pt
+                        .entry(p)
+                        .is_some_and(|w| w.load(Ordering::Acquire) & pte::PRESENT != 0)
+                })
+        };
+        let mut done = false;
+        self.change_range(
+            (s, e),
+            super::InvalidateEvent::Unmap,
+            |v| super::mm::check_mapped(v, s, e),
+            |v| collapsible(v),
+            |vmas, arena| {
+                if !collapsible(vmas) {
+                    return;
+                }
+                let Ok((first, generation)) = arena.alloc_run(s, RUN_2M) else {
+                    return;
+                };
+                for i in 0..n {
+                    let Some(word) = vmas.pt.entry(s + i) else {
+                        continue;
+                    };
+                    // ORDERING: Relaxed: `mmap_lock` write excludes every other PTE user (H3).
+                    let old = word.load(Ordering::Relaxed);
+                    let (pfn, tag) = pte_frame(s + i, old);
+                    let new_pfn = Pfn::new(first.raw() + i);
+                    let new_tag = FrameTag::from_parts(s + i, generation);
+                    for w in 0..super::WORDS_PER_FRAME {
+                        let v = arena.read_u64(pfn, w, tag).unwrap_or(0);
+                        if v != 0 {
+                            let _ = arena.write_u64(new_pfn, w, new_tag, v);
+                        }
+                    }
+                    let flags = old & (pte::YOUNG | pte::DIRTY);
+                    // ORDERING: Release publishes the copied frame with the PTE (as GUP's CAS).
+                    word.store(
+                        pte::encode(new_pfn.raw(), generation, flags),
+                        Ordering::Release,
+                    );
+                    if arena.free(pfn, tag).is_err() {
+                        arena.report_stale(pfn, tag, arena.tag(pfn));
+                    }
+                }
+                // ORDERING: Release after the PTEs (pgtable.rs invariant 4).
+                vmas.pt
+                    .huge_marker_or_alloc(s)
+                    .store(u64::from(Level::L2M.get()), Ordering::Release);
+                done = true;
+            },
+        )?;
+        if done {
+            Counters::bump(&self.inner.counters.thp_collapses, 1);
+        }
+        Ok(done)
+    }
+}
+
 /// True if any PTE of `[s, e)` is non-zero.
 fn any_pte(pt: &PageTable, s: u64, e: u64) -> bool {
     pt.for_each_leaf_huge(s, e, |_, ptes, marker| {

@@ -118,6 +118,8 @@ pub struct HostStats {
     pub huge_faults: u64,
     /// THPs split because an operation's range cut them.
     pub thp_splits: u64,
+    /// 2 MiB spans collapsed into THPs (`HostMm::collapse`).
+    pub thp_collapses: u64,
 }
 
 #[derive(Default)]
@@ -133,6 +135,7 @@ pub(super) struct Counters {
     release_calls: AtomicU64,
     pub(super) huge_faults: AtomicU64,
     thp_splits: AtomicU64,
+    pub(super) thp_collapses: AtomicU64,
 }
 
 impl Counters {
@@ -319,7 +322,7 @@ impl HostMm {
     /// dropped for the start callbacks and retaken; pages a concurrent GUP faults in meanwhile
     /// lie in the range whose start was already delivered (the secondary MMU's retry protocol,
     /// spec §3.3, keeps it from mapping them).
-    fn change_range(
+    pub(super) fn change_range(
         &self,
         (s, e): (u64, u64),
         event: InvalidateEvent,
@@ -678,6 +681,7 @@ impl HostMm {
             page_table_bytes: self.inner.mmap_lock.read().pt.bytes(),
             huge_faults: ld(&c.huge_faults),
             thp_splits: ld(&c.thp_splits),
+            thp_collapses: ld(&c.thp_collapses),
         }
     }
 

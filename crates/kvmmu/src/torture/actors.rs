@@ -278,9 +278,28 @@ pub(super) fn host(host: &HostMm, sh: &Shared, cfg: &TortureConfig, progress: &P
             format!("{what}: {e}"),
         );
     };
+    let thp = cfg.backing == crate::host::BackingSrc::AnonymousThp;
     while !sh.stopped() {
         let (hp, n) = churn_range(&mut rng, &l);
         let (hva, len) = (l.hva_of(hp), n * PAGE);
+        // With THP backing, now and then collapse the 2 MiB span around the range (khugepaged):
+        // data stays, so no discard is recorded; only churnable spans, like every host op.
+        if thp && rng.below(4) == 0 {
+            let span = 512;
+            let base = l.hva_of(0).page();
+            let aligned = (base + hp) & !(span - 1);
+            let first = aligned.wrapping_sub(base);
+            if aligned >= base
+                && (first..first + span).all(|p| p < l.host_pages() && l.churnable(p))
+            {
+                progress.start(op::COLLAPSE, first);
+                if let Err(e) = host.collapse(l.hva_of(first)) {
+                    fail("collapse", e);
+                }
+                progress.done_op();
+                continue;
+            }
+        }
         match rng.below(3) {
             0 => {
                 progress.start(op::DONTNEED, hp);

@@ -222,6 +222,8 @@ pub mod op {
     pub const MEMSLOT: u64 = 8;
     /// MMU reset.
     pub const RESET: u64 = 9;
+    /// Host THP collapse of a 2 MiB span.
+    pub const COLLAPSE: u64 = 10;
 }
 
 /// A readable form of a [`Progress::last_op`] value.
@@ -237,6 +239,7 @@ pub fn describe_op(v: u64) -> String {
         op::ACCESSED => "accessed-oracle round",
         op::MEMSLOT => "memslot change",
         op::RESET => "reset_mmu",
+        op::COLLAPSE => "collapse",
         _ => "unknown",
     };
     format!("{name} (host page {})", v & 0xFFFF_FFFF)

@@ -121,6 +121,7 @@ impl TdpMmu {
     /// `handle_removed_pt` is reused). The huge leaf gets Accessed, and Dirty when writable (a
     /// child's concurrent D set cannot be lost: the leaf is conservatively dirty). Remote TLBs
     /// are flushed once, before the RCU guard that retires the unlinked tables is dropped (P6).
+    /// An allowed table with no present entry is unlinked instead (the block then faults huge).
     /// Returns the number of huge leaves formed.
     pub fn recover_huge_pages(
         &self,
@@ -182,7 +183,21 @@ impl TdpMmu {
                                 && s.pfn().raw()
                                     == first.pfn().raw() + i as u64 * pages(child_level)
                         });
-                    if ok {
+                    // ORDERING: as above.
+                    let empty =
+                        (0..ENTRIES).all(|i| !t.at(i).load(Ordering::Relaxed).is_shadow_present());
+                    if empty {
+                        // A table left empty by zaps (e.g. a host collapse's invalidation) would
+                        // make the next fault map small: unlink it, so the block faults huge.
+                        it.sptep().store(Spte::NONPRESENT, Ordering::Relaxed);
+                        it.set_old(Spte::NONPRESENT);
+                        // SAFETY: unlinked just now under `mmu_lock` write with `guard` pinned;
+                        // handed over once (P1); freed only after the flush below.
+                        let _ = unsafe {
+                            super::zap::handle_removed_pt(child, child_level, &guard, counters)
+                        };
+                        unlinked = true;
+                    } else if ok {
                         let mut raw = first.raw() | PAGE_SIZE_MASK | ACCESSED_MASK;
                         if first.is_writable() {
                             raw |= DIRTY_MASK;
