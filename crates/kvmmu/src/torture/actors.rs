@@ -585,12 +585,30 @@ pub(super) fn memslot(vm: &Vm, sh: &Shared, cfg: &TortureConfig, progress: &Prog
 }
 
 /// The MMU-reset thread: invalidates every root (`kvm_mmu_reset_context` / fast zap).
-pub(super) fn reset(vm: &Vm, sh: &Shared, progress: &Progress) {
+pub(super) fn reset(vm: &Vm, sh: &Shared, thp: bool, progress: &Progress) {
+    let everything = crate::addr::GfnRange::new(
+        crate::addr::Gfn::new(0),
+        crate::addr::Gfn::new(crate::geometry::GFN_LIMIT),
+    )
+    .expect("a non-empty range");
+    let mut round = 0u64;
     while !sh.stopped() {
         progress.start(op::RESET, 0);
         // ORDERING: SeqCst around the reset (oracle protocol 3).
         sh.reset_gen.fetch_add(1, Ordering::SeqCst);
-        vm.reset_mmu();
+        // With THP backing, rounds alternate between a reset, an eager split of every huge leaf
+        // and an in-place recovery; a shadow split or recovery drops leaves (and their A bits)
+        // like a reset, so each is bracketed the same way.
+        round += 1;
+        match round % 3 {
+            1 if thp => {
+                vm.split_huge_pages(AsId::new(0), everything, crate::addr::Level::L4K);
+            }
+            2 if thp => {
+                vm.recover_huge_pages(AsId::new(0), everything);
+            }
+            _ => vm.reset_mmu(),
+        }
         // ORDERING: as above.
         sh.reset_gen.fetch_add(1, Ordering::SeqCst);
         progress.done_op();

@@ -441,10 +441,14 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
         );
     }
     if cfg.actors.contains(Actors::RESET) {
-        let (vm, sh) = (Arc::clone(&vm), Arc::clone(&shared));
+        let (vm, sh, thp) = (
+            Arc::clone(&vm),
+            Arc::clone(&shared),
+            cfg.backing == crate::host::BackingSrc::AnonymousThp,
+        );
         spawn(
             ActorId::Reset,
-            Box::new(move |p| actors::reset(&vm, &sh, p)),
+            Box::new(move |p| actors::reset(&vm, &sh, thp, p)),
         );
     }
 
