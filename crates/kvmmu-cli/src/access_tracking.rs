@@ -97,6 +97,11 @@ pub struct AccessArgs {
     /// With -p: populate without the aging thread (the "no aging" column). Set by `compare`.
     #[arg(skip)]
     pub no_aging_thread: bool,
+
+    /// Backing source of guest memory (the selftests' -s): anonymous, anonymous_thp,
+    /// anonymous_hugetlb_2mb or anonymous_hugetlb_1gb (hugetlb needs -v x -b aligned to its size).
+    #[arg(short = 's', long = "backing-src", default_value = "anonymous")]
+    pub backing_src: kvmmu::BackingSrc,
 }
 
 /// `access-tracking` with its output options.
@@ -181,6 +186,12 @@ fn validate(a: &AccessArgs) -> anyhow::Result<(u64, u64)> {
         MAX_FRAMES
     );
     crate::check_host_memory(pages + SPARE_FRAMES)?;
+    ensure!(
+        total.is_multiple_of(a.backing_src.page_size()),
+        "-v times -b ({total} bytes) must be a multiple of the {} page size ({} bytes)",
+        a.backing_src,
+        a.backing_src.page_size()
+    );
     Ok((total, pages))
 }
 
@@ -242,6 +253,7 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     r.config("seed", a.seed);
     r.config("random_access", a.random_access);
     r.config("age_while_populating", a.age_while_populating);
+    r.config("backing_src", a.backing_src.name());
     r.config("aging_thread", a.age_while_populating && !a.no_aging_thread);
     r.config(
         "idle_policy",
@@ -257,7 +269,7 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     })?;
     host.prefault()?;
     let vm = Vm::new(&host, config)?;
-    let hva = host.mmap(total, Prot::READ | Prot::WRITE)?;
+    let hva = host.mmap_backed(total, Prot::READ | Prot::WRITE, a.backing_src)?;
     vm.set_user_memory_region(MemoryRegion {
         slot: SlotId::new(TEST_SLOT),
         as_id: AsId::new(0),
@@ -691,6 +703,7 @@ mod tests {
             random_access: false,
             age_while_populating: false,
             no_aging_thread: false,
+            backing_src: kvmmu::BackingSrc::Anonymous,
         }
     }
 

@@ -91,6 +91,9 @@ pub fn vm_counts(s: &kvmmu::VmStats) -> std::collections::BTreeMap<String, u64> 
         ("tdp_leaves_installed", s.tdp.leaves_installed),
         ("tdp_leaves_zapped", s.tdp.leaves_zapped),
         ("tdp_cas_retries", s.tdp.cas_retries),
+        ("pages_4k", s.pages_4k),
+        ("pages_2m", s.pages_2m),
+        ("pages_1g", s.pages_1g),
         (
             "accessed_cleared",
             s.tdp.accessed_cleared + s.shadow.accessed_cleared,

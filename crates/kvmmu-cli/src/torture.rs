@@ -57,6 +57,11 @@ pub struct TortureArgs {
     #[arg(long, default_value_t = 64)]
     pub tlb_entries: usize,
 
+    /// Backing of guest memory: anonymous or anonymous_thp (the selftests' -s; here long only,
+    /// as -s is the seed). THP needs --pages of at least 512 for a huge page to form.
+    #[arg(long = "backing-src", default_value = "anonymous")]
+    pub backing_src: kvmmu::BackingSrc,
+
     /// Do not elide the TLB flush of clear_flush_young (makes the accessed oracle strict).
     #[arg(long)]
     pub no_elide_flush: bool,
@@ -134,6 +139,13 @@ pub fn to_json(a: &TortureArgs, r: &TortureReport) -> serde_json::Value {
             "mmu_invalidate_seq": s.invalidate.seq,
             "memslot_swaps": s.memslot_swaps,
             "remote_tlb_flush": s.remote_tlb_flush,
+            "pages_4k": s.pages_4k,
+            "pages_2m": s.pages_2m,
+            "pages_1g": s.pages_1g,
+            "tdp_huge_splits": s.tdp.huge_splits,
+            "host_huge_faults": r.host_stats.huge_faults,
+            "host_thp_splits": r.host_stats.thp_splits,
+            "host_thp_collapses": r.host_stats.thp_collapses,
             "out_of_frames_exits": r.out_of_frames_exits,
             "accessed_hidden_by_tlb": r.accessed_hidden_by_tlb,
             "accessed_excused_by_reset": r.accessed_excused_by_reset,
@@ -220,6 +232,7 @@ pub fn config(a: &TortureArgs) -> TortureConfig {
             (None, None) => Some(DEFAULT_OPS),
         },
         duration: a.duration,
+        backing: a.backing_src,
         actors,
         stall_timeout: a.stall_timeout,
         ..TortureConfig::default()

@@ -62,6 +62,7 @@ fn access(idle: IdleArg, p: bool) -> AccessArgs {
         random_access: false,
         age_while_populating: p,
         no_aging_thread: false,
+        backing_src: kvmmu::BackingSrc::Anonymous,
     }
 }
 

@@ -71,7 +71,10 @@ pub use host::{
     TASK_SIZE, WorkingSet, WorkingSetBin, YoungBitmap,
 };
 #[cfg(not(loom))]
-pub use host::{MIN_LIMIT_FRAMES, ReclaimAging, ReclaimConfig, ReclaimError, ReclaimStats};
+pub use host::{
+    BackingSrc, MIN_LIMIT_FRAMES, ReclaimAging, ReclaimConfig, ReclaimError, ReclaimStats,
+    UnknownBackingSrc,
+};
 pub use sync::guest_mode::InGuestMode;
 #[cfg(not(loom))]
 pub use vcpu::{GuestMode, Vcpu, VcpuStats, tlb::TlbStats};
@@ -83,6 +86,7 @@ pub use vm::memslot::{
 pub use vm::{SetMemoryRegionError, VcpuExit, Vm, VmError, VmStats};
 #[cfg(not(loom))]
 pub use {
+    mmu::hugepage::PageStats,
     mmu::shadow::rmap::RmapStatsSnapshot,
     mmu::shadow::{RmapAllocError, ShadowStats},
     mmu::spte::{Spte, SpteKind},
@@ -95,8 +99,8 @@ pub use {
 #[cfg(not(loom))]
 pub mod prelude {
     pub use crate::{
-        AgingMode, AsId, ConfigError, Gfn, GfnRange, Gpa, GupError, HostConfig, HostError, HostMm,
-        Hva, InGuestMode, Level, MemFlags, MemoryRegion, MemslotError, MmuKind, Pfn, Prot,
-        SetMemoryRegionError, SlotId, Vcpu, VcpuExit, Vm, VmConfig, VmError, VmStats,
+        AgingMode, AsId, BackingSrc, ConfigError, Gfn, GfnRange, Gpa, GupError, HostConfig,
+        HostError, HostMm, Hva, InGuestMode, Level, MemFlags, MemoryRegion, MemslotError, MmuKind,
+        Pfn, Prot, SetMemoryRegionError, SlotId, Vcpu, VcpuExit, Vm, VmConfig, VmError, VmStats,
     };
 }

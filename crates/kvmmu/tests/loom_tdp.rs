@@ -289,3 +289,109 @@ fn ager_without_a_root_reference_never_reads_a_freed_root() {
         w.finish();
     });
 }
+
+/// A huge leaf (in the tiny geometry, a root entry spanning gfns 0..4) that is writable but not
+/// dirty, with Accessed set.
+fn huge_clean_leaf(w: &World) {
+    let r = MapRequest {
+        level: Level::L2M,
+        pfn: Pfn::new(100),
+        ..req(0, true)
+    };
+    assert_eq!(w.map(r), FaultOutcome::Fixed);
+    let mmu = w.lock.read();
+    let g = w.rcu.pin();
+    w.tdp
+        .clear_dirty_gfn_range(AS0, range(0, 4), mmu.witness(), &g);
+}
+
+/// The TDP split CAS (under `mmu_lock` read) races a lockless ager clearing Accessed and the CPU
+/// setting Dirty on the huge leaf (P8): the split completes, every child maps its frame, and the
+/// CPU's Dirty bit is in the child it wrote through, whichever happened first.
+#[test]
+fn split_cas_racing_ager_and_hardware_dirty_loses_no_accessed_or_dirty_bit() {
+    loom::model(|| {
+        let w = World::new();
+        huge_clean_leaf(&w);
+        let root = w.root();
+        let hw = {
+            let (tdp, rcu) = (Arc::clone(&w.tdp), Arc::clone(&w.rcu));
+            thread::spawn(move || {
+                loop {
+                    let g = rcu.pin();
+                    match tdp.hardware_walk(&root, Gfn::new(1), true, &g) {
+                        hit @ HwWalk::Hit { .. } => return hit,
+                        // The walk lost its A/D CAS to the split: a real CPU would re-walk.
+                        _ => {
+                            drop(g);
+                            thread::yield_now();
+                        }
+                    }
+                }
+            })
+        };
+        let ager = {
+            let (tdp, rcu) = (Arc::clone(&w.tdp), Arc::clone(&w.rcu));
+            thread::spawn(move || {
+                let g = rcu.pin();
+                tdp.age_gfn_range(AS0, range(0, 4), &g)
+            })
+        };
+        let split = {
+            let mmu = w.lock.read();
+            w.tdp
+                .split_huge_pages(AS0, range(0, 4), Level::L4K, mmu.witness())
+        };
+        assert_eq!(
+            split, 1,
+            "the leaf stayed present, so the split must succeed"
+        );
+        let hit = hw.join().unwrap();
+        assert!(matches!(hit, HwWalk::Hit { dirty: true, pfn, .. } if pfn == Pfn::new(101)));
+        let _ = ager.join().unwrap();
+        let g = w.rcu.pin();
+        for gfn in 0..4 {
+            let (leaf, level) = w.tdp.leaf(AS0, Gfn::new(gfn), &g).expect("a child");
+            assert_eq!((level, leaf.pfn()), (Level::L4K, Pfn::new(100 + gfn)));
+        }
+        let (leaf, _) = w.tdp.leaf(AS0, Gfn::new(1), &g).unwrap();
+        assert!(leaf.is_dirty(), "the CPU's D bit was lost: {leaf:?}");
+        assert!(
+            leaf.is_accessed() || !w.tdp.leaf(AS0, Gfn::new(0), &g).unwrap().0.is_accessed(),
+            "A on gfn 1 may only be clear if the ager cleared it after the CPU set it"
+        );
+        drop(g);
+        w.finish();
+    });
+}
+
+/// A split (`mmu_lock` read) and a zap of the range (`mmu_lock` write) in either order leave
+/// nothing mapped and every table freed once.
+#[test]
+fn split_and_zap_serialise_and_leave_nothing_mapped() {
+    loom::model(|| {
+        let w = World::new();
+        huge_clean_leaf(&w);
+        let zapper = {
+            let (tdp, lock) = (Arc::clone(&w.tdp), Arc::clone(&w.lock));
+            thread::spawn(move || {
+                let mut mmu = lock.write();
+                let flusher = Flusher(AtomicUsize::new(0));
+                let _ = tdp.zap_leafs(AS0, range(0, 16), &mut mmu, false, &flusher);
+            })
+        };
+        {
+            let mmu = w.lock.read();
+            let _ = w
+                .tdp
+                .split_huge_pages(AS0, range(0, 4), Level::L4K, mmu.witness());
+        }
+        zapper.join().unwrap();
+        let g = w.rcu.pin();
+        for gfn in 0..4 {
+            assert!(w.tdp.leaf(AS0, Gfn::new(gfn), &g).is_none(), "gfn {gfn}");
+        }
+        drop(g);
+        w.finish();
+    });
+}

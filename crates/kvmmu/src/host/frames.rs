@@ -26,6 +26,15 @@
 //!    a value written in a frame's next life is reported too.
 //! 5. The frame counters satisfy `allocated = total_allocs − total_frees` whenever no alloc or
 //!    free is in flight.
+//! 6. A run (huge page: [`RUN_2M`] or [`RUN_1G`] frames, first frame aligned to the run size) is
+//!    handed out by [`FrameArena::alloc_run`] with one generation `G` for all its frames, frame
+//!    `i` tagged with host page `first_page + i`. `G` is above every generation any frame of the
+//!    run ever had, so invariant 2 holds per frame. A run is freed either whole
+//!    ([`FrameArena::free_run`], back on the run list) or frame by frame ([`FrameArena::free`],
+//!    after a split); frames on a run list are on no other list (invariant 1).
+
+#[path = "frame_runs.rs"]
+mod runs;
 
 use super::HostError;
 use super::words::AtomicWords;
@@ -150,8 +159,15 @@ pub struct FrameArena {
     /// Frames `next_fresh..nframes` have never been allocated (invariant 1).
     next_fresh: AtomicUsize,
     stripes: Box<[Stripe]>,
+    /// Free contiguous runs (huge pages freed whole), by size (invariant 6).
+    runs: Mutex<runs::RunLists>,
     stale_accesses: AtomicU64,
 }
+
+/// Frames in a 2 MiB run.
+pub const RUN_2M: usize = 512;
+/// Frames in a 1 GiB run.
+pub const RUN_1G: usize = 512 * 512;
 
 impl core::fmt::Debug for FrameArena {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -182,6 +198,7 @@ impl FrameArena {
             nframes,
             next_fresh: AtomicUsize::new(0),
             stripes,
+            runs: Mutex::new(runs::RunLists::default()),
             stale_accesses: AtomicU64::new(0),
         })
     }
@@ -539,6 +556,11 @@ impl FrameArena {
             let s = s.inner.lock();
             reuse += s.reuse_allocs;
             frees += s.frees;
+        }
+        {
+            let r = self.runs.lock();
+            reuse += r.reuse_allocs;
+            frees += r.frees;
         }
         // ORDERING: Relaxed: statistics.
         let fresh = self.next_fresh.load(Ordering::Relaxed) as u64;

@@ -9,6 +9,9 @@
 //! - **Write** ([`PageIdle::mark_idle`]): clear the young state of every mapping the same way, then
 //!   set the idle flag.
 //!
+//! A huge page is one folio: its flag is its first frame's, and its young state is cleared over
+//! its whole range.
+//!
 //! Invariants:
 //! 1. The flags are indexed by frame (pfn), like the kernel's folio flag: a page that is freed and
 //!    faulted in again lands on another frame whose flag says nothing about the old one.
@@ -66,25 +69,27 @@ impl PageIdle {
         }
     }
 
-    /// The frame backing the page of `hva`, or `None` when no frame does.
-    fn pfn_of(&self, hva: Hva) -> Result<Option<u64>, HostError> {
+    /// The folio backing the page of `hva` — its first frame, first address and size (a huge
+    /// page is one folio: one idle flag, one young state, as `folio_test_idle` sees it) — or
+    /// `None` when no frame backs the page.
+    fn folio_of(&self, hva: Hva) -> Result<Option<(u64, Hva, u64)>, HostError> {
         match self.host.host_pte(hva) {
             None => Err(HostError::NotMapped { hva }),
-            Some(p) if p.present => Ok(Some(p.pfn.raw())),
+            Some(p) if p.present => {
+                let pages = p.level.pages();
+                let index = hva.page() & (pages - 1);
+                let head = Hva::new(hva.raw() & !(pages * PAGE_SIZE - 1));
+                Ok(Some((p.pfn.raw() - index, head, pages * PAGE_SIZE)))
+            }
             Some(_) => Ok(None),
         }
-    }
-
-    fn clear_young_page(&self, hva: Hva) -> Result<bool, HostError> {
-        let page = Hva::new(hva.raw() & !(PAGE_SIZE - 1));
-        self.host.clear_young(page, PAGE_SIZE)
     }
 
     /// Reads the idle flag of the page of `hva` (see the module doc for the read semantics).
     ///
     /// Errors: [`HostError::NotMapped`], and the range errors of [`HostMm::clear_young`].
     pub fn read(&self, hva: Hva) -> Result<IdleState, HostError> {
-        let Some(pfn) = self.pfn_of(hva)? else {
+        let Some((pfn, head, len)) = self.folio_of(hva)? else {
             return Ok(IdleState::NoPfn);
         };
         let (word, bit) = self.slot(pfn);
@@ -92,7 +97,7 @@ impl PageIdle {
         if word.load(Ordering::Relaxed) & bit == 0 {
             return Ok(IdleState::NotIdle);
         }
-        if self.clear_young_page(hva)? {
+        if self.host.clear_young(head, len)? {
             // ORDERING: Relaxed: invariant 2.
             word.fetch_and(!bit, Ordering::Relaxed);
             return Ok(IdleState::NotIdle);
@@ -105,10 +110,10 @@ impl PageIdle {
     ///
     /// Errors: as [`PageIdle::read`].
     pub fn mark_idle(&self, hva: Hva) -> Result<bool, HostError> {
-        let Some(pfn) = self.pfn_of(hva)? else {
+        let Some((pfn, head, len)) = self.folio_of(hva)? else {
             return Ok(false);
         };
-        self.clear_young_page(hva)?;
+        self.host.clear_young(head, len)?;
         let (word, bit) = self.slot(pfn);
         // ORDERING: Relaxed: invariant 2.
         word.fetch_or(bit, Ordering::Relaxed);

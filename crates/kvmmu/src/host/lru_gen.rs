@@ -3,7 +3,8 @@
 //!
 //! Protocol: every resident page of the tracked range sits in one generation. An aging pass
 //! ([`LruGen::age`]) creates a new youngest generation and ages the range in chunks of up to
-//! [`AGING_CHUNK_PAGES`] pages, one [`HostMm::clear_young_into`] per chunk (so one
+//! [`AGING_CHUNK_PAGES`] pages (a chunk that would end inside a huge page extends to its end),
+//! one [`HostMm::clear_young_into`] per chunk (so one
 //! `clear_young_bitmap` notifier call per subscriber per chunk, not one per page); each resident
 //! page whose young state — host PTE or any secondary MMU — was set moves to the new generation,
 //! and the young state of every page of the chunk is cleared.
@@ -130,7 +131,21 @@ impl LruGen {
         let mut young = YoungBitmap::new(self.start, 0)?;
         let mut first = 0u64;
         while first < total {
-            let pages = AGING_CHUNK_PAGES.min(total - first);
+            let mut pages = AGING_CHUNK_PAGES.min(total - first);
+            // Never cut a huge page (one young bit, like a folio): a chunk ending inside one
+            // extends to its end, so the page's young state is seen whole by one pass.
+            if first + pages < total
+                && let Some(p) = self
+                    .host
+                    .host_pte(self.page_hva((first + pages - 1) as usize))
+                && p.present
+                && p.level != crate::addr::Level::L4K
+            {
+                let span = p.level.pages();
+                let last = self.start.page() + first + pages - 1;
+                let end = (last / span + 1) * span - self.start.page();
+                pages = end.min(total) - first;
+            }
             young.reset(self.page_hva(first as usize), pages)?;
             self.host.clear_young_into(&mut young)?;
             for k in 0..pages {

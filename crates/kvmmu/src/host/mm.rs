@@ -3,15 +3,16 @@
 //! See the `host` module doc for the locking protocol and its invariants (cited here as H1–H7).
 
 use super::frames::{FrameArena, FrameTag};
+use super::huge::{HugeMode, HugeState, marker_level, split_cut};
 use super::notifier::{
     InvalidateEvent, InvalidationPair, MmuNotifier, NotifierId, NotifierList, NotifierRange,
 };
-use super::pgtable::PageTable;
 use super::reclaim::Reclaim;
 use super::swap::swap_slot;
 use super::vma::{Vma, Vmas, page_hva, pte, pte_frame};
+use super::zap::zap_ptes;
 use super::{GupError, HostError};
-use crate::addr::{Hva, PAGE_SHIFT, Pfn, is_page_aligned};
+use crate::addr::{Hva, Level, PAGE_SHIFT, Pfn, is_page_aligned};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::guest_mode;
 use crate::sync::percpu::StripedCounter;
@@ -64,6 +65,9 @@ pub struct GupPage {
     pub tag: FrameTag,
     /// Whether the mapping allows writes.
     pub writable: bool,
+    /// The host mapping level of the page (`host_pfn_mapping_level`): 2M or 1G when a huge page
+    /// backs it, whose frames are contiguous and aligned (`pfn` is the frame of this 4K page).
+    pub level: Level,
 }
 
 /// A snapshot of one host PTE (for tests and oracles).
@@ -83,6 +87,8 @@ pub struct HostPte {
     pub dirty: bool,
     /// The page was evicted: its contents are in a swap slot and the next access refaults it.
     pub swapped: bool,
+    /// The host mapping level (4K, or the huge page backing it).
+    pub level: Level,
 }
 
 /// Counters of host operations (successful ones, except `gup` which counts every call).
@@ -112,6 +118,12 @@ pub struct HostStats {
     /// is first faulted in and freed by `munmap`, so mapping, zapping or aging an untouched
     /// range never grows this.
     pub page_table_bytes: u64,
+    /// Huge pages faulted in whole (THP and hugetlb).
+    pub huge_faults: u64,
+    /// THPs split because an operation's range cut them.
+    pub thp_splits: u64,
+    /// 2 MiB spans collapsed into THPs (`HostMm::collapse`).
+    pub thp_collapses: u64,
 }
 
 #[derive(Default)]
@@ -126,6 +138,9 @@ pub(super) struct Counters {
     /// Striped: bumped by every aging call, from any number of agers at once.
     pub(super) aging_calls: StripedCounter,
     release_calls: AtomicU64,
+    pub(super) huge_faults: AtomicU64,
+    thp_splits: AtomicU64,
+    pub(super) thp_collapses: AtomicU64,
 }
 
 impl Counters {
@@ -145,6 +160,8 @@ pub(super) struct Inner {
     pub(super) counters: Counters,
     /// Memory limit, swap and generations (`reclaim` module).
     pub(super) reclaim: Reclaim,
+    /// The huge-fault mutex (`huge.rs`), inside `mmap_lock` read and `mm_writer`.
+    pub(super) huge: Mutex<HugeState>,
 }
 
 /// The simulated process address space (the primary MMU). Cheap to clone: clones share it.
@@ -219,6 +236,7 @@ impl HostMm {
                 notifiers: NotifierList::new(),
                 counters: Counters::default(),
                 reclaim: Reclaim::default(),
+                huge: Mutex::new(HugeState::default()),
             }),
         })
     }
@@ -249,6 +267,13 @@ impl HostMm {
         }
         let npages = len >> PAGE_SHIFT;
         let align = if npages >= HUGE_PAGES { HUGE_PAGES } else { 1 };
+        self.mmap_vma(len, align, Vma::new(0, 0, prot))
+    }
+
+    /// Places `proto` (its bounds ignored) over `len` bytes (page aligned, non-zero) of free
+    /// address space starting at a multiple of `align` pages.
+    pub(super) fn mmap_vma(&self, len: u64, align: u64, proto: Vma) -> Result<Hva, HostError> {
+        let npages = len >> PAGE_SHIFT;
         let _w = self.inner.mm_writer.lock();
         let mut vmas = self.inner.mmap_lock.write();
         let start = vmas
@@ -260,9 +285,21 @@ impl HostMm {
                 align,
             )
             .ok_or(HostError::AddressSpaceExhausted)?;
-        vmas.insert(Vma::new(start, start + npages, prot));
+        vmas.insert(Vma {
+            start,
+            end: start + npages,
+            ..proto
+        });
         Counters::bump(&self.inner.counters.mmap, 1);
         Ok(page_hva(start))
+    }
+
+    /// Runs `f` on the VMAs under `mm_writer` and `mmap_lock` write, for a change that removes
+    /// or changes no present PTE (so it needs no invalidation, H1).
+    pub(super) fn with_vmas_write<R>(&self, f: impl FnOnce(&mut Vmas) -> R) -> R {
+        let _w = self.inner.mm_writer.lock();
+        let mut vmas = self.inner.mmap_lock.write();
+        f(&mut vmas)
     }
 
     /// Maps `len` bytes at exactly `hva`; fails with [`HostError::Overlaps`] if any page of the
@@ -293,7 +330,7 @@ impl HostMm {
     /// dropped for the start callbacks and retaken; pages a concurrent GUP faults in meanwhile
     /// lie in the range whose start was already delivered (the secondary MMU's retry protocol,
     /// spec §3.3, keeps it from mapping them).
-    fn change_range(
+    pub(super) fn change_range(
         &self,
         (s, e): (u64, u64),
         event: InvalidateEvent,
@@ -303,22 +340,40 @@ impl HostMm {
     ) -> Result<(), HostError> {
         let inner = &*self.inner;
         let _w = inner.mm_writer.lock();
-        let range = NotifierRange {
-            start: page_hva(s),
-            end: page_hva(e),
-            event,
-            blockable: true,
-        };
+        // Clears the in-flight range (huge.rs) however this function is left.
+        struct Inflight<'a>(&'a HostMm);
+        impl Drop for Inflight<'_> {
+            fn drop(&mut self) {
+                self.0.set_inflight(None);
+            }
+        }
         // Every subscriber whose start returned gets its end when `notified` goes, even if a
         // callback (or `apply`) panics: the pair stays balanced (DESIGN invariant 1).
         let mut notified: Option<InvalidationPair<'_>> = None;
+        let mut inflight: Option<Inflight<'_>> = None;
         let result = loop {
             let mut vmas = inner.mmap_lock.write();
             if let Err(err) = validate(&vmas) {
                 break Err(err);
             }
+            // A range cutting a THP invalidates (and splits) the THP's whole 2 MiB; one cutting a
+            // hugetlb page is refused before anything changed (huge.rs).
+            let (ns, ne) = match HostMm::widen_for_split(&vmas, (s, e)) {
+                Ok(r) => r,
+                Err(err) => break Err(err),
+            };
             if notified.is_none() && needs_notify(&vmas) {
+                // Recorded before `mmap_lock` is dropped: no huge-page fault-in (which runs
+                // under `mmap_lock` read) can slip a THP reaching into the range in between.
+                self.set_inflight(Some((ns, ne)));
+                inflight = Some(Inflight(self));
                 drop(vmas);
+                let range = NotifierRange {
+                    start: page_hva(ns),
+                    end: page_hva(ne),
+                    event,
+                    blockable: true,
+                };
                 notified = Some(InvalidationPair::start(
                     inner.notifiers.snapshot(),
                     range,
@@ -327,12 +382,24 @@ impl HostMm {
                 ));
                 continue;
             }
+            // Split only under a started invalidation (whose range covered the THPs); with no
+            // present page changing nothing is cut.
+            if notified.is_some() {
+                let splits = split_cut(&vmas.pt, s, e);
+                Counters::bump(&inner.counters.thp_splits, splits);
+                // A split THP's frames become 4K pages, which a later zap uncharges one by one:
+                // charge them now (huge pages are not charged while whole; see `zap_ptes`).
+                inner
+                    .reclaim
+                    .charge_forced(splits * super::frames::RUN_2M as u64);
+            }
             apply(&mut vmas, &inner.arena);
             break Ok(());
         };
         if let Some(pair) = notified {
             pair.end();
         }
+        drop(inflight);
         result
     }
 
@@ -462,7 +529,17 @@ impl HostMm {
                     word.fetch_or(want, Ordering::Relaxed);
                 }
                 let (pfn, tag) = pte_frame(page, cur);
-                return Ok(GupPage { pfn, tag, writable });
+                // A THP outlives MADV_NOHUGEPAGE: the marker, not the VMA, says.
+                let level = marker_level(&vmas.pt, page);
+                return Ok(GupPage {
+                    pfn,
+                    tag,
+                    writable,
+                    level,
+                });
+            }
+            if vma.huge != HugeMode::None {
+                return self.gup_huge(vmas, vma, hva, write);
             }
             // A frame is needed (first touch, or a refault of a swap entry): charge it to the
             // memory limit first; a refused charge sends the caller to direct reclaim.
@@ -490,7 +567,12 @@ impl HostMm {
             match word.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     reclaim.faulted_in(pfn, slot);
-                    return Ok(GupPage { pfn, tag, writable });
+                    return Ok(GupPage {
+                        pfn,
+                        tag,
+                        writable,
+                        level: Level::L4K,
+                    });
                 }
                 Err(actual) => {
                     if let Err(e) = self.inner.arena.free(pfn, tag) {
@@ -576,6 +658,11 @@ impl HostMm {
             young: w & pte::YOUNG != 0,
             dirty: w & pte::DIRTY != 0,
             swapped: swap_slot(w).is_some(),
+            level: if present {
+                marker_level(&vmas.pt, page)
+            } else {
+                Level::L4K
+            },
         })
     }
 
@@ -640,6 +727,9 @@ impl HostMm {
             release_calls: ld(&c.release_calls),
             subscribers: self.inner.notifiers.len() as u64,
             page_table_bytes: self.inner.mmap_lock.read().pt.bytes(),
+            huge_faults: ld(&c.huge_faults),
+            thp_splits: ld(&c.thp_splits),
+            thp_collapses: ld(&c.thp_collapses),
         }
     }
 
@@ -651,43 +741,5 @@ impl HostMm {
             .iter()
             .map(|v| (page_hva(v.start), (v.end - v.start) << PAGE_SHIFT, v.prot))
             .collect()
-    }
-}
-
-/// Clears the present PTEs of pages `[s, e)` and frees their frames. Called with `mmap_lock`
-/// held for write, after `invalidate_range_start` (H1, H2). Visits only allocated leaves and
-/// writes only present PTEs, so an untouched range costs no memory.
-fn zap_ptes(pt: &PageTable, s: u64, e: u64, arena: &FrameArena, reclaim: &Reclaim) {
-    let _ = pt.for_each_leaf(s, e, |first, ptes| {
-        for (i, w) in ptes.iter().enumerate() {
-            zap_pte(first + i as u64, w, arena, reclaim);
-        }
-        ControlFlow::Continue(())
-    });
-}
-
-/// Clears one PTE and frees its frame if it was present, or its swap slot if it was a swap entry
-/// (see [`zap_ptes`]).
-#[inline]
-fn zap_pte(page: u64, w: &AtomicU64, arena: &FrameArena, reclaim: &Reclaim) {
-    // ORDERING: Relaxed: mmap_lock write excludes every other PTE user (H3), and its release
-    // orders this before later readers.
-    if w.load(Ordering::Relaxed) == 0 {
-        return;
-    }
-    // ORDERING: as the load above.
-    let old = w.swap(0, Ordering::Relaxed);
-    if old & pte::PRESENT != 0 {
-        let (pfn, tag) = pte_frame(page, old);
-        // The only way this free can fail is a caller that freed the frame itself through the
-        // public `FrameArena::free`. Panicking here would abandon the invalidation between start
-        // and end (leaving every subscriber's counters raised for good), so the frame is reported
-        // like a stale access instead and the teardown of the range completes.
-        if arena.free(pfn, tag).is_err() {
-            arena.report_stale(pfn, tag, arena.tag(pfn));
-        }
-        reclaim.uncharge(1);
-    } else if let Some(slot) = swap_slot(old) {
-        reclaim.drop_swap_slot(slot);
     }
 }

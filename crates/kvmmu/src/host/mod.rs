@@ -59,6 +59,7 @@
 
 mod aging;
 mod frames;
+mod huge;
 mod idle;
 mod kswapd;
 mod lru_gen;
@@ -69,8 +70,12 @@ mod reclaim;
 mod swap;
 mod vma;
 mod words;
+mod zap;
 
-pub use frames::{FrameArena, FrameStats, FrameTag, MAX_FRAMES, StaleAccess, WORDS_PER_FRAME};
+pub use frames::{
+    FrameArena, FrameStats, FrameTag, MAX_FRAMES, RUN_1G, RUN_2M, StaleAccess, WORDS_PER_FRAME,
+};
+pub use huge::{BackingSrc, UnknownBackingSrc};
 pub use idle::{IdleState, PageIdle};
 pub use kswapd::Kswapd;
 pub use lru_gen::{AGING_CHUNK_PAGES, AgingPass, LruGen, MIN_NR_GENS, WorkingSet, WorkingSetBin};
@@ -154,6 +159,17 @@ pub enum HostError {
     NotMapped {
         /// The first unmapped address of the range.
         hva: Hva,
+    },
+    /// A length or range that is not a multiple of the mapping's huge page size (hugetlb), or an
+    /// operation that would split a hugetlb page; nothing changed.
+    #[error("range {hva}+{len:#x} is not aligned to the huge page size {page_size:#x}")]
+    HugeUnaligned {
+        /// Start of the range (0 for an `mmap` length).
+        hva: Hva,
+        /// Length in bytes.
+        len: u64,
+        /// The huge page size in bytes.
+        page_size: u64,
     },
     /// A fixed mapping would overlap an existing one.
     #[error("range {hva}+{len:#x} overlaps the mapping at {existing}")]

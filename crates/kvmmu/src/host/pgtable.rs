@@ -19,6 +19,13 @@
 //! 2. A table, once installed, stays installed until `prune` takes it with exclusive access;
 //!    `prune` frees only tables all of whose PTEs are 0, so it never changes a PTE's value.
 //! 3. `bytes` equals the size of every table allocated and not yet freed.
+//! 4. Huge entries: each leaf also holds the huge marker of its 2 MiB span (Linux's PMD entry
+//!    pointing at a huge page instead of a PTE table): 0 for 4K pages, else the host mapping
+//!    level (2 = 2 MiB, 3 = 1 GiB; a 1 GiB page sets the marker of each of its 512 spans). A
+//!    marker is non-zero only while every PTE of its span is present and names the frame run of
+//!    one huge page (frame `first + i` for page `head + i`); the per-page PTE words keep the
+//!    frame, young and dirty bits, so every 4K reader works unchanged. Markers change only under
+//!    the huge-fault mutex (set, host `huge.rs`) or `mmap_lock` write (cleared on split or zap).
 
 use core::ops::ControlFlow;
 use std::sync::OnceLock;
@@ -44,16 +51,22 @@ trait Table: Sized + Send + Sync {
     /// `base`), in address order, with the page number of the slice's first entry.
     fn for_each_leaf<'a, F>(&'a self, base: u64, s: u64, e: u64, f: &mut F) -> ControlFlow<()>
     where
-        F: FnMut(u64, &'a [AtomicU64]) -> ControlFlow<()>;
+        F: FnMut(u64, &'a [AtomicU64], &'a AtomicU64) -> ControlFlow<()>;
+    /// The huge marker of the leaf holding `page`, if that leaf exists.
+    fn marker(&self, page: u64) -> Option<&AtomicU64>;
+    /// The huge marker of the leaf holding `page`, allocating missing tables.
+    fn marker_or_alloc(&self, page: u64, bytes: &AtomicU64) -> &AtomicU64;
     /// Frees the empty tables below this one that intersect `[s, e)`; returns the bytes freed.
     fn prune(&mut self, base: u64, s: u64, e: u64) -> u64;
     /// True if nothing below this table is allocated (directory) or no PTE is set (leaf).
     fn is_empty(&self) -> bool;
 }
 
-/// The last level: the PTE words of 512 consecutive pages.
+/// The last level: the PTE words of 512 consecutive pages, and the huge marker of their 2 MiB
+/// span (invariant 4).
 struct Leaf {
     ptes: [AtomicU64; FAN],
+    huge: AtomicU64,
 }
 
 impl Table for Leaf {
@@ -62,6 +75,7 @@ impl Table for Leaf {
     fn new_boxed() -> Box<Self> {
         Box::new(Leaf {
             ptes: core::array::from_fn(|_| AtomicU64::new(0)),
+            huge: AtomicU64::new(0),
         })
     }
 
@@ -77,11 +91,21 @@ impl Table for Leaf {
 
     fn for_each_leaf<'a, F>(&'a self, base: u64, s: u64, e: u64, f: &mut F) -> ControlFlow<()>
     where
-        F: FnMut(u64, &'a [AtomicU64]) -> ControlFlow<()>,
+        F: FnMut(u64, &'a [AtomicU64], &'a AtomicU64) -> ControlFlow<()>,
     {
         let lo = s.max(base) - base;
         let hi = (e - base).min(FAN as u64);
-        f(base + lo, &self.ptes[lo as usize..hi as usize])
+        f(base + lo, &self.ptes[lo as usize..hi as usize], &self.huge)
+    }
+
+    #[inline]
+    fn marker(&self, _: u64) -> Option<&AtomicU64> {
+        Some(&self.huge)
+    }
+
+    #[inline]
+    fn marker_or_alloc(&self, _: u64, _: &AtomicU64) -> &AtomicU64 {
+        &self.huge
     }
 
     fn prune(&mut self, _: u64, _: u64, _: u64) -> u64 {
@@ -90,7 +114,8 @@ impl Table for Leaf {
 
     fn is_empty(&self) -> bool {
         // ORDERING: Relaxed: called with exclusive access (`&mut` of the tree, invariant 2).
-        self.ptes.iter().all(|w| w.load(Ordering::Relaxed) == 0)
+        self.huge.load(Ordering::Relaxed) == 0
+            && self.ptes.iter().all(|w| w.load(Ordering::Relaxed) == 0)
     }
 }
 
@@ -134,9 +159,25 @@ impl<C: Table> Table for Dir<C> {
         child.entry_or_alloc(page & ((1 << C::SPAN_SHIFT) - 1), bytes)
     }
 
+    #[inline]
+    fn marker(&self, page: u64) -> Option<&AtomicU64> {
+        let child = self.children.get((page >> C::SPAN_SHIFT) as usize)?.get()?;
+        child.marker(page & ((1 << C::SPAN_SHIFT) - 1))
+    }
+
+    #[inline]
+    fn marker_or_alloc(&self, page: u64, bytes: &AtomicU64) -> &AtomicU64 {
+        let child = self.children[(page >> C::SPAN_SHIFT) as usize].get_or_init(|| {
+            // ORDERING: Relaxed: a statistic; only the winning initialiser runs this.
+            bytes.fetch_add(size_of::<C>() as u64, Ordering::Relaxed);
+            C::new_boxed()
+        });
+        child.marker_or_alloc(page & ((1 << C::SPAN_SHIFT) - 1), bytes)
+    }
+
     fn for_each_leaf<'a, F>(&'a self, base: u64, s: u64, e: u64, f: &mut F) -> ControlFlow<()>
     where
-        F: FnMut(u64, &'a [AtomicU64]) -> ControlFlow<()>,
+        F: FnMut(u64, &'a [AtomicU64], &'a AtomicU64) -> ControlFlow<()>,
     {
         for i in Self::child_indexes(base, s, e) {
             if let Some(c) = self.children[i].get() {
@@ -222,11 +263,38 @@ impl PageTable {
         e: u64,
         mut f: impl FnMut(u64, &'a [AtomicU64]) -> ControlFlow<()>,
     ) -> ControlFlow<()> {
+        self.for_each_leaf_huge(s, e, |first, ptes, _| f(first, ptes))
+    }
+
+    /// As [`PageTable::for_each_leaf`], also passing each leaf's huge marker (invariant 4).
+    #[inline]
+    pub(crate) fn for_each_leaf_huge<'a>(
+        &'a self,
+        s: u64,
+        e: u64,
+        mut f: impl FnMut(u64, &'a [AtomicU64], &'a AtomicU64) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
         let e = e.min(1 << Root::SPAN_SHIFT);
         if s >= e {
             return ControlFlow::Continue(());
         }
         self.root.for_each_leaf(0, s, e, &mut f)
+    }
+
+    /// The huge marker of the 2 MiB span holding `page` (invariant 4), if its leaf exists.
+    #[inline]
+    pub(crate) fn huge_marker(&self, page: u64) -> Option<&AtomicU64> {
+        if page >> Root::SPAN_SHIFT != 0 {
+            return None;
+        }
+        self.root.marker(page)
+    }
+
+    /// The huge marker of the 2 MiB span holding `page` (below 2^36), allocating its tables.
+    #[inline]
+    pub(crate) fn huge_marker_or_alloc(&self, page: u64) -> &AtomicU64 {
+        debug_assert!(page >> Root::SPAN_SHIFT == 0);
+        self.root.marker_or_alloc(page, &self.bytes)
     }
 
     /// Frees every table intersecting pages `[s, e)` whose PTEs are all 0 (and directories left

@@ -220,6 +220,13 @@ impl Reclaim {
 
     /// Uncharges `n` frames (R1).
     #[inline]
+    /// Charges `n` frames without checking the limit: 4K pages that already exist (a THP split
+    /// into them), which a later zap uncharges one by one.
+    pub(super) fn charge_forced(&self, n: u64) {
+        // ORDERING: Relaxed: as `uncharge`.
+        self.charged.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub(super) fn uncharge(&self, n: u64) {
         // ORDERING: Relaxed: a frame count; a waiting charger retries through direct reclaim,
         // not through this store.

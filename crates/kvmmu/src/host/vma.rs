@@ -62,12 +62,19 @@ pub(crate) struct Vma {
     /// One past the last page.
     pub(crate) end: u64,
     pub(crate) prot: Prot,
+    /// How the mapping may be backed by huge pages (`huge.rs`).
+    pub(crate) huge: super::huge::HugeMode,
 }
 
 impl Vma {
     /// A VMA of pages `[start, end)`; its PTEs are 0 (invariant 1).
     pub(crate) fn new(start: u64, end: u64, prot: Prot) -> Vma {
-        Vma { start, end, prot }
+        Vma {
+            start,
+            end,
+            prot,
+            huge: super::huge::HugeMode::None,
+        }
     }
 
     /// True if the VMA allows reads (x86: a writable mapping is readable).

@@ -191,6 +191,68 @@ impl Mmu {
         batch
     }
 
+    /// Makes `gfns` of one memslot map at most `target` (4K for dirty logging): the entry point
+    /// for eager page splitting (`kvm_mmu_try_split_huge_pages`). The TDP MMU splits its huge
+    /// leaves in place under `mmu_lock` read (one CAS each, no flush needed); the shadow MMU
+    /// then drops its huge leaves under `mmu_lock` write and flushes remote TLBs before
+    /// releasing it. Returns the number of huge leaves split or dropped.
+    pub fn split_huge_pages(
+        &self,
+        lock: &MmuLock,
+        as_id: AsId,
+        rmaps: Option<&SlotRmaps>,
+        gfns: GfnRange,
+        target: Level,
+        flusher: &impl RemoteTlbFlush,
+    ) -> u64 {
+        let mut n = {
+            let mmu = lock.read();
+            self.tdp
+                .split_huge_pages(as_id, gfns, target, mmu.witness())
+        };
+        if let Some(rmaps) = rmaps {
+            let mmu = lock.write();
+            let dropped = self
+                .shadow
+                .drop_huge_leaves(rmaps, gfns, target, mmu.witness());
+            if dropped != 0 {
+                flusher.flush_remote_tlbs();
+            }
+            n += dropped;
+        }
+        n
+    }
+
+    /// Recovers huge mappings over `gfns` of one memslot (`kvm_mmu_recover_huge_pages`, e.g. when
+    /// dirty logging is disabled) for the blocks `allowed(block_gfn, level)` names: the TDP MMU
+    /// replaces each fully populated table in place by a huge leaf; the shadow MMU zaps the small
+    /// leaves so they fault back huge. One remote TLB flush per root (TDP) or per call (shadow),
+    /// under `mmu_lock` write. Returns the number of huge leaves formed (TDP) plus rmaps zapped
+    /// (shadow).
+    pub fn recover_huge_pages(
+        &self,
+        mmu: &MmuWriteGuard<'_>,
+        as_id: AsId,
+        rmaps: Option<&SlotRmaps>,
+        gfns: GfnRange,
+        allowed: &dyn Fn(u64, Level) -> bool,
+        flusher: &impl RemoteTlbFlush,
+    ) -> u64 {
+        let mut n = self
+            .tdp
+            .recover_huge_pages(as_id, gfns, allowed, mmu.witness(), flusher);
+        if let Some(rmaps) = rmaps {
+            let zapped = self
+                .shadow
+                .zap_collapsible(rmaps, gfns, allowed, mmu.witness());
+            if zapped != 0 {
+                flusher.flush_remote_tlbs();
+            }
+            n += zapped;
+        }
+        n
+    }
+
     /// `may_have_shadow_sptes`: TDP off, or indirect shadow pages exist (spec §3.8).
     #[inline]
     fn may_have_shadow_sptes(&self) -> bool {
@@ -309,6 +371,11 @@ impl Mmu {
             let rcu = self.tdp.rcu().pin();
             self.tdp.leaf(as_id, gfn, &rcu)
         }
+    }
+
+    /// Present leaves per level over both MMUs (KVM's `pages_4k`, `pages_2m`, `pages_1g`).
+    pub fn page_stats(&self) -> crate::mmu::PageStats {
+        self.tdp.page_stats().plus(self.shadow.page_stats())
     }
 
     /// The TDP MMU's statistics.

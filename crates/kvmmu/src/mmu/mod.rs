@@ -15,6 +15,7 @@
 //!
 //! RETRY is control flow, not an error: the vCPU simply re-executes the access.
 
+pub mod hugepage;
 pub mod shadow;
 pub mod spte;
 pub mod tdp;
@@ -25,6 +26,7 @@ mod dispatch;
 
 #[cfg(not(loom))]
 pub use dispatch::{Mmu, MmuRoot};
+pub use hugepage::PageStats;
 pub use types::{
     FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason, RootReload, ZapBatch,
 };

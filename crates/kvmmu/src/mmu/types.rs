@@ -44,8 +44,10 @@ pub struct MapRequest {
     pub gfn: Gfn,
     /// The host frame backing it.
     pub pfn: Pfn,
-    /// The largest level the caller allows (`goal_level`). This implementation maps at 4K only;
-    /// a larger level is accepted and mapped at 4K, which is correct for `gfn` → `pfn`.
+    /// The largest level the caller allows (`goal_level`, `kvm_mmu_max_mapping_level`): the MMU
+    /// installs a leaf of at most this level (lower where a table is already in place), mapping
+    /// the level-aligned block around `gfn` to the frames around `pfn`, which the caller checked
+    /// are contiguous and equally aligned.
     pub level: Level,
     /// The host mapping is writable.
     pub host_writable: bool,
@@ -79,7 +81,15 @@ pub enum HwWalk {
 /// both MMUs' hardware walks end: if it is a present leaf that allows the access, set A (and D if
 /// `write`) unless already set, with a compare-and-swap on the value just checked (spte.rs O5: A/D
 /// never lands on a value that stopped being a present leaf), re-evaluating on a lost race.
-pub(crate) fn access_leaf(sptep: &AtomicSpte, mut spte: Spte, level: Level, write: bool) -> HwWalk {
+///
+/// The frame returned is the 4K frame of `gfn` inside the leaf (base + offset for a huge leaf).
+pub(crate) fn access_leaf(
+    sptep: &AtomicSpte,
+    mut spte: Spte,
+    level: Level,
+    gfn: u64,
+    write: bool,
+) -> HwWalk {
     let want = ACCESSED_MASK | if write { DIRTY_MASK } else { 0 };
     loop {
         if !spte.is_present_leaf(level) {
@@ -90,7 +100,7 @@ pub(crate) fn access_leaf(sptep: &AtomicSpte, mut spte: Spte, level: Level, writ
         }
         if spte.raw() & want == want {
             return HwWalk::Hit {
-                pfn: spte.pfn(),
+                pfn: crate::mmu::hugepage::frame_in_leaf(gfn, spte.pfn(), level),
                 writable: spte.is_writable(),
                 dirty: spte.is_dirty(),
                 level,

@@ -224,13 +224,16 @@ enum SpteCheck {
     NotInstalled,
 }
 
-/// Runs an SPTE oracle. Only the owner vCPU faults its gfns in and it has not accessed `gpa`
-/// since, so a present SPTE is the one its access went through (zaps only remove SPTEs).
+/// Runs an SPTE oracle. Only the owner vCPU faults its gfns in at 4K and it has not accessed
+/// `gpa` since, so a present 4K SPTE is the one its access went through (zaps only remove SPTEs).
 fn check_spte(vm: &Vm, sh: &Shared, actor: ActorId, gpa: Gpa, what: SpteCheck) {
     let Some((spte, level)) = vm.spte(AsId::new(0), gpa.gfn()) else {
         return;
     };
-    if !spte.is_present_leaf(level) {
+    // A huge leaf also maps other vCPUs' gfns: any of them may have faulted it in after this
+    // vCPU's leaf was zapped (a host THP split, a reset), so the premise above holds for 4K
+    // leaves only.
+    if !spte.is_present_leaf(level) || level != crate::addr::Level::L4K {
         return;
     }
     match what {
@@ -275,9 +278,28 @@ pub(super) fn host(host: &HostMm, sh: &Shared, cfg: &TortureConfig, progress: &P
             format!("{what}: {e}"),
         );
     };
+    let thp = cfg.backing == crate::host::BackingSrc::AnonymousThp;
     while !sh.stopped() {
         let (hp, n) = churn_range(&mut rng, &l);
         let (hva, len) = (l.hva_of(hp), n * PAGE);
+        // With THP backing, now and then collapse the 2 MiB span around the range (khugepaged):
+        // data stays, so no discard is recorded; only churnable spans, like every host op.
+        if thp && rng.below(4) == 0 {
+            let span = 512;
+            let base = l.hva_of(0).page();
+            let aligned = (base + hp) & !(span - 1);
+            let first = aligned.wrapping_sub(base);
+            if aligned >= base
+                && (first..first + span).all(|p| p < l.host_pages() && l.churnable(p))
+            {
+                progress.start(op::COLLAPSE, first);
+                if let Err(e) = host.collapse(l.hva_of(first)) {
+                    fail("collapse", e);
+                }
+                progress.done_op();
+                continue;
+            }
+        }
         match rng.below(3) {
             0 => {
                 progress.start(op::DONTNEED, hp);
@@ -326,6 +348,10 @@ pub(super) fn host(host: &HostMm, sh: &Shared, cfg: &TortureConfig, progress: &P
                 std::thread::yield_now();
                 if let Err(e) = host.mmap_fixed(hva, len, Prot::READ | Prot::WRITE) {
                     fail("mmap_fixed", e);
+                } else if cfg.backing == crate::host::BackingSrc::AnonymousThp
+                    && let Err(e) = host.madvise_hugepage(hva, len, true)
+                {
+                    fail("madvise_hugepage", e);
                 }
                 sh.bump_discard(hp, n);
             }
@@ -559,12 +585,30 @@ pub(super) fn memslot(vm: &Vm, sh: &Shared, cfg: &TortureConfig, progress: &Prog
 }
 
 /// The MMU-reset thread: invalidates every root (`kvm_mmu_reset_context` / fast zap).
-pub(super) fn reset(vm: &Vm, sh: &Shared, progress: &Progress) {
+pub(super) fn reset(vm: &Vm, sh: &Shared, thp: bool, progress: &Progress) {
+    let everything = crate::addr::GfnRange::new(
+        crate::addr::Gfn::new(0),
+        crate::addr::Gfn::new(crate::geometry::GFN_LIMIT),
+    )
+    .expect("a non-empty range");
+    let mut round = 0u64;
     while !sh.stopped() {
         progress.start(op::RESET, 0);
         // ORDERING: SeqCst around the reset (oracle protocol 3).
         sh.reset_gen.fetch_add(1, Ordering::SeqCst);
-        vm.reset_mmu();
+        // With THP backing, rounds alternate between a reset, an eager split of every huge leaf
+        // and an in-place recovery; a shadow split or recovery drops leaves (and their A bits)
+        // like a reset, so each is bracketed the same way.
+        round += 1;
+        match round % 3 {
+            1 if thp => {
+                vm.split_huge_pages(AsId::new(0), everything, crate::addr::Level::L4K);
+            }
+            2 if thp => {
+                vm.recover_huge_pages(AsId::new(0), everything);
+            }
+            _ => vm.reset_mmu(),
+        }
         // ORDERING: as above.
         sh.reset_gen.fetch_add(1, Ordering::SeqCst);
         progress.done_op();

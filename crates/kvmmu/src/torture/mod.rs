@@ -117,6 +117,10 @@ pub struct TortureConfig {
     /// Forced yield period (0 = off) in the TDP fault, age and zap paths and at the rmap hook
     /// sites (bit-lock acquire, bit held, lockless aging); needs `test-hooks`.
     pub yield_period: u32,
+    /// Backing of guest memory: `Anonymous` or `AnonymousThp` (THP: the host actor's partial
+    /// munmap/mprotect/madvise then split THPs; re-created ranges are advised huge again).
+    /// hugetlb is refused: the host actor's random ranges would cut its pages.
+    pub backing: crate::host::BackingSrc,
 }
 
 impl Default for TortureConfig {
@@ -138,6 +142,7 @@ impl Default for TortureConfig {
             stall_timeout: Duration::from_secs(20),
             cas_failure_period: 0,
             yield_period: 0,
+            backing: crate::host::BackingSrc::Anonymous,
         }
     }
 }
@@ -200,6 +205,8 @@ pub struct TortureReport {
     pub accessed_excused_by_reset: u64,
     /// VM statistics at quiescence.
     pub vm_stats: crate::vm::VmStats,
+    /// Host statistics at the end (huge-page faults and THP splits included).
+    pub host_stats: crate::host::HostStats,
 }
 
 impl TortureReport {
@@ -285,6 +292,12 @@ impl TortureConfig {
                 "either an op count or a duration must bound the run",
             );
         }
+        if !matches!(
+            self.backing,
+            crate::host::BackingSrc::Anonymous | crate::host::BackingSrc::AnonymousThp
+        ) {
+            return bad("backing", "must be anonymous or anonymous_thp");
+        }
         if cfg!(not(feature = "test-hooks")) && (self.cas_failure_period | self.yield_period) != 0 {
             return Err(TortureError::HooksUnavailable);
         }
@@ -359,7 +372,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
         frames: cfg.frames.unwrap_or(total as usize * 2 + 64),
     })?;
     let vm = Arc::new(Vm::new(&host, cfg.vm_config())?);
-    layout.hva = host.mmap(total * 4096, Prot::READ | Prot::WRITE)?;
+    layout.hva = host.mmap_backed(total * 4096, Prot::READ | Prot::WRITE, cfg.backing)?;
     vm.set_user_memory_region(actors::main_region(&layout))?;
     vm.set_user_memory_region(actors::dyn_region(&layout, 0, MemFlags::empty()))?;
     if cfg.actors.contains(Actors::RECLAIM) {
@@ -452,10 +465,14 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
         );
     }
     if cfg.actors.contains(Actors::RESET) {
-        let (vm, sh) = (Arc::clone(&vm), Arc::clone(&shared));
+        let (vm, sh, thp) = (
+            Arc::clone(&vm),
+            Arc::clone(&shared),
+            cfg.backing == crate::host::BackingSrc::AnonymousThp,
+        );
         spawn(
             ActorId::Reset,
-            Box::new(move |p| actors::reset(&vm, &sh, p)),
+            Box::new(move |p| actors::reset(&vm, &sh, thp, p)),
         );
     }
 
@@ -474,6 +491,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
         })
         .collect();
     let vm_stats = vm.stats();
+    let host_stats = host.stats();
     if !stalled {
         for t in &mut threads {
             if let Some(h) = t.handle.take() {
@@ -501,6 +519,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
         // ORDERING: as above.
         accessed_excused_by_reset: shared.accessed_excused_by_reset.load(Ordering::Relaxed),
         vm_stats,
+        host_stats,
     })
 }
 

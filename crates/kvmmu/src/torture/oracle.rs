@@ -227,6 +227,8 @@ pub mod op {
     pub const RESET: u64 = 9;
     /// Page-out of a range to swap.
     pub const PAGE_OUT: u64 = 10;
+    /// Host THP collapse of a 2 MiB span.
+    pub const COLLAPSE: u64 = 11;
 }
 
 /// A readable form of a [`Progress::last_op`] value.
@@ -243,6 +245,7 @@ pub fn describe_op(v: u64) -> String {
         op::MEMSLOT => "memslot change",
         op::RESET => "reset_mmu",
         op::PAGE_OUT => "page_out",
+        op::COLLAPSE => "collapse",
         _ => "unknown",
     };
     format!("{name} (host page {})", v & 0xFFFF_FFFF)

@@ -15,7 +15,7 @@
 //!
 //! RETRY is control flow, not an error: the vCPU simply re-executes the access.
 
-use crate::addr::{Gfn, Gpa, Hva, Level};
+use crate::addr::{Gfn, Gpa, Hva};
 use crate::host::{GupError, StaleAccess};
 use crate::mmu::{FaultOutcome, MapRequest, MmuRoot, RetryReason};
 use crate::sync::atomic::Ordering;
@@ -140,10 +140,22 @@ impl VmInner {
             return Ok(FaultOutcome::Retry(RetryReason::Invalidation));
         }
 
+        // `kvm_mmu_max_mapping_level`: the host mapping level (read by GUP without any lock
+        // KVM holds; a split after it invalidates the whole huge range, so the retry rule below
+        // catches it) capped by the memslot's alignment and `disallow_lpage` counts.
+        // A slot with dirty logging maps 4K pages only (`kvm_slot_dirty_track_enabled`).
+        let level = if slot
+            .flags()
+            .contains(crate::vm::memslot::MemFlags::LOG_DIRTY_PAGES)
+        {
+            crate::addr::Level::L4K
+        } else {
+            page.level.min(slot.max_mapping_level(gfn))
+        };
         let req = MapRequest {
             gfn,
             pfn: page.pfn,
-            level: Level::L4K,
+            level,
             host_writable: page.writable && !readonly_slot,
             write_fault: write,
             prefetch: false,

@@ -21,6 +21,7 @@
 //! fail with `VcpuExit::VmDead`.
 
 mod fault;
+mod huge;
 pub mod invalidate;
 pub mod memslot;
 pub mod request;
@@ -138,6 +139,12 @@ pub struct VmStats {
     pub tdp: TdpStats,
     /// Shadow MMU statistics (shadow faults, pages, rmap aging and bit-lock contention).
     pub shadow: ShadowStats,
+    /// Present 4K leaves over both MMUs (KVM's `pages_4k`).
+    pub pages_4k: u64,
+    /// Present 2M leaves (KVM's `pages_2m`).
+    pub pages_2m: u64,
+    /// Present 1G leaves (KVM's `pages_1g`).
+    pub pages_1g: u64,
 }
 
 /// State shared by the VM handle, its vCPUs and its notifier subscription.
@@ -474,6 +481,7 @@ impl VmInner {
 
     fn stats(&self) -> VmStats {
         let c = &self.counters;
+        let pages = self.mmu.page_stats();
         VmStats {
             faults: c.faults.sum(),
             fault_retries: c.fault_retries.sum(),
@@ -488,6 +496,9 @@ impl VmInner {
             mmu_lock: self.mmu_lock.stats(),
             tdp: self.mmu.tdp_stats(),
             shadow: self.mmu.shadow_stats(),
+            pages_4k: pages.pages_4k,
+            pages_2m: pages.pages_2m,
+            pages_1g: pages.pages_1g,
         }
     }
 }

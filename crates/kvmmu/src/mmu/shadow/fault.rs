@@ -1,8 +1,9 @@
 //! The shadow MMU's map step (`direct_map`, `mmu_set_spte`, `__rmap_add`): the protocol is in the
 //! module documentation of [`super`] (S1–S7).
 
-use crate::addr::Level;
+use crate::addr::{Gfn, Level};
 use crate::geometry::{GFN_LIMIT, index};
+use crate::mmu::hugepage::{leaf_pfn, max_leaf_level};
 use crate::mmu::spte::{ACCESSED_MASK, DIRTY_MASK, LeafAttrs, Spte, SpteKind, make_spte};
 use crate::mmu::types::{FaultOutcome, MapRequest, RemoteTlbFlush, RetryReason};
 use crate::sync::atomic::Ordering;
@@ -14,14 +15,15 @@ use super::rmap::{RMAP_RECYCLE_THRESHOLD, RmapHead};
 use super::slot_rmaps::SlotRmaps;
 
 impl ShadowMmu {
-    /// Resolves one fault by installing a 4K leaf for `req.gfn` → `req.pfn` under `root`
+    /// Resolves one fault by installing a leaf of at most `req.level` (lower where a shadow page
+    /// is in place) for `req.gfn` → `req.pfn` under `root`
     /// (`direct_map` / `kvm_mmu_get_child_sp` / `mmu_set_spte`), linking missing shadow pages
     /// and adding the leaf to its rmap in `rmaps` (the memslot's arrays). Rmaps past
     /// [`RMAP_RECYCLE_THRESHOLD`] are zapped and flushed (`__rmap_add`).
     ///
     /// # Panics
     /// If the gfn is mapped to another pfn (spec §4 item 13: the notifier must zap first), if
-    /// `root` belongs to another MMU, or if a huge leaf is met (this MMU installs 4K leaves only).
+    /// `root` belongs to another MMU.
     pub fn map(
         &self,
         root: &ShadowRoot,
@@ -43,10 +45,8 @@ impl ShadowMmu {
         if gfn >= GFN_LIMIT {
             return FaultOutcome::OutOfRange;
         }
-        let Some(rmap) = rmaps.get(req.gfn, Level::L4K) else {
-            panic!("kvmmu bug: map of gfn {gfn:#x} with the rmaps of a memslot not covering it");
-        };
         let stats = &self.inner.rmap_stats;
+        let mut target = req.level.min(max_leaf_level());
         let mut state = self.inner.state.lock();
         let mut sp = root.sp;
         loop {
@@ -56,11 +56,36 @@ impl ShadowMmu {
             let level = page.role.level;
             let sptep = page.entry(gfn);
             // ORDERING: non-leaf SPTEs change only under `mmu_lock` write, which we hold.
-            let old = sptep.load(Ordering::Relaxed);
+            let mut old = sptep.load(Ordering::Relaxed);
+            let mut kind = old.kind(level);
+            if kind == SpteKind::Leaf && level > target {
+                // A huge leaf where the fault wants a smaller one (dirty logging): drop it
+                // (`drop_large_spte`: zap its rmap and flush), then link a page below.
+                if let Some(r) = rmaps.get(Gfn::new(gfn), level)
+                    && self.zap_rmap(r, level, mmu)
+                {
+                    flush.flush_remote_tlbs();
+                }
+                // ORDERING: as above.
+                old = sptep.load(Ordering::Relaxed);
+                kind = old.kind(level);
+            }
+            if level == target || kind == SpteKind::Leaf {
+                if kind != SpteKind::Table {
+                    let Some(rmap) = rmaps.get(req.gfn, level) else {
+                        panic!(
+                            "kvmmu bug: map of gfn {gfn:#x} with the rmaps of a memslot not covering it"
+                        );
+                    };
+                    return self.set_leaf(sp, req, level, old, rmap, mmu, flush);
+                }
+                // A shadow page where the huge leaf would go: serve the fault below it.
+                target = level.down().unwrap_or(Level::L4K);
+            }
             let Some(child_level) = level.down() else {
-                return self.set_leaf(sp, req, old, rmap, mmu, flush);
+                unreachable!("a 4K shadow SPTE is a leaf or non-present (S2)")
             };
-            sp = match old.kind(level) {
+            sp = match kind {
                 SpteKind::Table => SpPtr::from_spte(old),
                 SpteKind::NonPresent => {
                     let role = Role {
@@ -87,17 +112,19 @@ impl ShadowMmu {
                 }
                 SpteKind::Leaf | SpteKind::Frozen => panic!(
                     "kvmmu bug: {old:?} at level {level:?} for gfn {gfn:#x}: the shadow MMU \
-                     installs 4K leaves only and never freezes (S2)"
+                     never freezes (S2)"
                 ),
             };
         }
     }
 
     /// The last step of [`ShadowMmu::map`]: install or upgrade the leaf in `sp`.
+    #[allow(clippy::too_many_arguments)]
     fn set_leaf(
         &self,
         sp: SpPtr,
         req: &MapRequest,
+        level: Level,
         old: Spte,
         rmap: &RmapHead,
         mmu: &MmuWrite,
@@ -112,12 +139,13 @@ impl ShadowMmu {
             write_allowed: req.write_fault,
             prefetch: req.prefetch,
         };
-        let new = make_spte(req.pfn, Level::L4K, attrs);
-        match old.kind(Level::L4K) {
+        let pfn = leaf_pfn(gfn, req.pfn, level);
+        let new = make_spte(pfn, level, attrs);
+        match old.kind(level) {
             SpteKind::Leaf => {
                 assert_eq!(
                     old.pfn(),
-                    req.pfn,
+                    pfn,
                     "gfn {gfn:#x} is mapped to another pfn: a present leaf may not change pfn \
                      (spec §4 item 13)"
                 );
@@ -141,18 +169,19 @@ impl ShadowMmu {
                 // installing it (the host's initialisation of the frame, via GUP).
                 sptep.store(new, Ordering::Release);
                 add(&self.inner.counters.leaves_installed, 1);
+                self.inner.pages.install(level);
                 // SAFETY: the page is live; the entry leaves the rmap before the page is freed (S1).
-                let pte = unsafe { sp.sptep(index(gfn, Level::L4K)) };
+                let pte = unsafe { sp.sptep(index(gfn, level)) };
                 let before = rmap.pte_list_add(mmu, &self.inner.rmap_stats, pte);
                 if before > RMAP_RECYCLE_THRESHOLD {
-                    self.zap_rmap(rmap, mmu);
+                    self.zap_rmap(rmap, level, mmu);
                     add(&self.inner.counters.rmap_recycles, 1);
                     flush.flush_remote_tlbs();
                 }
                 FaultOutcome::Fixed
             }
             SpteKind::Table | SpteKind::Frozen => {
-                unreachable!("a 4K shadow SPTE is a leaf or non-present (S2)")
+                unreachable!("the map walk stops only at a leaf or a non-present SPTE (S2)")
             }
         }
     }

@@ -86,6 +86,8 @@ pub(super) struct Inner {
     pub(super) state: Mutex<State>,
     pub(super) counters: Counters,
     pub(super) rmap_stats: RmapStats,
+    /// Present leaves per level (`mmu/hugepage.rs`).
+    pub(super) pages: crate::mmu::hugepage::PageCounts,
     /// `kvm->arch.indirect_shadow_pages`: written under `mmu_lock` write, read locklessly.
     pub(super) indirect_shadow_pages: AtomicU64,
 }
@@ -198,6 +200,7 @@ impl ShadowMmu {
                 lock: LockBinding::unbound(),
                 counters: Counters::default(),
                 rmap_stats: RmapStats::new(),
+                pages: Default::default(),
                 indirect_shadow_pages: AtomicU64::new(0),
             }),
         }
@@ -228,6 +231,11 @@ impl ShadowMmu {
     pub fn indirect_shadow_pages(&self) -> u64 {
         // ORDERING: a hint for aging dispatch (spec §3.8); writers hold `mmu_lock` write.
         self.inner.indirect_shadow_pages.load(Ordering::Relaxed)
+    }
+
+    /// Present leaves per level (`pages_4k`, `pages_2m`, `pages_1g`).
+    pub fn page_stats(&self) -> crate::mmu::PageStats {
+        self.inner.pages.snapshot()
     }
 
     /// Statistics.

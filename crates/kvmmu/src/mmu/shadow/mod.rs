@@ -38,7 +38,8 @@
 //!    later is therefore freed only after that walk finished: the walk's instruction boundary
 //!    precedes the acknowledgement, which precedes the free (the kernel relies on the same IPI
 //!    wait for its IRQ-disabled lockless walkers). Non-leaf SPTEs are written only under
-//!    `mmu_lock` write; the shadow MMU never writes FROZEN and installs leaves at 4K only.
+//!    `mmu_lock` write; the shadow MMU never writes FROZEN. Leaves sit at 4K, 2M or 1G (a huge
+//!    leaf is listed in the rmap of its level; `huge.rs` drops huge leaves, it never splits).
 //! 3. **S3 (roots)** A root starts with count 2 (the caller's and the MMU's). Prepare-zap marks it
 //!    invalid, empties it, takes it off the root table, and drops the MMU's reference last. The
 //!    count reaches 0 only on an invalid, empty, unreachable root; the holder of the last
@@ -61,6 +62,8 @@ pub mod rmap;
 mod age;
 #[cfg(not(loom))]
 mod fault;
+#[cfg(not(loom))]
+mod huge;
 #[cfg(not(loom))]
 mod mmu;
 #[cfg(not(loom))]

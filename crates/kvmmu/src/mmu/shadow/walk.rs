@@ -17,7 +17,7 @@ impl ShadowMmu {
     /// # Safety
     /// The caller holds a reference to `root` and either holds `mmu_lock` or is a vCPU in guest
     /// mode that stays before its next instruction boundary for `'a` (S2).
-    unsafe fn find_leaf<'a>(root: SpPtr, gfn: u64) -> Option<(&'a AtomicSpte, Spte)> {
+    unsafe fn find_leaf<'a>(root: SpPtr, gfn: u64) -> Option<(&'a AtomicSpte, Spte, Level)> {
         if gfn >= GFN_LIMIT {
             return None;
         }
@@ -31,7 +31,7 @@ impl ShadowMmu {
             // ORDERING: O1: the value may be followed into a child page.
             let spte = sptep.load(Ordering::Acquire);
             match spte.kind(page.role.level) {
-                SpteKind::Leaf => return Some((sptep, spte)),
+                SpteKind::Leaf => return Some((sptep, spte, page.role.level)),
                 SpteKind::Table => sp = SpPtr::from_spte(spte),
                 SpteKind::NonPresent | SpteKind::Frozen => return None,
             }
@@ -47,10 +47,10 @@ impl ShadowMmu {
     pub(crate) unsafe fn hardware_walk(&self, root: &ShadowRoot, gfn: Gfn, write: bool) -> HwWalk {
         debug_assert!(root.belongs_to(self), "hardware_walk: foreign root");
         // SAFETY: we hold a reference to `root`; this function's contract covers its children.
-        let Some((sptep, spte)) = (unsafe { Self::find_leaf(root.sp, gfn.raw()) }) else {
+        let Some((sptep, spte, level)) = (unsafe { Self::find_leaf(root.sp, gfn.raw()) }) else {
             return HwWalk::NotPresent;
         };
-        access_leaf(sptep, spte, Level::L4K, write)
+        access_leaf(sptep, spte, level, gfn.raw(), write)
     }
 
     /// The present leaf mapping `gfn` under the valid root of `as_id` (oracle for tests and
@@ -66,8 +66,8 @@ impl ShadowMmu {
             .copied()
             .flatten()?;
         // SAFETY: under `mmu_lock` no page is freed and a valid root holds the MMU's reference.
-        let (_, spte) = unsafe { Self::find_leaf(root, gfn.raw()) }?;
-        Some((spte, Level::L4K))
+        let (_, spte, level) = unsafe { Self::find_leaf(root, gfn.raw()) }?;
+        Some((spte, level))
     }
 
     /// Live shadow pages in the hash (valid pages; diagnostics and tests).

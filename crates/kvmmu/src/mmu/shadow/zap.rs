@@ -1,7 +1,7 @@
 //! Shadow zaps: through rmaps (`kvm_zap_rmap`, `__kvm_rmap_zap_gfn_range`) and by page
 //! (prepare-zap / commit-zap, `kvm_mmu_zap_all`); the protocol is in [`super`] (S1, S3, S6).
 
-use crate::addr::{Gfn, GfnRange};
+use crate::addr::{Gfn, GfnRange, Level};
 use crate::geometry::{ENTRIES, ROOT_LEVEL};
 use crate::mmu::spte::{SHADOW_NONPRESENT_VALUE, Spte, SpteKind};
 use crate::mmu::types::{RemoteTlbFlush, ZapBatch};
@@ -19,13 +19,14 @@ use super::slot_rmaps::{RMAP_LEVELS, SlotRmaps};
 pub(super) struct InvalidList(Vec<SpPtr>);
 
 impl ShadowMmu {
-    /// Zaps every SPTE of one rmap (`kvm_zap_rmap`); true if any was zapped.
-    pub(super) fn zap_rmap(&self, rmap: &RmapHead, mmu: &MmuWrite) -> bool {
+    /// Zaps every SPTE of one rmap of `level` (`kvm_zap_rmap`); true if any was zapped.
+    pub(super) fn zap_rmap(&self, rmap: &RmapHead, level: Level, mmu: &MmuWrite) -> bool {
         let c = &self.inner.counters;
         rmap.zap_all(mmu, &self.inner.rmap_stats, |p| {
             let old = Spte::from_raw(p.zap(SHADOW_NONPRESENT_VALUE));
             if old.is_shadow_present() {
                 add(&c.leaves_zapped, 1);
+                self.inner.pages.remove(level, 1);
                 if old.is_dirty() {
                     add(&c.dirty_leaves_zapped, 1);
                 }
@@ -60,7 +61,7 @@ impl ShadowMmu {
                 if let Some(r) = rmaps.get(Gfn::new(g), level)
                     && !r.is_empty()
                 {
-                    flush |= self.zap_rmap(r, mmu.witness());
+                    flush |= self.zap_rmap(r, level, mmu.witness());
                 }
                 g += level.pages();
                 since_check += 1;
@@ -111,6 +112,7 @@ impl ShadowMmu {
                     // ORDERING: atomic swap keeps a concurrent Dirty set by the CPU (item 19).
                     let old = sptep.swap(Spte::NONPRESENT, Ordering::Relaxed);
                     add(&c.leaves_zapped, 1);
+                    self.inner.pages.remove(level, 1);
                     if old.is_dirty() {
                         add(&c.dirty_leaves_zapped, 1);
                     }

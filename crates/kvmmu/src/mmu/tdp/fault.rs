@@ -1,11 +1,14 @@
 //! The fault path's map step (`kvm_tdp_mmu_map`, spec §3.4 step 7), under `mmu_lock` read.
 //!
-//! Walk from the root to the 4K level; link every missing table with a `Release` CAS (P2) — a
-//! lost CAS frees the never-published table and retries; FROZEN anywhere retries (P7); at the
-//! target, a present leaf that already allows the access is spurious, otherwise the new leaf is
-//! installed with one CAS from the value read (P3).
+//! Walk from the root to the target level (`req.level`, at most 1G; `mmu/hugepage.rs`); link every
+//! missing table with a `Release` CAS (P2) — a lost CAS frees the never-published table and
+//! retries; FROZEN anywhere retries (P7); a table at the
+//! target level lowers the target; a huge leaf above the target is split in place (P8). At the target, a present leaf that already allows the access
+//! is spurious, otherwise the new leaf is installed with one CAS from the value read (P3).
 
+use super::split::split_huge_spte;
 use crate::addr::Level;
+use crate::mmu::hugepage::{leaf_pfn, max_leaf_level};
 use crate::mmu::spte::{LeafAttrs, SpteKind, make_spte};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
@@ -16,7 +19,7 @@ use super::{Counters, RootRef, TdpMmu};
 use crate::mmu::types::{FaultOutcome, MapRequest, RetryReason};
 
 impl TdpMmu {
-    /// Resolves one fault by installing a 4K leaf for `req.gfn` → `req.pfn` in `root`
+    /// Resolves one fault by installing a leaf of at most `req.level` for `req.gfn` → `req.pfn` in `root`
     /// (`kvm_tdp_mmu_map`). Returns [`FaultOutcome::Retry`] when the root is invalid, a CAS was
     /// lost or an SPTE on the path is frozen; nothing is left half-done in those cases. A table
     /// linked before a lost leaf CAS stays linked (it is valid and empty, as in the kernel).
@@ -51,23 +54,48 @@ impl TdpMmu {
             return FaultOutcome::OutOfRange;
         }
         let counters: &Counters = &self.inner.counters;
+        let mut target = req.level.min(max_leaf_level());
         let mut table = root.table();
         let mut level = ROOT_LEVEL;
-        while let Some(child_level) = level.down() {
+        // Walk down to the target level; a huge leaf above it is split, a table at the target
+        // level lowers the target.
+        let (sptep, old) = loop {
             // SAFETY: `table` is the root table of a root we hold a reference to (P4), or a
             // table read from a present non-leaf SPTE under `_rcu`, which P1 keeps allocated
             // while `_rcu` is pinned; `_rcu` outlives this function's use of it.
             let t = unsafe { table.get() };
             let sptep = t.entry(gfn, level);
             // ORDERING: O1 — we may follow the pointer into the child table.
-            let old = sptep.load(Ordering::Acquire);
-            table = match old.kind(level) {
+            let mut old = sptep.load(Ordering::Acquire);
+            let mut kind = old.kind(level);
+            if kind == SpteKind::Frozen {
+                return FaultOutcome::Retry(RetryReason::Frozen);
+            }
+            if kind == SpteKind::Leaf && level > target {
+                // A huge leaf where the fault wants a smaller one (dirty logging): split it in
+                // place (P8) and continue into the new table, as `kvm_tdp_mmu_map` does.
+                if split_huge_spte(sptep, old, level, counters).is_err() {
+                    Counters::add(&counters.cas_retries, 1);
+                    return FaultOutcome::Retry(RetryReason::CasLost);
+                }
+                // ORDERING: O1, as above.
+                old = sptep.load(Ordering::Acquire);
+                kind = old.kind(level);
+            }
+            if level == target || kind == SpteKind::Leaf {
+                if kind != SpteKind::Table {
+                    target = level;
+                    break (sptep, old);
+                }
+                // A table where the huge leaf would go: serve the fault below it.
+                target = level.down().unwrap_or(Level::L4K);
+            }
+            let Some(child_level) = level.down() else {
+                unreachable!("a 4K SPTE is never a table (is_leaf holds at 4K)")
+            };
+            table = match kind {
                 SpteKind::Table => TablePtr::from_spte(old),
-                SpteKind::Frozen => return FaultOutcome::Retry(RetryReason::Frozen),
-                SpteKind::Leaf => panic!(
-                    "huge leaf at level {level:?} for gfn {gfn:#x}: the TDP MMU installs 4K leaves only (P2)"
-                ),
-                SpteKind::NonPresent => {
+                _ => {
                     let child = TablePtr::alloc();
                     Counters::add(&counters.tables_allocated, 1);
                     // ORDERING: O2 — Release publishes the child's initialised entries; Acquire
@@ -99,18 +127,14 @@ impl TdpMmu {
                 }
             };
             level = child_level;
-        }
-        // SAFETY: as above — `table` is a root table we hold a reference to or was reached under
-        // `_rcu` (P1, P4).
-        let sptep = unsafe { table.get() }.entry(gfn, Level::L4K);
-        // ORDERING: a leaf slot; the CAS below validates the snapshot, and nothing is followed.
-        let old = sptep.load(Ordering::Relaxed);
-        match old.kind(Level::L4K) {
-            SpteKind::Frozen => return FaultOutcome::Retry(RetryReason::Frozen),
+        };
+        let level = target;
+        let pfn = leaf_pfn(gfn, req.pfn, level);
+        match old.kind(level) {
             SpteKind::Leaf => {
                 assert_eq!(
                     old.pfn(),
-                    req.pfn,
+                    pfn,
                     "gfn {gfn:#x} is mapped to another pfn: a present leaf may not change pfn (spec §4 item 13)"
                 );
                 if !req.write_fault || old.is_writable() {
@@ -118,14 +142,16 @@ impl TdpMmu {
                 }
             }
             SpteKind::NonPresent => {}
-            SpteKind::Table => unreachable!("a 4K SPTE is never a table (is_leaf holds at 4K)"),
+            SpteKind::Table | SpteKind::Frozen => {
+                unreachable!("the walk stops only at a leaf or a non-present SPTE")
+            }
         }
         let attrs = LeafAttrs {
             host_writable: req.host_writable,
             write_allowed: req.write_fault,
             prefetch: req.prefetch,
         };
-        let new = make_spte(req.pfn, Level::L4K, attrs);
+        let new = make_spte(pfn, level, attrs);
         if new == old {
             return FaultOutcome::Spurious;
         }
@@ -145,6 +171,9 @@ impl TdpMmu {
         match installed {
             Ok(_) => {
                 Counters::add(&counters.leaves_installed, 1);
+                if !old.is_shadow_present() {
+                    counters.pages.install(level);
+                }
                 FaultOutcome::Fixed
             }
             Err(_) => {

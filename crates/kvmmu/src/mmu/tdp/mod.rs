@@ -49,9 +49,15 @@
 //!    walk; a walker that meets FROZEN treats it as not present (`map` retries). FROZEN has no A/D
 //!    bit, so an ager or the CPU racing the freeze cannot alter it (item 35).
 //!
+//! 8. **P8 (huge leaves and splits)** A leaf may sit at 2M or 1G (PS bit; `mmu/hugepage.rs`).
+//!    Under `mmu_lock` read a present huge leaf may be replaced by a link to a table one level
+//!    down, fully populated before it is published, with one `Release` CAS from the exact value
+//!    its children were built from (`split.rs`): the translation of every gfn is unchanged, and
+//!    no concurrent A/D or permission update is lost (the CAS fails and the children are
+//!    rebuilt). A table is never replaced by a leaf under `mmu_lock` read.
+//!
 //! # Not modelled (yet)
-//! Huge leaves (`MapRequest::level` above 4K is mapped at 4K; the walkers and the iterator already
-//! handle PS leaves), A/D-disabled SPTEs and access tracking, zaps under `mmu_lock` read (shared-mode
+//! In-place recovery under `mmu_lock` read (here it takes write, `split.rs`), A/D-disabled SPTEs and access tracking, zaps under `mmu_lock` read (shared-mode
 //! `handle_removed_pt` with its FROZEN exchange loop), MMIO SPTEs, and mirror (TDX) roots.
 
 mod age;
@@ -59,6 +65,7 @@ mod fault;
 #[cfg(feature = "test-hooks")]
 pub mod hooks;
 mod iter;
+mod split;
 pub(crate) mod table;
 mod walk;
 mod zap;
@@ -100,6 +107,10 @@ pub struct TdpStats {
     pub cas_retries: u64,
     /// Accessed bits cleared by aging.
     pub accessed_cleared: u64,
+    /// Huge leaves split into tables of smaller leaves (P8).
+    pub huge_splits: u64,
+    /// Huge leaves formed in place by `recover_huge_pages`.
+    pub huge_recovered: u64,
 }
 
 /// Shared counters; RCU callbacks hold an `Arc` to them so frees are counted when they happen.
@@ -116,6 +127,12 @@ pub(crate) struct Counters {
     roots_freed: StripedCounter,
     cas_retries: StripedCounter,
     accessed_cleared: StripedCounter,
+    /// Huge leaves split into tables (P8).
+    huge_splits: StripedCounter,
+    /// Huge leaves formed in place by recovery.
+    huge_recovered: StripedCounter,
+    /// Present leaves per level (`mmu/hugepage.rs`).
+    pub(crate) pages: crate::mmu::hugepage::PageCounts,
 }
 
 impl Counters {
@@ -140,6 +157,8 @@ impl Counters {
             roots_freed: r(&self.roots_freed),
             cas_retries: r(&self.cas_retries),
             accessed_cleared: r(&self.accessed_cleared),
+            huge_splits: r(&self.huge_splits),
+            huge_recovered: r(&self.huge_recovered),
         }
     }
 }
@@ -458,6 +477,11 @@ impl TdpMmu {
     /// Statistics.
     pub fn stats(&self) -> TdpStats {
         self.counters().snapshot()
+    }
+
+    /// Present leaves per level (`pages_4k`, `pages_2m`, `pages_1g`).
+    pub fn page_stats(&self) -> crate::mmu::PageStats {
+        self.inner.counters.pages.snapshot()
     }
 }
 

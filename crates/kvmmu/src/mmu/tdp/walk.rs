@@ -69,7 +69,7 @@ impl TdpMmu {
         else {
             return HwWalk::NotPresent;
         };
-        access_leaf(sptep, spte, level, write)
+        access_leaf(sptep, spte, level, gfn.raw(), write)
     }
 
     /// The present leaf mapping `gfn` in the valid root of `as_id`, with its level (for test

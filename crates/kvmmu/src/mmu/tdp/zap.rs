@@ -77,7 +77,7 @@ fn write_spte(sptep: &AtomicSpte, old: Spte, new: Spte, level: Level) -> Spte {
 /// # Safety
 /// `table` must be unreachable from every root and SPTE, unlinked by the caller under
 /// `mmu_lock` write while `rcu` is pinned, and handed to this function once (P1).
-unsafe fn handle_removed_pt(
+pub(super) unsafe fn handle_removed_pt(
     table: TablePtr,
     level: Level,
     rcu: &RcuGuard<'_>,
@@ -98,6 +98,7 @@ unsafe fn handle_removed_pt(
         match old.kind(level) {
             SpteKind::Leaf => {
                 leaves += 1;
+                counters.pages.remove(level, 1);
                 if old.is_dirty() {
                     Counters::add(&counters.dirty_leaves_zapped, 1);
                 }
@@ -214,7 +215,7 @@ impl TdpMmu {
 
     /// References to the roots of `as_id` (all roots if `None`) that are still referenced
     /// (`for_each_tdp_mmu_root_yield_safe`: the references keep them on the list across yields).
-    fn roots_of(&self, as_id: Option<AsId>) -> Vec<RootRef> {
+    pub(super) fn roots_of(&self, as_id: Option<AsId>) -> Vec<RootRef> {
         let roots = self.inner.roots.lock();
         let mut out = Vec::with_capacity(roots.len());
         for e in roots.iter() {
@@ -287,6 +288,7 @@ impl TdpMmu {
                     let prev = write_spte(it.sptep(), old, Spte::NONPRESENT, it.level());
                     it.set_old(prev);
                     zapped += 1;
+                    counters.pages.remove(it.level(), 1);
                     if prev.is_dirty() {
                         Counters::add(&counters.dirty_leaves_zapped, 1);
                     }

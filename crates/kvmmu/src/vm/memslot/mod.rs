@@ -38,10 +38,12 @@
 //!    id, spec §1.3); this module never computes generations, the swap does.
 
 mod hva_index;
+mod lpage;
 mod plan;
 mod set;
 mod slot;
 
+pub use lpage::LpageInfo;
 pub use plan::{MemslotChange, MemslotError, SizeLimit, USER_ADDR_END, plan_change};
 pub use set::Memslots;
 pub use slot::{KVM_MEM_MAX_NR_PAGES, MemFlags, MemoryRegion, Memslot};

@@ -29,6 +29,20 @@ impl PartialEq for RmapsRef {
 
 impl Eq for RmapsRef {}
 
+/// A slot's large-page counts. They are a function of the slot's gfns and host address (plus
+/// tracking that its owners undo), so every two handles compare equal and [`Memslot`]'s derived
+/// `PartialEq` keeps comparing the user-visible fields.
+#[derive(Debug, Clone)]
+struct LpageRef(Arc<super::lpage::LpageInfo>);
+
+impl PartialEq for LpageRef {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for LpageRef {}
+
 /// Largest number of pages one memslot may span (KVM's `KVM_MEM_MAX_NR_PAGES`, 2^31 - 1 pages,
 /// just under 8 TiB): dirty bitmaps are indexed with an `int`.
 pub const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
@@ -107,6 +121,8 @@ pub struct Memslot {
     /// The shadow MMU's rmap arrays (`slot->arch.rmap`), present only when the VM uses the shadow
     /// MMU; shared by a slot, its INVALID copy and a flags-only successor.
     rmaps: RmapsRef,
+    /// `lpage_info`: the `disallow_lpage` counts, shared by the INVALID copy.
+    lpage: LpageRef,
     id: SlotId,
     as_id: AsId,
     /// `[base_gfn, base_gfn + npages)`, never empty.
@@ -137,8 +153,14 @@ impl Memslot {
         // `gpa + size` must fit, as `plan_change` requires.
         gfns.end().gpa()?;
         let hva_end = userspace_addr.checked_add(npages << PAGE_SHIFT)?;
+        let lpage = super::lpage::LpageInfo::new(
+            base_gfn.raw(),
+            npages,
+            super::lpage::hva_page(userspace_addr.raw()),
+        );
         Some(Memslot {
             rmaps: RmapsRef(None),
+            lpage: LpageRef(Arc::new(lpage)),
             id,
             as_id,
             gfns,
@@ -223,8 +245,21 @@ impl Memslot {
         Memslot {
             invalid: true,
             rmaps: RmapsRef(self.rmaps.0.clone()),
+            lpage: self.lpage.clone(),
             ..*self
         }
+    }
+
+    /// The slot's large-page counts (`lpage_info`).
+    pub fn lpage_info(&self) -> &super::lpage::LpageInfo {
+        &self.lpage.0
+    }
+
+    /// The largest level the slot allows for `gfn` (`kvm_mmu_max_mapping_level`'s memslot part):
+    /// the whole level block inside the slot, gpa and hva equally aligned, no disallow count.
+    #[inline]
+    pub fn max_mapping_level(&self, gfn: Gfn) -> crate::addr::Level {
+        self.lpage.0.max_level(gfn)
     }
 
     /// The shadow MMU's rmaps of this slot, if the VM uses the shadow MMU.

@@ -1,0 +1,70 @@
+//! `kvmmu access-tracking -s`: the backing source decides the leaf sizes the report counts
+//! (KVM's `pages_4k`, `pages_2m`, `pages_1g`), on both MMUs.
+
+use kvmmu::BackingSrc;
+use kvmmu_cli::access_tracking::{self, AccessArgs, IdleArg};
+use kvmmu_cli::{AgingArg, MmuArg};
+
+fn args(vcpus: usize, bytes: u64, src: BackingSrc, mmu: MmuArg) -> AccessArgs {
+    AccessArgs {
+        vcpus,
+        bytes_per_vcpu: bytes,
+        overlap: false,
+        idle_policy: None,
+        mmu,
+        aging: AgingArg::Lockless,
+        idle: IdleArg::LruGen,
+        tlb_entries: 2048,
+        seed: 1,
+        random_access: false,
+        age_while_populating: false,
+        no_aging_thread: false,
+        backing_src: src,
+    }
+}
+
+#[test]
+fn thp_backed_access_tracking_passes_with_one_2m_leaf_per_2m_of_guest_memory() {
+    for mmu in [MmuArg::Tdp, MmuArg::Shadow] {
+        let r = access_tracking::run(&args(2, 256 << 20, BackingSrc::AnonymousThp, mmu)).unwrap();
+        assert!(r.passed, "{mmu:?}: {:?}", r.checks);
+        assert_eq!(r.counts["pages_2m"], 256, "{mmu:?}: two vCPUs x 128");
+        assert!(
+            r.counts["pages_4k"] < 16,
+            "{mmu:?}: {}",
+            r.counts["pages_4k"]
+        );
+    }
+}
+
+#[test]
+fn a_1g_hugetlb_guest_is_mapped_by_one_1g_leaf() {
+    let r = access_tracking::run(&args(
+        1,
+        1 << 30,
+        BackingSrc::AnonymousHugetlb1G,
+        MmuArg::Tdp,
+    ))
+    .unwrap();
+    assert!(r.passed, "{:?}", r.checks);
+    assert_eq!(
+        (
+            r.counts["pages_1g"],
+            r.counts["pages_2m"],
+            r.counts["pages_4k"]
+        ),
+        (1, 0, 0)
+    );
+}
+
+#[test]
+fn a_hugetlb_size_that_does_not_divide_guest_memory_is_a_usage_error() {
+    let e = access_tracking::check(&args(
+        1,
+        3 << 20,
+        BackingSrc::AnonymousHugetlb2M,
+        MmuArg::Tdp,
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("page size"), "{e}");
+}
