@@ -25,6 +25,8 @@ mod dispatch;
 
 #[cfg(not(loom))]
 pub use dispatch::{Mmu, MmuRoot};
+#[cfg(not(loom))]
+pub use tdp::dirty::FastFault;
 pub use types::{
     FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason, RootReload, ZapBatch,
 };

@@ -17,9 +17,10 @@
 
 use crate::addr::{Gfn, Gpa, Hva, Level};
 use crate::host::{GupError, StaleAccess};
-use crate::mmu::{FaultOutcome, MapRequest, MmuRoot, RetryReason};
+use crate::mmu::{FastFault, FaultOutcome, MapRequest, MmuRoot, RetryReason};
 use crate::sync::atomic::Ordering;
 use crate::vm::VmInner;
+use crate::vm::dirty_log::mark_page_dirty;
 
 /// Why a vCPU access could not complete: what KVM would report to its user as a `KVM_RUN` exit.
 ///
@@ -119,6 +120,21 @@ impl VmInner {
             return Err(VcpuExit::NoMemslot { gpa });
         };
 
+        // The fast page fault (docs/locking.md "Dirty logging" D2, D3): a write to a leaf
+        // write-protected only for dirty logging is fixed by one CAS without `mmu_lock`, and the
+        // page is marked before the vCPU's write.
+        if write && !readonly_slot {
+            match self.mmu.fast_page_fault(root, gfn) {
+                FastFault::Fixed => {
+                    mark_page_dirty(slot, gfn);
+                    self.counters.pf_fast.add(1);
+                    return Ok(FaultOutcome::Fixed);
+                }
+                FastFault::Spurious => return Ok(FaultOutcome::Spurious),
+                FastFault::Slow => {}
+            }
+        }
+
         let snap = self.invalidate.snapshot();
         if self.invalidate.retry_gfn_unsafe(snap, gfn) {
             return Ok(FaultOutcome::Retry(RetryReason::Invalidation));
@@ -131,11 +147,12 @@ impl VmInner {
             return Ok(FaultOutcome::Retry(RetryReason::Invalidation));
         }
 
+        let host_writable = page.writable && !readonly_slot;
         let req = MapRequest {
             gfn,
             pfn: page.pfn,
             level: Level::L4K,
-            host_writable: page.writable && !readonly_slot,
+            host_writable,
             write_fault: write,
             prefetch: false,
         };
@@ -148,6 +165,13 @@ impl VmInner {
                 if self.invalidate.retry_gfn(snap, gfn, mmu) {
                     return Err(Ok(FaultOutcome::Retry(RetryReason::Invalidation)));
                 }
+                if write && host_writable {
+                    // The leaf will be writable: mark it under `mmu_lock`, before it is
+                    // installed, as `make_spte` does, so a harvest (which takes the bitmap under
+                    // `mmu_lock` write) sees the mark and the leaf together (D3). A lost CAS
+                    // leaves a false positive, which dirty logging allows.
+                    mark_page_dirty(slot, gfn);
+                }
                 Ok(())
             });
         let outcome = match outcome {
@@ -155,6 +179,9 @@ impl VmInner {
             Err(early) => return early,
         };
         drop(srcu);
+        if outcome == FaultOutcome::Fixed {
+            self.counters.pf_fixed.add(1);
+        }
         match outcome {
             // Beyond what a root can map: no memslot can legitimately cover it either.
             FaultOutcome::OutOfRange => Err(VcpuExit::NoMemslot { gpa }),

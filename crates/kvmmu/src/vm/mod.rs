@@ -20,6 +20,7 @@
 //! while a vCPU could still use an old translation (DESIGN invariant 2); vCPUs still alive then
 //! fail with `VcpuExit::VmDead`.
 
+pub mod dirty_log;
 mod fault;
 pub mod invalidate;
 pub mod memslot;
@@ -39,6 +40,7 @@ use crate::mmu::{Mmu, MmuRoot, RemoteTlbFlush, RootReload};
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::guest_mode::{self, InGuestMode};
 use crate::sync::lock_rank::LockRank;
+use crate::sync::percpu::StripedCounter;
 use crate::sync::rcu::Rcu;
 use crate::sync::srcu::{Srcu, SrcuCell, SrcuGuard};
 use crate::sync::witness::{MmuLock, MmuLockStats, RankedMutex};
@@ -99,6 +101,10 @@ pub(crate) struct VmCounters {
     pub(crate) age_calls: AtomicU64,
     pub(crate) age_young: AtomicU64,
     pub(crate) remote_tlb_flush: AtomicU64,
+    /// Faults fixed by the fast page fault (KVM's `pf_fast`).
+    pub(crate) pf_fast: StripedCounter,
+    /// Faults that installed or upgraded a leaf on the slow path (KVM's `pf_fixed`).
+    pub(crate) pf_fixed: StripedCounter,
 }
 
 /// A snapshot of the VM's statistics.
@@ -120,6 +126,10 @@ pub struct VmStats {
     pub age_young: u64,
     /// Remote TLB flushes (KVM's stat `remote_tlb_flush`): one per `kvm_flush_remote_tlbs`.
     pub remote_tlb_flush: u64,
+    /// Write faults fixed by the fast page fault without `mmu_lock` (KVM's `pf_fast`).
+    pub pf_fast: u64,
+    /// Faults fixed on the slow path: a leaf installed or made writable (KVM's `pf_fixed`).
+    pub pf_fixed: u64,
     /// `mmu_invalidate_in_progress` and `mmu_invalidate_seq`.
     pub invalidate: InvalidateCounters,
     /// `mn_active_invalidate_count`.
@@ -149,6 +159,8 @@ pub(crate) struct VmInner {
     pub(crate) requests: Arc<VcpuRequests>,
     pub(crate) counters: VmCounters,
     pub(crate) dead: AtomicBool,
+    /// The dirty-log protect mode (`manual_dirty_log_protect`).
+    pub(crate) dirty_log: dirty_log::DirtyLogState,
 }
 
 /// A virtual machine on a [`HostMm`].
@@ -200,6 +212,7 @@ impl Vm {
             requests: VcpuRequests::new(),
             counters: VmCounters::default(),
             dead: AtomicBool::new(false),
+            dirty_log: dirty_log::DirtyLogState::default(),
             config,
         });
         let subscription = host.register_notifier(Arc::new(invalidate::VmNotifier::new(&inner)));
@@ -323,12 +336,16 @@ impl VmInner {
             MemslotChange::Unchanged => {}
             MemslotChange::Create { mut new } => {
                 self.attach_new_rmaps(&mut new);
+                self.attach_dirty_bitmap(None, &mut new);
                 self.swap_memslots(as_id, None, Some(Arc::new(new)));
             }
             MemslotChange::FlagsOnly { old, mut new } => {
                 // A flags-only change keeps the slot's SPTEs, so it keeps their rmaps.
                 new.set_rmaps(old.rmaps_arc());
-                self.swap_memslots(as_id, Some(&old), Some(Arc::new(new)));
+                self.attach_dirty_bitmap(Some(&old), &mut new);
+                let new = Arc::new(new);
+                self.swap_memslots(as_id, Some(&old), Some(Arc::clone(&new)));
+                self.dirty_log_flags_changed(&old, &new);
             }
             MemslotChange::Delete { old } => {
                 let invalid = Arc::new(old.invalid_copy());
@@ -338,6 +355,7 @@ impl VmInner {
             }
             MemslotChange::Move { old, mut new } => {
                 self.attach_new_rmaps(&mut new);
+                self.attach_dirty_bitmap(Some(&old), &mut new);
                 let invalid = Arc::new(old.invalid_copy());
                 self.swap_memslots(as_id, Some(&old), Some(invalid.clone()));
                 self.flush_shadow_memslot(&old);
@@ -463,6 +481,8 @@ impl VmInner {
             age_calls: c.age_calls.load(Ordering::Relaxed),
             age_young: c.age_young.load(Ordering::Relaxed),
             remote_tlb_flush: c.remote_tlb_flush.load(Ordering::Relaxed),
+            pf_fast: c.pf_fast.sum(),
+            pf_fixed: c.pf_fixed.sum(),
             invalidate: self.invalidate.counters(),
             mn_active_invalidate_count: *self.mn_invalidate.lock(),
             mmu_lock: self.mmu_lock.stats(),

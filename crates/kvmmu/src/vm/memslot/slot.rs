@@ -10,6 +10,7 @@ use bitflags::bitflags;
 use crate::addr::{AsId, Gfn, GfnRange, Gpa, Hva, PAGE_SHIFT, PAGE_SIZE, SlotId};
 use crate::mmu::shadow::SlotRmaps;
 use crate::sync::Arc;
+use crate::vm::dirty_log::DirtyBitmap;
 
 /// A slot's optional rmap arrays. Equality is identity: two slots are equal when they share the
 /// same arrays (or both have none), so the derived `PartialEq` of [`Memslot`] keeps comparing the
@@ -28,6 +29,22 @@ impl PartialEq for RmapsRef {
 }
 
 impl Eq for RmapsRef {}
+
+/// A slot's optional dirty bitmap; equality is identity, as for [`RmapsRef`].
+#[derive(Debug)]
+struct DirtyRef(Option<Arc<DirtyBitmap>>);
+
+impl PartialEq for DirtyRef {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for DirtyRef {}
 
 /// Largest number of pages one memslot may span (KVM's `KVM_MEM_MAX_NR_PAGES`, 2^31 - 1 pages,
 /// just under 8 TiB): dirty bitmaps are indexed with an `int`.
@@ -76,6 +93,8 @@ pub struct Memslot {
     /// The shadow MMU's rmap arrays (`slot->arch.rmap`), present only when the VM uses the shadow
     /// MMU; shared by a slot, its INVALID copy and a flags-only successor.
     rmaps: RmapsRef,
+    /// The dirty bitmap while the slot has `LOG_DIRTY_PAGES` (`dirty_bitmap`); shared like `rmaps`.
+    dirty: DirtyRef,
     id: SlotId,
     as_id: AsId,
     /// `[base_gfn, base_gfn + npages)`, never empty.
@@ -108,6 +127,7 @@ impl Memslot {
         let hva_end = userspace_addr.checked_add(npages << PAGE_SHIFT)?;
         Some(Memslot {
             rmaps: RmapsRef(None),
+            dirty: DirtyRef(None),
             id,
             as_id,
             gfns,
@@ -192,6 +212,7 @@ impl Memslot {
         Memslot {
             invalid: true,
             rmaps: RmapsRef(self.rmaps.0.clone()),
+            dirty: DirtyRef(self.dirty.0.clone()),
             ..*self
         }
     }
@@ -205,6 +226,22 @@ impl Memslot {
     /// The shared handle to this slot's rmaps (for a flags-only successor, which keeps them).
     pub(crate) fn rmaps_arc(&self) -> Option<Arc<SlotRmaps>> {
         self.rmaps.0.clone()
+    }
+
+    /// The dirty bitmap, while the slot logs dirty pages.
+    #[inline]
+    pub fn dirty_bitmap(&self) -> Option<&DirtyBitmap> {
+        self.dirty.0.as_deref()
+    }
+
+    /// The shared handle to the dirty bitmap (for a successor that keeps logging).
+    pub(crate) fn dirty_bitmap_arc(&self) -> Option<Arc<DirtyBitmap>> {
+        self.dirty.0.clone()
+    }
+
+    /// Attaches (or drops) the dirty bitmap, before the slot is published.
+    pub(crate) fn set_dirty_bitmap(&mut self, bitmap: Option<Arc<DirtyBitmap>>) {
+        self.dirty = DirtyRef(bitmap);
     }
 
     /// Attaches rmap arrays (the VM does this for shadow-MMU VMs before publishing the slot).

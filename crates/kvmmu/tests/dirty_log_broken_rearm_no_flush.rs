@@ -1,0 +1,42 @@
+//! The deliberately broken build that re-arms dirty logging without the remote TLB flush (feature
+//! `broken-rearm-no-flush`) must be caught: a write through a TLB entry cached before the re-arm
+//! is never logged. Run with
+//! `cargo test -p kvmmu --features broken-rearm-no-flush --test dirty_log_broken_rearm_no_flush`.
+
+mod common;
+#[path = "common/dirty.rs"]
+mod dirty;
+
+use dirty::{DirtyRun, run, stale_tlb_write_is_reported};
+use kvmmu::prelude::*;
+
+#[test]
+fn a_rearm_without_flush_loses_the_stale_tlb_write() {
+    for mmu in [MmuKind::Tdp, MmuKind::Shadow] {
+        for manual in [false, true] {
+            assert!(
+                !stale_tlb_write_is_reported(mmu, manual),
+                "{mmu:?} manual={manual}: the broken build still reported the stale-TLB write"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_concurrent_harness_catches_a_rearm_without_flush() {
+    let caught = (1..=5).any(|seed| {
+        run(DirtyRun {
+            mmu: MmuKind::Tdp,
+            manual: false,
+            vcpus: 2,
+            pages_per_vcpu: 96,
+            writes_per_vcpu: 20_000,
+            seed,
+        })
+        .is_err()
+    });
+    assert!(
+        caught,
+        "five runs of a build without re-arm flushes lost no write"
+    );
+}
