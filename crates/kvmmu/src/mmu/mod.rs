@@ -25,7 +25,6 @@ mod dispatch;
 
 #[cfg(not(loom))]
 pub use dispatch::{Mmu, MmuRoot};
-#[cfg(not(loom))]
 pub use tdp::dirty::FastFault;
 pub use types::{
     FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason, RootReload, ZapBatch,

@@ -5,8 +5,8 @@
 //! # Protocol (docs/locking.md "Dirty logging", docs/invariants.md "Dirty logging")
 //! - A slot with `LOG_DIRTY_PAGES` owns a [`DirtyBitmap`] (shared by its INVALID copy and by a
 //!   flags-only or move successor that keeps logging). Every write fault that makes a leaf
-//!   writable marks its page, before the vCPU's write: the slow path before installing the leaf
-//!   (as `make_spte` does), the fast path right after its CAS (D3).
+//!   writable marks its page, before the vCPU's write: the slow path under `mmu_lock` before
+//!   installing the leaf (as `make_spte` does), the fast path right after its CAS (D3).
 //! - Enabling logging write-protects every leaf of the slot (clear W, keep MMU-writable) and
 //!   flushes remote TLBs, after the new slot is published (so a fault either saw the logging slot
 //!   and marks, or installed its leaf before the swap's SRCU wait ended and is write-protected).
@@ -67,11 +67,13 @@ impl DirtyBitmap {
     #[inline]
     pub(crate) fn mark(&self, offset: u64) {
         if let Some(w) = self.words.get((offset / BITS) as usize) {
-            // ORDERING: D3 — atomicity is what matters (no mark is lost to a concurrent exchange:
-            // it lands before it and is returned, or after it and stays); the mark precedes the
-            // vCPU's write in program order, and the harvester reads pages only after its own
-            // remote TLB flush, which synchronises with this vCPU (request acknowledgement).
-            w.fetch_or(1 << (offset % BITS), Ordering::Relaxed);
+            // ORDERING: D3 — atomicity keeps every mark (it lands before a concurrent exchange
+            // and is returned, or after it and stays). Release pairs with the Acquire of `take`:
+            // a harvest that takes this mark then sees the fast page fault's CAS (sequenced
+            // before the mark) when it snapshots the leaf to write-protect it, so it cannot
+            // skip a leaf that was just made writable (found by the loom model
+            // `fast_fault_rearm_and_ager_never_lose_a_dirty_bit`).
+            w.fetch_or(1 << (offset % BITS), Ordering::Release);
         }
     }
 
@@ -83,14 +85,15 @@ impl DirtyBitmap {
 
     /// Takes word `i` (exchanges it with 0).
     fn take(&self, i: usize) -> u64 {
-        // ORDERING: D1 — one atomic exchange, so a concurrent `mark` is either returned or kept.
-        self.words[i].swap(0, Ordering::Relaxed)
+        // ORDERING: D1 — one atomic exchange, so a concurrent `mark` is either returned or kept;
+        // Acquire pairs with `mark`'s Release (D3).
+        self.words[i].swap(0, Ordering::Acquire)
     }
 
     /// Clears `mask` in word `i`; returns the bits of `mask` that were set.
     fn take_bits(&self, i: usize, mask: u64) -> u64 {
-        // ORDERING: as `take`.
-        self.words[i].fetch_and(!mask, Ordering::Relaxed) & mask
+        // ORDERING: as `take` (D1, D3).
+        self.words[i].fetch_and(!mask, Ordering::Acquire) & mask
     }
 
     fn nwords(&self) -> usize {

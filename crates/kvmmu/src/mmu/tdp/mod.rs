@@ -55,7 +55,7 @@
 //! `handle_removed_pt` with its FROZEN exchange loop), MMIO SPTEs, and mirror (TDX) roots.
 
 mod age;
-pub(crate) mod dirty;
+pub mod dirty;
 mod fault;
 #[cfg(feature = "test-hooks")]
 pub mod hooks;
