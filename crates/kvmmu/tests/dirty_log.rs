@@ -134,7 +134,7 @@ fn manual_get_does_not_rearm_and_clear_rearms_exactly_its_range() {
             "{mmu:?}: GET does not clear"
         );
         assert!(spte(&f, 70).is_writable(), "{mmu:?}: GET does not re-arm");
-        f.vm.clear_dirty_log(AS0, S0, 64, 64).unwrap();
+        f.vm.clear_dirty_log(AS0, S0, 64, 64, &[u64::MAX]).unwrap();
         assert_eq!(pages_of(&f.vm.get_dirty_log(AS0, S0).unwrap()), [1, 130]);
         assert!(
             !spte(&f, 70).is_writable(),
@@ -145,8 +145,36 @@ fn manual_get_does_not_rearm_and_clear_rearms_exactly_its_range() {
             "{mmu:?}"
         );
         // The last, partial word may be cleared with a length that ends at the slot's end.
-        f.vm.clear_dirty_log(AS0, S0, 128, PAGES - 128).unwrap();
+        f.vm.clear_dirty_log(AS0, S0, 128, PAGES - 128, &[u64::MAX; 2])
+            .unwrap();
         assert_eq!(pages_of(&f.vm.get_dirty_log(AS0, S0).unwrap()), [1]);
+    }
+}
+
+#[test]
+fn clear_rearms_only_the_pages_in_its_mask() {
+    for mmu in MMUS {
+        let f = vm_with(mmu);
+        f.vm.set_dirty_log_protect(DirtyLogProtect::Manual {
+            initially_set: false,
+        })
+        .unwrap();
+        set_logging(&f, true);
+        let mut vcpu = f.vm.create_vcpu().unwrap();
+        for p in [0, 1, 2] {
+            vcpu.write_u64(gpa(p), 1).unwrap();
+        }
+        // Page 2 was dirtied after the user's GET saw only pages 0 and 1.
+        f.vm.clear_dirty_log(AS0, S0, 0, 64, &[0b011]).unwrap();
+        assert_eq!(
+            pages_of(&f.vm.get_dirty_log(AS0, S0).unwrap()),
+            [2],
+            "{mmu:?}"
+        );
+        assert!(
+            !spte(&f, 0).is_writable() && spte(&f, 2).is_writable(),
+            "{mmu:?}"
+        );
     }
 }
 
@@ -167,7 +195,8 @@ fn initially_set_reports_every_page_and_write_protects_nothing_until_cleared() {
             spte(&f, 9).is_writable(),
             "{mmu:?}: not write-protected on enable"
         );
-        f.vm.clear_dirty_log(AS0, S0, 0, PAGES).unwrap();
+        f.vm.clear_dirty_log(AS0, S0, 0, PAGES, &[u64::MAX; 4])
+            .unwrap();
         assert!(!spte(&f, 9).is_writable(), "{mmu:?}");
         assert!(f.vm.get_dirty_log(AS0, S0).unwrap().iter().all(|&w| w == 0));
     }
@@ -241,7 +270,7 @@ fn bad_dirty_log_calls_are_typed_errors_that_change_nothing() {
     let mut vcpu = f.vm.create_vcpu().unwrap();
     vcpu.write_u64(gpa(70), 1).unwrap();
     assert_eq!(
-        f.vm.clear_dirty_log(AS0, S0, 64, 64),
+        f.vm.clear_dirty_log(AS0, S0, 64, 64, &[u64::MAX]),
         Err(DirtyLogError::NotManualProtect)
     );
     f.vm.set_dirty_log_protect(DirtyLogProtect::Manual {
@@ -284,8 +313,18 @@ fn bad_dirty_log_calls_are_typed_errors_that_change_nothing() {
             },
         ),
     ] {
-        assert_eq!(f.vm.clear_dirty_log(AS0, S0, first, n), Err(err));
+        assert_eq!(
+            f.vm.clear_dirty_log(AS0, S0, first, n, &[u64::MAX]),
+            Err(err)
+        );
     }
+    assert_eq!(
+        f.vm.clear_dirty_log(AS0, S0, 0, 128, &[u64::MAX]),
+        Err(DirtyLogError::MaskTooShort {
+            words: 1,
+            needed: 2
+        })
+    );
     assert_eq!(
         pages_of(&f.vm.get_dirty_log(AS0, S0).unwrap()),
         [70],

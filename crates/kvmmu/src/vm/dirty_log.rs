@@ -178,6 +178,14 @@ pub enum DirtyLogError {
         /// The slot's size in pages.
         npages: u64,
     },
+    /// The clear mask has fewer words than the range needs.
+    #[error("clear mask has {words} words, the range needs {needed}")]
+    MaskTooShort {
+        /// Words given.
+        words: usize,
+        /// Words needed (`num_pages.div_ceil(64)`).
+        needed: u64,
+    },
     /// The VM was torn down.
     #[error("the VM has been torn down")]
     Dead,
@@ -224,24 +232,30 @@ impl Vm {
         self.inner.get_dirty_log(as_id, slot)
     }
 
-    /// `KVM_CLEAR_DIRTY_LOG` (manual mode): clears the bits of pages
-    /// `[first_page, first_page + num_pages)` of the slot and write-protects exactly the pages
-    /// whose bit was set, flushing remote TLBs before returning. `first_page` must be a multiple
-    /// of 64, and `num_pages` too unless the range ends at the slot's end.
+    /// `KVM_CLEAR_DIRTY_LOG` (manual mode): for each page `first_page + 64 * i + b` of
+    /// `[first_page, first_page + num_pages)` whose bit `b` is set in `mask[i]` (the bits a
+    /// previous [`Vm::get_dirty_log`] returned, shifted to `first_page`), clears its dirty bit and
+    /// write-protects it if the bit was set, flushing remote TLBs before returning. Pages whose
+    /// mask bit is clear keep their dirty bit: a page dirtied after the user's GET is not lost.
+    /// `first_page` must be a multiple of 64, and `num_pages` too unless the range ends at the
+    /// slot's end; `mask` needs `num_pages.div_ceil(64)` words (bits past `num_pages` are
+    /// ignored).
     ///
     /// Errors (nothing changes): [`DirtyLogError::NoSuchSlot`], [`DirtyLogError::NotLogging`],
     /// [`DirtyLogError::NotManualProtect`], [`DirtyLogError::UnalignedRange`],
-    /// [`DirtyLogError::RangePastSlot`], [`DirtyLogError::Dead`], [`DirtyLogError::InGuestMode`].
+    /// [`DirtyLogError::RangePastSlot`], [`DirtyLogError::MaskTooShort`], [`DirtyLogError::Dead`],
+    /// [`DirtyLogError::InGuestMode`].
     pub fn clear_dirty_log(
         &self,
         as_id: AsId,
         slot: SlotId,
         first_page: u64,
         num_pages: u64,
+        mask: &[u64],
     ) -> Result<(), DirtyLogError> {
         guest_mode::check("clear_dirty_log")?;
         self.inner
-            .clear_dirty_log(as_id, slot, first_page, num_pages)
+            .clear_dirty_log(as_id, slot, first_page, num_pages, mask)
     }
 }
 
@@ -297,6 +311,7 @@ impl VmInner {
         slot: SlotId,
         first_page: u64,
         num_pages: u64,
+        user_mask: &[u64],
     ) -> Result<(), DirtyLogError> {
         let _slots = self.slots_lock.lock();
         let s = self.logging_slot(as_id, slot)?;
@@ -322,6 +337,13 @@ impl VmInner {
                 num_pages,
             });
         }
+        let need = num_pages.div_ceil(BITS);
+        if (user_mask.len() as u64) < need {
+            return Err(DirtyLogError::MaskTooShort {
+                words: user_mask.len(),
+                needed: need,
+            });
+        }
         let mut any = false;
         {
             let mmu = self.mmu_lock.write();
@@ -330,6 +352,7 @@ impl VmInner {
                 let i = (page / BITS) as usize;
                 let n = (end - page).min(BITS);
                 let mask = if n == BITS { u64::MAX } else { (1u64 << n) - 1 };
+                let mask = mask & user_mask[((page - first_page) / BITS) as usize];
                 let taken = bitmap.take_bits(i, mask);
                 if taken != 0 {
                     any = true;

@@ -41,7 +41,7 @@ pub fn harvest(vm: &Vm, host: &HostMm, hva: Hva, manual: bool, dest: &mut [u64])
         if manual {
             let first = i as u64 * 64;
             let len = 64.min(dest.len() as u64 - first);
-            vm.clear_dirty_log(as_id, slot, first, len)
+            vm.clear_dirty_log(as_id, slot, first, len, &[w])
                 .expect("clear_dirty_log");
         }
         for b in 0..64 {
