@@ -4,12 +4,15 @@
 //! - [`access_tracking`]: KVM's `access_tracking_perf_test` (spec §5.2), page-idle or MGLRU aging.
 //! - [`mmu_stress`]: KVM's `mmu_stress_test` (spec §5.3): aliased memslots, the stage protocol,
 //!   `mprotect` read-only under running vCPUs, slot deletion and `release` at exit.
+//! - [`dirty_log_test`], [`dirty_log_perf`]: KVM's `dirty_log_test` and `dirty_log_perf_test`.
 //! - [`compare`]: one workload in several configurations, alternated, medians and ratios.
 //! - [`report`]: the result every workload returns, rendered as a table, JSON or a plot.
 //! - [`error`]: how the command fails (one line, an exit status per kind of failure).
 
 pub mod access_tracking;
 pub mod compare;
+pub mod dirty_log_perf;
+pub mod dirty_log_test;
 pub mod error;
 pub mod mmu_stress;
 pub mod report;

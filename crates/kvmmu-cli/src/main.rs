@@ -43,6 +43,12 @@ pub enum Command {
     /// KVM's mmu_stress_test: aliased memslots, MMU reset, mprotect read-only under writing vCPUs,
     /// slot deletion and release at exit.
     MmuStress(kvmmu_cli::mmu_stress::StressCommand),
+    /// KVM's dirty_log_test: vCPUs write the iteration number into random pages; every harvest
+    /// must report exactly the pages written since the last one (-M dirty-log | clear-log).
+    DirtyLogTest(kvmmu_cli::dirty_log_test::DirtyLogTestCommand),
+    /// KVM's dirty_log_perf_test: populate, enable dirty logging, then per iteration dirty memory,
+    /// get and clear the log; phase times with pf_fast, pf_fixed and remote_tlb_flush counts.
+    DirtyLogPerf(kvmmu_cli::dirty_log_perf::DirtyLogPerfCommand),
     /// Run one workload in several configurations, alternated; print medians and ratios.
     Compare(kvmmu_cli::compare::CompareArgs),
     /// Run every MMU actor at once under oracles (rcutorture-style); fails on any violation.
@@ -123,6 +129,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         Some(Command::Run(args)) => workload::main(&args)?,
         Some(Command::AccessTracking(cmd)) => kvmmu_cli::access_tracking::main(&cmd)?,
         Some(Command::MmuStress(cmd)) => kvmmu_cli::mmu_stress::main(&cmd)?,
+        Some(Command::DirtyLogTest(cmd)) => kvmmu_cli::dirty_log_test::main(&cmd)?,
+        Some(Command::DirtyLogPerf(cmd)) => kvmmu_cli::dirty_log_perf::main(&cmd)?,
         Some(Command::Compare(mut args)) => {
             args.explicit = explicit_workload_flags(matches);
             kvmmu_cli::compare::main(&args)?
