@@ -3,6 +3,7 @@
 //! then the median of every measurement per configuration and its ratio to the first.
 
 use crate::access_tracking::{self, AccessArgs};
+use crate::dirty_log_perf::{self, DirtyLogPerfArgs};
 use crate::mmu_stress::{self, StressArgs};
 use crate::report::{Report, plot, progress, table::seconds};
 use crate::{AgingArg, MmuArg, OutputArgs};
@@ -28,6 +29,10 @@ pub enum ConfigArg {
     Shadow,
     /// No aging thread (access-tracking `-p`: the "no aging" column; mmu-stress: without `--age`).
     NoAging,
+    /// dirty-log-perf `-g`: classic dirty log (GET re-arms).
+    ClassicLog,
+    /// dirty-log-perf without `-g`: manual protect (GET, then CLEAR re-arms).
+    ManualLog,
 }
 
 /// The workload to compare.
@@ -37,6 +42,8 @@ pub enum CompareWorkload {
     AccessTracking(AccessArgs),
     /// `mmu-stress` with these flags.
     MmuStress(StressArgs),
+    /// `dirty-log-perf` with these flags.
+    DirtyLogPerf(DirtyLogPerfArgs),
 }
 
 /// Options of `compare`.
@@ -110,6 +117,7 @@ fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
             ConfigArg::Tdp => a.mmu = MmuArg::Tdp,
             ConfigArg::Shadow => a.mmu = MmuArg::Shadow,
             ConfigArg::NoAging => a.no_aging_thread = true,
+            ConfigArg::ClassicLog | ConfigArg::ManualLog => {}
         },
         CompareWorkload::MmuStress(s) => match c {
             ConfigArg::Lockless => s.aging = AgingArg::Lockless,
@@ -117,6 +125,14 @@ fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
             ConfigArg::Tdp => s.mmu = MmuArg::Tdp,
             ConfigArg::Shadow => s.mmu = MmuArg::Shadow,
             ConfigArg::NoAging => s.age = false,
+            ConfigArg::ClassicLog | ConfigArg::ManualLog => {}
+        },
+        CompareWorkload::DirtyLogPerf(d) => match c {
+            ConfigArg::Tdp => d.mmu = MmuArg::Tdp,
+            ConfigArg::Shadow => d.mmu = MmuArg::Shadow,
+            ConfigArg::ClassicLog => d.no_manual_protect = true,
+            ConfigArg::ManualLog => d.no_manual_protect = false,
+            ConfigArg::Lockless | ConfigArg::Locked | ConfigArg::NoAging => {}
         },
     }
     w
@@ -126,6 +142,7 @@ fn run_one(w: &CompareWorkload) -> anyhow::Result<Report> {
     match w {
         CompareWorkload::AccessTracking(a) => access_tracking::run(a),
         CompareWorkload::MmuStress(s) => mmu_stress::run(s),
+        CompareWorkload::DirtyLogPerf(d) => dirty_log_perf::run(d),
     }
 }
 
@@ -218,6 +235,7 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<Comparison> {
         workload: match a.workload {
             CompareWorkload::AccessTracking(_) => "access-tracking".into(),
             CompareWorkload::MmuStress(_) => "mmu-stress".into(),
+            CompareWorkload::DirtyLogPerf(_) => "dirty-log-perf".into(),
         },
         configs: names,
         runs: a.runs,
@@ -264,13 +282,26 @@ pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
     let (workload, is_stress, age) = match &a.workload {
         CompareWorkload::AccessTracking(_) => ("access-tracking", false, true),
         CompareWorkload::MmuStress(s) => ("mmu-stress", true, s.age),
+        CompareWorkload::DirtyLogPerf(_) => ("dirty-log-perf", false, false),
     };
+    let is_dirty = workload == "dirty-log-perf";
     for (c, name) in a.configs.iter().zip(&names) {
         let flag = match c {
             ConfigArg::Lockless | ConfigArg::Locked => "aging",
             ConfigArg::Tdp | ConfigArg::Shadow => "mmu",
             ConfigArg::NoAging => "",
+            ConfigArg::ClassicLog | ConfigArg::ManualLog => "no_manual_protect",
         };
+        let dirty_only = matches!(c, ConfigArg::ClassicLog | ConfigArg::ManualLog);
+        if dirty_only != is_dirty
+            && (dirty_only || !matches!(c, ConfigArg::Tdp | ConfigArg::Shadow))
+        {
+            return Err(usage_hint(
+                format!("--configs {name} changes nothing for {workload}"),
+                "dirty-log-perf takes tdp, shadow, classic-log and manual-log; the other \
+                 workloads take lockless, locked, tdp, shadow and no-aging",
+            ));
+        }
         if !flag.is_empty() && given(flag) {
             return Err(usage_hint(
                 format!(
@@ -296,6 +327,7 @@ pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
         match w {
             CompareWorkload::AccessTracking(x) => access_tracking::check(x).map(|_| ()),
             CompareWorkload::MmuStress(x) => mmu_stress::check(x).map(|_| ()),
+            CompareWorkload::DirtyLogPerf(x) => dirty_log_perf::check(x),
         }
         .map_err(|e| e.context(format!("configuration {name}")))?;
     }

@@ -145,8 +145,8 @@ fn run_vcpus(
     })
 }
 
-/// Runs the benchmark and returns its report.
-pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
+/// Refuses bad flags before anything runs.
+pub fn check(a: &DirtyLogPerfArgs) -> anyhow::Result<()> {
     crate::check_vcpus("-v/--vcpus", a.vcpus)?;
     crate::check_pages("-b/--bytes-per-vcpu", a.bytes_per_vcpu)?;
     crate::error::require(a.iterations >= 2, || {
@@ -157,7 +157,14 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     crate::error::require(npages <= kvmmu::vm::memslot::KVM_MEM_MAX_NR_PAGES, || {
         "-b times -v exceeds one memslot".into()
     })?;
-    crate::check_host_memory(npages + 1024)?;
+    crate::check_host_memory(npages + 1024)
+}
+
+/// Runs the benchmark and returns its report.
+pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
+    check(a)?;
+    let pages_per_vcpu = a.bytes_per_vcpu / 4096;
+    let npages = pages_per_vcpu * a.vcpus as u64;
     let host = HostMm::new(HostConfig {
         frames: npages as usize + 1024,
     })?;

@@ -163,10 +163,12 @@ fn hoist_compare_flags(args: Vec<OsString>) -> Vec<OsString> {
     if args.get(1).and_then(|a| a.to_str()) != Some("compare") {
         return args;
     }
-    let Some(w) = args
-        .iter()
-        .position(|a| matches!(a.to_str(), Some("access-tracking" | "mmu-stress")))
-    else {
+    let Some(w) = args.iter().position(|a| {
+        matches!(
+            a.to_str(),
+            Some("access-tracking" | "mmu-stress" | "dirty-log-perf")
+        )
+    }) else {
         return args;
     };
     let (mut head, mut moved, mut tail) = (args[..w].to_vec(), Vec::new(), Vec::new());
