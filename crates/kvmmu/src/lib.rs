@@ -70,7 +70,7 @@ pub mod prelude {
     pub use crate::config::{AgingMode, MmuKind, VmConfig};
     pub use crate::host::{HostConfig, HostMm, Prot};
     pub use crate::vcpu::{Vcpu, VcpuExit};
-    pub use crate::vm::dirty_log::{DirtyLogError, DirtyLogProtect};
+    pub use crate::vm::dirty_log::{DirtyLogError, DirtyLogProtect, DirtyTracking};
     pub use crate::vm::memslot::{MemFlags, MemoryRegion};
     pub use crate::vm::{Vm, VmStats};
 }

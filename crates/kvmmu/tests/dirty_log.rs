@@ -358,3 +358,80 @@ fn aging_never_clears_dirty_or_loses_a_logged_page() {
         assert_eq!(pages_of(&f.vm.get_dirty_log(AS0, S0).unwrap()), [11]);
     }
 }
+
+/// One scripted run: writes and reads, harvests after each step; returns every harvest.
+fn scripted_harvests(mmu: MmuKind, tracking: DirtyTracking, manual: bool) -> Vec<Vec<u64>> {
+    let f = vm_with(mmu);
+    f.vm.set_dirty_tracking(tracking).unwrap();
+    if manual {
+        f.vm.set_dirty_log_protect(DirtyLogProtect::Manual {
+            initially_set: false,
+        })
+        .unwrap();
+    }
+    let mut vcpu = f.vm.create_vcpu().unwrap();
+    // Some pages mapped (read or written) before logging starts.
+    for p in [0, 1, 100] {
+        vcpu.write_u64(gpa(p), 1).unwrap();
+    }
+    vcpu.read_u64(gpa(2)).unwrap();
+    set_logging(&f, true);
+    let steps: [&[u64]; 5] = [&[0, 2, 3], &[], &[0, 0, 150], &[1, 2, 3, 4, 199], &[100]];
+    let mut out = Vec::new();
+    for (i, pages) in steps.iter().enumerate() {
+        for &p in *pages {
+            vcpu.write_u64(gpa(p), i as u64).unwrap();
+        }
+        vcpu.read_u64(gpa(5 + i as u64)).unwrap();
+        let words = f.vm.get_dirty_log(AS0, S0).unwrap();
+        if manual {
+            f.vm.clear_dirty_log(AS0, S0, 0, PAGES, &words).unwrap();
+        }
+        out.push(pages_of(&words));
+    }
+    out
+}
+
+#[test]
+fn d_bit_tracking_and_write_protection_give_identical_bitmaps() {
+    for mmu in MMUS {
+        for manual in [false, true] {
+            let wp = scripted_harvests(mmu, DirtyTracking::WriteProtect, manual);
+            let db = scripted_harvests(mmu, DirtyTracking::DBit, manual);
+            assert_eq!(wp, db, "{mmu:?} manual={manual}");
+            assert_eq!(wp[0], [0, 2, 3], "{mmu:?} manual={manual}");
+            assert!(wp[1].is_empty());
+        }
+    }
+}
+
+#[test]
+fn d_bit_tracking_keeps_leaves_writable_and_rearms_by_clearing_dirty() {
+    for mmu in MMUS {
+        let f = vm_with(mmu);
+        f.vm.set_dirty_tracking(DirtyTracking::DBit).unwrap();
+        set_logging(&f, true);
+        let mut vcpu = f.vm.create_vcpu().unwrap();
+        vcpu.write_u64(gpa(8), 1).unwrap();
+        assert_eq!(pages_of(&f.vm.get_dirty_log(AS0, S0).unwrap()), [8]);
+        let s = spte(&f, 8);
+        assert!(s.is_writable() && !s.is_dirty(), "{mmu:?}: {s:?}");
+        let before = f.vm.stats();
+        vcpu.write_u64(gpa(8), 2).unwrap();
+        assert_eq!(
+            f.vm.stats().faults,
+            before.faults,
+            "{mmu:?}: no fault in D-bit mode"
+        );
+        assert_eq!(
+            pages_of(&f.vm.get_dirty_log(AS0, S0).unwrap()),
+            [8],
+            "{mmu:?}"
+        );
+        assert_eq!(
+            f.vm.set_dirty_tracking(DirtyTracking::WriteProtect),
+            Err(DirtyLogError::TrackingInUse { slot: S0 })
+        );
+        assert_eq!(f.vm.dirty_tracking(), DirtyTracking::DBit, "unchanged");
+    }
+}

@@ -13,11 +13,14 @@ use kvmmu::prelude::*;
 #[test]
 fn a_rearm_without_flush_loses_the_stale_tlb_write() {
     for mmu in [MmuKind::Tdp, MmuKind::Shadow] {
-        for manual in [false, true] {
-            assert!(
-                !stale_tlb_write_is_reported(mmu, manual),
-                "{mmu:?} manual={manual}: the broken build still reported the stale-TLB write"
-            );
+        for tracking in [DirtyTracking::WriteProtect, DirtyTracking::DBit] {
+            for manual in [false, true] {
+                assert!(
+                    !stale_tlb_write_is_reported(mmu, tracking, manual),
+                    "{mmu:?} {tracking:?} manual={manual}: the broken build still reported the \
+                     stale-TLB write"
+                );
+            }
         }
     }
 }
@@ -27,6 +30,7 @@ fn the_concurrent_harness_catches_a_rearm_without_flush() {
     let caught = (1..=5).any(|seed| {
         run(DirtyRun {
             mmu: MmuKind::Tdp,
+            tracking: DirtyTracking::WriteProtect,
             manual: false,
             vcpus: 2,
             pages_per_vcpu: 96,

@@ -1,6 +1,7 @@
 //! DESIGN invariant 7 under concurrency: vCPUs write random pages while a harvester loops
 //! get (and clear) and an ager loops lockless aging; the union of harvested copies equals guest
-//! memory at the end, for both MMUs and both protect modes.
+//! memory at the end, for both MMUs, both protect modes and both tracking modes (write-protect
+//! and D bit).
 
 mod common;
 #[path = "common/dirty.rs"]
@@ -10,9 +11,15 @@ use dirty::{DirtyRun, run};
 use kvmmu::prelude::*;
 
 fn check(mmu: MmuKind, manual: bool) {
-    for seed in 1..=3 {
+    for seed in 1..=4 {
+        let tracking = if seed % 2 == 0 {
+            DirtyTracking::DBit
+        } else {
+            DirtyTracking::WriteProtect
+        };
         let cfg = DirtyRun {
             mmu,
+            tracking,
             manual,
             vcpus: 2,
             pages_per_vcpu: 96,

@@ -341,6 +341,35 @@ impl Mmu {
         flush
     }
 
+    /// The D-bit re-arm (`kvm_mmu_clear_dirty_pt_masked`, the PML flavour): clears D on every
+    /// leaf of `as_id` mapping a gfn of `range` that passes `wanted`, in both MMUs, calling `dirty`
+    /// for each gfn whose D it cleared. Returns true if remote TLBs must be flushed (a TLB entry
+    /// that cached D lets the CPU write without setting it again).
+    pub fn clear_dirty_gfns(
+        &self,
+        as_id: AsId,
+        rmaps: Option<&SlotRmaps>,
+        range: GfnRange,
+        mut wanted: impl FnMut(Gfn) -> bool,
+        dirty: &mut dyn FnMut(Gfn),
+        mmu: &MmuWriteWitness,
+    ) -> bool {
+        let mut flush = false;
+        if let Some(rmaps) = rmaps {
+            let gfns = (range.start().raw()..range.end().raw())
+                .map(Gfn::new)
+                .filter(|&g| wanted(g));
+            flush |= self.shadow.clear_dirty_gfns(rmaps, gfns, &mut *dirty, mmu);
+        }
+        if !self.shadow_enabled() {
+            let rcu = self.tdp.rcu().pin();
+            flush |= self
+                .tdp
+                .clear_dirty_range(as_id, range, wanted, dirty, mmu, &rcu);
+        }
+        flush
+    }
+
     /// The fast page fault for a write to `gfn` through `root` (`fast_page_fault`): TDP roots
     /// only (direct pages); the shadow MMU always answers [`FastFault::Slow`] (its fault path
     /// takes `mmu_lock` write). No `mmu_lock`.

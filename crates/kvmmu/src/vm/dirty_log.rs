@@ -17,6 +17,9 @@
 //!   `mmu_lock` write, and flushes remote TLBs before returning (D1). A write after the exchange
 //!   either lands before the write-protection and flush (its page is in the returned mask, and
 //!   the user reads the page after the call returns) or faults and marks the page again.
+//! - In [`DirtyTracking::DBit`] mode re-arming clears D instead of W (leaves stay writable), and
+//!   every harvest first moves the slot's D bits into the bitmap under `mmu_lock` write (the
+//!   kernel's PML-buffer flush), so both modes report the same pages.
 //! - Disabling logging drops the bitmap and changes no SPTE: leaves stay write-protected with
 //!   MMU-writable set, and the next write is fixed lazily by the fast page fault, as in the kernel.
 
@@ -132,11 +135,26 @@ impl DirtyLogProtect {
     }
 }
 
+/// How pages are re-armed for logging (the kernel's write-protection, or PML's D bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DirtyTracking {
+    /// Re-arm by clearing W (keeping MMU-writable); the next write faults and marks the page
+    /// (the fast page fault fixes it without `mmu_lock`).
+    #[default]
+    WriteProtect,
+    /// Re-arm by clearing D and flushing TLBs, as with PML: leaves stay writable, the CPU sets D
+    /// on the next write, and each harvest first moves the slot's D bits into its bitmap (the
+    /// kernel's PML-buffer flush). Gives the same bitmaps as [`DirtyTracking::WriteProtect`].
+    DBit,
+}
+
 /// The VM's dirty-log mode.
 #[derive(Debug, Default)]
 pub(crate) struct DirtyLogState {
     /// [`DirtyLogProtect`], encoded; written under `slots_lock`.
     protect: AtomicU64,
+    /// [`DirtyTracking`]: 0 write-protect, 1 D bit; written under `slots_lock`.
+    tracking: AtomicU64,
 }
 
 /// Why a dirty-log call was refused; nothing changed.
@@ -186,6 +204,12 @@ pub enum DirtyLogError {
         /// Words needed (`num_pages.div_ceil(64)`).
         needed: u64,
     },
+    /// The tracking mode cannot change while a memslot logs dirty pages.
+    #[error("the dirty tracking mode cannot change while memslot {slot:?} logs dirty pages")]
+    TrackingInUse {
+        /// A slot that logs.
+        slot: SlotId,
+    },
     /// The VM was torn down.
     #[error("the VM has been torn down")]
     Dead,
@@ -213,6 +237,34 @@ impl Vm {
             .protect
             .store(mode.encode(), Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Chooses how pages are re-armed ([`DirtyTracking`]); only while no memslot logs.
+    ///
+    /// Errors (nothing changes): [`DirtyLogError::TrackingInUse`], [`DirtyLogError::Dead`],
+    /// [`DirtyLogError::InGuestMode`].
+    pub fn set_dirty_tracking(&self, mode: DirtyTracking) -> Result<(), DirtyLogError> {
+        guest_mode::check("set_dirty_tracking")?;
+        let _slots = self.inner.slots_lock.lock();
+        if self.inner.dead.load(Ordering::Acquire) {
+            return Err(DirtyLogError::Dead);
+        }
+        for set in &self.inner.memslots {
+            if let Some(s) = set.current().iter().find(|s| s.dirty_bitmap().is_some()) {
+                return Err(DirtyLogError::TrackingInUse { slot: s.id() });
+            }
+        }
+        // ORDERING: written and read under `slots_lock`, which orders them.
+        self.inner
+            .dirty_log
+            .tracking
+            .store(u64::from(mode == DirtyTracking::DBit), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The current dirty tracking mode.
+    pub fn dirty_tracking(&self) -> DirtyTracking {
+        self.inner.dirty_tracking()
     }
 
     /// The current dirty-log protect mode.
@@ -265,6 +317,37 @@ impl VmInner {
         DirtyLogProtect::decode(self.dirty_log.protect.load(Ordering::Relaxed))
     }
 
+    pub(crate) fn dirty_tracking(&self) -> DirtyTracking {
+        // ORDERING: a mode flag, written and acted on under `slots_lock`.
+        if self.dirty_log.tracking.load(Ordering::Relaxed) == 1 {
+            DirtyTracking::DBit
+        } else {
+            DirtyTracking::WriteProtect
+        }
+    }
+
+    /// D-bit mode: moves the D bits of `slot`'s leaves into its bitmap (clearing them), as the
+    /// kernel flushes PML buffers before reading the bitmap. Returns true if a leaf lost D.
+    fn sync_dbits(
+        &self,
+        slot: &Memslot,
+        bitmap: &DirtyBitmap,
+        mmu: &crate::sync::witness::MmuWrite,
+    ) -> bool {
+        if self.dirty_tracking() != DirtyTracking::DBit {
+            return false;
+        }
+        let base = slot.base_gfn().raw();
+        self.mmu.clear_dirty_gfns(
+            slot.as_id(),
+            slot.rmaps(),
+            slot.gfn_range(),
+            |_| true,
+            &mut |g| bitmap.mark(g.raw() - base),
+            mmu,
+        )
+    }
+
     /// The slot `slot` of `as_id` if it logs dirty pages. Caller holds `slots_lock`.
     fn logging_slot(&self, as_id: AsId, slot: SlotId) -> Result<Arc<Memslot>, DirtyLogError> {
         if self.dead.load(Ordering::Acquire) {
@@ -286,12 +369,19 @@ impl VmInner {
             return Err(DirtyLogError::NotLogging { slot });
         };
         if matches!(self.dirty_log_protect(), DirtyLogProtect::Manual { .. }) {
+            if self.dirty_tracking() == DirtyTracking::DBit {
+                // No flush: a synced page stays set until the user clears it, and the clear
+                // flushes before the user reads the page.
+                let mmu = self.mmu_lock.write();
+                self.sync_dbits(&s, bitmap, mmu.witness());
+            }
             return Ok((0..bitmap.nwords()).map(|i| bitmap.load(i)).collect());
         }
         let mut out = vec![0u64; bitmap.nwords()];
         let mut flush = false;
         {
             let mmu = self.mmu_lock.write();
+            flush |= self.sync_dbits(&s, bitmap, mmu.witness());
             for (i, word) in out.iter_mut().enumerate() {
                 if bitmap.load(i) == 0 {
                     continue;
@@ -331,7 +421,7 @@ impl VmInner {
             });
         }
         let end = end.unwrap_or(npages);
-        if first_page % BITS != 0 || (num_pages % BITS != 0 && end != npages) {
+        if !first_page.is_multiple_of(BITS) || (!num_pages.is_multiple_of(BITS) && end != npages) {
             return Err(DirtyLogError::UnalignedRange {
                 first_page,
                 num_pages,
@@ -383,6 +473,16 @@ impl VmInner {
         let Some(range) = crate::addr::GfnRange::new(Gfn::new(first), Gfn::new(last)) else {
             return false;
         };
+        if self.dirty_tracking() == DirtyTracking::DBit {
+            return self.mmu.clear_dirty_gfns(
+                slot.as_id(),
+                slot.rmaps(),
+                range,
+                |g| mask & (1 << (g.raw() - base)) != 0,
+                &mut |_| {},
+                mmu,
+            );
+        }
         self.mmu.write_protect_gfns(
             slot.as_id(),
             slot.rmaps(),
@@ -450,13 +550,24 @@ impl VmInner {
         }
         let flush = {
             let mmu = self.mmu_lock.write();
-            self.mmu.write_protect_gfns(
-                new.as_id(),
-                new.rmaps(),
-                new.gfn_range(),
-                |_| true,
-                mmu.witness(),
-            )
+            if self.dirty_tracking() == DirtyTracking::DBit {
+                self.mmu.clear_dirty_gfns(
+                    new.as_id(),
+                    new.rmaps(),
+                    new.gfn_range(),
+                    |_| true,
+                    &mut |_| {},
+                    mmu.witness(),
+                )
+            } else {
+                self.mmu.write_protect_gfns(
+                    new.as_id(),
+                    new.rmaps(),
+                    new.gfn_range(),
+                    |_| true,
+                    mmu.witness(),
+                )
+            }
         };
         self.flush_after_rearm(flush);
     }

@@ -14,6 +14,7 @@ use crate::common::{BASE_GPA, fixture, gpa, hva_of, region};
 #[derive(Clone, Copy, Debug)]
 pub struct DirtyRun {
     pub mmu: MmuKind,
+    pub tracking: DirtyTracking,
     pub manual: bool,
     pub vcpus: usize,
     pub pages_per_vcpu: u64,
@@ -63,6 +64,7 @@ pub fn run(cfg: DirtyRun) -> Result<u64, String> {
         ..VmConfig::default()
     };
     let f = fixture(npages * 4096, config);
+    f.vm.set_dirty_tracking(cfg.tracking).expect("tracking");
     if cfg.manual {
         f.vm.set_dirty_log_protect(DirtyLogProtect::Manual {
             initially_set: false,

@@ -8,7 +8,7 @@
 //! returns to its user (docs/locking.md "Dirty logging" D1).
 
 use crate::addr::{Gfn, Level};
-use crate::mmu::spte::WRITABLE_MASK;
+use crate::mmu::spte::{DIRTY_MASK, MMU_PRESENT_MASK, WRITABLE_MASK};
 use crate::sync::witness::MmuWrite;
 
 use super::{ShadowMmu, SlotRmaps};
@@ -36,5 +36,34 @@ impl ShadowMmu {
             });
         }
         flush
+    }
+
+    /// The D-bit re-arm through the rmaps: clears D on every SPTE of `gfns`, calling `dirty`
+    /// with each gfn one of whose present SPTEs had D (from the value the AND returned). Returns
+    /// true if some SPTE lost D (TLB entries that cached it must be flushed).
+    pub fn clear_dirty_gfns(
+        &self,
+        rmaps: &SlotRmaps,
+        gfns: impl IntoIterator<Item = Gfn>,
+        mut dirty: impl FnMut(Gfn),
+        mmu: &MmuWrite,
+    ) -> bool {
+        self.check_lock(mmu.lock_id());
+        let mut any = false;
+        for gfn in gfns {
+            let Some(rmap) = rmaps.get(gfn, Level::L4K) else {
+                continue;
+            };
+            let mut was = false;
+            rmap.for_each_spte(mmu, &self.inner.rmap_stats, |p| {
+                let old = p.clear_bits(DIRTY_MASK);
+                was |= old & (DIRTY_MASK | MMU_PRESENT_MASK) == DIRTY_MASK | MMU_PRESENT_MASK;
+            });
+            if was {
+                any = true;
+                dirty(gfn);
+            }
+        }
+        any
     }
 }

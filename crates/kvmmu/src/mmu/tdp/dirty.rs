@@ -21,7 +21,7 @@
 //! never fast-fixed, so every write to it takes the slow path, which maps at 4K.
 
 use crate::addr::{AsId, Gfn, GfnRange, Level};
-use crate::mmu::spte::{ACCESSED_MASK, AtomicSpte, Spte, SpteKind, WRITABLE_MASK};
+use crate::mmu::spte::{ACCESSED_MASK, AtomicSpte, DIRTY_MASK, Spte, SpteKind, WRITABLE_MASK};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
 use crate::sync::witness::MmuWrite;
@@ -51,7 +51,40 @@ impl TdpMmu {
         &self,
         as_id: AsId,
         range: GfnRange,
+        wanted: impl FnMut(Gfn) -> bool,
+        mmu: &MmuWrite,
+        rcu: &RcuGuard<'_>,
+    ) -> bool {
+        self.clear_leaf_bit_range(as_id, range, WRITABLE_MASK, wanted, |_| {}, mmu, rcu)
+    }
+
+    /// The D-bit re-arm (`kvm_tdp_mmu_clear_dirty_pt_masked` without write-protection, the PML
+    /// flavour): clears D on every present leaf in `range` whose gfn passes `wanted`, calling
+    /// `dirty` with the first gfn of each leaf whose D this call cleared (from the value the
+    /// atomic AND returned, so a D set concurrently is either reported here or left in the
+    /// leaf). Returns true if some leaf lost D: TLB entries that cached it must be flushed.
+    pub fn clear_dirty_range(
+        &self,
+        as_id: AsId,
+        range: GfnRange,
+        wanted: impl FnMut(Gfn) -> bool,
+        dirty: impl FnMut(Gfn),
+        mmu: &MmuWrite,
+        rcu: &RcuGuard<'_>,
+    ) -> bool {
+        self.clear_leaf_bit_range(as_id, range, DIRTY_MASK, wanted, dirty, mmu, rcu)
+    }
+
+    /// Clears `bit` with one atomic AND on the present leaves in `range` that have it and whose
+    /// gfn passes `wanted`; `cleared` gets the gfn of each leaf whose bit the AND removed.
+    #[allow(clippy::too_many_arguments)]
+    fn clear_leaf_bit_range(
+        &self,
+        as_id: AsId,
+        range: GfnRange,
+        bit: u64,
         mut wanted: impl FnMut(Gfn) -> bool,
+        mut cleared: impl FnMut(Gfn),
         mmu: &MmuWrite,
         rcu: &RcuGuard<'_>,
     ) -> bool {
@@ -67,25 +100,28 @@ impl TdpMmu {
         };
         // SAFETY: found through the valid-root slot under `rcu` (P4).
         let root = unsafe { root.get() };
-        let mut flush = false;
+        let mut any = false;
         // SAFETY: the root table stays allocated while `rcu` is pinned (P4).
         let mut it = unsafe { TdpIter::new(root.table, start, end, rcu) };
         while it.valid() {
             let old = it.old();
             let level = it.level();
-            if old.is_present_leaf(level) && old.is_writable() {
+            if old.is_present_leaf(level) && old.raw() & bit != 0 {
                 // HUGE-PAGE HOOK: a huge leaf must be split here (or eagerly when logging is
-                // enabled) before per-4K tracking; until then it is write-protected whole.
+                // enabled) before per-4K tracking; until then it is handled whole.
                 let gfn = Gfn::new(it.gfn().max(start));
                 if level > Level::L4K || wanted(gfn) {
-                    let prev = clear_writable(it.sptep());
-                    flush |= prev.is_writable();
+                    let prev = clear_bits(it.sptep(), bit);
+                    if prev.raw() & bit != 0 {
+                        any = true;
+                        cleared(gfn);
+                    }
                     it.set_old(prev);
                 }
             }
             it.next();
         }
-        flush
+        any
     }
 
     /// The fast page fault (`fast_page_fault`, direct roots only): for a write fault on `gfn`,
@@ -130,12 +166,12 @@ pub(crate) fn fix_writable(sptep: &AtomicSpte, old: Spte) -> FastFault {
     }
 }
 
-/// Re-arm's one write: `fetch_and(!W)`; returns the previous value.
+/// Re-arm's one write: `fetch_and(!bit)` (W, or D in the D-bit mode); returns the previous value.
 #[inline]
-pub(crate) fn clear_writable(sptep: &AtomicSpte) -> Spte {
+pub(crate) fn clear_bits(sptep: &AtomicSpte, bit: u64) -> Spte {
     // ORDERING: D1 — atomicity keeps a concurrent A/D set or fast-path CAS (the latter then either
     // lands first and is cleared here, or fails); the remote TLB flush that follows orders vCPUs.
-    sptep.fetch_and(!WRITABLE_MASK, Ordering::Relaxed)
+    sptep.fetch_and(!bit, Ordering::Relaxed)
 }
 
 /// Walks to the 4K leaf slot of `gfn`; `None` at a non-present entry, FROZEN or a huge leaf.
