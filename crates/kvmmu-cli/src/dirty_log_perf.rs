@@ -9,7 +9,7 @@
 //! run checks that every harvest reported at least every page written in that iteration.
 
 use crate::report::{Report, progress};
-use crate::{AgingArg, MmuArg, OutputArgs, size, vm_config};
+use crate::{AgingArg, MmuArg, OutputArgs, TrackingArg, size, vm_config};
 use anyhow::anyhow;
 use clap::Args;
 use kvmmu::prelude::*;
@@ -48,6 +48,10 @@ pub struct DirtyLogPerfArgs {
     /// Which MMU maps guest memory.
     #[arg(long, value_enum, default_value_t = MmuArg::Tdp)]
     pub mmu: MmuArg,
+
+    /// How pages are re-armed: write-protection (faults, the fast page fault) or D bits (PML-like).
+    #[arg(long, value_enum, default_value_t = TrackingArg::WriteProtect)]
+    pub tracking: TrackingArg,
 
     /// Entries in each vCPU's software TLB.
     #[arg(long, default_value_t = 2048)]

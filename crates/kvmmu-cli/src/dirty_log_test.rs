@@ -13,7 +13,7 @@
 //! check: each vCPU keeps writing through TLB entries cached before the re-arm.
 
 use crate::report::{Report, progress};
-use crate::{AgingArg, MmuArg, OutputArgs, vm_config};
+use crate::{AgingArg, MmuArg, OutputArgs, TrackingArg, vm_config};
 use anyhow::{Context, anyhow};
 use clap::{Args, ValueEnum};
 use kvmmu::prelude::*;
@@ -62,6 +62,10 @@ pub struct DirtyLogTestArgs {
     /// Which MMU maps guest memory.
     #[arg(long, value_enum, default_value_t = MmuArg::Tdp)]
     pub mmu: MmuArg,
+
+    /// How pages are re-armed: write-protection (faults, the fast page fault) or D bits (PML-like).
+    #[arg(long, value_enum, default_value_t = TrackingArg::WriteProtect)]
+    pub tracking: TrackingArg,
 
     /// How aging reaches the SPTEs (with --age).
     #[arg(long, value_enum, default_value_t = AgingArg::Lockless)]

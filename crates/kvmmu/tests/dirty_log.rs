@@ -104,11 +104,13 @@ fn classic_get_reports_each_written_page_once_and_rearms() {
 #[test]
 fn a_write_through_a_tlb_entry_cached_before_rearming_is_reported() {
     for mmu in MMUS {
-        for manual in [false, true] {
-            assert!(
-                stale_tlb_write_is_reported(mmu, manual),
-                "{mmu:?} manual={manual}"
-            );
+        for tracking in [DirtyTracking::WriteProtect, DirtyTracking::DBit] {
+            for manual in [false, true] {
+                assert!(
+                    stale_tlb_write_is_reported(mmu, tracking, manual),
+                    "{mmu:?} {tracking:?} manual={manual}"
+                );
+            }
         }
     }
 }

@@ -135,7 +135,7 @@ pub fn run(cfg: DirtyRun) -> Result<u64, String> {
 
 /// The single-vCPU scenario the re-arm flush exists for: a write, a harvest, then a second write
 /// through the TLB entry cached by the first; the next harvest must report the page.
-pub fn stale_tlb_write_is_reported(mmu: MmuKind, manual: bool) -> bool {
+pub fn stale_tlb_write_is_reported(mmu: MmuKind, tracking: DirtyTracking, manual: bool) -> bool {
     let f = fixture(
         64 * 4096,
         VmConfig {
@@ -143,6 +143,7 @@ pub fn stale_tlb_write_is_reported(mmu: MmuKind, manual: bool) -> bool {
             ..VmConfig::default()
         },
     );
+    f.vm.set_dirty_tracking(tracking).expect("tracking");
     if manual {
         f.vm.set_dirty_log_protect(DirtyLogProtect::Manual {
             initially_set: false,
