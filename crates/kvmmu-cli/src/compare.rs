@@ -6,7 +6,7 @@ use crate::access_tracking::{self, AccessArgs};
 use crate::dirty_log_perf::{self, DirtyLogPerfArgs};
 use crate::mmu_stress::{self, StressArgs};
 use crate::report::{Report, plot, progress, table::seconds};
-use crate::{AgingArg, MmuArg, OutputArgs};
+use crate::{AgingArg, MmuArg, OutputArgs, TrackingArg};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -33,6 +33,10 @@ pub enum ConfigArg {
     ClassicLog,
     /// dirty-log-perf without `-g`: manual protect (GET, then CLEAR re-arms).
     ManualLog,
+    /// dirty-log-perf `--tracking write-protect`.
+    WriteProtect,
+    /// dirty-log-perf `--tracking d-bit`.
+    DBit,
 }
 
 /// The workload to compare.
@@ -117,7 +121,10 @@ fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
             ConfigArg::Tdp => a.mmu = MmuArg::Tdp,
             ConfigArg::Shadow => a.mmu = MmuArg::Shadow,
             ConfigArg::NoAging => a.no_aging_thread = true,
-            ConfigArg::ClassicLog | ConfigArg::ManualLog => {}
+            ConfigArg::ClassicLog
+            | ConfigArg::ManualLog
+            | ConfigArg::WriteProtect
+            | ConfigArg::DBit => {}
         },
         CompareWorkload::MmuStress(s) => match c {
             ConfigArg::Lockless => s.aging = AgingArg::Lockless,
@@ -125,13 +132,18 @@ fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
             ConfigArg::Tdp => s.mmu = MmuArg::Tdp,
             ConfigArg::Shadow => s.mmu = MmuArg::Shadow,
             ConfigArg::NoAging => s.age = false,
-            ConfigArg::ClassicLog | ConfigArg::ManualLog => {}
+            ConfigArg::ClassicLog
+            | ConfigArg::ManualLog
+            | ConfigArg::WriteProtect
+            | ConfigArg::DBit => {}
         },
         CompareWorkload::DirtyLogPerf(d) => match c {
             ConfigArg::Tdp => d.mmu = MmuArg::Tdp,
             ConfigArg::Shadow => d.mmu = MmuArg::Shadow,
             ConfigArg::ClassicLog => d.no_manual_protect = true,
             ConfigArg::ManualLog => d.no_manual_protect = false,
+            ConfigArg::WriteProtect => d.tracking = TrackingArg::WriteProtect,
+            ConfigArg::DBit => d.tracking = TrackingArg::DBit,
             ConfigArg::Lockless | ConfigArg::Locked | ConfigArg::NoAging => {}
         },
     }
@@ -291,14 +303,21 @@ pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
             ConfigArg::Tdp | ConfigArg::Shadow => "mmu",
             ConfigArg::NoAging => "",
             ConfigArg::ClassicLog | ConfigArg::ManualLog => "no_manual_protect",
+            ConfigArg::WriteProtect | ConfigArg::DBit => "tracking",
         };
-        let dirty_only = matches!(c, ConfigArg::ClassicLog | ConfigArg::ManualLog);
+        let dirty_only = matches!(
+            c,
+            ConfigArg::ClassicLog
+                | ConfigArg::ManualLog
+                | ConfigArg::WriteProtect
+                | ConfigArg::DBit
+        );
         if dirty_only != is_dirty
             && (dirty_only || !matches!(c, ConfigArg::Tdp | ConfigArg::Shadow))
         {
             return Err(usage_hint(
                 format!("--configs {name} changes nothing for {workload}"),
-                "dirty-log-perf takes tdp, shadow, classic-log and manual-log; the other \
+                "dirty-log-perf takes tdp, shadow, classic-log, manual-log, write-protect and d-bit; the other \
                  workloads take lockless, locked, tdp, shadow and no-aging",
             ));
         }

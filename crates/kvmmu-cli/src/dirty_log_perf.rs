@@ -173,6 +173,7 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
         frames: npages as usize + 1024,
     })?;
     let vm = Vm::new(&host, vm_config(a.mmu, AgingArg::Lockless, a.tlb_entries))?;
+    vm.set_dirty_tracking(a.tracking.mode())?;
     let manual = !a.no_manual_protect;
     if manual {
         vm.set_dirty_log_protect(DirtyLogProtect::Manual {
@@ -203,6 +204,7 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     r.config("random_access", a.random_access);
     r.config("manual_protect", manual);
     r.config("mmu", a.mmu);
+    r.config("tracking", a.tracking);
     let bar = progress::bar(a.iterations + 3, "dirty-log-perf");
     phase(&mut r, &vm, "populate memory", "populate", || {
         run_vcpus(&mut vcpus, pages_per_vcpu, 100, false, 1)

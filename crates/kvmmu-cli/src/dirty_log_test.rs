@@ -137,6 +137,7 @@ pub fn run(a: &DirtyLogTestArgs) -> anyhow::Result<Report> {
         frames: a.pages as usize + 1024,
     })?;
     let vm = Vm::new(&host, vm_config(a.mmu, a.aging, a.tlb_entries))?;
+    vm.set_dirty_tracking(a.tracking.mode())?;
     if a.mode == LogMode::ClearLog {
         vm.set_dirty_log_protect(DirtyLogProtect::Manual {
             initially_set: false,
@@ -249,6 +250,7 @@ pub fn run(a: &DirtyLogTestArgs) -> anyhow::Result<Report> {
     r.config("pages", a.pages);
     r.config("vcpus", a.vcpus);
     r.config("mmu", a.mmu);
+    r.config("tracking", a.tracking);
     r.config("aging", a.aging);
     r.config("age", a.age);
     r.phase("iterations", elapsed);

@@ -43,6 +43,26 @@ pub enum AgingArg {
     Locked,
 }
 
+/// `--tracking`: how dirty logging re-arms pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrackingArg {
+    /// Clear W (keep MMU-writable): the next write faults (fast page fault) and marks the page.
+    WriteProtect,
+    /// Clear D and flush (PML-like): harvests collect the D bits.
+    DBit,
+}
+
+impl TrackingArg {
+    /// The library's mode.
+    pub fn mode(self) -> kvmmu::prelude::DirtyTracking {
+        match self {
+            TrackingArg::WriteProtect => kvmmu::prelude::DirtyTracking::WriteProtect,
+            TrackingArg::DBit => kvmmu::prelude::DirtyTracking::DBit,
+        }
+    }
+}
+
 /// The VM configuration for the common flags.
 pub fn vm_config(mmu: MmuArg, aging: AgingArg, tlb_entries: usize) -> VmConfig {
     VmConfig {
