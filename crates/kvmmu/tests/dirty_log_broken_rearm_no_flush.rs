@@ -7,7 +7,7 @@ mod common;
 #[path = "common/dirty.rs"]
 mod dirty;
 
-use dirty::{DirtyRun, run, stale_tlb_write_is_reported};
+use dirty::{DirtyRun, ring_stale_tlb_write_is_reported, run, stale_tlb_write_is_reported};
 use kvmmu::prelude::*;
 
 #[test]
@@ -22,6 +22,13 @@ fn a_rearm_without_flush_loses_the_stale_tlb_write() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn a_ring_reset_without_flush_loses_the_stale_tlb_write() {
+    for mmu in [MmuKind::Tdp, MmuKind::Shadow] {
+        assert!(!ring_stale_tlb_write_is_reported(mmu), "{mmu:?}");
     }
 }
 

@@ -210,6 +210,10 @@ pub enum DirtyLogError {
         /// A slot that logs.
         slot: SlotId,
     },
+    /// The VM uses the dirty ring, not bitmaps (KVM: `-ENXIO`); or D-bit tracking was asked
+    /// for, which cannot feed a ring.
+    #[error("the VM logs dirty pages into dirty rings")]
+    RingInUse,
     /// The VM was torn down.
     #[error("the VM has been torn down")]
     Dead,
@@ -253,6 +257,9 @@ impl Vm {
             if let Some(s) = set.current().iter().find(|s| s.dirty_bitmap().is_some()) {
                 return Err(DirtyLogError::TrackingInUse { slot: s.id() });
             }
+        }
+        if mode == DirtyTracking::DBit && self.inner.dirty_ring_enabled() {
+            return Err(DirtyLogError::RingInUse);
         }
         // ORDERING: written and read under `slots_lock`, which orders them.
         self.inner
@@ -352,6 +359,9 @@ impl VmInner {
     fn logging_slot(&self, as_id: AsId, slot: SlotId) -> Result<Arc<Memslot>, DirtyLogError> {
         if self.dead.load(Ordering::Acquire) {
             return Err(DirtyLogError::Dead);
+        }
+        if self.dirty_ring_enabled() {
+            return Err(DirtyLogError::RingInUse);
         }
         let no_slot = DirtyLogError::NoSuchSlot { as_id, slot };
         let set = self.memslots.get(as_id.index()).ok_or(no_slot.clone())?;
@@ -496,7 +506,7 @@ impl VmInner {
     /// a TLB entry cached while the page was writable, and the write would never be logged.
     /// Flushes whenever a page was re-armed, as the kernel does (a TLB entry may outlive an SPTE
     /// the fast path made writable and this harvest write-protected again).
-    fn flush_after_rearm(&self, rearmed: bool) {
+    pub(super) fn flush_after_rearm(&self, rearmed: bool) {
         #[cfg(not(feature = "broken-rearm-no-flush"))]
         if rearmed {
             use crate::mmu::RemoteTlbFlush;
@@ -510,7 +520,7 @@ impl VmInner {
     /// `LOG_DIRTY_PAGES`; the old slot's if it logged already; else a fresh one (all set with
     /// manual protect and `INITIALLY_SET`). Caller holds `slots_lock`.
     pub(crate) fn attach_dirty_bitmap(&self, old: Option<&Memslot>, new: &mut Memslot) {
-        if !new.flags().contains(MemFlags::LOG_DIRTY_PAGES) {
+        if !new.flags().contains(MemFlags::LOG_DIRTY_PAGES) || self.dirty_ring_enabled() {
             new.set_dirty_bitmap(None);
             return;
         }
@@ -573,10 +583,20 @@ impl VmInner {
     }
 }
 
-/// Marks `gfn` dirty in `slot` if it logs (`mark_page_dirty_in_slot`); counts the mark.
+/// Marks `gfn` dirty in `slot` if it logs (`mark_page_dirty_in_slot`): in its bitmap, or, with
+/// the dirty ring, in the faulting vCPU's `ring`.
 #[inline]
-pub(crate) fn mark_page_dirty(slot: &Memslot, gfn: Gfn) {
+pub(crate) fn mark_page_dirty(
+    slot: &Memslot,
+    gfn: Gfn,
+    ring: Option<&crate::vm::dirty_ring::DirtyRing>,
+) {
+    let offset = gfn.raw() - slot.base_gfn().raw();
     if let Some(bm) = slot.dirty_bitmap() {
-        bm.mark(gfn.raw() - slot.base_gfn().raw());
+        bm.mark(offset);
+    } else if let Some(ring) = ring
+        && slot.flags().contains(MemFlags::LOG_DIRTY_PAGES)
+    {
+        ring.push(slot.as_id(), slot.id(), offset);
     }
 }

@@ -21,6 +21,7 @@ use crate::mmu::{FastFault, FaultOutcome, MapRequest, MmuRoot, RetryReason};
 use crate::sync::atomic::Ordering;
 use crate::vm::VmInner;
 use crate::vm::dirty_log::mark_page_dirty;
+use crate::vm::dirty_ring::DirtyRing;
 
 /// Why a vCPU access could not complete: what KVM would report to its user as a `KVM_RUN` exit.
 ///
@@ -66,6 +67,11 @@ pub enum VcpuExit {
         /// What the frame check found.
         source: StaleAccess,
     },
+    /// The vCPU's dirty ring reached its soft limit (`KVM_EXIT_DIRTY_RING_FULL`): the fault
+    /// that filled it was handled, the access was not performed. Collect and reset the rings
+    /// (`Vm::collect_dirty_rings`, `Vm::reset_dirty_rings`), then retry the access.
+    #[error("the vCPU's dirty ring is full")]
+    DirtyRingFull,
     /// The VM has been torn down.
     #[error("the VM has been torn down")]
     VmDead,
@@ -83,9 +89,10 @@ impl VmInner {
         root: &MmuRoot,
         gpa: Gpa,
         write: bool,
+        ring: Option<&DirtyRing>,
     ) -> Result<FaultOutcome, VcpuExit> {
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
-        let outcome = self.page_fault_inner(root, gpa.gfn(), gpa, write)?;
+        let outcome = self.page_fault_inner(root, gpa.gfn(), gpa, write, ring)?;
         if matches!(outcome, FaultOutcome::Retry(_)) {
             self.counters.fault_retries.fetch_add(1, Ordering::Relaxed);
         }
@@ -98,6 +105,7 @@ impl VmInner {
         gfn: Gfn,
         gpa: Gpa,
         write: bool,
+        ring: Option<&DirtyRing>,
     ) -> Result<FaultOutcome, VcpuExit> {
         let srcu = self.srcu_read();
         let Some(cell) = self.memslots.get(root.as_id().index()) else {
@@ -126,7 +134,7 @@ impl VmInner {
         if write && !readonly_slot {
             match self.mmu.fast_page_fault(root, gfn) {
                 FastFault::Fixed => {
-                    mark_page_dirty(slot, gfn);
+                    mark_page_dirty(slot, gfn, ring);
                     self.counters.pf_fast.add(1);
                     return Ok(FaultOutcome::Fixed);
                 }
@@ -170,7 +178,7 @@ impl VmInner {
                     // installed, as `make_spte` does, so a harvest (which takes the bitmap under
                     // `mmu_lock` write) sees the mark and the leaf together (D3). A lost CAS
                     // leaves a false positive, which dirty logging allows.
-                    mark_page_dirty(slot, gfn);
+                    mark_page_dirty(slot, gfn, ring);
                 }
                 Ok(())
             });

@@ -21,6 +21,7 @@
 //! fail with `VcpuExit::VmDead`.
 
 pub mod dirty_log;
+pub mod dirty_ring;
 mod fault;
 pub mod invalidate;
 pub mod memslot;
@@ -161,6 +162,8 @@ pub(crate) struct VmInner {
     pub(crate) dead: AtomicBool,
     /// The dirty-log protect mode (`manual_dirty_log_protect`).
     pub(crate) dirty_log: dirty_log::DirtyLogState,
+    /// The dirty rings, once enabled.
+    pub(crate) dirty_ring: dirty_ring::DirtyRingState,
 }
 
 /// A virtual machine on a [`HostMm`].
@@ -213,6 +216,7 @@ impl Vm {
             counters: VmCounters::default(),
             dead: AtomicBool::new(false),
             dirty_log: dirty_log::DirtyLogState::default(),
+            dirty_ring: dirty_ring::DirtyRingState::default(),
             config,
         });
         let subscription = host.register_notifier(Arc::new(invalidate::VmNotifier::new(&inner)));
