@@ -7,7 +7,7 @@ use common::*;
 #[test]
 fn dirty_log_test_passes_every_mode_on_both_mmus() {
     for mmu in ["tdp", "shadow"] {
-        for mode in ["dirty-log", "clear-log"] {
+        for mode in ["dirty-log", "clear-log", "dirty-ring"] {
             let r = json(&[
                 "dirty-log-test",
                 "-M",
@@ -52,6 +52,44 @@ fn dirty_log_perf_reports_phases_with_fault_and_flush_counts() {
         assert_eq!(c[format!("iter{it}.dirty.pf_fast")], 2048);
         assert_eq!(c[format!("iter{it}.clear.remote_tlb_flush")], 1);
     }
+}
+
+#[test]
+fn dirty_log_test_in_d_bit_mode_and_with_a_tiny_ring_passes() {
+    let r = json(&[
+        "dirty-log-test",
+        "-i",
+        "8",
+        "-I",
+        "1",
+        "-p",
+        "1024",
+        "--tracking",
+        "d-bit",
+    ]);
+    assert_all_checks_pass(&r);
+    let r = json(&[
+        "dirty-log-test",
+        "-M",
+        "dirty-ring",
+        "-c",
+        "128",
+        "-i",
+        "8",
+        "-I",
+        "1",
+        "-p",
+        "1024",
+    ]);
+    assert_all_checks_pass(&r);
+    assert!(r["counts"]["dirty_ring_full_exits"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn a_bad_ring_size_is_a_usage_error() {
+    let out = kvmmu(&["dirty-log-test", "-M", "dirty-ring", "-c", "100"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
 }
 
 #[test]
