@@ -37,6 +37,8 @@ pub enum ConfigArg {
     WriteProtect,
     /// dirty-log-perf `--tracking d-bit`.
     DBit,
+    /// dirty-log-perf `--dirty-ring` with the smallest ring that holds one iteration.
+    DirtyRing,
 }
 
 /// The workload to compare.
@@ -124,7 +126,8 @@ fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
             ConfigArg::ClassicLog
             | ConfigArg::ManualLog
             | ConfigArg::WriteProtect
-            | ConfigArg::DBit => {}
+            | ConfigArg::DBit
+            | ConfigArg::DirtyRing => {}
         },
         CompareWorkload::MmuStress(s) => match c {
             ConfigArg::Lockless => s.aging = AgingArg::Lockless,
@@ -135,7 +138,8 @@ fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
             ConfigArg::ClassicLog
             | ConfigArg::ManualLog
             | ConfigArg::WriteProtect
-            | ConfigArg::DBit => {}
+            | ConfigArg::DBit
+            | ConfigArg::DirtyRing => {}
         },
         CompareWorkload::DirtyLogPerf(d) => match c {
             ConfigArg::Tdp => d.mmu = MmuArg::Tdp,
@@ -144,6 +148,12 @@ fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
             ConfigArg::ManualLog => d.no_manual_protect = false,
             ConfigArg::WriteProtect => d.tracking = TrackingArg::WriteProtect,
             ConfigArg::DBit => d.tracking = TrackingArg::DBit,
+            ConfigArg::DirtyRing => {
+                d.dirty_ring = (d.bytes_per_vcpu / 4096 + 64)
+                    .next_power_of_two()
+                    .try_into()
+                    .unwrap_or(u32::MAX)
+            }
             ConfigArg::Lockless | ConfigArg::Locked | ConfigArg::NoAging => {}
         },
     }
@@ -304,6 +314,7 @@ pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
             ConfigArg::NoAging => "",
             ConfigArg::ClassicLog | ConfigArg::ManualLog => "no_manual_protect",
             ConfigArg::WriteProtect | ConfigArg::DBit => "tracking",
+            ConfigArg::DirtyRing => "dirty_ring",
         };
         let dirty_only = matches!(
             c,
@@ -311,13 +322,14 @@ pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
                 | ConfigArg::ManualLog
                 | ConfigArg::WriteProtect
                 | ConfigArg::DBit
+                | ConfigArg::DirtyRing
         );
         if dirty_only != is_dirty
             && (dirty_only || !matches!(c, ConfigArg::Tdp | ConfigArg::Shadow))
         {
             return Err(usage_hint(
                 format!("--configs {name} changes nothing for {workload}"),
-                "dirty-log-perf takes tdp, shadow, classic-log, manual-log, write-protect and d-bit; the other \
+                "dirty-log-perf takes tdp, shadow, classic-log, manual-log, write-protect, d-bit and dirty-ring; the other \
                  workloads take lockless, locked, tdp, shadow and no-aging",
             ));
         }

@@ -45,6 +45,12 @@ pub struct DirtyLogPerfArgs {
     #[arg(short = 'g', long)]
     pub no_manual_protect: bool,
 
+    /// Log into per-vCPU dirty rings of this many entries instead of bitmaps (0: bitmaps). The
+    /// "get" phase collects the rings and the "clear" phase resets them; a ring must hold one
+    /// iteration's writes (more than the pages per vCPU plus 64 reserved entries).
+    #[arg(long, default_value_t = 0)]
+    pub dirty_ring: u32,
+
     /// Which MMU maps guest memory.
     #[arg(long, value_enum, default_value_t = MmuArg::Tdp)]
     pub mmu: MmuArg,
@@ -161,6 +167,25 @@ pub fn check(a: &DirtyLogPerfArgs) -> anyhow::Result<()> {
     crate::error::require(npages <= kvmmu::vm::memslot::KVM_MEM_MAX_NR_PAGES, || {
         "-b times -v exceeds one memslot".into()
     })?;
+    if a.dirty_ring != 0 {
+        crate::error::require(
+            a.dirty_ring.is_power_of_two()
+                && u64::from(a.dirty_ring) >= pages_per_vcpu + 64
+                && a.dirty_ring <= kvmmu::vm::dirty_ring::DIRTY_RING_MAX,
+            || {
+                format!(
+                    "--dirty-ring must be a power of two of at least {} entries (the pages per \
+                     vCPU plus 64 reserved) and at most {} (got {})",
+                    (pages_per_vcpu + 64).next_power_of_two(),
+                    kvmmu::vm::dirty_ring::DIRTY_RING_MAX,
+                    a.dirty_ring
+                )
+            },
+        )?;
+        crate::error::require(a.tracking == TrackingArg::WriteProtect, || {
+            "--dirty-ring needs --tracking write-protect".into()
+        })?;
+    }
     crate::check_host_memory(npages + 1024)
 }
 
@@ -174,7 +199,11 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     })?;
     let vm = Vm::new(&host, vm_config(a.mmu, AgingArg::Lockless, a.tlb_entries))?;
     vm.set_dirty_tracking(a.tracking.mode())?;
-    let manual = !a.no_manual_protect;
+    let ring = a.dirty_ring != 0;
+    if ring {
+        vm.enable_dirty_ring(a.dirty_ring)?;
+    }
+    let manual = !a.no_manual_protect && !ring;
     if manual {
         vm.set_dirty_log_protect(DirtyLogProtect::Manual {
             initially_set: false,
@@ -203,6 +232,7 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     r.config("write_percent", a.write_percent);
     r.config("random_access", a.random_access);
     r.config("manual_protect", manual);
+    r.config("dirty_ring", a.dirty_ring);
     r.config("mmu", a.mmu);
     r.config("tracking", a.tracking);
     let bar = progress::bar(a.iterations + 3, "dirty-log-perf");
@@ -239,8 +269,26 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
             &vm,
             &format!("iteration {it} get dirty log"),
             &format!("iter{it}.get"),
-            || Ok(vm.get_dirty_log(as0, slot)?),
+            || {
+                if !ring {
+                    return Ok(vm.get_dirty_log(as0, slot)?);
+                }
+                let mut words = vec![0u64; npages.div_ceil(64) as usize];
+                for e in vm.collect_dirty_rings()? {
+                    words[(e.offset / 64) as usize] |= 1 << (e.offset % 64);
+                }
+                Ok(words)
+            },
         )?;
+        if ring {
+            phase(
+                &mut r,
+                &vm,
+                &format!("iteration {it} clear dirty log"),
+                &format!("iter{it}.clear"),
+                || Ok(vm.reset_dirty_rings().map(|_| ())?),
+            )?;
+        }
         if manual {
             phase(
                 &mut r,

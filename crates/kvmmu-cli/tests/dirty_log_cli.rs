@@ -93,6 +93,28 @@ fn a_bad_ring_size_is_a_usage_error() {
 }
 
 #[test]
+fn dirty_log_perf_with_a_dirty_ring_reports_the_same_fast_faults() {
+    let r = json(&[
+        "dirty-log-perf",
+        "-v",
+        "2",
+        "-b",
+        "4M",
+        "-i",
+        "2",
+        "--dirty-ring",
+        "2048",
+    ]);
+    assert_all_checks_pass(&r);
+    assert_eq!(r["counts"]["iter2.dirty.pf_fast"], 2048);
+    let out = kvmmu(&["dirty-log-perf", "-b", "4M", "--dirty-ring", "1024"]);
+    assert!(
+        !out.status.success(),
+        "a ring smaller than one iteration is refused"
+    );
+}
+
+#[test]
 fn dirty_log_perf_refuses_a_single_iteration() {
     let out = kvmmu(&["dirty-log-perf", "-i", "1"]);
     assert!(!out.status.success());

@@ -25,7 +25,7 @@ use crate::sync::guest_mode::{self, InGuestMode};
 use crate::sync::{Arc, Mutex};
 
 use super::dirty_log::DirtyTracking;
-use super::memslot::{MemFlags, Memslot};
+use super::memslot::MemFlags;
 use super::{Vm, VmInner};
 
 /// Entries kept free above the soft limit (`KVM_DIRTY_RING_RSVD_ENTRIES`).
@@ -304,6 +304,9 @@ impl VmInner {
         let mut reset = 0u64;
         let mut flush = false;
         let mmu = self.mmu_lock.write();
+        // Consecutive entries of one slot within 64 pages are re-armed together, as
+        // `kvm_dirty_ring_reset` coalesces them into one mask.
+        let mut pending: Option<Pending> = None;
         for ring in &rings {
             // ORDERING: only resets (under slots_lock) write the reset index.
             let mut i = ring.reset_index.load(Ordering::Relaxed);
@@ -318,12 +321,19 @@ impl VmInner {
                 let slot = e.slot.load(Ordering::Relaxed);
                 let (as_id, id) = (AsId::new((slot >> 16) as u8), SlotId::new(slot as u16));
                 let offset = e.offset.load(Ordering::Relaxed);
-                if let Some(s) = self
-                    .memslots
-                    .get(as_id.index())
-                    .and_then(|set| set.current().get(id).cloned())
-                {
-                    flush |= self.rearm_ring_page(&s, offset, mmu.witness());
+                let joined = pending
+                    .as_mut()
+                    .is_some_and(|p| p.try_add(as_id, id, offset));
+                if !joined {
+                    if let Some(p) = pending.take() {
+                        flush |= self.rearm_ring_pages(&p, mmu.witness());
+                    }
+                    pending = Some(Pending {
+                        as_id,
+                        slot: id,
+                        base: offset,
+                        mask: 1,
+                    });
                 }
                 e.flags.store(0, Ordering::Relaxed);
                 i += 1;
@@ -332,26 +342,61 @@ impl VmInner {
             // ORDERING: R1 — Release publishes the cleared flags before the vCPU reuses them.
             ring.reset_index.store(i, Ordering::Release);
         }
+        if let Some(p) = pending.take() {
+            flush |= self.rearm_ring_pages(&p, mmu.witness());
+        }
         drop(mmu);
         self.flush_after_rearm(flush || reset != 0);
         Ok(reset)
     }
 
-    /// Write-protects the page `offset` of `slot` if it still logs; true if a leaf lost W.
-    fn rearm_ring_page(
-        &self,
-        slot: &Memslot,
-        offset: u64,
-        mmu: &crate::sync::witness::MmuWrite,
-    ) -> bool {
-        if !slot.flags().contains(MemFlags::LOG_DIRTY_PAGES) || offset >= slot.npages() {
-            return false;
-        }
-        let gfn = Gfn::new(slot.base_gfn().raw() + offset);
-        let Some(range) = GfnRange::from_len(gfn, 1) else {
+    /// Write-protects the pages of `p` if their slot still exists and logs; true if a leaf
+    /// lost W.
+    fn rearm_ring_pages(&self, p: &Pending, mmu: &crate::sync::witness::MmuWrite) -> bool {
+        let Some(slot) = self
+            .memslots
+            .get(p.as_id.index())
+            .and_then(|set| set.current().get(p.slot).cloned())
+        else {
             return false;
         };
-        self.mmu
-            .write_protect_gfns(slot.as_id(), slot.rmaps(), range, |_| true, mmu)
+        if !slot.flags().contains(MemFlags::LOG_DIRTY_PAGES) || p.base >= slot.npages() {
+            return false;
+        }
+        let base = slot.base_gfn().raw() + p.base;
+        let len = (64 - u64::from(p.mask.leading_zeros())).min(slot.npages() - p.base);
+        let Some(range) = GfnRange::from_len(Gfn::new(base), len) else {
+            return false;
+        };
+        self.mmu.write_protect_gfns(
+            slot.as_id(),
+            slot.rmaps(),
+            range,
+            |g| p.mask & (1 << (g.raw() - base)) != 0,
+            mmu,
+        )
+    }
+}
+
+/// Collected entries of one slot within 64 pages of `base`, re-armed together.
+struct Pending {
+    as_id: AsId,
+    slot: SlotId,
+    base: u64,
+    mask: u64,
+}
+
+impl Pending {
+    /// Adds `offset` if it belongs to this group.
+    fn try_add(&mut self, as_id: AsId, slot: SlotId, offset: u64) -> bool {
+        if as_id != self.as_id
+            || slot != self.slot
+            || offset < self.base
+            || offset - self.base >= 64
+        {
+            return false;
+        }
+        self.mask |= 1 << (offset - self.base);
+        true
     }
 }
