@@ -35,6 +35,8 @@ pub enum ActorId {
     Memslot,
     /// The MMU-reset thread.
     Reset,
+    /// The dirty-log harvester.
+    DirtyLog,
     /// The liveness watchdog.
     Watchdog,
     /// The checks at quiescence and teardown.
@@ -49,6 +51,7 @@ impl fmt::Display for ActorId {
             ActorId::Aging => f.write_str("aging"),
             ActorId::Memslot => f.write_str("memslot"),
             ActorId::Reset => f.write_str("reset"),
+            ActorId::DirtyLog => f.write_str("dirty-log"),
             ActorId::Watchdog => f.write_str("watchdog"),
             ActorId::Teardown => f.write_str("teardown"),
         }
@@ -222,6 +225,8 @@ pub mod op {
     pub const MEMSLOT: u64 = 8;
     /// MMU reset.
     pub const RESET: u64 = 9;
+    /// Dirty-log harvest.
+    pub const HARVEST: u64 = 10;
 }
 
 /// A readable form of a [`Progress::last_op`] value.
@@ -237,6 +242,7 @@ pub fn describe_op(v: u64) -> String {
         op::ACCESSED => "accessed-oracle round",
         op::MEMSLOT => "memslot change",
         op::RESET => "reset_mmu",
+        op::HARVEST => "dirty-log harvest",
         _ => "unknown",
     };
     format!("{name} (host page {})", v & 0xFFFF_FFFF)
