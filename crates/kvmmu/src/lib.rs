@@ -57,6 +57,8 @@ pub mod vm;
 /// tables and the TLB-flush request protocol.
 #[cfg(loom)]
 pub mod vm {
+    #[path = "dirty_ring_core.rs"]
+    pub mod dirty_ring_core;
     #[path = "request.rs"]
     pub mod request;
     #[path = "seq.rs"]

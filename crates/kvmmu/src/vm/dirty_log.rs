@@ -597,6 +597,7 @@ pub(crate) fn mark_page_dirty(
     } else if let Some(ring) = ring
         && slot.flags().contains(MemFlags::LOG_DIRTY_PAGES)
     {
-        ring.push(slot.as_id(), slot.id(), offset);
+        let tag = (u64::from(slot.as_id().index() as u16) << 16) | u64::from(slot.id().get());
+        ring.push(tag, offset);
     }
 }

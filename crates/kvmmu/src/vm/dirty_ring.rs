@@ -9,6 +9,7 @@
 //!   `mmu_lock` write, frees the entries and flushes remote TLBs before returning. Read a
 //!   collected page after the reset that re-armed it (a write between the collection and the
 //!   reset goes through the still-writable leaf and is not logged again).
+//! - The entry protocol itself is `vm/dirty_ring_core.rs` (also built under loom).
 //! - Only the owning vCPU pushes (its faults run on its thread), so the dirty index has one
 //!   writer; only resets (under `slots_lock`) move the reset index.
 //! - When a push leaves `soft_limit` or more entries in use, the vCPU exits with
@@ -20,7 +21,7 @@
 //!   while no slot has a bitmap, and once enabled logging slots get no bitmap.
 
 use crate::addr::{AsId, Gfn, GfnRange, SlotId};
-use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::atomic::Ordering;
 use crate::sync::guest_mode::{self, InGuestMode};
 use crate::sync::{Arc, Mutex};
 
@@ -28,22 +29,12 @@ use super::dirty_log::DirtyTracking;
 use super::memslot::MemFlags;
 use super::{Vm, VmInner};
 
+pub use super::dirty_ring_core::DirtyRing;
+
 /// Entries kept free above the soft limit (`KVM_DIRTY_RING_RSVD_ENTRIES`).
 pub const DIRTY_RING_RESERVED: u32 = 64;
 /// Largest ring (entries).
 pub const DIRTY_RING_MAX: u32 = 1 << 20;
-
-const FLAG_DIRTY: u64 = 1;
-const FLAG_COLLECTED: u64 = 2;
-
-/// One entry (`struct kvm_dirty_gfn`).
-#[derive(Debug, Default)]
-struct Entry {
-    flags: AtomicU64,
-    /// `as_id << 16 | slot`.
-    slot: AtomicU64,
-    offset: AtomicU64,
-}
 
 /// A dirtied page as [`Vm::collect_dirty_rings`] reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -54,70 +45,6 @@ pub struct DirtyRingEntry {
     pub slot: SlotId,
     /// The page's offset from the slot's base, in pages.
     pub offset: u64,
-}
-
-/// One vCPU's ring.
-#[derive(Debug)]
-pub(crate) struct DirtyRing {
-    entries: Box<[Entry]>,
-    soft_limit: u64,
-    /// Pushes so far (written by the owning vCPU only).
-    dirty_index: AtomicU64,
-    /// Entries freed by resets (written under `slots_lock` only).
-    reset_index: AtomicU64,
-    /// The user's collection position (under the ring state's lock).
-    fetch_index: AtomicU64,
-}
-
-impl DirtyRing {
-    fn new(size: u32) -> DirtyRing {
-        DirtyRing {
-            entries: (0..size).map(|_| Entry::default()).collect(),
-            soft_limit: u64::from(size - DIRTY_RING_RESERVED),
-            dirty_index: AtomicU64::new(0),
-            reset_index: AtomicU64::new(0),
-            fetch_index: AtomicU64::new(0),
-        }
-    }
-
-    fn entry(&self, index: u64) -> &Entry {
-        &self.entries[(index % self.entries.len() as u64) as usize]
-    }
-
-    /// Entries in use (dirty or collected, not yet reset).
-    fn used(&self) -> u64 {
-        // ORDERING: R1 — the vCPU reads its own dirty index; Acquire on the reset index pairs
-        // with the reset's Release, so the freed entries' cleared flags are visible before reuse.
-        self.dirty_index.load(Ordering::Relaxed) - self.reset_index.load(Ordering::Acquire)
-    }
-
-    /// True when the vCPU must exit with `DirtyRingFull` (`kvm_dirty_ring_soft_full`).
-    pub(crate) fn soft_full(&self) -> bool {
-        self.used() >= self.soft_limit
-    }
-
-    /// Publishes a dirty entry (`kvm_dirty_ring_push`); called on the owning vCPU's thread by
-    /// its fault handler, never while soft-full (R1), so a free entry always exists.
-    pub(crate) fn push(&self, as_id: AsId, slot: SlotId, offset: u64) {
-        if self.used() >= self.entries.len() as u64 {
-            // Unreachable by R1; refusing to overwrite keeps a collected entry intact.
-            debug_assert!(false, "kvmmu bug: a push into a full dirty ring");
-            return;
-        }
-        // ORDERING: only this thread writes the dirty index.
-        let i = self.dirty_index.load(Ordering::Relaxed);
-        let e = self.entry(i);
-        // ORDERING: the fields are published by the Release store of the flags below.
-        e.slot.store(
-            (u64::from(as_id.index() as u16) << 16) | u64::from(slot.get()),
-            Ordering::Relaxed,
-        );
-        e.offset.store(offset, Ordering::Relaxed);
-        // ORDERING: R2 — Release publishes the fields, and (as the bitmap's mark, D3) the fast
-        // page fault's CAS to a collector that Acquire-loads the flags.
-        e.flags.store(FLAG_DIRTY, Ordering::Release);
-        self.dirty_index.store(i + 1, Ordering::Release);
-    }
 }
 
 /// The VM's ring state.
@@ -234,26 +161,13 @@ impl Vm {
         }
         let mut out = Vec::new();
         for ring in &st.rings {
-            // ORDERING: the fetch index is only used under the state lock.
-            let mut i = ring.fetch_index.load(Ordering::Relaxed);
-            loop {
-                let e = ring.entry(i);
-                // ORDERING: R2 — Acquire pairs with the push's Release of the flags.
-                if e.flags.load(Ordering::Acquire) != FLAG_DIRTY {
-                    break;
-                }
-                // ORDERING: published by the flags (above).
-                let slot = e.slot.load(Ordering::Relaxed);
+            ring.collect(|slot, offset| {
                 out.push(DirtyRingEntry {
                     as_id: AsId::new((slot >> 16) as u8),
                     slot: SlotId::new(slot as u16),
-                    offset: e.offset.load(Ordering::Relaxed),
+                    offset,
                 });
-                // ORDERING: Release orders our reads before a reset frees the entry.
-                e.flags.store(FLAG_COLLECTED, Ordering::Release);
-                i += 1;
-            }
-            ring.fetch_index.store(i, Ordering::Relaxed);
+            });
         }
         Ok(out)
     }
@@ -279,7 +193,7 @@ impl VmInner {
         if st.size == 0 {
             return None;
         }
-        let ring = Arc::new(DirtyRing::new(st.size));
+        let ring = Arc::new(DirtyRing::new(st.size, DIRTY_RING_RESERVED));
         st.rings.push(Arc::clone(&ring));
         Some(ring)
     }
@@ -308,19 +222,8 @@ impl VmInner {
         // `kvm_dirty_ring_reset` coalesces them into one mask.
         let mut pending: Option<Pending> = None;
         for ring in &rings {
-            // ORDERING: only resets (under slots_lock) write the reset index.
-            let mut i = ring.reset_index.load(Ordering::Relaxed);
-            // ORDERING: Acquire pairs with the push's Release of the dirty index.
-            let end = ring.dirty_index.load(Ordering::Acquire);
-            while i < end {
-                let e = ring.entry(i);
-                // ORDERING: pairs with the collector's Release (R2).
-                if e.flags.load(Ordering::Acquire) != FLAG_COLLECTED {
-                    break;
-                }
-                let slot = e.slot.load(Ordering::Relaxed);
+            reset += ring.reset_collected(|slot, offset| {
                 let (as_id, id) = (AsId::new((slot >> 16) as u8), SlotId::new(slot as u16));
-                let offset = e.offset.load(Ordering::Relaxed);
                 let joined = pending
                     .as_mut()
                     .is_some_and(|p| p.try_add(as_id, id, offset));
@@ -335,12 +238,7 @@ impl VmInner {
                         mask: 1,
                     });
                 }
-                e.flags.store(0, Ordering::Relaxed);
-                i += 1;
-                reset += 1;
-            }
-            // ORDERING: R1 — Release publishes the cleared flags before the vCPU reuses them.
-            ring.reset_index.store(i, Ordering::Release);
+            });
         }
         if let Some(p) = pending.take() {
             flush |= self.rearm_ring_pages(&p, mmu.witness());

@@ -22,6 +22,8 @@
 
 pub mod dirty_log;
 pub mod dirty_ring;
+#[doc(hidden)]
+pub mod dirty_ring_core;
 mod fault;
 pub mod invalidate;
 pub mod memslot;
