@@ -584,7 +584,7 @@ pub(super) fn dirty_log(vm: &Vm, sh: &Shared, progress: &Progress) {
     while !sh.stopped() {
         progress.start(op::HARVEST, 0);
         let manual = (round / 16) % 2 == 1;
-        if round % 16 == 0 {
+        if round.is_multiple_of(16) {
             let mode = if manual {
                 DirtyLogProtect::Manual {
                     initially_set: round % 64 == 16,
