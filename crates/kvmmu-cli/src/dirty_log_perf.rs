@@ -41,6 +41,10 @@ pub struct DirtyLogPerfArgs {
     #[arg(short = 'a', long)]
     pub random_access: bool,
 
+    /// Split guest memory evenly over this many memslots (the selftest's -x).
+    #[arg(short = 'x', long, default_value_t = 1)]
+    pub slots: u64,
+
     /// Do not use manual protect (the selftest's -g): GET re-arms, no CLEAR phase.
     #[arg(short = 'g', long)]
     pub no_manual_protect: bool,
@@ -164,9 +168,19 @@ pub fn check(a: &DirtyLogPerfArgs) -> anyhow::Result<()> {
     })?;
     let pages_per_vcpu = a.bytes_per_vcpu / 4096;
     let npages = pages_per_vcpu * a.vcpus as u64;
-    crate::error::require(npages <= kvmmu::vm::memslot::KVM_MEM_MAX_NR_PAGES, || {
-        "-b times -v exceeds one memslot".into()
-    })?;
+    crate::error::require(
+        a.slots >= 1 && a.slots <= 512 && npages.is_multiple_of(a.slots),
+        || {
+            format!(
+                "-x/--slots must be between 1 and 512 and divide the {npages} guest pages (got {})",
+                a.slots
+            )
+        },
+    )?;
+    crate::error::require(
+        npages / a.slots <= kvmmu::vm::memslot::KVM_MEM_MAX_NR_PAGES,
+        || "-b times -v over -x slots exceeds one memslot".into(),
+    )?;
     if a.dirty_ring != 0 {
         crate::error::require(
             a.dirty_ring.is_power_of_two()
@@ -211,16 +225,24 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     }
     let bytes = npages * 4096;
     let hva = host.mmap(bytes, Prot::READ | Prot::WRITE)?;
-    let (as0, slot) = (AsId::new(0), SlotId::new(0));
-    let region = |flags| MemoryRegion {
-        slot,
-        as_id: as0,
-        flags,
-        gpa: Gpa::new(BASE_GPA),
-        size: bytes,
-        hva,
+    let as0 = AsId::new(0);
+    let slot_pages = npages / a.slots;
+    let set_all = |flags: MemFlags| -> anyhow::Result<()> {
+        for i in 0..a.slots {
+            vm.set_user_memory_region(MemoryRegion {
+                slot: SlotId::new(i as u16),
+                as_id: as0,
+                flags,
+                gpa: Gpa::new(BASE_GPA + i * slot_pages * 4096),
+                size: slot_pages * 4096,
+                hva: hva
+                    .checked_add(i * slot_pages * 4096)
+                    .ok_or_else(|| anyhow!("hva overflow"))?,
+            })?;
+        }
+        Ok(())
     };
-    vm.set_user_memory_region(region(MemFlags::empty()))?;
+    set_all(MemFlags::empty())?;
     let mut vcpus: Vec<Vcpu> = (0..a.vcpus)
         .map(|_| vm.create_vcpu())
         .collect::<Result<_, _>>()?;
@@ -232,6 +254,7 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     r.config("write_percent", a.write_percent);
     r.config("random_access", a.random_access);
     r.config("manual_protect", manual);
+    r.config("slots", a.slots);
     r.config("dirty_ring", a.dirty_ring);
     r.config("mmu", a.mmu);
     r.config("tracking", a.tracking);
@@ -241,7 +264,7 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     })?;
     bar.inc(1);
     phase(&mut r, &vm, "enable dirty logging", "enable", || {
-        Ok(vm.set_user_memory_region(region(MemFlags::LOG_DIRTY_PAGES))?)
+        set_all(MemFlags::LOG_DIRTY_PAGES)
     })?;
     bar.inc(1);
     let mut missed = 0u64;
@@ -269,13 +292,17 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
             &vm,
             &format!("iteration {it} get dirty log"),
             &format!("iter{it}.get"),
-            || {
+            || -> anyhow::Result<Vec<Vec<u64>>> {
                 if !ring {
-                    return Ok(vm.get_dirty_log(as0, slot)?);
+                    return (0..a.slots)
+                        .map(|i| Ok(vm.get_dirty_log(as0, SlotId::new(i as u16))?))
+                        .collect();
                 }
-                let mut words = vec![0u64; npages.div_ceil(64) as usize];
+                let mut words =
+                    vec![vec![0u64; slot_pages.div_ceil(64) as usize]; a.slots as usize];
                 for e in vm.collect_dirty_rings()? {
-                    words[(e.offset / 64) as usize] |= 1 << (e.offset % 64);
+                    words[usize::from(e.slot.get())][(e.offset / 64) as usize] |=
+                        1 << (e.offset % 64);
                 }
                 Ok(words)
             },
@@ -295,18 +322,24 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
                 &vm,
                 &format!("iteration {it} clear dirty log"),
                 &format!("iter{it}.clear"),
-                || Ok(vm.clear_dirty_log(as0, slot, 0, npages, &words)?),
+                || {
+                    for (i, w) in words.iter().enumerate() {
+                        vm.clear_dirty_log(as0, SlotId::new(i as u16), 0, slot_pages, w)?;
+                    }
+                    Ok(())
+                },
             )?;
         }
         for p in written.iter().flatten() {
-            if words[(p / 64) as usize] & (1 << (p % 64)) == 0 {
+            let (i, off) = ((p / slot_pages) as usize, p % slot_pages);
+            if words[i][(off / 64) as usize] & (1 << (off % 64)) == 0 {
                 missed += 1;
             }
         }
         bar.inc(1);
     }
     phase(&mut r, &vm, "disable dirty logging", "disable", || {
-        Ok(vm.set_user_memory_region(region(MemFlags::empty()))?)
+        set_all(MemFlags::empty())
     })?;
     bar.finish_and_clear();
     r.require(

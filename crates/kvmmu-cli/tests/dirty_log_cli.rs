@@ -115,6 +115,30 @@ fn dirty_log_perf_with_a_dirty_ring_reports_the_same_fast_faults() {
 }
 
 #[test]
+fn dirty_log_perf_over_several_memslots_logs_every_write() {
+    for extra in [&[][..], &["-g"][..], &["--dirty-ring", "2048"][..]] {
+        let mut args = vec![
+            "dirty-log-perf",
+            "-v",
+            "2",
+            "-b",
+            "4M",
+            "-i",
+            "2",
+            "-x",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        let r = json(&args);
+        assert_all_checks_pass(&r);
+        assert_eq!(r["config"]["slots"], 4);
+        assert_eq!(r["counts"]["iter2.dirty.pf_fast"], 2048, "{extra:?}");
+    }
+    let out = kvmmu(&["dirty-log-perf", "-b", "4M", "-x", "3"]);
+    assert!(!out.status.success(), "-x must divide the guest pages");
+}
+
+#[test]
 fn dirty_log_perf_refuses_a_single_iteration() {
     let out = kvmmu(&["dirty-log-perf", "-i", "1"]);
     assert!(!out.status.success());
