@@ -3,10 +3,11 @@
 //! then the median of every measurement per configuration and its ratio to the first.
 
 use crate::access_tracking::{self, AccessArgs};
+use crate::dirty_log_perf::{self, DirtyLogPerfArgs};
 use crate::mmu_stress::{self, StressArgs};
 use crate::reclaim::{self, ReclaimArgs};
 use crate::report::{Report, plot, progress, table::value};
-use crate::{AgingArg, MmuArg, OutputArgs};
+use crate::{AgingArg, MmuArg, OutputArgs, TrackingArg};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -29,6 +30,16 @@ pub enum ConfigArg {
     Shadow,
     /// No aging thread (access-tracking `-p`: the "no aging" column; mmu-stress: without `--age`).
     NoAging,
+    /// dirty-log-perf `-g`: classic dirty log (GET re-arms).
+    ClassicLog,
+    /// dirty-log-perf without `-g`: manual protect (GET, then CLEAR re-arms).
+    ManualLog,
+    /// dirty-log-perf `--tracking write-protect`.
+    WriteProtect,
+    /// dirty-log-perf `--tracking d-bit`.
+    DBit,
+    /// dirty-log-perf `--dirty-ring` with the smallest ring that holds one iteration.
+    DirtyRing,
 }
 
 /// The workload to compare.
@@ -40,6 +51,8 @@ pub enum CompareWorkload {
     MmuStress(StressArgs),
     /// `reclaim` with these flags.
     Reclaim(ReclaimArgs),
+    /// `dirty-log-perf` with these flags.
+    DirtyLogPerf(DirtyLogPerfArgs),
 }
 
 /// Options of `compare`.
@@ -113,6 +126,11 @@ fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
             ConfigArg::Tdp => a.mmu = MmuArg::Tdp,
             ConfigArg::Shadow => a.mmu = MmuArg::Shadow,
             ConfigArg::NoAging => a.no_aging_thread = true,
+            ConfigArg::ClassicLog
+            | ConfigArg::ManualLog
+            | ConfigArg::WriteProtect
+            | ConfigArg::DBit
+            | ConfigArg::DirtyRing => {}
         },
         CompareWorkload::MmuStress(s) => match c {
             ConfigArg::Lockless => s.aging = AgingArg::Lockless,
@@ -120,6 +138,26 @@ fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
             ConfigArg::Tdp => s.mmu = MmuArg::Tdp,
             ConfigArg::Shadow => s.mmu = MmuArg::Shadow,
             ConfigArg::NoAging => s.age = false,
+            ConfigArg::ClassicLog
+            | ConfigArg::ManualLog
+            | ConfigArg::WriteProtect
+            | ConfigArg::DBit
+            | ConfigArg::DirtyRing => {}
+        },
+        CompareWorkload::DirtyLogPerf(d) => match c {
+            ConfigArg::Tdp => d.mmu = MmuArg::Tdp,
+            ConfigArg::Shadow => d.mmu = MmuArg::Shadow,
+            ConfigArg::ClassicLog => d.no_manual_protect = true,
+            ConfigArg::ManualLog => d.no_manual_protect = false,
+            ConfigArg::WriteProtect => d.tracking = TrackingArg::WriteProtect,
+            ConfigArg::DBit => d.tracking = TrackingArg::DBit,
+            ConfigArg::DirtyRing => {
+                d.dirty_ring = (d.bytes_per_vcpu / 4096 + 64)
+                    .next_power_of_two()
+                    .try_into()
+                    .unwrap_or(u32::MAX)
+            }
+            ConfigArg::Lockless | ConfigArg::Locked | ConfigArg::NoAging => {}
         },
         CompareWorkload::Reclaim(r) => match c {
             ConfigArg::Lockless => r.aging = AgingArg::Lockless,
@@ -127,6 +165,11 @@ fn apply(w: &CompareWorkload, c: ConfigArg) -> CompareWorkload {
             ConfigArg::Tdp => r.mmu = MmuArg::Tdp,
             ConfigArg::Shadow => r.mmu = MmuArg::Shadow,
             ConfigArg::NoAging => r.no_aging = true,
+            ConfigArg::ClassicLog
+            | ConfigArg::ManualLog
+            | ConfigArg::WriteProtect
+            | ConfigArg::DBit
+            | ConfigArg::DirtyRing => {}
         },
     }
     w
@@ -137,6 +180,7 @@ fn run_one(w: &CompareWorkload) -> anyhow::Result<Report> {
         CompareWorkload::AccessTracking(a) => access_tracking::run(a),
         CompareWorkload::MmuStress(s) => mmu_stress::run(s),
         CompareWorkload::Reclaim(r) => reclaim::run(r),
+        CompareWorkload::DirtyLogPerf(d) => dirty_log_perf::run(d),
     }
 }
 
@@ -230,6 +274,7 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<Comparison> {
             CompareWorkload::AccessTracking(_) => "access-tracking".into(),
             CompareWorkload::MmuStress(_) => "mmu-stress".into(),
             CompareWorkload::Reclaim(_) => "reclaim".into(),
+            CompareWorkload::DirtyLogPerf(_) => "dirty-log-perf".into(),
         },
         configs: names,
         runs: a.runs,
@@ -278,13 +323,35 @@ pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
         // Under --reclaim, kswapd's aging passes reach the VM: the aging mode matters.
         CompareWorkload::MmuStress(s) => ("mmu-stress", true, s.age || s.reclaim),
         CompareWorkload::Reclaim(_) => ("reclaim", false, true),
+        CompareWorkload::DirtyLogPerf(_) => ("dirty-log-perf", false, false),
     };
+    let is_dirty = workload == "dirty-log-perf";
     for (c, name) in a.configs.iter().zip(&names) {
         let flag = match c {
             ConfigArg::Lockless | ConfigArg::Locked => "aging",
             ConfigArg::Tdp | ConfigArg::Shadow => "mmu",
             ConfigArg::NoAging => "",
+            ConfigArg::ClassicLog | ConfigArg::ManualLog => "no_manual_protect",
+            ConfigArg::WriteProtect | ConfigArg::DBit => "tracking",
+            ConfigArg::DirtyRing => "dirty_ring",
         };
+        let dirty_only = matches!(
+            c,
+            ConfigArg::ClassicLog
+                | ConfigArg::ManualLog
+                | ConfigArg::WriteProtect
+                | ConfigArg::DBit
+                | ConfigArg::DirtyRing
+        );
+        if dirty_only != is_dirty
+            && (dirty_only || !matches!(c, ConfigArg::Tdp | ConfigArg::Shadow))
+        {
+            return Err(usage_hint(
+                format!("--configs {name} changes nothing for {workload}"),
+                "dirty-log-perf takes tdp, shadow, classic-log, manual-log, write-protect, d-bit and dirty-ring; the other \
+                 workloads take lockless, locked, tdp, shadow and no-aging",
+            ));
+        }
         if !flag.is_empty() && given(flag) {
             return Err(usage_hint(
                 format!(
@@ -323,6 +390,7 @@ pub fn check(a: &CompareArgs) -> anyhow::Result<Vec<CompareWorkload>> {
             CompareWorkload::AccessTracking(x) => access_tracking::check(x).map(|_| ()),
             CompareWorkload::MmuStress(x) => mmu_stress::check(x).map(|_| ()),
             CompareWorkload::Reclaim(x) => reclaim::check(x).map(|_| ()),
+            CompareWorkload::DirtyLogPerf(x) => dirty_log_perf::check(x),
         }
         .map_err(|e| e.context(format!("configuration {name}")))?;
     }

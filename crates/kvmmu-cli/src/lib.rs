@@ -4,12 +4,15 @@
 //! - [`access_tracking`]: KVM's `access_tracking_perf_test` (spec §5.2), page-idle or MGLRU aging.
 //! - [`mmu_stress`]: KVM's `mmu_stress_test` (spec §5.3): aliased memslots, the stage protocol,
 //!   `mprotect` read-only under running vCPUs, slot deletion and `release` at exit.
+//! - [`dirty_log_test`], [`dirty_log_perf`]: KVM's `dirty_log_test` and `dirty_log_perf_test`.
 //! - [`compare`]: one workload in several configurations, alternated, medians and ratios.
 //! - [`report`]: the result every workload returns, rendered as a table, JSON or a plot.
 //! - [`error`]: how the command fails (one line, an exit status per kind of failure).
 
 pub mod access_tracking;
 pub mod compare;
+pub mod dirty_log_perf;
+pub mod dirty_log_test;
 pub mod error;
 pub mod mmu_stress;
 pub mod reclaim;
@@ -41,6 +44,26 @@ pub enum AgingArg {
     Lockless,
     /// mmu_lock held for write on every aging call (the pre-series baseline).
     Locked,
+}
+
+/// `--tracking`: how dirty logging re-arms pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrackingArg {
+    /// Clear W (keep MMU-writable): the next write faults (fast page fault) and marks the page.
+    WriteProtect,
+    /// Clear D and flush (PML-like): harvests collect the D bits.
+    DBit,
+}
+
+impl TrackingArg {
+    /// The library's mode.
+    pub fn mode(self) -> kvmmu::prelude::DirtyTracking {
+        match self {
+            TrackingArg::WriteProtect => kvmmu::prelude::DirtyTracking::WriteProtect,
+            TrackingArg::DBit => kvmmu::prelude::DirtyTracking::DBit,
+        }
+    }
 }
 
 /// The VM configuration for the common flags.

@@ -43,6 +43,12 @@ pub enum Command {
     /// KVM's mmu_stress_test: aliased memslots, MMU reset, mprotect read-only under writing vCPUs,
     /// slot deletion and release at exit.
     MmuStress(kvmmu_cli::mmu_stress::StressCommand),
+    /// KVM's dirty_log_test: vCPUs write the iteration number into random pages; every harvest
+    /// must report exactly the pages written since the last one (-M dirty-log | clear-log).
+    DirtyLogTest(kvmmu_cli::dirty_log_test::DirtyLogTestCommand),
+    /// KVM's dirty_log_perf_test: populate, enable dirty logging, then per iteration dirty memory,
+    /// get and clear the log; phase times with pf_fast, pf_fixed and remote_tlb_flush counts.
+    DirtyLogPerf(kvmmu_cli::dirty_log_perf::DirtyLogPerfCommand),
     /// Run one workload in several configurations, alternated; print medians and ratios.
     Compare(kvmmu_cli::compare::CompareArgs),
     /// Memory overcommit: vCPUs run a hot and a cold set under a host memory limit while reclaim
@@ -134,6 +140,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         Some(Command::MmuStress(cmd)) => kvmmu_cli::mmu_stress::main(&cmd)?,
         Some(Command::Reclaim(cmd)) => kvmmu_cli::reclaim::main(&cmd)?,
         Some(Command::Wss(args)) => kvmmu_cli::wss::main(&args)?,
+        Some(Command::DirtyLogTest(cmd)) => kvmmu_cli::dirty_log_test::main(&cmd)?,
+        Some(Command::DirtyLogPerf(cmd)) => kvmmu_cli::dirty_log_perf::main(&cmd)?,
         Some(Command::Compare(mut args)) => {
             args.explicit = explicit_workload_flags(matches);
             kvmmu_cli::compare::main(&args)?
@@ -170,7 +178,7 @@ fn hoist_compare_flags(args: Vec<OsString>) -> Vec<OsString> {
     let Some(w) = args.iter().position(|a| {
         matches!(
             a.to_str(),
-            Some("access-tracking" | "mmu-stress" | "reclaim")
+            Some("access-tracking" | "mmu-stress" | "reclaim" | "dirty-log-perf")
         )
     }) else {
         return args;

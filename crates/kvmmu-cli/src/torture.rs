@@ -90,6 +90,11 @@ pub struct TortureArgs {
     #[arg(long)]
     pub reclaim: bool,
 
+    /// Add the dirty-log harvester (get/clear on slot 1 back to back, classic and manual
+    /// protect), so re-arms and fast page faults race every other actor.
+    #[arg(long)]
+    pub dirty_log: bool,
+
     /// Print the report as JSON (schema `kvmmu-torture/1`, see `to_json`) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -124,6 +129,7 @@ pub fn to_json(a: &TortureArgs, r: &TortureReport) -> serde_json::Value {
             "memslot": !a.no_memslot,
             "reset": !a.no_reset,
             "reclaim": a.reclaim,
+            "dirty_log": a.dirty_log,
         },
         "elapsed_s": r.elapsed.as_secs_f64(),
         "actors": r.actors.iter().map(|x| serde_json::json!({
@@ -190,7 +196,10 @@ pub fn parse_seed(s: &str) -> Result<u64, String> {
 
 /// The library configuration these options describe; a fresh seed from the clock if none given.
 pub fn config(a: &TortureArgs) -> TortureConfig {
-    let mut actors = Actors::all().difference(Actors::RECLAIM);
+    let mut actors = Actors::all().difference(Actors::RECLAIM | Actors::DIRTY_LOG);
+    if a.dirty_log {
+        actors |= Actors::DIRTY_LOG;
+    }
     if a.reclaim {
         actors.insert(Actors::RECLAIM);
     }

@@ -79,6 +79,10 @@ pub use sync::guest_mode::InGuestMode;
 #[cfg(not(loom))]
 pub use vcpu::{GuestMode, Vcpu, VcpuStats, tlb::TlbStats};
 #[cfg(not(loom))]
+pub use vm::dirty_log::{DirtyLogError, DirtyLogProtect, DirtyTracking};
+#[cfg(not(loom))]
+pub use vm::dirty_ring::{DIRTY_RING_MAX, DIRTY_RING_RESERVED, DirtyRingEntry, DirtyRingError};
+#[cfg(not(loom))]
 pub use vm::memslot::{
     KVM_MEM_MAX_NR_PAGES, MemFlags, MemoryRegion, Memslot, MemslotError, SizeLimit, USER_ADDR_END,
 };
@@ -99,8 +103,9 @@ pub use {
 #[cfg(not(loom))]
 pub mod prelude {
     pub use crate::{
-        AgingMode, AsId, BackingSrc, ConfigError, Gfn, GfnRange, Gpa, GupError, HostConfig,
-        HostError, HostMm, Hva, InGuestMode, Level, MemFlags, MemoryRegion, MemslotError, MmuKind,
-        Pfn, Prot, SetMemoryRegionError, SlotId, Vcpu, VcpuExit, Vm, VmConfig, VmError, VmStats,
+        AgingMode, AsId, BackingSrc, ConfigError, DirtyLogError, DirtyLogProtect, DirtyTracking,
+        Gfn, GfnRange, Gpa, GupError, HostConfig, HostError, HostMm, Hva, InGuestMode, Level,
+        MemFlags, MemoryRegion, MemslotError, MmuKind, Pfn, Prot, SetMemoryRegionError, SlotId,
+        Vcpu, VcpuExit, Vm, VmConfig, VmError, VmStats,
     };
 }

@@ -4,11 +4,13 @@ use crate::addr::{AsId, Gfn, GfnRange, Level};
 use crate::config::MmuKind;
 use crate::sync::Arc;
 use crate::sync::rcu::Rcu;
+use crate::sync::witness::MmuWrite as MmuWriteWitness;
 use crate::sync::witness::{MmuLock, MmuRead, MmuWrite, MmuWriteGuard};
 
 use super::shadow::rmap::AgeAction;
 use super::shadow::{RmapLookup, ShadowMmu, ShadowRoot, ShadowStats, SlotRmaps};
 use super::spte::Spte;
+use super::tdp::dirty::FastFault;
 use super::tdp::{RootRef, TdpMmu, TdpStats};
 use super::types::{
     FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason, RootReload, ZapBatch,
@@ -376,6 +378,77 @@ impl Mmu {
     /// Present leaves per level over both MMUs (KVM's `pages_4k`, `pages_2m`, `pages_1g`).
     pub fn page_stats(&self) -> crate::mmu::PageStats {
         self.tdp.page_stats().plus(self.shadow.page_stats())
+    }
+
+    /// Dirty logging's re-arm (`kvm_arch_mmu_enable_log_dirty_pt_masked` with write-protection):
+    /// clears W, keeping MMU-writable, on every leaf of `as_id` mapping a gfn of `range` for which
+    /// `wanted` holds, in the TDP MMU and (through the slot's `rmaps`) the shadow MMU. Returns
+    /// true if remote TLBs must be flushed before the caller's user relies on it (D1).
+    pub fn write_protect_gfns(
+        &self,
+        as_id: AsId,
+        rmaps: Option<&SlotRmaps>,
+        range: GfnRange,
+        mut wanted: impl FnMut(Gfn) -> bool,
+        mmu: &MmuWriteWitness,
+    ) -> bool {
+        let mut flush = false;
+        if let Some(rmaps) = rmaps {
+            let gfns = (range.start().raw()..range.end().raw())
+                .map(Gfn::new)
+                .filter(|&g| wanted(g));
+            flush |= self.shadow.write_protect_gfns(rmaps, gfns, mmu);
+        }
+        if !self.shadow_enabled() {
+            let rcu = self.tdp.rcu().pin();
+            flush |= self
+                .tdp
+                .write_protect_range(as_id, range, wanted, mmu, &rcu);
+        }
+        flush
+    }
+
+    /// The D-bit re-arm (`kvm_mmu_clear_dirty_pt_masked`, the PML flavour): clears D on every
+    /// leaf of `as_id` mapping a gfn of `range` that passes `wanted`, in both MMUs, calling `dirty`
+    /// for each gfn whose D it cleared. Returns true if remote TLBs must be flushed (a TLB entry
+    /// that cached D lets the CPU write without setting it again).
+    pub fn clear_dirty_gfns(
+        &self,
+        as_id: AsId,
+        rmaps: Option<&SlotRmaps>,
+        range: GfnRange,
+        mut wanted: impl FnMut(Gfn) -> bool,
+        dirty: &mut dyn FnMut(Gfn),
+        mmu: &MmuWriteWitness,
+    ) -> bool {
+        let mut flush = false;
+        if let Some(rmaps) = rmaps {
+            let gfns = (range.start().raw()..range.end().raw())
+                .map(Gfn::new)
+                .filter(|&g| wanted(g));
+            flush |= self.shadow.clear_dirty_gfns(rmaps, gfns, &mut *dirty, mmu);
+        }
+        if !self.shadow_enabled() {
+            let rcu = self.tdp.rcu().pin();
+            flush |= self
+                .tdp
+                .clear_dirty_range(as_id, range, wanted, dirty, mmu, &rcu);
+        }
+        flush
+    }
+
+    /// The fast page fault for a write to `gfn` through `root` (`fast_page_fault`): TDP roots
+    /// only (direct pages); the shadow MMU always answers [`FastFault::Slow`] (its fault path
+    /// takes `mmu_lock` write). No `mmu_lock`.
+    #[inline]
+    pub fn fast_page_fault(&self, root: &MmuRoot, gfn: Gfn) -> FastFault {
+        match root {
+            MmuRoot::Tdp(root) => {
+                let rcu = self.tdp.rcu().pin();
+                self.tdp.fast_page_fault(root, gfn, &rcu)
+            }
+            MmuRoot::Shadow(_) => FastFault::Slow,
+        }
     }
 
     /// The TDP MMU's statistics.

@@ -27,6 +27,7 @@ mod dispatch;
 #[cfg(not(loom))]
 pub use dispatch::{Mmu, MmuRoot};
 pub use hugepage::PageStats;
+pub use tdp::dirty::FastFault;
 pub use types::{
     FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason, RootReload, ZapBatch,
 };

@@ -643,3 +643,65 @@ pub(super) fn reclaim(host: &HostMm, sh: &Shared, cfg: &TortureConfig, progress:
         std::thread::yield_now();
     }
 }
+
+/// The dirty-log harvester: harvests slot 1 (get, and clear in manual mode) back to back,
+/// switching between classic and manual protect every 16 rounds. `NotLogging` and `NoSuchSlot`
+/// are expected (the memslot thread toggles logging, moves and deletes the slot); any other
+/// error is a violation.
+pub(super) fn dirty_log(vm: &Vm, sh: &Shared, progress: &Progress) {
+    use crate::vm::dirty_log::{DirtyLogError, DirtyLogProtect};
+    let (as0, slot) = (AsId::new(0), SlotId::new(1));
+    let mut round = 0u64;
+    while !sh.stopped() {
+        progress.start(op::HARVEST, 0);
+        let manual = (round / 16) % 2 == 1;
+        if round.is_multiple_of(16) {
+            let mode = if manual {
+                DirtyLogProtect::Manual {
+                    initially_set: round % 64 == 16,
+                }
+            } else {
+                DirtyLogProtect::Classic
+            };
+            if let Err(e) = vm.set_dirty_log_protect(mode) {
+                sh.violation(
+                    ActorId::DirtyLog,
+                    ViolationKind::UnexpectedError,
+                    None,
+                    format!("set_dirty_log_protect: {e}"),
+                );
+                return;
+            }
+        }
+        let result = vm.get_dirty_log(as0, slot).and_then(|words| {
+            if manual {
+                let npages = words.len() as u64 * 64;
+                // The last word may be partial: clear up to the slot's end, which the bitmap's
+                // length bounds; a shorter slot is refused as past-the-end and retried next round.
+                match vm.clear_dirty_log(as0, slot, 0, npages, &words) {
+                    Err(DirtyLogError::RangePastSlot { npages: n, .. }) => {
+                        vm.clear_dirty_log(as0, slot, 0, n, &words)
+                    }
+                    r => r,
+                }
+            } else {
+                Ok(())
+            }
+        });
+        match result {
+            Ok(()) | Err(DirtyLogError::NotLogging { .. } | DirtyLogError::NoSuchSlot { .. }) => {}
+            Err(e) => {
+                sh.violation(
+                    ActorId::DirtyLog,
+                    ViolationKind::UnexpectedError,
+                    None,
+                    format!("dirty-log harvest: {e}"),
+                );
+                return;
+            }
+        }
+        round += 1;
+        progress.done_op();
+        std::thread::yield_now();
+    }
+}

@@ -74,6 +74,11 @@ bitflags::bitflags! {
         const RESET = 16;
         /// The reclaim thread: evicts random vCPU pages to swap (not in the default set).
         const RECLAIM = 32;
+        /// The dirty-log harvester (opt-in, not in the default set): loops dirty-log harvests
+        /// of slot 1 while the memslot thread toggles its logging, alternating classic and manual
+        /// protect, so re-arms (write-protect + flush) and fast page faults race every other
+        /// actor.
+        const DIRTY_LOG = 64;
     }
 }
 
@@ -138,7 +143,7 @@ impl Default for TortureConfig {
             elide_tlb_flush_if_young: true,
             ops_per_vcpu: Some(5_000),
             duration: None,
-            actors: Actors::all().difference(Actors::RECLAIM),
+            actors: Actors::all().difference(Actors::RECLAIM.union(Actors::DIRTY_LOG)),
             stall_timeout: Duration::from_secs(20),
             cas_failure_period: 0,
             yield_period: 0,
@@ -462,6 +467,13 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
         spawn(
             ActorId::Reclaim,
             Box::new(move |p| actors::reclaim(&h, &sh, &c, p)),
+        );
+    }
+    if cfg.actors.contains(Actors::DIRTY_LOG) {
+        let (vm, sh) = (Arc::clone(&vm), Arc::clone(&shared));
+        spawn(
+            ActorId::DirtyLog,
+            Box::new(move |p| actors::dirty_log(&vm, &sh, p)),
         );
     }
     if cfg.actors.contains(Actors::RESET) {

@@ -37,6 +37,8 @@ pub enum ActorId {
     Reset,
     /// The reclaim thread (evicts vCPU pages to swap, `madvise(MADV_PAGEOUT)`).
     Reclaim,
+    /// The dirty-log harvester.
+    DirtyLog,
     /// The liveness watchdog.
     Watchdog,
     /// The checks at quiescence and teardown.
@@ -52,6 +54,7 @@ impl fmt::Display for ActorId {
             ActorId::Memslot => f.write_str("memslot"),
             ActorId::Reset => f.write_str("reset"),
             ActorId::Reclaim => f.write_str("reclaim"),
+            ActorId::DirtyLog => f.write_str("dirty-log"),
             ActorId::Watchdog => f.write_str("watchdog"),
             ActorId::Teardown => f.write_str("teardown"),
         }
@@ -229,6 +232,8 @@ pub mod op {
     pub const PAGE_OUT: u64 = 10;
     /// Host THP collapse of a 2 MiB span.
     pub const COLLAPSE: u64 = 11;
+    /// Dirty-log harvest.
+    pub const HARVEST: u64 = 12;
 }
 
 /// A readable form of a [`Progress::last_op`] value.
@@ -246,6 +251,7 @@ pub fn describe_op(v: u64) -> String {
         op::RESET => "reset_mmu",
         op::PAGE_OUT => "page_out",
         op::COLLAPSE => "collapse",
+        op::HARVEST => "dirty-log harvest",
         _ => "unknown",
     };
     format!("{name} (host page {})", v & 0xFFFF_FFFF)

@@ -76,6 +76,8 @@ pub struct Vcpu {
     root: Option<MmuRoot>,
     as_id: AsId,
     stats: VcpuStats,
+    /// This vCPU's dirty ring, if the VM enabled the ring before creating it.
+    dirty_ring: Option<Arc<crate::vm::dirty_ring::DirtyRing>>,
 }
 
 impl Vm {
@@ -108,7 +110,9 @@ impl Vcpu {
     fn new(vm: Arc<VmInner>, as_id: AsId) -> Vcpu {
         let handle = vm.requests.register();
         let tlb = Tlb::new(vm.config.tlb_entries);
+        let dirty_ring = vm.dirty_ring_for_new_vcpu();
         Vcpu {
+            dirty_ring,
             vm,
             handle: ManuallyDrop::new(handle),
             tlb,
@@ -116,6 +120,11 @@ impl Vcpu {
             as_id,
             stats: VcpuStats::default(),
         }
+    }
+
+    /// True if this vCPU has a dirty ring at its soft limit (`kvm_dirty_ring_soft_full`).
+    fn dirty_ring_soft_full(&self) -> bool {
+        self.dirty_ring.as_deref().is_some_and(|r| r.soft_full())
     }
 
     /// The address space the vCPU runs in.
@@ -414,11 +423,19 @@ impl GuestMode<'_> {
                     return Ok(v);
                 }
                 walker::Access::Fault => {
+                    // A soft-full dirty ring exits before the fault (no push past the soft
+                    // limit) and after the fault that filled it (dirty_ring.rs R1).
+                    if self.vcpu.dirty_ring_soft_full() {
+                        return Err(VcpuExit::DirtyRingFull);
+                    }
                     let outcome = self.leave_guest_mode_for(|v| {
                         let root = v.root.clone().ok_or(VcpuExit::VmDead)?;
                         v.stats.faults += 1;
-                        v.vm.page_fault(&root, gpa, write.is_some())
+                        v.vm.page_fault(&root, gpa, write.is_some(), v.dirty_ring.as_deref())
                     })?;
+                    if self.vcpu.dirty_ring_soft_full() {
+                        return Err(VcpuExit::DirtyRingFull);
+                    }
                     if let FaultOutcome::Retry(_) = outcome {
                         self.vcpu.stats.fault_retries += 1;
                         spins += 1;

@@ -17,9 +17,11 @@
 
 use crate::addr::{Gfn, Gpa, Hva};
 use crate::host::{GupError, StaleAccess};
-use crate::mmu::{FaultOutcome, MapRequest, MmuRoot, RetryReason};
+use crate::mmu::{FastFault, FaultOutcome, MapRequest, MmuRoot, RetryReason};
 use crate::sync::atomic::Ordering;
 use crate::vm::VmInner;
+use crate::vm::dirty_log::mark_page_dirty;
+use crate::vm::dirty_ring::DirtyRing;
 
 /// Why a vCPU access could not complete: what KVM would report to its user as a `KVM_RUN` exit.
 ///
@@ -65,6 +67,11 @@ pub enum VcpuExit {
         /// What the frame check found.
         source: StaleAccess,
     },
+    /// The vCPU's dirty ring reached its soft limit (`KVM_EXIT_DIRTY_RING_FULL`): the fault
+    /// that filled it was handled, the access was not performed. Collect and reset the rings
+    /// (`Vm::collect_dirty_rings`, `Vm::reset_dirty_rings`), then retry the access.
+    #[error("the vCPU's dirty ring is full")]
+    DirtyRingFull,
     /// The VM has been torn down.
     #[error("the VM has been torn down")]
     VmDead,
@@ -91,9 +98,10 @@ impl VmInner {
         root: &MmuRoot,
         gpa: Gpa,
         write: bool,
+        ring: Option<&DirtyRing>,
     ) -> Result<FaultOutcome, VcpuExit> {
         self.counters.faults.add(1);
-        let outcome = self.page_fault_inner(root, gpa.gfn(), gpa, write)?;
+        let outcome = self.page_fault_inner(root, gpa.gfn(), gpa, write, ring)?;
         if matches!(outcome, FaultOutcome::Retry(_)) {
             self.counters.fault_retries.add(1);
         }
@@ -106,6 +114,7 @@ impl VmInner {
         gfn: Gfn,
         gpa: Gpa,
         write: bool,
+        ring: Option<&DirtyRing>,
     ) -> Result<FaultOutcome, VcpuExit> {
         let srcu = self.srcu_read();
         let Some(cell) = self.memslots.get(root.as_id().index()) else {
@@ -127,6 +136,21 @@ impl VmInner {
         let Some(hva) = slot.gfn_to_hva(gfn) else {
             return Err(VcpuExit::NoMemslot { gpa });
         };
+
+        // The fast page fault (docs/locking.md "Dirty logging" D2, D3): a write to a leaf
+        // write-protected only for dirty logging is fixed by one CAS without `mmu_lock`, and the
+        // page is marked before the vCPU's write.
+        if write && !readonly_slot {
+            match self.mmu.fast_page_fault(root, gfn) {
+                FastFault::Fixed => {
+                    mark_page_dirty(slot, gfn, ring);
+                    self.counters.pf_fast.add(1);
+                    return Ok(FaultOutcome::Fixed);
+                }
+                FastFault::Spurious => return Ok(FaultOutcome::Spurious),
+                FastFault::Slow => {}
+            }
+        }
 
         let snap = self.invalidate.snapshot();
         if self.invalidate.retry_gfn_unsafe(snap, gfn) {
@@ -152,11 +176,12 @@ impl VmInner {
         } else {
             page.level.min(slot.max_mapping_level(gfn))
         };
+        let host_writable = page.writable && !readonly_slot;
         let req = MapRequest {
             gfn,
             pfn: page.pfn,
             level,
-            host_writable: page.writable && !readonly_slot,
+            host_writable,
             write_fault: write,
             prefetch: false,
         };
@@ -169,6 +194,13 @@ impl VmInner {
                 if self.invalidate.retry_gfn(snap, gfn, mmu) {
                     return Err(Ok(FaultOutcome::Retry(RetryReason::Invalidation)));
                 }
+                if write && host_writable {
+                    // The leaf will be writable: mark it under `mmu_lock`, before it is
+                    // installed, as `make_spte` does, so a harvest (which takes the bitmap under
+                    // `mmu_lock` write) sees the mark and the leaf together (D3). A lost CAS
+                    // leaves a false positive, which dirty logging allows.
+                    mark_page_dirty(slot, gfn, ring);
+                }
                 Ok(())
             });
         let outcome = match outcome {
@@ -176,6 +208,9 @@ impl VmInner {
             Err(early) => return early,
         };
         drop(srcu);
+        if outcome == FaultOutcome::Fixed {
+            self.counters.pf_fixed.add(1);
+        }
         match outcome {
             // Beyond what a root can map: no memslot can legitimately cover it either.
             FaultOutcome::OutOfRange => Err(VcpuExit::NoMemslot { gpa }),

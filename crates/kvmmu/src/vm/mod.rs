@@ -20,6 +20,10 @@
 //! while a vCPU could still use an old translation (DESIGN invariant 2); vCPUs still alive then
 //! fail with `VcpuExit::VmDead`.
 
+pub mod dirty_log;
+pub mod dirty_ring;
+#[doc(hidden)]
+pub mod dirty_ring_core;
 mod fault;
 mod huge;
 pub mod invalidate;
@@ -108,6 +112,10 @@ pub(crate) struct VmCounters {
     pub(crate) age_calls: StripedCounter,
     pub(crate) age_young: StripedCounter,
     pub(crate) remote_tlb_flush: AtomicU64,
+    /// Faults fixed by the fast page fault (KVM's `pf_fast`).
+    pub(crate) pf_fast: StripedCounter,
+    /// Faults that installed or upgraded a leaf on the slow path (KVM's `pf_fixed`).
+    pub(crate) pf_fixed: StripedCounter,
 }
 
 /// A snapshot of the VM's statistics.
@@ -129,6 +137,10 @@ pub struct VmStats {
     pub age_young: u64,
     /// Remote TLB flushes (KVM's stat `remote_tlb_flush`): one per `kvm_flush_remote_tlbs`.
     pub remote_tlb_flush: u64,
+    /// Write faults fixed by the fast page fault without `mmu_lock` (KVM's `pf_fast`).
+    pub pf_fast: u64,
+    /// Faults fixed on the slow path: a leaf installed or made writable (KVM's `pf_fixed`).
+    pub pf_fixed: u64,
     /// `mmu_invalidate_in_progress` and `mmu_invalidate_seq`.
     pub invalidate: InvalidateCounters,
     /// `mn_active_invalidate_count`.
@@ -164,6 +176,10 @@ pub(crate) struct VmInner {
     pub(crate) requests: Arc<VcpuRequests>,
     pub(crate) counters: VmCounters,
     pub(crate) dead: AtomicBool,
+    /// The dirty-log protect mode (`manual_dirty_log_protect`).
+    pub(crate) dirty_log: dirty_log::DirtyLogState,
+    /// The dirty rings, once enabled.
+    pub(crate) dirty_ring: dirty_ring::DirtyRingState,
 }
 
 /// A virtual machine on a [`HostMm`].
@@ -225,6 +241,8 @@ impl Vm {
             requests: VcpuRequests::new(),
             counters: VmCounters::default(),
             dead: AtomicBool::new(false),
+            dirty_log: dirty_log::DirtyLogState::default(),
+            dirty_ring: dirty_ring::DirtyRingState::default(),
             config,
         });
         let subscription = host.register_notifier(Arc::new(invalidate::VmNotifier::new(&inner)));
@@ -349,12 +367,16 @@ impl VmInner {
             MemslotChange::Unchanged => {}
             MemslotChange::Create { mut new } => {
                 self.attach_new_rmaps(&mut new)?;
+                self.attach_dirty_bitmap(None, &mut new);
                 self.swap_memslots(as_id, None, Some(Arc::new(new)));
             }
             MemslotChange::FlagsOnly { old, mut new } => {
                 // A flags-only change keeps the slot's SPTEs, so it keeps their rmaps.
                 new.set_rmaps(old.rmaps_arc());
-                self.swap_memslots(as_id, Some(&old), Some(Arc::new(new)));
+                self.attach_dirty_bitmap(Some(&old), &mut new);
+                let new = Arc::new(new);
+                self.swap_memslots(as_id, Some(&old), Some(Arc::clone(&new)));
+                self.dirty_log_flags_changed(&old, &new);
             }
             MemslotChange::Delete { old } => {
                 let invalid = Arc::new(old.invalid_copy());
@@ -364,6 +386,7 @@ impl VmInner {
             }
             MemslotChange::Move { old, mut new } => {
                 self.attach_new_rmaps(&mut new)?;
+                self.attach_dirty_bitmap(Some(&old), &mut new);
                 let invalid = Arc::new(old.invalid_copy());
                 self.swap_memslots(as_id, Some(&old), Some(invalid.clone()));
                 self.flush_shadow_memslot(&old);
@@ -491,6 +514,8 @@ impl VmInner {
             age_calls: c.age_calls.sum(),
             age_young: c.age_young.sum(),
             remote_tlb_flush: c.remote_tlb_flush.load(Ordering::Relaxed),
+            pf_fast: c.pf_fast.sum(),
+            pf_fixed: c.pf_fixed.sum(),
             invalidate: self.invalidate.counters(),
             mn_active_invalidate_count: *self.mn_invalidate.lock(),
             mmu_lock: self.mmu_lock.stats(),

@@ -61,6 +61,7 @@
 //! `handle_removed_pt` with its FROZEN exchange loop), MMIO SPTEs, and mirror (TDX) roots.
 
 mod age;
+pub mod dirty;
 mod fault;
 #[cfg(feature = "test-hooks")]
 pub mod hooks;

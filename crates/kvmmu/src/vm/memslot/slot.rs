@@ -10,6 +10,7 @@ use bitflags::bitflags;
 use crate::addr::{AsId, Gfn, GfnRange, Gpa, Hva, PAGE_SHIFT, PAGE_SIZE, SlotId};
 use crate::mmu::shadow::SlotRmaps;
 use crate::sync::Arc;
+use crate::vm::dirty_log::DirtyBitmap;
 
 /// A slot's optional rmap arrays. Equality is identity: two slots are equal when they share the
 /// same arrays (or both have none), so the derived `PartialEq` of [`Memslot`] keeps comparing the
@@ -42,6 +43,22 @@ impl PartialEq for LpageRef {
 }
 
 impl Eq for LpageRef {}
+
+/// A slot's optional dirty bitmap; equality is identity, as for [`RmapsRef`].
+#[derive(Debug)]
+struct DirtyRef(Option<Arc<DirtyBitmap>>);
+
+impl PartialEq for DirtyRef {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for DirtyRef {}
 
 /// Largest number of pages one memslot may span (KVM's `KVM_MEM_MAX_NR_PAGES`, 2^31 - 1 pages,
 /// just under 8 TiB): dirty bitmaps are indexed with an `int`.
@@ -123,6 +140,8 @@ pub struct Memslot {
     rmaps: RmapsRef,
     /// `lpage_info`: the `disallow_lpage` counts, shared by the INVALID copy.
     lpage: LpageRef,
+    /// The dirty bitmap while the slot has `LOG_DIRTY_PAGES` (`dirty_bitmap`); shared like `rmaps`.
+    dirty: DirtyRef,
     id: SlotId,
     as_id: AsId,
     /// `[base_gfn, base_gfn + npages)`, never empty.
@@ -161,6 +180,7 @@ impl Memslot {
         Some(Memslot {
             rmaps: RmapsRef(None),
             lpage: LpageRef(Arc::new(lpage)),
+            dirty: DirtyRef(None),
             id,
             as_id,
             gfns,
@@ -246,6 +266,7 @@ impl Memslot {
             invalid: true,
             rmaps: RmapsRef(self.rmaps.0.clone()),
             lpage: self.lpage.clone(),
+            dirty: DirtyRef(self.dirty.0.clone()),
             ..*self
         }
     }
@@ -271,6 +292,22 @@ impl Memslot {
     /// The shared handle to this slot's rmaps (for a flags-only successor, which keeps them).
     pub(crate) fn rmaps_arc(&self) -> Option<Arc<SlotRmaps>> {
         self.rmaps.0.clone()
+    }
+
+    /// The dirty bitmap, while the slot logs dirty pages.
+    #[inline]
+    pub fn dirty_bitmap(&self) -> Option<&DirtyBitmap> {
+        self.dirty.0.as_deref()
+    }
+
+    /// The shared handle to the dirty bitmap (for a successor that keeps logging).
+    pub(crate) fn dirty_bitmap_arc(&self) -> Option<Arc<DirtyBitmap>> {
+        self.dirty.0.clone()
+    }
+
+    /// Attaches (or drops) the dirty bitmap, before the slot is published.
+    pub(crate) fn set_dirty_bitmap(&mut self, bitmap: Option<Arc<DirtyBitmap>>) {
+        self.dirty = DirtyRef(bitmap);
     }
 
     /// Attaches rmap arrays (the VM does this for shadow-MMU VMs before publishing the slot).

@@ -130,4 +130,13 @@ impl SptePtr {
         self.slot()
             .fetch_and(!SPTE_ACCESSED_MASK, Ordering::Relaxed)
     }
+
+    /// Clears `mask` with one atomic AND and returns the previous value (dirty logging's re-arm
+    /// clears W this way, keeping MMU-writable; docs/locking.md "Dirty logging" D1).
+    #[inline]
+    pub fn clear_bits(self, mask: u64) -> u64 {
+        // ORDERING: Relaxed: atomicity keeps a concurrent A/D update (item 19); the remote TLB
+        // flush the caller issues afterwards orders vCPUs after it.
+        self.slot().fetch_and(!mask, Ordering::Relaxed)
+    }
 }

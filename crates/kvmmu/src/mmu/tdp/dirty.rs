@@ -1,0 +1,203 @@
+//! Dirty logging on the TDP MMU: re-arming by write-protection (`kvm_tdp_mmu_clear_dirty_pt_masked`
+//! with `wrprot`, `kvm_tdp_mmu_wrprot_slot`) and the fast page fault that undoes it
+//! (`fast_page_fault` on a direct root, `Documentation/virt/kvm/locking.rst` "Fast page fault").
+//!
+//! # Protocol (docs/locking.md "Dirty logging", docs/invariants.md "Dirty logging")
+//! - **Re-arm** (`mmu_lock` write + RCU): clears W with one `fetch_and(!W)` on each present leaf
+//!   it is asked about, keeping MMU-writable, host-writable, A and D. It never changes the pfn or
+//!   bit 11, so it composes with the lockless ager's `fetch_and(!A)` and the CPU's A/D CAS. The
+//!   caller flushes remote TLBs before it returns to its user (D1).
+//! - **Fast page fault** (RCU only, no `mmu_lock`): a write fault on a present 4K leaf that is
+//!   MMU-writable but not writable is fixed by one CAS from the value read to the same value with
+//!   W and A set. The CAS compares the whole word, so it fails if a zap, a re-arm, an ager or the
+//!   CPU changed the leaf since it was read (no write through a stale pfn: a zapped leaf is
+//!   NONPRESENT or, inside an unlinked table, FROZEN, neither of which matches). On failure the
+//!   caller takes the slow path (D2). The caller marks the page dirty after a successful CAS and
+//!   before the vCPU's write (D3).
+//!
+//! # Huge leaves
+//! Leaves are 4K only today (tdp/mod.rs P2). Where a huge leaf meets dirty logging, the huge-pages work splits it first (eager split when logging is enabled,
+//! `kvm_mmu_slot_try_split_huge_pages`); until then a huge leaf is write-protected as a whole and
+//! never fast-fixed, so every write to it takes the slow path, which maps at 4K.
+
+use crate::addr::{AsId, Gfn, GfnRange, Level};
+use crate::mmu::spte::{ACCESSED_MASK, AtomicSpte, DIRTY_MASK, Spte, SpteKind, WRITABLE_MASK};
+use crate::sync::atomic::Ordering;
+use crate::sync::rcu::RcuGuard;
+use crate::sync::witness::MmuWrite;
+
+use super::iter::TdpIter;
+use super::table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
+use super::{RootRef, TdpMmu};
+
+/// The result of a fast page fault attempt (`RET_PF_FIXED` / `RET_PF_SPURIOUS` / `RET_PF_INVALID`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FastFault {
+    /// The leaf was made writable by one CAS: the caller marks the page dirty.
+    Fixed,
+    /// The leaf already allows the write.
+    Spurious,
+    /// Not a case for the fast path (no present 4K leaf, not MMU-writable, invalid root, or the
+    /// CAS lost a race): take the slow path.
+    Slow,
+}
+
+impl TdpMmu {
+    /// Clears W on every present leaf of `as_id`'s valid root in `range` whose gfn passes
+    /// `wanted` (`kvm_tdp_mmu_clear_dirty_pt_masked` with write-protection); returns true if some
+    /// leaf lost W, i.e. remote TLBs must be flushed before the caller's user relies on it (D1).
+    /// MMU-writable is kept, so the next write is fixed by [`TdpMmu::fast_page_fault`].
+    pub fn write_protect_range(
+        &self,
+        as_id: AsId,
+        range: GfnRange,
+        wanted: impl FnMut(Gfn) -> bool,
+        mmu: &MmuWrite,
+        rcu: &RcuGuard<'_>,
+    ) -> bool {
+        self.clear_leaf_bit_range(as_id, range, WRITABLE_MASK, wanted, |_| {}, mmu, rcu)
+    }
+
+    /// The D-bit re-arm (`kvm_tdp_mmu_clear_dirty_pt_masked` without write-protection, the PML
+    /// flavour): clears D on every present leaf in `range` whose gfn passes `wanted`, calling
+    /// `dirty` with the first gfn of each leaf whose D this call cleared (from the value the
+    /// atomic AND returned, so a D set concurrently is either reported here or left in the
+    /// leaf). Returns true if some leaf lost D: TLB entries that cached it must be flushed.
+    pub fn clear_dirty_range(
+        &self,
+        as_id: AsId,
+        range: GfnRange,
+        wanted: impl FnMut(Gfn) -> bool,
+        dirty: impl FnMut(Gfn),
+        mmu: &MmuWrite,
+        rcu: &RcuGuard<'_>,
+    ) -> bool {
+        self.clear_leaf_bit_range(as_id, range, DIRTY_MASK, wanted, dirty, mmu, rcu)
+    }
+
+    /// Clears `bit` with one atomic AND on the present leaves in `range` that have it and whose
+    /// gfn passes `wanted`; `cleared` gets the gfn of each leaf whose bit the AND removed.
+    #[allow(clippy::too_many_arguments)]
+    fn clear_leaf_bit_range(
+        &self,
+        as_id: AsId,
+        range: GfnRange,
+        bit: u64,
+        mut wanted: impl FnMut(Gfn) -> bool,
+        mut cleared: impl FnMut(Gfn),
+        mmu: &MmuWrite,
+        rcu: &RcuGuard<'_>,
+    ) -> bool {
+        self.check_lock(mmu.lock_id());
+        self.assert_rcu_domain(rcu);
+        let start = range.start().raw();
+        let end = range.end().raw().min(GFN_LIMIT);
+        if start >= end {
+            return false;
+        }
+        let Some(root) = self.inner.valid_root(as_id) else {
+            return false;
+        };
+        // SAFETY: found through the valid-root slot under `rcu` (P4).
+        let root = unsafe { root.get() };
+        let mut any = false;
+        // SAFETY: the root table stays allocated while `rcu` is pinned (P4).
+        let mut it = unsafe { TdpIter::new(root.table, start, end, rcu) };
+        while it.valid() {
+            let old = it.old();
+            let level = it.level();
+            if old.is_present_leaf(level) && old.raw() & bit != 0 {
+                // HUGE-PAGE HOOK: a huge leaf must be split here (or eagerly when logging is
+                // enabled) before per-4K tracking; until then it is handled whole.
+                let gfn = Gfn::new(it.gfn().max(start));
+                if level > Level::L4K || wanted(gfn) {
+                    let prev = clear_bits(it.sptep(), bit);
+                    if prev.raw() & bit != 0 {
+                        any = true;
+                        cleared(gfn);
+                    }
+                    it.set_old(prev);
+                }
+            }
+            it.next();
+        }
+        any
+    }
+
+    /// The fast page fault (`fast_page_fault`, direct roots only): for a write fault on `gfn`,
+    /// makes a present 4K leaf that is MMU-writable but not writable writable again with one CAS
+    /// and no `mmu_lock` (D2). Reads only under `rcu`.
+    pub fn fast_page_fault(&self, root: &RootRef, gfn: Gfn, rcu: &RcuGuard<'_>) -> FastFault {
+        assert!(
+            root.belongs_to(self),
+            "fast_page_fault: the root belongs to another TdpMmu"
+        );
+        self.assert_rcu_domain(rcu);
+        if root.is_invalid() || gfn.raw() >= GFN_LIMIT {
+            return FastFault::Slow;
+        }
+        // SAFETY: we hold a reference to `root`, so its table is allocated (P4); the tables below
+        // are reached under `rcu` (P1).
+        let Some((sptep, old)) = (unsafe { find_4k_leaf(root.table(), gfn.raw(), rcu) }) else {
+            return FastFault::Slow;
+        };
+        fix_writable(sptep, old)
+    }
+}
+
+/// The fast path's one write: from `old` (a present 4K leaf) to `old | W | A` if `old` is
+/// MMU-writable and not writable. Shared with the loom model of the fast path.
+#[inline]
+pub(crate) fn fix_writable(sptep: &AtomicSpte, old: Spte) -> FastFault {
+    if old.is_writable() {
+        return FastFault::Spurious;
+    }
+    if !old.is_mmu_writable() {
+        return FastFault::Slow;
+    }
+    let new = Spte::from_raw(old.raw() | WRITABLE_MASK | ACCESSED_MASK);
+    // ORDERING: D2 — the CAS changes only permission bits of a leaf whose pfn and frame contents
+    // were published by the installing fault's Release CAS; an RMW continues that release
+    // sequence, so a walker's Acquire load of the new value still synchronises with the install.
+    // Comparing the whole word is what rules out a stale pfn (a zapped leaf never reads back equal).
+    match sptep.compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => FastFault::Fixed,
+        Err(_) => FastFault::Slow,
+    }
+}
+
+/// Re-arm's one write: `fetch_and(!bit)` (W, or D in the D-bit mode); returns the previous value.
+#[inline]
+pub(crate) fn clear_bits(sptep: &AtomicSpte, bit: u64) -> Spte {
+    // ORDERING: D1 — atomicity keeps a concurrent A/D set or fast-path CAS (the latter then either
+    // lands first and is cleared here, or fails); the remote TLB flush that follows orders vCPUs.
+    sptep.fetch_and(!bit, Ordering::Relaxed)
+}
+
+/// Walks to the 4K leaf slot of `gfn`; `None` at a non-present entry, FROZEN or a huge leaf.
+///
+/// # Safety
+/// `table` is a root table valid for `'g` (the caller holds a reference to its root; P4).
+unsafe fn find_4k_leaf<'g>(
+    table: TablePtr,
+    gfn: u64,
+    _rcu: &'g RcuGuard<'_>,
+) -> Option<(&'g AtomicSpte, Spte)> {
+    let mut table = table;
+    let mut level = ROOT_LEVEL;
+    loop {
+        // SAFETY: the root table (this function's contract) or a table read from a present
+        // non-leaf SPTE while `_rcu` is pinned (P1).
+        let sptep = unsafe { table.get::<'g>() }.entry(gfn, level);
+        // ORDERING: O1 — the value may be followed into a child table.
+        let spte = sptep.load(Ordering::Acquire);
+        match spte.kind(level) {
+            SpteKind::Leaf if level == Level::L4K => return Some((sptep, spte)),
+            SpteKind::Table => {
+                table = TablePtr::from_spte(spte);
+                level = level.down()?;
+            }
+            _ => return None,
+        }
+    }
+}
