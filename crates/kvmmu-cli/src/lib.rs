@@ -6,6 +6,7 @@
 //!   `mprotect` read-only under running vCPUs, slot deletion and `release` at exit.
 //! - [`compare`]: one workload in several configurations, alternated, medians and ratios.
 //! - [`report`]: the result every workload returns, rendered as a table, JSON or a plot.
+//! - [`trace`]: `--trace FILE`, the run as a Chrome trace-event (Perfetto) JSON file.
 //! - [`error`]: how the command fails (one line, an exit status per kind of failure).
 
 pub mod access_tracking;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod mmu_stress;
 pub mod report;
 pub mod size;
+pub mod trace;
 pub mod vcpus;
 pub mod vs_kvm;
 

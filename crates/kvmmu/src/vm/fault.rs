@@ -92,6 +92,7 @@ impl VmInner {
         gpa: Gpa,
         write: bool,
     ) -> Result<FaultOutcome, VcpuExit> {
+        let _trace = tracing::trace_span!("page_fault", gfn = gpa.gfn().raw(), write).entered();
         self.counters.faults.add(1);
         let outcome = self.page_fault_inner(root, gpa.gfn(), gpa, write)?;
         if matches!(outcome, FaultOutcome::Retry(_)) {
