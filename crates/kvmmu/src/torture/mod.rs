@@ -115,6 +115,37 @@ pub struct TortureConfig {
     /// Forced yield period (0 = off) in the TDP fault, age and zap paths and at the rmap hook
     /// sites (bit-lock acquire, bit held, lockless aging); needs `test-hooks`.
     pub yield_period: u32,
+    /// Where the run publishes its progress while it goes on (operations completed by every
+    /// actor, violations found so far), for a live display; `None` publishes nothing.
+    pub live: Option<Arc<LiveProgress>>,
+}
+
+/// A torture run's progress while it goes on: read it from another thread (e.g. every 200 ms
+/// for a progress bar) while [`run`] works. The counts only grow during a run.
+#[derive(Debug, Default)]
+pub struct LiveProgress {
+    ops: AtomicU64,
+    violations: AtomicU64,
+}
+
+impl LiveProgress {
+    /// Operations completed so far by every actor together (published by the supervisor every
+    /// 20 ms, so up to one tick behind).
+    pub fn ops(&self) -> u64 {
+        // ORDERING: Relaxed: a display counter; nothing is published through it.
+        self.ops.load(Ordering::Relaxed)
+    }
+
+    /// Violations found so far.
+    pub fn violations(&self) -> u64 {
+        // ORDERING: Relaxed: a display counter; the report carries the violations themselves.
+        self.violations.load(Ordering::Relaxed)
+    }
+
+    fn note_violation(&self) {
+        // ORDERING: Relaxed: a display counter.
+        self.violations.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Default for TortureConfig {
@@ -136,6 +167,7 @@ impl Default for TortureConfig {
             stall_timeout: Duration::from_secs(20),
             cas_failure_period: 0,
             yield_period: 0,
+            live: None,
         }
     }
 }
@@ -373,6 +405,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
         accessed_hidden_by_tlb: AtomicU64::new(0),
         accessed_excused_by_reset: AtomicU64::new(0),
         started: Instant::now(),
+        live: cfg.live.clone(),
     });
     let mut threads: Vec<ActorThread> = Vec::new();
     let mut spawn = |actor: ActorId, body: Box<dyn FnOnce(&Progress) + Send>| {
@@ -500,6 +533,13 @@ fn supervise(cfg: &TortureConfig, vm: &Vm, sh: &Shared, threads: &[ActorThread])
             );
         }
         seq = now_seq;
+        if let Some(live) = &sh.live {
+            // ORDERING: Relaxed: display counters (see `LiveProgress`).
+            let ops = threads
+                .iter()
+                .map(|t| t.progress.ops.load(Ordering::Relaxed));
+            live.ops.store(ops.sum(), Ordering::Relaxed);
+        }
         // ORDERING: Acquire pairs with each thread's Release store of `done`.
         let done = |t: &ActorThread| t.progress.done.load(Ordering::Acquire);
         let vcpus_done = threads
