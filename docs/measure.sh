@@ -59,6 +59,16 @@ else
 fi
 
 say() { echo "measure.sh: $*" >&2; }
+# jq helpers: `fixed(d)` prints a number with exactly d decimals; `ms(d)` seconds as milliseconds.
+DEFS='
+  def fixed($d): (. * pow(10; $d) | round) as $n
+    | ($n | fabs | tostring) as $a
+    | ([range(0; $d + 1 - ($a | length))] | map("0") | join("")) + $a
+    | (if $n < 0 then "-" else "" end)
+      + (if $d == 0 then . else .[0:length - $d] + "." + .[length - $d:] end);
+  def ms($d): if . == null then "–" else "\(. * 1000 | fixed($d)) ms" end;
+  def x($d): "\(fixed($d))x";
+'
 show() { printf '\n```sh\n%s\n```\n\n' "$*"; }
 
 # --- 1. the default workload --------------------------------------------------------------------
@@ -79,8 +89,8 @@ run_metrics='
     young: (.counts.aged_sptes_first_pass / secs("aging pass 1") / 1e6),
     idle: (.counts.guest_pages / ([.phases[] | select(.name | test("^aging pass [2-9]")) | .seconds] | median) / 1e6) };'
 span() { # span FIELD AGING -> "a–b" over the runs
-    jq -rs --arg f "$1" "$run_metrics"'
-      def fmt: if . >= 100 then round elif . >= 10 then (. * 10 | round / 10) else (. * 100 | round / 100) end | tostring;
+    jq -rs --arg f "$1" "$DEFS$run_metrics"'
+      def fmt: if . >= 100 then fixed(0) elif . >= 10 then fixed(1) else fixed(2) end;
       [.[] | metrics | .[$f]] | (min | fmt) as $a | (max | fmt) as $b
       | if $a == $b then $a else "\($a)–\($b)" end' "$TMP"/run-"$2"-*.json
 }
@@ -100,9 +110,8 @@ show "kvmmu bench ${BENCH[*]}    # and --mmu shadow"
 "$K" bench "${BENCH[@]}" --mmu shadow --json >"$TMP/bench-shadow.json"
 echo "| ratio | TDP MMU | shadow MMU | target | status (TDP / shadow) |"
 echo "|---|---|---|---|---|"
-jq -rn --slurpfile t "$TMP/bench-tdp.json" --slurpfile s "$TMP/bench-shadow.json" '
-  def fmt: if . == null then "–" elif . >= 100 then (. * 10 | round / 10 | tostring)
-           else (. * 1000 | round / 1000 | tostring) end;
+jq -rn --slurpfile t "$TMP/bench-tdp.json" --slurpfile s "$TMP/bench-shadow.json" "$DEFS"'
+  def fmt: if . == null then "–" elif . >= 100 then fixed(1) elif . >= 10 then fixed(2) else fixed(3) end;
   def status: if . == null then "shown" elif . then "met" else "missed" end;
   ($s[0].ratios | map({(.id): .}) | add) as $sh
   | $t[0].ratios[]
@@ -118,7 +127,7 @@ if ((!QUICK)); then
     "$K" bench --only scaling --reps 3 --json >"$TMP/scaling.json"
     echo "| figure | median | unit |"
     echo "|---|---|---|"
-    jq -r '.figures[] | select(.scenario == "scaling") | "| \(.name) | \(.median * 10 | round / 10) | \(.unit) |"' "$TMP/scaling.json"
+    jq -r "$DEFS"'.figures[] | select(.scenario == "scaling") | "| \(.name) | \(.median | fixed(1)) | \(.unit) |"' "$TMP/scaling.json"
 fi
 
 # --- 4. access-tracking -p compare --------------------------------------------------------------
@@ -131,16 +140,16 @@ for v in 1 2; do
         access-tracking -v "$v" -b "$AT_BYTES" -p >"$TMP/at-$v.json"
 done
 cell() { # cell FILE ROW "a/b" -> "x / y ms = **r x**"
-    jq -r --arg row "$2" --arg pair "$3" --arg unit "${4:-ms}" '
+    jq -r --arg row "$2" --arg pair "$3" "$DEFS"'
       ([.rows[] | select(.name == $row)][0].medians) as $m
       | ($pair | split("/") | map(tonumber)) as [$a, $b]
-      | "\($m[$a] * 10000 | round / 10) / \($m[$b] * 10000 | round / 10) \($unit) = **\($m[$a] / $m[$b] * 100 | round / 100)x**"' "$1"
+      | "\($m[$a] * 1000 | fixed(1)) / \($m[$b] | ms(1)) = **\($m[$a] / $m[$b] | x(2))**"' "$1"
 }
 ratio() { # ratio FILE ROW "a/b" -> "**r x**"
-    jq -r --arg row "$2" --arg pair "$3" '
+    jq -r --arg row "$2" --arg pair "$3" "$DEFS"'
       ([.rows[] | select(.name == $row)][0].medians) as $m
       | ($pair | split("/") | map(tonumber)) as [$a, $b]
-      | "**\($m[$a] / $m[$b] * 100 | round / 100)x**"' "$1"
+      | "**\($m[$a] / $m[$b] | x(2))**"' "$1"
 }
 echo "| quantity | kvmmu, \`-v 1\` | published, 1 vCPU | kvmmu, \`-v 2\` | published, 2 vCPUs |"
 echo "|---|---|---|---|---|"
@@ -157,11 +166,10 @@ show "kvmmu compare --runs $MS_RUNS --configs lockless,locked,no-aging mmu-stres
 "$K" compare --runs "$MS_RUNS" --configs lockless,locked,no-aging --json mmu-stress "${MS[@]}" >"$TMP/ms.json"
 echo "| stage (medians) | lockless | locked | no aging | locked / lockless | lockless / no aging |"
 echo "|---|---|---|---|---|---|"
-jq -r '
-  def ms: if . == null then "–" else "\(. * 10000 | round / 10) ms" end;
-  def r($a; $b): if $a == null or $b == null or $b == 0 then "–" else "**\($a / $b * 100 | round / 100)x**" end;
+jq -r "$DEFS"'
+  def r($a; $b): if $a == null or $b == null or $b == 0 then "–" else "**\($a / $b | x(2))**" end;
   .rows[] | .medians as $m
-  | "| \(.name) | \($m[0] | ms) | \($m[1] | ms) | \($m[2] | ms) | \(r($m[1]; $m[0])) | \(r($m[0]; $m[2])) |"' "$TMP/ms.json"
+  | "| \(.name) | \($m[0] | ms(1)) | \($m[1] | ms(1)) | \($m[2] | ms(1)) | \(r($m[1]; $m[0])) | \(r($m[0]; $m[2])) |"' "$TMP/ms.json"
 
 # --- 6. the shadow MMU compare ------------------------------------------------------------------
 say "compare access-tracking -p --mmu shadow -v 2 -b $SH_BYTES, $SH_RUNS run(s)"
@@ -172,12 +180,11 @@ show "kvmmu compare --configs lockless,locked --runs $SH_RUNS access-tracking -p
     access-tracking -p --mmu shadow -v 2 -b "$SH_BYTES" >"$TMP/shadow.json"
 echo "| quantity (shadow MMU, \`-v 2 -b $SH_BYTES -p\`, medians of $SH_RUNS) | lockless | locked | locked / lockless | published (\`-v 64\`) |"
 echo "|---|---|---|---|---|"
-jq -r '
+jq -r "$DEFS"'
   def row($n): [.rows[] | select(.name == $n)][0].medians;
-  def ms: "\(. * 100000 | round / 100) ms";
   (row("aging_avg_pass_s")) as $p | (row("vcpu_wall_time_s")) as $w
-  | "| avg aging pass | \($p[0] | ms) | \($p[1] | ms) | **\($p[1] / $p[0] * 100 | round / 100)x** | 30x |",
-    "| vCPU wall time | \($w[0] | ms) | \($w[1] | ms) | \($w[1] / $w[0] * 100 | round / 100)x | \"no notable improvement\" |"' "$TMP/shadow.json"
+  | "| avg aging pass | \($p[0] | ms(2)) | \($p[1] | ms(2)) | **\($p[1] / $p[0] | x(2))** | 30x |",
+    "| vCPU wall time | \($w[0] | ms(2)) | \($w[1] | ms(2)) | \($w[1] / $w[0] | x(2)) | \"no notable improvement\" |"' "$TMP/shadow.json"
 
 # --- 7. vs-kvm ----------------------------------------------------------------------------------
 echo
@@ -185,11 +192,11 @@ echo "### kvmmu against /dev/kvm (README: Held against the real kernel)"
 show "kvmmu vs-kvm ${VS[*]}"
 if [[ -e /dev/kvm ]] && "$K" vs-kvm "${VS[@]}" --json >"$TMP/vs.json" 2>"$TMP/vs.err"; then
     say "vs-kvm ${VS[*]}"
-    jq -r '
+    jq -r "$DEFS"'
       def names: {"kvm": "kvm (`/dev/kvm`)", "kvmmu-tdp": "kvmmu TDP", "kvmmu-shadow": "kvmmu shadow"};
       "| backend (\(.bytes / 1048576) MiB, \(.hot_percent)% re-touched, medians of \(.runs)) | populate ns/page | ratio | re-touch ns/page | ratio |",
       "|---|---|---|---|---|",
-      (.rows[] | "| \(names[.backend] // .backend) | \(.populate_ns_per_page * 10 | round / 10) | \(.populate_ratio * 1000 | round / 1000)x | \(.retouch_ns_per_page * 10 | round / 10) | \(.retouch_ratio * 1000 | round / 1000)x |")' "$TMP/vs.json"
+      (.rows[] | "| \(names[.backend] // .backend) | \(.populate_ns_per_page | fixed(1)) | \(.populate_ratio | x(3)) | \(.retouch_ns_per_page | fixed(1)) | \(.retouch_ratio | x(3)) |")' "$TMP/vs.json"
 else
     echo "(skipped: no usable /dev/kvm here: $(head -c 200 "$TMP/vs.err" 2>/dev/null || true))"
 fi
