@@ -114,6 +114,21 @@ pub fn run_vcpus(
     })
 }
 
+/// Spawns a scoped thread named `name` (the name shows in `--trace`'s tracks and in debuggers).
+///
+/// # Panics
+/// If the OS cannot create the thread, as `std::thread::Scope::spawn` does.
+pub fn spawn_named<'scope, 'env, T: Send + 'scope>(
+    s: &'scope std::thread::Scope<'scope, 'env>,
+    name: String,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> std::thread::ScopedJoinHandle<'scope, T> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn_scoped(s, f)
+        .expect("failed to spawn thread")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,19 +156,4 @@ mod tests {
         assert!(p.per_thread.iter().all(|d| *d <= p.wall));
         assert_eq!(PhaseTime::from_spans(&[]).wall, Duration::ZERO);
     }
-}
-
-/// Spawns a scoped thread named `name` (the name shows in `--trace`'s tracks and in debuggers).
-///
-/// # Panics
-/// If the OS cannot create the thread, as `std::thread::Scope::spawn` does.
-pub fn spawn_named<'scope, 'env, T: Send + 'scope>(
-    s: &'scope std::thread::Scope<'scope, 'env>,
-    name: String,
-    f: impl FnOnce() -> T + Send + 'scope,
-) -> std::thread::ScopedJoinHandle<'scope, T> {
-    std::thread::Builder::new()
-        .name(name)
-        .spawn_scoped(s, f)
-        .expect("failed to spawn thread")
 }
