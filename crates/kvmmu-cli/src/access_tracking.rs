@@ -441,31 +441,35 @@ fn mark_idle_page_idle(
         let hs: Vec<_> = (0..threads)
             .map(|i| {
                 let (no_pfn, still_idle, pb, start) = (&no_pfn, &still_idle, &pb, &start);
-                s.spawn(move || -> (anyhow::Result<()>, Span) {
-                    start.wait();
-                    Span::measure(|| -> anyhow::Result<()> {
-                        let (first, n) = lay.region(i);
-                        for p in first..first + n {
-                            if p % 4096 == 4095 {
-                                pb.inc(4096);
-                            }
-                            let a = page_hva(hva, p);
-                            match idle.read(a)? {
-                                IdleState::NoPfn => {
-                                    no_pfn.fetch_add(1, Ordering::Relaxed);
-                                    continue;
+                crate::vcpus::spawn_named(
+                    s,
+                    format!("page-idle-{i}"),
+                    move || -> (anyhow::Result<()>, Span) {
+                        start.wait();
+                        Span::measure(|| -> anyhow::Result<()> {
+                            let (first, n) = lay.region(i);
+                            for p in first..first + n {
+                                if p % 4096 == 4095 {
+                                    pb.inc(4096);
                                 }
-                                IdleState::Idle => {
-                                    still_idle.fetch_add(1, Ordering::Relaxed);
-                                    continue;
+                                let a = page_hva(hva, p);
+                                match idle.read(a)? {
+                                    IdleState::NoPfn => {
+                                        no_pfn.fetch_add(1, Ordering::Relaxed);
+                                        continue;
+                                    }
+                                    IdleState::Idle => {
+                                        still_idle.fetch_add(1, Ordering::Relaxed);
+                                        continue;
+                                    }
+                                    IdleState::NotIdle => {}
                                 }
-                                IdleState::NotIdle => {}
+                                idle.mark_idle(a)?;
                             }
-                            idle.mark_idle(a)?;
-                        }
-                        Ok(())
-                    })
-                })
+                            Ok(())
+                        })
+                    },
+                )
             })
             .collect();
         let mut spans = Vec::new();
@@ -592,7 +596,7 @@ fn populate_while_aging(
             .map(|(i, vcpu)| {
                 let (done, spans, b, pb) = (&done, &spans, &start_barrier, &pb);
                 let aging_started = &aging_started;
-                s.spawn(move || -> anyhow::Result<()> {
+                crate::vcpus::spawn_named(s, format!("vcpu-{i}"), move || -> anyhow::Result<()> {
                     b.wait();
                     // ORDERING: Acquire pairs with the aging thread's Release store; the flag
                     // only orders start times, no data is published through it. Bounded: the

@@ -69,6 +69,13 @@ pub fn as_usage(e: anyhow::Error) -> anyhow::Error {
     usage(one_line(&e))
 }
 
+/// True if `result` is a refused command line (nothing ran, so nothing should be written).
+pub fn is_usage<T>(result: &anyhow::Result<T>) -> bool {
+    result
+        .as_ref()
+        .is_err_and(|e| e.chain().any(|c| c.is::<UsageError>()))
+}
+
 /// Checks that failed: each line names the check and the numbers behind the verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChecksFailed {

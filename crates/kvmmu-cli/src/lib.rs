@@ -7,6 +7,7 @@
 //! - [`dirty_log_test`], [`dirty_log_perf`]: KVM's `dirty_log_test` and `dirty_log_perf_test`.
 //! - [`compare`]: one workload in several configurations, alternated, medians and ratios.
 //! - [`report`]: the result every workload returns, rendered as a table, JSON or a plot.
+//! - [`trace`]: `--trace FILE`, the run as a Chrome trace-event (Perfetto) JSON file.
 //! - [`error`]: how the command fails (one line, an exit status per kind of failure).
 
 pub mod access_tracking;
@@ -18,6 +19,7 @@ pub mod mmu_stress;
 pub mod reclaim;
 pub mod report;
 pub mod size;
+pub mod trace;
 pub mod vcpus;
 pub mod vs_kvm;
 pub mod wss;

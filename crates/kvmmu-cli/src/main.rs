@@ -30,6 +30,12 @@ pub struct Cli {
     /// Options of the default workload (when no subcommand is given).
     #[command(flatten)]
     pub workload: WorkloadArgs,
+
+    /// Also record the run as a Chrome trace-event JSON file (open it in Perfetto): one track per
+    /// thread with vCPU exits and faults, aging, invalidations, mmu_lock waits and holds, remote
+    /// TLB flushes and memslot swaps.
+    #[arg(long, global = true, value_name = "FILE.json")]
+    pub trace: Option<std::path::PathBuf>,
 }
 
 /// The subcommands.
@@ -133,6 +139,19 @@ fn restore_sigpipe() {
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     kvmmu_cli::report::progress::install_interrupt_handler();
+    let trace = cli
+        .trace
+        .as_deref()
+        .map(kvmmu_cli::trace::start)
+        .transpose()?;
+    let result = run_command(cli, matches);
+    match trace {
+        Some(t) if !kvmmu_cli::error::is_usage(&result) => result.and(t.finish().map(drop)),
+        _ => result,
+    }
+}
+
+fn run_command(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     match cli.command {
         None => workload::main(&cli.workload)?,
         Some(Command::Run(args)) => workload::main(&args)?,

@@ -502,7 +502,7 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
     let (times, aging_passes) = std::thread::scope(|s| {
         let ager = a.age.then(|| {
             let (host, stop) = (&host, &stop_aging);
-            s.spawn(move || -> anyhow::Result<u64> {
+            crate::vcpus::spawn_named(s, "aging".into(), move || -> anyhow::Result<u64> {
                 let mut passes = 0;
                 // Bounded by the main thread, which always sets `stop` (below) before joining.
                 while !stop.load(Ordering::Acquire) {
@@ -518,7 +518,7 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
             .enumerate()
             .map(|(i, (v, range))| {
                 let (sh, rv) = (&sh, &rv);
-                s.spawn(move || {
+                crate::vcpus::spawn_named(s, format!("vcpu-{i}"), move || {
                     let mut guard = AbortOnDrop(rv, false);
                     let mut marks = Vec::new();
                     let res = vcpu_thread(i, v, *range, sh, rv, &mut marks);

@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use clap::Args;
-use kvmmu::torture::{Actors, TortureConfig, TortureError, TortureReport};
+use kvmmu::torture::{Actors, LiveProgress, TortureConfig, TortureError, TortureReport};
 use kvmmu::{AgingMode, MmuKind};
 use kvmmu_cli::report::progress;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -314,12 +315,30 @@ fn flag_of(param: &str) -> &str {
     }
 }
 
+/// "s" unless `n` is 1.
+fn plural(n: u64) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// `n` with a k/M suffix, at most 5 columns (`999`, `12.3k`, `4.56M`).
+fn compact(n: f64) -> String {
+    match n {
+        n if n >= 1e6 => format!("{:.2}M", n / 1e6),
+        n if n >= 1e4 => format!("{:.0}k", n / 1e3),
+        n if n >= 1e3 => format!("{:.1}k", n / 1e3),
+        n => format!("{n:.0}"),
+    }
+}
+
 /// Runs `f` (the torture run) under a progress display: with `--duration`, a bar of the time
-/// elapsed and left; with `--ops`, a spinner with the elapsed time. (Operation rates and
-/// violations so far would need a progress hook in `kvmmu::torture`; the final report has them.)
-fn with_progress<T>(a: &TortureArgs, f: impl FnOnce() -> T) -> T {
+/// elapsed and left; with `--ops`, a spinner with the elapsed time; both with every actor's
+/// operations per second and the violations so far, read from `live` (the run's
+/// [`LiveProgress`](kvmmu::torture::LiveProgress)).
+fn with_progress<T>(a: &TortureArgs, live: &LiveProgress, f: impl FnOnce() -> T) -> T {
     let pb = match a.duration {
-        Some(d) => progress::bar(u64::try_from(d.as_millis()).unwrap_or(u64::MAX), "torture"),
+        Some(d) => {
+            progress::bar_with_prefix(u64::try_from(d.as_millis()).unwrap_or(u64::MAX), "torture")
+        }
         None => progress::spinner(&format!(
             "torture: {} ops per vCPU",
             a.ops.unwrap_or(DEFAULT_OPS)
@@ -334,13 +353,21 @@ fn with_progress<T>(a: &TortureArgs, f: impl FnOnce() -> T) -> T {
         s.spawn(|| {
             // Bounded: `done` is set as soon as `f` returns.
             // ORDERING: Relaxed: a stop flag; the scope's join orders the rest.
+            let mut last = (0u64, Instant::now());
             while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let (ops, now) = (live.ops(), Instant::now());
+                let rate = (ops - last.0.min(ops)) as f64
+                    / now.duration_since(last.1).as_secs_f64().max(1e-3);
+                last = (ops, now);
+                let v = live.violations();
+                let stats = format!("{} ops/s, {v} violation{}", compact(rate), plural(v));
                 if let Some(d) = a.duration {
                     let el = start.elapsed().min(d);
                     pb.set_position(u64::try_from(el.as_millis()).unwrap_or(u64::MAX));
-                    pb.set_message(format!("torture: {}s left", (d - el).as_secs()));
+                    pb.set_message(format!("{}s left", (d - el).as_secs()));
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                pb.set_prefix(stats);
             }
         });
         let r = f();
@@ -371,7 +398,12 @@ pub fn run(a: &TortureArgs) -> anyhow::Result<String> {
          with --seed {:#x} and the same options)",
         cfg.seed, cfg.seed
     ));
-    let report = with_progress(a, || kvmmu::torture::run(&cfg)).map_err(|e| match e {
+    let live = Arc::new(LiveProgress::default());
+    let cfg = TortureConfig {
+        live: Some(Arc::clone(&live)),
+        ..cfg
+    };
+    let report = with_progress(a, &live, || kvmmu::torture::run(&cfg)).map_err(|e| match e {
         TortureError::Parameter { name, why } => {
             kvmmu_cli::error::usage(format!("{} {why}", flag_of(name)))
         }

@@ -328,104 +328,135 @@ fn rate(n: u64, d: Duration) -> f64 {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut raw = String::new();
-        self.render(&mut raw)?;
-        let indent = " ".repeat(18);
-        f.write_str(&kvmmu_cli::report::table::fold(
-            &raw,
-            kvmmu_cli::report::table::WIDTH,
-            &indent,
-        ))
+        let mut out = String::new();
+        self.render(&mut out)?;
+        f.write_str(&out)
     }
 }
 
+/// Columns of the summary: a phase's label, its time, then its detail (continuation lines of a
+/// detail start under the detail's first word).
+const LABEL: usize = 14;
+const DETAIL_COLUMN: usize = 2 + LABEL + 10 + 3 + 2;
+
 impl Report {
-    /// The summary with long lines unfolded.
+    /// The summary, within [`WIDTH`](kvmmu_cli::report::table::WIDTH) columns.
     fn render(&self, f: &mut String) -> fmt::Result {
-        use std::fmt::Write as _;
+        use kvmmu_cli::report::table::{WIDTH, wrap};
         let mib = (self.pages * PAGE_SIZE) >> 20;
-        writeln!(
+        let plural = if self.vcpus == 1 { "" } else { "s" };
+        let mmu = match self.mmu {
+            MmuArg::Tdp => "TDP MMU",
+            MmuArg::Shadow => "shadow MMU",
+        };
+        let aging = match self.aging {
+            AgingArg::Lockless => "lockless aging",
+            AgingArg::Locked => "locked aging (under mmu_lock)",
+        };
+        f.push_str(&format!(
+            "kvmmu default workload: {} vCPU{plural}, {mib} MiB guest ({} pages)\n  {mmu}, {aging}\n",
+            self.vcpus, self.pages
+        ));
+        let timed = |f: &mut String, label: &str, d: Duration, detail: &str| {
+            let first = format!("  {label:<LABEL$}{:>10.3} ms  ", d.as_secs_f64() * 1e3);
+            f.push_str(&wrap(detail, &first, &" ".repeat(DETAIL_COLUMN), WIDTH));
+        };
+        let plain = |f: &mut String, label: &str, detail: &str| {
+            let first = format!("  {label:<LABEL$} ");
+            f.push_str(&wrap(detail, &first, &" ".repeat(LABEL + 3), WIDTH));
+        };
+        timed(
             f,
-            "kvmmu default workload: {} vCPUs, {} MiB guest ({} pages), mmu={:?}, aging={:?}",
-            self.vcpus, mib, self.pages, self.mmu, self.aging
-        )?;
-        writeln!(
+            "prefault RAM",
+            self.prefault,
+            "the simulator's own frame arena, not MMU work",
+        );
+        timed(
             f,
-            "  prefault RAM    {:>10.3} ms  (the simulator backing its frame arena; not timed below)",
-            self.prefault.as_secs_f64() * 1e3
-        )?;
-        writeln!(
-            f,
-            "  populate        {:>10.3} ms  {} faults ({} retries), {:.2} M faults/s per vCPU",
-            self.populate.wall.as_secs_f64() * 1e3,
-            self.faults,
-            self.fault_retries,
-            rate(self.faults, self.populate.wall) / self.vcpus as f64 / 1e6
-        )?;
+            "populate",
+            self.populate.wall,
+            &format!(
+                "{} faults ({} retries), {:.2} M faults/s per vCPU",
+                self.faults,
+                self.fault_retries,
+                rate(self.faults, self.populate.wall) / self.vcpus as f64 / 1e6
+            ),
+        );
         for (i, (d, young)) in self.passes.iter().enumerate() {
-            let extra = if i == 0 {
+            let seen = if *young { "young" } else { "none young" };
+            let detail = if i == 0 {
                 format!(
-                    ", {} SPTEs aged, {:.1} M SPTEs/s",
+                    "{seen}, {} SPTEs aged, {:.1} M SPTEs/s",
                     self.aged_sptes_first_pass,
                     rate(self.pages, *d) / 1e6
                 )
             } else {
-                format!(", {:.1} M SPTEs/s", rate(self.pages, *d) / 1e6)
+                format!("{seen}, {:.1} M SPTEs/s", rate(self.pages, *d) / 1e6)
             };
-            writeln!(
-                f,
-                "  aging pass {:<2}   {:>10.3} ms  young={}{}",
-                i + 1,
-                d.as_secs_f64() * 1e3,
-                young,
-                extra
-            )?;
+            timed(f, &format!("aging pass {}", i + 1), *d, &detail);
         }
-        writeln!(
+        timed(
             f,
-            "  hot/cold        {} of {} re-touched pages seen young; {} of {} untouched pages seen young",
-            self.hot_seen_young,
-            self.hot_pages,
-            self.cold_seen_young,
-            self.pages - self.hot_pages
-        )?;
-        writeln!(
+            "verify",
+            self.verify.wall,
+            "every page read back the value written",
+        );
+        plain(
             f,
-            "                  (re-touches that hit a TLB entry cached before aging set no Accessed bit: x86 does not flush TLBs when aging)"
-        )?;
-        writeln!(
+            "hot/cold",
+            &format!(
+                "{} of {} re-touched and {} of {} untouched pages seen young",
+                self.hot_seen_young,
+                self.hot_pages,
+                self.cold_seen_young,
+                self.pages - self.hot_pages
+            ),
+        );
+        plain(
             f,
-            "  verify          {:>10.3} ms  every page read back the value written",
-            self.verify.wall.as_secs_f64() * 1e3
-        )?;
-        writeln!(
+            "checks",
+            &format!(
+                "invalidations balanced (seq {}, in progress {}); no stale translation; \
+                 {} page-table pages allocated = {} freed at teardown",
+                self.stats.invalidate.seq,
+                self.stats.invalidate.in_progress,
+                self.tables_allocated,
+                self.tables_freed_after_teardown
+            ),
+        );
+        plain(
             f,
-            "  checks          invalidations balanced (seq {}, in progress {}), no stale translation, {} page-table pages allocated = {} freed after teardown",
-            self.stats.invalidate.seq,
-            self.stats.invalidate.in_progress,
-            self.tables_allocated,
-            self.tables_freed_after_teardown
-        )?;
-        writeln!(
-            f,
-            "  mmu_lock        {} read, {} write acquisitions; {} reads and {} writes had to wait",
-            self.stats.mmu_lock.read_acquisitions,
-            self.stats.mmu_lock.write_acquisitions,
-            self.stats.mmu_lock.contended_reads,
-            self.stats.mmu_lock.contended_writes
-        )?;
+            "mmu_lock",
+            &format!(
+                "{} read, {} write acquisitions; {} reads and {} writes waited",
+                self.stats.mmu_lock.read_acquisitions,
+                self.stats.mmu_lock.write_acquisitions,
+                self.stats.mmu_lock.contended_reads,
+                self.stats.mmu_lock.contended_writes
+            ),
+        );
         if self.mmu == MmuArg::Shadow {
             let sh = &self.stats.shadow;
-            writeln!(
+            plain(
                 f,
-                "  shadow          {} faults, {} shadow pages, SPTEs aged {} lockless / {} locked, rmap bit contended {} times",
-                sh.faults,
-                sh.pages_allocated,
-                sh.aged_sptes_lockless,
-                sh.aged_sptes_locked,
-                sh.rmap.lock_contended
-            )?;
+                "shadow",
+                &format!(
+                    "{} faults, {} shadow pages, SPTEs aged {} lockless / {} locked, rmap bit \
+                     contended {} times",
+                    sh.faults,
+                    sh.pages_allocated,
+                    sh.aged_sptes_lockless,
+                    sh.aged_sptes_locked,
+                    sh.rmap.lock_contended
+                ),
+            );
         }
+        plain(
+            f,
+            "note",
+            "re-touches that hit a TLB entry cached before aging set no Accessed bit \
+             (x86 does not flush TLBs when aging)",
+        );
         Ok(())
     }
 }

@@ -22,8 +22,23 @@ fn svg_plot_names_every_phase_and_the_series() {
         "not an SVG"
     );
     assert!(svg.trim_end().ends_with("</svg>"));
+    // The text of every <text> element in order, joined by spaces: a name wrapped over two
+    // lines under its bars reads whole again.
+    let texts: Vec<&str> = svg
+        .split("<text")
+        .skip(1)
+        .filter_map(|t| {
+            t.split_once('>')
+                .and_then(|(_, rest)| rest.split_once("</text>"))
+        })
+        .map(|(text, _)| text.trim())
+        .collect();
+    let joined = texts.join(" ");
     for name in phases(&r) {
-        assert!(svg.contains(&name), "phase {name} not in the plot");
+        assert!(
+            joined.contains(&name),
+            "phase {name} not in the plot: {texts:?}"
+        );
     }
     assert!(svg.contains("mmu-stress"), "series name missing");
     // One bar per phase (plus the legend swatch and background).

@@ -364,7 +364,7 @@ fn slowdown_run(
         std::thread::scope(|s| -> anyhow::Result<(f64, u64, Option<f64>)> {
             let ager = with_aging.then(|| {
                 let (host, hva, stop) = (&*host, *hva, &stop);
-                s.spawn(move || -> anyhow::Result<u64> {
+                kvmmu_cli::vcpus::spawn_named(s, "aging".into(), move || -> anyhow::Result<u64> {
                     let mut n = 0;
                     // ORDERING: Relaxed: a stop flag; the join orders everything after it.
                     while !stop.load(Ordering::Relaxed) {

@@ -12,6 +12,10 @@ use std::sync::Once;
 static FONT: &[u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
 const FAMILY: &str = "kvmmu-sans";
 static REGISTER: Once = Once::new();
+/// Lines of a category name under its bars, their height, and the width of one character (px).
+const LABEL_LINES: usize = 3;
+const LINE_PX: u32 = 15;
+const CHAR_PX: f64 = 7.5;
 
 /// One series of bars: a configuration and its value per category, in seconds.
 #[derive(Clone, Debug)]
@@ -104,12 +108,15 @@ where
         .flat_map(|s| s.values.iter())
         .fold(0.0f64, |a, v| a.max(v * scale))
         .max(1e-3)
-        * 1.6;
+        * 1.3;
     let n = categories.len() as f64;
+    // The title on one line: smaller type for a long one (a monospace glyph is ~0.6 em wide).
+    let width_px = f64::from(root.dim_in_pixel().0);
+    let title_px = ((width_px - 24.0) / (title.chars().count() as f64 * 0.6)).clamp(10.0, 20.0);
     let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FAMILY, 20))
+        .caption(title, (FAMILY, title_px))
         .margin(12)
-        .x_label_area_size(10)
+        .x_label_area_size(LABEL_LINES as u32 * LINE_PX + 8)
         .y_label_area_size(70)
         .build_cartesian_2d(0.0..n, 0.0..ymax)
         .map_err(err)?;
@@ -133,20 +140,24 @@ where
             .label(s.name.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
     }
-    chart
-        .draw_series(categories.iter().enumerate().map(|(i, c)| {
-            // Three staggered rows above the bars, so long phase names do not collide.
-            let row = (i % 3) as f64;
-            Text::new(
-                c.clone(),
-                (i as f64 + 0.05, ymax * (0.97 - 0.05 * row)),
-                (FAMILY, 12).into_font(),
-            )
-        }))
-        .map_err(err)?;
-    // Below the label rows, at the right edge.
-    let (pw, ph) = chart.plotting_area().dim_in_pixel();
-    let legend_at = SeriesLabelPosition::Coordinate(pw as i32 - 190, (ph as f64 * 0.25) as i32);
+    // Each category's name under its group of bars, centred, wrapped to the group's width.
+    let (px, _) = chart.plotting_area().get_pixel_range();
+    let group_px = (px.end - px.start) as f64 / n;
+    let per_line = ((group_px / CHAR_PX) as usize).max(6);
+    let label_style =
+        TextStyle::from((FAMILY, 12).into_font()).pos(plotters::style::text_anchor::Pos::new(
+            plotters::style::text_anchor::HPos::Center,
+            plotters::style::text_anchor::VPos::Top,
+        ));
+    for (i, c) in categories.iter().enumerate() {
+        let (x, y) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
+        let lines = super::table::wrap(c, "", "", per_line);
+        for (k, line) in lines.lines().take(LABEL_LINES).enumerate() {
+            root.draw_text(line, &label_style, (x, y + 6 + k as i32 * LINE_PX as i32))
+                .map_err(err)?;
+        }
+    }
+    let legend_at = SeriesLabelPosition::UpperRight;
     chart
         .configure_series_labels()
         .position(legend_at)

@@ -20,6 +20,8 @@ const TICK: Duration = Duration::from_millis(200);
 
 /// A bar: name (truncated to 30 columns), bar, percent, elapsed: 72 columns.
 const BAR: &str = "{msg:30!} [{bar:25}] {percent:>3}% {elapsed_precise}";
+/// A bar with free text after it (rates, counts): 14 + 2 + 20 + 2 + 8 + 1 + 32 = 79 columns.
+const BAR_WITH_PREFIX: &str = "{msg:14!} [{bar:20}] {elapsed_precise} {prefix:32!}";
 /// A spinner for work without a known length: 30 + 2 + 8 + 1 + 30 columns.
 const SPINNER: &str = "{msg:30!} {spinner} {elapsed_precise} {prefix:30!}";
 
@@ -49,6 +51,15 @@ pub fn bar(len: u64, msg: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     styled(multi().add(ProgressBar::new(len)), BAR, msg)
+}
+
+/// A bar of `len` steps with a short title (`msg`, 14 columns) and free text in its prefix
+/// (rates, counts; 32 columns); hidden unless stderr is a terminal.
+pub fn bar_with_prefix(len: u64, msg: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    styled(multi().add(ProgressBar::new(len)), BAR_WITH_PREFIX, msg)
 }
 
 /// A spinner titled `msg` for work of unknown length, with free text in its prefix (rates,

@@ -233,6 +233,7 @@ impl MmuLock {
             guard: Some(self.lock_read()),
             lock: self,
             _rank: rank,
+            _trace: tracing::trace_span!("mmu_lock_read").entered(),
         }
     }
 
@@ -246,6 +247,7 @@ impl MmuLock {
             guard: Some(self.lock_write()),
             lock: self,
             _rank: rank,
+            _trace: tracing::trace_span!("mmu_lock_write").entered(),
         }
     }
 
@@ -284,6 +286,7 @@ impl MmuLock {
         self.contended_reads.fetch_add(1, Ordering::Relaxed);
         self.waiters.fetch_add(1, Ordering::Relaxed);
         let t0 = std::time::Instant::now();
+        let _trace = tracing::trace_span!("mmu_lock_read_wait").entered();
         let g = self.lock.read();
         note_wait(t0);
         self.waiters.fetch_sub(1, Ordering::Relaxed);
@@ -299,6 +302,7 @@ impl MmuLock {
         self.contended_writes.fetch_add(1, Ordering::Relaxed);
         self.waiters.fetch_add(1, Ordering::Relaxed);
         let t0 = std::time::Instant::now();
+        let _trace = tracing::trace_span!("mmu_lock_write_wait").entered();
         let g = self.lock.write();
         note_wait(t0);
         self.waiters.fetch_sub(1, Ordering::Relaxed);
@@ -334,6 +338,8 @@ pub struct MmuReadGuard<'a> {
     guard: Option<RwLockReadGuard<'a, ()>>,
     lock: &'a MmuLock,
     _rank: RankToken,
+    /// The hold, as a span of the trace (`--trace`); nothing when no subscriber listens.
+    _trace: tracing::span::EnteredSpan,
 }
 
 impl fmt::Debug for MmuReadGuard<'_> {
@@ -384,6 +390,8 @@ pub struct MmuWriteGuard<'a> {
     guard: Option<RwLockWriteGuard<'a, ()>>,
     lock: &'a MmuLock,
     _rank: RankToken,
+    /// The hold, as a span of the trace (`--trace`); nothing when no subscriber listens.
+    _trace: tracing::span::EnteredSpan,
 }
 
 impl fmt::Debug for MmuWriteGuard<'_> {

@@ -126,6 +126,37 @@ pub struct TortureConfig {
     /// munmap/mprotect/madvise then split THPs; re-created ranges are advised huge again).
     /// hugetlb is refused: the host actor's random ranges would cut its pages.
     pub backing: crate::host::BackingSrc,
+    /// Where the run publishes its progress while it goes on (operations completed by every
+    /// actor, violations found so far), for a live display; `None` publishes nothing.
+    pub live: Option<Arc<LiveProgress>>,
+}
+
+/// A torture run's progress while it goes on: read it from another thread (e.g. every 200 ms
+/// for a progress bar) while [`run`] works. The counts only grow during a run.
+#[derive(Debug, Default)]
+pub struct LiveProgress {
+    ops: AtomicU64,
+    violations: AtomicU64,
+}
+
+impl LiveProgress {
+    /// Operations completed so far by every actor together (published by the supervisor every
+    /// 20 ms, so up to one tick behind).
+    pub fn ops(&self) -> u64 {
+        // ORDERING: Relaxed: a display counter; nothing is published through it.
+        self.ops.load(Ordering::Relaxed)
+    }
+
+    /// Violations found so far.
+    pub fn violations(&self) -> u64 {
+        // ORDERING: Relaxed: a display counter; the report carries the violations themselves.
+        self.violations.load(Ordering::Relaxed)
+    }
+
+    fn note_violation(&self) {
+        // ORDERING: Relaxed: a display counter.
+        self.violations.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Default for TortureConfig {
@@ -148,6 +179,7 @@ impl Default for TortureConfig {
             cas_failure_period: 0,
             yield_period: 0,
             backing: crate::host::BackingSrc::Anonymous,
+            live: None,
         }
     }
 }
@@ -206,7 +238,8 @@ pub struct TortureReport {
     pub out_of_frames_exits: u64,
     /// Accesses whose Accessed bit a TLB hit hid (legitimate, bounded by the TLB size).
     pub accessed_hidden_by_tlb: u64,
-    /// Accessed-oracle misses excused by a concurrent MMU reset.
+    /// Accessed-oracle misses excused by a concurrent MMU reset, or (THP backing) by a host
+    /// invalidation of the whole huge page that left the page unmapped.
     pub accessed_excused_by_reset: u64,
     /// VM statistics at quiescence.
     pub vm_stats: crate::vm::VmStats,
@@ -407,6 +440,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
         accessed_hidden_by_tlb: AtomicU64::new(0),
         accessed_excused_by_reset: AtomicU64::new(0),
         started: Instant::now(),
+        live: cfg.live.clone(),
     });
     let mut threads: Vec<ActorThread> = Vec::new();
     let mut spawn = |actor: ActorId, body: Box<dyn FnOnce(&Progress) + Send>| {
@@ -557,6 +591,13 @@ fn supervise(cfg: &TortureConfig, vm: &Vm, sh: &Shared, threads: &[ActorThread])
             );
         }
         seq = now_seq;
+        if let Some(live) = &sh.live {
+            // ORDERING: Relaxed: display counters (see `LiveProgress`).
+            let ops = threads
+                .iter()
+                .map(|t| t.progress.ops.load(Ordering::Relaxed));
+            live.ops.store(ops.sum(), Ordering::Relaxed);
+        }
         // ORDERING: Acquire pairs with each thread's Release store of `done`.
         let done = |t: &ActorThread| t.progress.done.load(Ordering::Acquire);
         let vcpus_done = threads

@@ -279,11 +279,16 @@ pub struct Shared {
     pub accessed_excused_by_reset: AtomicU64,
     /// When the run started.
     pub started: Instant,
+    /// Where the run's progress is published for a live display.
+    pub live: Option<std::sync::Arc<super::LiveProgress>>,
 }
 
 impl Shared {
     /// Records a violation and stops the run (protocol 4).
     pub fn violation(&self, actor: ActorId, kind: ViolationKind, gfn: Option<Gfn>, detail: String) {
+        if let Some(live) = &self.live {
+            live.note_violation();
+        }
         let v = Violation {
             seed: self.seed,
             actor,

@@ -465,6 +465,7 @@ impl GuestMode<'_> {
                 self.0.apply_requests(reqs);
             }
         }
+        let _trace = tracing::trace_span!("vcpu_exit").entered();
         self.vcpu.handle.exit_guest();
         guest_mode::exit();
         let outside = Reenter(self.vcpu);

@@ -100,6 +100,7 @@ impl VmInner {
         write: bool,
         ring: Option<&DirtyRing>,
     ) -> Result<FaultOutcome, VcpuExit> {
+        let _trace = tracing::trace_span!("page_fault", gfn = gpa.gfn().raw(), write).entered();
         self.counters.faults.add(1);
         let outcome = self.page_fault_inner(root, gpa.gfn(), gpa, write, ring)?;
         if matches!(outcome, FaultOutcome::Retry(_)) {

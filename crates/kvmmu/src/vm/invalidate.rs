@@ -179,6 +179,8 @@ impl VmInner {
     }
 
     fn age_hva_range(&self, start: Hva, end: Hva, handler: Handler, flush_on_ret: bool) -> bool {
+        let _trace =
+            tracing::trace_span!("age_hva_range", start = start.raw(), end = end.raw()).entered();
         self.counters.age_calls.add(1);
         let young = self
             .handle_hva_range(HvaRangeWalk {
@@ -200,6 +202,7 @@ impl VmInner {
     /// module doc and docs/invariants.md "Notifier callbacks"), setting the
     /// bit of every page some memslot maps to a young leaf; never clears a bit.
     fn age_hva_range_bitmap(&self, young: &mut YoungBitmap) {
+        let _trace = tracing::trace_span!("age_hva_range_bitmap").entered();
         self.counters.age_calls.add(1);
         let walk = HvaRangeWalk {
             start: young.start(),
@@ -228,6 +231,8 @@ impl VmInner {
     }
 
     fn invalidate_range_start(&self, range: &NotifierRange) {
+        let _trace =
+            tracing::trace_span!("invalidate_range_start", start = range.start.raw()).entered();
         self.counters
             .invalidate_starts
             .fetch_add(1, Ordering::Relaxed);
@@ -258,6 +263,8 @@ impl VmInner {
     }
 
     fn invalidate_range_end(&self, range: &NotifierRange) {
+        let _trace =
+            tracing::trace_span!("invalidate_range_end", start = range.start.raw()).entered();
         self.handle_hva_range(HvaRangeWalk {
             start: range.start,
             end: range.end,

@@ -399,6 +399,7 @@ impl VmInner {
     /// `kvm_swap_active_memslots`: publish a copy of the active set with `old` replaced by `new`.
     /// Caller holds `slots_lock`.
     fn swap_memslots(&self, as_id: AsId, old: Option<&Arc<Memslot>>, new: Option<Arc<Memslot>>) {
+        let _trace = tracing::trace_span!("swap_memslots").entered();
         let cell = &self.memslots[as_id.index()];
         let gen_cell = &self.generations[as_id.index()];
         // ORDERING: generations are written only under slots_lock; Release/Acquire make a reader that
@@ -535,6 +536,7 @@ impl RemoteTlbFlush for VmInner {
         // Every public entry that can get here refuses a guest-mode caller before changing any
         // state; this is the last line of defence.
         guest_mode::refuse("a remote TLB flush");
+        let _trace = tracing::trace_span!("flush_remote_tlbs").entered();
         self.counters
             .remote_tlb_flush
             .fetch_add(1, Ordering::Relaxed);
