@@ -132,7 +132,7 @@ pub(super) struct Counters {
     munmap: AtomicU64,
     mprotect: AtomicU64,
     dontneed: AtomicU64,
-    gup: StripedCounter,
+    pub(super) gup: StripedCounter,
     pub(super) invalidate_start: AtomicU64,
     pub(super) invalidate_end: AtomicU64,
     /// Striped: bumped by every aging call, from any number of agers at once.
@@ -606,66 +606,6 @@ impl HostMm {
             })
     }
 
-    fn access(&self, hva: Hva, write: Option<u64>) -> Result<u64, HostError> {
-        if !hva.raw().is_multiple_of(8) {
-            return Err(HostError::UnalignedAccess { hva });
-        }
-        self.inner.counters.gup.add(1);
-        let word = ((hva.raw() & ((1 << PAGE_SHIFT) - 1)) / 8) as usize;
-        // The frame cannot be freed while `with_page` holds mmap_lock read (H2, H3), so a stale
-        // error here would be a host bug; it is still reported rather than hidden.
-        self.with_page(hva, write.is_some(), |page| match write {
-            Some(v) => self
-                .inner
-                .arena
-                .write_u64(page.pfn, word, page.tag, v)
-                .map(|()| v),
-            None => self.inner.arena.read_u64(page.pfn, word, page.tag),
-        })
-        .map(|(_, v)| v)
-    }
-
-    /// A userspace 8-byte read of `hva` (8-byte aligned), faulting the page in if needed.
-    ///
-    /// Errors: [`HostError::UnalignedAccess`], [`HostError::Gup`].
-    pub fn read_u64(&self, hva: Hva) -> Result<u64, HostError> {
-        self.access(hva, None)
-    }
-
-    /// A userspace 8-byte write of `v` to `hva` (8-byte aligned), faulting the page in.
-    pub fn write_u64(&self, hva: Hva, v: u64) -> Result<(), HostError> {
-        self.access(hva, Some(v)).map(|_| ())
-    }
-
-    /// A snapshot of the host PTE of the page containing `hva`; `None` if it is not mapped.
-    pub fn host_pte(&self, hva: Hva) -> Option<HostPte> {
-        let page = hva.page();
-        let vmas = self.inner.mmap_lock.read();
-        let v = vmas.find(page)?;
-        // ORDERING: Acquire: like GUP's load, so the returned tag is the one published with it.
-        let w = vmas.pt.entry(page).map_or(0, |w| w.load(Ordering::Acquire));
-        let present = w & pte::PRESENT != 0;
-        let (pfn, tag) = if present {
-            pte_frame(page, w)
-        } else {
-            (Pfn::new(0), FrameTag::FREE)
-        };
-        Some(HostPte {
-            pfn,
-            tag,
-            present,
-            writable: v.writable(),
-            young: w & pte::YOUNG != 0,
-            dirty: w & pte::DIRTY != 0,
-            swapped: swap_slot(w).is_some(),
-            level: if present {
-                marker_level(&vmas.pt, page)
-            } else {
-                Level::L4K
-            },
-        })
-    }
-
     /// Subscribes a secondary MMU. Waits for any invalidation in flight, so the new subscriber
     /// never sees an `invalidate_range_end` without its start (H6).
     ///
@@ -731,15 +671,5 @@ impl HostMm {
             thp_splits: ld(&c.thp_splits),
             thp_collapses: ld(&c.thp_collapses),
         }
-    }
-
-    /// Mapped ranges in address order, as `(start, len, prot)` (for tests and oracles).
-    pub fn mappings(&self) -> Vec<(Hva, u64, Prot)> {
-        self.inner
-            .mmap_lock
-            .read()
-            .iter()
-            .map(|v| (page_hva(v.start), (v.end - v.start) << PAGE_SHIFT, v.prot))
-            .collect()
     }
 }

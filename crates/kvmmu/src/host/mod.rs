@@ -61,6 +61,7 @@ mod aging;
 mod frames;
 mod huge;
 mod idle;
+mod inspect;
 mod kswapd;
 mod lru_gen;
 mod mm;
