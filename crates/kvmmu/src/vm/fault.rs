@@ -140,8 +140,16 @@ impl VmInner {
 
         // The fast page fault (docs/locking.md "Dirty logging" D2, D3): a write to a leaf
         // write-protected only for dirty logging is fixed by one CAS without `mmu_lock`, and the
-        // page is marked before the vCPU's write.
-        if write && !readonly_slot {
+        // page is marked before the vCPU's write. Only a logging slot has such leaves (logging
+        // write-protects them; a slot whose logging was switched off has none left to be fixed
+        // fast until its next write faults them writable), so other faults skip the extra walk,
+        // as the kernel's `page_fault_can_be_fast` skips non-present faults.
+        if write
+            && !readonly_slot
+            && slot
+                .flags()
+                .contains(crate::vm::memslot::MemFlags::LOG_DIRTY_PAGES)
+        {
             match self.mmu.fast_page_fault(root, gfn) {
                 FastFault::Fixed => {
                     mark_page_dirty(slot, gfn, ring);
