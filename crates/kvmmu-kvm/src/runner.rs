@@ -20,6 +20,8 @@ use crate::hostmem::{HostMemError, HostRegion, PAGE};
 const KVM_CAP_MULTI_ADDRESS_SPACE: libc::c_ulong = 118;
 /// `KVM_GET_STATS_FD`: `_IO(KVMIO, 0xce)`.
 const KVM_GET_STATS_FD: libc::c_ulong = 0xaece;
+/// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)` (24 bytes).
+const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xc018_aec0;
 
 /// Why real KVM cannot be used here (the tests print it as their one skip line).
 #[derive(Debug, thiserror::Error)]
@@ -332,6 +334,73 @@ impl KvmVm {
             }
         }
         Ok(RunOutcome { exit, regs })
+    }
+
+    /// `KVM_CHECK_EXTENSION` on the VM fd: 0 when `cap` is not supported.
+    pub fn check_extension(&self, cap: u32) -> i32 {
+        self.vm.check_extension_raw(libc::c_ulong::from(cap))
+    }
+
+    /// `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)` with `MANUAL_PROTECT_ENABLE`, plus
+    /// `INITIALLY_SET` if asked: `Ok` or the errno.
+    pub fn enable_manual_dirty_log_protect(&self, initially_set: bool) -> SlotResult {
+        let mut cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+            | if initially_set {
+                u64::from(kvm_bindings::KVM_DIRTY_LOG_INITIALLY_SET)
+            } else {
+                0
+            };
+        self.vm.enable_cap(&cap).map_err(|e| e.errno())
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of slot `as_id << 16 | id` of `npages` pages: the bitmap (one bit per
+    /// page, `npages.div_ceil(64)` words) or the errno.
+    pub fn get_dirty_log(&self, as_id: u16, id: u16, npages: u64) -> Result<Vec<u64>, i32> {
+        let slot = (u32::from(as_id) << 16) | u32::from(id);
+        self.vm
+            .get_dirty_log(slot, (npages * PAGE) as usize)
+            .map_err(|e| e.errno())
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` of pages `[first_page, first_page + num_pages)` of slot
+    /// `as_id << 16 | id`, where `mask` (word `i` bit `b` = page `first_page + 64 * i + b`) is
+    /// set: `Ok` or the errno. `mask` must hold `num_pages.div_ceil(64)` words (the kernel reads
+    /// that many); a shorter mask is refused with `EINVAL` without calling the kernel.
+    pub fn clear_dirty_log(
+        &self,
+        as_id: u16,
+        id: u16,
+        first_page: u64,
+        num_pages: u32,
+        mask: &[u64],
+    ) -> SlotResult {
+        if (mask.len() as u64) < u64::from(num_pages).div_ceil(64) {
+            return Err(libc::EINVAL);
+        }
+        let mut words = mask.to_vec();
+        let log = kvm_bindings::kvm_clear_dirty_log {
+            slot: (u32::from(as_id) << 16) | u32::from(id),
+            num_pages,
+            first_page,
+            __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
+                dirty_bitmap: words.as_mut_ptr().cast(),
+            },
+        };
+        // SAFETY: KVM_CLEAR_DIRTY_LOG reads the struct and `num_pages.div_ceil(64)` words from
+        // `dirty_bitmap`, which `words` holds (checked above) and outlives the call; the kernel
+        // writes nothing back.
+        let r = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG as _, &log) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO))
+        } else {
+            Ok(())
+        }
     }
 
     /// The VM's binary statistics (`KVM_GET_STATS_FD`), by name.
