@@ -6,6 +6,7 @@
 //! `KVMMU_KVM_SEEDS=1,0x2a` and `KVMMU_KVM_OPS=N` override the seeds and the operation count.
 
 use kvmmu::{DirtyLogProtect, MmuKind};
+use kvmmu_kvm::diff::dirty::DirtyMode;
 use kvmmu_kvm::diff::{self, FamilyError};
 
 fn seeds() -> Vec<u64> {
@@ -124,24 +125,28 @@ fn dirty_bitmaps_match_kvm_in_classic_and_manual_protect_modes() {
     let Some(real) = kvmmu_kvm::open_or_skip(what) else {
         return;
     };
-    if !diff::dirty::ring_supported(&real) {
+    let ring = diff::dirty::ring_supported(&real);
+    if !ring {
         kvmmu_kvm::skip_line(
             "dirty ring mode of the dirty-log family",
             "this host's KVM does not offer KVM_CAP_DIRTY_LOG_RING",
         );
     }
     drop(real);
-    let modes = [
-        DirtyLogProtect::Classic,
-        DirtyLogProtect::Manual {
+    let mut modes = vec![
+        DirtyMode::Bitmap(DirtyLogProtect::Classic),
+        DirtyMode::Bitmap(DirtyLogProtect::Manual {
             initially_set: false,
-        },
-        DirtyLogProtect::Manual {
+        }),
+        DirtyMode::Bitmap(DirtyLogProtect::Manual {
             initially_set: true,
-        },
+        }),
     ];
+    if ring {
+        modes.push(DirtyMode::Ring);
+    }
     for seed in seeds() {
-        for mode in modes {
+        for &mode in &modes {
             for mmu in [MmuKind::Tdp, MmuKind::Shadow] {
                 check(
                     &format!("dirty/{mode:?}/{mmu:?}"),

@@ -3,15 +3,19 @@
 //! slots, run on kvmmu and on real KVM. Every harvest must return the same bitmap on both sides,
 //! and every request the same accept/refuse (errno class, [`errno_of_dirty`]).
 //!
-//! Modes ([`DirtyLogProtect`]): classic (`KVM_GET_DIRTY_LOG` returns and re-arms), and manual
-//! protect (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, with or without `INITIALLY_SET`): GET only
-//! returns, `KVM_CLEAR_DIRTY_LOG` re-arms 64-page-aligned ranges through a mask. The dirty ring
-//! is not compared here (see [`ring_supported`]).
+//! Modes ([`DirtyMode`]): classic (`KVM_GET_DIRTY_LOG` returns and re-arms), manual protect
+//! (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, with or without `INITIALLY_SET`: GET only returns,
+//! `KVM_CLEAR_DIRTY_LOG` re-arms 64-page-aligned ranges through a mask), and the dirty ring
+//! (`KVM_CAP_DIRTY_LOG_RING`, only where the host offers it, [`ring_supported`]): each harvest
+//! collects and resets the ring on both sides and compares the *set* of `(slot, page)` pushed
+//! since the last one (KVM's emulator pushes a page once per emulated write, kvmmu once per
+//! write fault; docs/kvm-differences.md).
 //!
 //! The guest's page tables, GDT, code, stack and gpa list live in the reserved region, whose slot
 //! never logs, so KVM's own accesses there cannot show in a compared bitmap; the test slots are
 //! compared exactly.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use kvmmu::prelude::{MemFlags, MemoryRegion, Vm, VmConfig};
@@ -31,6 +35,19 @@ const GPA_BASE: u64 = 0x10_0000;
 const SLOTS: [(u16, u64, u64); 4] = [(0, 0, 64), (1, 80, 100), (2, 200, 130), (3, 340, 24)];
 /// Pages of the host buffer (and of the guest window the writes aim at, gaps included).
 const BUF_PAGES: u64 = 364;
+
+/// How the run logs and harvests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyMode {
+    /// Bitmaps, harvested with `KVM_GET_DIRTY_LOG` (classic or manual protect).
+    Bitmap(DirtyLogProtect),
+    /// Per-vCPU dirty rings (`KVM_CAP_DIRTY_LOG_RING`).
+    Ring,
+}
+
+/// Ring size of the ring mode, in entries (1 MiB of `kvm_dirty_gfn`s; harvests come every few
+/// operations, so it never fills).
+const RING_ENTRIES: u32 = 1 << 16;
 
 /// One operation of the sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +87,8 @@ pub enum DirtyOp {
         /// Mask, word `i` bit `b` = page `first_page + 64 * i + b`.
         mask: Vec<u64>,
     },
+    /// Ring mode: collect and reset the rings; the sets of dirtied pages are compared.
+    HarvestRing,
     /// Flips `KVM_MEM_LOG_DIRTY_PAGES` of a slot (a flags-only change).
     Toggle {
         /// Slot id.
@@ -110,7 +129,7 @@ struct Sides {
     logging: [bool; SLOTS.len()],
     /// The last bitmap harvested per slot (masks of clears are drawn from it).
     last: [Vec<u64>; SLOTS.len()],
-    mode: DirtyLogProtect,
+    mode: DirtyMode,
 }
 
 fn flags(log: bool) -> MemFlags {
@@ -122,8 +141,12 @@ fn flags(log: bool) -> MemFlags {
 }
 
 impl Sides {
-    fn new(mmu: MmuKind, mode: DirtyLogProtect) -> Result<Sides, FamilyError> {
+    fn new(mmu: MmuKind, mode: DirtyMode) -> Result<Sides, FamilyError> {
         let mut real = KvmVm::open().map_err(FamilyError::setup)?;
+        if mode == DirtyMode::Ring {
+            real.enable_dirty_ring(RING_ENTRIES * 16)
+                .map_err(|e| FamilyError::Setup(format!("KVM_CAP_DIRTY_LOG_RING: errno {e}")))?;
+        }
         real.enable_guest().map_err(FamilyError::setup)?;
         let real_buf = Arc::new(HostRegion::new(BUF_PAGES * PAGE).map_err(FamilyError::setup)?);
         let real_base = real_buf.base();
@@ -137,17 +160,24 @@ impl Sides {
             },
         )
         .map_err(FamilyError::setup)?;
+        if mode == DirtyMode::Ring {
+            vm.enable_dirty_ring(RING_ENTRIES)
+                .map_err(FamilyError::setup)?;
+        }
         let vcpu = vm.create_vcpu().map_err(FamilyError::setup)?;
         let sim_buf = host
             .mmap(BUF_PAGES * PAGE, Prot::READ | Prot::WRITE)
             .map_err(FamilyError::setup)?;
-        if let DirtyLogProtect::Manual { initially_set } = mode {
-            real.enable_manual_dirty_log_protect(initially_set)
-                .map_err(|e| {
-                    FamilyError::Setup(format!("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: errno {e}"))
-                })?;
+        if let DirtyMode::Bitmap(protect) = mode {
+            if let DirtyLogProtect::Manual { initially_set } = protect {
+                real.enable_manual_dirty_log_protect(initially_set)
+                    .map_err(|e| {
+                        FamilyError::Setup(format!("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: errno {e}"))
+                    })?;
+            }
+            vm.set_dirty_log_protect(protect)
+                .map_err(FamilyError::setup)?;
         }
-        vm.set_dirty_log_protect(mode).map_err(FamilyError::setup)?;
         let mut sides = Sides {
             real,
             vm,
@@ -303,6 +333,26 @@ impl Sides {
                     se == errno(&k),
                 )
             }
+            DirtyOp::HarvestRing => {
+                let k = self.real.harvest_dirty_ring().map_err(FamilyError::setup)?;
+                let s = self.vm.collect_dirty_rings();
+                let r = self.vm.reset_dirty_rings();
+                let sim: Result<BTreeSet<(u32, u64)>, String> = match (s, r) {
+                    (Ok(es), Ok(_)) => Ok(es
+                        .iter()
+                        .map(|e| {
+                            (
+                                (u32::from(e.as_id.get()) << 16) | u32::from(e.slot.get()),
+                                e.offset,
+                            )
+                        })
+                        .collect()),
+                    (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+                };
+                let kvm: BTreeSet<(u32, u64)> = k.into_iter().collect();
+                let ok = sim.as_ref().is_ok_and(|s| *s == kvm);
+                (format!("{sim:?}"), format!("Ok({kvm:?})"), ok)
+            }
             DirtyOp::Toggle { slot, log } => {
                 let (s, k) = self.set_slot(usize::from(*slot), *log)?;
                 let ok = s.split(' ').nth(1) == k.split(' ').nth(1);
@@ -359,7 +409,7 @@ impl Sides {
     }
 
     fn gen_op(&self, rng: &mut Rng) -> DirtyOp {
-        let manual = matches!(self.mode, DirtyLogProtect::Manual { .. });
+        let manual = matches!(self.mode, DirtyMode::Bitmap(DirtyLogProtect::Manual { .. }));
         match rng.below(100) {
             0..=34 => DirtyOp::Write {
                 gpa: self.gen_gpa(rng),
@@ -383,6 +433,7 @@ impl Sides {
                     log: !self.logging[usize::from(slot)],
                 }
             }
+            _ if self.mode == DirtyMode::Ring => DirtyOp::HarvestRing,
             _ => DirtyOp::Harvest {
                 slot: rng.below(SLOTS.len() as u64) as u16,
             },
@@ -401,27 +452,29 @@ fn show_bitmap(r: &Result<Vec<u64>, i32>) -> String {
     }
 }
 
-/// Runs `ops` operations from `seed` in dirty-log `mode` with kvmmu's `mmu` against real KVM,
+/// Runs `ops` operations from `seed` in `mode` with kvmmu's `mmu` against real KVM,
 /// then harvests every slot once more; the first diverging answer stops the run.
 pub fn run(
     seed: u64,
     ops: usize,
-    mode: DirtyLogProtect,
+    mode: DirtyMode,
     mmu: MmuKind,
     test: &str,
 ) -> Result<Summary, FamilyError> {
     let mut sides = Sides::new(mmu, mode)?;
     let mut rng = Rng::new(seed);
     let mut summary = Summary::default();
-    let finals = (0..SLOTS.len() as u16).map(|slot| DirtyOp::Harvest { slot });
-    for index in 0..ops + SLOTS.len() {
-        let op = if index < ops {
-            sides.gen_op(&mut rng)
-        } else {
-            finals
-                .clone()
-                .nth(index - ops)
-                .unwrap_or(DirtyOp::Harvest { slot: 0 })
+    let finals: Vec<DirtyOp> = if mode == DirtyMode::Ring {
+        vec![DirtyOp::HarvestRing]
+    } else {
+        (0..SLOTS.len() as u16)
+            .map(|slot| DirtyOp::Harvest { slot })
+            .collect()
+    };
+    for index in 0..ops + finals.len() {
+        let op = match index.checked_sub(ops) {
+            None => sides.gen_op(&mut rng),
+            Some(i) => finals[i].clone(),
         };
         let (sim, kvm, ok) = sides.apply(&op)?;
         if !ok {
