@@ -499,3 +499,39 @@ pub fn run(
     }
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_of_dirty_maps_missing_slots_to_enoent_and_bad_ranges_to_einval() {
+        let slot = SlotId::new(3);
+        assert_eq!(
+            errno_of_dirty(&DirtyLogError::NotLogging { slot }),
+            libc::ENOENT
+        );
+        assert_eq!(
+            errno_of_dirty(&DirtyLogError::NoSuchSlot {
+                as_id: AsId::new(0),
+                slot
+            }),
+            libc::ENOENT
+        );
+        let unaligned = DirtyLogError::UnalignedRange {
+            first_page: 1,
+            num_pages: 1,
+        };
+        assert_eq!(errno_of_dirty(&unaligned), libc::EINVAL);
+        assert_eq!(errno_of_dirty(&DirtyLogError::RingInUse), libc::ENXIO);
+    }
+
+    #[test]
+    fn test_slots_fit_the_buffer_and_do_not_overlap() {
+        for w in SLOTS.windows(2) {
+            assert!(w[0].1 + w[0].2 <= w[1].1, "{:?} overlaps {:?}", w[0], w[1]);
+        }
+        let last = SLOTS[SLOTS.len() - 1];
+        assert!(last.1 + last.2 <= BUF_PAGES);
+    }
+}
