@@ -9,6 +9,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_regs, kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit as RawExit, VcpuFd, VmFd};
@@ -20,6 +21,35 @@ use crate::hostmem::{HostMemError, HostRegion, PAGE};
 const KVM_CAP_MULTI_ADDRESS_SPACE: libc::c_ulong = 118;
 /// `KVM_GET_STATS_FD`: `_IO(KVMIO, 0xce)`.
 const KVM_GET_STATS_FD: libc::c_ulong = 0xaece;
+/// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)` (24 bytes).
+const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xc018_aec0;
+/// `KVM_RESET_DIRTY_RINGS`: `_IO(KVMIO, 0xc7)`.
+const KVM_RESET_DIRTY_RINGS: libc::c_ulong = 0xaec7;
+/// The vCPU mmap offset of the dirty ring, in pages (`KVM_DIRTY_LOG_PAGE_OFFSET` on x86).
+const KVM_DIRTY_LOG_PAGE_OFFSET: u64 = 64;
+/// `struct kvm_dirty_gfn` flags.
+const KVM_DIRTY_GFN_F_DIRTY: u32 = 1;
+const KVM_DIRTY_GFN_F_RESET: u32 = 2;
+/// Bytes per `struct kvm_dirty_gfn` (`flags: u32, slot: u32, offset: u64`).
+const DIRTY_GFN_BYTES: u64 = 16;
+
+/// The vCPU's mmap'ed dirty ring (`KVM_CAP_DIRTY_LOG_RING`), shared with the kernel.
+struct RingMap {
+    ptr: *mut u8,
+    entries: u64,
+    /// Userspace's fetch index (next entry to look at).
+    fetch: u64,
+}
+
+impl Drop for RingMap {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` is the start of a mapping of exactly `entries * DIRTY_GFN_BYTES` bytes
+        // that this RingMap created and nothing else unmaps; no reference into it outlives self.
+        unsafe {
+            libc::munmap(self.ptr.cast(), (self.entries * DIRTY_GFN_BYTES) as usize);
+        }
+    }
+}
 
 /// Why real KVM cannot be used here (the tests print it as their one skip line).
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +130,8 @@ pub type SlotResult = Result<(), i32>;
 /// A real VM, with at most one vCPU.
 pub struct KvmVm {
     // Field order is drop order: the vCPU and the VM go before the host memory they point at.
+    ring: Option<RingMap>,
+    ring_bytes: u32,
     vcpu: Option<VcpuFd>,
     vm: VmFd,
     kvm: Kvm,
@@ -130,6 +162,8 @@ impl KvmVm {
             .map_err(|e| KvmUnavailable::Open(format!("KVM_CREATE_VM: {e}")))?;
         let nr = vm.check_extension_raw(KVM_CAP_MULTI_ADDRESS_SPACE).max(1) as usize;
         Ok(KvmVm {
+            ring: None,
+            ring_bytes: 0,
             vcpu: None,
             vm,
             kvm,
@@ -207,6 +241,9 @@ impl KvmVm {
         self.adopt(Arc::clone(&reserved));
         self.reserved = Some(Arc::clone(&reserved));
         let vcpu = self.vm.create_vcpu(0).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        if self.ring_bytes > 0 {
+            self.ring = Some(map_ring(&vcpu, self.ring_bytes)?);
+        }
         self.vcpu = Some(vcpu);
         self.set_user_memory_region(
             0,
@@ -334,6 +371,136 @@ impl KvmVm {
         Ok(RunOutcome { exit, regs })
     }
 
+    /// `KVM_CHECK_EXTENSION` on the VM fd: 0 when `cap` is not supported.
+    pub fn check_extension(&self, cap: u32) -> i32 {
+        self.vm.check_extension_raw(libc::c_ulong::from(cap))
+    }
+
+    /// `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)` with `MANUAL_PROTECT_ENABLE`, plus
+    /// `INITIALLY_SET` if asked: `Ok` or the errno.
+    pub fn enable_manual_dirty_log_protect(&self, initially_set: bool) -> SlotResult {
+        let mut cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+            | if initially_set {
+                u64::from(kvm_bindings::KVM_DIRTY_LOG_INITIALLY_SET)
+            } else {
+                0
+            };
+        self.vm.enable_cap(&cap).map_err(|e| e.errno())
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of slot `as_id << 16 | id` of `npages` pages: the bitmap (one bit per
+    /// page, `npages.div_ceil(64)` words) or the errno.
+    pub fn get_dirty_log(&self, as_id: u16, id: u16, npages: u64) -> Result<Vec<u64>, i32> {
+        let slot = (u32::from(as_id) << 16) | u32::from(id);
+        self.vm
+            .get_dirty_log(slot, (npages * PAGE) as usize)
+            .map_err(|e| e.errno())
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` of pages `[first_page, first_page + num_pages)` of slot
+    /// `as_id << 16 | id`, where `mask` (word `i` bit `b` = page `first_page + 64 * i + b`) is
+    /// set: `Ok` or the errno. `mask` must hold `num_pages.div_ceil(64)` words (the kernel reads
+    /// that many); a shorter mask is refused with `EINVAL` without calling the kernel.
+    pub fn clear_dirty_log(
+        &self,
+        as_id: u16,
+        id: u16,
+        first_page: u64,
+        num_pages: u32,
+        mask: &[u64],
+    ) -> SlotResult {
+        if (mask.len() as u64) < u64::from(num_pages).div_ceil(64) {
+            return Err(libc::EINVAL);
+        }
+        let mut words = mask.to_vec();
+        let log = kvm_bindings::kvm_clear_dirty_log {
+            slot: (u32::from(as_id) << 16) | u32::from(id),
+            num_pages,
+            first_page,
+            __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
+                dirty_bitmap: words.as_mut_ptr().cast(),
+            },
+        };
+        // SAFETY: KVM_CLEAR_DIRTY_LOG reads the struct and `num_pages.div_ceil(64)` words from
+        // `dirty_bitmap`, which `words` holds (checked above) and outlives the call; the kernel
+        // writes nothing back.
+        let r = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG as _, &log) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)` with a ring of `bytes` bytes per vCPU (16 per
+    /// entry); call before [`KvmVm::enable_guest`], which then maps the vCPU's ring. `Ok` or the
+    /// errno.
+    pub fn enable_dirty_ring(&mut self, bytes: u32) -> SlotResult {
+        if self.vcpu.is_some() {
+            return Err(libc::EINVAL);
+        }
+        let mut cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_DIRTY_LOG_RING,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(bytes);
+        self.vm.enable_cap(&cap).map_err(|e| e.errno())?;
+        self.ring_bytes = bytes;
+        Ok(())
+    }
+
+    /// Collects every dirty entry of the vCPU's ring as `(slot, offset)` in push order, marks
+    /// them for reset, and calls `KVM_RESET_DIRTY_RINGS` (which write-protects their pages
+    /// again). Call between runs only.
+    pub fn harvest_dirty_ring(&mut self) -> Result<Vec<(u32, u64)>, KvmError> {
+        let ring = self.ring.as_mut().ok_or(KvmError::NoVcpu)?;
+        let mut out = Vec::new();
+        loop {
+            let at = (ring.fetch % ring.entries) * DIRTY_GFN_BYTES;
+            // SAFETY: `at` is a 16-byte-aligned entry inside the mapping (`fetch % entries`);
+            // the kernel writes entries concurrently only through atomic publication of `flags`,
+            // which is read atomically here, and it writes `slot` and `offset` before
+            // publishing (ordered by the Acquire below). `flags` is 4-byte aligned.
+            let (flags, slot, offset) = unsafe {
+                let e = ring.ptr.add(at as usize);
+                let flags = &*e.cast::<AtomicU32>();
+                // ORDERING: Acquire pairs with the kernel's release of DIRTY after it wrote
+                // `slot` and `offset` (kvm_dirty_gfn_set_dirtied, smp_store_release).
+                let f = flags.load(Ordering::Acquire);
+                let slot = std::ptr::read_volatile(e.add(4).cast::<u32>());
+                let offset = std::ptr::read_volatile(e.add(8).cast::<u64>());
+                (f, slot, offset)
+            };
+            if flags & KVM_DIRTY_GFN_F_DIRTY == 0 {
+                break;
+            }
+            out.push((slot, offset));
+            // SAFETY: as above, the same entry.
+            unsafe {
+                let flags = &*ring.ptr.add(at as usize).cast::<AtomicU32>();
+                // ORDERING: Release pairs with the kernel's acquire read of RESET in
+                // KVM_RESET_DIRTY_RINGS (our reads of the entry happen before it is reused).
+                flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
+            }
+            ring.fetch += 1;
+        }
+        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument.
+        let r = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_RESET_DIRTY_RINGS as _) };
+        if r < 0 {
+            return Err(KvmError::Ioctl {
+                what: "KVM_RESET_DIRTY_RINGS",
+                errno: kvm_ioctls::Error::last(),
+            });
+        }
+        Ok(out)
+    }
+
     /// The VM's binary statistics (`KVM_GET_STATS_FD`), by name.
     pub fn vm_stats(&self) -> Result<crate::stats::KvmStats, crate::stats::StatsError> {
         stats_fd(self.vm.as_raw_fd()).and_then(|fd| crate::stats::KvmStats::read(&fd))
@@ -380,6 +547,33 @@ pub struct HostLimits {
     pub hva_end: u64,
     /// One past the largest guest physical address a memslot may end at.
     pub gpa_end: u64,
+}
+
+/// Maps the dirty ring of `vcpu` (`bytes` bytes at page offset `KVM_DIRTY_LOG_PAGE_OFFSET`).
+fn map_ring(vcpu: &VcpuFd, bytes: u32) -> Result<RingMap, KvmError> {
+    // SAFETY: a fresh shared mapping of the vCPU fd's ring pages, at an address the kernel
+    // chooses; nothing else refers to it. Failure is checked below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            vcpu.as_raw_fd(),
+            (KVM_DIRTY_LOG_PAGE_OFFSET * PAGE) as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(KvmError::Ioctl {
+            what: "mmap of the dirty ring",
+            errno: kvm_ioctls::Error::last(),
+        });
+    }
+    Ok(RingMap {
+        ptr: ptr.cast(),
+        entries: u64::from(bytes) / DIRTY_GFN_BYTES,
+        fetch: 0,
+    })
 }
 
 fn stats_fd(fd: i32) -> Result<OwnedFd, crate::stats::StatsError> {

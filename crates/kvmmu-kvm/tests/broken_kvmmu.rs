@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo test -p kvmmu-kvm --features broken-accept-overlapping-slots --test broken_kvmmu
 //! cargo test -p kvmmu-kvm --features broken-madvise-no-zap --test broken_kvmmu
+//! cargo test -p kvmmu-kvm --features broken-rearm-no-flush --test broken_kvmmu
 //! ```
 //!
 //! Without `/dev/kvm` they print one `SKIPPED` line and pass.
@@ -46,5 +47,28 @@ fn data_family_catches_a_kvmmu_whose_madvise_does_not_zap() {
     }
     for mmu in [kvmmu::MmuKind::Tdp, kvmmu::MmuKind::Shadow] {
         assert_diverges("data", diff::data::run(1, 3000, mmu, "n/a (broken build)"));
+    }
+}
+
+#[cfg(feature = "broken-rearm-no-flush")]
+#[test]
+fn dirty_family_catches_a_kvmmu_whose_rearm_does_not_flush() {
+    let _g = kvmmu_kvm::kvm_lock();
+    if kvmmu_kvm::open_or_skip("dirty_family_catches_a_kvmmu_whose_rearm_does_not_flush").is_none()
+    {
+        return;
+    }
+    use diff::dirty::DirtyMode;
+    for mode in [
+        DirtyMode::Bitmap(kvmmu::DirtyLogProtect::Classic),
+        DirtyMode::Bitmap(kvmmu::DirtyLogProtect::Manual {
+            initially_set: false,
+        }),
+        DirtyMode::Ring,
+    ] {
+        assert_diverges(
+            "dirty",
+            diff::dirty::run(1, 1500, mode, kvmmu::MmuKind::Tdp, "n/a (broken build)"),
+        );
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! `KVMMU_KVM_SEEDS=1,0x2a` and `KVMMU_KVM_OPS=N` override the seeds and the operation count.
 
-use kvmmu::MmuKind;
+use kvmmu::{DirtyLogProtect, MmuKind};
+use kvmmu_kvm::diff::dirty::DirtyMode;
 use kvmmu_kvm::diff::{self, FamilyError};
 
 fn seeds() -> Vec<u64> {
@@ -113,6 +114,45 @@ fn stats_side_by_side_agree_where_semantics_match() {
                 "{} / {} in phase {}",
                 r.kvm_name, r.kvmmu_name, r.phase
             );
+        }
+    }
+}
+
+#[test]
+fn dirty_bitmaps_match_kvm_in_classic_and_manual_protect_modes() {
+    let _g = kvmmu_kvm::kvm_lock();
+    let what = "dirty_bitmaps_match_kvm_in_classic_and_manual_protect_modes";
+    let Some(real) = kvmmu_kvm::open_or_skip(what) else {
+        return;
+    };
+    let ring = diff::dirty::ring_supported(&real);
+    if !ring {
+        kvmmu_kvm::skip_line(
+            "dirty ring mode of the dirty-log family",
+            "this host's KVM does not offer KVM_CAP_DIRTY_LOG_RING",
+        );
+    }
+    drop(real);
+    let mut modes = vec![
+        DirtyMode::Bitmap(DirtyLogProtect::Classic),
+        DirtyMode::Bitmap(DirtyLogProtect::Manual {
+            initially_set: false,
+        }),
+        DirtyMode::Bitmap(DirtyLogProtect::Manual {
+            initially_set: true,
+        }),
+    ];
+    if ring {
+        modes.push(DirtyMode::Ring);
+    }
+    for seed in seeds() {
+        for &mode in &modes {
+            for mmu in [MmuKind::Tdp, MmuKind::Shadow] {
+                check(
+                    &format!("dirty/{mode:?}/{mmu:?}"),
+                    diff::dirty::run(seed, ops(1500), mode, mmu, what),
+                );
+            }
         }
     }
 }

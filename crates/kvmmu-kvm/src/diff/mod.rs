@@ -6,13 +6,14 @@
 //! |---|---|---|
 //! | 1 memslots | [`memslots`] | accept/refuse of every `set_user_memory_region` (errno class, [`ERRNO_TABLE`]) |
 //! | 2 data and exits | [`data`] | value read and exit kind of every guest access, across host memory ops and memslot changes |
-//! | 3 dirty logging | pending | waits for kvmmu's dirty log (another issue); would add a `dirty` module with the same shape |
+//! | 3 dirty logging | [`dirty`] | bitmap of every harvest (classic, manual protect with clears), the page set of every dirty-ring harvest where the host has the ring, errno class of every dirty-log request |
 //! | 4 stats | [`stats`] | `KVM_GET_STATS_FD` next to `VmStats` for one workload |
 //!
 //! A family is a function `run(seed, ops, ..) -> Result<Summary, FamilyError>`; the integration
 //! test `tests/differential.rs` calls each for several seeds.
 
 pub mod data;
+pub mod dirty;
 pub mod memslots;
 pub mod stats;
 

@@ -414,6 +414,14 @@ impl VmInner {
         user_mask: &[u64],
     ) -> Result<(), DirtyLogError> {
         let _slots = self.slots_lock.lock();
+        // KVM refuses an unaligned start before it looks the slot up (found by kvmmu-kvm's
+        // dirty-log family: a clear of an unaligned range of a non-logging slot is -EINVAL).
+        if !first_page.is_multiple_of(BITS) {
+            return Err(DirtyLogError::UnalignedRange {
+                first_page,
+                num_pages,
+            });
+        }
         let s = self.logging_slot(as_id, slot)?;
         let Some(bitmap) = s.dirty_bitmap() else {
             return Err(DirtyLogError::NotLogging { slot });
