@@ -16,12 +16,9 @@ fn thp(seed: u64, mmu: MmuKind, aging: AgingMode) -> TortureConfig {
         dyn_pages: 512,
         ops_per_vcpu: Some(6_000),
         backing: BackingSrc::AnonymousThp,
-        // Known issue (left open on the huge-pages issue): with THP backing and locked aging the
-        // accessed oracle reports, in roughly one run of five, a private page written through a
-        // page walk whose huge leaf test_young then finds present but old. Until that is
-        // understood the oracle is off here; every other oracle (data, stale translations,
-        // writes to read-only memory, dirty, counters) stays on.
-        actors: Actors::all().difference(Actors::ACCESSED | Actors::RECLAIM | Actors::DIRTY_LOG),
+        // Every oracle is on, the accessed one included (its private pages share a THP, and a
+        // huge leaf, with churned pages).
+        actors: Actors::all().difference(Actors::RECLAIM | Actors::DIRTY_LOG),
         ..TortureConfig::default()
     }
 }
