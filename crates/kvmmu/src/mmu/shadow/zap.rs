@@ -189,11 +189,11 @@ impl ShadowMmu {
                 // SAFETY: prepare-zap made the page unreachable from every root, parent, hash and
                 // rmap; nothing but this batch refers to it, so it is live until freed here.
                 let is_root = unsafe { sp.get() }.role.level == ROOT_LEVEL;
-                // SAFETY: prepare-zap emptied the page, removed its SPTEs from every rmap and
-                // unlinked it from its parents, the hash and the root table; `ZapBatch::commit`
-                // runs this only after its flush waited for every vCPU in guest mode to pass an
-                // instruction boundary, so no walker is inside it (S1). Freed once: the batch
-                // runs each closure once.
+                // Prepare-zap emptied the page, removed its SPTEs from every rmap and unlinked it
+                // from its parents, the hash and the root table; `ZapBatch::commit` runs this only
+                // after its flush waited for every vCPU in guest mode to pass an instruction
+                // boundary, so no walker is inside it (S1).
+                // SAFETY: unreachable and flushed, as above; freed once (each closure runs once).
                 unsafe { sp.free() };
                 add(&c.pages_freed, 1);
                 if is_root {
