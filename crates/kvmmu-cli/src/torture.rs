@@ -384,6 +384,13 @@ fn with_progress<T>(a: &TortureArgs, live: &LiveProgress, f: impl FnOnce() -> T)
 pub fn run(a: &TortureArgs) -> anyhow::Result<String> {
     check(a)?;
     let cfg = config(a);
+    // The note is in place before the banner: a Ctrl-C that follows the banner (as the CLI test's
+    // does) must find it, or the user loses the seed to replay.
+    progress::set_interrupt_note(format!(
+        "torture cut short: no oracle had failed when it was stopped; seed {:#x} (replay \
+         with --seed {:#x} and the same options)",
+        cfg.seed, cfg.seed
+    ));
     progress::suspend(|| {
         eprintln!(
             "kvmmu torture: {} MMU, {} aging, {} vCPUs",
@@ -393,11 +400,6 @@ pub fn run(a: &TortureArgs) -> anyhow::Result<String> {
         );
         eprintln!("seed {:#x} (replay with --seed {:#x})", cfg.seed, cfg.seed);
     });
-    progress::set_interrupt_note(format!(
-        "torture cut short: no oracle had failed when it was stopped; seed {:#x} (replay \
-         with --seed {:#x} and the same options)",
-        cfg.seed, cfg.seed
-    ));
     let live = Arc::new(LiveProgress::default());
     let cfg = TortureConfig {
         live: Some(Arc::clone(&live)),
