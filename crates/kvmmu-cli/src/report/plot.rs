@@ -1,7 +1,11 @@
 //! Bar charts of phase times (one series per configuration), as SVG or PNG, drawn with plotters.
 //!
-//! Text is rasterised with ab_glyph from a bundled font (DejaVu Sans Mono, Bitstream Vera
-//! license, `assets/DejaVu-LICENSE.txt`), so plotting needs no system fonts.
+//! Text is rasterised with ab_glyph from a bundled font (DejaVu Sans, Bitstream Vera license,
+//! `assets/DejaVu-LICENSE.txt`), so plotting needs no system fonts. A proportional font on
+//! purpose: plotters 0.3.7's ab_glyph text drawing places each glyph's ink at the pen position and
+//! ignores its left side bearing, which in a monospace font (where narrow glyphs such as `.`, `(`
+//! and `-` sit in the middle of a wide cell) shows as `16. 0` and `( vcpus`; a proportional font's
+//! bearings are a pixel or so.
 
 use anyhow::{Context, bail};
 use plotters::prelude::*;
@@ -9,7 +13,7 @@ use plotters::style::{FontStyle, register_font};
 use std::path::Path;
 use std::sync::Once;
 
-static FONT: &[u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 const FAMILY: &str = "kvmmu-sans";
 static REGISTER: Once = Once::new();
 /// Lines of a category name under its bars, their height, and the width of one character (px).
@@ -110,7 +114,7 @@ where
         .max(1e-3)
         * 1.3;
     let n = categories.len() as f64;
-    // The title on one line: smaller type for a long one (a monospace glyph is ~0.6 em wide).
+    // The title on one line: smaller type for a long one (a glyph is at most ~0.6 em wide on average).
     let width_px = f64::from(root.dim_in_pixel().0);
     let title_px = ((width_px - 24.0) / (title.chars().count() as f64 * 0.6)).clamp(10.0, 20.0);
     let mut chart = ChartBuilder::on(&root)
