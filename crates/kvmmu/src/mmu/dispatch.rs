@@ -63,6 +63,21 @@ impl Mmu {
         Mmu { kind, tdp, shadow }
     }
 
+    /// This MMU, building its leaves in the `ad` format (`VmConfig::ad_bits`); call before the
+    /// MMU is shared.
+    pub fn with_ad_bits(self, ad: crate::mmu::spte::AdBits) -> Mmu {
+        Mmu {
+            kind: self.kind,
+            tdp: self.tdp.with_ad_bits(ad),
+            shadow: self.shadow.with_ad_bits(ad),
+        }
+    }
+
+    /// The format of the leaves this MMU builds.
+    pub fn ad_bits(&self) -> crate::mmu::spte::AdBits {
+        self.tdp.ad_bits()
+    }
+
     /// Which MMU this is.
     pub fn kind(&self) -> MmuKind {
         self.kind
@@ -437,15 +452,16 @@ impl Mmu {
         flush
     }
 
-    /// The fast page fault for a write to `gfn` through `root` (`fast_page_fault`): TDP roots
-    /// only (direct pages); the shadow MMU always answers [`FastFault::Slow`] (its fault path
-    /// takes `mmu_lock` write). No `mmu_lock`.
+    /// The fast page fault for an access (a write if `write`) to `gfn` through `root`
+    /// (`fast_page_fault`): a leaf write-protected for dirty logging is made writable, a leaf
+    /// marked for access tracking is restored, each by one CAS without `mmu_lock`. TDP roots only
+    /// (direct pages); the shadow MMU always answers [`FastFault::Slow`].
     #[inline]
-    pub fn fast_page_fault(&self, root: &MmuRoot, gfn: Gfn) -> FastFault {
+    pub fn fast_page_fault(&self, root: &MmuRoot, gfn: Gfn, write: bool) -> FastFault {
         match root {
             MmuRoot::Tdp(root) => {
                 let rcu = self.tdp.rcu().pin();
-                self.tdp.fast_page_fault(root, gfn, &rcu)
+                self.tdp.fast_page_fault_access(root, gfn, write, &rcu)
             }
             MmuRoot::Shadow(_) => FastFault::Slow,
         }

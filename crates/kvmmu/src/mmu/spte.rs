@@ -20,6 +20,13 @@
 //! 5. Once a leaf is reachable by lockless readers it changes only by atomic read-modify-write
 //!    whenever [`Spte::needs_atomic_update`] holds (spec §4 item 32), so a concurrent
 //!    hardware Dirty-bit set is never lost (spec §4 item 19).
+//! 6. A/D-disabled leaves ([`AD_DISABLED_MASK`], `VmConfig::ad_bits = Disabled`): the simulated
+//!    CPU sets neither A nor D in them. Their A bit (ignored by hardware with A/D off) is a
+//!    software copy of "not marked for access tracking": set exactly while R/X are in place, so
+//!    every young test and scan reads A for both formats. Their D bit is set whenever W is
+//!    (`W ⇒ D`), the kernel's "writable means dirty" for such SPTEs. A leaf marked for access
+//!    tracking ([`mark_for_access_track`]) has R, W, X and A clear and its R/X saved in the
+//!    ignored bits 54 and 56; it stays shadow-present, with its pfn, MMU-writable and D.
 
 use core::fmt;
 
@@ -42,6 +49,16 @@ pub const DIRTY_MASK: u64 = 1 << 9;
 pub const MMU_PRESENT_MASK: u64 = 1 << 11;
 /// The pfn (or child table address) field, bits 12..=51 (`SPTE_BASE_ADDR_MASK`).
 pub const BASE_ADDR_MASK: u64 = ((1u64 << 52) - 1) & !((1u64 << 12) - 1);
+/// A/D disabled for this leaf (`SPTE_TDP_AD_DISABLED`, bit 52): the CPU sets no A/D bits in it,
+/// and aging marks it for access tracking instead of clearing A (invariant 6).
+pub const AD_DISABLED_MASK: u64 = 1 << 52;
+/// Where an access-tracked leaf keeps its R and X bits (`SHADOW_ACC_TRACK_SAVED_BITS_SHIFT`):
+/// R at bit 54, X at bit 56, both ignored by hardware.
+pub const ACC_TRACK_SAVED_SHIFT: u32 = 54;
+/// The bits an access-tracked leaf saves (`SHADOW_ACC_TRACK_SAVED_BITS_MASK`): R and X.
+pub const ACC_TRACK_SAVED_MASK: u64 = READABLE_MASK | EXECUTABLE_MASK;
+/// The bits marking for access tracking clears (`shadow_acc_track_mask` for EPT): R, W and X.
+pub const ACC_TRACK_MASK: u64 = READABLE_MASK | WRITABLE_MASK | EXECUTABLE_MASK;
 /// Host-writable (`EPT_SPTE_HOST_WRITABLE`, bit 57).
 pub const HOST_WRITABLE_MASK: u64 = 1 << 57;
 /// MMU-writable (`EPT_SPTE_MMU_WRITABLE`, bit 58).
@@ -115,7 +132,19 @@ impl Spte {
     pub fn is_present_leaf(self, level: Level) -> bool {
         self.is_shadow_present() && self.is_leaf(level)
     }
-    /// Accessed bit (`is_accessed_spte`).
+    /// A/D bits are enabled for this SPTE (`spte_ad_enabled`): bit 52 is clear.
+    #[inline]
+    pub const fn ad_enabled(self) -> bool {
+        self.0 & AD_DISABLED_MASK == 0
+    }
+    /// A present A/D-disabled leaf marked for access tracking (`is_access_track_spte`): R, W and
+    /// X are all clear (invariant 6). Any access to it faults; the fast page fault restores it.
+    #[inline]
+    pub const fn is_access_tracked(self) -> bool {
+        self.is_shadow_present() && !self.ad_enabled() && self.0 & ACC_TRACK_MASK == 0
+    }
+    /// Accessed bit (`is_accessed_spte`); for an A/D-disabled leaf, "not access-tracked"
+    /// (invariant 6 keeps the two equal).
     #[inline]
     pub const fn is_accessed(self) -> bool {
         self.0 & ACCESSED_MASK != 0
@@ -154,11 +183,15 @@ impl Spte {
     /// than a plain store (`kvm_tdp_mmu_spte_need_atomic_update`): it is a present leaf and either
     /// the fast page-fault path may make it writable (`!W && MMU-W`) or the CPU may set D
     /// (`W && !D`). The Accessed bit is deliberately excluded: losing an A update is tolerated
-    /// because clearing A never flushes the TLB anyway. A/D-disabled SPTEs are not modelled.
+    /// because clearing A never flushes the TLB anyway. An A/D-disabled leaf always needs it:
+    /// lockless aging may mark it for access tracking and the fast page fault may restore it.
     #[inline]
     pub fn needs_atomic_update(self, level: Level) -> bool {
         if !self.is_present_leaf(level) {
             return false;
+        }
+        if !self.ad_enabled() {
+            return true;
         }
         let w = self.is_writable();
         (!w && self.is_mmu_writable()) || (w && !self.is_dirty())
@@ -194,6 +227,9 @@ impl fmt::Debug for Spte {
             (PAGE_SIZE_MASK, " PS"),
             (ACCESSED_MASK, " A"),
             (DIRTY_MASK, " D"),
+            (AD_DISABLED_MASK, " !AD"),
+            (READABLE_MASK << ACC_TRACK_SAVED_SHIFT, " savedR"),
+            (EXECUTABLE_MASK << ACC_TRACK_SAVED_SHIFT, " savedX"),
             (HOST_WRITABLE_MASK, " HostW"),
             (MMU_WRITABLE_MASK, " MmuW"),
         ];
@@ -245,6 +281,93 @@ pub fn make_spte(pfn: Pfn, level: Level, attrs: LeafAttrs) -> Spte {
         spte |= WRITABLE_MASK | MMU_WRITABLE_MASK | DIRTY_MASK;
     }
     Spte(spte)
+}
+
+/// Whether the leaves an MMU builds use hardware Accessed/Dirty bits (`VmConfig::ad_bits`; the
+/// kernel's `kvm_ad_enabled` / `spte_ad_enabled`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum AdBits {
+    /// The CPU sets A and D; aging clears A with one atomic AND.
+    #[default]
+    Enabled,
+    /// The CPU sets neither: aging marks leaves for access tracking (one CAS), the next access
+    /// faults and the fast page fault restores the leaf; dirty logging write-protects.
+    Disabled,
+}
+
+/// [`make_spte`] in the format `ad` selects. With [`AdBits::Disabled`] the leaf carries
+/// [`AD_DISABLED_MASK`] and invariant 6 holds: A is set unless `prefetch`, and a prefetched leaf
+/// starts marked for access tracking, as the kernel's `make_spte` does for such SPTEs.
+pub fn make_spte_ad(pfn: Pfn, level: Level, attrs: LeafAttrs, ad: AdBits) -> Spte {
+    let spte = make_spte(pfn, level, attrs);
+    match ad {
+        AdBits::Enabled => spte,
+        AdBits::Disabled => {
+            let spte = Spte(spte.0 | AD_DISABLED_MASK | ACCESSED_MASK);
+            if attrs.prefetch {
+                mark_for_access_track(spte)
+            } else {
+                spte
+            }
+        }
+    }
+}
+
+/// The value aging gives a young A/D-disabled leaf (`mark_spte_for_access_track`): R and X saved
+/// in bits 54/56, then R, W, X and A cleared. Pfn, bit 11, MMU-writable, host-writable and D are
+/// kept. An A/D-enabled SPTE, a non-present one or one already marked is returned unchanged.
+pub const fn mark_for_access_track(spte: Spte) -> Spte {
+    if spte.ad_enabled() || !spte.is_shadow_present() || spte.is_access_tracked() {
+        return spte;
+    }
+    let saved = (spte.0 & ACC_TRACK_SAVED_MASK) << ACC_TRACK_SAVED_SHIFT;
+    let cleared = spte.0 & !(ACC_TRACK_MASK | ACCESSED_MASK | (ACC_TRACK_SAVED_MASK << ACC_TRACK_SAVED_SHIFT));
+    Spte(cleared | saved)
+}
+
+/// The inverse of [`mark_for_access_track`] (`restore_acc_track_spte`): R and X back from bits
+/// 54/56, the saved copies cleared and A set. W is not restored (it was not saved): a write
+/// afterwards needs MMU-writable to be made writable again. Any other SPTE is returned unchanged.
+pub const fn restore_access_tracked(spte: Spte) -> Spte {
+    if !spte.is_access_tracked() {
+        return spte;
+    }
+    let saved_bits = ACC_TRACK_SAVED_MASK << ACC_TRACK_SAVED_SHIFT;
+    let saved = (spte.0 & saved_bits) >> ACC_TRACK_SAVED_SHIFT;
+    Spte((spte.0 & !saved_bits) | saved | ACCESSED_MASK)
+}
+
+/// The leaf a locked fault installs over the access-tracked leaf `old`, given `fresh`, the leaf
+/// `make_spte_ad` built for this fault: `fresh` if it is writable (a write the host allows, a
+/// superset of `old`), else `old` restored, which keeps its MMU-writable bit (so losing it needs
+/// no TLB flush, and the next write can still be fixed fast).
+pub fn resolve_access_tracked(old: Spte, fresh: Spte) -> Spte {
+    if fresh.is_writable() {
+        fresh
+    } else {
+        restore_access_tracked(old)
+    }
+}
+
+/// The lockless ager's one write to an A/D-disabled young leaf `old` (`kvm_tdp_mmu_age_spte` for
+/// such SPTEs): one compare-and-swap to [`mark_for_access_track`]`(old)`, **not retried** on
+/// failure (the racing change, a fast-path fix, a re-arm, a zap, is left as it is; the leaf most
+/// likely stays young anyway). Returns the value the slot held before, with A cleared in the
+/// returned copy if the CAS failed, so that "A set in the result" means "this call aged it", as it
+/// does for the atomic AND of A/D-enabled leaves. A failed CAS changes nothing, so it can never
+/// lose a concurrent Dirty or Writable update.
+#[inline]
+pub fn age_ad_disabled(sptep: &AtomicSpte, old: Spte) -> Spte {
+    let new = mark_for_access_track(old);
+    if new == old {
+        return Spte(old.0 & !ACCESSED_MASK);
+    }
+    // ORDERING: O4 — like the AND it replaces, only atomicity matters: the whole-word compare is
+    // what keeps any concurrent change (docs/locking.md "A/D-disabled aging" AD1).
+    match sptep.compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(prev) => prev,
+        Err(actual) => Spte(actual.0 & !ACCESSED_MASK),
+    }
 }
 
 /// Builds a non-leaf SPTE pointing at a child table whose address is `child_addr`

@@ -82,6 +82,10 @@ pub enum HwWalk {
 /// `write`) unless already set, with a compare-and-swap on the value just checked (spte.rs O5: A/D
 /// never lands on a value that stopped being a present leaf), re-evaluating on a lost race.
 ///
+/// An A/D-disabled leaf (spte.rs invariant 6) is never written: one marked for access tracking
+/// allows no access (an EPT violation, reported as [`HwWalk::NotPresent`]), and a hit reports
+/// `dirty` as W, since the CPU sets no D bit in it.
+///
 /// The frame returned is the 4K frame of `gfn` inside the leaf (base + offset for a huge leaf).
 pub(crate) fn access_leaf(
     sptep: &AtomicSpte,
@@ -90,6 +94,20 @@ pub(crate) fn access_leaf(
     gfn: u64,
     write: bool,
 ) -> HwWalk {
+    if !spte.ad_enabled() {
+        if !spte.is_present_leaf(level) || spte.is_access_tracked() {
+            return HwWalk::NotPresent;
+        }
+        if write && !spte.is_writable() {
+            return HwWalk::WriteProtected;
+        }
+        return HwWalk::Hit {
+            pfn: crate::mmu::hugepage::frame_in_leaf(gfn, spte.pfn(), level),
+            writable: spte.is_writable(),
+            dirty: spte.is_writable(),
+            level,
+        };
+    }
     let want = ACCESSED_MASK | if write { DIRTY_MASK } else { 0 };
     loop {
         if !spte.is_present_leaf(level) {

@@ -160,6 +160,10 @@ pub(crate) struct DirtyLogState {
 /// Why a dirty-log call was refused; nothing changed.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum DirtyLogError {
+    /// [`DirtyTracking::DBit`] needs hardware Dirty bits, which a VM with
+    /// `VmConfig::ad_bits = AdBits::Disabled` does not have (KVM disables PML without EPT A/D).
+    #[error("D-bit dirty tracking needs A/D bits (the VM has ad_bits = Disabled)")]
+    DBitNeedsAdBits,
     /// No memslot with this id in this address space.
     #[error("no memslot {slot:?} in address space {as_id:?}")]
     NoSuchSlot {
@@ -246,7 +250,7 @@ impl Vm {
     /// Chooses how pages are re-armed ([`DirtyTracking`]); only while no memslot logs.
     ///
     /// Errors (nothing changes): [`DirtyLogError::TrackingInUse`], [`DirtyLogError::Dead`],
-    /// [`DirtyLogError::InGuestMode`].
+    /// [`DirtyLogError::InGuestMode`], [`DirtyLogError::DBitNeedsAdBits`].
     pub fn set_dirty_tracking(&self, mode: DirtyTracking) -> Result<(), DirtyLogError> {
         guest_mode::check("set_dirty_tracking")?;
         let _slots = self.inner.slots_lock.lock();
@@ -260,6 +264,9 @@ impl Vm {
         }
         if mode == DirtyTracking::DBit && self.inner.dirty_ring_enabled() {
             return Err(DirtyLogError::RingInUse);
+        }
+        if mode == DirtyTracking::DBit && self.inner.ad_disabled {
+            return Err(DirtyLogError::DBitNeedsAdBits);
         }
         // ORDERING: written and read under `slots_lock`, which orders them.
         self.inner

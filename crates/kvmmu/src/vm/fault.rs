@@ -138,21 +138,23 @@ impl VmInner {
             return Err(VcpuExit::NoMemslot { gpa });
         };
 
-        // The fast page fault (docs/locking.md "Dirty logging" D2, D3): a write to a leaf
-        // write-protected only for dirty logging is fixed by one CAS without `mmu_lock`, and the
-        // page is marked before the vCPU's write. Only a logging slot has such leaves (logging
+        // The fast page fault (docs/locking.md "Dirty logging" D2, D3, "A/D-disabled aging"
+        // AD2): a write to a leaf write-protected only for dirty logging, or any access to a leaf
+        // marked for access tracking, is fixed by one CAS without `mmu_lock`; a write's page is
+        // marked before the vCPU's write. Only a logging slot has write-protected leaves (logging
         // write-protects them; a slot whose logging was switched off has none left to be fixed
-        // fast until its next write faults them writable), so other faults skip the extra walk,
-        // as the kernel's `page_fault_can_be_fast` skips non-present faults.
-        if write
-            && !readonly_slot
-            && slot
-                .flags()
-                .contains(crate::vm::memslot::MemFlags::LOG_DIRTY_PAGES)
-        {
-            match self.mmu.fast_page_fault(root, gfn) {
+        // fast until its next write faults them writable), and only an A/D-disabled VM has
+        // access-tracked ones, so other faults skip the extra walk, as the kernel's
+        // `page_fault_can_be_fast` does.
+        let logging = slot
+            .flags()
+            .contains(crate::vm::memslot::MemFlags::LOG_DIRTY_PAGES);
+        if (write && logging) || self.ad_disabled {
+            match self.mmu.fast_page_fault(root, gfn, write) {
                 FastFault::Fixed => {
-                    mark_page_dirty(slot, gfn, ring);
+                    if write {
+                        mark_page_dirty(slot, gfn, ring);
+                    }
                     self.counters.pf_fast.add(1);
                     return Ok(FaultOutcome::Fixed);
                 }
@@ -177,10 +179,7 @@ impl VmInner {
         // KVM holds; a split after it invalidates the whole huge range, so the retry rule below
         // catches it) capped by the memslot's alignment and `disallow_lpage` counts.
         // A slot with dirty logging maps 4K pages only (`kvm_slot_dirty_track_enabled`).
-        let level = if slot
-            .flags()
-            .contains(crate::vm::memslot::MemFlags::LOG_DIRTY_PAGES)
-        {
+        let level = if logging {
             crate::addr::Level::L4K
         } else {
             page.level.min(slot.max_mapping_level(gfn))

@@ -176,6 +176,8 @@ pub(crate) struct VmInner {
     pub(crate) requests: Arc<VcpuRequests>,
     pub(crate) counters: VmCounters,
     pub(crate) dead: AtomicBool,
+    /// `config.ad_bits == Disabled`: faults try the fast path (access-tracked leaves).
+    pub(crate) ad_disabled: bool,
     /// The dirty-log protect mode (`manual_dirty_log_protect`).
     pub(crate) dirty_log: dirty_log::DirtyLogState,
     /// The dirty rings, once enabled.
@@ -224,7 +226,7 @@ impl Vm {
         config.validate()?;
         let nr_as = config.address_spaces;
         let mmu_lock = MmuLock::new();
-        let mmu = Mmu::new(config.mmu, nr_as, &mmu_lock, Arc::new(Rcu::new()));
+        let mmu = Mmu::new(config.mmu, nr_as, &mmu_lock, Arc::new(Rcu::new())).with_ad_bits(config.ad_bits);
         let inner = Arc::new(VmInner {
             host: host.clone(),
             srcu: Srcu::new(),
@@ -241,6 +243,7 @@ impl Vm {
             requests: VcpuRequests::new(),
             counters: VmCounters::default(),
             dead: AtomicBool::new(false),
+            ad_disabled: config.ad_bits == crate::config::AdBits::Disabled,
             dirty_log: dirty_log::DirtyLogState::default(),
             dirty_ring: dirty_ring::DirtyRingState::default(),
             config,

@@ -14,6 +14,11 @@
 //!   NONPRESENT or, inside an unlinked table, FROZEN, neither of which matches). On failure the
 //!   caller takes the slow path (D2). The caller marks the page dirty after a successful CAS and
 //!   before the vCPU's write (D3).
+//! - **Access-tracking restore** (RCU only; A/D-disabled leaves, spte.rs invariant 6): any fault on
+//!   a present 4K leaf marked for access tracking by aging is fixed by the same one CAS, to the
+//!   leaf with R/X restored (and, for a write, W if MMU-writable). It races the lockless ager's
+//!   own CAS (docs/locking.md "A/D-disabled aging" AD1, AD2): each compares the whole word, so
+//!   of two racing changes exactly one lands and the other party retries or gives up.
 //!
 //! # Huge leaves
 //! Leaves are 4K only today (tdp/mod.rs P2). Where a huge leaf meets dirty logging, the huge-pages work splits it first (eager split when logging is enabled,
@@ -21,7 +26,9 @@
 //! never fast-fixed, so every write to it takes the slow path, which maps at 4K.
 
 use crate::addr::{AsId, Gfn, GfnRange, Level};
-use crate::mmu::spte::{ACCESSED_MASK, AtomicSpte, DIRTY_MASK, Spte, SpteKind, WRITABLE_MASK};
+use crate::mmu::spte::{
+    ACCESSED_MASK, AtomicSpte, DIRTY_MASK, Spte, SpteKind, WRITABLE_MASK, restore_access_tracked,
+};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
 use crate::sync::witness::MmuWrite;
@@ -128,6 +135,19 @@ impl TdpMmu {
     /// makes a present 4K leaf that is MMU-writable but not writable writable again with one CAS
     /// and no `mmu_lock` (D2). Reads only under `rcu`.
     pub fn fast_page_fault(&self, root: &RootRef, gfn: Gfn, rcu: &RcuGuard<'_>) -> FastFault {
+        self.fast_page_fault_access(root, gfn, true, rcu)
+    }
+
+    /// The fast page fault for an access to `gfn` (a write if `write`): as
+    /// [`TdpMmu::fast_page_fault`], and also restores a 4K leaf marked for access tracking (any
+    /// access; the A/D-disabled format). Reads only under `rcu`; one CAS.
+    pub fn fast_page_fault_access(
+        &self,
+        root: &RootRef,
+        gfn: Gfn,
+        write: bool,
+        rcu: &RcuGuard<'_>,
+    ) -> FastFault {
         assert!(
             root.belongs_to(self),
             "fast_page_fault: the root belongs to another TdpMmu"
@@ -141,21 +161,28 @@ impl TdpMmu {
         let Some((sptep, old)) = (unsafe { find_4k_leaf(root.table(), gfn.raw(), rcu) }) else {
             return FastFault::Slow;
         };
-        fix_writable(sptep, old)
+        fix_fast(sptep, old, write)
     }
 }
 
-/// The fast path's one write: from `old` (a present 4K leaf) to `old | W | A` if `old` is
-/// MMU-writable and not writable. Shared with the loom model of the fast path.
+/// The fast path's one write (`fast_page_fault`'s loop body, without its retries): from `old`
+/// (a present 4K leaf) to the leaf that allows the access — restored if it is marked for access
+/// tracking, and with `W | A` (and D for an A/D-disabled leaf, invariant 6) for a write if it is
+/// MMU-writable. [`FastFault::Spurious`] if `old` already allows the access,
+/// [`FastFault::Slow`] if only the locked path can allow it or the CAS lost a race.
 #[inline]
-pub(crate) fn fix_writable(sptep: &AtomicSpte, old: Spte) -> FastFault {
-    if old.is_writable() {
+pub(crate) fn fix_fast(sptep: &AtomicSpte, old: Spte, write: bool) -> FastFault {
+    let mut new = restore_access_tracked(old);
+    if write && !new.is_writable() {
+        if !new.is_mmu_writable() {
+            return FastFault::Slow;
+        }
+        let d = if new.ad_enabled() { 0 } else { DIRTY_MASK };
+        new = Spte::from_raw(new.raw() | WRITABLE_MASK | ACCESSED_MASK | d);
+    }
+    if new == old {
         return FastFault::Spurious;
     }
-    if !old.is_mmu_writable() {
-        return FastFault::Slow;
-    }
-    let new = Spte::from_raw(old.raw() | WRITABLE_MASK | ACCESSED_MASK);
     // ORDERING: D2 — the CAS changes only permission bits of a leaf whose pfn and frame contents
     // were published by the installing fault's Release CAS; an RMW continues that release
     // sequence, so a walker's Acquire load of the new value still synchronises with the install.
