@@ -635,6 +635,71 @@ mod tests {
         assert!(!leaf_spte_change_needs_tlb_flush(ro, Spte::NONPRESENT));
     }
 
+    fn ad_disabled_leaf(write: bool) -> Spte {
+        let attrs = LeafAttrs {
+            host_writable: true,
+            write_allowed: write,
+            prefetch: false,
+        };
+        make_spte_ad(Pfn::new(0x1234), Level::L4K, attrs, AdBits::Disabled)
+    }
+
+    #[test]
+    fn marking_for_access_tracking_saves_r_x_and_restoring_brings_them_back() {
+        let s = ad_disabled_leaf(true);
+        assert!(!s.ad_enabled() && s.is_accessed() && s.is_writable() && s.is_dirty());
+        assert!(!s.is_access_tracked());
+        let t = mark_for_access_track(s);
+        assert!(t.is_access_tracked() && t.is_shadow_present());
+        assert_eq!(t.raw() & (ACC_TRACK_MASK | ACCESSED_MASK), 0);
+        assert_ne!(t.raw() & (1 << 54), 0, "R saved in bit 54");
+        assert_ne!(t.raw() & (1 << 56), 0, "X saved in bit 56");
+        assert_eq!(t.pfn(), s.pfn());
+        assert!(t.is_mmu_writable() && t.is_host_writable() && t.is_dirty());
+        assert_eq!(mark_for_access_track(t), t, "marking twice changes nothing");
+        let r = restore_access_tracked(t);
+        assert_eq!(
+            r.raw(),
+            s.raw() & !WRITABLE_MASK,
+            "everything back but W, which was not saved"
+        );
+        assert!(r.writable_triple_is_valid() && t.writable_triple_is_valid());
+        // A/D-enabled and non-present SPTEs are never marked.
+        let e = make_spte(Pfn::new(1), Level::L4K, LeafAttrs::default());
+        assert_eq!(mark_for_access_track(e), e);
+        assert_eq!(mark_for_access_track(Spte::NONPRESENT), Spte::NONPRESENT);
+        assert_eq!(mark_for_access_track(Spte::FROZEN), Spte::FROZEN);
+        assert!(!Spte::FROZEN.is_access_tracked() && !Spte::NONPRESENT.is_access_tracked());
+        // A prefetched A/D-disabled leaf starts marked, as in the kernel.
+        let p = make_spte_ad(
+            Pfn::new(3),
+            Level::L4K,
+            LeafAttrs {
+                prefetch: true,
+                ..LeafAttrs::default()
+            },
+            AdBits::Disabled,
+        );
+        assert!(p.is_access_tracked() && !p.is_accessed());
+        assert!(ad_disabled_leaf(false).needs_atomic_update(Level::L4K));
+        assert!(t.needs_atomic_update(Level::L4K));
+    }
+
+    #[test]
+    fn a_lost_aging_cas_changes_nothing_and_reports_not_aged() {
+        let s = ad_disabled_leaf(true);
+        let slot = AtomicSpte::new(s);
+        let prev = age_ad_disabled(&slot, s);
+        assert!(prev.is_accessed(), "this call aged it");
+        assert!(slot.load(Ordering::Relaxed).is_access_tracked());
+        // A stale snapshot: the slot was changed (e.g. a fast-path restore) since.
+        let now = restore_access_tracked(slot.load(Ordering::Relaxed));
+        slot.store(now, Ordering::Relaxed);
+        let prev = age_ad_disabled(&slot, s);
+        assert!(!prev.is_accessed(), "the CAS lost: not aged by this call");
+        assert_eq!(slot.load(Ordering::Relaxed), now, "and nothing changed");
+    }
+
     proptest! {
         #[test]
         fn make_spte_keeps_writable_triple_invariant(
