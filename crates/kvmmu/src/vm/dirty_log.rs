@@ -554,18 +554,34 @@ impl VmInner {
     }
 
     /// `kvm_mmu_slot_apply_flags` after a flags-only change was published: when logging starts,
-    /// write-protect the whole slot and flush (unless `INITIALLY_SET`, where the user's clears
-    /// re-arm). Stopping logging changes nothing (writable leaves come back lazily through the
-    /// fast page fault; huge-leaf recovery belongs to the huge-pages work). Caller holds
-    /// `slots_lock`.
+    /// split the slot's huge leaves to 4K (eager page splitting, `VmConfig::eager_page_split`:
+    /// TDP in place under `mmu_lock` read; the shadow MMU drops its huge leaves under write,
+    /// always, since its 4K-only re-arm would miss a huge leaf), then write-protect the whole slot
+    /// and flush (unless `INITIALLY_SET`, where the user's clears re-arm). With eager splitting
+    /// off, a TDP huge leaf is write-protected whole and split by the first write's fault. When
+    /// logging stops, huge leaves are recovered where the host and the slot allow them
+    /// (`kvm_mmu_recover_huge_pages`); writable 4K leaves come back lazily through the fast page
+    /// fault. Caller holds `slots_lock`.
     pub(crate) fn dirty_log_flags_changed(&self, old: &Memslot, new: &Memslot) {
         let was = old.flags().contains(MemFlags::LOG_DIRTY_PAGES);
         let is = new.flags().contains(MemFlags::LOG_DIRTY_PAGES);
-        if was || !is {
-            // HUGE-PAGE HOOK: on `was && !is`, recover huge leaves (kvm_mmu_recover_huge_pages).
+        if was && !is {
+            self.recover_huge_pages(new.as_id(), new.gfn_range());
             return;
         }
-        // HUGE-PAGE HOOK: eager split of the slot's huge leaves (kvm_mmu_slot_try_split_huge_pages).
+        if was || !is {
+            return;
+        }
+        if self.config.eager_page_split || self.mmu.kind() == crate::config::MmuKind::Shadow {
+            self.mmu.split_huge_pages(
+                &self.mmu_lock,
+                new.as_id(),
+                new.rmaps(),
+                new.gfn_range(),
+                crate::addr::Level::L4K,
+                self,
+            );
+        }
         if self.dirty_log_protect()
             == (DirtyLogProtect::Manual {
                 initially_set: true,

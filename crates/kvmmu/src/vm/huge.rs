@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use crate::addr::{AsId, GfnRange, Level};
 use crate::sync::guest_mode;
-use crate::vm::Vm;
+use crate::vm::{Vm, VmInner};
 use crate::vm::memslot::MemFlags;
 
 impl Vm {
@@ -45,7 +45,15 @@ impl Vm {
     /// As [`Vm::split_huge_pages`].
     pub fn recover_huge_pages(&self, as_id: AsId, gfns: GfnRange) -> u64 {
         guest_mode::refuse("Vm::recover_huge_pages");
-        let vm = &*self.inner;
+        self.inner.recover_huge_pages(as_id, gfns)
+    }
+}
+
+impl VmInner {
+    /// The body of [`Vm::recover_huge_pages`], also run when dirty logging is switched off on a
+    /// slot (`kvm_mmu_slot_apply_flags`). The caller is not in guest mode.
+    pub(crate) fn recover_huge_pages(&self, as_id: AsId, gfns: GfnRange) -> u64 {
+        let vm = self;
         let srcu = vm.srcu_read();
         let Some(cell) = vm.memslots.get(as_id.index()) else {
             return 0;

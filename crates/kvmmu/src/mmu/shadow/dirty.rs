@@ -25,8 +25,8 @@ impl ShadowMmu {
         self.check_lock(mmu.lock_id());
         let mut flush = false;
         for gfn in gfns {
-            // HUGE-PAGE HOOK: huge shadow leaves (higher-level rmaps) would be split or
-            // write-protected here; the shadow MMU installs 4K leaves only today.
+            // 4K rmaps only: enabling logging drops the slot's huge shadow leaves first
+            // (`vm/dirty_log.rs`, whatever `eager_page_split` says), and a logging slot maps 4K.
             let Some(rmap) = rmaps.get(gfn, Level::L4K) else {
                 continue;
             };

@@ -21,9 +21,10 @@
 //!   of two racing changes exactly one lands and the other party retries or gives up.
 //!
 //! # Huge leaves
-//! Leaves are 4K only today (tdp/mod.rs P2). Where a huge leaf meets dirty logging, the huge-pages work splits it first (eager split when logging is enabled,
-//! `kvm_mmu_slot_try_split_huge_pages`); until then a huge leaf is write-protected as a whole and
-//! never fast-fixed, so every write to it takes the slow path, which maps at 4K.
+//! Enabling logging splits the slot's huge leaves in place first (eager page splitting,
+//! `VmConfig::eager_page_split`, `vm/dirty_log.rs`). With it off, a huge leaf is write-protected
+//! as a whole here and never fast-fixed: the first write takes the slow path, whose map step
+//! splits it in place and installs the 4K leaf.
 
 use crate::addr::{AsId, Gfn, GfnRange, Level};
 use crate::mmu::spte::{
@@ -114,8 +115,8 @@ impl TdpMmu {
             let old = it.old();
             let level = it.level();
             if old.is_present_leaf(level) && old.raw() & bit != 0 {
-                // HUGE-PAGE HOOK: a huge leaf must be split here (or eagerly when logging is
-                // enabled) before per-4K tracking; until then it is handled whole.
+                // A huge leaf (eager splitting off) is handled whole; the first write's fault
+                // splits it.
                 let gfn = Gfn::new(it.gfn().max(start));
                 if level > Level::L4K || wanted(gfn) {
                     let prev = clear_bits(it.sptep(), bit);
