@@ -110,13 +110,11 @@ fn aging_marks_ad_disabled_leaves_for_access_tracking_and_the_next_access_restor
             r.is_accessed() && r.is_readable() && !r.is_access_tracked(),
             "{r:?}"
         );
-        if mmu == MmuKind::Tdp {
-            assert_eq!(
-                after.pf_fast,
-                before.pf_fast + 1,
-                "TDP restores the leaf in the fast page fault"
-            );
-        }
+        assert_eq!(
+            after.pf_fast,
+            before.pf_fast + 1,
+            "{mmu:?}: the fast page fault restores the leaf"
+        );
         vcpu.write_u64(gpa(3), 34).expect("write after restore");
         let (w, _) = f.vm.spte(AsId::new(0), gfn).expect("present");
         assert!(w.is_writable() && w.is_dirty(), "{w:?}");

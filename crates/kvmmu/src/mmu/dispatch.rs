@@ -455,7 +455,8 @@ impl Mmu {
     /// The fast page fault for an access (a write if `write`) to `gfn` through `root`
     /// (`fast_page_fault`): a leaf write-protected for dirty logging is made writable, a leaf
     /// marked for access tracking is restored, each by one CAS without `mmu_lock`. TDP roots only
-    /// (direct pages); the shadow MMU always answers [`FastFault::Slow`].
+    /// (direct pages); shadow roots answer [`FastFault::Slow`] here: their fast path runs in the
+    /// vCPU's walk ([`Mmu::fast_page_fault_in_guest`]).
     #[inline]
     pub fn fast_page_fault(&self, root: &MmuRoot, gfn: Gfn, write: bool) -> FastFault {
         match root {
@@ -464,6 +465,21 @@ impl Mmu {
                 self.tdp.fast_page_fault_access(root, gfn, write, &rcu)
             }
             MmuRoot::Shadow(_) => FastFault::Slow,
+        }
+    }
+
+    /// The shadow MMU's fast page fault, run by the faulting vCPU inside its own walk, in guest
+    /// mode (`ShadowMmu::fast_page_fault_in_guest`); TDP roots answer [`FastFault::Slow`] (their
+    /// fast path runs in [`Mmu::fast_page_fault`], under RCU).
+    ///
+    /// # Safety
+    /// As [`Mmu::hardware_walk`]: the caller is a vCPU in guest mode, inside one instruction (S2).
+    #[inline]
+    pub unsafe fn fast_page_fault_in_guest(&self, root: &MmuRoot, gfn: Gfn, write: bool) -> FastFault {
+        match root {
+            MmuRoot::Tdp(_) => FastFault::Slow,
+            // SAFETY: this function's contract (S2).
+            MmuRoot::Shadow(root) => unsafe { self.shadow.fast_page_fault_in_guest(root, gfn, write) },
         }
     }
 

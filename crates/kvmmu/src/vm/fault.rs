@@ -92,6 +92,60 @@ pub enum VcpuExit {
 }
 
 impl VmInner {
+    /// The shadow MMU's fast page fault, tried by the faulting vCPU inside its walk, before it
+    /// leaves guest mode (docs/locking.md "Dirty logging" D2, D3; "A/D-disabled aging" AD2): a
+    /// write to a leaf write-protected for dirty logging, or any access to a leaf marked for
+    /// access tracking, is fixed by one CAS with no lock; a write's page is marked right after
+    /// the CAS, before the vCPU's write. Returns true if the access should be walked again
+    /// (fixed, or already allowed), false to take the page fault. Counted as a fault and in
+    /// `pf_fast`. A vCPU whose dirty ring is soft-full takes the fault (and its exit) instead.
+    ///
+    /// # Safety
+    /// The caller is a vCPU in guest mode holding `root`, inside one instruction (shadow S2).
+    pub(crate) unsafe fn fast_fault_in_guest(
+        &self,
+        root: &MmuRoot,
+        gfn: Gfn,
+        write: bool,
+        ring: Option<&DirtyRing>,
+    ) -> bool {
+        if !matches!(root, MmuRoot::Shadow(_))
+            || (!write && !self.ad_disabled)
+            || ring.is_some_and(DirtyRing::soft_full)
+        {
+            return false;
+        }
+        let srcu = self.srcu_read();
+        let Some(cell) = self.memslots.get(root.as_id().index()) else {
+            return false;
+        };
+        let slots = cell.load(&srcu);
+        let Some(slot) = slots.find_by_gfn(gfn) else {
+            return false;
+        };
+        let flags = slot.flags();
+        if slot.is_invalid() || (write && flags.contains(crate::vm::memslot::MemFlags::READONLY)) {
+            return false;
+        }
+        let logging = flags.contains(crate::vm::memslot::MemFlags::LOG_DIRTY_PAGES);
+        if !((write && logging) || self.ad_disabled) {
+            return false;
+        }
+        // SAFETY: this function's contract is the one the shadow fast path needs (S2).
+        match unsafe { self.mmu.fast_page_fault_in_guest(root, gfn, write) } {
+            FastFault::Fixed => {
+                if write {
+                    mark_page_dirty(slot, gfn, ring);
+                }
+                self.counters.faults.add(1);
+                self.counters.pf_fast.add(1);
+                true
+            }
+            FastFault::Spurious => true,
+            FastFault::Slow => false,
+        }
+    }
+
     /// Handles one fault on `gpa` for a vCPU whose current root is `root`.
     pub(crate) fn page_fault(
         &self,

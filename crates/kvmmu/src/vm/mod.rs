@@ -137,7 +137,8 @@ pub struct VmStats {
     pub age_young: u64,
     /// Remote TLB flushes (KVM's stat `remote_tlb_flush`): one per `kvm_flush_remote_tlbs`.
     pub remote_tlb_flush: u64,
-    /// Write faults fixed by the fast page fault without `mmu_lock` (KVM's `pf_fast`).
+    /// Faults fixed by the fast page fault without `mmu_lock` (KVM's `pf_fast`): writes to leaves
+    /// write-protected for dirty logging, and accesses to leaves marked for access tracking.
     pub pf_fast: u64,
     /// Faults fixed on the slow path: a leaf installed or made writable (KVM's `pf_fixed`).
     pub pf_fixed: u64,
