@@ -27,6 +27,14 @@ pub enum MmuRoot {
 }
 
 impl MmuRoot {
+    /// True if this root's fast page fault runs in the faulting vCPU's walk, in guest mode
+    /// ([`Mmu::fast_page_fault_in_guest`], shadow roots), rather than in the fault handler
+    /// ([`Mmu::fast_page_fault`], TDP roots).
+    #[inline]
+    pub fn fast_fault_in_guest(&self) -> bool {
+        matches!(self, MmuRoot::Shadow(_))
+    }
+
     /// The address space the root translates.
     pub fn as_id(&self) -> AsId {
         match self {

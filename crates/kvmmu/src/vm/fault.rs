@@ -109,7 +109,7 @@ impl VmInner {
         write: bool,
         ring: Option<&DirtyRing>,
     ) -> bool {
-        if !matches!(root, MmuRoot::Shadow(_))
+        if !root.fast_fault_in_guest()
             || (!write && !self.ad_disabled)
             || ring.is_some_and(DirtyRing::soft_full)
         {

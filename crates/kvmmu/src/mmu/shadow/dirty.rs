@@ -86,7 +86,7 @@ impl ShadowMmu {
     /// The caller is a vCPU in guest mode holding `root`, inside one instruction: it acknowledges
     /// no remote TLB flush until this returns, so no shadow page it reaches is freed meanwhile
     /// (S2).
-    pub(crate) unsafe fn fast_page_fault_in_guest(
+    pub unsafe fn fast_page_fault_in_guest(
         &self,
         root: &ShadowRoot,
         gfn: Gfn,
