@@ -289,7 +289,8 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     phase(&mut r, &vm, "enable dirty logging", "enable", || {
         set_all(MemFlags::LOG_DIRTY_PAGES)
     })?;
-    r.counts.insert("enable.pages_2m".into(), vm.stats().pages_2m);
+    r.counts
+        .insert("enable.pages_2m".into(), vm.stats().pages_2m);
     bar.inc(1);
     let mut missed = 0u64;
     let mut dirty_time = Vec::new();

@@ -149,15 +149,35 @@ fn dirty_log_perf_refuses_a_single_iteration() {
 fn dirty_log_perf_on_thp_splits_while_enabling_unless_eager_splitting_is_off() {
     for mmu in ["tdp", "shadow"] {
         let eager = json(&[
-            "dirty-log-perf", "-b", "4M", "-i", "2", "-s", "anonymous_thp", "--mmu", mmu,
+            "dirty-log-perf",
+            "-b",
+            "4M",
+            "-i",
+            "2",
+            "-s",
+            "anonymous_thp",
+            "--mmu",
+            mmu,
         ]);
         assert_all_checks_pass(&eager);
         let c = &eager["counts"];
         assert_eq!(c["populate.pages_2m"], 2, "{mmu}: THP memory maps huge");
-        assert_eq!(c["enable.pages_2m"], 0, "{mmu}: eager splitting while enabling");
+        assert_eq!(
+            c["enable.pages_2m"], 0,
+            "{mmu}: eager splitting while enabling"
+        );
         assert_eq!(eager["config"]["eager_page_split"], true);
         let lazy = json(&[
-            "dirty-log-perf", "-b", "4M", "-i", "2", "-s", "anonymous_thp", "--mmu", mmu, "-e",
+            "dirty-log-perf",
+            "-b",
+            "4M",
+            "-i",
+            "2",
+            "-s",
+            "anonymous_thp",
+            "--mmu",
+            mmu,
+            "-e",
         ]);
         assert_all_checks_pass(&lazy);
         assert_eq!(lazy["config"]["eager_page_split"], false);
@@ -179,5 +199,8 @@ fn dirty_log_perf_on_thp_splits_while_enabling_unless_eager_splitting_is_off() {
 fn dirty_log_test_help_lists_every_mode() {
     let out = kvmmu(&["dirty-log-test", "--help"]);
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("dirty-log | clear-log | dirty-ring"), "{help}");
+    assert!(
+        help.contains("dirty-log | clear-log | dirty-ring"),
+        "{help}"
+    );
 }

@@ -103,9 +103,9 @@ pub use {
 #[cfg(not(loom))]
 pub mod prelude {
     pub use crate::{
-        AdBits, AgingMode, AsId, BackingSrc, ConfigError, DirtyLogError, DirtyLogProtect, DirtyTracking,
-        Gfn, GfnRange, Gpa, GupError, HostConfig, HostError, HostMm, Hva, InGuestMode, Level,
-        MemFlags, MemoryRegion, MemslotError, MmuKind, Pfn, Prot, SetMemoryRegionError, SlotId,
-        Vcpu, VcpuExit, Vm, VmConfig, VmError, VmStats,
+        AdBits, AgingMode, AsId, BackingSrc, ConfigError, DirtyLogError, DirtyLogProtect,
+        DirtyTracking, Gfn, GfnRange, Gpa, GupError, HostConfig, HostError, HostMm, Hva,
+        InGuestMode, Level, MemFlags, MemoryRegion, MemslotError, MmuKind, Pfn, Prot,
+        SetMemoryRegionError, SlotId, Vcpu, VcpuExit, Vm, VmConfig, VmError, VmStats,
     };
 }

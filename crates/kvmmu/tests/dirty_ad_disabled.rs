@@ -42,9 +42,9 @@ fn young_sets(mmu: MmuKind, ad_bits: AdBits, seed: u64) -> (Vec<Vec<u64>>, Vec<V
     for round in 0..6u64 {
         let mut touched = Vec::new();
         for p in 0..PAGES {
-            if xorshift(&mut rng) % 3 == 0 {
+            if xorshift(&mut rng).is_multiple_of(3) {
                 touched.push(p);
-                if xorshift(&mut rng) % 2 == 0 {
+                if xorshift(&mut rng).is_multiple_of(2) {
                     vcpu.write_u64(gpa(p), (round << 32) | p).expect("write");
                 } else {
                     assert_eq!(
@@ -75,7 +75,10 @@ fn ad_disabled_aging_reports_the_same_young_set_as_ad_enabled_aging() {
             let (on, accessed) = young_sets(mmu, AdBits::Enabled, seed);
             let (off, accessed_off) = young_sets(mmu, AdBits::Disabled, seed);
             assert_eq!(accessed, accessed_off, "same access pattern");
-            assert_eq!(on, off, "{mmu:?} seed {seed}: A/D-disabled young sets differ");
+            assert_eq!(
+                on, off,
+                "{mmu:?} seed {seed}: A/D-disabled young sets differ"
+            );
             assert_eq!(
                 off, accessed,
                 "{mmu:?} seed {seed}: young set is exactly the pages accessed"
@@ -100,7 +103,10 @@ fn aging_marks_ad_disabled_leaves_for_access_tracking_and_the_next_access_restor
             "{mmu:?}: {t:?}"
         );
         assert_eq!(t.pfn(), s.pfn(), "marking keeps the pfn");
-        assert!(t.is_dirty() && t.is_mmu_writable(), "marking keeps D and MMU-W");
+        assert!(
+            t.is_dirty() && t.is_mmu_writable(),
+            "marking keeps D and MMU-W"
+        );
         assert!(!f.host.test_young(common::hva_of(f.hva, 3)).expect("test"));
         let before = f.vm.stats();
         assert_eq!(vcpu.read_u64(gpa(3)).expect("read"), 33);
@@ -158,14 +164,16 @@ fn write_protect_logging_with_ad_disabled_reports_every_written_page() {
             // Age between the writes and the harvest: marking a written leaf for access
             // tracking must not hide its write from the log.
             f.host.clear_young(f.hva, f.bytes).expect("aging");
-            let words = f
-                .vm
-                .get_dirty_log(AsId::new(0), SlotId::new(0))
-                .expect("harvest");
+            let words =
+                f.vm.get_dirty_log(AsId::new(0), SlotId::new(0))
+                    .expect("harvest");
             for p in 0..PAGES {
                 let reported = words[(p / 64) as usize] & (1 << (p % 64)) != 0;
                 if written[p as usize] {
-                    assert!(reported, "{mmu:?} round {round}: page {p} written, not reported");
+                    assert!(
+                        reported,
+                        "{mmu:?} round {round}: page {p} written, not reported"
+                    );
                 }
             }
         }

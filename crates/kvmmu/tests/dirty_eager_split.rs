@@ -39,10 +39,9 @@ fn set_logging(f: &Fixture, on: bool) {
 }
 
 fn dirty_pages(f: &Fixture) -> Vec<u64> {
-    let words = f
-        .vm
-        .get_dirty_log(AsId::new(0), SlotId::new(0))
-        .expect("harvest");
+    let words =
+        f.vm.get_dirty_log(AsId::new(0), SlotId::new(0))
+            .expect("harvest");
     (0..PAGES)
         .filter(|p| words[(p / 64) as usize] & (1 << (p % 64)) != 0)
         .collect()
@@ -60,16 +59,26 @@ fn log_sparse_writes(mmu: MmuKind, eager: bool) -> Fixture {
     set_logging(&f, true);
     if eager {
         let s = f.vm.stats();
-        assert_eq!(s.pages_2m, 0, "{mmu:?}: enabling logging left a huge leaf: {s:?}");
+        assert_eq!(
+            s.pages_2m, 0,
+            "{mmu:?}: enabling logging left a huge leaf: {s:?}"
+        );
     }
     let written: Vec<u64> = (0..PAGES).filter(|p| p % 7 == 3).collect();
     for &p in &written {
         v.write_u64(gpa(p), p | 1 << 40).expect("write");
     }
-    assert_eq!(f.vm.stats().pages_2m, 0, "{mmu:?}: a logged slot maps 4K only");
+    assert_eq!(
+        f.vm.stats().pages_2m,
+        0,
+        "{mmu:?}: a logged slot maps 4K only"
+    );
     let dirty = dirty_pages(&f);
     for &p in &written {
-        assert!(dirty.contains(&p), "{mmu:?} eager={eager}: page {p} written, not logged");
+        assert!(
+            dirty.contains(&p),
+            "{mmu:?} eager={eager}: page {p} written, not logged"
+        );
     }
     for p in 0..PAGES {
         let want = if p % 7 == 3 { p | 1 << 40 } else { p };
@@ -84,7 +93,10 @@ fn enabling_logging_on_a_thp_slot_splits_every_huge_leaf_and_loses_no_write() {
     for mmu in [MmuKind::Tdp, MmuKind::Shadow] {
         let f = log_sparse_writes(mmu, true);
         if mmu == MmuKind::Tdp {
-            assert!(f.vm.stats().tdp.huge_splits >= 2, "split in place under mmu_lock read");
+            assert!(
+                f.vm.stats().tdp.huge_splits >= 2,
+                "split in place under mmu_lock read"
+            );
         }
     }
 }
@@ -103,7 +115,11 @@ fn without_eager_splitting_the_first_write_splits_and_no_write_is_lost() {
     set_logging(&f, true);
     assert_eq!(f.vm.stats().pages_2m, 2, "no eager split");
     v.write_u64(gpa(5), 55).expect("write");
-    assert_eq!(f.vm.stats().pages_2m, 1, "the written block was split by its fault");
+    assert_eq!(
+        f.vm.stats().pages_2m,
+        1,
+        "the written block was split by its fault"
+    );
     assert_eq!(dirty_pages(&f), vec![5]);
 }
 

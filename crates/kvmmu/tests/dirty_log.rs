@@ -223,7 +223,11 @@ fn the_fast_page_fault_fixes_rearmed_writes_without_mmu_lock_on_both_mmus() {
             after.pf_fast - before.pf_fast,
             after.pf_fixed - before.pf_fixed,
         );
-        assert_eq!((fast, fixed), (32, 0), "{mmu:?}: every re-armed write fixed fast");
+        assert_eq!(
+            (fast, fixed),
+            (32, 0),
+            "{mmu:?}: every re-armed write fixed fast"
+        );
         assert_eq!(
             (
                 after.mmu_lock.read_acquisitions,

@@ -27,7 +27,10 @@ fn torture_with_ad_disabled_leaves_passes_every_oracle_on_both_mmus_and_aging_mo
                     ..TortureConfig::default()
                 };
                 let report = run(&cfg).expect("set-up");
-                assert!(report.passed(), "{mmu:?} {aging:?} dirty_log={dirty_log}: {report}");
+                assert!(
+                    report.passed(),
+                    "{mmu:?} {aging:?} dirty_log={dirty_log}: {report}"
+                );
                 for a in &report.actors {
                     assert!(a.ops > 0, "actor {} made no progress:\n{report}", a.actor);
                 }

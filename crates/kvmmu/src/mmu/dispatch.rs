@@ -483,11 +483,18 @@ impl Mmu {
     /// # Safety
     /// As [`Mmu::hardware_walk`]: the caller is a vCPU in guest mode, inside one instruction (S2).
     #[inline]
-    pub unsafe fn fast_page_fault_in_guest(&self, root: &MmuRoot, gfn: Gfn, write: bool) -> FastFault {
+    pub unsafe fn fast_page_fault_in_guest(
+        &self,
+        root: &MmuRoot,
+        gfn: Gfn,
+        write: bool,
+    ) -> FastFault {
         match root {
             MmuRoot::Tdp(_) => FastFault::Slow,
             // SAFETY: this function's contract (S2).
-            MmuRoot::Shadow(root) => unsafe { self.shadow.fast_page_fault_in_guest(root, gfn, write) },
+            MmuRoot::Shadow(root) => unsafe {
+                self.shadow.fast_page_fault_in_guest(root, gfn, write)
+            },
         }
     }
 

@@ -321,7 +321,8 @@ pub const fn mark_for_access_track(spte: Spte) -> Spte {
         return spte;
     }
     let saved = (spte.0 & ACC_TRACK_SAVED_MASK) << ACC_TRACK_SAVED_SHIFT;
-    let cleared = spte.0 & !(ACC_TRACK_MASK | ACCESSED_MASK | (ACC_TRACK_SAVED_MASK << ACC_TRACK_SAVED_SHIFT));
+    let cleared = spte.0
+        & !(ACC_TRACK_MASK | ACCESSED_MASK | (ACC_TRACK_SAVED_MASK << ACC_TRACK_SAVED_SHIFT));
     Spte(cleared | saved)
 }
 

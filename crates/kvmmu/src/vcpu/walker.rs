@@ -81,10 +81,9 @@ pub(super) fn walk_and_access(
     // acknowledges the next remote TLB flush (shadow S2).
     let mut hit = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
     // The shadow MMU's fast page fault runs here, still in guest mode (vm/fault.rs).
+    let miss = !matches!(hit, HwWalk::Hit { .. });
     // SAFETY: as for the walk above (shadow S2).
-    if !matches!(hit, HwWalk::Hit { .. })
-        && unsafe { vm.fast_fault_in_guest(root, gfn, is_write, vcpu.dirty_ring.as_deref()) }
-    {
+    if miss && unsafe { vm.fast_fault_in_guest(root, gfn, is_write, vcpu.dirty_ring.as_deref()) } {
         // SAFETY: as for the walk above.
         hit = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
     }

@@ -6,8 +6,8 @@ use std::collections::HashSet;
 
 use crate::addr::{AsId, GfnRange, Level};
 use crate::sync::guest_mode;
-use crate::vm::{Vm, VmInner};
 use crate::vm::memslot::MemFlags;
+use crate::vm::{Vm, VmInner};
 
 impl Vm {
     /// Makes `gfns` of address space `as_id` map at most `target` (eager page splitting, before

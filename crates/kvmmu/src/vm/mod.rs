@@ -227,7 +227,8 @@ impl Vm {
         config.validate()?;
         let nr_as = config.address_spaces;
         let mmu_lock = MmuLock::new();
-        let mmu = Mmu::new(config.mmu, nr_as, &mmu_lock, Arc::new(Rcu::new())).with_ad_bits(config.ad_bits);
+        let mmu = Mmu::new(config.mmu, nr_as, &mmu_lock, Arc::new(Rcu::new()))
+            .with_ad_bits(config.ad_bits);
         let inner = Arc::new(VmInner {
             host: host.clone(),
             srcu: Srcu::new(),

@@ -16,8 +16,8 @@
 //! fails.
 
 use crate::addr::{Gfn, Level};
-use crate::mmu::types::{FastFault, fix_fast};
 use crate::mmu::spte::{DIRTY_MASK, MMU_PRESENT_MASK, WRITABLE_MASK};
+use crate::mmu::types::{FastFault, fix_fast};
 use crate::sync::witness::MmuWrite;
 
 use super::mmu::ShadowRoot;
@@ -92,7 +92,10 @@ impl ShadowMmu {
         gfn: Gfn,
         write: bool,
     ) -> FastFault {
-        debug_assert!(root.belongs_to(self), "fast_page_fault_in_guest: foreign root");
+        debug_assert!(
+            root.belongs_to(self),
+            "fast_page_fault_in_guest: foreign root"
+        );
         if root.is_invalid() {
             return FastFault::Slow;
         }

@@ -157,8 +157,12 @@ impl ShadowMmu {
                     // changing it meanwhile makes the CAS fail, and the vCPU retries.
                     let want = resolve_access_tracked(old, new);
                     // ORDERING: Release as for a new leaf (its R/X come back).
-                    return match sptep.compare_exchange(old, want, Ordering::Release, Ordering::Relaxed)
-                    {
+                    return match sptep.compare_exchange(
+                        old,
+                        want,
+                        Ordering::Release,
+                        Ordering::Relaxed,
+                    ) {
                         Ok(_) => FaultOutcome::Fixed,
                         Err(_) => FaultOutcome::Retry(RetryReason::CasLost),
                     };
