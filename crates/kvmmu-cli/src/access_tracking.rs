@@ -81,6 +81,11 @@ pub struct AccessArgs {
     #[arg(long, default_value_t = 2048)]
     pub tlb_entries: usize,
 
+    /// Leaves without hardware A/D bits (`VmConfig::ad_bits = Disabled`): aging marks them for
+    /// access tracking and the next access is fixed by the fast page fault.
+    #[arg(long)]
+    pub ad_disabled: bool,
+
     /// Seed of the values the guest writes and of the page order with --random-access.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -195,11 +200,19 @@ fn validate(a: &AccessArgs) -> anyhow::Result<(u64, u64)> {
     Ok((total, pages))
 }
 
+/// The VM configuration of the flags.
+fn config_of(a: &AccessArgs) -> kvmmu::VmConfig {
+    kvmmu::VmConfig {
+        ad_bits: crate::ad_bits(a.ad_disabled),
+        ..vm_config(a.mmu, a.aging, a.tlb_entries)
+    }
+}
+
 /// Refuses bad flags (a usage error naming the flag) before any work; returns the guest's size
 /// in bytes and pages.
 pub fn check(a: &AccessArgs) -> anyhow::Result<(u64, u64)> {
     let r = validate(a).map_err(crate::error::as_usage)?;
-    vm_config(a.mmu, a.aging, a.tlb_entries)
+    config_of(a)
         .validate()
         .map_err(|e| crate::error::as_usage(anyhow::Error::new(e)))?;
     if a.no_aging_thread && !a.age_while_populating {
@@ -214,7 +227,7 @@ pub fn check(a: &AccessArgs) -> anyhow::Result<(u64, u64)> {
 /// Runs the test; a failed check is a failed report, an error is a failure to run at all.
 pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     let (total, test_pages) = check(a)?;
-    let config = vm_config(a.mmu, a.aging, a.tlb_entries);
+    let config = config_of(a);
     let policy = match a.idle_policy {
         Some(0) => Policy::Fail,
         Some(p) if p > 0 => Policy::Warn,
@@ -250,6 +263,7 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     r.config("aging", a.aging);
     r.config("idle", a.idle);
     r.config("tlb_entries", a.tlb_entries);
+    r.config("ad_disabled", a.ad_disabled);
     r.config("seed", a.seed);
     r.config("random_access", a.random_access);
     r.config("age_while_populating", a.age_while_populating);
@@ -695,6 +709,7 @@ mod tests {
 
     fn args() -> AccessArgs {
         AccessArgs {
+            ad_disabled: false,
             vcpus: 2,
             bytes_per_vcpu: 1 << 20,
             overlap: false,

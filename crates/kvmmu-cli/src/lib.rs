@@ -68,6 +68,15 @@ impl TrackingArg {
     }
 }
 
+/// The A/D format of a `--ad-disabled` flag.
+pub fn ad_bits(ad_disabled: bool) -> kvmmu::AdBits {
+    if ad_disabled {
+        kvmmu::AdBits::Disabled
+    } else {
+        kvmmu::AdBits::Enabled
+    }
+}
+
 /// The VM configuration for the common flags.
 pub fn vm_config(mmu: MmuArg, aging: AgingArg, tlb_entries: usize) -> VmConfig {
     VmConfig {

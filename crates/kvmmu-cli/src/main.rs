@@ -50,7 +50,8 @@ pub enum Command {
     /// slot deletion and release at exit.
     MmuStress(kvmmu_cli::mmu_stress::StressCommand),
     /// KVM's dirty_log_test: vCPUs write the iteration number into random pages; every harvest
-    /// must report exactly the pages written since the last one (-M dirty-log | clear-log).
+    /// must report exactly the pages written since the last one (-M dirty-log | clear-log | dirty-ring;
+    /// a ring may also report pages of the iteration in flight when it fills).
     DirtyLogTest(kvmmu_cli::dirty_log_test::DirtyLogTestCommand),
     /// KVM's dirty_log_perf_test: populate, enable dirty logging, then per iteration dirty memory,
     /// get and clear the log; phase times with pf_fast, pf_fixed and remote_tlb_flush counts.

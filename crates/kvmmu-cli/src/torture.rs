@@ -67,6 +67,11 @@ pub struct TortureArgs {
     #[arg(long)]
     pub no_elide_flush: bool,
 
+    /// Leaves without hardware A/D bits (`VmConfig::ad_bits = Disabled`): aging marks them for
+    /// access tracking (one CAS) and the vCPUs' next accesses go through the fast page fault.
+    #[arg(long)]
+    pub ad_disabled: bool,
+
     /// Fail if an actor makes no progress for this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub stall_timeout: Duration,
@@ -123,6 +128,7 @@ pub fn to_json(a: &TortureArgs, r: &TortureReport) -> serde_json::Value {
             "duration_s": a.duration.map(|d| d.as_secs_f64()),
             "ops": a.ops,
             "elide_flush": !a.no_elide_flush,
+            "ad_disabled": a.ad_disabled,
             "stall_timeout_s": a.stall_timeout.as_secs_f64(),
             "host": !a.no_host,
             "aging_actor": !a.no_aging,
@@ -236,6 +242,7 @@ pub fn config(a: &TortureArgs) -> TortureConfig {
         frames: a.frames,
         tlb_entries: a.tlb_entries,
         elide_tlb_flush_if_young: !a.no_elide_flush,
+        ad_bits: kvmmu_cli::ad_bits(a.ad_disabled),
         ops_per_vcpu: match (a.ops, a.duration) {
             (Some(n), _) => Some(n),
             (None, Some(_)) => None,

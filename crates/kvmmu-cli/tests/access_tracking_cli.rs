@@ -161,3 +161,27 @@ fn bad_flags_fail_before_running_with_a_clear_message() {
         assert!(err.contains(msg), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn ad_disabled_runs_pass_their_idle_checks_on_both_mmus() {
+    for mmu in ["tdp", "shadow"] {
+        for idle in ["lru-gen", "page-idle"] {
+            let r = json(&[
+                "access-tracking",
+                "-v",
+                "2",
+                "-b",
+                "2M",
+                "--tlb-entries",
+                "16",
+                "--idle",
+                idle,
+                "--mmu",
+                mmu,
+                "--ad-disabled",
+            ]);
+            assert_all_checks_pass(&r);
+            assert_eq!(r["config"]["ad_disabled"], true);
+        }
+    }
+}

@@ -144,3 +144,63 @@ fn dirty_log_perf_refuses_a_single_iteration() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 2"));
 }
+
+#[test]
+fn dirty_log_perf_on_thp_splits_while_enabling_unless_eager_splitting_is_off() {
+    for mmu in ["tdp", "shadow"] {
+        let eager = json(&[
+            "dirty-log-perf",
+            "-b",
+            "4M",
+            "-i",
+            "2",
+            "-s",
+            "anonymous_thp",
+            "--mmu",
+            mmu,
+        ]);
+        assert_all_checks_pass(&eager);
+        let c = &eager["counts"];
+        assert_eq!(c["populate.pages_2m"], 2, "{mmu}: THP memory maps huge");
+        assert_eq!(
+            c["enable.pages_2m"], 0,
+            "{mmu}: eager splitting while enabling"
+        );
+        assert_eq!(eager["config"]["eager_page_split"], true);
+        let lazy = json(&[
+            "dirty-log-perf",
+            "-b",
+            "4M",
+            "-i",
+            "2",
+            "-s",
+            "anonymous_thp",
+            "--mmu",
+            mmu,
+            "-e",
+        ]);
+        assert_all_checks_pass(&lazy);
+        assert_eq!(lazy["config"]["eager_page_split"], false);
+        if mmu == "tdp" {
+            // Left whole, write-protected: the first iteration's writes split them.
+            assert_eq!(lazy["counts"]["enable.pages_2m"], 2);
+            assert!(lazy["counts"]["iter1.dirty.pf_fixed"].as_u64().unwrap() > 0);
+        }
+        if mmu == "tdp" {
+            assert_eq!(
+                eager["counts"]["disable.pages_2m"], 2,
+                "disabling logging recovers the huge leaves"
+            );
+        }
+    }
+}
+
+#[test]
+fn dirty_log_test_help_lists_every_mode() {
+    let out = kvmmu(&["dirty-log-test", "--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("dirty-log | clear-log | dirty-ring"),
+        "{help}"
+    );
+}

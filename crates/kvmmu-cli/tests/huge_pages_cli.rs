@@ -7,6 +7,7 @@ use kvmmu_cli::{AgingArg, MmuArg};
 
 fn args(vcpus: usize, bytes: u64, src: BackingSrc, mmu: MmuArg) -> AccessArgs {
     AccessArgs {
+        ad_disabled: false,
         vcpus,
         bytes_per_vcpu: bytes,
         overlap: false,

@@ -50,6 +50,7 @@ fn assert_no_phase_shorter_than_its_threads(r: &Report) -> usize {
 
 fn access(idle: IdleArg, p: bool) -> AccessArgs {
     AccessArgs {
+        ad_disabled: false,
         vcpus: 2,
         bytes_per_vcpu: 1 << 20,
         overlap: false,

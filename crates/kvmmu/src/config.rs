@@ -1,6 +1,7 @@
 //! VM configuration: the kernel's Kconfig options and module parameters, as values.
 
 use crate::addr::AsId;
+pub use crate::mmu::spte::AdBits;
 
 /// Which MMU builds the guest's stage-2 translations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -29,6 +30,14 @@ pub struct VmConfig {
     pub mmu: MmuKind,
     /// Lockless or locked aging.
     pub aging: AgingMode,
+    /// Whether leaves use hardware Accessed/Dirty bits (`ept_ad` / `kvm_ad_enabled`). With
+    /// [`AdBits::Disabled`] aging marks leaves for access tracking, the next access faults and
+    /// is fixed by the fast page fault, and dirty logging must write-protect
+    /// ([`crate::DirtyTracking::DBit`] is refused).
+    pub ad_bits: AdBits,
+    /// Split huge leaves when dirty logging is enabled on a memslot
+    /// (`eager_page_split`, on by default as in KVM); off, they are split on the first write.
+    pub eager_page_split: bool,
     /// `CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG`: `clear_flush_young` does not flush TLBs (x86 since 6.13).
     pub elide_tlb_flush_if_young: bool,
     /// Entries in each vCPU's software TLB.
@@ -42,6 +51,8 @@ impl Default for VmConfig {
         VmConfig {
             mmu: MmuKind::Tdp,
             aging: AgingMode::Lockless,
+            ad_bits: AdBits::Enabled,
+            eager_page_split: true,
             elide_tlb_flush_if_young: true,
             tlb_entries: 2048,
             address_spaces: 1,

@@ -62,7 +62,7 @@ use internals::{config, host, vcpu};
 
 pub use addr::{AsId, Gfn, GfnRange, Gpa, Hva, Level, PAGE_SHIFT, PAGE_SIZE, Pfn, SlotId};
 #[cfg(not(loom))]
-pub use config::{AgingMode, ConfigError, MmuKind, VmConfig};
+pub use config::{AdBits, AgingMode, ConfigError, MmuKind, VmConfig};
 #[cfg(not(loom))]
 pub use host::{
     AGING_CHUNK_PAGES, AgingPass, FrameArena, FrameStats, FrameTag, GupError, GupPage, HostConfig,
@@ -103,9 +103,9 @@ pub use {
 #[cfg(not(loom))]
 pub mod prelude {
     pub use crate::{
-        AgingMode, AsId, BackingSrc, ConfigError, DirtyLogError, DirtyLogProtect, DirtyTracking,
-        Gfn, GfnRange, Gpa, GupError, HostConfig, HostError, HostMm, Hva, InGuestMode, Level,
-        MemFlags, MemoryRegion, MemslotError, MmuKind, Pfn, Prot, SetMemoryRegionError, SlotId,
-        Vcpu, VcpuExit, Vm, VmConfig, VmError, VmStats,
+        AdBits, AgingMode, AsId, BackingSrc, ConfigError, DirtyLogError, DirtyLogProtect,
+        DirtyTracking, Gfn, GfnRange, Gpa, GupError, HostConfig, HostError, HostMm, Hva,
+        InGuestMode, Level, MemFlags, MemoryRegion, MemslotError, MmuKind, Pfn, Prot,
+        SetMemoryRegionError, SlotId, Vcpu, VcpuExit, Vm, VmConfig, VmError, VmStats,
     };
 }

@@ -205,7 +205,7 @@ fn initially_set_reports_every_page_and_write_protects_nothing_until_cleared() {
 }
 
 #[test]
-fn the_fast_page_fault_fixes_tdp_rearmed_writes_and_the_shadow_mmu_takes_the_slow_path() {
+fn the_fast_page_fault_fixes_rearmed_writes_without_mmu_lock_on_both_mmus() {
     for mmu in MMUS {
         let f = vm_with(mmu);
         set_logging(&f, true);
@@ -213,8 +213,8 @@ fn the_fast_page_fault_fixes_tdp_rearmed_writes_and_the_shadow_mmu_takes_the_slo
         for p in 0..32 {
             vcpu.write_u64(gpa(p), 1).unwrap();
         }
-        let before = f.vm.stats();
         assert_eq!(pages_of(&f.vm.get_dirty_log(AS0, S0).unwrap()).len(), 32);
+        let before = f.vm.stats();
         for p in 0..32 {
             vcpu.write_u64(gpa(p), 2).unwrap();
         }
@@ -223,10 +223,22 @@ fn the_fast_page_fault_fixes_tdp_rearmed_writes_and_the_shadow_mmu_takes_the_slo
             after.pf_fast - before.pf_fast,
             after.pf_fixed - before.pf_fixed,
         );
-        match mmu {
-            MmuKind::Tdp => assert_eq!((fast, fixed), (32, 0), "{mmu:?}"),
-            MmuKind::Shadow => assert_eq!((fast, fixed), (0, 32), "{mmu:?}"),
-        }
+        assert_eq!(
+            (fast, fixed),
+            (32, 0),
+            "{mmu:?}: every re-armed write fixed fast"
+        );
+        assert_eq!(
+            (
+                after.mmu_lock.read_acquisitions,
+                after.mmu_lock.write_acquisitions
+            ),
+            (
+                before.mmu_lock.read_acquisitions,
+                before.mmu_lock.write_acquisitions
+            ),
+            "{mmu:?}: the fast path takes no mmu_lock"
+        );
         assert_eq!(pages_of(&f.vm.get_dirty_log(AS0, S0).unwrap()).len(), 32);
     }
 }

@@ -36,6 +36,7 @@ fn a_ring_reset_without_flush_loses_the_stale_tlb_write() {
 fn the_concurrent_harness_catches_a_rearm_without_flush() {
     let caught = (1..=5).any(|seed| {
         run(DirtyRun {
+            ad_bits: AdBits::Enabled,
             mmu: MmuKind::Tdp,
             tracking: DirtyTracking::WriteProtect,
             manual: false,

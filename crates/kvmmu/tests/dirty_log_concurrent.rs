@@ -11,8 +11,12 @@ use dirty::{DirtyRun, run};
 use kvmmu::prelude::*;
 
 fn check(mmu: MmuKind, manual: bool) {
+    check_ad(mmu, manual, AdBits::Enabled);
+}
+
+fn check_ad(mmu: MmuKind, manual: bool, ad_bits: AdBits) {
     for seed in 1..=4 {
-        let tracking = if seed % 2 == 0 {
+        let tracking = if seed % 2 == 0 && ad_bits == AdBits::Enabled {
             DirtyTracking::DBit
         } else {
             DirtyTracking::WriteProtect
@@ -25,6 +29,7 @@ fn check(mmu: MmuKind, manual: bool) {
             pages_per_vcpu: 96,
             writes_per_vcpu: 20_000,
             seed,
+            ad_bits,
         };
         let harvested = run(cfg).unwrap_or_else(|e| panic!("{e}"));
         assert!(harvested > 0, "nothing was ever harvested");
@@ -49,4 +54,16 @@ fn concurrent_harvests_with_lockless_aging_lose_no_write_shadow_classic() {
 #[test]
 fn concurrent_harvests_with_lockless_aging_lose_no_write_shadow_manual() {
     check(MmuKind::Shadow, true);
+}
+
+#[test]
+fn concurrent_harvests_with_lockless_access_tracking_lose_no_write_tdp_ad_disabled() {
+    check_ad(MmuKind::Tdp, false, AdBits::Disabled);
+    check_ad(MmuKind::Tdp, true, AdBits::Disabled);
+}
+
+#[test]
+fn concurrent_harvests_with_lockless_access_tracking_lose_no_write_shadow_ad_disabled() {
+    check_ad(MmuKind::Shadow, false, AdBits::Disabled);
+    check_ad(MmuKind::Shadow, true, AdBits::Disabled);
 }

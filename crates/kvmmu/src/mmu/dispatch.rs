@@ -27,6 +27,14 @@ pub enum MmuRoot {
 }
 
 impl MmuRoot {
+    /// True if this root's fast page fault runs in the faulting vCPU's walk, in guest mode
+    /// ([`Mmu::fast_page_fault_in_guest`], shadow roots), rather than in the fault handler
+    /// ([`Mmu::fast_page_fault`], TDP roots).
+    #[inline]
+    pub fn fast_fault_in_guest(&self) -> bool {
+        matches!(self, MmuRoot::Shadow(_))
+    }
+
     /// The address space the root translates.
     pub fn as_id(&self) -> AsId {
         match self {
@@ -61,6 +69,21 @@ impl Mmu {
         let shadow = ShadowMmu::new(address_spaces);
         shadow.bind_lock(lock);
         Mmu { kind, tdp, shadow }
+    }
+
+    /// This MMU, building its leaves in the `ad` format (`VmConfig::ad_bits`); call before the
+    /// MMU is shared.
+    pub fn with_ad_bits(self, ad: crate::mmu::spte::AdBits) -> Mmu {
+        Mmu {
+            kind: self.kind,
+            tdp: self.tdp.with_ad_bits(ad),
+            shadow: self.shadow.with_ad_bits(ad),
+        }
+    }
+
+    /// The format of the leaves this MMU builds.
+    pub fn ad_bits(&self) -> crate::mmu::spte::AdBits {
+        self.tdp.ad_bits()
     }
 
     /// Which MMU this is.
@@ -437,17 +460,41 @@ impl Mmu {
         flush
     }
 
-    /// The fast page fault for a write to `gfn` through `root` (`fast_page_fault`): TDP roots
-    /// only (direct pages); the shadow MMU always answers [`FastFault::Slow`] (its fault path
-    /// takes `mmu_lock` write). No `mmu_lock`.
+    /// The fast page fault for an access (a write if `write`) to `gfn` through `root`
+    /// (`fast_page_fault`): a leaf write-protected for dirty logging is made writable, a leaf
+    /// marked for access tracking is restored, each by one CAS without `mmu_lock`. TDP roots only
+    /// (direct pages); shadow roots answer [`FastFault::Slow`] here: their fast path runs in the
+    /// vCPU's walk ([`Mmu::fast_page_fault_in_guest`]).
     #[inline]
-    pub fn fast_page_fault(&self, root: &MmuRoot, gfn: Gfn) -> FastFault {
+    pub fn fast_page_fault(&self, root: &MmuRoot, gfn: Gfn, write: bool) -> FastFault {
         match root {
             MmuRoot::Tdp(root) => {
                 let rcu = self.tdp.rcu().pin();
-                self.tdp.fast_page_fault(root, gfn, &rcu)
+                self.tdp.fast_page_fault_access(root, gfn, write, &rcu)
             }
             MmuRoot::Shadow(_) => FastFault::Slow,
+        }
+    }
+
+    /// The shadow MMU's fast page fault, run by the faulting vCPU inside its own walk, in guest
+    /// mode (`ShadowMmu::fast_page_fault_in_guest`); TDP roots answer [`FastFault::Slow`] (their
+    /// fast path runs in [`Mmu::fast_page_fault`], under RCU).
+    ///
+    /// # Safety
+    /// As [`Mmu::hardware_walk`]: the caller is a vCPU in guest mode, inside one instruction (S2).
+    #[inline]
+    pub unsafe fn fast_page_fault_in_guest(
+        &self,
+        root: &MmuRoot,
+        gfn: Gfn,
+        write: bool,
+    ) -> FastFault {
+        match root {
+            MmuRoot::Tdp(_) => FastFault::Slow,
+            // SAFETY: this function's contract (S2).
+            MmuRoot::Shadow(root) => unsafe {
+                self.shadow.fast_page_fault_in_guest(root, gfn, write)
+            },
         }
     }
 

@@ -15,6 +15,7 @@
 //!
 //! RETRY is control flow, not an error: the vCPU simply re-executes the access.
 
+pub mod access_track;
 pub mod hugepage;
 pub mod shadow;
 pub mod spte;

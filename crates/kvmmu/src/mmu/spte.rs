@@ -20,11 +20,23 @@
 //! 5. Once a leaf is reachable by lockless readers it changes only by atomic read-modify-write
 //!    whenever [`Spte::needs_atomic_update`] holds (spec §4 item 32), so a concurrent
 //!    hardware Dirty-bit set is never lost (spec §4 item 19).
+//! 6. A/D-disabled leaves ([`AD_DISABLED_MASK`], `VmConfig::ad_bits = Disabled`): the simulated
+//!    CPU sets neither A nor D in them. Their A bit (ignored by hardware with A/D off) is a
+//!    software copy of "not marked for access tracking": set exactly while R/X are in place, so
+//!    every young test and scan reads A for both formats. Their D bit is set whenever W is
+//!    (`W ⇒ D`), the kernel's "writable means dirty" for such SPTEs. A leaf marked for access
+//!    tracking ([`mark_for_access_track`]) has R, W, X and A clear and its R/X saved in the
+//!    ignored bits 54 and 56; it stays shadow-present, with its pfn, MMU-writable and D.
 
 use core::fmt;
 
 use crate::addr::{Level, Pfn};
 use crate::sync::atomic::{AtomicU64, Ordering};
+
+pub use super::access_track::{
+    AdBits, age_ad_disabled, make_spte_ad, mark_for_access_track, resolve_access_tracked,
+    restore_access_tracked,
+};
 
 /// Readable (EPT bit 0).
 pub const READABLE_MASK: u64 = 1 << 0;
@@ -42,6 +54,16 @@ pub const DIRTY_MASK: u64 = 1 << 9;
 pub const MMU_PRESENT_MASK: u64 = 1 << 11;
 /// The pfn (or child table address) field, bits 12..=51 (`SPTE_BASE_ADDR_MASK`).
 pub const BASE_ADDR_MASK: u64 = ((1u64 << 52) - 1) & !((1u64 << 12) - 1);
+/// A/D disabled for this leaf (`SPTE_TDP_AD_DISABLED`, bit 52): the CPU sets no A/D bits in it,
+/// and aging marks it for access tracking instead of clearing A (invariant 6).
+pub const AD_DISABLED_MASK: u64 = 1 << 52;
+/// Where an access-tracked leaf keeps its R and X bits (`SHADOW_ACC_TRACK_SAVED_BITS_SHIFT`):
+/// R at bit 54, X at bit 56, both ignored by hardware.
+pub const ACC_TRACK_SAVED_SHIFT: u32 = 54;
+/// The bits an access-tracked leaf saves (`SHADOW_ACC_TRACK_SAVED_BITS_MASK`): R and X.
+pub const ACC_TRACK_SAVED_MASK: u64 = READABLE_MASK | EXECUTABLE_MASK;
+/// The bits marking for access tracking clears (`shadow_acc_track_mask` for EPT): R, W and X.
+pub const ACC_TRACK_MASK: u64 = READABLE_MASK | WRITABLE_MASK | EXECUTABLE_MASK;
 /// Host-writable (`EPT_SPTE_HOST_WRITABLE`, bit 57).
 pub const HOST_WRITABLE_MASK: u64 = 1 << 57;
 /// MMU-writable (`EPT_SPTE_MMU_WRITABLE`, bit 58).
@@ -115,7 +137,19 @@ impl Spte {
     pub fn is_present_leaf(self, level: Level) -> bool {
         self.is_shadow_present() && self.is_leaf(level)
     }
-    /// Accessed bit (`is_accessed_spte`).
+    /// A/D bits are enabled for this SPTE (`spte_ad_enabled`): bit 52 is clear.
+    #[inline]
+    pub const fn ad_enabled(self) -> bool {
+        self.0 & AD_DISABLED_MASK == 0
+    }
+    /// A present A/D-disabled leaf marked for access tracking (`is_access_track_spte`): R, W and
+    /// X are all clear (invariant 6). Any access to it faults; the fast page fault restores it.
+    #[inline]
+    pub const fn is_access_tracked(self) -> bool {
+        self.is_shadow_present() && !self.ad_enabled() && self.0 & ACC_TRACK_MASK == 0
+    }
+    /// Accessed bit (`is_accessed_spte`); for an A/D-disabled leaf, "not access-tracked"
+    /// (invariant 6 keeps the two equal).
     #[inline]
     pub const fn is_accessed(self) -> bool {
         self.0 & ACCESSED_MASK != 0
@@ -154,11 +188,15 @@ impl Spte {
     /// than a plain store (`kvm_tdp_mmu_spte_need_atomic_update`): it is a present leaf and either
     /// the fast page-fault path may make it writable (`!W && MMU-W`) or the CPU may set D
     /// (`W && !D`). The Accessed bit is deliberately excluded: losing an A update is tolerated
-    /// because clearing A never flushes the TLB anyway. A/D-disabled SPTEs are not modelled.
+    /// because clearing A never flushes the TLB anyway. An A/D-disabled leaf always needs it:
+    /// lockless aging may mark it for access tracking and the fast page fault may restore it.
     #[inline]
     pub fn needs_atomic_update(self, level: Level) -> bool {
         if !self.is_present_leaf(level) {
             return false;
+        }
+        if !self.ad_enabled() {
+            return true;
         }
         let w = self.is_writable();
         (!w && self.is_mmu_writable()) || (w && !self.is_dirty())
@@ -194,6 +232,9 @@ impl fmt::Debug for Spte {
             (PAGE_SIZE_MASK, " PS"),
             (ACCESSED_MASK, " A"),
             (DIRTY_MASK, " D"),
+            (AD_DISABLED_MASK, " !AD"),
+            (READABLE_MASK << ACC_TRACK_SAVED_SHIFT, " savedR"),
+            (EXECUTABLE_MASK << ACC_TRACK_SAVED_SHIFT, " savedX"),
             (HOST_WRITABLE_MASK, " HostW"),
             (MMU_WRITABLE_MASK, " MmuW"),
         ];

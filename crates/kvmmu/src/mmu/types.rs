@@ -3,7 +3,9 @@
 //! flush the VM provides.
 
 use crate::addr::{Gfn, Level, Pfn};
-use crate::mmu::spte::{ACCESSED_MASK, AtomicSpte, DIRTY_MASK, Spte};
+use crate::mmu::spte::{
+    ACCESSED_MASK, AtomicSpte, DIRTY_MASK, Spte, WRITABLE_MASK, restore_access_tracked,
+};
 use crate::sync::atomic::Ordering;
 
 /// Result of an MMU's `map` step, like KVM's `RET_PF_*`: control flow, not an error.
@@ -82,6 +84,10 @@ pub enum HwWalk {
 /// `write`) unless already set, with a compare-and-swap on the value just checked (spte.rs O5: A/D
 /// never lands on a value that stopped being a present leaf), re-evaluating on a lost race.
 ///
+/// An A/D-disabled leaf (spte.rs invariant 6) is never written: one marked for access tracking
+/// allows no access (an EPT violation, reported as [`HwWalk::NotPresent`]), and a hit reports
+/// `dirty` as W, since the CPU sets no D bit in it.
+///
 /// The frame returned is the 4K frame of `gfn` inside the leaf (base + offset for a huge leaf).
 pub(crate) fn access_leaf(
     sptep: &AtomicSpte,
@@ -90,6 +96,20 @@ pub(crate) fn access_leaf(
     gfn: u64,
     write: bool,
 ) -> HwWalk {
+    if !spte.ad_enabled() {
+        if !spte.is_present_leaf(level) || spte.is_access_tracked() {
+            return HwWalk::NotPresent;
+        }
+        if write && !spte.is_writable() {
+            return HwWalk::WriteProtected;
+        }
+        return HwWalk::Hit {
+            pfn: crate::mmu::hugepage::frame_in_leaf(gfn, spte.pfn(), level),
+            writable: spte.is_writable(),
+            dirty: spte.is_writable(),
+            level,
+        };
+    }
     let want = ACCESSED_MASK | if write { DIRTY_MASK } else { 0 };
     loop {
         if !spte.is_present_leaf(level) {
@@ -113,6 +133,47 @@ pub(crate) fn access_leaf(
             Ok(_) => spte = new,
             Err(actual) => spte = actual,
         }
+    }
+}
+
+/// The result of a fast page fault attempt (`RET_PF_FIXED` / `RET_PF_SPURIOUS` / `RET_PF_INVALID`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FastFault {
+    /// The leaf was made to allow the access by one CAS: for a write, the caller marks the page
+    /// dirty.
+    Fixed,
+    /// The leaf already allows the access.
+    Spurious,
+    /// Not a case for the fast path (no present 4K leaf, not MMU-writable, invalid root, or the
+    /// CAS lost a race): take the slow path.
+    Slow,
+}
+
+/// The fast path's one write (`fast_page_fault`'s loop body, without its retries): from `old`
+/// (a present 4K leaf) to the leaf that allows the access — restored if it is marked for access
+/// tracking, and with `W | A` (and D for an A/D-disabled leaf, invariant 6) for a write if it is
+/// MMU-writable. [`FastFault::Spurious`] if `old` already allows the access,
+/// [`FastFault::Slow`] if only the locked path can allow it or the CAS lost a race.
+#[inline]
+pub(crate) fn fix_fast(sptep: &AtomicSpte, old: Spte, write: bool) -> FastFault {
+    let mut new = restore_access_tracked(old);
+    if write && !new.is_writable() {
+        if !new.is_mmu_writable() {
+            return FastFault::Slow;
+        }
+        let d = if new.ad_enabled() { 0 } else { DIRTY_MASK };
+        new = Spte::from_raw(new.raw() | WRITABLE_MASK | ACCESSED_MASK | d);
+    }
+    if new == old {
+        return FastFault::Spurious;
+    }
+    // ORDERING: D2 — the CAS changes only permission bits of a leaf whose pfn and frame contents
+    // were published by the installing fault's Release CAS (or store, shadow); an RMW continues that release
+    // sequence, so a walker's Acquire load of the new value still synchronises with the install.
+    // Comparing the whole word is what rules out a stale pfn (a zapped leaf never reads back equal).
+    match sptep.compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => FastFault::Fixed,
+        Err(_) => FastFault::Slow,
     }
 }
 

@@ -109,6 +109,9 @@ pub struct TortureConfig {
     /// `VmConfig::elide_tlb_flush_if_young`. When false, the accessed oracle ages with
     /// `clear_flush_young`, so its write misses the TLB and the check is strict.
     pub elide_tlb_flush_if_young: bool,
+    /// `VmConfig::ad_bits`: with `Disabled` aging marks leaves for access tracking and the
+    /// vCPUs' next accesses are fixed by the fast page fault.
+    pub ad_bits: crate::config::AdBits,
     /// Operations per vCPU; `None` runs until `duration`.
     pub ops_per_vcpu: Option<u64>,
     /// Wall-time limit (checked by the supervisor); `None` runs until `ops_per_vcpu`.
@@ -174,6 +177,7 @@ impl Default for TortureConfig {
             frames: None,
             tlb_entries: 64,
             elide_tlb_flush_if_young: true,
+            ad_bits: crate::config::AdBits::Enabled,
             ops_per_vcpu: Some(5_000),
             duration: None,
             actors: Actors::all().difference(Actors::RECLAIM.union(Actors::DIRTY_LOG)),
@@ -357,6 +361,7 @@ impl TortureConfig {
             aging: self.aging,
             tlb_entries: self.tlb_entries,
             elide_tlb_flush_if_young: self.elide_tlb_flush_if_young,
+            ad_bits: self.ad_bits,
             ..VmConfig::default()
         }
     }

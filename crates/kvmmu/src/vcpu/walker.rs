@@ -79,7 +79,14 @@ pub(super) fn walk_and_access(
     // SAFETY: this vCPU is in guest mode (`GuestMode::access` calls us between two request
     // checks, i.e. inside one instruction), so no shadow page it reaches is freed before it
     // acknowledges the next remote TLB flush (shadow S2).
-    let hit = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
+    let mut hit = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
+    // The shadow MMU's fast page fault runs here, still in guest mode (vm/fault.rs).
+    let miss = !matches!(hit, HwWalk::Hit { .. });
+    // SAFETY: as for the walk above (shadow S2).
+    if miss && unsafe { vm.fast_fault_in_guest(root, gfn, is_write, vcpu.dirty_ring.as_deref()) } {
+        // SAFETY: as for the walk above.
+        hit = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
+    }
     let HwWalk::Hit {
         pfn,
         writable,

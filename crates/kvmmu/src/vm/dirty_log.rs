@@ -160,6 +160,10 @@ pub(crate) struct DirtyLogState {
 /// Why a dirty-log call was refused; nothing changed.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum DirtyLogError {
+    /// [`DirtyTracking::DBit`] needs hardware Dirty bits, which a VM with
+    /// `VmConfig::ad_bits = AdBits::Disabled` does not have (KVM disables PML without EPT A/D).
+    #[error("D-bit dirty tracking needs A/D bits (the VM has ad_bits = Disabled)")]
+    DBitNeedsAdBits,
     /// No memslot with this id in this address space.
     #[error("no memslot {slot:?} in address space {as_id:?}")]
     NoSuchSlot {
@@ -246,7 +250,7 @@ impl Vm {
     /// Chooses how pages are re-armed ([`DirtyTracking`]); only while no memslot logs.
     ///
     /// Errors (nothing changes): [`DirtyLogError::TrackingInUse`], [`DirtyLogError::Dead`],
-    /// [`DirtyLogError::InGuestMode`].
+    /// [`DirtyLogError::InGuestMode`], [`DirtyLogError::DBitNeedsAdBits`].
     pub fn set_dirty_tracking(&self, mode: DirtyTracking) -> Result<(), DirtyLogError> {
         guest_mode::check("set_dirty_tracking")?;
         let _slots = self.inner.slots_lock.lock();
@@ -260,6 +264,9 @@ impl Vm {
         }
         if mode == DirtyTracking::DBit && self.inner.dirty_ring_enabled() {
             return Err(DirtyLogError::RingInUse);
+        }
+        if mode == DirtyTracking::DBit && self.inner.ad_disabled {
+            return Err(DirtyLogError::DBitNeedsAdBits);
         }
         // ORDERING: written and read under `slots_lock`, which orders them.
         self.inner
@@ -547,18 +554,34 @@ impl VmInner {
     }
 
     /// `kvm_mmu_slot_apply_flags` after a flags-only change was published: when logging starts,
-    /// write-protect the whole slot and flush (unless `INITIALLY_SET`, where the user's clears
-    /// re-arm). Stopping logging changes nothing (writable leaves come back lazily through the
-    /// fast page fault; huge-leaf recovery belongs to the huge-pages work). Caller holds
-    /// `slots_lock`.
+    /// split the slot's huge leaves to 4K (eager page splitting, `VmConfig::eager_page_split`:
+    /// TDP in place under `mmu_lock` read; the shadow MMU drops its huge leaves under write,
+    /// always, since its 4K-only re-arm would miss a huge leaf), then write-protect the whole slot
+    /// and flush (unless `INITIALLY_SET`, where the user's clears re-arm). With eager splitting
+    /// off, a TDP huge leaf is write-protected whole and split by the first write's fault. When
+    /// logging stops, huge leaves are recovered where the host and the slot allow them
+    /// (`kvm_mmu_recover_huge_pages`); writable 4K leaves come back lazily through the fast page
+    /// fault. Caller holds `slots_lock`.
     pub(crate) fn dirty_log_flags_changed(&self, old: &Memslot, new: &Memslot) {
         let was = old.flags().contains(MemFlags::LOG_DIRTY_PAGES);
         let is = new.flags().contains(MemFlags::LOG_DIRTY_PAGES);
-        if was || !is {
-            // HUGE-PAGE HOOK: on `was && !is`, recover huge leaves (kvm_mmu_recover_huge_pages).
+        if was && !is {
+            self.recover_huge_pages(new.as_id(), new.gfn_range());
             return;
         }
-        // HUGE-PAGE HOOK: eager split of the slot's huge leaves (kvm_mmu_slot_try_split_huge_pages).
+        if was || !is {
+            return;
+        }
+        if self.config.eager_page_split || self.mmu.kind() == crate::config::MmuKind::Shadow {
+            self.mmu.split_huge_pages(
+                &self.mmu_lock,
+                new.as_id(),
+                new.rmaps(),
+                new.gfn_range(),
+                crate::addr::Level::L4K,
+                self,
+            );
+        }
         if self.dirty_log_protect()
             == (DirtyLogProtect::Manual {
                 initially_set: true,

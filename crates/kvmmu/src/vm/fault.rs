@@ -92,6 +92,60 @@ pub enum VcpuExit {
 }
 
 impl VmInner {
+    /// The shadow MMU's fast page fault, tried by the faulting vCPU inside its walk, before it
+    /// leaves guest mode (docs/locking.md "Dirty logging" D2, D3; "A/D-disabled aging" AD2): a
+    /// write to a leaf write-protected for dirty logging, or any access to a leaf marked for
+    /// access tracking, is fixed by one CAS with no lock; a write's page is marked right after
+    /// the CAS, before the vCPU's write. Returns true if the access should be walked again
+    /// (fixed, or already allowed), false to take the page fault. Counted as a fault and in
+    /// `pf_fast`. A vCPU whose dirty ring is soft-full takes the fault (and its exit) instead.
+    ///
+    /// # Safety
+    /// The caller is a vCPU in guest mode holding `root`, inside one instruction (shadow S2).
+    pub(crate) unsafe fn fast_fault_in_guest(
+        &self,
+        root: &MmuRoot,
+        gfn: Gfn,
+        write: bool,
+        ring: Option<&DirtyRing>,
+    ) -> bool {
+        if !root.fast_fault_in_guest()
+            || (!write && !self.ad_disabled)
+            || ring.is_some_and(DirtyRing::soft_full)
+        {
+            return false;
+        }
+        let srcu = self.srcu_read();
+        let Some(cell) = self.memslots.get(root.as_id().index()) else {
+            return false;
+        };
+        let slots = cell.load(&srcu);
+        let Some(slot) = slots.find_by_gfn(gfn) else {
+            return false;
+        };
+        let flags = slot.flags();
+        if slot.is_invalid() || (write && flags.contains(crate::vm::memslot::MemFlags::READONLY)) {
+            return false;
+        }
+        let logging = flags.contains(crate::vm::memslot::MemFlags::LOG_DIRTY_PAGES);
+        if !((write && logging) || self.ad_disabled) {
+            return false;
+        }
+        // SAFETY: this function's contract is the one the shadow fast path needs (S2).
+        match unsafe { self.mmu.fast_page_fault_in_guest(root, gfn, write) } {
+            FastFault::Fixed => {
+                if write {
+                    mark_page_dirty(slot, gfn, ring);
+                }
+                self.counters.faults.add(1);
+                self.counters.pf_fast.add(1);
+                true
+            }
+            FastFault::Spurious => true,
+            FastFault::Slow => false,
+        }
+    }
+
     /// Handles one fault on `gpa` for a vCPU whose current root is `root`.
     pub(crate) fn page_fault(
         &self,
@@ -138,21 +192,23 @@ impl VmInner {
             return Err(VcpuExit::NoMemslot { gpa });
         };
 
-        // The fast page fault (docs/locking.md "Dirty logging" D2, D3): a write to a leaf
-        // write-protected only for dirty logging is fixed by one CAS without `mmu_lock`, and the
-        // page is marked before the vCPU's write. Only a logging slot has such leaves (logging
+        // The fast page fault (docs/locking.md "Dirty logging" D2, D3, "A/D-disabled aging"
+        // AD2): a write to a leaf write-protected only for dirty logging, or any access to a leaf
+        // marked for access tracking, is fixed by one CAS without `mmu_lock`; a write's page is
+        // marked before the vCPU's write. Only a logging slot has write-protected leaves (logging
         // write-protects them; a slot whose logging was switched off has none left to be fixed
-        // fast until its next write faults them writable), so other faults skip the extra walk,
-        // as the kernel's `page_fault_can_be_fast` skips non-present faults.
-        if write
-            && !readonly_slot
-            && slot
-                .flags()
-                .contains(crate::vm::memslot::MemFlags::LOG_DIRTY_PAGES)
-        {
-            match self.mmu.fast_page_fault(root, gfn) {
+        // fast until its next write faults them writable), and only an A/D-disabled VM has
+        // access-tracked ones, so other faults skip the extra walk, as the kernel's
+        // `page_fault_can_be_fast` does.
+        let logging = slot
+            .flags()
+            .contains(crate::vm::memslot::MemFlags::LOG_DIRTY_PAGES);
+        if (write && logging) || self.ad_disabled {
+            match self.mmu.fast_page_fault(root, gfn, write) {
                 FastFault::Fixed => {
-                    mark_page_dirty(slot, gfn, ring);
+                    if write {
+                        mark_page_dirty(slot, gfn, ring);
+                    }
                     self.counters.pf_fast.add(1);
                     return Ok(FaultOutcome::Fixed);
                 }
@@ -177,10 +233,7 @@ impl VmInner {
         // KVM holds; a split after it invalidates the whole huge range, so the retry rule below
         // catches it) capped by the memslot's alignment and `disallow_lpage` counts.
         // A slot with dirty logging maps 4K pages only (`kvm_slot_dirty_track_enabled`).
-        let level = if slot
-            .flags()
-            .contains(crate::vm::memslot::MemFlags::LOG_DIRTY_PAGES)
-        {
+        let level = if logging {
             crate::addr::Level::L4K
         } else {
             page.level.min(slot.max_mapping_level(gfn))

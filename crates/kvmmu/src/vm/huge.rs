@@ -6,8 +6,8 @@ use std::collections::HashSet;
 
 use crate::addr::{AsId, GfnRange, Level};
 use crate::sync::guest_mode;
-use crate::vm::Vm;
 use crate::vm::memslot::MemFlags;
+use crate::vm::{Vm, VmInner};
 
 impl Vm {
     /// Makes `gfns` of address space `as_id` map at most `target` (eager page splitting, before
@@ -45,7 +45,15 @@ impl Vm {
     /// As [`Vm::split_huge_pages`].
     pub fn recover_huge_pages(&self, as_id: AsId, gfns: GfnRange) -> u64 {
         guest_mode::refuse("Vm::recover_huge_pages");
-        let vm = &*self.inner;
+        self.inner.recover_huge_pages(as_id, gfns)
+    }
+}
+
+impl VmInner {
+    /// The body of [`Vm::recover_huge_pages`], also run when dirty logging is switched off on a
+    /// slot (`kvm_mmu_slot_apply_flags`). The caller is not in guest mode.
+    pub(crate) fn recover_huge_pages(&self, as_id: AsId, gfns: GfnRange) -> u64 {
+        let vm = self;
         let srcu = vm.srcu_read();
         let Some(cell) = vm.memslots.get(as_id.index()) else {
             return 0;

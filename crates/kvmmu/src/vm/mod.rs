@@ -137,7 +137,8 @@ pub struct VmStats {
     pub age_young: u64,
     /// Remote TLB flushes (KVM's stat `remote_tlb_flush`): one per `kvm_flush_remote_tlbs`.
     pub remote_tlb_flush: u64,
-    /// Write faults fixed by the fast page fault without `mmu_lock` (KVM's `pf_fast`).
+    /// Faults fixed by the fast page fault without `mmu_lock` (KVM's `pf_fast`): writes to leaves
+    /// write-protected for dirty logging, and accesses to leaves marked for access tracking.
     pub pf_fast: u64,
     /// Faults fixed on the slow path: a leaf installed or made writable (KVM's `pf_fixed`).
     pub pf_fixed: u64,
@@ -176,6 +177,8 @@ pub(crate) struct VmInner {
     pub(crate) requests: Arc<VcpuRequests>,
     pub(crate) counters: VmCounters,
     pub(crate) dead: AtomicBool,
+    /// `config.ad_bits == Disabled`: faults try the fast path (access-tracked leaves).
+    pub(crate) ad_disabled: bool,
     /// The dirty-log protect mode (`manual_dirty_log_protect`).
     pub(crate) dirty_log: dirty_log::DirtyLogState,
     /// The dirty rings, once enabled.
@@ -224,7 +227,8 @@ impl Vm {
         config.validate()?;
         let nr_as = config.address_spaces;
         let mmu_lock = MmuLock::new();
-        let mmu = Mmu::new(config.mmu, nr_as, &mmu_lock, Arc::new(Rcu::new()));
+        let mmu = Mmu::new(config.mmu, nr_as, &mmu_lock, Arc::new(Rcu::new()))
+            .with_ad_bits(config.ad_bits);
         let inner = Arc::new(VmInner {
             host: host.clone(),
             srcu: Srcu::new(),
@@ -241,6 +245,7 @@ impl Vm {
             requests: VcpuRequests::new(),
             counters: VmCounters::default(),
             dead: AtomicBool::new(false),
+            ad_disabled: config.ad_bits == crate::config::AdBits::Disabled,
             dirty_log: dirty_log::DirtyLogState::default(),
             dirty_ring: dirty_ring::DirtyRingState::default(),
             config,

@@ -20,6 +20,9 @@ pub struct DirtyRun {
     pub pages_per_vcpu: u64,
     pub writes_per_vcpu: u64,
     pub seed: u64,
+    /// The leaves' A/D format (with `Disabled`, aging marks leaves for access tracking by one
+    /// CAS, racing the fast page fault; `tracking` must be `WriteProtect`).
+    pub ad_bits: AdBits,
 }
 
 fn xorshift(s: &mut u64) -> u64 {
@@ -61,6 +64,7 @@ pub fn run(cfg: DirtyRun) -> Result<u64, String> {
     let npages = cfg.vcpus as u64 * cfg.pages_per_vcpu;
     let config = VmConfig {
         mmu: cfg.mmu,
+        ad_bits: cfg.ad_bits,
         ..VmConfig::default()
     };
     let f = fixture(npages * 4096, config);

@@ -6,11 +6,21 @@
 //! Each SPTE loses W with one atomic AND, so a concurrent CPU A/D set or lockless ager's
 //! `fetch_and(!A)` is never lost (spec §4 item 19). The caller flushes remote TLBs before it
 //! returns to its user (docs/locking.md "Dirty logging" D1).
+//!
+//! The fast page fault ([`ShadowMmu::fast_page_fault_in_guest`], `fast_page_fault` on a direct
+//! shadow page) needs no lock at all: it runs in the faulting vCPU's own walk, in guest mode,
+//! where S2 keeps every shadow page it reaches alive (the kernel's
+//! `walk_shadow_page_lockless_begin`, whose IRQ-disabled walker makes remote flushes wait), and
+//! fixes the leaf with the same one whole-word CAS as the TDP fast path (D2, AD2). `mmu_lock`
+//! write holders change leaves only atomically (swap, AND, CAS), so the CAS either lands first or
+//! fails.
 
 use crate::addr::{Gfn, Level};
 use crate::mmu::spte::{DIRTY_MASK, MMU_PRESENT_MASK, WRITABLE_MASK};
+use crate::mmu::types::{FastFault, fix_fast};
 use crate::sync::witness::MmuWrite;
 
+use super::mmu::ShadowRoot;
 use super::{ShadowMmu, SlotRmaps};
 
 impl ShadowMmu {
@@ -25,8 +35,8 @@ impl ShadowMmu {
         self.check_lock(mmu.lock_id());
         let mut flush = false;
         for gfn in gfns {
-            // HUGE-PAGE HOOK: huge shadow leaves (higher-level rmaps) would be split or
-            // write-protected here; the shadow MMU installs 4K leaves only today.
+            // 4K rmaps only: enabling logging drops the slot's huge shadow leaves first
+            // (`vm/dirty_log.rs`, whatever `eager_page_split` says), and a logging slot maps 4K.
             let Some(rmap) = rmaps.get(gfn, Level::L4K) else {
                 continue;
             };
@@ -65,5 +75,38 @@ impl ShadowMmu {
             }
         }
         any
+    }
+
+    /// The fast page fault on a shadow root (`fast_page_fault`; every shadow page here is
+    /// direct): for an access to `gfn` (a write if `write`), one CAS makes a present 4K leaf
+    /// write-protected for dirty logging writable, or restores one marked for access tracking
+    /// (`mmu::types::fix_fast`). No lock.
+    ///
+    /// # Safety
+    /// The caller is a vCPU in guest mode holding `root`, inside one instruction: it acknowledges
+    /// no remote TLB flush until this returns, so no shadow page it reaches is freed meanwhile
+    /// (S2).
+    pub unsafe fn fast_page_fault_in_guest(
+        &self,
+        root: &ShadowRoot,
+        gfn: Gfn,
+        write: bool,
+    ) -> FastFault {
+        debug_assert!(
+            root.belongs_to(self),
+            "fast_page_fault_in_guest: foreign root"
+        );
+        if root.is_invalid() {
+            return FastFault::Slow;
+        }
+        // SAFETY: we hold a reference to `root`; this function's contract covers its children
+        // (S2).
+        let Some((sptep, old, level)) = (unsafe { Self::find_leaf(root.sp, gfn.raw()) }) else {
+            return FastFault::Slow;
+        };
+        if level != Level::L4K {
+            return FastFault::Slow;
+        }
+        fix_fast(sptep, old, write)
     }
 }

@@ -4,7 +4,9 @@
 use crate::addr::{Gfn, Level};
 use crate::geometry::{GFN_LIMIT, index};
 use crate::mmu::hugepage::{leaf_pfn, max_leaf_level};
-use crate::mmu::spte::{ACCESSED_MASK, DIRTY_MASK, LeafAttrs, Spte, SpteKind, make_spte};
+use crate::mmu::spte::{
+    ACCESSED_MASK, DIRTY_MASK, LeafAttrs, Spte, SpteKind, make_spte_ad, resolve_access_tracked,
+};
 use crate::mmu::types::{FaultOutcome, MapRequest, RemoteTlbFlush, RetryReason};
 use crate::sync::atomic::Ordering;
 use crate::sync::witness::MmuWrite;
@@ -140,7 +142,7 @@ impl ShadowMmu {
             prefetch: req.prefetch,
         };
         let pfn = leaf_pfn(gfn, req.pfn, level);
-        let new = make_spte(pfn, level, attrs);
+        let new = make_spte_ad(pfn, level, attrs, self.inner.ad_bits);
         match old.kind(level) {
             SpteKind::Leaf => {
                 assert_eq!(
@@ -149,6 +151,22 @@ impl ShadowMmu {
                     "gfn {gfn:#x} is mapped to another pfn: a present leaf may not change pfn \
                      (spec §4 item 13)"
                 );
+                if old.is_access_tracked() {
+                    // Marked for access tracking by aging: restore it (or install the writable
+                    // leaf a write fault asks for) with one CAS; a lockless ager or fast fix
+                    // changing it meanwhile makes the CAS fail, and the vCPU retries.
+                    let want = resolve_access_tracked(old, new);
+                    // ORDERING: Release as for a new leaf (its R/X come back).
+                    return match sptep.compare_exchange(
+                        old,
+                        want,
+                        Ordering::Release,
+                        Ordering::Relaxed,
+                    ) {
+                        Ok(_) => FaultOutcome::Fixed,
+                        Err(_) => FaultOutcome::Retry(RetryReason::CasLost),
+                    };
+                }
                 if !req.write_fault || old.is_writable() || !new.is_writable() {
                     return FaultOutcome::Spurious;
                 }

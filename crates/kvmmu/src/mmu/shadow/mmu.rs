@@ -90,6 +90,8 @@ pub(super) struct Inner {
     pub(super) pages: crate::mmu::hugepage::PageCounts,
     /// `kvm->arch.indirect_shadow_pages`: written under `mmu_lock` write, read locklessly.
     pub(super) indirect_shadow_pages: AtomicU64,
+    /// The format of the leaves this MMU builds (set once, before the MMU is shared).
+    pub(super) ad_bits: crate::mmu::spte::AdBits,
 }
 
 impl Inner {
@@ -202,8 +204,25 @@ impl ShadowMmu {
                 rmap_stats: RmapStats::new(),
                 pages: Default::default(),
                 indirect_shadow_pages: AtomicU64::new(0),
+                ad_bits: crate::mmu::spte::AdBits::Enabled,
             }),
         }
+    }
+
+    /// This MMU, building its leaves in the `ad` format (`VmConfig::ad_bits`).
+    ///
+    /// # Panics
+    /// If the MMU is already shared (a root exists).
+    pub fn with_ad_bits(mut self, ad: crate::mmu::spte::AdBits) -> ShadowMmu {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_ad_bits: the ShadowMmu is already shared")
+            .ad_bits = ad;
+        self
+    }
+
+    /// The format of the leaves this MMU builds.
+    pub fn ad_bits(&self) -> crate::mmu::spte::AdBits {
+        self.inner.ad_bits
     }
 
     /// Binds this MMU (and its rmaps' statistics, which every rmap writer presents) to `lock`:

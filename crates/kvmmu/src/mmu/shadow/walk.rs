@@ -17,7 +17,10 @@ impl ShadowMmu {
     /// # Safety
     /// The caller holds a reference to `root` and either holds `mmu_lock` or is a vCPU in guest
     /// mode that stays before its next instruction boundary for `'a` (S2).
-    unsafe fn find_leaf<'a>(root: SpPtr, gfn: u64) -> Option<(&'a AtomicSpte, Spte, Level)> {
+    pub(super) unsafe fn find_leaf<'a>(
+        root: SpPtr,
+        gfn: u64,
+    ) -> Option<(&'a AtomicSpte, Spte, Level)> {
         if gfn >= GFN_LIMIT {
             return None;
         }

@@ -151,7 +151,9 @@ impl TdpMmu {
 /// Clears `mask` in the leaf `sptep`, last seen as `old`, and returns the value it replaced: the
 /// one write the ager makes, shared by the iterator path and the table scan (with the test-only
 /// yield before it, and the deliberately broken plain store in its place under
-/// `broken-plain-store`).
+/// `broken-plain-store`). An A/D-disabled leaf is aged instead by one CAS that marks it for
+/// access tracking (`spte::age_ad_disabled`; not retried, and the returned copy has A clear if
+/// the CAS failed, so `mask` set in the result still means "this call cleared it").
 #[inline(always)]
 fn clear_leaf_bit(
     sptep: &crate::mmu::spte::AtomicSpte,
@@ -160,6 +162,9 @@ fn clear_leaf_bit(
 ) -> crate::mmu::spte::Spte {
     #[cfg(feature = "test-hooks")]
     super::hooks::maybe_yield();
+    if mask == ACCESSED_MASK && !old.ad_enabled() {
+        return crate::mmu::spte::age_ad_disabled(sptep, old);
+    }
     #[cfg(not(feature = "broken-plain-store"))]
     {
         let _ = old;

@@ -14,14 +14,20 @@
 //!   NONPRESENT or, inside an unlinked table, FROZEN, neither of which matches). On failure the
 //!   caller takes the slow path (D2). The caller marks the page dirty after a successful CAS and
 //!   before the vCPU's write (D3).
+//! - **Access-tracking restore** (RCU only; A/D-disabled leaves, spte.rs invariant 6): any fault on
+//!   a present 4K leaf marked for access tracking by aging is fixed by the same one CAS, to the
+//!   leaf with R/X restored (and, for a write, W if MMU-writable). It races the lockless ager's
+//!   own CAS (docs/locking.md "A/D-disabled aging" AD1, AD2): each compares the whole word, so
+//!   of two racing changes exactly one lands and the other party retries or gives up.
 //!
 //! # Huge leaves
-//! Leaves are 4K only today (tdp/mod.rs P2). Where a huge leaf meets dirty logging, the huge-pages work splits it first (eager split when logging is enabled,
-//! `kvm_mmu_slot_try_split_huge_pages`); until then a huge leaf is write-protected as a whole and
-//! never fast-fixed, so every write to it takes the slow path, which maps at 4K.
+//! Enabling logging splits the slot's huge leaves in place first (eager page splitting,
+//! `VmConfig::eager_page_split`, `vm/dirty_log.rs`). With it off, a huge leaf is write-protected
+//! as a whole here and never fast-fixed: the first write takes the slow path, whose map step
+//! splits it in place and installs the 4K leaf.
 
 use crate::addr::{AsId, Gfn, GfnRange, Level};
-use crate::mmu::spte::{ACCESSED_MASK, AtomicSpte, DIRTY_MASK, Spte, SpteKind, WRITABLE_MASK};
+use crate::mmu::spte::{AtomicSpte, DIRTY_MASK, Spte, SpteKind, WRITABLE_MASK};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
 use crate::sync::witness::MmuWrite;
@@ -30,17 +36,8 @@ use super::iter::TdpIter;
 use super::table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
 use super::{RootRef, TdpMmu};
 
-/// The result of a fast page fault attempt (`RET_PF_FIXED` / `RET_PF_SPURIOUS` / `RET_PF_INVALID`).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum FastFault {
-    /// The leaf was made writable by one CAS: the caller marks the page dirty.
-    Fixed,
-    /// The leaf already allows the write.
-    Spurious,
-    /// Not a case for the fast path (no present 4K leaf, not MMU-writable, invalid root, or the
-    /// CAS lost a race): take the slow path.
-    Slow,
-}
+pub use crate::mmu::types::FastFault;
+use crate::mmu::types::fix_fast;
 
 impl TdpMmu {
     /// Clears W on every present leaf of `as_id`'s valid root in `range` whose gfn passes
@@ -107,8 +104,8 @@ impl TdpMmu {
             let old = it.old();
             let level = it.level();
             if old.is_present_leaf(level) && old.raw() & bit != 0 {
-                // HUGE-PAGE HOOK: a huge leaf must be split here (or eagerly when logging is
-                // enabled) before per-4K tracking; until then it is handled whole.
+                // A huge leaf (eager splitting off) is handled whole; the first write's fault
+                // splits it.
                 let gfn = Gfn::new(it.gfn().max(start));
                 if level > Level::L4K || wanted(gfn) {
                     let prev = clear_bits(it.sptep(), bit);
@@ -128,6 +125,19 @@ impl TdpMmu {
     /// makes a present 4K leaf that is MMU-writable but not writable writable again with one CAS
     /// and no `mmu_lock` (D2). Reads only under `rcu`.
     pub fn fast_page_fault(&self, root: &RootRef, gfn: Gfn, rcu: &RcuGuard<'_>) -> FastFault {
+        self.fast_page_fault_access(root, gfn, true, rcu)
+    }
+
+    /// The fast page fault for an access to `gfn` (a write if `write`): as
+    /// [`TdpMmu::fast_page_fault`], and also restores a 4K leaf marked for access tracking (any
+    /// access; the A/D-disabled format). Reads only under `rcu`; one CAS.
+    pub fn fast_page_fault_access(
+        &self,
+        root: &RootRef,
+        gfn: Gfn,
+        write: bool,
+        rcu: &RcuGuard<'_>,
+    ) -> FastFault {
         assert!(
             root.belongs_to(self),
             "fast_page_fault: the root belongs to another TdpMmu"
@@ -141,28 +151,7 @@ impl TdpMmu {
         let Some((sptep, old)) = (unsafe { find_4k_leaf(root.table(), gfn.raw(), rcu) }) else {
             return FastFault::Slow;
         };
-        fix_writable(sptep, old)
-    }
-}
-
-/// The fast path's one write: from `old` (a present 4K leaf) to `old | W | A` if `old` is
-/// MMU-writable and not writable. Shared with the loom model of the fast path.
-#[inline]
-pub(crate) fn fix_writable(sptep: &AtomicSpte, old: Spte) -> FastFault {
-    if old.is_writable() {
-        return FastFault::Spurious;
-    }
-    if !old.is_mmu_writable() {
-        return FastFault::Slow;
-    }
-    let new = Spte::from_raw(old.raw() | WRITABLE_MASK | ACCESSED_MASK);
-    // ORDERING: D2 — the CAS changes only permission bits of a leaf whose pfn and frame contents
-    // were published by the installing fault's Release CAS; an RMW continues that release
-    // sequence, so a walker's Acquire load of the new value still synchronises with the install.
-    // Comparing the whole word is what rules out a stale pfn (a zapped leaf never reads back equal).
-    match sptep.compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed) {
-        Ok(_) => FastFault::Fixed,
-        Err(_) => FastFault::Slow,
+        fix_fast(sptep, old, write)
     }
 }
 

@@ -9,7 +9,7 @@
 use super::split::split_huge_spte;
 use crate::addr::Level;
 use crate::mmu::hugepage::{leaf_pfn, max_leaf_level};
-use crate::mmu::spte::{LeafAttrs, SpteKind, make_spte};
+use crate::mmu::spte::{LeafAttrs, SpteKind, make_spte_ad, resolve_access_tracked};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
 use crate::sync::witness::MmuRead;
@@ -137,7 +137,8 @@ impl TdpMmu {
                     pfn,
                     "gfn {gfn:#x} is mapped to another pfn: a present leaf may not change pfn (spec §4 item 13)"
                 );
-                if !req.write_fault || old.is_writable() {
+                // A leaf marked for access tracking allows no access: it is restored below.
+                if !old.is_access_tracked() && (!req.write_fault || old.is_writable()) {
                     return FaultOutcome::Spurious;
                 }
             }
@@ -151,7 +152,10 @@ impl TdpMmu {
             write_allowed: req.write_fault,
             prefetch: req.prefetch,
         };
-        let new = make_spte(pfn, level, attrs);
+        let mut new = make_spte_ad(pfn, level, attrs, self.inner.ad_bits);
+        if old.is_access_tracked() {
+            new = resolve_access_tracked(old, new);
+        }
         if new == old {
             return FaultOutcome::Spurious;
         }

@@ -222,6 +222,8 @@ struct Inner {
     /// Every root not yet freed, valid or invalid (`tdp_mmu_roots` + `tdp_mmu_pages_lock`).
     roots: Mutex<Vec<RootEntry>>,
     counters: Arc<Counters>,
+    /// The format of the leaves this MMU builds (set once, before the MMU is shared).
+    ad_bits: crate::mmu::spte::AdBits,
 }
 
 impl Inner {
@@ -355,8 +357,25 @@ impl TdpMmu {
                 valid_roots,
                 roots: Mutex::new(Vec::new()),
                 counters: Arc::new(Counters::new()),
+                ad_bits: crate::mmu::spte::AdBits::Enabled,
             }),
         }
+    }
+
+    /// This MMU, building its leaves in the `ad` format (`VmConfig::ad_bits`).
+    ///
+    /// # Panics
+    /// If the MMU is already shared (a root or a clone of its state exists).
+    pub fn with_ad_bits(mut self, ad: crate::mmu::spte::AdBits) -> TdpMmu {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_ad_bits: the TdpMmu is already shared")
+            .ad_bits = ad;
+        self
+    }
+
+    /// The format of the leaves this MMU builds.
+    pub fn ad_bits(&self) -> crate::mmu::spte::AdBits {
+        self.inner.ad_bits
     }
 
     /// The RCU domain page-table pages are freed through.

@@ -173,7 +173,10 @@ impl TdpMmu {
                             == (first.raw() & !(BASE_ADDR_MASK | ACCESSED_MASK | DIRTY_MASK))
                     };
                     let aligned = first.pfn().raw() == align_down(first.pfn().raw(), level);
+                    // Children marked for access tracking (A/D-disabled) are left small: the
+                    // huge leaf would carry A without R/X (spte.rs invariant 6).
                     let ok = first.is_present_leaf(child_level)
+                        && !first.is_access_tracked()
                         && aligned
                         && (0..ENTRIES).all(|i| {
                             // ORDERING: as above.

@@ -587,7 +587,8 @@ impl RmapHead {
         let mut young = false;
         let _ = guard.for_each_spte(|sptep| {
             *visited += 1;
-            if !spte_is_young(sptep.load_lockless()) {
+            let old = sptep.load_lockless();
+            if !spte_is_young(old) {
                 return ControlFlow::Continue(());
             }
             young = true;
@@ -597,8 +598,8 @@ impl RmapHead {
                     // Test hook: a vCPU may set Dirty, or a page zap clear the SPTE, between our
                     // read and our clear; the atomic AND keeps both (hooks invariant 1).
                     maybe_yield(YieldSite::AgeBeforeClear);
-                    sptep.clear_accessed();
-                    *cleared += 1;
+                    // An A/D-disabled SPTE is marked for access tracking by one CAS instead.
+                    *cleared += u64::from(sptep.age(old));
                     ControlFlow::Continue(())
                 }
             }

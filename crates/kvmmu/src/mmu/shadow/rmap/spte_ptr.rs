@@ -131,6 +131,30 @@ impl SptePtr {
             .fetch_and(!SPTE_ACCESSED_MASK, Ordering::Relaxed)
     }
 
+    /// Ages a young SPTE last read as `old`: [`SptePtr::clear_accessed`] for an A/D-enabled one;
+    /// for an A/D-disabled one (`spte::AD_DISABLED_MASK`) one compare-and-swap that marks it for
+    /// access tracking, not retried (`spte::age_ad_disabled`). Returns true if this call aged it.
+    #[inline]
+    pub fn age(self, old: u64) -> bool {
+        let old = crate::mmu::spte::Spte::from_raw(old);
+        if old.ad_enabled() {
+            self.clear_accessed() & SPTE_ACCESSED_MASK != 0
+        } else {
+            let slot: &crate::mmu::spte::AtomicSpte = self.as_atomic_spte();
+            crate::mmu::spte::age_ad_disabled(slot, old).raw() & SPTE_ACCESSED_MASK != 0
+        }
+    }
+
+    /// The slot as the SPTE module's atomic type.
+    #[inline]
+    fn as_atomic_spte(&self) -> &crate::mmu::spte::AtomicSpte {
+        let slot: *const AtomicU64 = self.slot();
+        // SAFETY: `AtomicSpte` is a `#[repr(transparent)]` wrapper of `AtomicU64`, so the cast
+        // keeps layout and validity; the slot stays allocated while this pointer is used
+        // (`SptePtr::new`'s contract, rmap invariant 5).
+        unsafe { &*slot.cast::<crate::mmu::spte::AtomicSpte>() }
+    }
+
     /// Clears `mask` with one atomic AND and returns the previous value (dirty logging's re-arm
     /// clears W this way, keeping MMU-writable; docs/locking.md "Dirty logging" D1).
     #[inline]
