@@ -44,12 +44,17 @@ impl MmuRoot {
     }
 }
 
+#[path = "nx_huge.rs"]
+mod nx_huge;
+
 /// The MMU of one VM: the TDP MMU or the shadow MMU, chosen once at creation.
 #[derive(Debug)]
 pub struct Mmu {
     kind: MmuKind,
     tdp: TdpMmu,
     shadow: ShadowMmu,
+    /// The splits the NX huge pages mitigation caused (`mmu/nx_huge.rs`).
+    nx: nx_huge::NxSplits,
 }
 
 impl Mmu {
@@ -60,7 +65,12 @@ impl Mmu {
         tdp.bind_lock(lock);
         let shadow = ShadowMmu::new(address_spaces);
         shadow.bind_lock(lock);
-        Mmu { kind, tdp, shadow }
+        Mmu {
+            kind,
+            tdp,
+            shadow,
+            nx: Default::default(),
+        }
     }
 
     /// Which MMU this is.

@@ -140,7 +140,10 @@ impl ShadowMmu {
             prefetch: req.prefetch,
         };
         let pfn = leaf_pfn(gfn, req.pfn, level);
-        let new = make_spte(pfn, level, attrs);
+        let new = self
+            .inner
+            .pages
+            .nx_adjust(make_spte(pfn, level, attrs), level);
         match old.kind(level) {
             SpteKind::Leaf => {
                 assert_eq!(

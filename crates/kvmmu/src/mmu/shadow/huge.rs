@@ -74,3 +74,64 @@ impl ShadowMmu {
         zapped
     }
 }
+
+impl ShadowMmu {
+    /// Turns the NX huge pages mitigation on or off: from now on, huge leaves are installed
+    /// without X (`mmu/hugepage.rs`), so an instruction fetch through one faults.
+    pub fn set_nx_huge_pages(&self, on: bool) {
+        self.inner.pages.set_nx_huge(on);
+    }
+
+    /// The direct shadow page that serves as the table of the `level` entry covering `gfn` in
+    /// address space `as_id`, if one is live (`kvm_mmu_find_shadow_page`).
+    fn page_below(
+        state: &super::mmu::State,
+        as_id: crate::addr::AsId,
+        gfn: u64,
+        level: Level,
+    ) -> Option<super::page::SpPtr> {
+        let role = super::page::Role {
+            level: level.down()?,
+            as_id,
+            direct: true,
+        };
+        state
+            .hash
+            .get(&(crate::geometry::align_down(gfn, level), role))
+            .copied()
+    }
+
+    /// True if a live shadow page serves as the table of the `level` entry covering `gfn` in
+    /// `as_id` (a split of that block is still in place). Takes the page-hash lock only: the
+    /// page is not dereferenced.
+    pub(crate) fn table_at(&self, as_id: crate::addr::AsId, gfn: u64, level: Level) -> bool {
+        let state = self.inner.state.lock();
+        Self::page_below(&state, as_id, gfn, level).is_some()
+    }
+
+    /// Zaps the shadow page below each `(gfn, level)` entry of `blocks` in `as_id`
+    /// (prepare-zap of the NX huge page recovery, `kvm_mmu_prepare_zap_page`), so the block
+    /// faults huge again. Returns the number of pages zapped and the batch that flushes remote
+    /// TLBs once and then frees them; commit it before `mmu_lock` is dropped (S1).
+    pub(crate) fn zap_pages_at(
+        &self,
+        as_id: crate::addr::AsId,
+        blocks: &[(u64, Level)],
+        sets: &(impl super::mmu::RmapLookup + ?Sized),
+        mmu: &MmuWrite,
+    ) -> (u64, crate::mmu::types::ZapBatch) {
+        self.check_lock(mmu.lock_id());
+        let mut invalid = super::zap::InvalidList::default();
+        let mut zapped = 0;
+        {
+            let mut state = self.inner.state.lock();
+            for &(gfn, level) in blocks {
+                if let Some(sp) = Self::page_below(&state, as_id, gfn, level) {
+                    self.prepare_zap(&mut state, sp, sets, mmu, &mut invalid);
+                    zapped += 1;
+                }
+            }
+        }
+        (zapped, self.commit_zap(invalid))
+    }
+}

@@ -151,7 +151,9 @@ impl TdpMmu {
             write_allowed: req.write_fault,
             prefetch: req.prefetch,
         };
-        let new = make_spte(pfn, level, attrs);
+        let new = counters
+            .pages
+            .nx_adjust(make_spte(pfn, level, attrs), level);
         if new == old {
             return FaultOutcome::Spurious;
         }
