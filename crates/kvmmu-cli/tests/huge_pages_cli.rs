@@ -68,3 +68,19 @@ fn a_hugetlb_size_that_does_not_divide_guest_memory_is_a_usage_error() {
     .unwrap_err();
     assert!(e.to_string().contains("page size"), "{e}");
 }
+
+#[test]
+fn page_idle_on_a_thp_guest_finds_no_accessed_page_still_idle() {
+    // One idle flag per huge page, read and marked through its head page only: a page-by-page
+    // mark no longer finds every tail idle (511 of each 512 pages before the fix).
+    for mmu in [MmuArg::Tdp, MmuArg::Shadow] {
+        let mut a = args(2, 64 << 20, BackingSrc::AnonymousThp, mmu);
+        a.idle = IdleArg::PageIdle;
+        a.idle_policy = Some(0);
+        let r = access_tracking::run(&a).unwrap();
+        assert!(r.passed, "{mmu:?}: {:?}", r.checks);
+        assert_eq!(r.counts["mark_idle_1_still_idle"], 0, "{mmu:?}");
+        assert_eq!(r.counts["mark_idle_2_still_idle"], 0, "{mmu:?}");
+        assert_eq!(r.counts["pages_2m"], 64, "{mmu:?}");
+    }
+}
