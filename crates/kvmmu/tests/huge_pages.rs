@@ -67,7 +67,51 @@ both_mmus!(
     data_written_through_huge_leaves_reads_back_after_split_and_recovery,
     a_1g_leaf_splits_into_2m_and_4k_leaves_that_keep_its_data,
     a_host_collapse_invalidates_and_data_reads_back_through_a_new_2m_leaf,
+    recovery_after_dirty_logging_builds_huge_leaves_in_place_that_keep_the_data,
 );
+
+fn recovery_after_dirty_logging_builds_huge_leaves_in_place_that_keep_the_data(mmu: MmuKind) {
+    let f = backed(mmu, BackingSrc::AnonymousThp, 2 * MB2, 0, 4096);
+    let mut r = region(0, BASE_GPA, 2 * MB2, f.hva);
+    r.flags = MemFlags::LOG_DIRTY_PAGES;
+    f.vm.set_user_memory_region(r).unwrap();
+    let mut v = f.vm.create_vcpu().unwrap();
+    for p in 0..1024 {
+        v.write_u64(gpa(p), p ^ 0x3c3c).unwrap();
+    }
+    let s = f.vm.stats();
+    assert_eq!((s.pages_4k, s.pages_2m), (1024, 0), "logging maps 4K");
+    r.flags = MemFlags::empty();
+    f.vm.set_user_memory_region(r).unwrap();
+    let flushes = f.vm.stats().remote_tlb_flush;
+    assert_eq!(f.vm.recover_huge_pages(AsId::new(0), slot_range(1024)), 2);
+    let s = f.vm.stats();
+    assert_eq!((s.pages_4k, s.pages_2m), (0, 2), "formed in place: {s:?}");
+    assert_eq!(s.remote_tlb_flush, flushes + 1, "one batched flush");
+    let (spte, lvl) = f.vm.spte(AsId::new(0), gfn(700)).expect("a huge leaf");
+    assert_eq!(lvl, Level::L2M);
+    assert!(spte.is_writable() && spte.is_dirty(), "W kept, D set");
+    let faults = v.stats().faults;
+    for p in 0..1024 {
+        assert_eq!(v.read_u64(gpa(p)).unwrap(), p ^ 0x3c3c, "page {p}");
+    }
+    v.write_u64(gpa(9), 9).unwrap();
+    assert_eq!(
+        v.stats().faults,
+        faults,
+        "the huge leaves serve every access"
+    );
+    assert_eq!(f.host.read_u64(hva_of(f.hva, 9)).unwrap(), 9);
+    assert_eq!(f.host.arena().stats().stale_accesses, 0);
+    drop(v);
+    let s = f.vm.shutdown();
+    assert_eq!((s.pages_2m, s.pages_4k), (0, 0));
+    assert_eq!(
+        s.shadow.pages_allocated, s.shadow.pages_freed,
+        "{:?}",
+        s.shadow
+    );
+}
 
 fn a_host_collapse_invalidates_and_data_reads_back_through_a_new_2m_leaf(mmu: MmuKind) {
     let f = backed(mmu, BackingSrc::Anonymous, 2 * MB2, 0, 4096);
