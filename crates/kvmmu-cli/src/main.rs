@@ -106,6 +106,12 @@ pub struct WorkloadArgs {
     #[arg(long, default_value_t = 2048)]
     pub tlb_entries: usize,
 
+    /// Host backing of guest memory, as the selftests' -s: anonymous (4K pages), anonymous_thp
+    /// (2M THPs), anonymous_hugetlb_2mb, anonymous_hugetlb_1gb; guest memory must be a multiple
+    /// of its page size.
+    #[arg(short = 's', long = "backing-src", default_value = "anonymous")]
+    pub backing_src: kvmmu::BackingSrc,
+
     /// Output.
     #[command(flatten)]
     pub out: kvmmu_cli::OutputArgs,

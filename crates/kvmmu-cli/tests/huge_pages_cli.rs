@@ -1,5 +1,8 @@
-//! `kvmmu access-tracking -s`: the backing source decides the leaf sizes the report counts
-//! (KVM's `pages_4k`, `pages_2m`, `pages_1g`), on both MMUs.
+//! `kvmmu access-tracking -s` and `kvmmu run -s`: the backing source decides the leaf sizes the
+//! report counts (KVM's `pages_4k`, `pages_2m`, `pages_1g`), on both MMUs.
+
+mod common;
+use common::{json, kvmmu};
 
 use kvmmu::BackingSrc;
 use kvmmu_cli::access_tracking::{self, AccessArgs, IdleArg};
@@ -83,4 +86,29 @@ fn page_idle_on_a_thp_guest_finds_no_accessed_page_still_idle() {
         assert_eq!(r.counts["mark_idle_2_still_idle"], 0, "{mmu:?}");
         assert_eq!(r.counts["pages_2m"], 64, "{mmu:?}");
     }
+}
+
+#[test]
+fn the_default_workload_maps_a_thp_guest_with_2m_leaves_and_refuses_a_partial_hugetlb_page() {
+    let r = json(&[
+        "run",
+        "-v",
+        "2",
+        "-b",
+        "8M",
+        "-s",
+        "anonymous_thp",
+        "--passes",
+        "1",
+    ]);
+    assert_eq!(r["passed"], true);
+    assert_eq!(r["config"]["backing_src"], "anonymous_thp");
+    assert_eq!(r["counts"]["pages_2m"], 8, "two vCPUs x 4");
+    assert_eq!(r["counts"]["pages_4k"], 0);
+    assert_eq!(r["counts"]["faults"], 8, "one fault per huge page");
+    let plain = json(&["run", "-v", "1", "-b", "4M", "--passes", "1"]);
+    assert_eq!(plain["counts"]["pages_2m"], 0, "anonymous is 4K");
+    let out = kvmmu(&["run", "-v", "1", "-b", "3M", "-s", "anonymous_hugetlb_2mb"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("page size"));
 }
