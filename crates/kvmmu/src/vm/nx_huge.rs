@@ -2,6 +2,7 @@
 //! demand ([`Vm::recover_nx_huge_pages`]) and an optional background worker that runs a round
 //! every period ([`Vm::spawn_nx_recovery_worker`]). The mechanism is in `mmu/nx_huge.rs`.
 
+#[cfg(not(feature = "shuttle"))]
 use core::time::Duration;
 
 use crate::sync::guest_mode;
@@ -30,6 +31,7 @@ impl VmInner {
 
     /// The worker's period (`calc_nx_huge_pages_recovery_period`): the configured period, or
     /// one hour divided by the ratio; `None` when the mitigation or recovery is off.
+    #[cfg(not(feature = "shuttle"))]
     fn nx_recovery_period(&self) -> Option<Duration> {
         let c = &self.config;
         if !c.nx_huge_pages || c.nx_huge_pages_recovery_ratio == 0 {
