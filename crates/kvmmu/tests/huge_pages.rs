@@ -68,7 +68,68 @@ both_mmus!(
     a_1g_leaf_splits_into_2m_and_4k_leaves_that_keep_its_data,
     a_host_collapse_invalidates_and_data_reads_back_through_a_new_2m_leaf,
     recovery_after_dirty_logging_builds_huge_leaves_in_place_that_keep_the_data,
+    splits_and_in_place_recoveries_racing_vcpu_writes_lose_no_write,
 );
+
+fn splits_and_in_place_recoveries_racing_vcpu_writes_lose_no_write(mmu: MmuKind) {
+    let f = backed(mmu, BackingSrc::AnonymousThp, 4 * MB2, 0, 8192);
+    // Start from 4K leaves everywhere (populated under dirty logging), so the first recovery of
+    // each block builds its huge leaf in place while the vCPUs write (the shadow MMU's later
+    // faults map huge again, its later splits drop).
+    let mut r = region(0, BASE_GPA, 4 * MB2, f.hva);
+    r.flags = MemFlags::LOG_DIRTY_PAGES;
+    f.vm.set_user_memory_region(r).unwrap();
+    {
+        let mut v = f.vm.create_vcpu().unwrap();
+        for p in 0..2048 {
+            v.write_u64(gpa(p), 0).unwrap();
+        }
+    }
+    r.flags = MemFlags::empty();
+    f.vm.set_user_memory_region(r).unwrap();
+    assert_eq!(f.vm.stats().pages_4k, 2048);
+    const ROUNDS: u64 = 3000;
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (vm, done) = (&f.vm, &done);
+            s.spawn(move || {
+                let mut v = vm.create_vcpu().unwrap();
+                // vCPU t owns the pages p with p % 2 == t: it writes, then reads its own value.
+                for i in 0..ROUNDS {
+                    let p = ((i * 97) % 1024) * 2 + t;
+                    v.write_u64(gpa(p), i << 1 | t).unwrap();
+                    assert_eq!(v.read_u64(gpa(p)).unwrap(), i << 1 | t, "page {p}");
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::Release);
+            });
+        }
+        // Bounded; stops early once both vCPUs are done.
+        for _ in 0..ROUNDS / 10 {
+            if done.load(std::sync::atomic::Ordering::Acquire) == 2 {
+                break;
+            }
+            f.vm.recover_huge_pages(AsId::new(0), slot_range(2048));
+            f.vm.split_huge_pages(AsId::new(0), slot_range(2048), Level::L4K);
+        }
+    });
+    let mut v = f.vm.create_vcpu().unwrap();
+    for t in 0..2u64 {
+        let i = ROUNDS - 1;
+        let p = ((i * 97) % 1024) * 2 + t;
+        assert_eq!(v.read_u64(gpa(p)).unwrap(), i << 1 | t);
+    }
+    assert_eq!(f.host.arena().stats().stale_accesses, 0);
+    drop(v);
+    let s = f.vm.shutdown();
+    assert_eq!((s.pages_4k, s.pages_2m), (0, 0), "{s:?}");
+    assert_eq!(
+        s.shadow.pages_allocated, s.shadow.pages_freed,
+        "{:?}",
+        s.shadow
+    );
+    assert_eq!(s.tdp.tables_allocated, s.tdp.tables_freed, "{:?}", s.tdp);
+}
 
 fn recovery_after_dirty_logging_builds_huge_leaves_in_place_that_keep_the_data(mmu: MmuKind) {
     let f = backed(mmu, BackingSrc::AnonymousThp, 2 * MB2, 0, 4096);

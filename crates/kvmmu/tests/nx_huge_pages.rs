@@ -83,7 +83,53 @@ both_mmus!(
     data_reads_back_after_an_nx_split_and_recovery,
     a_round_zaps_ceil_splits_over_ratio_oldest_first,
     the_background_worker_recovers_the_splits,
+    fetches_and_reads_racing_recovery_keep_the_data_and_the_counts,
 );
+
+fn fetches_and_reads_racing_recovery_keep_the_data_and_the_counts(mmu: MmuKind) {
+    let f = three_hpages(mmu, true, 1, 0);
+    {
+        let mut v = f.vm.create_vcpu().unwrap();
+        for p in 0..3 * HPAGE {
+            v.write_u64(gpa(p), p * 11 + 5).unwrap();
+        }
+    }
+    const ROUNDS: u64 = 4000;
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let vm = &f.vm;
+            s.spawn(move || {
+                let mut v = vm.create_vcpu().unwrap();
+                for i in 0..ROUNDS {
+                    let p = (i * 37 + t * 101) % (3 * HPAGE);
+                    let got = if (i + t) % 3 == 0 {
+                        v.fetch_u64(gpa(p))
+                    } else {
+                        v.read_u64(gpa(p))
+                    };
+                    assert_eq!(got.unwrap(), p * 11 + 5, "vCPU {t}, page {p}");
+                }
+            });
+        }
+        // Bounded: as many rounds as the vCPUs make accesses, no waiting on them.
+        for _ in 0..ROUNDS / 4 {
+            f.vm.recover_nx_huge_pages();
+            assert!(f.vm.stats().nx_lpage_splits <= 3);
+        }
+    });
+    f.vm.recover_nx_huge_pages();
+    let s = f.vm.stats();
+    assert_eq!(s.nx_lpage_splits, 0, "{s:?}");
+    assert_eq!(f.host.arena().stats().stale_accesses, 0);
+    let s = f.vm.shutdown();
+    assert_eq!((s.pages_4k, s.pages_2m), (0, 0));
+    assert_eq!(s.tdp.tables_allocated, s.tdp.tables_freed, "{:?}", s.tdp);
+    assert_eq!(
+        s.shadow.pages_allocated, s.shadow.pages_freed,
+        "{:?}",
+        s.shadow
+    );
+}
 
 fn the_six_steps_give_the_kernel_selftest_counts(mmu: MmuKind) {
     let f = three_hpages(mmu, true, 1, 0);

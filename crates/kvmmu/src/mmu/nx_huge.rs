@@ -23,6 +23,7 @@ use crate::addr::{AsId, Gfn, Level};
 use crate::mmu::hugepage::max_leaf_level;
 use crate::mmu::types::RemoteTlbFlush;
 use crate::sync::Mutex;
+use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::witness::MmuWriteGuard;
 
 use super::Mmu;
@@ -43,6 +44,17 @@ struct NxSplit {
 #[derive(Default, Debug)]
 pub(super) struct NxSplits {
     list: Mutex<VecDeque<NxSplit>>,
+    /// The list's length, published after every change under the list lock, for readers that
+    /// must not block (a thread in guest mode).
+    len: AtomicU64,
+}
+
+impl NxSplits {
+    /// Publishes the length of `l` (the list, locked by the caller).
+    fn publish(&self, l: &VecDeque<NxSplit>) {
+        // ORDERING: Relaxed: a statistic; it orders nothing.
+        self.len.store(l.len() as u64, Ordering::Relaxed);
+    }
 }
 
 impl Mmu {
@@ -83,6 +95,7 @@ impl Mmu {
             let mut l = self.nx.list.lock();
             if !l.contains(&s) {
                 l.push_back(s);
+                self.nx.publish(&l);
             }
         }
     }
@@ -99,6 +112,7 @@ impl Mmu {
         let mut l = self.nx.list.lock();
         if !gone.is_empty() {
             l.retain(|s| !gone.contains(s));
+            self.nx.publish(&l);
         }
         l.len() as u64
     }
@@ -125,7 +139,9 @@ impl Mmu {
             } else {
                 l.len().div_ceil(ratio as usize)
             };
-            l.drain(..to_zap).collect()
+            let v = l.drain(..to_zap).collect();
+            self.nx.publish(&l);
+            v
         };
         let mut zapped = 0;
         let mut as_ids: Vec<AsId> = victims.iter().map(|s| s.as_id).collect();
@@ -152,9 +168,10 @@ impl Mmu {
         zapped
     }
 
-    /// The number of records, unchecked (for a caller in guest mode; see
-    /// [`Mmu::nx_lpage_splits`]).
+    /// The number of records, unchecked and without taking a lock (for a caller in guest mode;
+    /// see [`Mmu::nx_lpage_splits`]).
     pub fn nx_lpage_splits_recorded(&self) -> u64 {
-        self.nx.list.lock().len() as u64
+        // ORDERING: Relaxed: a statistic (`NxSplits::len`).
+        self.nx.len.load(Ordering::Relaxed)
     }
 }
