@@ -5,6 +5,7 @@
 //! - [`mmu_stress`]: KVM's `mmu_stress_test` (spec §5.3): aliased memslots, the stage protocol,
 //!   `mprotect` read-only under running vCPUs, slot deletion and `release` at exit.
 //! - [`dirty_log_test`], [`dirty_log_perf`]: KVM's `dirty_log_test` and `dirty_log_perf_test`.
+//! - [`nx_huge_pages`]: KVM's `x86/nx_huge_pages_test` (NX huge page splits and recovery).
 //! - [`compare`]: one workload in several configurations, alternated, medians and ratios.
 //! - [`report`]: the result every workload returns, rendered as a table, JSON or a plot.
 //! - [`trace`]: `--trace FILE`, the run as a Chrome trace-event (Perfetto) JSON file.
@@ -16,6 +17,7 @@ pub mod dirty_log_perf;
 pub mod dirty_log_test;
 pub mod error;
 pub mod mmu_stress;
+pub mod nx_huge_pages;
 pub mod reclaim;
 pub mod report;
 pub mod size;
@@ -128,6 +130,7 @@ pub fn vm_counts(s: &kvmmu::VmStats) -> std::collections::BTreeMap<String, u64> 
         ("pages_4k", s.pages_4k),
         ("pages_2m", s.pages_2m),
         ("pages_1g", s.pages_1g),
+        ("nx_lpage_splits", s.nx_lpage_splits),
         (
             "accessed_cleared",
             s.tdp.accessed_cleared + s.shadow.accessed_cleared,

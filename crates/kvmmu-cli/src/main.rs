@@ -56,6 +56,9 @@ pub enum Command {
     /// KVM's dirty_log_perf_test: populate, enable dirty logging, then per iteration dirty memory,
     /// get and clear the log; phase times with pf_fast, pf_fixed and remote_tlb_flush counts.
     DirtyLogPerf(kvmmu_cli::dirty_log_perf::DirtyLogPerfCommand),
+    /// KVM's x86/nx_huge_pages_test: reads and instruction fetches on three 2M hugetlb pages;
+    /// checks (pages_2m, nx_lpage_splits) after each step, NX huge page recovery, and the re-read.
+    NxHugePages(kvmmu_cli::nx_huge_pages::NxHugePagesCommand),
     /// Run one workload in several configurations, alternated; print medians and ratios.
     Compare(kvmmu_cli::compare::CompareArgs),
     /// Memory overcommit: vCPUs run a hot and a cold set under a host memory limit while reclaim
@@ -103,6 +106,12 @@ pub struct WorkloadArgs {
     /// Entries in each vCPU's software TLB.
     #[arg(long, default_value_t = 2048)]
     pub tlb_entries: usize,
+
+    /// Host backing of guest memory, as the selftests' -s: anonymous (4K pages), anonymous_thp
+    /// (2M THPs), anonymous_hugetlb_2mb, anonymous_hugetlb_1gb; guest memory must be a multiple
+    /// of its page size.
+    #[arg(short = 's', long = "backing-src", default_value = "anonymous")]
+    pub backing_src: kvmmu::BackingSrc,
 
     /// Output.
     #[command(flatten)]
@@ -158,6 +167,7 @@ fn run_command(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         Some(Command::Run(args)) => workload::main(&args)?,
         Some(Command::AccessTracking(cmd)) => kvmmu_cli::access_tracking::main(&cmd)?,
         Some(Command::MmuStress(cmd)) => kvmmu_cli::mmu_stress::main(&cmd)?,
+        Some(Command::NxHugePages(cmd)) => kvmmu_cli::nx_huge_pages::main(&cmd)?,
         Some(Command::Reclaim(cmd)) => kvmmu_cli::reclaim::main(&cmd)?,
         Some(Command::Wss(args)) => kvmmu_cli::wss::main(&args)?,
         Some(Command::DirtyLogTest(cmd)) => kvmmu_cli::dirty_log_test::main(&cmd)?,

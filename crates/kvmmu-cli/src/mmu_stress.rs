@@ -82,6 +82,12 @@ pub struct StressArgs {
     /// The memory limit with `--reclaim` (bytes, below -s; default half of -s).
     #[arg(long, requires = "reclaim", value_parser = size::parse_size)]
     pub limit: Option<u64>,
+
+    /// Back the buffer with 2M hugetlb pages (the selftest's `-H`: a hugetlb memfd), so the
+    /// slots are mapped with 2M leaves; -s must be a multiple of 2M. Not with --reclaim
+    /// (hugetlb pages are not reclaimed).
+    #[arg(short = 'H', long, conflicts_with = "reclaim")]
+    pub hugepages: bool,
 }
 
 /// `mmu-stress` with its output options.
@@ -397,6 +403,18 @@ fn validate(a: &StressArgs) -> anyhow::Result<u64> {
             a.slot_size
         );
     }
+    if a.hugepages {
+        ensure!(
+            a.slot_size
+                .is_multiple_of(BackingSrc::AnonymousHugetlb2M.page_size()),
+            "-s/--slot-size ({}) must be a multiple of 2M with -H/--hugepages",
+            a.slot_size
+        );
+        ensure!(
+            !a.reclaim,
+            "-H/--hugepages cannot be combined with --reclaim"
+        );
+    }
     let pages = slots * (a.slot_size / PAGE_SIZE);
     ensure!(
         pages >= a.vcpus as u64,
@@ -432,10 +450,19 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
     r.config("aging", a.aging);
     r.config("age", a.age);
     r.config("tlb_entries", a.tlb_entries);
+    let backing = if a.hugepages {
+        BackingSrc::AnonymousHugetlb2M
+    } else {
+        BackingSrc::Anonymous
+    };
+    r.config("hugepages", a.hugepages);
+    r.config("backing_src", backing.name());
 
     let buf_pages = a.slot_size / PAGE_SIZE;
+    // With -H, one huge page of slack: the arena hands out 2M-aligned runs.
+    let slack = if a.hugepages { 512 + 64 } else { 64 };
     let host = HostMm::new(HostConfig {
-        frames: usize::try_from(buf_pages + 64)?,
+        frames: usize::try_from(buf_pages + slack)?,
     })?;
     host.prefault()?;
     r.config("reclaim", a.reclaim);
@@ -451,7 +478,7 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
         None
     };
     let vm = Vm::new(&host, config)?;
-    let buf = host.mmap(a.slot_size, Prot::READ | Prot::WRITE)?;
+    let buf = host.mmap_backed(a.slot_size, Prot::READ | Prot::WRITE, backing)?;
     let t = Instant::now();
     for p in 0..buf_pages {
         host.write_u64(Hva::new(buf.raw() + p * PAGE_SIZE), 0xaaaa_aaaa_aaaa_aaaa)?;
@@ -496,6 +523,7 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
     };
     let rv = Rendezvous::new(a.vcpus + 1);
     let stop_aging = AtomicBool::new(false);
+    let pages_2m_run1 = AtomicU64::new(0);
     let names = ["run 1", "reset", "run 2", "ro", "rw"];
     let pb = progress::bar(names.len() as u64, "mmu-stress: run 1");
 
@@ -534,6 +562,8 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
             let mut marks = Vec::new();
             rv.wait_marked(&mut marks)?;
             rv.wait_marked(&mut marks)?;
+            // ORDERING: Relaxed: read by this thread after the scope joins.
+            pages_2m_run1.store(vm.stats().pages_2m, Ordering::Relaxed);
             pb.inc(1); // run 1
             pb.set_message("mmu-stress: reset");
             vm.reset_mmu();
@@ -587,6 +617,15 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
         r.phase_time(*n, t);
     }
     r.counts.insert("aging_passes".into(), aging_passes);
+    let huge = pages_2m_run1.into_inner();
+    r.counts.insert("pages_2m_after_run_1".into(), huge);
+    if a.hugepages {
+        r.require(
+            "run 1 mapped the hugetlb buffer with 2M leaves",
+            huge > 0,
+            format!("{huge} 2M leaves"),
+        );
+    }
     r.require(
         "every vCPU saw the EFAULT exit while read-only",
         sh.nr_ro_faults.load(Ordering::Acquire) == a.vcpus as u64,
@@ -614,7 +653,8 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
             hva: buf,
         })?;
     }
-    let half = (buf_pages / 2) * PAGE_SIZE;
+    // Whole huge pages with -H (a hugetlb mapping is never split).
+    let half = (buf_pages / 2) * PAGE_SIZE / backing.page_size() * backing.page_size();
     if half > 0 {
         host.munmap(buf, half)?;
     }
@@ -742,7 +782,33 @@ mod tests {
             tlb_entries: 64,
             reclaim: false,
             limit: None,
+            hugepages: false,
         }
+    }
+
+    #[test]
+    fn with_hugepages_every_stage_passes_and_run_1_maps_2m_leaves() {
+        for mmu in [MmuArg::Tdp, MmuArg::Shadow] {
+            let mut a = args();
+            a.hugepages = true;
+            a.mmu = mmu;
+            a.slot_size = 4 << 20;
+            a.max_mem = 8 << 20;
+            let r = run(&a).unwrap();
+            assert!(r.passed, "{mmu:?}: {}", r.failures());
+            // Two slots alias the 4M buffer: 2 x 2 huge pages.
+            assert_eq!(r.counts["pages_2m_after_run_1"], 4, "{mmu:?}");
+            assert_eq!(r.config["backing_src"], "anonymous_hugetlb_2mb");
+        }
+    }
+
+    #[test]
+    fn hugepages_need_a_2m_multiple_slot_size() {
+        let mut a = args();
+        a.hugepages = true;
+        a.slot_size = 3 << 20;
+        let e = run(&a).unwrap_err().to_string();
+        assert!(e.contains("multiple of 2M"), "{e}");
     }
 
     #[test]

@@ -155,6 +155,7 @@ pub fn to_json(a: &TortureArgs, r: &TortureReport) -> serde_json::Value {
             "pages_4k": s.pages_4k,
             "pages_2m": s.pages_2m,
             "pages_1g": s.pages_1g,
+            "nx_lpage_splits": s.nx_lpage_splits,
             "tdp_huge_splits": s.tdp.huge_splits,
             "host_huge_faults": r.host_stats.huge_faults,
             "host_thp_splits": r.host_stats.thp_splits,

@@ -21,6 +21,7 @@ const MAX_TOTAL_BYTES: u64 = 16 << 30;
 pub struct Report {
     vcpus: usize,
     pages: u64,
+    backing_src: BackingSrc,
     mmu: MmuArg,
     aging: AgingArg,
     prefault: Duration,
@@ -77,7 +78,8 @@ pub fn validate(cli: &WorkloadArgs) -> anyhow::Result<u64> {
             cli.tlb_entries
         )
     })?;
-    cli.bytes_per_vcpu
+    let total = cli
+        .bytes_per_vcpu
         .checked_mul(cli.vcpus as u64)
         .filter(|t| *t <= MAX_TOTAL_BYTES)
         .ok_or_else(|| {
@@ -85,7 +87,15 @@ pub fn validate(cli: &WorkloadArgs) -> anyhow::Result<u64> {
                 "-v times -b must be at most {} GiB of guest memory in all",
                 MAX_TOTAL_BYTES >> 30
             ))
-        })
+        })?;
+    let huge = cli.backing_src.page_size();
+    require(total.is_multiple_of(huge), || {
+        format!(
+            "-v times -b ({total} bytes) must be a multiple of the {} page size ({huge} bytes)",
+            cli.backing_src
+        )
+    })?;
+    Ok(total)
 }
 
 /// Runs the default workload described by `cli`.
@@ -107,7 +117,7 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
     host.prefault()?;
     let prefault = t.elapsed();
     let vm = Vm::new(&host, config)?;
-    let hva = host.mmap(total, Prot::READ | Prot::WRITE)?;
+    let hva = host.mmap_backed(total, Prot::READ | Prot::WRITE, cli.backing_src)?;
     vm.set_user_memory_region(MemoryRegion {
         slot: SlotId::new(0),
         as_id: AsId::new(0),
@@ -220,6 +230,7 @@ pub fn run(cli: &WorkloadArgs) -> anyhow::Result<Report> {
     Ok(Report {
         vcpus: cli.vcpus,
         pages,
+        backing_src: cli.backing_src,
         mmu: cli.mmu,
         aging: cli.aging,
         prefault,
@@ -247,6 +258,7 @@ impl Report {
         r.config("guest_pages", self.pages);
         r.config("mmu", self.mmu);
         r.config("aging", self.aging);
+        r.config("backing_src", self.backing_src.name());
         r.phase("prefault RAM", self.prefault);
         r.phase_time("populate", &self.populate);
         for (i, (d, _)) in self.passes.iter().enumerate() {
@@ -313,6 +325,13 @@ impl Report {
              not flush TLBs when aging"
                 .into(),
         );
+        if self.backing_src != BackingSrc::Anonymous {
+            r.notes.push(
+                "with huge pages one Accessed bit covers a whole huge leaf: cold pages that share \
+                 a leaf with a hot page read young"
+                    .into(),
+            );
+        }
         r
     }
 }
@@ -354,8 +373,8 @@ impl Report {
             AgingArg::Locked => "locked aging (under mmu_lock)",
         };
         f.push_str(&format!(
-            "kvmmu default workload: {} vCPU{plural}, {mib} MiB guest ({} pages)\n  {mmu}, {aging}\n",
-            self.vcpus, self.pages
+            "kvmmu default workload: {} vCPU{plural}, {mib} MiB guest ({} pages)\n  {mmu}, {aging}, {} backing\n",
+            self.vcpus, self.pages, self.backing_src
         ));
         let timed = |f: &mut String, label: &str, d: Duration, detail: &str| {
             let first = format!("  {label:<LABEL$}{:>10.3} ms  ", d.as_secs_f64() * 1e3);
@@ -457,6 +476,14 @@ impl Report {
             "re-touches that hit a TLB entry cached before aging set no Accessed bit \
              (x86 does not flush TLBs when aging)",
         );
+        if self.backing_src != BackingSrc::Anonymous {
+            plain(
+                f,
+                "note",
+                "one Accessed bit covers a whole huge leaf: untouched pages that share a leaf \
+                 with a re-touched page read young",
+            );
+        }
         Ok(())
     }
 }

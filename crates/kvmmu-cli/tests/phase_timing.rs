@@ -101,6 +101,7 @@ fn mmu_stress_stage_is_never_shorter_than_its_participants_own_work_under_cpu_ho
         tlb_entries: 64,
         reclaim: false,
         limit: None,
+        hugepages: false,
     };
     let checked = under_cpu_hogs(|| {
         (0..6)

@@ -138,6 +138,7 @@ fn tlb(c: &mut Criterion) {
             tag: 0,
             writable: true,
             dirty: true,
+            executable: true,
         });
     }
     let mut g = 0u64;
@@ -168,6 +169,7 @@ fn tlb(c: &mut Criterion) {
                         tag: 0,
                         writable,
                         dirty,
+                        executable: true,
                     });
                 }
             }

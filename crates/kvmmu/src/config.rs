@@ -44,6 +44,15 @@ pub struct VmConfig {
     pub tlb_entries: usize,
     /// Number of address spaces (1, or 2 with SMM).
     pub address_spaces: usize,
+    /// The NX huge pages mitigation (KVM's `nx_huge_pages`): huge leaves are not executable, an
+    /// instruction fetch maps its page with a 4K leaf (counted in `VmStats::nx_lpage_splits`).
+    pub nx_huge_pages: bool,
+    /// `nx_huge_pages_recovery_ratio`: each recovery round zaps `ceil(splits / ratio)` of the
+    /// NX splits; 0 disables recovery.
+    pub nx_huge_pages_recovery_ratio: u32,
+    /// `nx_huge_pages_recovery_period_ms`: the background worker's period; 0 means one hour
+    /// divided by the ratio, as in KVM.
+    pub nx_huge_pages_recovery_period_ms: u64,
 }
 
 impl Default for VmConfig {
@@ -56,6 +65,9 @@ impl Default for VmConfig {
             elide_tlb_flush_if_young: true,
             tlb_entries: 2048,
             address_spaces: 1,
+            nx_huge_pages: false,
+            nx_huge_pages_recovery_ratio: 60,
+            nx_huge_pages_recovery_period_ms: 0,
         }
     }
 }

@@ -78,6 +78,8 @@ pub use host::{
 pub use sync::guest_mode::InGuestMode;
 #[cfg(not(loom))]
 pub use vcpu::{GuestMode, Vcpu, VcpuStats, tlb::TlbStats};
+#[cfg(not(feature = "shuttle"))]
+pub use vm::NxRecoveryWorker;
 #[cfg(not(loom))]
 pub use vm::dirty_log::{DirtyLogError, DirtyLogProtect, DirtyTracking};
 #[cfg(not(loom))]

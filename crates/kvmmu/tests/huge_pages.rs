@@ -67,7 +67,120 @@ both_mmus!(
     data_written_through_huge_leaves_reads_back_after_split_and_recovery,
     a_1g_leaf_splits_into_2m_and_4k_leaves_that_keep_its_data,
     a_host_collapse_invalidates_and_data_reads_back_through_a_new_2m_leaf,
+    recovery_after_dirty_logging_builds_huge_leaves_in_place_that_keep_the_data,
+    splits_and_in_place_recoveries_racing_vcpu_writes_lose_no_write,
 );
+
+fn splits_and_in_place_recoveries_racing_vcpu_writes_lose_no_write(mmu: MmuKind) {
+    let f = backed(mmu, BackingSrc::AnonymousThp, 4 * MB2, 0, 8192);
+    // Populate under dirty logging (4K leaves everywhere); disabling logging then recovers the
+    // huge leaves in place (KVM recovers on disable). The loop below alternates splits and
+    // in-place recoveries while the vCPUs write (the shadow MMU's splits drop, its faults and
+    // recoveries map huge again).
+    let mut r = region(0, BASE_GPA, 4 * MB2, f.hva);
+    r.flags = MemFlags::LOG_DIRTY_PAGES;
+    f.vm.set_user_memory_region(r).unwrap();
+    {
+        let mut v = f.vm.create_vcpu().unwrap();
+        for p in 0..2048 {
+            v.write_u64(gpa(p), 0).unwrap();
+        }
+    }
+    r.flags = MemFlags::empty();
+    f.vm.set_user_memory_region(r).unwrap();
+    let s = f.vm.stats();
+    assert_eq!((s.pages_4k, s.pages_2m), (0, 4), "disabling logging recovered in place");
+    const ROUNDS: u64 = 3000;
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (vm, done) = (&f.vm, &done);
+            s.spawn(move || {
+                let mut v = vm.create_vcpu().unwrap();
+                // vCPU t owns the pages p with p % 2 == t: it writes, then reads its own value.
+                for i in 0..ROUNDS {
+                    let p = ((i * 97) % 1024) * 2 + t;
+                    v.write_u64(gpa(p), i << 1 | t).unwrap();
+                    assert_eq!(v.read_u64(gpa(p)).unwrap(), i << 1 | t, "page {p}");
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::Release);
+            });
+        }
+        // Bounded; stops early once both vCPUs are done.
+        for _ in 0..ROUNDS / 10 {
+            if done.load(std::sync::atomic::Ordering::Acquire) == 2 {
+                break;
+            }
+            f.vm.recover_huge_pages(AsId::new(0), slot_range(2048));
+            f.vm.split_huge_pages(AsId::new(0), slot_range(2048), Level::L4K);
+        }
+    });
+    let mut v = f.vm.create_vcpu().unwrap();
+    for t in 0..2u64 {
+        let i = ROUNDS - 1;
+        let p = ((i * 97) % 1024) * 2 + t;
+        assert_eq!(v.read_u64(gpa(p)).unwrap(), i << 1 | t);
+    }
+    assert_eq!(f.host.arena().stats().stale_accesses, 0);
+    drop(v);
+    let s = f.vm.shutdown();
+    assert_eq!((s.pages_4k, s.pages_2m), (0, 0), "{s:?}");
+    assert_eq!(
+        s.shadow.pages_allocated, s.shadow.pages_freed,
+        "{:?}",
+        s.shadow
+    );
+    assert_eq!(s.tdp.tables_allocated, s.tdp.tables_freed, "{:?}", s.tdp);
+}
+
+fn recovery_after_dirty_logging_builds_huge_leaves_in_place_that_keep_the_data(mmu: MmuKind) {
+    let f = backed(mmu, BackingSrc::AnonymousThp, 2 * MB2, 0, 4096);
+    let mut r = region(0, BASE_GPA, 2 * MB2, f.hva);
+    r.flags = MemFlags::LOG_DIRTY_PAGES;
+    f.vm.set_user_memory_region(r).unwrap();
+    let mut v = f.vm.create_vcpu().unwrap();
+    for p in 0..1024 {
+        v.write_u64(gpa(p), p ^ 0x3c3c).unwrap();
+    }
+    let s = f.vm.stats();
+    assert_eq!((s.pages_4k, s.pages_2m), (1024, 0), "logging maps 4K");
+    // Disabling logging recovers the huge leaves (as KVM's kvm_mmu_recover_huge_pages on a
+    // logging-disable memslot update does), in place, with one batched flush.
+    r.flags = MemFlags::empty();
+    let flushes = f.vm.stats().remote_tlb_flush;
+    f.vm.set_user_memory_region(r).unwrap();
+    let s = f.vm.stats();
+    assert_eq!((s.pages_4k, s.pages_2m), (0, 2), "formed in place: {s:?}");
+    assert_eq!(s.remote_tlb_flush, flushes + 1, "one batched flush");
+    assert_eq!(
+        f.vm.recover_huge_pages(AsId::new(0), slot_range(1024)),
+        0,
+        "nothing left to recover"
+    );
+    let (spte, lvl) = f.vm.spte(AsId::new(0), gfn(700)).expect("a huge leaf");
+    assert_eq!(lvl, Level::L2M);
+    assert!(spte.is_writable() && spte.is_dirty(), "W kept, D set");
+    let faults = v.stats().faults;
+    for p in 0..1024 {
+        assert_eq!(v.read_u64(gpa(p)).unwrap(), p ^ 0x3c3c, "page {p}");
+    }
+    v.write_u64(gpa(9), 9).unwrap();
+    assert_eq!(
+        v.stats().faults,
+        faults,
+        "the huge leaves serve every access"
+    );
+    assert_eq!(f.host.read_u64(hva_of(f.hva, 9)).unwrap(), 9);
+    assert_eq!(f.host.arena().stats().stale_accesses, 0);
+    drop(v);
+    let s = f.vm.shutdown();
+    assert_eq!((s.pages_2m, s.pages_4k), (0, 0));
+    assert_eq!(
+        s.shadow.pages_allocated, s.shadow.pages_freed,
+        "{:?}",
+        s.shadow
+    );
+}
 
 fn a_host_collapse_invalidates_and_data_reads_back_through_a_new_2m_leaf(mmu: MmuKind) {
     let f = backed(mmu, BackingSrc::Anonymous, 2 * MB2, 0, 4096);

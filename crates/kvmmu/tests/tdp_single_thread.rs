@@ -122,6 +122,7 @@ fn map_then_hardware_walk_hits_with_the_pfn() {
             pfn: Pfn::new(0x1234 + 1000),
             writable: false,
             dirty: false,
+            executable: true,
             level: Level::L4K
         }
     );
@@ -142,6 +143,7 @@ fn map_then_hardware_walk_hits_with_the_pfn() {
             pfn: Pfn::new(0x1234 + 1000),
             writable: true,
             dirty: true,
+            executable: true,
             level: Level::L4K
         }
     );
@@ -253,6 +255,7 @@ fn aging_clears_accessed_only_where_set_and_reports_young() {
             pfn: Pfn::new(1001),
             writable: true,
             dirty: true,
+            executable: true,
             level: Level::L4K
         }
     );
@@ -463,7 +466,7 @@ proptest! {
                         Some(l) => {
                             l.accessed = true;
                             l.dirty |= write;
-                            HwWalk::Hit { pfn: Pfn::new(gfn + 1000), writable: l.writable, dirty: l.dirty, level: Level::L4K }
+                            HwWalk::Hit { pfn: Pfn::new(gfn + 1000), writable: l.writable, dirty: l.dirty, executable: true, level: Level::L4K }
                         }
                     };
                     prop_assert_eq!(vm.walk(gfn, write), expect);

@@ -56,6 +56,7 @@ impl Machine {
             tag: v,
             writable: true,
             dirty: false,
+            executable: true,
         });
     }
 

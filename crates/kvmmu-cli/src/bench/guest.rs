@@ -32,6 +32,25 @@ impl Guest {
         nvcpus: usize,
         tlb_entries: usize,
     ) -> anyhow::Result<Guest> {
+        Guest::new_backed(
+            pages,
+            mmu,
+            aging,
+            nvcpus,
+            tlb_entries,
+            BackingSrc::Anonymous,
+        )
+    }
+
+    /// As [`Guest::new`], with guest memory backed by `src` (THP or hugetlb pages).
+    pub fn new_backed(
+        pages: u64,
+        mmu: MmuKind,
+        aging: AgingMode,
+        nvcpus: usize,
+        tlb_entries: usize,
+        src: BackingSrc,
+    ) -> anyhow::Result<Guest> {
         let host = HostMm::new(HostConfig {
             frames: usize::try_from(pages + 1024).context("guest too large")?,
         })?;
@@ -46,7 +65,7 @@ impl Guest {
             },
         )?;
         let total = pages * PAGE_SIZE;
-        let hva = host.mmap(total, Prot::READ | Prot::WRITE)?;
+        let hva = host.mmap_backed(total, Prot::READ | Prot::WRITE, src)?;
         vm.set_user_memory_region(MemoryRegion {
             slot: SlotId::new(0),
             as_id: AsId::new(0),

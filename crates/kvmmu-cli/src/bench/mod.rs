@@ -12,6 +12,7 @@
 //! 4. No timing is asserted anywhere; targets are reported as MET or missed.
 
 mod guest;
+mod huge;
 mod peers;
 mod report;
 
@@ -58,19 +59,25 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 16)]
     pub max_scaling_gib: u64,
     /// Run only these scenarios (comma-separated: aging, slowdown, fault, translation, peers,
-    /// scaling), e.g. to profile one of them.
+    /// scaling, huge-populate, huge-aging), e.g. to profile one of them.
     #[arg(long, value_delimiter = ',', value_parser = SCENARIOS)]
     pub only: Vec<String>,
+    /// The huge backing the huge-populate and huge-aging scenarios compare with 4K pages (the
+    /// selftests' -s names; --bytes must be a multiple of its page size).
+    #[arg(short = 's', long = "backing-src", default_value = "anonymous_thp")]
+    pub backing_src: BackingSrc,
 }
 
 /// The scenarios, in run order.
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 8] = [
     "aging",
     "slowdown",
     "fault",
     "translation",
     "peers",
     "scaling",
+    "huge-populate",
+    "huge-aging",
 ];
 
 /// Accessed bit of the flat-array limit (the EPT A bit position).
@@ -100,6 +107,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
         bytes >= 64 * PAGE_SIZE && bytes.is_multiple_of(PAGE_SIZE) && bytes <= 16 << 30,
         || "--bytes must be a multiple of 4 KiB between 256 KiB and 16 GiB".into(),
     )?;
+    require(bytes.is_multiple_of(args.backing_src.page_size()), || {
+        format!(
+            "--bytes ({bytes}) must be a multiple of the -s {} page size ({} bytes)",
+            args.backing_src,
+            args.backing_src.page_size()
+        )
+    })?;
     let reps = args.reps.unwrap_or(if args.quick { 5 } else { 9 });
     require((1..=1000).contains(&reps), || {
         format!("--reps must be between 1 and 1000 (got {reps})")
@@ -130,6 +144,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
             ("reps", reps.to_string()),
             ("host_cpus", cpus.to_string()),
             ("mode", if args.quick { "quick" } else { "full" }.into()),
+            ("backing_src", args.backing_src.name().into()),
         ],
         ..Report::default()
     };
@@ -155,6 +170,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
             "fault" => fault_rate(&mut r, mmu, pages, reps)?,
             "translation" => translation(&mut r, mmu, pages, reps)?,
             "peers" => peer_ops(&mut r, mmu, pages, reps)?,
+            "huge-populate" => huge::populate(&mut r, mmu, pages, reps, args.backing_src)?,
+            "huge-aging" => huge::aging(&mut r, mmu, pages, reps, args.backing_src)?,
             _ => scaling(&mut r, mmu, reps.min(3), args.max_scaling_gib)?,
         }
         pb.inc(1);

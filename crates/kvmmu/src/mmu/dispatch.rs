@@ -52,12 +52,17 @@ impl MmuRoot {
     }
 }
 
+#[path = "nx_huge.rs"]
+mod nx_huge;
+
 /// The MMU of one VM: the TDP MMU or the shadow MMU, chosen once at creation.
 #[derive(Debug)]
 pub struct Mmu {
     kind: MmuKind,
     tdp: TdpMmu,
     shadow: ShadowMmu,
+    /// The splits the NX huge pages mitigation caused (`mmu/nx_huge.rs`).
+    nx: nx_huge::NxSplits,
 }
 
 impl Mmu {
@@ -68,7 +73,12 @@ impl Mmu {
         tdp.bind_lock(lock);
         let shadow = ShadowMmu::new(address_spaces);
         shadow.bind_lock(lock);
-        Mmu { kind, tdp, shadow }
+        Mmu {
+            kind,
+            tdp,
+            shadow,
+            nx: Default::default(),
+        }
     }
 
     /// This MMU, building its leaves in the `ad` format (`VmConfig::ad_bits`); call before the
@@ -78,6 +88,7 @@ impl Mmu {
             kind: self.kind,
             tdp: self.tdp.with_ad_bits(ad),
             shadow: self.shadow.with_ad_bits(ad),
+            nx: self.nx,
         }
     }
 
@@ -250,10 +261,9 @@ impl Mmu {
 
     /// Recovers huge mappings over `gfns` of one memslot (`kvm_mmu_recover_huge_pages`, e.g. when
     /// dirty logging is disabled) for the blocks `allowed(block_gfn, level)` names: the TDP MMU
-    /// replaces each fully populated table in place by a huge leaf; the shadow MMU zaps the small
-    /// leaves so they fault back huge. One remote TLB flush per root (TDP) or per call (shadow),
-    /// under `mmu_lock` write. Returns the number of huge leaves formed (TDP) plus rmaps zapped
-    /// (shadow).
+    /// replaces each fully populated table in place by a huge leaf, and so does the shadow MMU
+    /// with each fully populated shadow page. One remote TLB flush per root (TDP) or per call
+    /// (shadow), under `mmu_lock` write. Returns the number of huge leaves formed.
     pub fn recover_huge_pages(
         &self,
         mmu: &MmuWriteGuard<'_>,
@@ -267,13 +277,11 @@ impl Mmu {
             .tdp
             .recover_huge_pages(as_id, gfns, allowed, mmu.witness(), flusher);
         if let Some(rmaps) = rmaps {
-            let zapped = self
-                .shadow
-                .zap_collapsible(rmaps, gfns, allowed, mmu.witness());
-            if zapped != 0 {
-                flusher.flush_remote_tlbs();
-            }
-            n += zapped;
+            let (formed, batch) =
+                self.shadow
+                    .recover_huge_in_place(as_id, rmaps, gfns, allowed, mmu.witness());
+            batch.commit(flusher);
+            n += formed;
         }
         n
     }

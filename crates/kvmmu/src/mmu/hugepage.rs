@@ -61,11 +61,14 @@ impl PageStats {
     }
 }
 
-/// Monotonic install/remove counters per leaf level (invariant above).
+/// Monotonic install/remove counters per leaf level (invariant above), and the MMU's NX huge
+/// pages switch (`nx_huge_pages`: huge leaves are installed without the X bit, so that an
+/// instruction fetch through one faults and is served by 4K leaves; `mmu/nx_huge.rs`).
 #[derive(Default)]
 pub(crate) struct PageCounts {
     installed: [StripedCounter; 3],
     removed: [StripedCounter; 3],
+    nx_huge: crate::sync::atomic::AtomicBool,
 }
 
 impl core::fmt::Debug for PageCounts {
@@ -90,6 +93,30 @@ impl PageCounts {
     pub(crate) fn remove(&self, level: Level, n: u64) {
         if n != 0 {
             self.removed[slot(level)].add(n);
+        }
+    }
+
+    /// Turns the NX huge pages mitigation on or off for the leaves installed from now on.
+    pub(crate) fn set_nx_huge(&self, on: bool) {
+        // ORDERING: Relaxed: a configuration switch, set before the VM runs; a fault that reads
+        // the old value installs a leaf that was correct under that value.
+        self.nx_huge
+            .store(on, crate::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The leaf `spte` of `level` as the MMU installs it: without X if it is huge and the NX
+    /// huge pages mitigation is on (`make_spte`'s `is_nx_huge_page_enabled` case).
+    #[inline]
+    pub(crate) fn nx_adjust(
+        &self,
+        spte: crate::mmu::spte::Spte,
+        level: Level,
+    ) -> crate::mmu::spte::Spte {
+        // ORDERING: Relaxed, as in `set_nx_huge`.
+        if level > Level::L4K && self.nx_huge.load(crate::sync::atomic::Ordering::Relaxed) {
+            crate::mmu::spte::Spte::from_raw(spte.raw() & !crate::mmu::spte::EXECUTABLE_MASK)
+        } else {
+            spte
         }
     }
 
@@ -139,19 +166,21 @@ pub(crate) fn frame_in_leaf(gfn: u64, base: Pfn, level: Level) -> Pfn {
 /// The SPTE of child `i` when a huge leaf `huge` at `level` is split into a table of leaves one
 /// level down (`make_small_spte` / `make_huge_page_split_spte`): every bit of the huge leaf —
 /// permissions, host/MMU-writable, Accessed and Dirty — is inherited, the pfn advances by the
-/// child's span, and the PS bit stays only if the child is itself huge.
+/// child's span, and the PS bit stays only if the child is itself huge. A 4K child is executable
+/// (the NX huge pages mitigation concerns huge leaves only; every leaf this MMU builds grants X
+/// otherwise), as `make_huge_page_split_spte` makes it.
 #[inline]
 pub(crate) fn split_child_spte(
     huge: crate::mmu::spte::Spte,
     level: Level,
     i: usize,
 ) -> crate::mmu::spte::Spte {
-    use crate::mmu::spte::{BASE_ADDR_MASK, PAGE_SIZE_MASK, Spte};
+    use crate::mmu::spte::{BASE_ADDR_MASK, EXECUTABLE_MASK, PAGE_SIZE_MASK, Spte};
     let child = level.down().unwrap_or(Level::L4K);
     let pfn = huge.pfn().raw() + i as u64 * geometry::pages(child);
     let mut raw = (huge.raw() & !BASE_ADDR_MASK) | ((pfn << 12) & BASE_ADDR_MASK);
     if child == Level::L4K {
-        raw &= !PAGE_SIZE_MASK;
+        raw = (raw & !PAGE_SIZE_MASK) | EXECUTABLE_MASK;
     }
     Spte::from_raw(raw)
 }

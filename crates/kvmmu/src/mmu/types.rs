@@ -70,6 +70,9 @@ pub enum HwWalk {
         writable: bool,
         /// The leaf's Dirty bit after the walk.
         dirty: bool,
+        /// The leaf allows instruction fetches (its X bit; clear on a huge leaf under the NX
+        /// huge pages mitigation).
+        executable: bool,
         /// The level of the leaf.
         level: Level,
     },
@@ -107,6 +110,7 @@ pub(crate) fn access_leaf(
             pfn: crate::mmu::hugepage::frame_in_leaf(gfn, spte.pfn(), level),
             writable: spte.is_writable(),
             dirty: spte.is_writable(),
+            executable: spte.raw() & crate::mmu::spte::EXECUTABLE_MASK != 0,
             level,
         };
     }
@@ -123,6 +127,7 @@ pub(crate) fn access_leaf(
                 pfn: crate::mmu::hugepage::frame_in_leaf(gfn, spte.pfn(), level),
                 writable: spte.is_writable(),
                 dirty: spte.is_dirty(),
+                executable: spte.raw() & crate::mmu::spte::EXECUTABLE_MASK != 0,
                 level,
             };
         }

@@ -163,6 +163,12 @@ impl Vcpu {
         self.try_enter()?.write_u64(gpa, value)
     }
 
+    /// Fetches the 8-byte word at `gpa` as an instruction (one guest instruction fetch); see
+    /// [`GuestMode::fetch_u64`]. Errors: as [`Vcpu::read_u64`].
+    pub fn fetch_u64(&mut self, gpa: Gpa) -> Result<u64, VcpuExit> {
+        self.try_enter()?.fetch_u64(gpa)
+    }
+
     /// Reads `buf.len()` bytes at `gpa` (any alignment, across pages); see
     /// [`GuestMode::read_bytes`]. Errors: as there, and as [`Vcpu::read_u64`].
     pub fn read_bytes(&mut self, gpa: Gpa, buf: &mut [u8]) -> Result<(), VcpuExit> {
@@ -312,13 +318,21 @@ impl GuestMode<'_> {
     /// Reads the 8-byte word at `gpa`.
     #[inline]
     pub fn read_u64(&mut self, gpa: Gpa) -> Result<u64, VcpuExit> {
-        self.access(gpa, None, u64::MAX)
+        self.access(gpa, None, u64::MAX, false)
     }
 
     /// Writes the 8-byte word at `gpa`.
     #[inline]
     pub fn write_u64(&mut self, gpa: Gpa, value: u64) -> Result<(), VcpuExit> {
-        self.access(gpa, Some(value), u64::MAX).map(|_| ())
+        self.access(gpa, Some(value), u64::MAX, false).map(|_| ())
+    }
+
+    /// Fetches the 8-byte word at `gpa` as an instruction: a read that needs the X bit of the
+    /// translation (an EPT violation on a leaf without X, e.g. a huge leaf under the NX huge pages
+    /// mitigation, `VmConfig::nx_huge_pages`, whose fault then maps the page with a 4K leaf).
+    #[inline]
+    pub fn fetch_u64(&mut self, gpa: Gpa) -> Result<u64, VcpuExit> {
+        self.access(gpa, None, u64::MAX, true)
     }
 
     /// Reads `buf.len()` bytes starting at `gpa`, any alignment, across page boundaries (each
@@ -330,7 +344,7 @@ impl GuestMode<'_> {
     pub fn read_bytes(&mut self, gpa: Gpa, buf: &mut [u8]) -> Result<(), VcpuExit> {
         let mut done = 0usize;
         for (word, first, len) in byte_words(gpa, buf.len())? {
-            let bytes = self.access(word, None, u64::MAX)?.to_le_bytes();
+            let bytes = self.access(word, None, u64::MAX, false)?.to_le_bytes();
             buf[done..done + len].copy_from_slice(&bytes[first..first + len]);
             done += len;
         }
@@ -352,7 +366,7 @@ impl GuestMode<'_> {
             } else {
                 (u64::MAX >> (64 - 8 * len as u32)) << (8 * first as u32)
             };
-            self.access(word, Some(u64::from_le_bytes(bytes)), mask)?;
+            self.access(word, Some(u64::from_le_bytes(bytes)), mask, false)?;
             done += len;
         }
         Ok(())
@@ -368,22 +382,28 @@ impl GuestMode<'_> {
     /// root, and the same thread changed nothing since, so repeating those checks (and counting a
     /// second TLB lookup) would be redundant.
     #[inline(always)]
-    fn access(&mut self, gpa: Gpa, write: Option<u64>, mask: u64) -> Result<u64, VcpuExit> {
+    fn access(
+        &mut self,
+        gpa: Gpa,
+        write: Option<u64>,
+        mask: u64,
+        fetch: bool,
+    ) -> Result<u64, VcpuExit> {
         let vcpu = &mut *self.vcpu;
         if gpa.raw() & 7 == 0
             && !vcpu.handle.requests_pending()
             && vcpu.root.as_ref().is_some_and(|r| !r.is_invalid())
         {
-            return match walker::tlb_access(vcpu, gpa, write, mask) {
+            return match walker::tlb_access(vcpu, gpa, write, mask, fetch) {
                 Some(Ok(v)) => {
                     vcpu.stats.accesses += 1;
                     Ok(v)
                 }
                 Some(Err(source)) => Err(VcpuExit::StaleTranslation { gpa, source }),
-                None => self.access_slow(gpa, write, mask, true),
+                None => self.access_slow(gpa, write, mask, fetch, true),
             };
         }
-        self.access_slow(gpa, write, mask, false)
+        self.access_slow(gpa, write, mask, fetch, false)
     }
 
     /// The general access loop: requests, root (re)load, translation, faults and retries.
@@ -395,6 +415,7 @@ impl GuestMode<'_> {
         gpa: Gpa,
         write: Option<u64>,
         mask: u64,
+        fetch: bool,
         mut missed: bool,
     ) -> Result<u64, VcpuExit> {
         if gpa.raw() & 7 != 0 {
@@ -404,7 +425,7 @@ impl GuestMode<'_> {
         loop {
             let attempt = if missed {
                 missed = false;
-                walker::walk_and_access(self.vcpu, gpa, write, mask)?
+                walker::walk_and_access(self.vcpu, gpa, write, mask, fetch)?
             } else {
                 // An instruction boundary: acknowledge remote TLB flushes before translating.
                 let reqs = self.vcpu.handle.check_requests();
@@ -415,7 +436,7 @@ impl GuestMode<'_> {
                     self.leave_guest_mode_for(|v| v.load_root())?;
                     continue;
                 }
-                walker::translate_and_access(self.vcpu, gpa, write, mask)?
+                walker::translate_and_access(self.vcpu, gpa, write, mask, fetch)?
             };
             match attempt {
                 walker::Access::Done(v) => {
@@ -431,7 +452,7 @@ impl GuestMode<'_> {
                     let outcome = self.leave_guest_mode_for(|v| {
                         let root = v.root.clone().ok_or(VcpuExit::VmDead)?;
                         v.stats.faults += 1;
-                        v.vm.page_fault(&root, gpa, write.is_some(), v.dirty_ring.as_deref())
+                        v.vm.page_fault(&root, gpa, write.is_some(), fetch, v.dirty_ring.as_deref())
                     })?;
                     if self.vcpu.dirty_ring_soft_full() {
                         return Err(VcpuExit::DirtyRingFull);

@@ -45,6 +45,8 @@ pub struct TlbEntry {
     pub writable: bool,
     /// The D bit has been set for this translation (writes need not set it again).
     pub dirty: bool,
+    /// The translation allows instruction fetches (the leaf's X bit).
+    pub executable: bool,
 }
 
 impl TlbEntry {
@@ -55,6 +57,7 @@ impl TlbEntry {
         tag: 0,
         writable: false,
         dirty: false,
+        executable: false,
     };
 }
 
@@ -261,6 +264,7 @@ mod tests {
             tag: gfn ^ 0xabc,
             writable: true,
             dirty: false,
+            executable: true,
         }
     }
 

@@ -24,17 +24,19 @@ pub(super) enum Access {
 
 /// Translates through the TLB alone and, on a hit that allows the access, performs it: `None` on
 /// a TLB miss, or on a write through an entry without write permission or Dirty (hardware
-/// re-walks then), with nothing done. The fast path of every guest access; callers have checked
-/// requests and the root just before.
+/// re-walks then), or on an instruction fetch (`fetch`) through an entry without X, with nothing
+/// done. The fast path of every guest access; callers have checked requests and the root just
+/// before.
 #[inline(always)]
 pub(super) fn tlb_access(
     vcpu: &mut Vcpu,
     gpa: Gpa,
     write: Option<u64>,
     mask: u64,
+    fetch: bool,
 ) -> Option<Result<u64, StaleAccess>> {
     let e = vcpu.tlb.lookup(gpa.gfn())?;
-    if write.is_some() && !(e.writable && e.dirty) {
+    if (write.is_some() && !(e.writable && e.dirty)) || (fetch && !e.executable) {
         return None;
     }
     let (pfn, tag) = (e.pfn, FrameTag::from_raw(e.tag));
@@ -47,22 +49,25 @@ pub(super) fn translate_and_access(
     gpa: Gpa,
     write: Option<u64>,
     mask: u64,
+    fetch: bool,
 ) -> Result<Access, VcpuExit> {
-    match tlb_access(vcpu, gpa, write, mask) {
+    match tlb_access(vcpu, gpa, write, mask, fetch) {
         Some(r) => r
             .map(Access::Done)
             .map_err(|source| VcpuExit::StaleTranslation { gpa, source }),
-        None => walk_and_access(vcpu, gpa, write, mask),
+        None => walk_and_access(vcpu, gpa, write, mask, fetch),
     }
 }
 
-/// The TLB-miss half of an access: walk the root, validate and fill the TLB, then access.
+/// The TLB-miss half of an access: walk the root, validate and fill the TLB, then access. An
+/// instruction fetch (`fetch`) through a leaf without X is a fault (the walk still set A).
 #[inline(never)]
 pub(super) fn walk_and_access(
     vcpu: &mut Vcpu,
     gpa: Gpa,
     write: Option<u64>,
     mask: u64,
+    fetch: bool,
 ) -> Result<Access, VcpuExit> {
     let gfn = gpa.gfn();
     let is_write = write.is_some();
@@ -91,11 +96,15 @@ pub(super) fn walk_and_access(
         pfn,
         writable,
         dirty,
+        executable,
         ..
     } = hit
     else {
         return Ok(Access::Fault);
     };
+    if fetch && !executable {
+        return Ok(Access::Fault);
+    }
     // The memslot set is loaded *after* the walk. Loading it before could miss a slot created (or
     // moved here) between the load and the walk, whose leaf another vCPU installed meanwhile: a
     // false alarm. Loading after is complete for deletions too: a slot whose SPTEs we just walked
@@ -119,6 +128,7 @@ pub(super) fn walk_and_access(
         tag: tag.raw(),
         writable,
         dirty,
+        executable,
     });
     frame_access(&vcpu.vm, gpa, pfn, tag, write, mask)
         .map(Access::Done)

@@ -146,17 +146,19 @@ impl VmInner {
         }
     }
 
-    /// Handles one fault on `gpa` for a vCPU whose current root is `root`.
+    /// Handles one fault on `gpa` for a vCPU whose current root is `root`; `fetch`: the access
+    /// was an instruction fetch.
     pub(crate) fn page_fault(
         &self,
         root: &MmuRoot,
         gpa: Gpa,
         write: bool,
+        fetch: bool,
         ring: Option<&DirtyRing>,
     ) -> Result<FaultOutcome, VcpuExit> {
         let _trace = tracing::trace_span!("page_fault", gfn = gpa.gfn().raw(), write).entered();
         self.counters.faults.add(1);
-        let outcome = self.page_fault_inner(root, gpa.gfn(), gpa, write, ring)?;
+        let outcome = self.page_fault_inner(root, gpa.gfn(), gpa, write, fetch, ring)?;
         if matches!(outcome, FaultOutcome::Retry(_)) {
             self.counters.fault_retries.add(1);
         }
@@ -169,6 +171,7 @@ impl VmInner {
         gfn: Gfn,
         gpa: Gpa,
         write: bool,
+        fetch: bool,
         ring: Option<&DirtyRing>,
     ) -> Result<FaultOutcome, VcpuExit> {
         let srcu = self.srcu_read();
@@ -233,11 +236,18 @@ impl VmInner {
         // KVM holds; a split after it invalidates the whole huge range, so the retry rule below
         // catches it) capped by the memslot's alignment and `disallow_lpage` counts.
         // A slot with dirty logging maps 4K pages only (`kvm_slot_dirty_track_enabled`).
-        let level = if logging {
+        let mut level = if logging {
             crate::addr::Level::L4K
         } else {
             page.level.min(slot.max_mapping_level(gfn))
         };
+        // NX huge pages (`disallowed_hugepage_adjust`, `mmu/nx_huge.rs`): an instruction fetch
+        // is served by a 4K leaf; the level it would have had is recorded once it is mapped.
+        let nx_disallowed = (fetch && self.config.nx_huge_pages && level > crate::addr::Level::L4K)
+            .then_some(level);
+        if nx_disallowed.is_some() {
+            level = crate::addr::Level::L4K;
+        }
         let host_writable = page.writable && !readonly_slot;
         let req = MapRequest {
             gfn,
@@ -272,6 +282,11 @@ impl VmInner {
         drop(srcu);
         if outcome == FaultOutcome::Fixed {
             self.counters.pf_fixed.add(1);
+        }
+        if let Some(max) = nx_disallowed
+            && matches!(outcome, FaultOutcome::Fixed | FaultOutcome::Spurious)
+        {
+            self.mmu.account_nx_huge_page(root.as_id(), gfn, max);
         }
         match outcome {
             // Beyond what a root can map: no memslot can legitimately cover it either.

@@ -37,8 +37,8 @@ impl Vm {
 
     /// Recovers huge mappings over `gfns` of `as_id` (`kvm_mmu_recover_huge_pages`): every 2M or
     /// 1G block that the memslot (alignment, `disallow_lpage`, no dirty logging) and the host
-    /// (a huge page backs it) allow is mapped by one huge leaf again — in place for the TDP MMU,
-    /// by zapping its small leaves for the shadow MMU. Skipped (0) if a host invalidation ran or
+    /// (a huge page backs it) allow is mapped by one huge leaf again, built in place by both
+    /// MMUs from a fully populated table. Skipped (0) if a host invalidation ran or
     /// runs meanwhile. Returns what [`crate::mmu::Mmu::recover_huge_pages`] counts.
     ///
     /// # Panics

@@ -26,6 +26,9 @@ pub mod dirty_ring;
 pub mod dirty_ring_core;
 mod fault;
 mod huge;
+mod nx_huge;
+#[cfg(not(feature = "shuttle"))]
+pub use nx_huge::NxRecoveryWorker;
 pub mod invalidate;
 pub mod memslot;
 pub mod request;
@@ -158,6 +161,9 @@ pub struct VmStats {
     pub pages_2m: u64,
     /// Present 1G leaves (KVM's `pages_1g`).
     pub pages_1g: u64,
+    /// Huge mappings the NX huge pages mitigation split and recovery has not yet undone (KVM's
+    /// `nx_lpage_splits`; `VmConfig::nx_huge_pages`).
+    pub nx_lpage_splits: u64,
 }
 
 /// State shared by the VM handle, its vCPUs and its notifier subscription.
@@ -229,6 +235,7 @@ impl Vm {
         let mmu_lock = MmuLock::new();
         let mmu = Mmu::new(config.mmu, nr_as, &mmu_lock, Arc::new(Rcu::new()))
             .with_ad_bits(config.ad_bits);
+        mmu.set_nx_huge_pages(config.nx_huge_pages);
         let inner = Arc::new(VmInner {
             host: host.clone(),
             srcu: Srcu::new(),
@@ -530,6 +537,11 @@ impl VmInner {
             pages_4k: pages.pages_4k,
             pages_2m: pages.pages_2m,
             pages_1g: pages.pages_1g,
+            nx_lpage_splits: if guest_mode::in_guest_mode() {
+                self.mmu.nx_lpage_splits_recorded()
+            } else {
+                self.mmu.nx_lpage_splits()
+            },
         }
     }
 }

@@ -142,7 +142,10 @@ impl ShadowMmu {
             prefetch: req.prefetch,
         };
         let pfn = leaf_pfn(gfn, req.pfn, level);
-        let new = make_spte_ad(pfn, level, attrs, self.inner.ad_bits);
+        let new = self
+            .inner
+            .pages
+            .nx_adjust(make_spte_ad(pfn, level, attrs, self.inner.ad_bits), level);
         match old.kind(level) {
             SpteKind::Leaf => {
                 assert_eq!(

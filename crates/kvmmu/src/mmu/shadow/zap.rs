@@ -84,7 +84,7 @@ impl ShadowMmu {
     /// rmaps), unlinks and recursively prepare-zaps its children, unlinks it from its parents,
     /// marks it invalid and takes it off the hash. Non-root pages (and a root whose last
     /// reference was the MMU's) are queued on `invalid` for [`ShadowMmu::commit_zap`].
-    fn prepare_zap(
+    pub(super) fn prepare_zap(
         &self,
         state: &mut State,
         sp: SpPtr,
@@ -177,7 +177,7 @@ impl ShadowMmu {
 
     /// Commit-zap (`kvm_mmu_commit_zap_page`), as a batch: committing it flushes remote TLBs,
     /// then frees the queued pages (S1).
-    fn commit_zap(&self, invalid: InvalidList) -> ZapBatch {
+    pub(super) fn commit_zap(&self, invalid: InvalidList) -> ZapBatch {
         let mut batch = ZapBatch::empty();
         if invalid.0.is_empty() {
             return batch;

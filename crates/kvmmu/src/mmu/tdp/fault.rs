@@ -152,7 +152,9 @@ impl TdpMmu {
             write_allowed: req.write_fault,
             prefetch: req.prefetch,
         };
-        let mut new = make_spte_ad(pfn, level, attrs, self.inner.ad_bits);
+        let mut new = counters
+            .pages
+            .nx_adjust(make_spte_ad(pfn, level, attrs, self.inner.ad_bits), level);
         if old.is_access_tracked() {
             new = resolve_access_tracked(old, new);
         }

@@ -205,7 +205,8 @@ impl TdpMmu {
                         if first.is_writable() {
                             raw |= DIRTY_MASK;
                         }
-                        let huge = Spte::from_raw(raw);
+                        // Without X under the NX huge pages mitigation, as a fault installs it.
+                        let huge = counters.pages.nx_adjust(Spte::from_raw(raw), level);
                         // ORDERING: Release, as a fault's install (O2): walkers that Acquire-load
                         // the leaf see the frames' initialisation they saw through the children.
                         it.sptep().store(huge, Ordering::Release);
@@ -231,5 +232,103 @@ impl TdpMmu {
         }
         Counters::add(&counters.huge_recovered, formed);
         formed
+    }
+}
+
+impl TdpMmu {
+    /// Turns the NX huge pages mitigation on or off: from now on, huge leaves are installed
+    /// without X (`mmu/hugepage.rs`), so an instruction fetch through one faults.
+    pub fn set_nx_huge_pages(&self, on: bool) {
+        self.inner.counters.pages.set_nx_huge(on);
+    }
+
+    /// True if the entry at `level` covering `gfn` links a table in a valid root of `as_id` (a
+    /// split of that block is still in place). Lock-free (RCU).
+    pub(crate) fn table_at(&self, as_id: AsId, gfn: u64, level: Level) -> bool {
+        if gfn >= GFN_LIMIT {
+            return false;
+        }
+        let guard = self.inner.rcu.pin();
+        for root in &self.roots_of(Some(as_id)) {
+            if root.is_invalid() {
+                continue;
+            }
+            // SAFETY: we hold a reference to `root`, so its table is allocated (P4).
+            let mut it = unsafe { TdpIter::new(root.table(), gfn, gfn + 1, &guard) };
+            while it.valid() && it.level() >= level {
+                if it.level() == level {
+                    if it.old().kind(level) == SpteKind::Table {
+                        return true;
+                    }
+                    break;
+                }
+                it.next();
+            }
+        }
+        false
+    }
+
+    /// Unlinks the table at each `(gfn, level)` entry of `blocks` in the valid roots of `as_id`
+    /// (`kvm_tdp_mmu_zap_sp` for NX huge page recovery), under `mmu_lock` write: its leaves are
+    /// zapped, the block faults huge again. Remote TLBs are flushed once, after the last unlink
+    /// and before the RCU guard that retires the tables is dropped (P6). Returns the number of
+    /// tables unlinked.
+    ///
+    /// # Panics
+    /// If `mmu` guards another `mmu_lock` than the one this MMU is bound to.
+    pub(crate) fn zap_tables_at(
+        &self,
+        as_id: AsId,
+        blocks: &[(u64, Level)],
+        mmu: &crate::sync::witness::MmuWrite,
+        flusher: &dyn crate::mmu::types::RemoteTlbFlush,
+    ) -> u64 {
+        self.check_lock(mmu.lock_id());
+        let counters = &self.inner.counters;
+        let mut zapped = 0;
+        let guard = self.inner.rcu.pin();
+        for root in &self.roots_of(Some(as_id)) {
+            if root.is_invalid() {
+                continue;
+            }
+            for &(gfn, level) in blocks {
+                if gfn >= GFN_LIMIT || level == Level::L4K {
+                    continue;
+                }
+                // SAFETY: we hold a reference to `root`, so its table is allocated (P4).
+                let mut it = unsafe { TdpIter::new(root.table(), gfn, gfn + 1, &guard) };
+                while it.valid() && it.level() >= level {
+                    let old = it.old();
+                    if it.level() == level {
+                        if old.kind(level) == SpteKind::Table {
+                            // ORDERING: Relaxed: under `mmu_lock` write no other thread changes
+                            // a non-leaf SPTE; walkers that loaded the link keep using the table
+                            // until the flush below, and RCU keeps it allocated until `guard`
+                            // drops (P1, P6).
+                            it.sptep().store(Spte::NONPRESENT, Ordering::Relaxed);
+                            // SAFETY: unlinked just now under `mmu_lock` write with `guard`
+                            // pinned; handed over once (P1); freed only after the flush below.
+                            let _ = unsafe {
+                                super::zap::handle_removed_pt(
+                                    TablePtr::from_spte(old),
+                                    level.down().unwrap_or(Level::L4K),
+                                    &guard,
+                                    counters,
+                                )
+                            };
+                            zapped += 1;
+                        }
+                        break;
+                    }
+                    it.next();
+                }
+            }
+        }
+        // P6: flush before the guard that deferred the frees is dropped.
+        if zapped != 0 {
+            flusher.flush_remote_tlbs();
+        }
+        drop(guard);
+        zapped
     }
 }
