@@ -54,7 +54,8 @@ pub enum Command {
     /// a ring may also report pages of the iteration in flight when it fills).
     DirtyLogTest(kvmmu_cli::dirty_log_test::DirtyLogTestCommand),
     /// KVM's dirty_log_perf_test: populate, enable dirty logging, then per iteration dirty memory,
-    /// get and clear the log; phase times with pf_fast, pf_fixed and remote_tlb_flush counts.
+    /// get and clear the log, then disable it (-e: with the vCPUs running); phase times with
+    /// pf_fast, pf_fixed and remote_tlb_flush counts.
     DirtyLogPerf(kvmmu_cli::dirty_log_perf::DirtyLogPerfCommand),
     /// Run one workload in several configurations, alternated; print medians and ratios.
     Compare(kvmmu_cli::compare::CompareArgs),
