@@ -8,14 +8,20 @@
 //! `remote_tlb_flush` counts (the kernel's cover letters give counts next to times), and the
 //! run checks that every harvest reported at least every page written in that iteration. With
 //! huge-page backing (`-s anonymous_thp`) the 2M leaves left after populating, enabling and
-//! disabling are counted (`*.pages_2m`): eager splitting (on unless `-e`) splits them while
-//! enabling, without it the first iteration's writes split them; disabling recovers them.
+//! disabling are counted (`*.pages_2m`): eager splitting (`--eager-split on`, the default) splits
+//! them while enabling, without it the first iteration's writes split them; disabling recovers
+//! them. With `-e` (the selftest's "evil" flag) the vCPUs keep running passes over their memory
+//! while logging is being disabled; their accesses during that phase are counted
+//! (`disable.vcpu_accesses`, `disable.vcpu_passes`) and every write they made is checked in
+//! memory after they stop.
 
 use crate::report::{Report, progress};
 use crate::{AgingArg, MmuArg, OutputArgs, TrackingArg, size, vm_config};
 use anyhow::anyhow;
 use clap::Args;
 use kvmmu::prelude::*;
+use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Guest physical address of the first vCPU's memory.
@@ -70,18 +76,40 @@ pub struct DirtyLogPerfArgs {
     #[arg(long, default_value_t = 2048)]
     pub tlb_entries: usize,
 
-    /// Disable eager page splitting (`VmConfig::eager_page_split`, on by default as in KVM):
-    /// enabling logging then leaves huge leaves whole, and the first write to each splits it.
-    /// (The selftest's -e instead runs vCPUs while logging is disabled; KVM toggles eager
-    /// splitting with a module parameter.)
-    #[arg(short = 'e', long = "no-eager-split")]
-    pub no_eager_split: bool,
+    /// Eager page splitting (`VmConfig::eager_page_split`; on by default, as KVM's
+    /// `eager_page_split` module parameter): `on` splits huge leaves while enabling logging,
+    /// `off` leaves them whole and the first write to each splits it.
+    #[arg(long = "eager-split", value_enum, default_value_t = OnOff::On)]
+    pub eager_split: OnOff,
+
+    /// Run the vCPUs while dirty logging is being disabled (the selftest's -e): they keep
+    /// running passes over their memory, with the last iteration's -w and -a, until the disable
+    /// phase ends; the run reports their accesses during it and checks that every write they made
+    /// is in memory afterwards.
+    #[arg(short = 'e', long = "run-vcpus-while-disabling")]
+    pub run_vcpus_while_disabling: bool,
 
     /// Backing source of guest memory (the selftest's -s): anonymous, anonymous_thp,
     /// anonymous_hugetlb_2mb or anonymous_hugetlb_1gb (hugetlb needs -b times -v over -x
     /// aligned to its size).
     #[arg(short = 's', long = "backing-src", default_value = "anonymous")]
     pub backing_src: kvmmu::BackingSrc,
+}
+
+/// A switch given as `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+impl OnOff {
+    /// True for `on`.
+    pub fn is_on(self) -> bool {
+        self == OnOff::On
+    }
 }
 
 /// `dirty-log-perf` with its output options.
@@ -175,6 +203,129 @@ fn run_vcpus(
     })
 }
 
+/// Marks the values the vCPUs write while logging is being disabled (`-e`): bit 63 plus the
+/// pass number, never an iteration's value.
+const DISABLE_MARK: u64 = 1 << 63;
+
+/// What the vCPUs did while dirty logging was being disabled (`-e`).
+struct DisableRun {
+    /// Accesses made (reads and writes).
+    accesses: u64,
+    /// Writes made.
+    writes: u64,
+    /// Full passes over a vCPU's memory completed, summed over the vCPUs.
+    passes: u64,
+    /// vCPUs stopped by a `DirtyRingFull` exit (the ring fills while slots still log).
+    ring_full_exits: u64,
+    /// Per vCPU, per page of its range: the last value written (0: not written).
+    last_written: Vec<Vec<u64>>,
+}
+
+/// The selftest's -e: the vCPUs run passes over their memory (the last iteration's write
+/// percentage and order) from before `disable` starts until it has returned; then they stop
+/// and are joined. Returns what `disable` returned and what the vCPUs did.
+fn disable_with_running_vcpus(
+    vcpus: &mut [Vcpu],
+    a: &DirtyLogPerfArgs,
+    pages_per_vcpu: u64,
+    disable: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<DisableRun> {
+    let stop = AtomicBool::new(false);
+    let started = Barrier::new(vcpus.len() + 1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = vcpus
+            .iter_mut()
+            .enumerate()
+            .map(|(i, vcpu)| {
+                let (stop, started) = (&stop, &started);
+                s.spawn(move || -> anyhow::Result<(u64, u64, u64, bool, Vec<u64>)> {
+                    let mut rng = ((i as u64 + 1) << 40).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                    let mut last = vec![0u64; pages_per_vcpu as usize];
+                    let (mut accesses, mut writes, mut passes) = (0u64, 0u64, 0u64);
+                    let first = i as u64 * pages_per_vcpu;
+                    started.wait();
+                    let mut g = vcpu.enter();
+                    'run: for pass in 1u64.. {
+                        for n in 0..pages_per_vcpu {
+                            // ORDERING: Relaxed: the flag only ends the loop; the scope's join
+                            // orders everything the thread did before the caller reads it.
+                            if stop.load(Ordering::Relaxed) {
+                                break 'run;
+                            }
+                            let local = if a.random_access {
+                                xorshift(&mut rng) % pages_per_vcpu
+                            } else {
+                                n
+                            };
+                            let gpa = Gpa::new(BASE_GPA + (first + local) * 4096);
+                            let value = DISABLE_MARK | pass;
+                            let done = if xorshift(&mut rng) % 100 < u64::from(a.write_percent) {
+                                g.write_u64(gpa, value).map(|()| {
+                                    last[local as usize] = value;
+                                    writes += 1;
+                                })
+                            } else {
+                                g.read_u64(gpa).map(|_| ())
+                            };
+                            match done {
+                                Ok(()) => accesses += 1,
+                                // The access was not made; nothing harvests the ring here.
+                                Err(VcpuExit::DirtyRingFull) => {
+                                    return Ok((accesses, writes, passes, true, last));
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                        passes += 1;
+                    }
+                    Ok((accesses, writes, passes, false, last))
+                })
+            })
+            .collect();
+        started.wait();
+        let disabled = disable();
+        // ORDERING: Relaxed: see the load.
+        stop.store(true, Ordering::Relaxed);
+        let mut d = DisableRun {
+            accesses: 0,
+            writes: 0,
+            passes: 0,
+            ring_full_exits: 0,
+            last_written: Vec::new(),
+        };
+        for h in handles {
+            let (accesses, writes, passes, full, last) =
+                h.join().map_err(|_| anyhow!("a vCPU thread panicked"))??;
+            d.accesses += accesses;
+            d.writes += writes;
+            d.passes += passes;
+            d.ring_full_exits += u64::from(full);
+            d.last_written.push(last);
+        }
+        disabled.map(|()| d)
+    })
+}
+
+/// Reads back every page written while logging was being disabled, through its own vCPU;
+/// returns how many do not hold the last value written to them.
+fn count_lost_writes(
+    vcpus: &mut [Vcpu],
+    pages_per_vcpu: u64,
+    last_written: &[Vec<u64>],
+) -> anyhow::Result<u64> {
+    let mut lost = 0;
+    for (i, (vcpu, last)) in vcpus.iter_mut().zip(last_written).enumerate() {
+        let mut g = vcpu.enter();
+        for (local, &want) in last.iter().enumerate() {
+            if want != 0 {
+                let gpa = Gpa::new(BASE_GPA + (i as u64 * pages_per_vcpu + local as u64) * 4096);
+                lost += u64::from(g.read_u64(gpa)? != want);
+            }
+        }
+    }
+    Ok(lost)
+}
+
 /// Refuses bad flags before anything runs.
 pub fn check(a: &DirtyLogPerfArgs) -> anyhow::Result<()> {
     crate::check_vcpus("-v/--vcpus", a.vcpus)?;
@@ -227,7 +378,7 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
         frames: npages as usize + 1024,
     })?;
     let config = VmConfig {
-        eager_page_split: !a.no_eager_split,
+        eager_page_split: a.eager_split.is_on(),
         ..vm_config(a.mmu, AgingArg::Lockless, a.tlb_entries)
     };
     let vm = Vm::new(&host, config)?;
@@ -277,7 +428,8 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     r.config("dirty_ring", a.dirty_ring);
     r.config("mmu", a.mmu);
     r.config("tracking", a.tracking);
-    r.config("eager_page_split", !a.no_eager_split);
+    r.config("eager_page_split", a.eager_split.is_on());
+    r.config("run_vcpus_while_disabling", a.run_vcpus_while_disabling);
     r.config("backing_src", a.backing_src.name());
     let bar = progress::bar(a.iterations + 3, "dirty-log-perf");
     phase(&mut r, &vm, "populate memory", "populate", || {
@@ -363,9 +515,39 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
         }
         bar.inc(1);
     }
-    phase(&mut r, &vm, "disable dirty logging", "disable", || {
-        set_all(MemFlags::empty())
-    })?;
+    if a.run_vcpus_while_disabling {
+        let d = disable_with_running_vcpus(&mut vcpus, a, pages_per_vcpu, || {
+            phase(&mut r, &vm, "disable dirty logging", "disable", || {
+                set_all(MemFlags::empty())
+            })
+        })?;
+        if ring {
+            // A vCPU stopped by a full ring left it soft-full: harvest it so that the check's
+            // reads can fault.
+            vm.collect_dirty_rings()?;
+            vm.reset_dirty_rings()?;
+        }
+        let lost = count_lost_writes(&mut vcpus, pages_per_vcpu, &d.last_written)?;
+        r.counts.insert("disable.vcpu_accesses".into(), d.accesses);
+        r.counts.insert("disable.vcpu_passes".into(), d.passes);
+        r.counts
+            .insert("disable.ring_full_exits".into(), d.ring_full_exits);
+        r.counts
+            .insert("disable.vcpu_writes_checked".into(), d.writes);
+        r.notes.push(format!(
+            "-e: the vCPUs made {} accesses ({} full passes) while dirty logging was being disabled",
+            d.accesses, d.passes
+        ));
+        r.require(
+            "every write made while dirty logging was being disabled is in memory",
+            lost == 0,
+            format!("{lost} pages do not hold the last value written to them"),
+        );
+    } else {
+        phase(&mut r, &vm, "disable dirty logging", "disable", || {
+            set_all(MemFlags::empty())
+        })?;
+    }
     r.counts
         .insert("disable.pages_2m".into(), vm.stats().pages_2m);
     bar.finish_and_clear();

@@ -54,7 +54,8 @@ pub enum Command {
     /// a ring may also report pages of the iteration in flight when it fills).
     DirtyLogTest(kvmmu_cli::dirty_log_test::DirtyLogTestCommand),
     /// KVM's dirty_log_perf_test: populate, enable dirty logging, then per iteration dirty memory,
-    /// get and clear the log; phase times with pf_fast, pf_fixed and remote_tlb_flush counts.
+    /// get and clear the log, then disable it (-e: with the vCPUs running); phase times with
+    /// pf_fast, pf_fixed and remote_tlb_flush counts.
     DirtyLogPerf(kvmmu_cli::dirty_log_perf::DirtyLogPerfCommand),
     /// KVM's x86/nx_huge_pages_test: reads and instruction fetches on three 2M hugetlb pages;
     /// checks (pages_2m, nx_lpage_splits) after each step, NX huge page recovery, and the re-read.

@@ -177,7 +177,8 @@ fn dirty_log_perf_on_thp_splits_while_enabling_unless_eager_splitting_is_off() {
             "anonymous_thp",
             "--mmu",
             mmu,
-            "-e",
+            "--eager-split",
+            "off",
         ]);
         assert_all_checks_pass(&lazy);
         assert_eq!(lazy["config"]["eager_page_split"], false);
@@ -193,6 +194,59 @@ fn dirty_log_perf_on_thp_splits_while_enabling_unless_eager_splitting_is_off() {
             );
         }
     }
+}
+
+#[test]
+fn dirty_log_perf_e_runs_vcpus_while_disabling_and_every_write_they_make_lands() {
+    for (mmu, extra) in [
+        ("tdp", &["-s", "anonymous_thp"][..]),
+        ("shadow", &["-s", "anonymous_thp"][..]),
+        ("tdp", &["--dirty-ring", "2048", "-w", "50", "-a"][..]),
+    ] {
+        let mut args = vec![
+            "dirty-log-perf",
+            "-v",
+            "2",
+            "-b",
+            "4M",
+            "-i",
+            "2",
+            "--mmu",
+            mmu,
+            "-e",
+        ];
+        args.extend_from_slice(extra);
+        let r = json(&args);
+        assert_all_checks_pass(&r);
+        assert_eq!(r["config"]["run_vcpus_while_disabling"], true, "{mmu}");
+        assert_eq!(
+            r["config"]["eager_page_split"], true,
+            "-e is not eager splitting"
+        );
+        let c = &r["counts"];
+        for k in [
+            "disable.vcpu_accesses",
+            "disable.vcpu_passes",
+            "disable.ring_full_exits",
+            "disable.vcpu_writes_checked",
+        ] {
+            assert!(c[k].is_u64(), "{mmu} {extra:?}: {k}");
+        }
+        assert_eq!(
+            phases(&r).last().map(String::as_str),
+            Some("disable dirty logging")
+        );
+    }
+}
+
+#[test]
+fn dirty_log_perf_help_gives_e_the_selftests_meaning_and_eager_split_its_own_flag() {
+    let out = kvmmu(&["dirty-log-perf", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("-e, --run-vcpus-while-disabling"), "{help}");
+    assert!(help.contains("--eager-split <EAGER_SPLIT>"), "{help}");
+    assert!(!help.contains("no-eager-split"), "{help}");
 }
 
 #[test]
