@@ -21,6 +21,8 @@
 //! - One error type per layer: [`HostError`] (with [`GupError`]), [`VmError`] and
 //!   [`SetMemoryRegionError`] (with [`MemslotError`]), [`VcpuExit`], [`ConfigError`], and
 //!   [`InGuestMode`] for a call the guest-mode contract forbids.
+//! - Nested guests: [`NestedGuest`] (an L1 hypervisor's EPT12 builder, [`EptPerms`],
+//!   [`Ept12Entry`]) and [`Vcpu::enter_l2`]; its errors are [`NestedError`].
 //! - [`torture`]: every concurrent actor at once, under oracles (the engine of `kvmmu torture`).
 //!
 //! Inside, the layers import downwards only: vcpu → vm (memslots, the fault handler, the
@@ -77,7 +79,7 @@ pub use host::{
 };
 pub use sync::guest_mode::InGuestMode;
 #[cfg(not(loom))]
-pub use vcpu::{GuestMode, Vcpu, VcpuStats, tlb::TlbStats};
+pub use vcpu::{GuestMode, NestedError, NestedGuest, Vcpu, VcpuStats, tlb::TlbStats};
 #[cfg(not(loom))]
 pub use vm::dirty_log::{DirtyLogError, DirtyLogProtect, DirtyTracking};
 #[cfg(not(loom))]
@@ -91,6 +93,7 @@ pub use vm::{SetMemoryRegionError, VcpuExit, Vm, VmError, VmStats};
 #[cfg(not(loom))]
 pub use {
     mmu::hugepage::PageStats,
+    mmu::shadow::nested::ept12::{Ept12Entry, EptPerms, MisconfigReason},
     mmu::shadow::rmap::RmapStatsSnapshot,
     mmu::shadow::{RmapAllocError, ShadowStats},
     mmu::spte::{Spte, SpteKind},
@@ -105,7 +108,7 @@ pub mod prelude {
     pub use crate::{
         AgingMode, AsId, BackingSrc, ConfigError, DirtyLogError, DirtyLogProtect, DirtyTracking,
         Gfn, GfnRange, Gpa, GupError, HostConfig, HostError, HostMm, Hva, InGuestMode, Level,
-        MemFlags, MemoryRegion, MemslotError, MmuKind, Pfn, Prot, SetMemoryRegionError, SlotId,
-        Vcpu, VcpuExit, Vm, VmConfig, VmError, VmStats,
+        MemFlags, MemoryRegion, MemslotError, MmuKind, NestedError, NestedGuest, Pfn, Prot,
+        SetMemoryRegionError, SlotId, Vcpu, VcpuExit, Vm, VmConfig, VmError, VmStats,
     };
 }

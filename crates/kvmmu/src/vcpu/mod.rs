@@ -34,8 +34,11 @@
 //! (`Vm::reset_mmu`, `Vm::spte` on the shadow MMU), `HostMm::release`,
 //! `HostMm::register_notifier`, `Vm::shutdown` and dropping the `Vm`.
 
+mod nested;
 pub mod tlb;
 mod walker;
+
+pub use nested::{NestedError, NestedGuest};
 
 use crate::addr::{AsId, Gpa};
 use crate::mmu::{FaultOutcome, MmuRoot};
@@ -78,6 +81,8 @@ pub struct Vcpu {
     stats: VcpuStats,
     /// This vCPU's dirty ring, if the VM enabled the ring before creating it.
     dirty_ring: Option<Arc<crate::vm::dirty_ring::DirtyRing>>,
+    /// L2 mode: the EPT12 this vCPU translates L2 addresses through (`vcpu/nested.rs`).
+    l2: Option<nested::L2Context>,
 }
 
 impl Vm {
@@ -119,6 +124,7 @@ impl Vcpu {
             root: None,
             as_id,
             stats: VcpuStats::default(),
+            l2: None,
         }
     }
 

@@ -28,6 +28,7 @@ mod fault;
 mod huge;
 pub mod invalidate;
 pub mod memslot;
+mod nested;
 pub mod request;
 pub mod seq;
 

@@ -56,6 +56,8 @@
 //!    always 0 here); `pages_allocated - pages_freed` counts live pages including invalid roots
 //!    still referenced by vCPUs; at teardown with no vCPU left they are equal.
 
+#[cfg(not(loom))]
+pub mod nested;
 pub mod rmap;
 
 #[cfg(not(loom))]
