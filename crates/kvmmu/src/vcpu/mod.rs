@@ -242,7 +242,7 @@ impl Vcpu {
         }
         self.root = None;
         self.tlb.flush_all();
-        let root = self.vm.load_root(self.as_id).ok_or(VcpuExit::VmDead)?;
+        let root = self.load_root_for_mode().ok_or(VcpuExit::VmDead)?;
         self.root = Some(root);
         self.stats.root_loads += 1;
         Ok(())
@@ -434,11 +434,17 @@ impl GuestMode<'_> {
                     if self.vcpu.dirty_ring_soft_full() {
                         return Err(VcpuExit::DirtyRingFull);
                     }
-                    let outcome = self.leave_guest_mode_for(|v| {
+                    let outcome = match self.leave_guest_mode_for(|v| {
                         let root = v.root.clone().ok_or(VcpuExit::VmDead)?;
                         v.stats.faults += 1;
-                        v.vm.page_fault(&root, gpa, write.is_some(), v.dirty_ring.as_deref())
-                    })?;
+                        v.handle_fault(&root, gpa, write, mask)
+                    })? {
+                        nested::FaultResult::Outcome(o) => o,
+                        nested::FaultResult::Emulated(v) => {
+                            self.vcpu.stats.accesses += 1;
+                            return Ok(v);
+                        }
+                    };
                     if self.vcpu.dirty_ring_soft_full() {
                         return Err(VcpuExit::DirtyRingFull);
                     }

@@ -17,6 +17,7 @@ use crate::addr::{Gfn, Gpa, PAGE_SIZE};
 use crate::mmu::shadow::nested::ept12::{
     EPT12_ENTRIES, EPT12_L2_LIMIT, EPT12_LEVELS, Ept12Entry, EptPerms, ept12_index,
 };
+use crate::mmu::{FaultOutcome, MmuRoot, RetryReason};
 use crate::sync::Arc;
 use crate::vm::VmInner;
 
@@ -82,6 +83,9 @@ pub enum NestedError {
     /// The builder needs an L1 vCPU, and this one runs in L2 mode.
     #[error("the vCPU is in L2 mode; the builder writes EPT12 as L1")]
     VcpuInL2,
+    /// Nested guests are not enabled on this TDP-MMU VM (`Vm::enable_nested`).
+    #[error("nested guests are not enabled on this VM (Vm::enable_nested)")]
+    NestedNotEnabled,
     /// An L1 write to a table failed (the entries written before it stay written).
     #[error("L1 write failed: {0}")]
     Vcpu(#[from] VcpuExit),
@@ -135,6 +139,9 @@ impl NestedGuest {
         }
         if vcpu.in_l2() {
             return Err(NestedError::VcpuInL2);
+        }
+        if !vcpu.vm.nested_enabled() {
+            return Err(NestedError::NestedNotEnabled);
         }
         let start = pool.gfn().raw();
         let pages = pool_len / PAGE_SIZE;
@@ -464,5 +471,58 @@ impl Vcpu {
     /// True in L2 mode.
     pub fn in_l2(&self) -> bool {
         self.l2.is_some()
+    }
+}
+
+/// What a vCPU's fault came to.
+pub(super) enum FaultResult {
+    /// The fault handler's outcome; the access is re-executed.
+    Outcome(FaultOutcome),
+    /// An L1 write to a write-tracked table was emulated (nested N2): the access is done and this
+    /// is the word's new value.
+    Emulated(u64),
+}
+
+impl Vcpu {
+    /// Runs the fault for an access to `gpa` that missed: the L2 fault in L2 mode, the emulation
+    /// of an L1 write to a write-tracked table, or the ordinary fault.
+    pub(super) fn handle_fault(
+        &mut self,
+        root: &MmuRoot,
+        gpa: Gpa,
+        write: Option<u64>,
+        mask: u64,
+    ) -> Result<FaultResult, VcpuExit> {
+        let ring = self.dirty_ring.as_deref();
+        if let Some(l2) = self.l2 {
+            return self
+                .vm
+                .l2_page_fault(root, l2.eptp, gpa, write.is_some(), ring)
+                .map(FaultResult::Outcome);
+        }
+        let g = gpa.gfn().raw();
+        if let Some(value) = write
+            && self.as_id.index() == 0
+            && self.vm.mmu.write_tracked_in(g, g + 1)
+        {
+            return Ok(
+                match self.vm.emulate_tracked_write(gpa, value, mask, ring)? {
+                    Some(new) => FaultResult::Emulated(new),
+                    None => FaultResult::Outcome(FaultOutcome::Retry(RetryReason::Invalidation)),
+                },
+            );
+        }
+        self.vm
+            .page_fault(root, gpa, write.is_some(), ring)
+            .map(FaultResult::Outcome)
+    }
+
+    /// `kvm_mmu_load` for the vCPU's mode: the EPT02 root in L2 mode, the address space's root
+    /// otherwise.
+    pub(super) fn load_root_for_mode(&self) -> Option<MmuRoot> {
+        match self.l2 {
+            Some(l2) => self.vm.load_nested_root(l2.eptp),
+            None => self.vm.load_root(self.as_id),
+        }
     }
 }

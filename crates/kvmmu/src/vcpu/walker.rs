@@ -76,10 +76,17 @@ pub(super) fn walk_and_access(
         return Ok(Access::Fault);
     };
     let as_index = root.as_id().index();
-    // SAFETY: this vCPU is in guest mode (`GuestMode::access` calls us between two request
-    // checks, i.e. inside one instruction), so no shadow page it reaches is freed before it
-    // acknowledges the next remote TLB flush (shadow S2).
-    let hit = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
+    // In L2 mode the frame is checked against the L1 gfn the leaf maps (nested N1).
+    // SAFETY (both walks): this vCPU is in guest mode (`GuestMode::access` calls us between two
+    // request checks, i.e. inside one instruction), so no shadow page it reaches is freed before
+    // it acknowledges the next remote TLB flush (shadow S2).
+    let (hit, check_gfn) = if vcpu.l2.is_some() {
+        // SAFETY: as above.
+        unsafe { vm.mmu.hardware_walk_l2(root, gfn, is_write) }
+    } else {
+        // SAFETY: as above.
+        (unsafe { vm.mmu.hardware_walk(root, gfn, is_write) }, gfn)
+    };
     let HwWalk::Hit {
         pfn,
         writable,
@@ -98,8 +105,8 @@ pub(super) fn walk_and_access(
     let slots = vm.memslots[as_index].load(&srcu);
     let tag = vm.host.arena().tag(pfn);
     let expected_page = slots
-        .find_by_gfn(gfn)
-        .and_then(|s| s.gfn_to_hva(gfn))
+        .find_by_gfn(check_gfn)
+        .and_then(|s| s.gfn_to_hva(check_gfn))
         .map(|hva| hva.raw() >> PAGE_SHIFT);
     if tag.is_free() || expected_page != Some(tag.host_page()) {
         let source = vm.host.arena().report_stale(pfn, FrameTag::FREE, tag);

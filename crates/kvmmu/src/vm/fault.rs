@@ -84,6 +84,10 @@ pub enum VcpuExit {
         /// The length asked for.
         len: usize,
     },
+    /// An L2 access exited to L1 because of EPT12 (a violation: not mapped or not allowed; or a
+    /// misconfiguration: a malformed entry L1 wrote). Guest behaviour, not a host error.
+    #[error(transparent)]
+    Ept(#[from] crate::mmu::shadow::nested::walk::EptExit),
     /// The calling thread already holds a vCPU in guest mode: a second vCPU cannot enter from it
     /// (its faults would take `mmu_lock`, which a flusher waiting for the first vCPU may hold).
     /// Nothing was done.
@@ -144,8 +148,12 @@ impl VmInner {
         // write-protects them; a slot whose logging was switched off has none left to be fixed
         // fast until its next write faults them writable), so other faults skip the extra walk,
         // as the kernel's `page_fault_can_be_fast` skips non-present faults.
+        // Nested N2: a write-tracked gfn (an EPT12 table some indirect page shadows) is never
+        // mapped writable, and no huge leaf covers it; the fast path could make it writable.
+        let tracked = self.mmu.write_tracked_in(gfn.raw(), gfn.raw() + 1);
         if write
             && !readonly_slot
+            && !tracked
             && slot
                 .flags()
                 .contains(crate::vm::memslot::MemFlags::LOG_DIRTY_PAGES)
@@ -185,7 +193,20 @@ impl VmInner {
         } else {
             page.level.min(slot.max_mapping_level(gfn))
         };
-        let host_writable = page.writable && !readonly_slot;
+        let mut level = level;
+        while level > crate::addr::Level::L4K {
+            let start = gfn.align_down(level).raw();
+            if !self.mmu.write_tracked_in(start, start + level.pages()) {
+                break;
+            }
+            level = level.down().unwrap_or(crate::addr::Level::L4K);
+        }
+        let covered = {
+            let start = gfn.align_down(level).raw();
+            (start, start + level.pages())
+        };
+        let tracked_then = self.mmu.write_tracked_in(covered.0, covered.1);
+        let host_writable = page.writable && !readonly_slot && !tracked;
         let req = MapRequest {
             gfn,
             pfn: page.pfn,
@@ -201,6 +222,11 @@ impl VmInner {
                     return Err(Err(VcpuExit::VmDead));
                 }
                 if self.invalidate.retry_gfn(snap, gfn, mmu) {
+                    return Err(Ok(FaultOutcome::Retry(RetryReason::Invalidation)));
+                }
+                // Tracking changes only under `mmu_lock` write (N2): if it changed since the
+                // level and permissions were chosen, choose again.
+                if self.mmu.write_tracked_in(covered.0, covered.1) != tracked_then {
                     return Err(Ok(FaultOutcome::Retry(RetryReason::Invalidation)));
                 }
                 if write && host_writable {

@@ -72,6 +72,9 @@ pub enum VmError {
     /// The calling thread holds a vCPU in guest mode; nothing was done.
     #[error(transparent)]
     InGuestMode(#[from] InGuestMode),
+    /// Nested guests must be enabled before the first memslot is created (`Vm::enable_nested`).
+    #[error("nested guests must be enabled before any memslot exists")]
+    NestedAfterMemslots,
     /// The VM has no such address space (`VmConfig::address_spaces`).
     #[error("the VM has no address space {as_id:?}")]
     NoAddressSpace {

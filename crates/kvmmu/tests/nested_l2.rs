@@ -1,0 +1,241 @@
+//! An L2 guest end to end, on both L1 MMUs: L2 accesses go through EPT12 (built by L1 with
+//! ordinary writes) and EPT02 (indirect shadow pages), and see exactly what L1 wrote; EPT12
+//! changes (remap, protect, unmap, malformed entries) reach L2 through write tracking.
+
+use kvmmu::internals::mmu::shadow::nested::walk::{EptExit, ViolationReason};
+use kvmmu::prelude::*;
+use kvmmu::{EptPerms, MisconfigReason};
+
+const MIB: u64 = 1 << 20;
+const POOL: u64 = 8 * MIB;
+const DATA: u64 = MIB;
+const L2A: u64 = 0x4000_0000;
+const L2B: u64 = 0x8000_0000;
+const PAGES: u64 = 16;
+
+struct Setup {
+    host: HostMm,
+    vm: Vm,
+    l1: Vcpu,
+    l2: Vcpu,
+    guest: NestedGuest,
+    hva: Hva,
+}
+
+fn setup(mmu: MmuKind) -> Setup {
+    let host = HostMm::new(HostConfig { frames: 8192 }).unwrap();
+    let vm = Vm::new(
+        &host,
+        VmConfig {
+            mmu,
+            ..VmConfig::default()
+        },
+    )
+    .unwrap();
+    vm.enable_nested().unwrap();
+    let hva = host.mmap(16 * MIB, Prot::READ | Prot::WRITE).unwrap();
+    vm.set_user_memory_region(MemoryRegion {
+        slot: SlotId::new(0),
+        as_id: AsId::new(0),
+        flags: MemFlags::empty(),
+        gpa: Gpa::new(0),
+        size: 16 * MIB,
+        hva,
+    })
+    .unwrap();
+    let mut l1 = vm.create_vcpu().unwrap();
+    let mut guest = NestedGuest::new(&mut l1, Gpa::new(POOL), MIB).unwrap();
+    // Two L2 ranges alias the same L1 pages: every L1 page has two indirect leaves.
+    for l2 in [L2A, L2B] {
+        guest
+            .map(
+                &mut l1,
+                Gpa::new(l2),
+                Gpa::new(DATA),
+                PAGES * 4096,
+                EptPerms::RW,
+            )
+            .unwrap();
+    }
+    let mut l2 = vm.create_vcpu().unwrap();
+    l2.enter_l2(&guest).unwrap();
+    Setup {
+        host,
+        vm,
+        l1,
+        l2,
+        guest,
+        hva,
+    }
+}
+
+fn both() -> [MmuKind; 2] {
+    [MmuKind::Tdp, MmuKind::Shadow]
+}
+
+#[test]
+fn l2_reads_what_l1_wrote_and_l1_reads_what_l2_wrote() {
+    for mmu in both() {
+        let mut s = setup(mmu);
+        for p in 0..PAGES {
+            s.l1.write_u64(Gpa::new(DATA + p * 4096 + 8), 1000 + p)
+                .unwrap();
+        }
+        for p in 0..PAGES {
+            assert_eq!(
+                s.l2.read_u64(Gpa::new(L2A + p * 4096 + 8)).unwrap(),
+                1000 + p
+            );
+            s.l2.write_u64(Gpa::new(L2B + p * 4096 + 16), 2000 + p)
+                .unwrap();
+        }
+        for p in 0..PAGES {
+            assert_eq!(
+                s.l1.read_u64(Gpa::new(DATA + p * 4096 + 16)).unwrap(),
+                2000 + p
+            );
+            assert_eq!(
+                s.l2.read_u64(Gpa::new(L2A + p * 4096 + 16)).unwrap(),
+                2000 + p
+            );
+        }
+        let st = s.vm.stats().shadow;
+        assert!(st.indirect_shadow_pages >= 4, "{mmu:?}: {st:?}");
+        assert!(st.nested_faults >= 2 * PAGES, "{mmu:?}: {st:?}");
+        assert!(st.write_tracked_gfns >= 4, "{mmu:?}: {st:?}");
+    }
+}
+
+#[test]
+fn ept12_remap_protect_and_unmap_reach_l2_through_write_tracking() {
+    for mmu in both() {
+        let mut s = setup(mmu);
+        let other = DATA + 2 * MIB;
+        s.l1.write_u64(Gpa::new(DATA), 1).unwrap();
+        s.l1.write_u64(Gpa::new(other), 2).unwrap();
+        assert_eq!(s.l2.read_u64(Gpa::new(L2A)).unwrap(), 1);
+        s.guest
+            .remap(&mut s.l1, Gpa::new(L2A), Gpa::new(other), 4096)
+            .unwrap();
+        assert_eq!(
+            s.l2.read_u64(Gpa::new(L2A)).unwrap(),
+            2,
+            "{mmu:?}: remap seen"
+        );
+        assert_eq!(
+            s.l2.read_u64(Gpa::new(L2B)).unwrap(),
+            1,
+            "{mmu:?}: alias kept"
+        );
+        s.guest
+            .protect(&mut s.l1, Gpa::new(L2B), 4096, EptPerms::R)
+            .unwrap();
+        assert!(matches!(
+            s.l2.write_u64(Gpa::new(L2B), 9),
+            Err(VcpuExit::Ept(EptExit::Violation {
+                reason: ViolationReason::Permission { .. },
+                write: true,
+                ..
+            }))
+        ));
+        assert_eq!(s.l2.read_u64(Gpa::new(L2B)).unwrap(), 1);
+        s.guest.unmap(&mut s.l1, Gpa::new(L2B), 4096).unwrap();
+        assert!(matches!(
+            s.l2.read_u64(Gpa::new(L2B)),
+            Err(VcpuExit::Ept(EptExit::Violation {
+                reason: ViolationReason::NotPresent { level: 1 },
+                ..
+            }))
+        ));
+        s.guest.invept(&mut s.l1).unwrap();
+        let st = s.vm.stats().shadow;
+        assert!(st.mmu_pte_write + st.mmu_flooded > 0, "{mmu:?}: {st:?}");
+    }
+}
+
+#[test]
+fn malformed_ept12_entries_exit_to_l1_with_a_typed_reason() {
+    for mmu in both() {
+        let mut s = setup(mmu);
+        let l2 = Gpa::new(L2A + 4096);
+        assert_eq!(s.l2.read_u64(l2).unwrap(), 0);
+        let leaf = s.guest.entry_gpa(l2, 1).unwrap();
+        let good = s.l1.read_u64(leaf).unwrap();
+        s.l1.write_u64(leaf, good | (1 << 60)).unwrap();
+        assert!(matches!(
+            s.l2.read_u64(l2),
+            Err(VcpuExit::Ept(EptExit::Misconfig {
+                level: 1,
+                reason: MisconfigReason::ReservedBits(_),
+                ..
+            }))
+        ));
+        s.l1.write_u64(leaf, (good & !7) | 2).unwrap();
+        assert!(matches!(
+            s.l2.read_u64(l2),
+            Err(VcpuExit::Ept(EptExit::Misconfig {
+                reason: MisconfigReason::WriteWithoutRead,
+                ..
+            }))
+        ));
+        s.l1.write_u64(leaf, good).unwrap();
+        assert_eq!(s.l2.read_u64(l2).unwrap(), 0);
+        let l2e = s.guest.entry_gpa(l2, 2).unwrap();
+        let link = s.l1.read_u64(l2e).unwrap();
+        s.l1.write_u64(l2e, (1 << 40) | 7).unwrap();
+        assert!(matches!(
+            s.l2.read_u64(l2),
+            Err(VcpuExit::Ept(EptExit::Misconfig {
+                level: 2,
+                reason: MisconfigReason::TableOutsideL1Memory,
+                ..
+            }))
+        ));
+        s.l1.write_u64(l2e, link).unwrap();
+        assert_eq!(s.l2.read_u64(l2).unwrap(), 0);
+        // A leaf pointing outside L1 memory is an access to no memslot (KVM: MMIO).
+        s.l1.write_u64(leaf, (1 << 36) | 3).unwrap();
+        assert!(matches!(s.l2.read_u64(l2), Err(VcpuExit::NoMemslot { .. })));
+    }
+}
+
+#[test]
+fn host_invalidation_of_an_l1_page_zaps_every_l2_mapping_of_it() {
+    for mmu in both() {
+        let mut s = setup(mmu);
+        s.l1.write_u64(Gpa::new(DATA), 5).unwrap();
+        assert_eq!(s.l2.read_u64(Gpa::new(L2A)).unwrap(), 5);
+        assert_eq!(s.l2.read_u64(Gpa::new(L2B)).unwrap(), 5);
+        let page = Hva::new(s.hva.raw() + DATA);
+        s.host.madvise_dontneed(page, 4096).unwrap();
+        assert_eq!(s.l2.read_u64(Gpa::new(L2A)).unwrap(), 0, "{mmu:?}");
+        assert_eq!(s.l2.read_u64(Gpa::new(L2B)).unwrap(), 0, "{mmu:?}");
+        s.l2.write_u64(Gpa::new(L2B), 6).unwrap();
+        assert_eq!(s.l1.read_u64(Gpa::new(DATA)).unwrap(), 6);
+        s.host.mprotect(page, 4096, Prot::READ).unwrap();
+        assert!(matches!(
+            s.l2.write_u64(Gpa::new(L2A), 7),
+            Err(VcpuExit::HostFault { .. })
+        ));
+        assert_eq!(s.l2.read_u64(Gpa::new(L2A)).unwrap(), 6);
+        s.host.munmap(page, 4096).unwrap();
+        assert!(matches!(
+            s.l2.read_u64(Gpa::new(L2A)),
+            Err(VcpuExit::HostFault { .. })
+        ));
+    }
+}
+
+#[test]
+fn teardown_frees_every_indirect_page() {
+    for mmu in both() {
+        let mut s = setup(mmu);
+        assert_eq!(s.l2.read_u64(Gpa::new(L2A)).unwrap(), 0);
+        drop((s.l1, s.l2));
+        let st = s.vm.shutdown().shadow;
+        assert_eq!(st.pages_allocated, st.pages_freed, "{mmu:?}: {st:?}");
+        assert_eq!(st.indirect_shadow_pages, 0);
+        drop(s.guest);
+        drop(s.host);
+    }
+}
