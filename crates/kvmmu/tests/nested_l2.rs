@@ -239,3 +239,50 @@ fn teardown_frees_every_indirect_page() {
         drop(s.host);
     }
 }
+
+#[test]
+fn with_tdp_for_l1_shadow_rmaps_are_aged_only_while_indirect_pages_exist() {
+    let mut s = setup(MmuKind::Tdp);
+    let page = Hva::new(s.hva.raw() + DATA);
+    // Aging before any indirect page: the rmap walk is skipped.
+    let walks = |s: &Setup| s.vm.stats().shadow.rmap_age_walks;
+    s.host.clear_young(page, 4096).unwrap();
+    assert_eq!(walks(&s), 0, "no indirect page yet: shadow rmaps skipped");
+    assert_eq!(s.l2.read_u64(Gpa::new(L2A)).unwrap(), 0);
+    assert!(s.vm.stats().shadow.indirect_shadow_pages > 0);
+    assert!(
+        s.host.clear_young(page, 4096).unwrap(),
+        "the indirect leaf was young"
+    );
+    assert_eq!(walks(&s), 1, "indirect pages exist: shadow rmaps aged");
+    // test_young: TDP says young (L1 touched the page) → the shadow MMU is not asked.
+    s.l1.write_u64(Gpa::new(DATA), 1).unwrap();
+    assert!(s.host.test_young(page).unwrap());
+    assert_eq!(
+        walks(&s),
+        1,
+        "test_young skipped the shadow MMU when TDP said young"
+    );
+    // Drop the last indirect page (a reset zaps them): the walk is skipped again.
+    s.vm.reset_mmu();
+    assert_eq!(s.vm.stats().shadow.indirect_shadow_pages, 0);
+    s.host.clear_young(page, 4096).unwrap();
+    assert!(!s.host.test_young(page).unwrap());
+    assert_eq!(walks(&s), 1, "no indirect page left: shadow rmaps skipped");
+}
+
+#[test]
+fn several_l2_addresses_of_one_l1_page_share_its_rmap_chain() {
+    for mmu in both() {
+        let mut s = setup(mmu);
+        assert_eq!(s.l2.read_u64(Gpa::new(L2A)).unwrap(), 0);
+        assert_eq!(s.l2.read_u64(Gpa::new(L2B)).unwrap(), 0);
+        let len = s.vm.rmap_len(AsId::new(0), Gfn::new(DATA >> 12));
+        // Two indirect leaves, plus L1's own leaf with the shadow MMU for L1.
+        let want = if mmu == MmuKind::Shadow { 2..=3 } else { 2..=2 };
+        assert!(
+            want.contains(&len),
+            "{mmu:?}: rmap of the L1 page holds {len}"
+        );
+    }
+}

@@ -310,6 +310,7 @@ impl Mmu {
         if self.may_have_shadow_sptes()
             && let Some(rmaps) = rmaps
         {
+            self.shadow.note_rmap_age_walk();
             any |= match young {
                 None => self
                     .shadow
@@ -339,6 +340,7 @@ impl Mmu {
         }
         self.may_have_shadow_sptes()
             && rmaps.is_some_and(|r| {
+                self.shadow.note_rmap_age_walk();
                 self.shadow
                     .age_gfn_range(r, gfns, AgeAction::TestOnly, locked)
             })
@@ -626,6 +628,15 @@ impl Mmu {
             MmuRoot::Shadow(root) => unsafe { self.shadow.hardware_walk_l2(root, l2_gfn, write) },
             MmuRoot::Tdp(_) => (HwWalk::NotPresent, l2_gfn),
         }
+    }
+
+    /// The length of the 4K rmap chain of `gfn` in `rmaps` (diagnostics), under `mmu_lock` write.
+    pub fn rmap_chain_len(&self, lock: &MmuLock, rmaps: &SlotRmaps, gfn: Gfn) -> usize {
+        let Some(r) = rmaps.get(gfn, Level::L4K) else {
+            return 0;
+        };
+        let mmu = lock.write();
+        r.count(mmu.witness(), self.shadow.rmap_stats())
     }
 
     /// The TDP MMU's statistics.

@@ -4,7 +4,7 @@
 
 use core::cell::RefCell;
 
-use crate::addr::{Gfn, Gpa, Hva, Level, PAGE_SHIFT, Pfn};
+use crate::addr::{AsId, Gfn, Gpa, Hva, Level, PAGE_SHIFT, Pfn};
 use crate::host::{FrameTag, GupError};
 use crate::mmu::shadow::nested::walk::{GuestWalk, L1AccessError, L1Memory, WalkError, walk_ept12};
 use crate::mmu::{FaultOutcome, MapRequest, MmuRoot, RemoteTlbFlush, RetryReason};
@@ -117,6 +117,52 @@ impl Vm {
         }
         vm.mmu.enable_nested();
         Ok(())
+    }
+}
+
+impl Vm {
+    /// The number of SPTEs in the 4K rmap of `gfn` (address space `as_id`): with nested guests,
+    /// one per L2 address mapping the L1 page (plus L1's own leaf with the shadow MMU). 0 when
+    /// the memslot has no rmaps. Diagnostics: takes `mmu_lock` for write.
+    ///
+    /// # Panics
+    /// From a thread in guest mode (it takes `mmu_lock`).
+    pub fn rmap_len(&self, as_id: AsId, gfn: Gfn) -> usize {
+        guest_mode::refuse("Vm::rmap_len");
+        let vm = self.inner();
+        let srcu = vm.srcu_read();
+        let Some(cell) = vm.memslots.get(as_id.index()) else {
+            return 0;
+        };
+        let slots = cell.load(&srcu);
+        slots
+            .find_by_gfn(gfn)
+            .and_then(|s| s.rmaps())
+            .map_or(0, |r| vm.mmu.rmap_chain_len(&vm.mmu_lock, r, gfn))
+    }
+
+    /// The longest 4K rmap chain over every memslot of `as_id` (diagnostics; walks every gfn
+    /// under `mmu_lock` write, one rmap at a time).
+    ///
+    /// # Panics
+    /// From a thread in guest mode.
+    pub fn max_rmap_len(&self, as_id: AsId) -> usize {
+        guest_mode::refuse("Vm::max_rmap_len");
+        let vm = self.inner();
+        let srcu = vm.srcu_read();
+        let Some(cell) = vm.memslots.get(as_id.index()) else {
+            return 0;
+        };
+        let slots = cell.load(&srcu);
+        let mut max = 0;
+        for slot in slots.iter() {
+            let Some(r) = slot.rmaps() else { continue };
+            let range = slot.gfn_range();
+            for g in range.start().raw()..range.end().raw() {
+                max = max.max(vm.mmu.rmap_chain_len(&vm.mmu_lock, r, Gfn::new(g)));
+            }
+        }
+        max
     }
 }
 

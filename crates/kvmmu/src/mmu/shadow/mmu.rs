@@ -52,6 +52,9 @@ pub struct ShadowStats {
     pub mmu_flooded: u64,
     /// L1 gfns write-tracked now (guest tables shadowed by at least one indirect page).
     pub write_tracked_gfns: u64,
+    /// Aging calls (age or test) that walked the shadow MMU's rmaps: with the TDP MMU, only while
+    /// indirect pages exist (spec §3.8, `kvm_may_have_shadow_mmu_sptes`).
+    pub rmap_age_walks: u64,
     /// Rmap descriptor and bit-lock counters.
     pub rmap: RmapStatsSnapshot,
 }
@@ -75,6 +78,7 @@ pub(super) struct Counters {
     pub(super) nested_faults: StripedCounter,
     pub(super) mmu_pte_write: StripedCounter,
     pub(super) mmu_flooded: StripedCounter,
+    pub(super) rmap_age_walks: StripedCounter,
 }
 
 #[inline]
@@ -281,6 +285,7 @@ impl ShadowMmu {
             mmu_pte_write: r(&c.mmu_pte_write),
             mmu_flooded: r(&c.mmu_flooded),
             write_tracked_gfns: self.write_tracked_gfns(),
+            rmap_age_walks: r(&c.rmap_age_walks),
             rmap: self.inner.rmap_stats.snapshot(),
         }
     }
@@ -324,6 +329,12 @@ impl ShadowMmu {
         self.inner
             .write_tracked
             .store(t.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one aging call that walks the rmaps (the dispatcher's, spec §3.8).
+    #[inline]
+    pub(crate) fn note_rmap_age_walk(&self) {
+        add(&self.inner.counters.rmap_age_walks, 1);
     }
 
     /// The number of write-tracked L1 gfns.
