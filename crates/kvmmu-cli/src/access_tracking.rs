@@ -98,6 +98,11 @@ pub struct AccessArgs {
     #[arg(skip)]
     pub no_aging_thread: bool,
 
+    /// Run the vCPUs as an L2 guest over EPT12 tables L1 built (nested TDP: indirect shadow
+    /// pages; the test memory is also mapped at a second L2 window, so rmap chains hold 2).
+    #[arg(long)]
+    pub nested: bool,
+
     /// Backing source of guest memory (the selftests' -s): anonymous, anonymous_thp,
     /// anonymous_hugetlb_2mb or anonymous_hugetlb_1gb (hugetlb needs -v x -b aligned to its size).
     #[arg(short = 's', long = "backing-src", default_value = "anonymous")]
@@ -254,6 +259,7 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     r.config("random_access", a.random_access);
     r.config("age_while_populating", a.age_while_populating);
     r.config("backing_src", a.backing_src.name());
+    r.config("nested", a.nested);
     r.config("aging_thread", a.age_while_populating && !a.no_aging_thread);
     r.config(
         "idle_policy",
@@ -264,11 +270,19 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     );
     r.counts.insert("test_pages".into(), test_pages);
 
+    let tables = if a.nested {
+        crate::nested::table_frames(test_pages)
+    } else {
+        0
+    };
     let host = HostMm::new(HostConfig {
-        frames: usize::try_from(test_pages + SPARE_FRAMES)?,
+        frames: usize::try_from(test_pages + SPARE_FRAMES + tables)?,
     })?;
     host.prefault()?;
     let vm = Vm::new(&host, config)?;
+    if a.nested {
+        vm.enable_nested()?;
+    }
     let hva = host.mmap_backed(total, Prot::READ | Prot::WRITE, a.backing_src)?;
     vm.set_user_memory_region(MemoryRegion {
         slot: SlotId::new(TEST_SLOT),
@@ -281,6 +295,18 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     let mut vcpus = (0..a.vcpus)
         .map(|_| vm.create_vcpu())
         .collect::<Result<Vec<_>, _>>()?;
+    let _guest = if a.nested {
+        Some(crate::nested::enter_l2(
+            &host,
+            &vm,
+            &mut vcpus,
+            TEST_GPA,
+            total,
+            |i| lay.region(i),
+        )?)
+    } else {
+        None
+    };
 
     if a.age_while_populating {
         populate_while_aging(a, &lay, &host, hva, &mut vcpus, &mut r)?;
@@ -288,6 +314,9 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
         selftest_phases(a, &lay, &host, hva, &mut vcpus, policy, &mut r)?;
     }
 
+    if a.nested {
+        crate::nested::report(&vm, &mut r);
+    }
     let stats = vm.stats();
     r.counts.extend(crate::vm_counts(&stats));
     r.counts.insert("faults".into(), stats.faults);
@@ -707,6 +736,7 @@ mod tests {
             random_access: false,
             age_while_populating: false,
             no_aging_thread: false,
+            nested: false,
             backing_src: kvmmu::BackingSrc::Anonymous,
         }
     }
@@ -731,6 +761,19 @@ mod tests {
         match run(&a) {
             Err(e) => assert!(e.to_string().contains("not available"), "{e}"),
             Ok(r) => assert!(r.passed, "{}", r.failures()),
+        }
+    }
+
+    #[test]
+    fn nested_run_has_indirect_pages_and_rmap_chains_of_two_on_both_mmus() {
+        for mmu in [MmuArg::Tdp, MmuArg::Shadow] {
+            let mut a = args();
+            a.nested = true;
+            a.mmu = mmu;
+            let r = run(&a).unwrap();
+            assert!(r.passed, "{mmu:?}: {}", r.failures());
+            assert!(r.counts["indirect_shadow_pages"] > 0);
+            assert!(r.counts["max_mmu_rmap_size"] >= 2);
         }
     }
 
