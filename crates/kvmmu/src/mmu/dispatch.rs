@@ -510,6 +510,9 @@ impl Mmu {
         mmu: &mut MmuWriteGuard<'_>,
         flusher: &impl RemoteTlbFlush,
     ) -> bool {
+        if cfg!(feature = "broken-no-write-protect-guest-tables") {
+            return false;
+        }
         let as_id = AsId::new(0);
         let mut flush = false;
         for &g in gfns {
@@ -596,6 +599,9 @@ impl Mmu {
     /// Exact under `mmu_lock`; a hint otherwise.
     #[inline]
     pub fn write_tracked_in(&self, start: u64, end: u64) -> bool {
+        if cfg!(feature = "broken-no-write-protect-guest-tables") {
+            return false;
+        }
         self.shadow.write_tracked_in(start, end)
     }
 
