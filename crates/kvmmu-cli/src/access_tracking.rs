@@ -302,7 +302,7 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
             &mut vcpus,
             TEST_GPA,
             total,
-            |i| lay.region(i),
+            Some(&|i| lay.region(i)),
         )?)
     } else {
         None
@@ -315,7 +315,7 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     }
 
     if a.nested {
-        crate::nested::report(&vm, &mut r);
+        crate::nested::report(&vm, &mut r, true);
     }
     let stats = vm.stats();
     r.counts.extend(crate::vm_counts(&stats));

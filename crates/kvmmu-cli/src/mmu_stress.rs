@@ -79,6 +79,12 @@ pub struct StressArgs {
     #[arg(long)]
     pub reclaim: bool,
 
+    /// Run the vCPUs as an L2 guest: L1 maps the guest range one to one in EPT12 (built with
+    /// ordinary writes in a table slot at gpa 0), so every access goes through indirect shadow
+    /// pages.
+    #[arg(long)]
+    pub nested: bool,
+
     /// The memory limit with `--reclaim` (bytes, below -s; default half of -s).
     #[arg(long, requires = "reclaim", value_parser = size::parse_size)]
     pub limit: Option<u64>,
@@ -432,10 +438,16 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
     r.config("aging", a.aging);
     r.config("age", a.age);
     r.config("tlb_entries", a.tlb_entries);
+    r.config("nested", a.nested);
 
     let buf_pages = a.slot_size / PAGE_SIZE;
+    let tables = if a.nested {
+        crate::nested::table_frames(nslots * buf_pages)
+    } else {
+        0
+    };
     let host = HostMm::new(HostConfig {
-        frames: usize::try_from(buf_pages + 64)?,
+        frames: usize::try_from(buf_pages + 64 + tables)?,
     })?;
     host.prefault()?;
     r.config("reclaim", a.reclaim);
@@ -451,6 +463,9 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
         None
     };
     let vm = Vm::new(&host, config)?;
+    if a.nested {
+        vm.enable_nested()?;
+    }
     let buf = host.mmap(a.slot_size, Prot::READ | Prot::WRITE)?;
     let t = Instant::now();
     for p in 0..buf_pages {
@@ -487,6 +502,18 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
     let mut vcpus = (0..a.vcpus)
         .map(|_| vm.create_vcpu())
         .collect::<Result<Vec<_>, _>>()?;
+    let _guest = if a.nested {
+        Some(crate::nested::enter_l2(
+            &host,
+            &vm,
+            &mut vcpus,
+            BASE_GPA,
+            total_pages * PAGE_SIZE,
+            None,
+        )?)
+    } else {
+        None
+    };
     let sh = Shared {
         slot_size: a.slot_size,
         ro_done: AtomicBool::new(false),
@@ -602,6 +629,9 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
         "every write after mprotect(PROT_READ) returned faulted",
     );
 
+    if a.nested {
+        crate::nested::report(&vm, &mut r, false);
+    }
     // Delete even slots, unmap the first half of the buffer, and exit without deleting the rest.
     let t = Instant::now();
     for s in (2..=nslots).step_by(2) {
@@ -742,6 +772,20 @@ mod tests {
             tlb_entries: 64,
             reclaim: false,
             limit: None,
+            nested: false,
+        }
+    }
+
+    #[test]
+    fn every_stage_passes_with_the_vcpus_in_l2_on_both_mmus() {
+        for mmu in [MmuArg::Tdp, MmuArg::Shadow] {
+            let mut a = args();
+            a.nested = true;
+            a.mmu = mmu;
+            a.age = true;
+            let r = run(&a).unwrap();
+            assert!(r.passed, "{mmu:?}: {}", r.failures());
+            assert!(r.counts["indirect_shadow_pages"] > 0);
         }
     }
 
