@@ -286,3 +286,52 @@ fn several_l2_addresses_of_one_l1_page_share_its_rmap_chain() {
         );
     }
 }
+
+#[test]
+fn l2_writes_are_logged_in_the_l1_slot_dirty_bitmap() {
+    for mmu in both() {
+        let mut s = setup(mmu);
+        // A second L1 slot with dirty logging, mapped into L2.
+        let hva = s.host.mmap(PAGES * 4096, Prot::READ | Prot::WRITE).unwrap();
+        s.vm.set_user_memory_region(MemoryRegion {
+            slot: SlotId::new(1),
+            as_id: AsId::new(0),
+            flags: MemFlags::LOG_DIRTY_PAGES,
+            gpa: Gpa::new(32 * MIB),
+            size: PAGES * 4096,
+            hva,
+        })
+        .unwrap();
+        let l2 = 0x9000_0000u64;
+        s.guest
+            .map(
+                &mut s.l1,
+                Gpa::new(l2),
+                Gpa::new(32 * MIB),
+                PAGES * 4096,
+                EptPerms::RW,
+            )
+            .unwrap();
+        let log = |s: &Setup| s.vm.get_dirty_log(AsId::new(0), SlotId::new(1)).unwrap();
+        let _ = log(&s);
+        // A read first (maps the page), then writes: each round's writes are logged.
+        for round in 0..3u64 {
+            for p in 0..4u64 {
+                let want = if round == 0 { 0 } else { round - 1 + 100 };
+                assert_eq!(s.l2.read_u64(Gpa::new(l2 + p * 4096)).unwrap(), want);
+            }
+            s.l2.write_u64(Gpa::new(l2 + 2 * 4096), round + 100)
+                .unwrap();
+            for p in [0u64, 1, 3] {
+                s.l2.write_u64(Gpa::new(l2 + p * 4096), round + 100)
+                    .unwrap();
+            }
+            let bits = log(&s);
+            assert_eq!(
+                bits[0] & 0xF,
+                0xF,
+                "{mmu:?} round {round}: every written page logged"
+            );
+        }
+    }
+}

@@ -275,7 +275,11 @@ impl VmInner {
             gfn: l1_gfn,
             pfn: page.pfn,
             level: Level::L4K,
-            host_writable: page.writable && !readonly_slot,
+            // On a dirty-logging slot only a write fault maps writable, so the first L2 write
+            // to the page faults and is logged (D3).
+            host_writable: page.writable
+                && !readonly_slot
+                && (write || !slot.flags().contains(MemFlags::LOG_DIRTY_PAGES)),
             write_fault: write,
             prefetch: false,
         };
