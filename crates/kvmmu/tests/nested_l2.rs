@@ -335,3 +335,88 @@ fn l2_writes_are_logged_in_the_l1_slot_dirty_bitmap() {
         }
     }
 }
+
+#[test]
+fn a_table_written_again_and_again_is_zapped_as_flooded_and_l2_stays_correct() {
+    for mmu in both() {
+        let mut s = setup(mmu);
+        assert_eq!(s.l2.read_u64(Gpa::new(L2A)).unwrap(), 0);
+        let before = s.vm.stats().shadow;
+        // Rewrite one leaf entry many times with no L2 fault in between.
+        for _ in 0..8 {
+            s.guest
+                .protect(&mut s.l1, Gpa::new(L2A), 4096, EptPerms::R)
+                .unwrap();
+            s.guest
+                .protect(&mut s.l1, Gpa::new(L2A), 4096, EptPerms::RW)
+                .unwrap();
+        }
+        let after = s.vm.stats().shadow;
+        assert!(after.mmu_flooded > before.mmu_flooded, "{mmu:?}: {after:?}");
+        assert!(
+            after.mmu_pte_write > before.mmu_pte_write,
+            "{mmu:?}: {after:?}"
+        );
+        s.l1.write_u64(Gpa::new(DATA), 77).unwrap();
+        assert_eq!(s.l2.read_u64(Gpa::new(L2A)).unwrap(), 77);
+        s.l2.write_u64(Gpa::new(L2A), 78).unwrap();
+        assert_eq!(s.l2.read_u64(Gpa::new(L2B)).unwrap(), 78);
+    }
+}
+
+#[test]
+fn l1_maps_pages_next_to_a_guest_table_with_4k_leaves_only() {
+    for mmu in both() {
+        let host = HostMm::new(HostConfig { frames: 8192 }).unwrap();
+        let vm = Vm::new(
+            &host,
+            VmConfig {
+                mmu,
+                ..VmConfig::default()
+            },
+        )
+        .unwrap();
+        vm.enable_nested().unwrap();
+        let hva = host
+            .mmap_backed(8 * MIB, Prot::READ | Prot::WRITE, BackingSrc::AnonymousThp)
+            .unwrap();
+        vm.set_user_memory_region(MemoryRegion {
+            slot: SlotId::new(0),
+            as_id: AsId::new(0),
+            flags: MemFlags::empty(),
+            gpa: Gpa::new(0),
+            size: 8 * MIB,
+            hva,
+        })
+        .unwrap();
+        let mut l1 = vm.create_vcpu().unwrap();
+        // The pool is the first 64 KiB of the first 2 MiB; L1 data sits in the same 2 MiB.
+        let mut g = NestedGuest::new(&mut l1, Gpa::new(0), 64 << 10).unwrap();
+        g.map(&mut l1, Gpa::new(0), Gpa::new(MIB), 4096, EptPerms::RW)
+            .unwrap();
+        let mut l2 = vm.create_vcpu().unwrap();
+        l2.enter_l2(&g).unwrap();
+        assert_eq!(l2.read_u64(Gpa::new(0)).unwrap(), 0);
+        l1.write_u64(Gpa::new(MIB + 8), 1).unwrap();
+        l1.write_u64(Gpa::new(4 * MIB), 1).unwrap();
+        let level = |gpa: u64| vm.spte(AsId::new(0), Gpa::new(gpa).gfn()).map(|(_, l)| l);
+        assert_eq!(
+            level(4 * MIB),
+            Some(Level::L2M),
+            "{mmu:?}: THP backing maps huge elsewhere"
+        );
+        assert_eq!(
+            level(MIB),
+            Some(Level::L4K),
+            "{mmu:?}: no huge leaf over a tracked table"
+        );
+        // The table pages themselves are mapped read-only (or not at all).
+        if let Some((spte, _)) = vm.spte(AsId::new(0), Gfn::new(0)) {
+            assert!(
+                !spte.is_writable(),
+                "{mmu:?}: a tracked table is never writable"
+            );
+        }
+        drop((l1, l2));
+    }
+}
