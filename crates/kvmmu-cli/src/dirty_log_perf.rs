@@ -66,6 +66,11 @@ pub struct DirtyLogPerfArgs {
     /// Entries in each vCPU's software TLB.
     #[arg(long, default_value_t = 2048)]
     pub tlb_entries: usize,
+
+    /// Nested (the selftest's -n): the vCPUs run as an L2 guest over a one-to-one EPT12 that L1
+    /// built, so every access goes through indirect shadow pages and the L1 slots' rmaps.
+    #[arg(short = 'n', long)]
+    pub nested: bool,
 }
 
 /// `dirty-log-perf` with its output options.
@@ -207,10 +212,18 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     check(a)?;
     let pages_per_vcpu = a.bytes_per_vcpu / 4096;
     let npages = pages_per_vcpu * a.vcpus as u64;
+    let tables = if a.nested {
+        crate::nested::table_frames(npages)
+    } else {
+        0
+    };
     let host = HostMm::new(HostConfig {
-        frames: npages as usize + 1024,
+        frames: (npages + tables) as usize + 1024,
     })?;
     let vm = Vm::new(&host, vm_config(a.mmu, AgingArg::Lockless, a.tlb_entries))?;
+    if a.nested {
+        vm.enable_nested()?;
+    }
     vm.set_dirty_tracking(a.tracking.mode())?;
     let ring = a.dirty_ring != 0;
     if ring {
@@ -245,6 +258,13 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     let mut vcpus: Vec<Vcpu> = (0..a.vcpus)
         .map(|_| vm.create_vcpu())
         .collect::<Result<_, _>>()?;
+    let _guest = if a.nested {
+        Some(crate::nested::enter_l2(
+            &host, &vm, &mut vcpus, BASE_GPA, bytes, None,
+        )?)
+    } else {
+        None
+    };
 
     let mut r = Report::new("dirty-log-perf");
     r.config("bytes_per_vcpu", a.bytes_per_vcpu);
@@ -257,6 +277,7 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     r.config("dirty_ring", a.dirty_ring);
     r.config("mmu", a.mmu);
     r.config("tracking", a.tracking);
+    r.config("nested", a.nested);
     let bar = progress::bar(a.iterations + 3, "dirty-log-perf");
     phase(&mut r, &vm, "populate memory", "populate", || {
         run_vcpus(&mut vcpus, pages_per_vcpu, 100, false, 1)
@@ -372,6 +393,9 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     r.notes.push(
         "per-phase counts are under counts.<phase>.{pf_fast,pf_fixed,remote_tlb_flush}".into(),
     );
+    if a.nested {
+        crate::nested::report(&vm, &mut r, false);
+    }
     Ok(r)
 }
 

@@ -10,8 +10,8 @@ use kvmmu::{EptPerms, PAGE_SIZE};
 
 /// Where the alias window of the test memory starts in L2.
 pub const ALIAS_L2_GPA: u64 = 1 << 40;
-/// The memslot of L1's EPT12 tables.
-const TABLE_SLOT: u16 = 0;
+/// The memslot of L1's EPT12 tables (a high id no workload uses).
+const TABLE_SLOT: u16 = 32_000;
 
 /// Host frames the EPT12 tables of `test_pages` pages mapped twice need.
 pub fn table_frames(test_pages: u64) -> u64 {
