@@ -17,6 +17,7 @@ fn setup(mmu: MmuKind) -> (HostMm, Vm, Vcpu) {
         },
     )
     .unwrap();
+    vm.enable_nested().unwrap();
     let hva = host.mmap(16 * MIB, Prot::READ | Prot::WRITE).unwrap();
     vm.set_user_memory_region(MemoryRegion {
         slot: SlotId::new(0),
@@ -237,4 +238,29 @@ fn a_pool_outside_l1_memory_is_refused() {
         NestedGuest::new(&mut v, Gpa::new(0x800), 4096),
         Err(NestedError::Unaligned { .. })
     ));
+}
+
+#[test]
+fn nesting_must_be_enabled_before_memslots_on_a_tdp_vm() {
+    let host = HostMm::new(HostConfig { frames: 1024 }).unwrap();
+    let vm = Vm::new(&host, VmConfig::default()).unwrap();
+    let hva = host.mmap(MIB, Prot::READ | Prot::WRITE).unwrap();
+    vm.set_user_memory_region(MemoryRegion {
+        slot: SlotId::new(0),
+        as_id: AsId::new(0),
+        flags: MemFlags::empty(),
+        gpa: Gpa::new(0),
+        size: MIB,
+        hva,
+    })
+    .unwrap();
+    assert!(matches!(
+        vm.enable_nested(),
+        Err(VmError::NestedAfterMemslots)
+    ));
+    let mut v = vm.create_vcpu().unwrap();
+    assert_eq!(
+        NestedGuest::new(&mut v, Gpa::new(0), 4096).unwrap_err(),
+        NestedError::NestedNotEnabled
+    );
 }

@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 
 use kvmmu::EptPerms;
-use kvmmu::internals::mmu::shadow::nested::walk::{EptExit, ViolationReason};
 use kvmmu::prelude::*;
+use kvmmu::{EptExit, ViolationReason};
 
 const MIB: u64 = 1 << 20;
 /// L1: the table pool slot at 0, the data slot at `DATA` (`DATA_PAGES` pages).

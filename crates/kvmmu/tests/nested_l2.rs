@@ -2,8 +2,8 @@
 //! ordinary writes) and EPT02 (indirect shadow pages), and see exactly what L1 wrote; EPT12
 //! changes (remap, protect, unmap, malformed entries) reach L2 through write tracking.
 
-use kvmmu::internals::mmu::shadow::nested::walk::{EptExit, ViolationReason};
 use kvmmu::prelude::*;
+use kvmmu::{EptExit, ViolationReason};
 use kvmmu::{EptPerms, MisconfigReason};
 
 const MIB: u64 = 1 << 20;
