@@ -16,6 +16,7 @@ fn args() -> StressArgs {
         tlb_entries: 64,
         reclaim: false,
         limit: None,
+        nested: false,
     }
 }
 

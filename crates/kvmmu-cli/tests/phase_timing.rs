@@ -63,6 +63,7 @@ fn access(idle: IdleArg, p: bool) -> AccessArgs {
         age_while_populating: p,
         no_aging_thread: false,
         backing_src: kvmmu::BackingSrc::Anonymous,
+        nested: false,
     }
 }
 
@@ -100,6 +101,7 @@ fn mmu_stress_stage_is_never_shorter_than_its_participants_own_work_under_cpu_ho
         tlb_entries: 64,
         reclaim: false,
         limit: None,
+        nested: false,
     };
     let checked = under_cpu_hogs(|| {
         (0..6)

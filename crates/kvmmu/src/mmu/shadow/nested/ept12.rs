@@ -82,7 +82,7 @@ impl EptPerms {
     }
     /// A combination EPT12 accepts in a present entry: not W without R.
     pub const fn is_valid(self) -> bool {
-        !(self.write() && !self.read())
+        !self.write() || self.read()
     }
     /// The permissions both grant (a walk ANDs the levels).
     pub const fn and(self, other: EptPerms) -> EptPerms {
