@@ -420,3 +420,66 @@ fn l1_maps_pages_next_to_a_guest_table_with_4k_leaves_only() {
         drop((l1, l2));
     }
 }
+
+#[test]
+fn deleting_the_memslot_of_the_guest_tables_drops_every_translation_derived_from_them() {
+    for mmu in both() {
+        // The tables in their own slot this time.
+        let host = HostMm::new(HostConfig { frames: 4096 }).unwrap();
+        let vm = Vm::new(
+            &host,
+            VmConfig {
+                mmu,
+                ..VmConfig::default()
+            },
+        )
+        .unwrap();
+        vm.enable_nested().unwrap();
+        let region = |slot: u16, gpa: u64, size: u64, hva: Hva| MemoryRegion {
+            slot: SlotId::new(slot),
+            as_id: AsId::new(0),
+            flags: MemFlags::empty(),
+            gpa: Gpa::new(gpa),
+            size,
+            hva,
+        };
+        let tables = host.mmap(MIB, Prot::READ | Prot::WRITE).unwrap();
+        let data = host.mmap(MIB, Prot::READ | Prot::WRITE).unwrap();
+        vm.set_user_memory_region(region(0, 0, MIB, tables))
+            .unwrap();
+        vm.set_user_memory_region(region(1, 4 * MIB, MIB, data))
+            .unwrap();
+        let mut l1 = vm.create_vcpu().unwrap();
+        let mut g = NestedGuest::new(&mut l1, Gpa::new(0), MIB).unwrap();
+        g.map(&mut l1, Gpa::new(0), Gpa::new(4 * MIB), 4096, EptPerms::RW)
+            .unwrap();
+        l1.write_u64(Gpa::new(4 * MIB), 3).unwrap();
+        let mut l2 = vm.create_vcpu().unwrap();
+        l2.enter_l2(&g).unwrap();
+        assert_eq!(l2.read_u64(Gpa::new(0)).unwrap(), 3);
+        vm.set_user_memory_region(region(0, 0, 0, tables)).unwrap();
+        assert_eq!(vm.stats().shadow.indirect_shadow_pages, 0, "{mmu:?}");
+        assert!(
+            matches!(
+                l2.read_u64(Gpa::new(0)),
+                Err(VcpuExit::Ept(EptExit::Misconfig {
+                    level: 4,
+                    reason: MisconfigReason::TableOutsideL1Memory,
+                    ..
+                }))
+            ),
+            "{mmu:?}: no translation survives its tables"
+        );
+        // Fresh (zero) memory where the tables were: nothing is mapped.
+        let fresh = host.mmap(MIB, Prot::READ | Prot::WRITE).unwrap();
+        vm.set_user_memory_region(region(0, 0, MIB, fresh)).unwrap();
+        assert!(matches!(
+            l2.read_u64(Gpa::new(0)),
+            Err(VcpuExit::Ept(EptExit::Violation {
+                reason: ViolationReason::NotPresent { level: 4 },
+                ..
+            }))
+        ));
+        drop((l1, l2));
+    }
+}

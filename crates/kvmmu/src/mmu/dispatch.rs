@@ -617,6 +617,23 @@ impl Mmu {
         self.shadow.track_write(gfn, word, sets, mmu)
     }
 
+    /// A memslot of address space `as_id` covering `gfns` is being deleted or moved: zap the
+    /// indirect pages shadowing guest tables in it (nested N3: EPT02 must not outlive the EPT12
+    /// it was derived from). Vcpus whose EPT02 root goes reload it.
+    pub(crate) fn zap_nested_tables_in(
+        &self,
+        as_id: AsId,
+        gfns: GfnRange,
+        sets: &(impl RmapLookup + ?Sized),
+        mmu: &MmuWriteWitness,
+    ) -> ZapBatch {
+        if as_id.index() != 0 || self.shadow.indirect_shadow_pages() == 0 {
+            return ZapBatch::empty();
+        }
+        self.shadow
+            .zap_indirect_in(gfns.start().raw(), gfns.end().raw(), sets, mmu)
+    }
+
     /// The simulated CPU's walk of an EPT02 root for an L2 gfn; also returns the L1 gfn the leaf
     /// maps (the vCPU checks the frame against it).
     ///

@@ -452,7 +452,18 @@ impl VmInner {
 
     /// `kvm_arch_flush_shadow_memslot`: zap every SPTE of `slot`, flushing TLBs before the lock drops.
     fn flush_shadow_memslot(&self, slot: &Memslot) {
+        let srcu = self.srcu_read();
         let mut mmu = self.mmu_lock.write();
+        // Nested: indirect pages shadowing guest tables in the slot go too (vm/nested.rs).
+        let sets: Vec<&Memslots> = self.memslots.iter().map(|c| c.load(&srcu)).collect();
+        self.mmu
+            .zap_nested_tables_in(
+                slot.as_id(),
+                slot.gfn_range(),
+                sets.as_slice(),
+                mmu.witness(),
+            )
+            .commit(self);
         let batch = self.mmu.unmap_gfn_range(
             slot.as_id(),
             slot.rmaps(),

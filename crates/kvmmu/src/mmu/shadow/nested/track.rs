@@ -72,3 +72,34 @@ impl ShadowMmu {
         batch
     }
 }
+
+impl ShadowMmu {
+    /// Zaps every indirect page whose shadowed EPT12 table lies in L1 gfns `[start, end)`
+    /// (`kvm_mmu_zap_memslot_pages_and_flush`): a memslot holding guest tables is going away, so
+    /// nothing derived from them may survive. The batch is committed before `mmu_lock` drops.
+    pub(crate) fn zap_indirect_in(
+        &self,
+        start: u64,
+        end: u64,
+        sets: &(impl RmapLookup + ?Sized),
+        mmu: &MmuWrite,
+    ) -> ZapBatch {
+        self.check_lock(mmu.lock_id());
+        if !self.write_tracked_in(start, end) {
+            return ZapBatch::empty();
+        }
+        let mut state = self.inner.state.lock();
+        let victims: Vec<_> = state
+            .hash
+            .iter()
+            .filter(|((gfn, role), _)| !role.direct && (start..end).contains(gfn))
+            .map(|(_, &sp)| sp)
+            .collect();
+        let mut invalid = InvalidList::default();
+        for sp in victims {
+            self.prepare_zap(&mut state, sp, sets, mmu, &mut invalid);
+        }
+        drop(state);
+        self.commit_zap(invalid)
+    }
+}
