@@ -264,3 +264,20 @@ fn nesting_must_be_enabled_before_memslots_on_a_tdp_vm() {
         NestedError::NestedNotEnabled
     );
 }
+
+#[test]
+fn invept_from_a_thread_in_guest_mode_is_refused_and_does_nothing() {
+    let (_h, vm, mut v) = setup(MmuKind::Tdp);
+    let g = NestedGuest::new(&mut v, Gpa::new(POOL), MIB).unwrap();
+    let mut other = vm.create_vcpu().unwrap();
+    let flushes = vm.stats().remote_tlb_flush;
+    let guest = other.enter();
+    assert!(matches!(
+        g.invept(&mut v),
+        Err(NestedError::Vcpu(VcpuExit::InGuestMode(_)))
+    ));
+    drop(guest);
+    assert_eq!(vm.stats().remote_tlb_flush, flushes);
+    g.invept(&mut v).unwrap();
+    assert_eq!(vm.stats().remote_tlb_flush, flushes + 1);
+}

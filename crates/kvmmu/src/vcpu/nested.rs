@@ -367,8 +367,14 @@ impl NestedGuest {
     /// INVEPT (single context): L1 tells the CPU that EPT12 changed. Every vCPU's cached
     /// translations are flushed (KVM keeps the shadow EPT02 in sync by write tracking, so only
     /// the TLBs can hold older translations).
+    ///
+    /// Errors: [`NestedError::ForeignVcpu`], [`NestedError::VcpuInL2`], and
+    /// [`NestedError::Vcpu`] with [`VcpuExit::InGuestMode`] from a thread holding a vCPU in guest
+    /// mode (nothing done).
     pub fn invept(&self, vcpu: &mut Vcpu) -> Result<(), NestedError> {
         self.check_vcpu(vcpu)?;
+        // The flush waits for every vCPU in guest mode: refuse a caller that is one.
+        crate::sync::guest_mode::check("INVEPT").map_err(VcpuExit::from)?;
         self.vm.nested_invept();
         Ok(())
     }

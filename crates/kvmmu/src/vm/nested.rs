@@ -103,8 +103,10 @@ impl Vm {
     /// shadow root is made). A shadow-MMU VM always supports nesting. Call it before creating any
     /// memslot.
     ///
-    /// Errors: [`VmError::NestedAfterMemslots`] if a memslot exists (nothing changed).
+    /// Errors: [`VmError::NestedAfterMemslots`] if a memslot exists, [`VmError::InGuestMode`]
+    /// from a thread holding a vCPU in guest mode (nothing changed).
     pub fn enable_nested(&self) -> Result<(), VmError> {
+        guest_mode::check("Vm::enable_nested")?;
         let vm = self.inner();
         let _slots = vm.slots_lock.lock();
         let srcu = vm.srcu_read();
