@@ -103,6 +103,11 @@ pub struct AccessArgs {
     #[arg(long)]
     pub nested: bool,
 
+    /// With --nested: extra L2 windows onto the test memory (each adds one SPTE to every rmap
+    /// chain; 1 gives chains of 2).
+    #[arg(long, default_value_t = 1, requires = "nested")]
+    pub nested_aliases: u64,
+
     /// Backing source of guest memory (the selftests' -s): anonymous, anonymous_thp,
     /// anonymous_hugetlb_2mb or anonymous_hugetlb_1gb (hugetlb needs -v x -b aligned to its size).
     #[arg(short = 's', long = "backing-src", default_value = "anonymous")]
@@ -190,6 +195,11 @@ fn validate(a: &AccessArgs) -> anyhow::Result<(u64, u64)> {
         "guest memory of {total} bytes exceeds the host's frame arena ({} frames of 4K at most)",
         MAX_FRAMES
     );
+    ensure!(
+        (1..=crate::nested::MAX_ALIASES).contains(&a.nested_aliases),
+        "--nested-aliases must be between 1 and {}",
+        crate::nested::MAX_ALIASES
+    );
     crate::check_host_memory(pages + SPARE_FRAMES)?;
     ensure!(
         total.is_multiple_of(a.backing_src.page_size()),
@@ -260,6 +270,7 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     r.config("age_while_populating", a.age_while_populating);
     r.config("backing_src", a.backing_src.name());
     r.config("nested", a.nested);
+    r.config("nested_aliases", a.nested_aliases);
     r.config("aging_thread", a.age_while_populating && !a.no_aging_thread);
     r.config(
         "idle_policy",
@@ -271,7 +282,7 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     r.counts.insert("test_pages".into(), test_pages);
 
     let tables = if a.nested {
-        crate::nested::table_frames(test_pages)
+        crate::nested::table_frames(test_pages, 1 + a.nested_aliases)
     } else {
         0
     };
@@ -302,6 +313,7 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
             &mut vcpus,
             TEST_GPA,
             total,
+            a.nested_aliases,
             Some(&|i| lay.region(i)),
         )?)
     } else {
@@ -737,6 +749,7 @@ mod tests {
             age_while_populating: false,
             no_aging_thread: false,
             nested: false,
+            nested_aliases: 1,
             backing_src: kvmmu::BackingSrc::Anonymous,
         }
     }
@@ -775,6 +788,12 @@ mod tests {
             assert!(r.counts["indirect_shadow_pages"] > 0);
             assert!(r.counts["max_mmu_rmap_size"] >= 2);
         }
+        let mut a = args();
+        a.nested = true;
+        a.nested_aliases = 5;
+        let r = run(&a).unwrap();
+        assert!(r.passed, "{}", r.failures());
+        assert_eq!(r.counts["max_mmu_rmap_size"], 6, "one SPTE per L2 window");
     }
 
     #[test]

@@ -213,7 +213,7 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     let pages_per_vcpu = a.bytes_per_vcpu / 4096;
     let npages = pages_per_vcpu * a.vcpus as u64;
     let tables = if a.nested {
-        crate::nested::table_frames(npages)
+        crate::nested::table_frames(npages, 1)
     } else {
         0
     };
@@ -260,7 +260,7 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
         .collect::<Result<_, _>>()?;
     let _guest = if a.nested {
         Some(crate::nested::enter_l2(
-            &host, &vm, &mut vcpus, BASE_GPA, bytes, None,
+            &host, &vm, &mut vcpus, BASE_GPA, bytes, 0, None,
         )?)
     } else {
         None

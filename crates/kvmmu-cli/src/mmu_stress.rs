@@ -442,7 +442,7 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
 
     let buf_pages = a.slot_size / PAGE_SIZE;
     let tables = if a.nested {
-        crate::nested::table_frames(nslots * buf_pages)
+        crate::nested::table_frames(nslots * buf_pages, 1)
     } else {
         0
     };
@@ -509,6 +509,7 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
             &mut vcpus,
             BASE_GPA,
             total_pages * PAGE_SIZE,
+            0,
             None,
         )?)
     } else {

@@ -1,21 +1,24 @@
 //! `--nested`: run a workload's vCPUs as an L2 guest (the selftests' `-n`, nested TDP). L1's
 //! first vCPU builds EPT12 in a small table memslot at gpa 0 with ordinary writes: the test
-//! memory is mapped at its own address (the window the workload uses) and once more at
-//! [`ALIAS_L2_GPA`]; every vCPU then enters L2 and reads its pages through the alias once, so
-//! that each L1 page has two indirect leaves (rmap chains of 2) before the timed phases start.
+//! memory is mapped at its own address (the window the workload uses) and, for access-tracking,
+//! once more per alias window from [`ALIAS_L2_GPA`]; every vCPU then enters L2 and reads its
+//! pages through each alias once, so that each L1 page has `1 + aliases` indirect leaves (rmap
+//! chains that long) before the timed phases start.
 
 use anyhow::Context;
 use kvmmu::prelude::*;
 use kvmmu::{EptPerms, PAGE_SIZE};
 
-/// Where the alias window of the test memory starts in L2.
+/// Where the first alias window of the test memory starts in L2 (window `k` at `(k + 1) << 40`).
 pub const ALIAS_L2_GPA: u64 = 1 << 40;
+/// The most alias windows `--nested-aliases` takes (each is a 1 TiB slice of the 48-bit L2 space).
+pub const MAX_ALIASES: u64 = 200;
 /// The memslot of L1's EPT12 tables (a high id no workload uses).
 const TABLE_SLOT: u16 = 32_000;
 
-/// Host frames the EPT12 tables of `test_pages` pages mapped twice need.
-pub fn table_frames(test_pages: u64) -> u64 {
-    2 * test_pages.div_ceil(512) + 16
+/// Host frames the EPT12 tables of `test_pages` pages mapped in `windows` L2 windows need.
+pub fn table_frames(test_pages: u64, windows: u64) -> u64 {
+    windows * (test_pages.div_ceil(512) + 3) + 16
 }
 
 /// Builds EPT12 for test memory `[test_gpa, test_gpa + total)` (a memslot that must not exist yet
@@ -28,9 +31,11 @@ pub fn enter_l2(
     vcpus: &mut [Vcpu],
     test_gpa: u64,
     total: u64,
+    aliases: u64,
     alias_regions: Option<&dyn Fn(usize) -> (u64, u64)>,
 ) -> anyhow::Result<NestedGuest> {
-    let pages = table_frames(total / PAGE_SIZE);
+    let aliases = if alias_regions.is_some() { aliases } else { 0 };
+    let pages = table_frames(total / PAGE_SIZE, 1 + aliases);
     let hva = host.mmap(pages * PAGE_SIZE, Prot::READ | Prot::WRITE)?;
     vm.set_user_memory_region(MemoryRegion {
         slot: SlotId::new(TABLE_SLOT),
@@ -44,12 +49,10 @@ pub fn enter_l2(
         anyhow::bail!("--nested needs at least one vCPU");
     };
     let mut guest = NestedGuest::new(l1, Gpa::new(0), pages * PAGE_SIZE)?;
-    let windows: &[u64] = if alias_regions.is_some() {
-        &[test_gpa, ALIAS_L2_GPA]
-    } else {
-        &[test_gpa]
-    };
-    for &l2 in windows {
+    let windows: Vec<u64> = core::iter::once(test_gpa)
+        .chain((0..aliases).map(|k| ALIAS_L2_GPA * (k + 1)))
+        .collect();
+    for &l2 in &windows {
         guest
             .map(l1, Gpa::new(l2), Gpa::new(test_gpa), total, EptPerms::RWX)
             .context("building EPT12")?;
@@ -61,9 +64,11 @@ pub fn enter_l2(
         };
         let (first, n) = regions(i);
         let mut g = v.enter();
-        for p in first..first + n {
-            g.read_u64(Gpa::new(ALIAS_L2_GPA + p * PAGE_SIZE))
-                .with_context(|| format!("L2 vCPU {i}: alias page {p}"))?;
+        for &w in &windows[1..] {
+            for p in first..first + n {
+                g.read_u64(Gpa::new(w + p * PAGE_SIZE))
+                    .with_context(|| format!("L2 vCPU {i}: alias page {p} at {w:#x}"))?;
+            }
         }
     }
     Ok(guest)

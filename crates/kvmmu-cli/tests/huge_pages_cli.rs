@@ -21,6 +21,7 @@ fn args(vcpus: usize, bytes: u64, src: BackingSrc, mmu: MmuArg) -> AccessArgs {
         no_aging_thread: false,
         backing_src: src,
         nested: false,
+        nested_aliases: 1,
     }
 }
 

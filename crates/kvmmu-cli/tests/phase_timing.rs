@@ -64,6 +64,7 @@ fn access(idle: IdleArg, p: bool) -> AccessArgs {
         no_aging_thread: false,
         backing_src: kvmmu::BackingSrc::Anonymous,
         nested: false,
+        nested_aliases: 1,
     }
 }
 
