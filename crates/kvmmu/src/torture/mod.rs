@@ -12,7 +12,8 @@
 //!    `hp % vcpus == id` and is their only writer, through any alias); the host (DONTNEED,
 //!    mprotect RO/RW, munmap + mmap_fixed on random churnable ranges); aging (random-range
 //!    `clear_young` / `test_young` / `clear_flush_young`, and the accessed oracle); memslots
-//!    (move, flag change, delete/create, alias create/delete); MMU reset (`reset_mmu`).
+//!    (move, flag change, delete/create, alias create/delete); MMU reset (`reset_mmu`). With
+//!    `nested`, the vCPUs run in L2 over EPT12 that an L1 actor rewrites (`torture/nested.rs`).
 //! 3. vCPUs stop after `ops_per_vcpu` operations each (or when `duration` elapses, or at the first
 //!    violation); the other actors stop with them, once each has completed a few operations. A
 //!    watchdog fails the run, with every actor's last operation, if an actor makes no progress
