@@ -14,7 +14,7 @@
 //!    compared (without A/D) — a change means L1 wrote a table concurrently: RETRY; then the 4K
 //!    leaf is installed (`nested_set_leaf`) and joins the rmap of the L1 gfn it maps.
 //! 3. **L1 writes to a tracked table** fault (L1 maps it read-only), are emulated by the VM under
-//!    `mmu_lock` write, and call [`ShadowMmu::track_write`](super::ShadowMmu::track_write).
+//!    `mmu_lock` write, and call `ShadowMmu::track_write` ([`track`]).
 //! 4. **Host invalidation** of an L1 page zaps its TDP leaf and, through the rmap of the L1 gfn,
 //!    every indirect leaf mapping it (`Mmu::unmap_gfn_range`, unchanged).
 //!
