@@ -84,7 +84,9 @@ pub(super) fn setup(host: &HostMm, vm: &Vm, l: &Layout) -> Result<Nested, super:
 
 /// Moves a vCPU to L2.
 pub(super) fn enter(vcpu: &mut Vcpu, n: &Nested) -> Result<(), NestedError> {
-    let g = n.guest.lock().map_err(|_| NestedError::ForeignVcpu)?;
+    // A poisoned lock means the L1 actor panicked (reported as such); the guest's EPT pointer
+    // is still the one to enter with.
+    let g = n.guest.lock().unwrap_or_else(|e| e.into_inner());
     vcpu.enter_l2(&g)
 }
 
@@ -119,11 +121,13 @@ pub(super) fn l1(vm: &Vm, sh: &Shared, cfg: &TortureConfig, n: &Nested, progress
         let Ok(mut g) = n.guest.lock() else {
             return fail(ViolationKind::Panic, "nested guest lock poisoned".into());
         };
-        let r: Result<(), String> = match rng.below(5) {
+        let unexpected =
+            |what: &str, e: NestedError| (ViolationKind::UnexpectedError, format!("{what}: {e}"));
+        let r: Result<(), (ViolationKind, String)> = match rng.below(5) {
             0 => g
                 .protect(&mut l1, l2, len, EptPerms::R)
                 .and_then(|()| g.protect(&mut l1, l2, len, EptPerms::RWX))
-                .map_err(|e| format!("protect: {e}")),
+                .map_err(|e| unexpected("protect", e)),
             1 => g
                 .unmap(&mut l1, l2, len)
                 .and_then(|()| {
@@ -135,27 +139,18 @@ pub(super) fn l1(vm: &Vm, sh: &Shared, cfg: &TortureConfig, n: &Nested, progress
                         EptPerms::RWX,
                     )
                 })
-                .map_err(|e| format!("unmap/map: {e}")),
+                .map_err(|e| unexpected("unmap/map", e)),
             2 => g
                 .remap(&mut l1, l2, Gpa::new(MAIN_GPA + p * PAGE), len)
-                .map_err(|e| format!("remap: {e}")),
-            3 => g.invept(&mut l1).map_err(|e| format!("invept: {e}")),
+                .map_err(|e| unexpected("remap", e)),
+            3 => g.invept(&mut l1).map_err(|e| unexpected("invept", e)),
             _ => {
                 seq += 1;
                 probe_round(&mut g, &mut l1, &mut probe, seq)
             }
         };
         drop(g);
-        if let Err(what) = r {
-            let kind = if what.starts_with("probe") {
-                if what.contains("stale data") {
-                    ViolationKind::Data
-                } else {
-                    ViolationKind::WriteToReadOnly
-                }
-            } else {
-                ViolationKind::UnexpectedError
-            };
+        if let Err((kind, what)) = r {
             return fail(kind, what);
         }
         progress.done_op();
@@ -163,45 +158,49 @@ pub(super) fn l1(vm: &Vm, sh: &Shared, cfg: &TortureConfig, n: &Nested, progress
 }
 
 /// One probe round: write through L2, write-protect in EPT12, check the write is refused;
-/// remap to the other probe page, check L2 reads it; restore.
+/// remap to the other probe page, check L2 reads it; restore. A violation comes back with its
+/// oracle kind.
 fn probe_round(
     g: &mut NestedGuest,
     l1: &mut Vcpu,
     probe: &mut Vcpu,
     seq: u64,
-) -> Result<(), String> {
+) -> Result<(), (ViolationKind, String)> {
     let l2 = Gpa::new(PROBE_L2);
     let (a, b) = (Gpa::new(PROBE_GPA), Gpa::new(PROBE_GPA + PAGE));
-    let host = |e: VcpuExit| format!("probe access failed: {e}");
-    probe.write_u64(l2, seq).map_err(host)?;
-    g.protect(l1, l2, PAGE, EptPerms::R)
-        .map_err(|e| e.to_string())?;
-    g.invept(l1).map_err(|e| e.to_string())?;
+    let exit = |e: VcpuExit| (ViolationKind::UnexpectedError, format!("probe access: {e}"));
+    let builder = |e: NestedError| (ViolationKind::UnexpectedError, format!("probe EPT12: {e}"));
+    probe.write_u64(l2, seq).map_err(exit)?;
+    g.protect(l1, l2, PAGE, EptPerms::R).map_err(builder)?;
+    g.invept(l1).map_err(builder)?;
     match probe.write_u64(l2, seq + 1) {
         Err(VcpuExit::Ept(EptExit::Violation {
             reason: ViolationReason::Permission { .. },
             ..
         })) => {}
         Ok(()) => {
-            return Err(
+            return Err((
+                ViolationKind::WriteToReadOnly,
                 "probe: an L2 write succeeded after L1 write-protected it in EPT12 and ran INVEPT"
                     .into(),
-            );
+            ));
         }
-        Err(e) => return Err(host(e)),
+        Err(e) => return Err(exit(e)),
     }
-    g.protect(l1, l2, PAGE, EptPerms::RWX)
-        .map_err(|e| e.to_string())?;
-    l1.write_u64(b, !seq).map_err(host)?;
-    g.remap(l1, l2, b, PAGE).map_err(|e| e.to_string())?;
-    g.invept(l1).map_err(|e| e.to_string())?;
-    let got = probe.read_u64(l2).map_err(host)?;
+    g.protect(l1, l2, PAGE, EptPerms::RWX).map_err(builder)?;
+    l1.write_u64(b, !seq).map_err(exit)?;
+    g.remap(l1, l2, b, PAGE).map_err(builder)?;
+    g.invept(l1).map_err(builder)?;
+    let got = probe.read_u64(l2).map_err(exit)?;
     if got != !seq {
-        return Err(format!(
-            "probe: stale data: L2 read {got:#x} after a remap to a page holding {:#x}",
-            !seq
+        return Err((
+            ViolationKind::Data,
+            format!(
+                "probe: stale data: L2 read {got:#x} after a remap to a page holding {:#x}",
+                !seq
+            ),
         ));
     }
-    g.remap(l1, l2, a, PAGE).map_err(|e| e.to_string())?;
+    g.remap(l1, l2, a, PAGE).map_err(builder)?;
     Ok(())
 }
