@@ -20,8 +20,7 @@ use super::oracle::{
     ALIAS_GPA, ActorId, DYN_GPA, Layout, MAIN_GPA, Progress, Shared, ViolationKind, op,
 };
 use super::rng::Rng;
-use crate::addr::Gpa;
-use crate::addr::{AsId, SlotId};
+use crate::addr::{AsId, Gpa, SlotId};
 use crate::host::{HostMm, Prot};
 use crate::mmu::shadow::nested::ept12::EptPerms;
 use crate::mmu::shadow::nested::walk::{EptExit, ViolationReason};

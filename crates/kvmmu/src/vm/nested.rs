@@ -206,6 +206,8 @@ impl VmInner {
             eptp.gfn().raw(),
             sets.as_slice(),
             self,
+            // ORDERING: Acquire pairs with teardown's store, as `VmInner::load_root`'s check:
+            // read under `mmu_lock`, so no root is allocated after the final zap.
             || !self.dead.load(Ordering::Acquire),
         )
     }
@@ -295,6 +297,7 @@ impl VmInner {
             sets.as_slice(),
             self,
             |mmu| {
+                // ORDERING: as the L1 fault's check (vm/fault.rs): Acquire under `mmu_lock`.
                 if self.dead.load(Ordering::Acquire) {
                     return Err(Err(VcpuExit::VmDead));
                 }
