@@ -483,3 +483,41 @@ fn deleting_the_memslot_of_the_guest_tables_drops_every_translation_derived_from
         drop((l1, l2));
     }
 }
+
+#[test]
+fn the_walker_setting_accessed_in_a_guest_table_dirties_the_table_page() {
+    for mmu in both() {
+        let host = HostMm::new(HostConfig { frames: 4096 }).unwrap();
+        let vm = Vm::new(
+            &host,
+            VmConfig {
+                mmu,
+                ..VmConfig::default()
+            },
+        )
+        .unwrap();
+        vm.enable_nested().unwrap();
+        let hva = host.mmap(4 * MIB, Prot::READ | Prot::WRITE).unwrap();
+        vm.set_user_memory_region(MemoryRegion {
+            slot: SlotId::new(0),
+            as_id: AsId::new(0),
+            flags: MemFlags::LOG_DIRTY_PAGES,
+            gpa: Gpa::new(0),
+            size: 4 * MIB,
+            hva,
+        })
+        .unwrap();
+        let mut l1 = vm.create_vcpu().unwrap();
+        let mut g = NestedGuest::new(&mut l1, Gpa::new(0), MIB).unwrap();
+        g.map(&mut l1, Gpa::new(0), Gpa::new(2 * MIB), 4096, EptPerms::R)
+            .unwrap();
+        let _ = vm.get_dirty_log(AsId::new(0), SlotId::new(0)).unwrap();
+        let mut l2 = vm.create_vcpu().unwrap();
+        l2.enter_l2(&g).unwrap();
+        assert_eq!(l2.read_u64(Gpa::new(0)).unwrap(), 0);
+        let bits = vm.get_dirty_log(AsId::new(0), SlotId::new(0)).unwrap();
+        // The four tables (pool pages 0..4) had their A bits set by the walk.
+        assert_eq!(bits[0] & 0xF, 0xF, "{mmu:?}: {:#x}", bits[0]);
+        drop((l1, l2));
+    }
+}

@@ -23,6 +23,9 @@ use crate::vm::{VcpuExit, Vm, VmError, VmInner};
 struct L1View<'a> {
     vm: &'a VmInner,
     slots: &'a Memslots,
+    /// The faulting vCPU's dirty ring: A/D updates dirty the table page
+    /// (`FNAME(update_accessed_dirty_bits)` marks it).
+    ring: Option<&'a DirtyRing>,
     pages: RefCell<Vec<(u64, Pfn, FrameTag, bool)>>,
     /// The last host refusal, for the exit the fault reports.
     host_error: RefCell<Option<(Gpa, Hva, GupError)>>,
@@ -88,6 +91,10 @@ impl L1Memory for L1View<'_> {
 
     fn set_bits(&self, gfn: u64, index: usize, bits: u64) -> Result<(), L1AccessError> {
         let (pfn, tag) = self.page(gfn, true)?;
+        // Marked before the write, as every kvmmu write is (dirty logging D3).
+        if let Some(slot) = self.slots.find_by_gfn(Gfn::new(gfn)) {
+            mark_page_dirty(slot, Gfn::new(gfn), self.ring);
+        }
         self.vm
             .host
             .arena()
@@ -230,6 +237,7 @@ impl VmInner {
         let view = L1View {
             vm: self,
             slots,
+            ring,
             pages: RefCell::new(Vec::with_capacity(5)),
             host_error: RefCell::new(None),
         };
