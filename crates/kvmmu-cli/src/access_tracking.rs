@@ -103,6 +103,16 @@ pub struct AccessArgs {
     #[arg(skip)]
     pub no_aging_thread: bool,
 
+    /// Run the vCPUs as an L2 guest over EPT12 tables L1 built (nested TDP: indirect shadow
+    /// pages; the test memory is also mapped at a second L2 window, so rmap chains hold 2).
+    #[arg(long)]
+    pub nested: bool,
+
+    /// With --nested: extra L2 windows onto the test memory (each adds one SPTE to every rmap
+    /// chain; 1 gives chains of 2).
+    #[arg(long, default_value_t = 1, requires = "nested")]
+    pub nested_aliases: u64,
+
     /// Backing source of guest memory (the selftests' -s): anonymous, anonymous_thp,
     /// anonymous_hugetlb_2mb or anonymous_hugetlb_1gb (hugetlb needs -v x -b aligned to its size).
     #[arg(short = 's', long = "backing-src", default_value = "anonymous")]
@@ -190,6 +200,11 @@ fn validate(a: &AccessArgs) -> anyhow::Result<(u64, u64)> {
         "guest memory of {total} bytes exceeds the host's frame arena ({} frames of 4K at most)",
         MAX_FRAMES
     );
+    ensure!(
+        (1..=crate::nested::MAX_ALIASES).contains(&a.nested_aliases),
+        "--nested-aliases must be between 1 and {}",
+        crate::nested::MAX_ALIASES
+    );
     crate::check_host_memory(pages + SPARE_FRAMES)?;
     ensure!(
         total.is_multiple_of(a.backing_src.page_size()),
@@ -268,6 +283,8 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     r.config("random_access", a.random_access);
     r.config("age_while_populating", a.age_while_populating);
     r.config("backing_src", a.backing_src.name());
+    r.config("nested", a.nested);
+    r.config("nested_aliases", a.nested_aliases);
     r.config("aging_thread", a.age_while_populating && !a.no_aging_thread);
     r.config(
         "idle_policy",
@@ -278,11 +295,19 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     );
     r.counts.insert("test_pages".into(), test_pages);
 
+    let tables = if a.nested {
+        crate::nested::table_frames(test_pages, 1 + a.nested_aliases)
+    } else {
+        0
+    };
     let host = HostMm::new(HostConfig {
-        frames: usize::try_from(test_pages + SPARE_FRAMES)?,
+        frames: usize::try_from(test_pages + SPARE_FRAMES + tables)?,
     })?;
     host.prefault()?;
     let vm = Vm::new(&host, config)?;
+    if a.nested {
+        vm.enable_nested()?;
+    }
     let hva = host.mmap_backed(total, Prot::READ | Prot::WRITE, a.backing_src)?;
     vm.set_user_memory_region(MemoryRegion {
         slot: SlotId::new(TEST_SLOT),
@@ -295,6 +320,19 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
     let mut vcpus = (0..a.vcpus)
         .map(|_| vm.create_vcpu())
         .collect::<Result<Vec<_>, _>>()?;
+    let _guest = if a.nested {
+        Some(crate::nested::enter_l2(
+            &host,
+            &vm,
+            &mut vcpus,
+            TEST_GPA,
+            total,
+            a.nested_aliases,
+            Some(&|i| lay.region(i)),
+        )?)
+    } else {
+        None
+    };
 
     if a.age_while_populating {
         populate_while_aging(a, &lay, &host, hva, &mut vcpus, &mut r)?;
@@ -302,6 +340,9 @@ pub fn run(a: &AccessArgs) -> anyhow::Result<Report> {
         selftest_phases(a, &lay, &host, hva, &mut vcpus, policy, &mut r)?;
     }
 
+    if a.nested {
+        crate::nested::report(&vm, &mut r, true);
+    }
     let stats = vm.stats();
     r.counts.extend(crate::vm_counts(&stats));
     r.counts.insert("faults".into(), stats.faults);
@@ -722,6 +763,8 @@ mod tests {
             random_access: false,
             age_while_populating: false,
             no_aging_thread: false,
+            nested: false,
+            nested_aliases: 1,
             backing_src: kvmmu::BackingSrc::Anonymous,
         }
     }
@@ -747,6 +790,25 @@ mod tests {
             Err(e) => assert!(e.to_string().contains("not available"), "{e}"),
             Ok(r) => assert!(r.passed, "{}", r.failures()),
         }
+    }
+
+    #[test]
+    fn nested_run_has_indirect_pages_and_rmap_chains_of_two_on_both_mmus() {
+        for mmu in [MmuArg::Tdp, MmuArg::Shadow] {
+            let mut a = args();
+            a.nested = true;
+            a.mmu = mmu;
+            let r = run(&a).unwrap();
+            assert!(r.passed, "{mmu:?}: {}", r.failures());
+            assert!(r.counts["indirect_shadow_pages"] > 0);
+            assert!(r.counts["max_mmu_rmap_size"] >= 2);
+        }
+        let mut a = args();
+        a.nested = true;
+        a.nested_aliases = 5;
+        let r = run(&a).unwrap();
+        assert!(r.passed, "{}", r.failures());
+        assert_eq!(r.counts["max_mmu_rmap_size"], 6, "one SPTE per L2 window");
     }
 
     #[test]

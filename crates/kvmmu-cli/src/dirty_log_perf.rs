@@ -94,6 +94,11 @@ pub struct DirtyLogPerfArgs {
     /// aligned to its size).
     #[arg(short = 's', long = "backing-src", default_value = "anonymous")]
     pub backing_src: kvmmu::BackingSrc,
+
+    /// Nested (the selftest's -n): the vCPUs run as an L2 guest over a one-to-one EPT12 that L1
+    /// built, so every access goes through indirect shadow pages and the L1 slots' rmaps.
+    #[arg(short = 'n', long)]
+    pub nested: bool,
 }
 
 /// A switch given as `on` or `off`.
@@ -374,14 +379,22 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     check(a)?;
     let pages_per_vcpu = a.bytes_per_vcpu / 4096;
     let npages = pages_per_vcpu * a.vcpus as u64;
+    let tables = if a.nested {
+        crate::nested::table_frames(npages, 1)
+    } else {
+        0
+    };
     let host = HostMm::new(HostConfig {
-        frames: npages as usize + 1024,
+        frames: (npages + tables) as usize + 1024,
     })?;
     let config = VmConfig {
         eager_page_split: a.eager_split.is_on(),
         ..vm_config(a.mmu, AgingArg::Lockless, a.tlb_entries)
     };
     let vm = Vm::new(&host, config)?;
+    if a.nested {
+        vm.enable_nested()?;
+    }
     vm.set_dirty_tracking(a.tracking.mode())?;
     let ring = a.dirty_ring != 0;
     if ring {
@@ -416,6 +429,13 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     let mut vcpus: Vec<Vcpu> = (0..a.vcpus)
         .map(|_| vm.create_vcpu())
         .collect::<Result<_, _>>()?;
+    let _guest = if a.nested {
+        Some(crate::nested::enter_l2(
+            &host, &vm, &mut vcpus, BASE_GPA, bytes, 0, None,
+        )?)
+    } else {
+        None
+    };
 
     let mut r = Report::new("dirty-log-perf");
     r.config("bytes_per_vcpu", a.bytes_per_vcpu);
@@ -431,6 +451,7 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     r.config("eager_page_split", a.eager_split.is_on());
     r.config("run_vcpus_while_disabling", a.run_vcpus_while_disabling);
     r.config("backing_src", a.backing_src.name());
+    r.config("nested", a.nested);
     let bar = progress::bar(a.iterations + 3, "dirty-log-perf");
     phase(&mut r, &vm, "populate memory", "populate", || {
         run_vcpus(&mut vcpus, pages_per_vcpu, 100, false, 1)
@@ -582,6 +603,9 @@ pub fn run(a: &DirtyLogPerfArgs) -> anyhow::Result<Report> {
     r.notes.push(
         "per-phase counts are under counts.<phase>.{pf_fast,pf_fixed,remote_tlb_flush}".into(),
     );
+    if a.nested {
+        crate::nested::report(&vm, &mut r, false);
+    }
     Ok(r)
 }
 

@@ -5,6 +5,7 @@
 //! - [`mmu_stress`]: KVM's `mmu_stress_test` (spec §5.3): aliased memslots, the stage protocol,
 //!   `mprotect` read-only under running vCPUs, slot deletion and `release` at exit.
 //! - [`dirty_log_test`], [`dirty_log_perf`]: KVM's `dirty_log_test` and `dirty_log_perf_test`.
+//! - [`nested`]: `--nested`, the workload's vCPUs as an L2 guest over L1-built EPT12.
 //! - [`nx_huge_pages`]: KVM's `x86/nx_huge_pages_test` (NX huge page splits and recovery).
 //! - [`compare`]: one workload in several configurations, alternated, medians and ratios.
 //! - [`report`]: the result every workload returns, rendered as a table, JSON or a plot.
@@ -17,6 +18,7 @@ pub mod dirty_log_perf;
 pub mod dirty_log_test;
 pub mod error;
 pub mod mmu_stress;
+pub mod nested;
 pub mod nx_huge_pages;
 pub mod reclaim;
 pub mod report;

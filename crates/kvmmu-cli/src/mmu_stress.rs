@@ -79,6 +79,12 @@ pub struct StressArgs {
     #[arg(long)]
     pub reclaim: bool,
 
+    /// Run the vCPUs as an L2 guest: L1 maps the guest range one to one in EPT12 (built with
+    /// ordinary writes in a table slot at gpa 0), so every access goes through indirect shadow
+    /// pages.
+    #[arg(long)]
+    pub nested: bool,
+
     /// The memory limit with `--reclaim` (bytes, below -s; default half of -s).
     #[arg(long, requires = "reclaim", value_parser = size::parse_size)]
     pub limit: Option<u64>,
@@ -457,12 +463,18 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
     };
     r.config("hugepages", a.hugepages);
     r.config("backing_src", backing.name());
+    r.config("nested", a.nested);
 
     let buf_pages = a.slot_size / PAGE_SIZE;
     // With -H, one huge page of slack: the arena hands out 2M-aligned runs.
     let slack = if a.hugepages { 512 + 64 } else { 64 };
+    let tables = if a.nested {
+        crate::nested::table_frames(nslots * buf_pages, 1)
+    } else {
+        0
+    };
     let host = HostMm::new(HostConfig {
-        frames: usize::try_from(buf_pages + slack)?,
+        frames: usize::try_from(buf_pages + slack + tables)?,
     })?;
     host.prefault()?;
     r.config("reclaim", a.reclaim);
@@ -478,6 +490,9 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
         None
     };
     let vm = Vm::new(&host, config)?;
+    if a.nested {
+        vm.enable_nested()?;
+    }
     let buf = host.mmap_backed(a.slot_size, Prot::READ | Prot::WRITE, backing)?;
     let t = Instant::now();
     for p in 0..buf_pages {
@@ -514,6 +529,19 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
     let mut vcpus = (0..a.vcpus)
         .map(|_| vm.create_vcpu())
         .collect::<Result<Vec<_>, _>>()?;
+    let _guest = if a.nested {
+        Some(crate::nested::enter_l2(
+            &host,
+            &vm,
+            &mut vcpus,
+            BASE_GPA,
+            total_pages * PAGE_SIZE,
+            0,
+            None,
+        )?)
+    } else {
+        None
+    };
     let sh = Shared {
         slot_size: a.slot_size,
         ro_done: AtomicBool::new(false),
@@ -641,6 +669,9 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
         "every write after mprotect(PROT_READ) returned faulted",
     );
 
+    if a.nested {
+        crate::nested::report(&vm, &mut r, false);
+    }
     // Delete even slots, unmap the first half of the buffer, and exit without deleting the rest.
     let t = Instant::now();
     for s in (2..=nslots).step_by(2) {
@@ -783,6 +814,20 @@ mod tests {
             reclaim: false,
             limit: None,
             hugepages: false,
+            nested: false,
+        }
+    }
+
+    #[test]
+    fn every_stage_passes_with_the_vcpus_in_l2_on_both_mmus() {
+        for mmu in [MmuArg::Tdp, MmuArg::Shadow] {
+            let mut a = args();
+            a.nested = true;
+            a.mmu = mmu;
+            a.age = true;
+            let r = run(&a).unwrap();
+            assert!(r.passed, "{mmu:?}: {}", r.failures());
+            assert!(r.counts["indirect_shadow_pages"] > 0);
         }
     }
 

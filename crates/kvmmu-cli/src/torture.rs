@@ -101,6 +101,12 @@ pub struct TortureArgs {
     #[arg(long)]
     pub dirty_log: bool,
 
+    /// Run the vCPUs as an L2 guest over EPT12 that an L1 actor write-protects, unmaps and
+    /// remaps while they run (indirect shadow pages, write tracking; the L1 actor also probes
+    /// for stale EPT02 entries).
+    #[arg(long)]
+    pub nested: bool,
+
     /// Print the report as JSON (schema `kvmmu-torture/1`, see `to_json`) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -137,6 +143,7 @@ pub fn to_json(a: &TortureArgs, r: &TortureReport) -> serde_json::Value {
             "reset": !a.no_reset,
             "reclaim": a.reclaim,
             "dirty_log": a.dirty_log,
+            "nested": a.nested,
         },
         "elapsed_s": r.elapsed.as_secs_f64(),
         "actors": r.actors.iter().map(|x| serde_json::json!({
@@ -253,6 +260,7 @@ pub fn config(a: &TortureArgs) -> TortureConfig {
         backing: a.backing_src,
         actors,
         stall_timeout: a.stall_timeout,
+        nested: a.nested,
         ..TortureConfig::default()
     }
 }

@@ -24,6 +24,8 @@ fn args(vcpus: usize, bytes: u64, src: BackingSrc, mmu: MmuArg) -> AccessArgs {
         age_while_populating: false,
         no_aging_thread: false,
         backing_src: src,
+        nested: false,
+        nested_aliases: 1,
     }
 }
 

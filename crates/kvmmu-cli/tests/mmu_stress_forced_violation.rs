@@ -17,6 +17,7 @@ fn args() -> StressArgs {
         reclaim: false,
         limit: None,
         hugepages: false,
+        nested: false,
     }
 }
 

@@ -64,6 +64,8 @@ fn access(idle: IdleArg, p: bool) -> AccessArgs {
         age_while_populating: p,
         no_aging_thread: false,
         backing_src: kvmmu::BackingSrc::Anonymous,
+        nested: false,
+        nested_aliases: 1,
     }
 }
 
@@ -102,6 +104,7 @@ fn mmu_stress_stage_is_never_shorter_than_its_participants_own_work_under_cpu_ho
         reclaim: false,
         limit: None,
         hugepages: false,
+        nested: false,
     };
     let checked = under_cpu_hogs(|| {
         (0..6)

@@ -21,6 +21,9 @@
 //! - One error type per layer: [`HostError`] (with [`GupError`]), [`VmError`] and
 //!   [`SetMemoryRegionError`] (with [`MemslotError`]), [`VcpuExit`], [`ConfigError`], and
 //!   [`InGuestMode`] for a call the guest-mode contract forbids.
+//! - Nested guests: [`NestedGuest`] (an L1 hypervisor's EPT12 builder, [`EptPerms`],
+//!   [`Ept12Entry`]) and [`Vcpu::enter_l2`]; its errors are [`NestedError`], and an L2 access
+//!   that EPT12 does not allow exits with [`VcpuExit::Ept`] ([`EptExit`]).
 //! - [`torture`]: every concurrent actor at once, under oracles (the engine of `kvmmu torture`).
 //!
 //! Inside, the layers import downwards only: vcpu → vm (memslots, the fault handler, the
@@ -77,7 +80,7 @@ pub use host::{
 };
 pub use sync::guest_mode::InGuestMode;
 #[cfg(not(loom))]
-pub use vcpu::{GuestMode, Vcpu, VcpuStats, tlb::TlbStats};
+pub use vcpu::{GuestMode, NestedError, NestedGuest, Vcpu, VcpuStats, tlb::TlbStats};
 #[cfg(not(feature = "shuttle"))]
 pub use vm::NxRecoveryWorker;
 #[cfg(not(loom))]
@@ -93,6 +96,8 @@ pub use vm::{SetMemoryRegionError, VcpuExit, Vm, VmError, VmStats};
 #[cfg(not(loom))]
 pub use {
     mmu::hugepage::PageStats,
+    mmu::shadow::nested::ept12::{Ept12Entry, EptPerms, MisconfigReason},
+    mmu::shadow::nested::walk::{EptExit, ViolationReason},
     mmu::shadow::rmap::RmapStatsSnapshot,
     mmu::shadow::{RmapAllocError, ShadowStats},
     mmu::spte::{Spte, SpteKind},
@@ -106,8 +111,9 @@ pub use {
 pub mod prelude {
     pub use crate::{
         AdBits, AgingMode, AsId, BackingSrc, ConfigError, DirtyLogError, DirtyLogProtect,
-        DirtyTracking, Gfn, GfnRange, Gpa, GupError, HostConfig, HostError, HostMm, Hva,
-        InGuestMode, Level, MemFlags, MemoryRegion, MemslotError, MmuKind, Pfn, Prot,
-        SetMemoryRegionError, SlotId, Vcpu, VcpuExit, Vm, VmConfig, VmError, VmStats,
+        DirtyTracking, EptExit, EptPerms, Gfn, GfnRange, Gpa, GupError, HostConfig, HostError,
+        HostMm, Hva, InGuestMode, Level, MemFlags, MemoryRegion, MemslotError, MmuKind,
+        NestedError, NestedGuest, Pfn, Prot, SetMemoryRegionError, SlotId, Vcpu, VcpuExit, Vm,
+        VmConfig, VmError, VmStats,
     };
 }

@@ -89,7 +89,11 @@ fn splits_and_in_place_recoveries_racing_vcpu_writes_lose_no_write(mmu: MmuKind)
     r.flags = MemFlags::empty();
     f.vm.set_user_memory_region(r).unwrap();
     let s = f.vm.stats();
-    assert_eq!((s.pages_4k, s.pages_2m), (0, 4), "disabling logging recovered in place");
+    assert_eq!(
+        (s.pages_4k, s.pages_2m),
+        (0, 4),
+        "disabling logging recovered in place"
+    );
     const ROUNDS: u64 = 3000;
     let done = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {

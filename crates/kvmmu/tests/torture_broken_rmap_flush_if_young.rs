@@ -49,3 +49,26 @@ fn torture_catches_an_rmap_zap_that_flushes_only_young_sptes_lockless_aging() {
 fn torture_catches_an_rmap_zap_that_flushes_only_young_sptes_locked_aging() {
     caught(AgingMode::Locked);
 }
+
+/// With nesting on and L1 on the TDP MMU, the only rmaps are those of L2's indirect leaves: the
+/// broken zap must still be caught there (aging reaches them because indirect pages exist).
+#[test]
+fn torture_catches_an_rmap_zap_that_flushes_only_young_sptes_with_nesting_on_tdp_l1() {
+    let cfg = TortureConfig {
+        mmu: MmuKind::Tdp,
+        aging: AgingMode::Lockless,
+        ops_per_vcpu: Some(50_000),
+        actors: Actors::AGING | Actors::HOST,
+        nested: true,
+        ..TortureConfig::default()
+    };
+    let report = hunt(&cfg, 1..=SEEDS)
+        .expect("set-up")
+        .expect("every bounded nested run of a build that skips flushes passed");
+    eprintln!("{report}");
+    assert!(report.has_any(&[
+        ViolationKind::StaleTranslation,
+        ViolationKind::Data,
+        ViolationKind::WriteToReadOnly,
+    ]));
+}

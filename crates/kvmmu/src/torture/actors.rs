@@ -110,6 +110,7 @@ fn check_read(
 fn exit_allowed(sh: &Shared, actor: ActorId, gpa: Gpa, optional_slot: bool, e: &VcpuExit) -> bool {
     let kind = match e {
         VcpuExit::HostFault { .. } => return true,
+        e if sh.nested && super::nested::exit_allowed(e) => return true,
         VcpuExit::NoMemslot { .. } | VcpuExit::ReadonlyMemslot { .. } if optional_slot => {
             return true;
         }
@@ -126,7 +127,14 @@ fn exit_allowed(sh: &Shared, actor: ActorId, gpa: Gpa, optional_slot: bool, e: &
 }
 
 /// A vCPU thread: writes and reads the host pages it owns through every guest alias.
-pub(super) fn vcpu(vm: &Vm, sh: &Shared, cfg: &TortureConfig, id: usize, progress: &Progress) {
+pub(super) fn vcpu(
+    vm: &Vm,
+    sh: &Shared,
+    cfg: &TortureConfig,
+    id: usize,
+    l2: Option<&super::nested::Nested>,
+    progress: &Progress,
+) {
     let actor = ActorId::Vcpu(id);
     let mut vcpu = match vm.create_vcpu() {
         Ok(v) => v,
@@ -140,6 +148,17 @@ pub(super) fn vcpu(vm: &Vm, sh: &Shared, cfg: &TortureConfig, id: usize, progres
             return;
         }
     };
+    if let Some(n) = l2
+        && let Err(e) = super::nested::enter(&mut vcpu, n)
+    {
+        sh.violation(
+            actor,
+            ViolationKind::UnexpectedError,
+            None,
+            format!("enter_l2: {e}"),
+        );
+        return;
+    }
     let l = sh.layout;
     let owned: Vec<u64> = (0..l.host_pages())
         .filter(|&hp| !l.is_private(hp) && hp as usize % cfg.vcpus == id)

@@ -12,7 +12,8 @@
 //!    `hp % vcpus == id` and is their only writer, through any alias); the host (DONTNEED,
 //!    mprotect RO/RW, munmap + mmap_fixed on random churnable ranges); aging (random-range
 //!    `clear_young` / `test_young` / `clear_flush_young`, and the accessed oracle); memslots
-//!    (move, flag change, delete/create, alias create/delete); MMU reset (`reset_mmu`).
+//!    (move, flag change, delete/create, alias create/delete); MMU reset (`reset_mmu`). With
+//!    `nested`, the vCPUs run in L2 over EPT12 that an L1 actor rewrites (`torture/nested.rs`).
 //! 3. vCPUs stop after `ops_per_vcpu` operations each (or when `duration` elapses, or at the first
 //!    violation); the other actors stop with them, once each has completed a few operations. A
 //!    watchdog fails the run, with every actor's last operation, if an actor makes no progress
@@ -40,6 +41,7 @@
 //! replay with the same seed reproduces the operations, not necessarily the schedule.
 
 mod actors;
+mod nested;
 mod opt_in;
 pub mod oracle;
 pub mod rng;
@@ -131,6 +133,9 @@ pub struct TortureConfig {
     /// munmap/mprotect/madvise then split THPs; re-created ranges are advised huge again).
     /// hugetlb is refused: the host actor's random ranges would cut its pages.
     pub backing: crate::host::BackingSrc,
+    /// Run the vCPUs as an L2 guest over EPT12 that an L1 actor rewrites meanwhile
+    /// (`torture/nested.rs`); nested guests are enabled on the VM.
+    pub nested: bool,
     /// Where the run publishes its progress while it goes on (operations completed by every
     /// actor, violations found so far), for a live display; `None` publishes nothing.
     pub live: Option<Arc<LiveProgress>>,
@@ -185,6 +190,7 @@ impl Default for TortureConfig {
             cas_failure_period: 0,
             yield_period: 0,
             backing: crate::host::BackingSrc::Anonymous,
+            nested: false,
             live: None,
         }
     }
@@ -216,6 +222,9 @@ pub enum TortureError {
     /// A set-up memslot was refused.
     #[error("memslot set-up failed: {0}")]
     Memslot(#[from] SetMemoryRegionError),
+    /// L1's EPT12 could not be built (nested runs).
+    #[error("EPT12 set-up failed: {0}")]
+    Nested(#[from] crate::vcpu::NestedError),
 }
 
 /// Operations an actor completed and its rate.
@@ -417,9 +426,17 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
         frames: cfg.frames.unwrap_or(total as usize * 2 + 64),
     })?;
     let vm = Arc::new(Vm::new(&host, cfg.vm_config())?);
+    if cfg.nested {
+        vm.enable_nested()?;
+    }
     layout.hva = host.mmap_backed(total * 4096, Prot::READ | Prot::WRITE, cfg.backing)?;
     vm.set_user_memory_region(actors::main_region(&layout))?;
     vm.set_user_memory_region(actors::dyn_region(&layout, 0, MemFlags::empty()))?;
+    let l2 = if cfg.nested {
+        Some(Arc::new(nested::setup(&host, &vm, &layout)?))
+    } else {
+        None
+    };
     if cfg.actors.contains(Actors::RECLAIM) {
         // Swap for every page, and a limit that leaves the accessed oracle's pages alone: the
         // actor evicts only vCPU pages, explicitly.
@@ -448,6 +465,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
         accessed_excused_by_reset: AtomicU64::new(0),
         started: Instant::now(),
         live: cfg.live.clone(),
+        nested: cfg.nested,
     });
     let mut threads: Vec<ActorThread> = Vec::new();
     let mut spawn = |actor: ActorId, body: Box<dyn FnOnce(&Progress) + Send>| {
@@ -477,9 +495,22 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, TortureError> {
     };
     for id in 0..cfg.vcpus {
         let (vm, sh, c) = (Arc::clone(&vm), Arc::clone(&shared), cfg.clone());
+        let l2 = l2.clone();
         spawn(
             ActorId::Vcpu(id),
-            Box::new(move |p| actors::vcpu(&vm, &sh, &c, id, p)),
+            Box::new(move |p| actors::vcpu(&vm, &sh, &c, id, l2.as_deref(), p)),
+        );
+    }
+    if let Some(n) = &l2 {
+        let (vm, sh, c, n) = (
+            Arc::clone(&vm),
+            Arc::clone(&shared),
+            cfg.clone(),
+            Arc::clone(n),
+        );
+        spawn(
+            ActorId::L1,
+            Box::new(move |p| nested::l1(&vm, &sh, &c, &n, p)),
         );
     }
     if cfg.actors.contains(Actors::HOST) {

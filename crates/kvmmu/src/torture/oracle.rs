@@ -39,6 +39,8 @@ pub enum ActorId {
     Reclaim,
     /// The dirty-log harvester.
     DirtyLog,
+    /// The L1 hypervisor rewriting EPT12 (nested runs).
+    L1,
     /// The liveness watchdog.
     Watchdog,
     /// The checks at quiescence and teardown.
@@ -55,6 +57,7 @@ impl fmt::Display for ActorId {
             ActorId::Reset => f.write_str("reset"),
             ActorId::Reclaim => f.write_str("reclaim"),
             ActorId::DirtyLog => f.write_str("dirty-log"),
+            ActorId::L1 => f.write_str("l1"),
             ActorId::Watchdog => f.write_str("watchdog"),
             ActorId::Teardown => f.write_str("teardown"),
         }
@@ -230,6 +233,8 @@ pub mod op {
     pub const RESET: u64 = 9;
     /// Page-out of a range to swap.
     pub const PAGE_OUT: u64 = 10;
+    /// L1 rewrite of EPT12 (nested runs).
+    pub const L1_EPT: u64 = 40;
     /// Host THP collapse of a 2 MiB span.
     pub const COLLAPSE: u64 = 11;
     /// Dirty-log harvest.
@@ -281,6 +286,8 @@ pub struct Shared {
     pub started: Instant,
     /// Where the run's progress is published for a live display.
     pub live: Option<std::sync::Arc<super::LiveProgress>>,
+    /// The vCPUs run in L2 (EPT violations caused by the L1 actor are allowed).
+    pub nested: bool,
 }
 
 impl Shared {

@@ -34,8 +34,11 @@
 //! (`Vm::reset_mmu`, `Vm::spte` on the shadow MMU), `HostMm::release`,
 //! `HostMm::register_notifier`, `Vm::shutdown` and dropping the `Vm`.
 
+mod nested;
 pub mod tlb;
 mod walker;
+
+pub use nested::{NestedError, NestedGuest};
 
 use crate::addr::{AsId, Gpa};
 use crate::mmu::{FaultOutcome, MmuRoot};
@@ -78,6 +81,8 @@ pub struct Vcpu {
     stats: VcpuStats,
     /// This vCPU's dirty ring, if the VM enabled the ring before creating it.
     dirty_ring: Option<Arc<crate::vm::dirty_ring::DirtyRing>>,
+    /// L2 mode: the EPT12 this vCPU translates L2 addresses through (`vcpu/nested.rs`).
+    l2: Option<nested::L2Context>,
 }
 
 impl Vm {
@@ -119,6 +124,7 @@ impl Vcpu {
             root: None,
             as_id,
             stats: VcpuStats::default(),
+            l2: None,
         }
     }
 
@@ -242,7 +248,7 @@ impl Vcpu {
         }
         self.root = None;
         self.tlb.flush_all();
-        let root = self.vm.load_root(self.as_id).ok_or(VcpuExit::VmDead)?;
+        let root = self.load_root_for_mode().ok_or(VcpuExit::VmDead)?;
         self.root = Some(root);
         self.stats.root_loads += 1;
         Ok(())
@@ -449,11 +455,17 @@ impl GuestMode<'_> {
                     if self.vcpu.dirty_ring_soft_full() {
                         return Err(VcpuExit::DirtyRingFull);
                     }
-                    let outcome = self.leave_guest_mode_for(|v| {
+                    let outcome = match self.leave_guest_mode_for(|v| {
                         let root = v.root.clone().ok_or(VcpuExit::VmDead)?;
                         v.stats.faults += 1;
-                        v.vm.page_fault(&root, gpa, write.is_some(), fetch, v.dirty_ring.as_deref())
-                    })?;
+                        v.handle_fault(&root, gpa, write, mask, fetch)
+                    })? {
+                        nested::FaultResult::Outcome(o) => o,
+                        nested::FaultResult::Emulated(v) => {
+                            self.vcpu.stats.accesses += 1;
+                            return Ok(v);
+                        }
+                    };
                     if self.vcpu.dirty_ring_soft_full() {
                         return Err(VcpuExit::DirtyRingFull);
                     }

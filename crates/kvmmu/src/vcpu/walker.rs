@@ -81,17 +81,28 @@ pub(super) fn walk_and_access(
         return Ok(Access::Fault);
     };
     let as_index = root.as_id().index();
-    // SAFETY: this vCPU is in guest mode (`GuestMode::access` calls us between two request
-    // checks, i.e. inside one instruction), so no shadow page it reaches is freed before it
-    // acknowledges the next remote TLB flush (shadow S2).
-    let mut hit = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
-    // The shadow MMU's fast page fault runs here, still in guest mode (vm/fault.rs).
-    let miss = !matches!(hit, HwWalk::Hit { .. });
-    // SAFETY: as for the walk above (shadow S2).
-    if miss && unsafe { vm.fast_fault_in_guest(root, gfn, is_write, vcpu.dirty_ring.as_deref()) } {
-        // SAFETY: as for the walk above.
-        hit = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
-    }
+    // In L2 mode the frame is checked against the L1 gfn the leaf maps (nested N1).
+    // SAFETY (every walk below): this vCPU is in guest mode (`GuestMode::access` calls us between
+    // two request checks, i.e. inside one instruction), so no shadow page it reaches is freed
+    // before it acknowledges the next remote TLB flush (shadow S2).
+    let (hit, check_gfn) = if vcpu.l2.is_some() {
+        // SAFETY: as above.
+        unsafe { vm.mmu.hardware_walk_l2(root, gfn, is_write) }
+    } else {
+        // SAFETY: as above.
+        let mut hit = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
+        // The shadow MMU's fast page fault runs here, still in guest mode (vm/fault.rs); not in
+        // L2 mode, whose gfns are L2 gfns that no memslot maps (L2 faults go to vm/nested.rs).
+        let miss = !matches!(hit, HwWalk::Hit { .. });
+        // SAFETY: as above (shadow S2).
+        if miss
+            && unsafe { vm.fast_fault_in_guest(root, gfn, is_write, vcpu.dirty_ring.as_deref()) }
+        {
+            // SAFETY: as above.
+            hit = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
+        }
+        (hit, gfn)
+    };
     let HwWalk::Hit {
         pfn,
         writable,
@@ -114,8 +125,8 @@ pub(super) fn walk_and_access(
     let slots = vm.memslots[as_index].load(&srcu);
     let tag = vm.host.arena().tag(pfn);
     let expected_page = slots
-        .find_by_gfn(gfn)
-        .and_then(|s| s.gfn_to_hva(gfn))
+        .find_by_gfn(check_gfn)
+        .and_then(|s| s.gfn_to_hva(check_gfn))
         .map(|hva| hva.raw() >> PAGE_SHIFT);
     if tag.is_free() || expected_page != Some(tag.host_page()) {
         let source = vm.host.arena().report_stale(pfn, FrameTag::FREE, tag);

@@ -84,6 +84,10 @@ pub enum VcpuExit {
         /// The length asked for.
         len: usize,
     },
+    /// An L2 access exited to L1 because of EPT12 (a violation: not mapped or not allowed; or a
+    /// misconfiguration: a malformed entry L1 wrote). Guest behaviour, not a host error.
+    #[error(transparent)]
+    Ept(#[from] crate::mmu::shadow::nested::walk::EptExit),
     /// The calling thread already holds a vCPU in guest mode: a second vCPU cannot enter from it
     /// (its faults would take `mmu_lock`, which a flusher waiting for the first vCPU may hold).
     /// Nothing was done.
@@ -203,10 +207,14 @@ impl VmInner {
         // fast until its next write faults them writable), and only an A/D-disabled VM has
         // access-tracked ones, so other faults skip the extra walk, as the kernel's
         // `page_fault_can_be_fast` does.
+        // Nested N2: a write-tracked gfn (an EPT12 table some indirect page shadows) is never
+        // mapped writable, and no huge leaf covers it; the fast path could make it writable, so
+        // its faults take the slow path.
         let logging = slot
             .flags()
             .contains(crate::vm::memslot::MemFlags::LOG_DIRTY_PAGES);
-        if (write && logging) || self.ad_disabled {
+        let tracked = self.mmu.write_tracked_in(gfn.raw(), gfn.raw() + 1);
+        if !tracked && ((write && logging) || self.ad_disabled) {
             match self.mmu.fast_page_fault(root, gfn, write) {
                 FastFault::Fixed => {
                     if write {
@@ -241,6 +249,19 @@ impl VmInner {
         } else {
             page.level.min(slot.max_mapping_level(gfn))
         };
+        // Nested N2: no huge leaf covers a write-tracked gfn.
+        while level > crate::addr::Level::L4K {
+            let start = gfn.align_down(level).raw();
+            if !self.mmu.write_tracked_in(start, start + level.pages()) {
+                break;
+            }
+            level = level.down().unwrap_or(crate::addr::Level::L4K);
+        }
+        let covered = {
+            let start = gfn.align_down(level).raw();
+            (start, start + level.pages())
+        };
+        let tracked_then = self.mmu.write_tracked_in(covered.0, covered.1);
         // NX huge pages (`disallowed_hugepage_adjust`, `mmu/nx_huge.rs`): an instruction fetch
         // is served by a 4K leaf; the level it would have had is recorded once it is mapped.
         let nx_disallowed = (fetch && self.config.nx_huge_pages && level > crate::addr::Level::L4K)
@@ -248,7 +269,7 @@ impl VmInner {
         if nx_disallowed.is_some() {
             level = crate::addr::Level::L4K;
         }
-        let host_writable = page.writable && !readonly_slot;
+        let host_writable = page.writable && !readonly_slot && !tracked;
         let req = MapRequest {
             gfn,
             pfn: page.pfn,
@@ -264,6 +285,11 @@ impl VmInner {
                     return Err(Err(VcpuExit::VmDead));
                 }
                 if self.invalidate.retry_gfn(snap, gfn, mmu) {
+                    return Err(Ok(FaultOutcome::Retry(RetryReason::Invalidation)));
+                }
+                // Tracking changes only under `mmu_lock` write (N2): if it changed since the
+                // level and permissions were chosen, choose again.
+                if self.mmu.write_tracked_in(covered.0, covered.1) != tracked_then {
                     return Err(Ok(FaultOutcome::Retry(RetryReason::Invalidation)));
                 }
                 if write && host_writable {

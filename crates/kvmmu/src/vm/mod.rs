@@ -31,6 +31,7 @@ mod nx_huge;
 pub use nx_huge::NxRecoveryWorker;
 pub mod invalidate;
 pub mod memslot;
+mod nested;
 pub mod request;
 pub mod seq;
 
@@ -74,6 +75,9 @@ pub enum VmError {
     /// The calling thread holds a vCPU in guest mode; nothing was done.
     #[error(transparent)]
     InGuestMode(#[from] InGuestMode),
+    /// Nested guests must be enabled before the first memslot is created (`Vm::enable_nested`).
+    #[error("nested guests must be enabled before any memslot exists")]
+    NestedAfterMemslots,
     /// The VM has no such address space (`VmConfig::address_spaces`).
     #[error("the VM has no address space {as_id:?}")]
     NoAddressSpace {
@@ -460,7 +464,18 @@ impl VmInner {
 
     /// `kvm_arch_flush_shadow_memslot`: zap every SPTE of `slot`, flushing TLBs before the lock drops.
     fn flush_shadow_memslot(&self, slot: &Memslot) {
+        let srcu = self.srcu_read();
         let mut mmu = self.mmu_lock.write();
+        // Nested: indirect pages shadowing guest tables in the slot go too (vm/nested.rs).
+        let sets: Vec<&Memslots> = self.memslots.iter().map(|c| c.load(&srcu)).collect();
+        self.mmu
+            .zap_nested_tables_in(
+                slot.as_id(),
+                slot.gfn_range(),
+                sets.as_slice(),
+                mmu.witness(),
+            )
+            .commit(self);
         let batch = self.mmu.unmap_gfn_range(
             slot.as_id(),
             slot.rmaps(),

@@ -3,7 +3,7 @@
 //! (S1–S7) is in the parent module's documentation.
 
 use core::fmt;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::addr::{AsId, Gfn, Level};
 use crate::geometry::ROOT_LEVEL;
@@ -42,8 +42,19 @@ pub struct ShadowStats {
     pub aged_sptes_locked: u64,
     /// Accessed bits cleared by rmap aging.
     pub accessed_cleared: u64,
-    /// `indirect_shadow_pages` (always 0: only direct pages are built).
+    /// `indirect_shadow_pages`: live indirect pages (EPT02 pages shadowing L1's EPT12 tables).
     pub indirect_shadow_pages: u64,
+    /// Faults of L2 vCPUs that reached the map step of indirect pages.
+    pub nested_faults: u64,
+    /// Shadow entries zapped because L1 wrote the guest table they shadow (`mmu_pte_write`).
+    pub mmu_pte_write: u64,
+    /// Indirect pages zapped because L1 wrote their table too often (`mmu_flooded`).
+    pub mmu_flooded: u64,
+    /// L1 gfns write-tracked now (guest tables shadowed by at least one indirect page).
+    pub write_tracked_gfns: u64,
+    /// Aging calls (age or test) that walked the shadow MMU's rmaps: with the TDP MMU, only while
+    /// indirect pages exist (spec §3.8, `kvm_may_have_shadow_mmu_sptes`).
+    pub rmap_age_walks: u64,
     /// Rmap descriptor and bit-lock counters.
     pub rmap: RmapStatsSnapshot,
 }
@@ -64,6 +75,10 @@ pub(super) struct Counters {
     pub(super) aged_sptes_lockless: StripedCounter,
     pub(super) aged_sptes_locked: StripedCounter,
     pub(super) accessed_cleared: StripedCounter,
+    pub(super) nested_faults: StripedCounter,
+    pub(super) mmu_pte_write: StripedCounter,
+    pub(super) mmu_flooded: StripedCounter,
+    pub(super) rmap_age_walks: StripedCounter,
 }
 
 #[inline]
@@ -92,6 +107,13 @@ pub(super) struct Inner {
     pub(super) indirect_shadow_pages: AtomicU64,
     /// The format of the leaves this MMU builds (set once, before the MMU is shared).
     pub(super) ad_bits: crate::mmu::spte::AdBits,
+    /// Write tracking (`page_track.c`, `gfn_write_track`): L1 gfn → indirect pages shadowing it.
+    /// Changed under `mmu_lock` write (with the page it counts); read under `mmu_lock` (either
+    /// mode) by faults that must not map a tracked gfn writable (nested N2).
+    pub(super) write_track: Mutex<BTreeMap<u64, u32>>,
+    /// The number of keys in `write_track`: lets L1 faults skip the map lookup when nothing is
+    /// tracked.
+    pub(super) write_tracked: AtomicU64,
 }
 
 impl Inner {
@@ -205,6 +227,8 @@ impl ShadowMmu {
                 pages: Default::default(),
                 indirect_shadow_pages: AtomicU64::new(0),
                 ad_bits: crate::mmu::spte::AdBits::Enabled,
+                write_track: Mutex::new(BTreeMap::new()),
+                write_tracked: AtomicU64::new(0),
             }),
         }
     }
@@ -276,6 +300,11 @@ impl ShadowMmu {
             aged_sptes_locked: r(&c.aged_sptes_locked),
             accessed_cleared: r(&c.accessed_cleared),
             indirect_shadow_pages: self.indirect_shadow_pages(),
+            nested_faults: r(&c.nested_faults),
+            mmu_pte_write: r(&c.mmu_pte_write),
+            mmu_flooded: r(&c.mmu_flooded),
+            write_tracked_gfns: self.write_tracked_gfns(),
+            rmap_age_walks: r(&c.rmap_age_walks),
             rmap: self.inner.rmap_stats.snapshot(),
         }
     }
@@ -297,8 +326,55 @@ impl ShadowMmu {
             self.inner
                 .indirect_shadow_pages
                 .fetch_add(1, Ordering::Relaxed);
+            self.track_gfn(gfn, true);
         }
         sp
+    }
+
+    /// Adds (`add`) or drops one write-tracking reference on L1 gfn `gfn`
+    /// (`__kvm_write_track_add_gfn` / `_remove_gfn`); under `mmu_lock` write.
+    pub(super) fn track_gfn(&self, gfn: u64, add: bool) {
+        let mut t = self.inner.write_track.lock();
+        let n = t.entry(gfn).or_insert(0);
+        if add {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+        }
+        if *n == 0 {
+            t.remove(&gfn);
+        }
+        // ORDERING: Relaxed: a hint read under `mmu_lock`, which orders it with this update.
+        self.inner
+            .write_tracked
+            .store(t.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one aging call that walks the rmaps (the dispatcher's, spec §3.8).
+    #[inline]
+    pub(crate) fn note_rmap_age_walk(&self) {
+        add(&self.inner.counters.rmap_age_walks, 1);
+    }
+
+    /// The number of write-tracked L1 gfns.
+    pub fn write_tracked_gfns(&self) -> u64 {
+        // ORDERING: see `track_gfn`.
+        self.inner.write_tracked.load(Ordering::Relaxed)
+    }
+
+    /// True if any L1 gfn in `[start, end)` is write-tracked (`kvm_gfn_is_write_tracked`; over a
+    /// range, it is the huge-page check `disallow_lpage` answers in KVM). Meaningful under
+    /// `mmu_lock` (either mode): tracking changes only under `mmu_lock` write.
+    pub fn write_tracked_in(&self, start: u64, end: u64) -> bool {
+        if self.write_tracked_gfns() == 0 || start >= end {
+            return false;
+        }
+        self.inner
+            .write_track
+            .lock()
+            .range(start..end)
+            .next()
+            .is_some()
     }
 
     /// A reference to the valid root of `as_id`, allocating it if needed

@@ -1,7 +1,8 @@
 //! The shadow MMU (`arch/x86/kvm/mmu/mmu.c`, `tdp_mmu=N`): shadow pages found through a gfn+role
 //! hash, parent-pointer lists, counted roots, per-gfn reverse maps ([`rmap`]) with the LOCKED bit,
 //! faults and zaps under `mmu_lock` write, and aging through rmaps with or without `mmu_lock`.
-//! Only direct shadow pages (no guest page tables are shadowed) and 4K leaves are built.
+//! Direct shadow pages map guest memory; indirect ones ([`nested`]) shadow an L1 guest's EPT12
+//! tables for its L2 guest (protocol N1–N4 there).
 //!
 //! # Protocol
 //! - **Faults** ([`ShadowMmu::map`], `mmu_lock` write) walk from the vCPU's root, find or create
@@ -52,10 +53,13 @@
 //! 6. **S6 (leaves and rmaps)** Every present leaf is listed exactly once, in the rmap of its gfn
 //!    in the memslot currently covering the gfn (its INVALID copy shares the arrays), and is
 //!    cleared before it leaves that rmap (spec §4 item 26).
-//! 7. **S7 (counters)** `indirect_shadow_pages` counts live indirect pages (spec §4 item 34:
-//!    always 0 here); `pages_allocated - pages_freed` counts live pages including invalid roots
+//! 7. **S7 (counters)** `indirect_shadow_pages` counts live indirect pages (spec §4 item 34;
+//!    non-zero only while nested guests run, [`nested`] N4); `pages_allocated - pages_freed`
+//!    counts live pages including invalid roots
 //!    still referenced by vCPUs; at teardown with no vCPU left they are equal.
 
+#[cfg(not(loom))]
+pub mod nested;
 pub mod rmap;
 
 #[cfg(not(loom))]

@@ -6,12 +6,13 @@ use core::ptr::NonNull;
 use crate::addr::{AsId, Gfn, Level};
 use crate::geometry::{ENTRIES, index};
 use crate::mmu::spte::{AtomicSpte, BASE_ADDR_MASK, Spte, make_nonleaf_spte};
-use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::rmap::{RmapHead, SptePtr};
 
-/// `union kvm_mmu_page_role`, the parts this MMU uses. Direct pages only: `direct` is always true
-/// today, and is part of the hash key so that indirect pages can be added without a format change.
+/// `union kvm_mmu_page_role`, the parts this MMU uses. Direct pages map guest physical memory;
+/// indirect pages (`direct == false`, `nested/`) shadow one EPT12 table of an L1 guest, whose L1
+/// gfn is the page's `gfn`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) struct Role {
     /// The level of the SPTEs in the page.
@@ -38,6 +39,12 @@ pub(crate) struct ShadowPage {
     pub(crate) root_count: AtomicUsize,
     /// `role.invalid`: set once, under `mmu_lock` write, by prepare-zap.
     pub(crate) invalid: AtomicBool,
+    /// Indirect 4K-level pages only (`shadowed_translation`): the L1 gfn each leaf maps, written
+    /// under `mmu_lock` write before the leaf is published (`nested/`, N1).
+    shadowed: Option<Box<[AtomicU64; ENTRIES]>>,
+    /// Indirect pages only: L1 writes to the shadowed table since a fault last used the page
+    /// (`write_flooding_count`); changed under `mmu_lock` write.
+    pub(crate) write_flooding_count: AtomicU32,
 }
 
 impl ShadowPage {
@@ -55,6 +62,29 @@ impl ShadowPage {
     #[inline]
     pub(crate) fn gfn_of(&self, i: usize) -> Gfn {
         Gfn::new(self.gfn + i as u64 * self.role.level.pages())
+    }
+    /// The gfn whose rmap lists leaf `i`: the gfn it maps for a direct page, the L1 gfn recorded
+    /// when the leaf was installed for an indirect one (`kvm_mmu_page_get_gfn`).
+    #[inline]
+    pub(crate) fn leaf_gfn(&self, i: usize) -> Gfn {
+        match &self.shadowed {
+            // ORDERING: Relaxed: written before the leaf's Release store under `mmu_lock` write;
+            // readers hold `mmu_lock` or Acquire-loaded the leaf first (nested N1).
+            Some(s) => Gfn::new(s[i].load(Ordering::Relaxed)),
+            None => self.gfn_of(i),
+        }
+    }
+    /// Records the L1 gfn of leaf `i` of an indirect 4K-level page (before publishing the leaf).
+    ///
+    /// # Panics
+    /// On a page that is not an indirect 4K-level page (a kvmmu bug).
+    #[inline]
+    pub(crate) fn set_leaf_gfn(&self, i: usize, gfn: Gfn) {
+        let Some(s) = &self.shadowed else {
+            panic!("kvmmu bug: set_leaf_gfn on a page without shadowed translations");
+        };
+        // ORDERING: see `leaf_gfn`.
+        s[i].store(gfn.raw(), Ordering::Relaxed);
     }
     /// True once prepare-zap ran on the page.
     #[inline]
@@ -85,6 +115,9 @@ impl SpPtr {
             parent_ptes: RmapHead::new(),
             root_count: AtomicUsize::new(root_count),
             invalid: AtomicBool::new(false),
+            shadowed: (!role.direct && role.level == Level::L4K)
+                .then(|| Box::new(core::array::from_fn(|_| AtomicU64::new(0)))),
+            write_flooding_count: AtomicU32::new(0),
         });
         SpPtr(NonNull::from(Box::leak(sp)))
     }

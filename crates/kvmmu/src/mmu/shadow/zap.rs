@@ -16,7 +16,7 @@ use super::slot_rmaps::{RMAP_LEVELS, SlotRmaps};
 
 /// Pages queued by prepare-zap, freed by commit-zap after a remote TLB flush (S1).
 #[derive(Default)]
-pub(super) struct InvalidList(Vec<SpPtr>);
+pub(super) struct InvalidList(pub(super) Vec<SpPtr>);
 
 impl ShadowMmu {
     /// Zaps every SPTE of one rmap of `level` (`kvm_zap_rmap`); true if any was zapped.
@@ -32,6 +32,12 @@ impl ShadowMmu {
                 }
             }
         })
+    }
+
+    /// [`ShadowMmu::zap_rmap`] for the dispatcher (nested: L1 mappings of a newly tracked table).
+    pub(crate) fn zap_rmap_pub(&self, rmap: &RmapHead, level: Level, mmu: &MmuWrite) -> bool {
+        self.check_lock(mmu.lock_id());
+        self.zap_rmap(rmap, level, mmu)
     }
 
     /// Zaps every leaf of `gfns` through the slot's rmaps (`__kvm_rmap_zap_gfn_range`, levels
@@ -116,7 +122,7 @@ impl ShadowMmu {
                     if old.is_dirty() {
                         add(&c.dirty_leaves_zapped, 1);
                     }
-                    let gfn = page.gfn_of(i);
+                    let gfn = page.leaf_gfn(i);
                     let Some(rmap) = sets.leaf_rmap(page.role.as_id, gfn, level) else {
                         panic!("kvmmu bug: a shadow leaf for gfn {gfn:?} has no memslot rmap (S6)");
                     };
@@ -158,6 +164,7 @@ impl ShadowMmu {
             self.inner
                 .indirect_shadow_pages
                 .fetch_sub(1, Ordering::Relaxed);
+            self.track_gfn(page.gfn, false);
         }
         if page.role.level == ROOT_LEVEL {
             let as_idx = page.role.as_id.index();
