@@ -61,6 +61,8 @@ pub mod rmap;
 #[cfg(not(loom))]
 mod age;
 #[cfg(not(loom))]
+mod age_scan;
+#[cfg(not(loom))]
 mod dirty;
 #[cfg(not(loom))]
 mod fault;

@@ -584,27 +584,63 @@ impl RmapHead {
         cleared: &mut u64,
     ) -> bool {
         let guard = self.lock_readonly(stats);
-        let mut young = false;
-        let _ = guard.for_each_spte(|sptep| {
-            *visited += 1;
-            if !spte_is_young(sptep.load_lockless()) {
-                return ControlFlow::Continue(());
-            }
-            young = true;
-            match action {
-                AgeAction::TestOnly => ControlFlow::Break(()),
-                AgeAction::Clear => {
-                    // Test hook: a vCPU may set Dirty, or a page zap clear the SPTE, between our
-                    // read and our clear; the atomic AND keeps both (hooks invariant 1).
-                    maybe_yield(YieldSite::AgeBeforeClear);
-                    sptep.clear_accessed();
-                    *cleared += 1;
-                    ControlFlow::Continue(())
-                }
-            }
-        });
+        let young = guard.age(action, visited, cleared);
         guard.unlock();
         young
+    }
+
+    /// True if, at the moment of one load, this rmap listed exactly `spte` and nothing else, with
+    /// the bit clear (the head word equals `spte`'s word). A racy hint that dereferences nothing:
+    /// the table-order aging scan uses it to prove that no *other* SPTE maps the rmap's gfn
+    /// (docs/invariants.md "Shadow aging in table order").
+    #[inline]
+    pub fn lists_only(&self, spte: SptePtr) -> bool {
+        // ORDERING: Relaxed: nothing is read through the value; the caller reads `spte` through a
+        // page it keeps alive by other means (a bit it holds), and a chain published after this
+        // load is a mapping made after the walk's linearization point (invariant 4).
+        self.val.load(Ordering::Relaxed) == spte.to_word()
+    }
+}
+
+/// Ages one SPTE of a locked (or otherwise pinned) rmap walk: reads it once and ages it with
+/// [`age_loaded`]. Adds 1 to `visited`. The per-SPTE step of every shadow aging path.
+#[inline]
+pub fn age_one(
+    sptep: SptePtr,
+    action: AgeAction,
+    young: &mut bool,
+    visited: &mut u64,
+    cleared: &mut u64,
+) -> ControlFlow<()> {
+    *visited += 1;
+    age_loaded(sptep, sptep.load_lockless(), action, young, cleared)
+}
+
+/// Ages an SPTE whose value `old` was just read once ([`SptePtr::load_lockless`]): if it is present
+/// and young, sets `*young` and either stops ([`AgeAction::TestOnly`], `Break`) or clears its
+/// Accessed bit with one atomic AND and adds 1 to `cleared` ([`AgeAction::Clear`]).
+#[inline]
+pub fn age_loaded(
+    sptep: SptePtr,
+    old: u64,
+    action: AgeAction,
+    young: &mut bool,
+    cleared: &mut u64,
+) -> ControlFlow<()> {
+    if !spte_is_young(old) {
+        return ControlFlow::Continue(());
+    }
+    *young = true;
+    match action {
+        AgeAction::TestOnly => ControlFlow::Break(()),
+        AgeAction::Clear => {
+            // Test hook: a vCPU may set Dirty, or a page zap clear the SPTE, between our read
+            // and our clear; the atomic AND keeps both (hooks invariant 1).
+            maybe_yield(YieldSite::AgeBeforeClear);
+            sptep.clear_accessed();
+            *cleared += 1;
+            ControlFlow::Continue(())
+        }
     }
 }
 
