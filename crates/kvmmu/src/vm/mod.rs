@@ -157,6 +157,8 @@ pub struct VmStats {
     pub pages_2m: u64,
     /// Present 1G leaves (KVM's `pages_1g`).
     pub pages_1g: u64,
+    /// The longest shadow rmap a leaf insertion found (KVM's `max_mmu_rmap_size`).
+    pub max_mmu_rmap_size: u64,
 }
 
 /// State shared by the VM handle, its vCPUs and its notifier subscription.
@@ -506,6 +508,7 @@ impl VmInner {
     fn stats(&self) -> VmStats {
         let c = &self.counters;
         let pages = self.mmu.page_stats();
+        let shadow = self.mmu.shadow_stats();
         VmStats {
             faults: c.faults.sum(),
             fault_retries: c.fault_retries.sum(),
@@ -521,10 +524,11 @@ impl VmInner {
             mn_active_invalidate_count: *self.mn_invalidate.lock(),
             mmu_lock: self.mmu_lock.stats(),
             tdp: self.mmu.tdp_stats(),
-            shadow: self.mmu.shadow_stats(),
+            shadow,
             pages_4k: pages.pages_4k,
             pages_2m: pages.pages_2m,
             pages_1g: pages.pages_1g,
+            max_mmu_rmap_size: shadow.max_mmu_rmap_size,
         }
     }
 }

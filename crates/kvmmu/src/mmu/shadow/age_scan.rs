@@ -286,6 +286,11 @@ mod tests {
         let _ = hole.pte_list_add(w.witness(), mmu.rmap_stats(), fp);
         drop(w);
         let sptes = mapped.len() + chains.len() + 1;
+        assert_eq!(
+            mmu.stats().max_mmu_rmap_size,
+            1,
+            "the second address space's leaves found one entry in their rmaps"
+        );
 
         let mut got = Vec::new();
         assert!(mmu.age_gfn_range_report(&slot.0, range(0, GFNS), None, |r| got.push(r)));

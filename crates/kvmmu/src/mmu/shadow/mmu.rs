@@ -44,6 +44,8 @@ pub struct ShadowStats {
     pub accessed_cleared: u64,
     /// `indirect_shadow_pages` (always 0: only direct pages are built).
     pub indirect_shadow_pages: u64,
+    /// KVM's `max_mmu_rmap_size`: the longest rmap a leaf insertion found (the entries before it).
+    pub max_mmu_rmap_size: u64,
     /// Rmap descriptor and bit-lock counters.
     pub rmap: RmapStatsSnapshot,
 }
@@ -243,6 +245,7 @@ impl ShadowMmu {
         let c = &self.inner.counters;
         // A snapshot need not be consistent across counters.
         let r = |c: &StripedCounter| c.sum();
+        let rmap = self.inner.rmap_stats.snapshot();
         ShadowStats {
             faults: r(&c.faults),
             pages_allocated: r(&c.pages_allocated),
@@ -257,7 +260,8 @@ impl ShadowMmu {
             aged_sptes_locked: r(&c.aged_sptes_locked),
             accessed_cleared: r(&c.accessed_cleared),
             indirect_shadow_pages: self.indirect_shadow_pages(),
-            rmap: self.inner.rmap_stats.snapshot(),
+            max_mmu_rmap_size: rmap.max_rmap_size,
+            rmap,
         }
     }
 
