@@ -137,9 +137,12 @@ impl LevelHeads<'_> {
             } else {
                 1
             };
-        // SAFETY (every `slot(k)` below, A1): `k < ENTRIES` and the page is pinned by `guard`,
-        // which outlives every use of the returned pointer.
-        let slot = |k: usize| unsafe { SptePtr::from_direct_leaf(page.at(k)) };
+        let slot = |k: usize| {
+            // SAFETY: A1: the page is pinned by `guard`, which outlives every use of the returned
+            // pointer (the closure borrows `page`, and the guard is dropped after the loop); the
+            // page is direct and its leaves are listed in their gfns' rmaps (S6).
+            unsafe { SptePtr::from_direct_leaf(page.at(k)) }
+        };
         let mut j = 0;
         while j < run {
             if j > 0 && j + CHUNK <= run {

@@ -137,12 +137,16 @@ const LINE: usize = 8;
 pub fn first_nonempty(heads: &[RmapHead], from: usize) -> usize {
     let mut i = from;
     while i < heads.len() {
-        let at_line = heads[i..].as_ptr().addr() % (LINE * core::mem::size_of::<RmapHead>()) == 0;
-        if at_line && let Some(line) = heads.get(i..i + LINE) {
-            if line.iter().fold(0, |acc, h| acc | h.raw_value()) == 0 {
-                i += LINE;
-                continue;
-            }
+        let at_line = heads[i..]
+            .as_ptr()
+            .addr()
+            .is_multiple_of(LINE * core::mem::size_of::<RmapHead>());
+        if at_line
+            && let Some(line) = heads.get(i..i + LINE)
+            && line.iter().fold(0, |acc, h| acc | h.raw_value()) == 0
+        {
+            i += LINE;
+            continue;
         }
         if !heads[i].is_empty() {
             return i;

@@ -82,9 +82,9 @@ impl SptePtr {
     pub unsafe fn from_spte(slot: &crate::mmu::spte::AtomicSpte) -> SptePtr {
         // `AtomicSpte` is `#[repr(transparent)]` over `AtomicU64`, so the cast keeps layout.
         let p = core::ptr::from_ref(slot).cast::<AtomicU64>();
-        // SAFETY: `p` comes from a reference, so it is non-null and aligned; the caller keeps the
-        // slot allocated (this function's contract).
         SptePtr {
+            // SAFETY: `p` comes from a reference, so it is non-null and aligned; the caller keeps
+            // the slot allocated (this function's contract).
             ptr: unsafe { NonNull::new_unchecked(p.cast_mut()) },
             direct_leaf: false,
         }
