@@ -104,13 +104,15 @@ pub struct AccessArgs {
     pub no_aging_thread: bool,
 
     /// Run the vCPUs as an L2 guest over EPT12 tables L1 built (nested TDP: indirect shadow
-    /// pages; the test memory is also mapped at a second L2 window, so rmap chains hold 2).
+    /// pages; the test memory is also mapped at more L2 windows, so rmap chains hold several SPTEs:
+    /// see --nested-aliases).
     #[arg(long)]
     pub nested: bool,
 
     /// With --nested: extra L2 windows onto the test memory (each adds one SPTE to every rmap
-    /// chain; 1 gives chains of 2).
-    #[arg(long, default_value_t = 1, requires = "nested")]
+    /// chain; the default 2 gives chains of 3, so KVM's `max_mmu_rmap_size`, the most entries an
+    /// insertion found before it, reaches 2).
+    #[arg(long, default_value_t = 2, requires = "nested")]
     pub nested_aliases: u64,
 
     /// Backing source of guest memory (the selftests' -s): anonymous, anonymous_thp,
@@ -764,7 +766,7 @@ mod tests {
             age_while_populating: false,
             no_aging_thread: false,
             nested: false,
-            nested_aliases: 1,
+            nested_aliases: 2,
             backing_src: kvmmu::BackingSrc::Anonymous,
         }
     }
@@ -793,7 +795,7 @@ mod tests {
     }
 
     #[test]
-    fn nested_run_has_indirect_pages_and_rmap_chains_of_two_on_both_mmus() {
+    fn nested_run_has_indirect_pages_and_rmap_chains_of_three_on_both_mmus() {
         for mmu in [MmuArg::Tdp, MmuArg::Shadow] {
             let mut a = args();
             a.nested = true;
@@ -801,14 +803,22 @@ mod tests {
             let r = run(&a).unwrap();
             assert!(r.passed, "{mmu:?}: {}", r.failures());
             assert!(r.counts["indirect_shadow_pages"] > 0);
-            assert!(r.counts["max_mmu_rmap_size"] >= 2);
+            assert_eq!(
+                r.counts["max_rmap_len"], 3,
+                "{mmu:?}: one SPTE per L2 window"
+            );
+            assert_eq!(
+                r.counts["max_mmu_rmap_size"], 2,
+                "{mmu:?}: entries found at insertion"
+            );
         }
         let mut a = args();
         a.nested = true;
         a.nested_aliases = 5;
         let r = run(&a).unwrap();
         assert!(r.passed, "{}", r.failures());
-        assert_eq!(r.counts["max_mmu_rmap_size"], 6, "one SPTE per L2 window");
+        assert_eq!(r.counts["max_rmap_len"], 6, "one SPTE per L2 window");
+        assert_eq!(r.counts["max_mmu_rmap_size"], 5);
     }
 
     #[test]

@@ -133,6 +133,19 @@ pub fn vm_counts(s: &kvmmu::VmStats) -> std::collections::BTreeMap<String, u64> 
         ("pages_2m", s.pages_2m),
         ("pages_1g", s.pages_1g),
         ("nx_lpage_splits", s.nx_lpage_splits),
+        ("max_mmu_rmap_size", s.max_mmu_rmap_size),
+        (
+            "rmap_aged_sptes",
+            s.shadow.aged_sptes_lockless + s.shadow.aged_sptes_locked,
+        ),
+        (
+            "rmap_lock_contended_writer",
+            s.shadow.rmap.lock_contended_writer,
+        ),
+        (
+            "rmap_lock_contended_readonly",
+            s.shadow.rmap.lock_contended_readonly,
+        ),
         (
             "accessed_cleared",
             s.tdp.accessed_cleared + s.shadow.accessed_cleared,

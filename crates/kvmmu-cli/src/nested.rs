@@ -81,7 +81,9 @@ pub fn report(vm: &Vm, r: &mut crate::report::Report, aliases: bool) {
     let chain = vm.max_rmap_len(AsId::new(0)) as u64;
     r.counts
         .insert("indirect_shadow_pages".into(), s.indirect_shadow_pages);
-    r.counts.insert("max_mmu_rmap_size".into(), chain);
+    // The longest chain now (a scan); `max_mmu_rmap_size` (KVM's stat: the most entries an
+    // insertion found before it) comes with every report's VM counts.
+    r.counts.insert("max_rmap_len".into(), chain);
     r.counts.insert("nested_faults".into(), s.nested_faults);
     r.counts.insert("mmu_pte_write".into(), s.mmu_pte_write);
     r.counts.insert("mmu_flooded".into(), s.mmu_flooded);
@@ -100,8 +102,11 @@ pub fn report(vm: &Vm, r: &mut crate::report::Report, aliases: bool) {
     if aliases {
         r.require(
             "rmap chains hold several SPTEs",
-            chain >= 2,
-            format!("longest chain {chain}"),
+            chain >= 2 && s.max_mmu_rmap_size >= 1,
+            format!(
+                "longest chain {chain}, max_mmu_rmap_size {}",
+                s.max_mmu_rmap_size
+            ),
         );
     }
 }

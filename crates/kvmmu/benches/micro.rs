@@ -4,7 +4,7 @@
 //! miss, TDP and shadow), SRCU/RCU read-side entry, the whole vCPU fault path (walk miss, fault,
 //! GUP with host frame allocation, install), lock-free (shared `mmu_lock`) vs locked (exclusive)
 //! installs from parallel threads, and the shadow MMU's rmap
-//! add/remove/age.
+//! add/remove/age, and lockless vs locked aging of long rmap chains with bit-lock contention.
 //!
 //! Run with `cargo bench -p kvmmu --bench micro`; `cargo test` only compiles it (`harness = false`).
 
@@ -518,6 +518,102 @@ fn rmap(c: &mut Criterion) {
     );
 }
 
+/// Rmaps per chain length in [`rmap_chains`].
+const CHAIN_RMAPS: usize = 64;
+
+/// Lockless vs locked shadow rmap aging over long chains (issue 14): `CHAIN_RMAPS` rmaps of 1, 8
+/// and 64 entries each (built with the rmap API, as nested guests' indirect pages build them),
+/// aged with [`AgeAction::Clear`] once per iteration, quiet or against a writer thread that keeps
+/// adding and removing one more entry in every rmap under `mmu_lock` write (a vCPU faulting and a
+/// zap). Lockless takes each rmap's bit read-only; locked also holds `mmu_lock` write for the whole
+/// pass (the pre-series baseline). After each run it prints the rmap-bit waits (ager and writer)
+/// and `mmu_lock` write waits per million aged SPTEs next to criterion's times.
+fn rmap_chains(c: &mut Criterion) {
+    let young = SPTE_PRESENT_MASK | SPTE_ACCESSED_MASK | 0x7;
+    for len in [1usize, 8, 64] {
+        let per = len + 1;
+        let slots: Box<[AtomicU64]> = (0..CHAIN_RMAPS * per)
+            .map(|_| AtomicU64::new(young))
+            .collect();
+        // SAFETY: `slots` outlives every rmap below, each of which is emptied before this
+        // iteration of the loop ends, so no pointer to a slot is used after the slots are freed.
+        let ptr = |i: usize| unsafe { SptePtr::new(&slots[i]) };
+        let lock = MmuLock::new();
+        let stats = RmapStats::new();
+        let heads: Box<[RmapHead]> = (0..CHAIN_RMAPS).map(|_| RmapHead::new()).collect();
+        {
+            let w = lock.write();
+            for (r, h) in heads.iter().enumerate() {
+                for e in 0..len {
+                    h.pte_list_add(w.witness(), &stats, ptr(r * per + e));
+                }
+            }
+        }
+        let mut grp = c.benchmark_group(format!("rmap_age_chain_{len}"));
+        grp.throughput(Throughput::Elements((CHAIN_RMAPS * len) as u64));
+        grp.sample_size(20);
+        grp.warm_up_time(std::time::Duration::from_millis(500));
+        grp.measurement_time(std::time::Duration::from_secs(2));
+        for (mode, locked) in [("lockless", false), ("locked", true)] {
+            for with_writer in [false, true] {
+                let name = format!("{mode}/{}", if with_writer { "writer" } else { "quiet" });
+                let stop = std::sync::atomic::AtomicBool::new(false);
+                let (s0, l0) = (stats.snapshot(), lock.stats());
+                let mut aged = 0u64;
+                std::thread::scope(|s| {
+                    if with_writer {
+                        s.spawn(|| {
+                            // ORDERING: Relaxed: a stop flag; the scope's join orders the rest.
+                            while !stop.load(Ordering::Relaxed) {
+                                let w = lock.write();
+                                for (r, h) in heads.iter().enumerate() {
+                                    let spare = ptr(r * per + len);
+                                    h.pte_list_add(w.witness(), &stats, spare);
+                                    h.pte_list_remove(w.witness(), &stats, spare)
+                                        .expect("the spare was just added");
+                                }
+                            }
+                        });
+                    }
+                    grp.bench_function(&name, |b| {
+                        b.iter(|| {
+                            let _held = locked.then(|| lock.write());
+                            let mut cleared = 0;
+                            let mut young = false;
+                            for h in heads.iter() {
+                                young |= h.age_rmap_counted(
+                                    &stats,
+                                    AgeAction::Clear,
+                                    &mut aged,
+                                    &mut cleared,
+                                );
+                            }
+                            black_box((young, cleared))
+                        })
+                    });
+                    // ORDERING: Relaxed: see the writer's load.
+                    stop.store(true, Ordering::Relaxed);
+                });
+                let (s1, l1) = (stats.snapshot(), lock.stats());
+                let per_m = |n: u64| n as f64 * 1e6 / aged.max(1) as f64;
+                println!(
+                    "rmap_age_chain_{len}/{name}: per million aged SPTEs ({aged} aged): rmap-bit \
+                     waits {:.1} (ager {:.1}, writer {:.1}), mmu_lock write waits {:.1}",
+                    per_m(s1.lock_contended - s0.lock_contended),
+                    per_m(s1.lock_contended_readonly - s0.lock_contended_readonly),
+                    per_m(s1.lock_contended_writer - s0.lock_contended_writer),
+                    per_m(l1.contended_writes - l0.contended_writes),
+                );
+            }
+        }
+        grp.finish();
+        let w = lock.write();
+        for h in heads.iter() {
+            assert!(h.zap_all(w.witness(), &stats, |_| {}));
+        }
+    }
+}
+
 /// Lock-free vs locked fault path (issue 6): `threads` threads install leaves into disjoint tables
 /// of one TDP MMU, one fault at a time, each fault taking `mmu_lock` and pinning RCU the way the
 /// VM's fault path does. `read` is the TDP MMU's design (faults hold the lock shared and race
@@ -588,6 +684,7 @@ criterion_group!(
     read_side,
     fault_path,
     fault_install_parallel,
-    rmap
+    rmap,
+    rmap_chains
 );
 criterion_main!(benches);

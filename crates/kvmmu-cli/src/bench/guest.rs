@@ -96,9 +96,10 @@ impl Guest {
         Ok(self.host.clear_young(self.hva, self.bytes())?)
     }
 
-    /// SPTEs whose Accessed bit aging has cleared so far.
+    /// SPTEs whose Accessed bit aging has cleared so far, in either MMU.
     pub fn accessed_cleared(&self) -> u64 {
-        self.vm.stats().tdp.accessed_cleared
+        let s = self.vm.stats();
+        s.tdp.accessed_cleared + s.shadow.accessed_cleared
     }
 }
 

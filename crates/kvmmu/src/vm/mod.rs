@@ -168,6 +168,8 @@ pub struct VmStats {
     /// Huge mappings the NX huge pages mitigation split and recovery has not yet undone (KVM's
     /// `nx_lpage_splits`; `VmConfig::nx_huge_pages`).
     pub nx_lpage_splits: u64,
+    /// The longest shadow rmap a leaf insertion found (KVM's `max_mmu_rmap_size`).
+    pub max_mmu_rmap_size: u64,
 }
 
 /// State shared by the VM handle, its vCPUs and its notifier subscription.
@@ -533,6 +535,7 @@ impl VmInner {
     fn stats(&self) -> VmStats {
         let c = &self.counters;
         let pages = self.mmu.page_stats();
+        let shadow = self.mmu.shadow_stats();
         VmStats {
             faults: c.faults.sum(),
             fault_retries: c.fault_retries.sum(),
@@ -548,7 +551,7 @@ impl VmInner {
             mn_active_invalidate_count: *self.mn_invalidate.lock(),
             mmu_lock: self.mmu_lock.stats(),
             tdp: self.mmu.tdp_stats(),
-            shadow: self.mmu.shadow_stats(),
+            shadow,
             pages_4k: pages.pages_4k,
             pages_2m: pages.pages_2m,
             pages_1g: pages.pages_1g,
@@ -557,6 +560,7 @@ impl VmInner {
             } else {
                 self.mmu.nx_lpage_splits()
             },
+            max_mmu_rmap_size: shadow.max_mmu_rmap_size,
         }
     }
 }

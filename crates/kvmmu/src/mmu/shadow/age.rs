@@ -1,9 +1,10 @@
 //! Shadow aging through rmaps (`kvm_rmap_age_gfn_range`), with or without `mmu_lock`; the
 //! protocol is in [`super`].
 
-use crate::addr::{Gfn, GfnRange};
+use crate::addr::{Gfn, GfnRange, Level};
 use crate::sync::witness::MmuWrite;
 
+use super::age_scan::{AgeTally, LevelHeads};
 use super::mmu::{ShadowMmu, add};
 use super::rmap::AgeAction;
 use super::slot_rmaps::{RMAP_LEVELS, SlotRmaps};
@@ -38,6 +39,7 @@ impl ShadowMmu {
     }
 
     /// The rmap walk of [`ShadowMmu::age_gfn_range`]; `report` gets each young rmap's gfns.
+    /// Per level 4K..1G, the heads touching `gfns` are scanned by [`LevelHeads::age`].
     #[inline]
     fn age_rmaps(
         &self,
@@ -51,33 +53,25 @@ impl ShadowMmu {
             self.check_lock(w.lock_id());
         }
         let stats = &self.inner.rmap_stats;
-        let mut young = false;
-        let mut visited = 0;
-        let mut cleared = 0;
-        'levels: for level in RMAP_LEVELS {
-            // `broken-rmap-age-no-round-down` (test-only): start at the unaligned gfn, so the
-            // walk steps past the huge rmap of the block after the start (spec §3.8 analysis).
-            let mut g = if cfg!(feature = "broken-rmap-age-no-round-down") {
-                gfns.start().raw()
-            } else {
-                gfns.start().align_down(level).raw()
-            };
-            while g < gfns.end().raw() {
-                if let Some(r) = rmaps.get(Gfn::new(g), level)
-                    && r.age_rmap_counted(stats, action, &mut visited, &mut cleared)
-                {
-                    young = true;
-                    if action == AgeAction::TestOnly {
-                        break 'levels;
-                    }
-                    // The rmap covers the level-aligned block at `g`; only its part in `gfns`
-                    // was asked about.
-                    let block = GfnRange::from_len(Gfn::new(g), level.pages());
-                    if let Some(r) = block.and_then(|b| b.intersect(&gfns)) {
-                        report(r);
-                    }
+        let mut tally = AgeTally::default();
+        for level in RMAP_LEVELS {
+            let scan = level_heads(rmaps, level, gfns);
+            let mut young_head = |i: usize| {
+                // Head `i` covers one level-aligned block; only its part in `gfns` was asked about.
+                let block = GfnRange::from_len(
+                    Gfn::new(scan.first + i as u64 * level.pages()),
+                    level.pages(),
+                );
+                if let Some(r) = block.and_then(|b| b.intersect(&gfns)) {
+                    report(r);
                 }
-                g += level.pages();
+            };
+            if scan
+                .age(stats, action, &mut tally, &mut young_head)
+                .is_break()
+            {
+                tally.young = true;
+                break;
             }
         }
         let c = &self.inner.counters;
@@ -87,9 +81,30 @@ impl ShadowMmu {
             } else {
                 &c.aged_sptes_lockless
             },
-            visited,
+            tally.visited,
         );
-        add(&c.accessed_cleared, cleared);
-        young
+        add(&c.accessed_cleared, tally.cleared);
+        tally.young
+    }
+}
+
+/// The heads of `level` whose blocks intersect `gfns`. The start is rounded down to the level's
+/// alignment, so no huge-page rmap is skipped (spec §3.8 analysis).
+#[inline]
+fn level_heads(rmaps: &SlotRmaps, level: Level, gfns: GfnRange) -> LevelHeads<'_> {
+    let (heads, first) = rmaps.level_heads(level, gfns);
+    // `broken-rmap-age-no-round-down` (test-only): step `level.pages()` at a time from the
+    // unaligned start, as a walk that forgot to round down does: it covers one block per
+    // started `level.pages()` gfns and so misses the huge rmap of the block after the start.
+    let heads = if cfg!(feature = "broken-rmap-age-no-round-down") {
+        let n = (gfns.end().raw() - gfns.start().raw()).div_ceil(level.pages());
+        &heads[..heads.len().min(n as usize)]
+    } else {
+        heads
+    };
+    LevelHeads {
+        heads,
+        first,
+        level,
     }
 }

@@ -192,8 +192,8 @@ impl ShadowMmu {
                 add(&self.inner.counters.leaves_installed, 1);
                 self.inner.pages.install(level);
                 // SAFETY: the page is live; the entry leaves the rmap before the page is freed (S1).
-                let pte = unsafe { sp.sptep(index(gfn, level)) };
-                let before = rmap.pte_list_add(mmu, &self.inner.rmap_stats, pte);
+                let pte = unsafe { sp.leaf_sptep(index(gfn, level)) };
+                let before = rmap.rmap_add(mmu, &self.inner.rmap_stats, pte);
                 if before > RMAP_RECYCLE_THRESHOLD {
                     self.zap_rmap(rmap, level, mmu);
                     add(&self.inner.counters.rmap_recycles, 1);

@@ -55,6 +55,8 @@ pub struct ShadowStats {
     /// Aging calls (age or test) that walked the shadow MMU's rmaps: with the TDP MMU, only while
     /// indirect pages exist (spec §3.8, `kvm_may_have_shadow_mmu_sptes`).
     pub rmap_age_walks: u64,
+    /// KVM's `max_mmu_rmap_size`: the longest rmap a leaf insertion found (the entries before it).
+    pub max_mmu_rmap_size: u64,
     /// Rmap descriptor and bit-lock counters.
     pub rmap: RmapStatsSnapshot,
 }
@@ -286,6 +288,7 @@ impl ShadowMmu {
         let c = &self.inner.counters;
         // A snapshot need not be consistent across counters.
         let r = |c: &StripedCounter| c.sum();
+        let rmap = self.inner.rmap_stats.snapshot();
         ShadowStats {
             faults: r(&c.faults),
             pages_allocated: r(&c.pages_allocated),
@@ -305,7 +308,8 @@ impl ShadowMmu {
             mmu_flooded: r(&c.mmu_flooded),
             write_tracked_gfns: self.write_tracked_gfns(),
             rmap_age_walks: r(&c.rmap_age_walks),
-            rmap: self.inner.rmap_stats.snapshot(),
+            max_mmu_rmap_size: rmap.max_rmap_size,
+            rmap,
         }
     }
 

@@ -19,8 +19,10 @@
 //!   marks the page invalid and takes it off the hash; *commit-zap* returns the queued pages in a
 //!   [`ZapBatch`](crate::mmu::ZapBatch) whose `commit` (by the caller, still under `mmu_lock`
 //!   write) calls `flush_remote_tlbs` and only then frees them.
-//! - **Aging** ([`ShadowMmu::age_gfn_range`]) locks each rmap read-only and clears Accessed with
+//! - **Aging** ([`ShadowMmu::age_gfn_range`]) locks rmaps read-only and clears Accessed with
 //!   one atomic AND per young SPTE; `TestOnly` stops at the first young SPTE and writes nothing.
+//!   It skips lines of empty heads, and under one rmap's bit reads a direct page's table in order
+//!   while the following rmaps list exactly its next slots (`age_scan.rs`, invariants A1–A3).
 //!   In lockless mode no `mmu_lock` is held (SRCU keeps the memslot and its rmaps alive); in
 //!   locked mode the caller holds it for write. No RCU guard is held while aging rmaps (the rmap
 //!   bit ranks before RCU).
@@ -64,6 +66,8 @@ pub mod rmap;
 
 #[cfg(not(loom))]
 mod age;
+#[cfg(not(loom))]
+mod age_scan;
 #[cfg(not(loom))]
 mod dirty;
 #[cfg(not(loom))]

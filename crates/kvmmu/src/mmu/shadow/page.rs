@@ -58,6 +58,11 @@ impl ShadowPage {
     pub(crate) fn at(&self, i: usize) -> &AtomicSpte {
         &self.spt[i]
     }
+    /// The whole table, in entry order.
+    #[inline]
+    pub(crate) fn table(&self) -> &[AtomicSpte; ENTRIES] {
+        &self.spt
+    }
     /// The first gfn mapped by entry `i`.
     #[inline]
     pub(crate) fn gfn_of(&self, i: usize) -> Gfn {
@@ -145,7 +150,9 @@ impl SpPtr {
     /// # Safety
     /// The page must stay allocated for `'a`: the caller holds `mmu_lock` (pages are freed only
     /// under `mmu_lock` write, S1), or a root reference to it (S3), or is a vCPU in guest mode that
-    /// reached it from its referenced root and has not passed an instruction boundary since (S2).
+    /// reached it from its referenced root and has not passed an instruction boundary since (S2),
+    /// or holds the bit of an rmap whose locked chain lists an SPTE of the page (S1: that SPTE
+    /// leaves its rmap, which takes the bit, before the page can be freed).
     #[inline]
     pub(crate) unsafe fn get<'a>(self) -> &'a ShadowPage {
         // SAFETY: this function's contract.
@@ -163,6 +170,39 @@ impl SpPtr {
         let slot = unsafe { self.get() }.at(i);
         // SAFETY: S1: the page is freed only after every SPTE left every rmap and a TLB flush.
         unsafe { SptePtr::from_spte(slot) }
+    }
+
+    /// The rmap entry for leaf SPTE `i` of this page: [`SptePtr::from_direct_leaf`] for a direct
+    /// page, so aging may read the page's table in order, and [`SpPtr::sptep`] otherwise. Every
+    /// leaf is added to and removed from its rmap under this name.
+    ///
+    /// # Safety
+    /// As [`SpPtr::sptep`].
+    #[inline]
+    pub(crate) unsafe fn leaf_sptep(self, i: usize) -> SptePtr {
+        // SAFETY: the caller guarantees the page is live.
+        let page = unsafe { self.get() };
+        if page.role.direct {
+            // SAFETY: S1 as in `sptep`; `page` is direct and its leaves are listed in the rmaps
+            // of their gfns (S6).
+            unsafe { SptePtr::from_direct_leaf(page.at(i)) }
+        } else {
+            // SAFETY: as in `sptep`.
+            unsafe { self.sptep(i) }
+        }
+    }
+
+    /// The page holding the SPTE slot `sptep` and the slot's index in it (`sptep_to_sp`,
+    /// `spte_index`): pages are 4 KiB aligned with their table at offset 0, and every leaf rmap
+    /// entry points into a page's table (S6). Dereferencing the result is what needs the proof
+    /// ([`SpPtr::get`]).
+    #[inline]
+    pub(crate) fn containing(sptep: SptePtr) -> (SpPtr, usize) {
+        const PAGE: usize = core::mem::align_of::<ShadowPage>();
+        let addr = sptep.addr();
+        let p = core::ptr::with_exposed_provenance_mut::<ShadowPage>(addr & !(PAGE - 1));
+        let sp = SpPtr(NonNull::new(p).expect("an SPTE slot lies in a shadow page's table (S6)"));
+        (sp, (addr % PAGE) / core::mem::size_of::<AtomicSpte>())
     }
 
     /// Frees the page.

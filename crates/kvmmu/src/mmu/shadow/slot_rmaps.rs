@@ -97,6 +97,63 @@ impl SlotRmaps {
         let li = usize::from(level.get()).checked_sub(1)?;
         self.levels.get(li)?.get(gfn_to_index(g, base, level))
     }
+
+    /// The heads of `level` whose blocks intersect `gfns` (clipped to the slot), in gfn order, with
+    /// the first gfn of the first one's block: head `i` of the slice covers the `level`-aligned
+    /// block at `first + i * level.pages()`. Empty if nothing of `gfns` is in the slot.
+    #[inline]
+    pub fn level_heads(&self, level: Level, gfns: GfnRange) -> (&[RmapHead], u64) {
+        let base = self.gfns.start().raw();
+        let lo = gfns.start().raw().max(base);
+        let hi = gfns.end().raw().min(self.gfns.end().raw());
+        let Some(heads) = usize::from(level.get())
+            .checked_sub(1)
+            .and_then(|li| self.levels.get(li))
+        else {
+            return (&[], 0);
+        };
+        if lo >= hi {
+            return (&[], 0);
+        }
+        let (a, b) = (
+            gfn_to_index(lo, base, level),
+            gfn_to_index(hi - 1, base, level) + 1,
+        );
+        (heads.get(a..b).unwrap_or(&[]), lo.align_down_to(level))
+    }
+}
+
+/// Heads per 64-byte cache line: the unit of [`first_nonempty`]'s pre-test.
+const LINE: usize = 8;
+
+/// The index of the first head of `heads[from..]` that is not empty (`heads.len()` if none).
+///
+/// Tests a whole cache line of heads at once (the OR of its words) where the line lies inside the
+/// slice, so a region of empty rmaps costs one load per head and one branch per line: the scan
+/// runs at memory bandwidth, as the TDP MMU's leaf-table pre-test does. The loads are racy hints
+/// (`RmapHead::is_empty`): an rmap filled after its load is a mapping made after the walk passed
+/// it, as for a locker that reads 0 (rmap invariant 4).
+#[inline]
+pub fn first_nonempty(heads: &[RmapHead], from: usize) -> usize {
+    let mut i = from;
+    while i < heads.len() {
+        let at_line = heads[i..]
+            .as_ptr()
+            .addr()
+            .is_multiple_of(LINE * core::mem::size_of::<RmapHead>());
+        if at_line
+            && let Some(line) = heads.get(i..i + LINE)
+            && line.iter().fold(0, |acc, h| acc | h.raw_value()) == 0
+        {
+            i += LINE;
+            continue;
+        }
+        if !heads[i].is_empty() {
+            return i;
+        }
+        i += 1;
+    }
+    heads.len()
 }
 
 /// Rounding helper for raw gfns.

@@ -127,7 +127,7 @@ impl ShadowMmu {
                         panic!("kvmmu bug: a shadow leaf for gfn {gfn:?} has no memslot rmap (S6)");
                     };
                     // SAFETY: the page is live; this is the pointer the fault added (S1).
-                    let pte = unsafe { sp.sptep(i) };
+                    let pte = unsafe { sp.leaf_sptep(i) };
                     if let Err(e) = rmap.pte_list_remove(mmu, stats, pte) {
                         panic!("kvmmu bug: shadow leaf not in its rmap: {e} (S6)");
                     }

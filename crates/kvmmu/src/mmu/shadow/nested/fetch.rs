@@ -240,7 +240,7 @@ impl ShadowMmu {
         self.inner.pages.install(Level::L4K);
         // SAFETY: the page is live; the entry leaves the rmap before the page is freed (S1).
         let pte = unsafe { sp.sptep(i) };
-        let before = rmap.pte_list_add(mmu, stats, pte);
+        let before = rmap.rmap_add(mmu, stats, pte);
         if before > RMAP_RECYCLE_THRESHOLD {
             self.zap_rmap(rmap, Level::L4K, mmu);
             add(&self.inner.counters.rmap_recycles, 1);

@@ -46,7 +46,9 @@
 //! register it with the lock-rank checker ([`LockRank::RmapBit`]), which also catches a nested
 //! rmap operation inside a [`RmapHead::for_each_spte`] callback (a self-deadlock). Lockers spin with [`spin_hint`] and fall back
 //! to [`yield_now`]: userspace cannot disable preemption, so a read-only holder must keep its critical
-//! section tiny and never block in it (spec §3.9 "Why disable preemption").
+//! section tiny and never block in it (spec §3.9 "Why disable preemption"). An acquisition that
+//! finds the bit held or loses its CAS counts once in [`RmapStats`], per kind of locker (writer or
+//! read-only), as it first does.
 
 mod desc;
 pub mod hooks;
@@ -62,6 +64,7 @@ use core::ops::ControlFlow;
 pub use desc::{PTE_LIST_EXT, PteListDesc};
 pub use readonly::RmapReadGuard;
 pub use spte_ptr::{SPTE_ACCESSED_MASK, SPTE_PRESENT_MASK, SptePtr, spte_is_young};
+use stats::Locker;
 pub use stats::{RmapStats, RmapStatsSnapshot};
 
 use desc::DescPtr;
@@ -273,8 +276,10 @@ impl RmapHead {
 
     /// `__kvm_rmap_lock`: returns the chain value (LOCKED clear), or 0 without locking if the rmap
     /// is or becomes empty (invariant 1).
+    /// An acquisition that sees LOCKED or loses its CAS counts once as contended for `who`, when
+    /// it first does (so a holder can watch a waiter arrive).
     #[inline]
-    fn lock_raw(&self, stats: &RmapStats) -> usize {
+    fn lock_raw(&self, stats: &RmapStats, who: Locker) -> usize {
         // ORDERING: Relaxed: a hint; only the Acquire CAS below synchronizes with the previous
         // holder. Returning 0 after a Relaxed load is sound: the caller then walks nothing
         // (invariants 1 and 4), and writers see the latest chain through `mmu_lock`.
@@ -286,7 +291,10 @@ impl RmapHead {
         let mut spins = 0;
         let locked = loop {
             while old & RMAP_LOCKED != 0 {
-                contended = true;
+                if !contended {
+                    contended = true;
+                    stats.note_contended(who);
+                }
                 backoff(&mut spins);
                 // ORDERING: Relaxed: spinning on a plain load keeps the line shared; see above.
                 old = self.val.load(Ordering::Relaxed);
@@ -313,15 +321,18 @@ impl RmapHead {
             };
             match res {
                 Ok(_) => break old,
-                Err(cur) => old = cur,
+                Err(cur) => {
+                    if !contended {
+                        contended = true;
+                        stats.note_contended(who);
+                    }
+                    old = cur;
+                }
             }
         };
         if locked != 0 {
             // Test hook: the holder is preempted with the bit held (hooks invariant 1).
             maybe_yield(YieldSite::HoldingLock);
-        }
-        if contended {
-            stats.note_contended();
         }
         locked
     }
@@ -331,7 +342,7 @@ impl RmapHead {
     fn lock_write(&self, w: &MmuWrite, stats: &RmapStats) -> WriteLock<'_> {
         stats.check_witness(w);
         let rank = lock_rank::acquire(LockRank::RmapBit);
-        let val = self.lock_raw(stats);
+        let val = self.lock_raw(stats, Locker::Writer);
         WriteLock {
             head: self,
             val,
@@ -372,6 +383,15 @@ impl RmapHead {
             }
         };
         lock.unlock(new);
+        before
+    }
+
+    /// Adds a leaf `spte` to its gfn's rmap (the rmap part of `__rmap_add`): [`RmapHead::pte_list_add`],
+    /// and records the count it returns as the VM's `max_mmu_rmap_size` if it is the largest yet
+    /// ([`RmapStatsSnapshot::max_rmap_size`]). Parent-pointer lists use `pte_list_add` directly.
+    pub fn rmap_add(&self, w: &MmuWrite, stats: &RmapStats, spte: SptePtr) -> usize {
+        let before = self.pte_list_add(w, stats, spte);
+        stats.note_rmap_size(before);
         before
     }
 
@@ -557,7 +577,7 @@ impl RmapHead {
     #[inline]
     pub fn lock_readonly<'a>(&'a self, stats: &RmapStats) -> RmapReadGuard<'a> {
         let rank = lock_rank::acquire(LockRank::RmapBit);
-        let val = self.lock_raw(stats);
+        let val = self.lock_raw(stats, Locker::ReadOnly);
         RmapReadGuard::new(self, val, (val != 0).then_some(rank))
     }
 
@@ -584,28 +604,65 @@ impl RmapHead {
         cleared: &mut u64,
     ) -> bool {
         let guard = self.lock_readonly(stats);
-        let mut young = false;
-        let _ = guard.for_each_spte(|sptep| {
-            *visited += 1;
-            let old = sptep.load_lockless();
-            if !spte_is_young(old) {
-                return ControlFlow::Continue(());
-            }
-            young = true;
-            match action {
-                AgeAction::TestOnly => ControlFlow::Break(()),
-                AgeAction::Clear => {
-                    // Test hook: a vCPU may set Dirty, or a page zap clear the SPTE, between our
-                    // read and our clear; the atomic AND keeps both (hooks invariant 1).
-                    maybe_yield(YieldSite::AgeBeforeClear);
-                    // An A/D-disabled SPTE is marked for access tracking by one CAS instead.
-                    *cleared += u64::from(sptep.age(old));
-                    ControlFlow::Continue(())
-                }
-            }
-        });
+        let young = guard.age(action, visited, cleared);
         guard.unlock();
         young
+    }
+
+    /// True if, at the moment of one load, this rmap listed exactly `spte` and nothing else, with
+    /// the bit clear (the head word equals `spte`'s word). A racy hint that dereferences nothing:
+    /// the table-order aging scan uses it to prove that no *other* SPTE maps the rmap's gfn
+    /// (docs/invariants.md "Shadow aging in table order").
+    #[inline]
+    pub fn lists_only(&self, spte: SptePtr) -> bool {
+        // ORDERING: Relaxed: nothing is read through the value; the caller reads `spte` through a
+        // page it keeps alive by other means (a bit it holds), and a chain published after this
+        // load is a mapping made after the walk's linearization point (invariant 4).
+        self.val.load(Ordering::Relaxed) == spte.to_word()
+    }
+}
+
+/// Ages one SPTE of a locked (or otherwise pinned) rmap walk: reads it once and ages it with
+/// [`age_loaded`]. Adds 1 to `visited`. The per-SPTE step of every shadow aging path.
+#[inline]
+pub fn age_one(
+    sptep: SptePtr,
+    action: AgeAction,
+    young: &mut bool,
+    visited: &mut u64,
+    cleared: &mut u64,
+) -> ControlFlow<()> {
+    *visited += 1;
+    age_loaded(sptep, sptep.load_lockless(), action, young, cleared)
+}
+
+/// Ages an SPTE whose value `old` was just read once ([`SptePtr::load_lockless`]): if it is present
+/// and young, sets `*young` and either stops ([`AgeAction::TestOnly`], `Break`) or ages it
+/// ([`AgeAction::Clear`]: clears its Accessed bit with one atomic AND, or marks an A/D-disabled
+/// SPTE for access tracking with one CAS) and adds 1 to `cleared` if this call aged it.
+#[inline]
+pub fn age_loaded(
+    sptep: SptePtr,
+    old: u64,
+    action: AgeAction,
+    young: &mut bool,
+    cleared: &mut u64,
+) -> ControlFlow<()> {
+    if !spte_is_young(old) {
+        return ControlFlow::Continue(());
+    }
+    *young = true;
+    match action {
+        AgeAction::TestOnly => ControlFlow::Break(()),
+        AgeAction::Clear => {
+            // Test hook: a vCPU may set Dirty, or a page zap clear the SPTE, between our read
+            // and our clear; the atomic AND keeps both (hooks invariant 1).
+            maybe_yield(YieldSite::AgeBeforeClear);
+            // An A/D-disabled SPTE is marked for access tracking by one CAS instead (AD1); it
+            // counts as cleared only if this call's CAS won.
+            *cleared += u64::from(sptep.age(old));
+            ControlFlow::Continue(())
+        }
     }
 }
 

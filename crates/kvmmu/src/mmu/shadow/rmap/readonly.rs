@@ -4,7 +4,7 @@
 use core::fmt;
 use core::ops::ControlFlow;
 
-use super::{RMAP_LOCKED, RmapHead, SptePtr, walk};
+use super::{AgeAction, RMAP_LOCKED, RMAP_MANY, RmapHead, SptePtr, age_one, walk};
 use crate::sync::atomic::Ordering;
 use crate::sync::lock_rank::RankToken;
 
@@ -54,6 +54,26 @@ impl<'a> RmapReadGuard<'a> {
         // SAFETY: we hold the bit (or `val` is 0 and nothing is walked); `val` is the chain value
         // the lock returned, unchanged while we hold the bit (invariant 6).
         unsafe { walk(self.val, f) }
+    }
+
+    /// The locked chain's only SPTE, if it holds exactly one (`None` when empty or a descriptor
+    /// chain). The SPTE stays in the rmap, so its shadow page stays allocated, while the guard
+    /// lives (invariant 5).
+    #[inline]
+    pub fn single(&self) -> Option<SptePtr> {
+        // SAFETY: a nonzero value without MANY, published by a writer, is an `SptePtr` word
+        // (invariant 1), and it is still in the rmap: we hold the bit (invariant 6).
+        (self.val != 0 && self.val & RMAP_MANY == 0)
+            .then(|| unsafe { SptePtr::from_word(self.val) })
+    }
+
+    /// Ages the locked chain with [`age_one`] (the loop body of `kvm_rmap_age_gfn_range`): returns
+    /// true if a present SPTE was young; [`AgeAction::TestOnly`] stops at the first one.
+    #[inline]
+    pub fn age(&self, action: AgeAction, visited: &mut u64, cleared: &mut u64) -> bool {
+        let mut young = false;
+        let _ = self.for_each_spte(|sptep| age_one(sptep, action, &mut young, visited, cleared));
+        young
     }
 
     /// `kvm_rmap_unlock_readonly`: restores the locked value; a no-op for an empty guard.

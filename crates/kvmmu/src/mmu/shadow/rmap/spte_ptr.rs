@@ -16,8 +16,13 @@ pub const SPTE_ACCESSED_MASK: u64 = 1 << 8;
 /// The shadow-present bit of an SPTE (bit 11, as `spte::MMU_PRESENT_MASK`).
 pub const SPTE_PRESENT_MASK: u64 = 1 << 11;
 
-// The rmap head keeps two tag bits (MANY, LOCKED) in the low bits of an SPTE address.
-const _: () = assert!(core::mem::align_of::<AtomicU64>() >= 4);
+// The rmap head keeps two tag bits (MANY, LOCKED) in the low bits of an SPTE address, and an
+// SPTE word keeps a third, `DIRECT_LEAF`.
+const _: () = assert!(core::mem::align_of::<AtomicU64>() >= 8);
+
+/// Bit 2 of an SPTE word: the slot is a leaf slot of a direct shadow page's table
+/// ([`SptePtr::from_direct_leaf`]).
+const DIRECT_LEAF: usize = 1 << 2;
 
 /// True if `spte` is shadow-present with its Accessed bit set (`is_shadow_present_pte && is_accessed_spte`).
 #[inline]
@@ -27,10 +32,16 @@ pub fn spte_is_young(spte: u64) -> bool {
 
 /// A pointer to one SPTE slot, as stored in an rmap.
 ///
-/// Copyable and comparable by address. All accesses are atomic, so any number of threads may use
-/// copies of the same pointer at once (hardware setting A/D, `mmu_lock` writers, lockless agers).
+/// Copyable and comparable by address and kind. All accesses are atomic, so any number of threads
+/// may use copies of the same pointer at once (hardware setting A/D, `mmu_lock` writers, lockless
+/// agers). A pointer made by [`SptePtr::from_direct_leaf`] also records that its slot is a leaf slot
+/// of a direct shadow page, which lets aging find the page and read its table in order; a slot is
+/// always named the same way (both when added to an rmap and when removed).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SptePtr(NonNull<AtomicU64>);
+pub struct SptePtr {
+    ptr: NonNull<AtomicU64>,
+    direct_leaf: bool,
+}
 
 // SAFETY: an `SptePtr` is an address of an `AtomicU64` that, by the contract of `SptePtr::new`, stays
 // allocated while the pointer is used; the pointee is only accessed through atomic operations, which
@@ -56,7 +67,10 @@ impl SptePtr {
     /// each of its SPTEs left its rmaps (which takes each rmap's bit) and a remote TLB flush.
     #[inline]
     pub unsafe fn new(slot: &AtomicU64) -> SptePtr {
-        SptePtr(NonNull::from(slot))
+        SptePtr {
+            ptr: NonNull::from(slot),
+            direct_leaf: false,
+        }
     }
 
     /// Makes an rmap entry for an [`AtomicSpte`](crate::mmu::spte::AtomicSpte) slot of a shadow page.
@@ -68,9 +82,36 @@ impl SptePtr {
     pub unsafe fn from_spte(slot: &crate::mmu::spte::AtomicSpte) -> SptePtr {
         // `AtomicSpte` is `#[repr(transparent)]` over `AtomicU64`, so the cast keeps layout.
         let p = core::ptr::from_ref(slot).cast::<AtomicU64>();
-        // SAFETY: `p` comes from a reference, so it is non-null and aligned; the caller keeps the
-        // slot allocated (this function's contract).
-        SptePtr(unsafe { NonNull::new_unchecked(p.cast_mut()) })
+        SptePtr {
+            // SAFETY: `p` comes from a reference, so it is non-null and aligned; the caller keeps
+            // the slot allocated (this function's contract).
+            ptr: unsafe { NonNull::new_unchecked(p.cast_mut()) },
+            direct_leaf: false,
+        }
+    }
+
+    /// Makes an rmap entry for a leaf slot of a *direct* shadow page's table (`role.direct`): the
+    /// page holding it is found from its address (`sptep_to_sp`), and its entry `i` maps only the
+    /// page's gfn plus `i` times its level's size (docs/invariants.md "Shadow aging in table
+    /// order").
+    ///
+    /// # Safety
+    /// As [`SptePtr::from_spte`], and `slot` is an entry of the table of a direct shadow page
+    /// whose leaves are listed in the rmaps of their gfns.
+    #[cfg(not(loom))]
+    #[inline]
+    pub unsafe fn from_direct_leaf(slot: &crate::mmu::spte::AtomicSpte) -> SptePtr {
+        SptePtr {
+            // SAFETY: the caller's contract includes `from_spte`'s.
+            ptr: unsafe { SptePtr::from_spte(slot) }.ptr,
+            direct_leaf: true,
+        }
+    }
+
+    /// True if this pointer was made by [`SptePtr::from_direct_leaf`].
+    #[inline]
+    pub fn is_direct_leaf(self) -> bool {
+        self.direct_leaf
     }
 
     /// Zaps the SPTE (`mmu_spte_clear_track_bits`): swaps in `nonpresent` and returns the old value,
@@ -85,13 +126,14 @@ impl SptePtr {
     /// The slot's address (for ordering, hashing and diagnostics; a single-entry rmap head holds it).
     #[inline]
     pub fn addr(self) -> usize {
-        self.0.as_ptr().addr()
+        self.ptr.as_ptr().addr()
     }
 
-    /// The value stored in an rmap head or descriptor for this pointer (its exposed address).
+    /// The value stored in an rmap head or descriptor for this pointer: its exposed address, with
+    /// bit 2 set for a direct leaf.
     #[inline]
     pub(super) fn to_word(self) -> usize {
-        self.0.as_ptr().expose_provenance()
+        self.ptr.as_ptr().expose_provenance() | if self.direct_leaf { DIRECT_LEAF } else { 0 }
     }
 
     /// Rebuilds a pointer from a word produced by [`SptePtr::to_word`].
@@ -100,9 +142,13 @@ impl SptePtr {
     /// `word` must have been returned by `to_word` of a pointer that is still in an rmap.
     #[inline]
     pub(super) unsafe fn from_word(word: usize) -> SptePtr {
-        let p = core::ptr::with_exposed_provenance_mut::<AtomicU64>(word);
-        // SAFETY: per the contract, `word` is the exposed address of a live `AtomicU64`, never 0.
-        SptePtr(unsafe { NonNull::new_unchecked(p) })
+        let p = core::ptr::with_exposed_provenance_mut::<AtomicU64>(word & !DIRECT_LEAF);
+        SptePtr {
+            // SAFETY: per the contract, `word` less its tag is the exposed address of a live
+            // `AtomicU64`, never 0.
+            ptr: unsafe { NonNull::new_unchecked(p) },
+            direct_leaf: word & DIRECT_LEAF != 0,
+        }
     }
 
     #[inline]
@@ -110,7 +156,7 @@ impl SptePtr {
         // SAFETY: `SptePtr::new`'s contract keeps the slot allocated while this pointer is used
         // (rmap invariant 5); the slot is only accessed atomically, so a shared reference
         // is sound even while hardware and other threads update it.
-        unsafe { self.0.as_ref() }
+        unsafe { self.ptr.as_ref() }
     }
 
     /// Reads the SPTE once (`mmu_spte_get_lockless`).

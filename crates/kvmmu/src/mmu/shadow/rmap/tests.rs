@@ -464,3 +464,76 @@ fn nested_rmap_operation_in_a_walk_is_caught_in_debug_builds() {
         let _ = head.pte_list_remove(w.witness(), &stats, s);
     });
 }
+
+#[test]
+fn max_rmap_size_is_the_longest_rmap_a_leaf_insertion_found() {
+    let slots = Slots::new(20, YOUNG);
+    let stats = RmapStats::new();
+    let lock = MmuLock::new();
+    let (a, b) = (RmapHead::new(), RmapHead::new());
+    let w = lock.write();
+    for i in 0..17 {
+        assert_eq!(a.rmap_add(w.witness(), &stats, slots.ptr(i)), i);
+    }
+    assert_eq!(
+        stats.snapshot().max_rmap_size,
+        16,
+        "KVM counts the entries found"
+    );
+    // A shorter rmap, and parent-list style `pte_list_add`s, leave the maximum alone.
+    b.rmap_add(w.witness(), &stats, slots.ptr(17));
+    b.rmap_add(w.witness(), &stats, slots.ptr(18));
+    for i in 0..17 {
+        a.pte_list_remove(w.witness(), &stats, slots.ptr(i))
+            .expect("added above");
+    }
+    for i in 0..19 {
+        a.pte_list_add(w.witness(), &stats, slots.ptr(i));
+    }
+    assert_eq!(stats.snapshot().max_rmap_size, 16);
+    assert!(a.zap_all(w.witness(), &stats, |_| {}));
+    assert!(b.zap_all(w.witness(), &stats, |_| {}));
+}
+
+#[test]
+fn writer_and_readonly_waits_on_the_bit_are_counted_apart() {
+    let slots = Slots::new(2, YOUNG);
+    let stats = RmapStats::new();
+    let lock = MmuLock::new();
+    let head = RmapHead::new();
+    head.pte_list_add(lock.write().witness(), &stats, slots.ptr(0));
+    let before = stats.snapshot();
+    // Hold the bit read-only until the other thread's acquisition has seen it held (it counts
+    // itself then), so the wait is certain, whatever the scheduling.
+    let wait_for = |count: fn(&RmapStatsSnapshot) -> u64, locker: &(dyn Fn() + Sync)| {
+        std::thread::scope(|s| {
+            let g = head.lock_readonly(&stats);
+            let t = s.spawn(locker);
+            while count(&stats.snapshot()) == count(&before) {
+                std::thread::yield_now();
+            }
+            drop(g);
+            t.join().expect("locker panicked");
+        });
+    };
+    wait_for(|s| s.lock_contended_writer, &|| {
+        head.pte_list_add(lock.write().witness(), &stats, slots.ptr(1));
+    });
+    let mid = stats.snapshot();
+    assert_eq!(mid.lock_contended_writer, before.lock_contended_writer + 1);
+    assert_eq!(mid.lock_contended_readonly, before.lock_contended_readonly);
+    wait_for(|s| s.lock_contended_readonly, &|| {
+        assert!(head.lock_readonly(&stats).is_locked());
+    });
+    let after = stats.snapshot();
+    assert_eq!(
+        after.lock_contended_readonly,
+        mid.lock_contended_readonly + 1
+    );
+    assert_eq!(after.lock_contended_writer, mid.lock_contended_writer);
+    assert_eq!(
+        after.lock_contended,
+        after.lock_contended_writer + after.lock_contended_readonly
+    );
+    assert!(head.zap_all(lock.write().witness(), &stats, |_| {}));
+}
