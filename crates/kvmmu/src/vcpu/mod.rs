@@ -19,7 +19,8 @@
 //!    store and the arena's fence); anything else runs the general loop, which repeats none of
 //!    the fast path's work (a TLB miss walks at once and is counted once).
 //!
-//! A vCPU never blocks on a lock while in guest mode (it only pins RCU and SRCU, which never block),
+//! A vCPU never blocks on a lock while in guest mode (its walk pins nothing, docs/locking.md G1–G3;
+//! a fill without a recorded owner enters SRCU, which never blocks),
 //! so a thread that holds `mmu_lock` and waits for TLB-flush acknowledgements cannot deadlock with it.
 //!
 //! # The guest-mode contract

@@ -3,9 +3,12 @@
 //! The checks that make a stale translation visible (DESIGN invariant 2):
 //! - a TLB entry remembers the owner tag of the frame it was filled from; every access compares it
 //!   with the frame's current tag (a frame freed or reused since the fill fails the check);
-//! - a fill validates that the frame backs the host page the memslot maps this gfn to (the memslot
-//!   set is loaded under SRCU *after* the walk; see `translate_and_access` for why that is both
-//!   free of false alarms and complete).
+//! - a fill validates that the frame backs the host page the leaf's installer recorded beside the
+//!   leaf (G3 in docs/locking.md): no lock, no RCU, no SRCU and no memslot lookup, as hardware.
+//!   Where no owner was recorded (shadow leaves, split or recovered TDP leaves) or the frame
+//!   disagrees with it, the fill falls back to the memslot check under SRCU (loaded *after* the
+//!   walk; see `walk_and_access` for why that is both free of false alarms and complete), so the
+//!   recorded owner only ever speeds a fill up and never decides a report.
 
 use super::tlb::TlbEntry;
 use super::{Vcpu, VcpuExit};
@@ -77,9 +80,9 @@ pub(super) fn walk_and_access(
     };
     let as_index = root.as_id().index();
     // SAFETY: this vCPU is in guest mode (`GuestMode::access` calls us between two request
-    // checks, i.e. inside one instruction), so no shadow page it reaches is freed before it
-    // acknowledges the next remote TLB flush (shadow S2).
-    let hit = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
+    // checks, i.e. inside one instruction), so no table or shadow page it reaches is freed before
+    // it acknowledges the next remote TLB flush (TDP G1-G2 in docs/locking.md, shadow S2).
+    let (hit, expected_host_page) = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
     let HwWalk::Hit {
         pfn,
         writable,
@@ -89,23 +92,12 @@ pub(super) fn walk_and_access(
     else {
         return Ok(Access::Fault);
     };
-    // The memslot set is loaded *after* the walk. Loading it before could miss a slot created (or
-    // moved here) between the load and the walk, whose leaf another vCPU installed meanwhile: a
-    // false alarm. Loading after is complete for deletions too: a slot whose SPTEs we just walked
-    // is still visible (as itself or as its INVALID copy), because its deletion zaps, then waits for
-    // this in-guest vCPU to acknowledge a TLB flush, and only then publishes the set without it.
-    let srcu = vm.srcu_read();
-    let slots = vm.memslots[as_index].load(&srcu);
     let tag = vm.host.arena().tag(pfn);
-    let expected_page = slots
-        .find_by_gfn(gfn)
-        .and_then(|s| s.gfn_to_hva(gfn))
-        .map(|hva| hva.raw() >> PAGE_SHIFT);
-    if tag.is_free() || expected_page != Some(tag.host_page()) {
-        let source = vm.host.arena().report_stale(pfn, FrameTag::FREE, tag);
-        return Err(VcpuExit::StaleTranslation { gpa, source });
+    // G3: the frame still backs the host page the leaf's installer recorded: fill without SRCU
+    // or memslots. Otherwise decide on the memslots, as below.
+    if !(expected_host_page.is_some_and(|hp| !tag.is_free() && tag.host_page() == hp)) {
+        check_against_memslots(vm, as_index, gpa, pfn, tag)?;
     }
-    drop(srcu);
     vcpu.tlb.insert(TlbEntry {
         gfn,
         pfn,
@@ -116,6 +108,37 @@ pub(super) fn walk_and_access(
     frame_access(&vcpu.vm, gpa, pfn, tag, write, mask)
         .map(Access::Done)
         .map_err(|source| VcpuExit::StaleTranslation { gpa, source })
+}
+
+/// The fill check of a leaf without a usable recorded owner: the frame must back the host page
+/// the memslot maps the gfn to.
+#[cold]
+#[inline(never)]
+fn check_against_memslots(
+    vm: &VmInner,
+    as_index: usize,
+    gpa: Gpa,
+    pfn: Pfn,
+    tag: FrameTag,
+) -> Result<(), VcpuExit> {
+    let gfn = gpa.gfn();
+    // The memslot set is loaded *after* the walk. Loading it before could miss a slot created (or
+    // moved here) between the load and the walk, whose leaf another vCPU installed meanwhile: a
+    // false alarm. Loading after is complete for deletions too: a slot whose SPTEs we just walked
+    // is still visible (as itself or as its INVALID copy), because its deletion zaps, then waits for
+    // this in-guest vCPU to acknowledge a TLB flush, and only then publishes the set without it.
+    let srcu = vm.srcu_read();
+    let slots = vm.memslots[as_index].load(&srcu);
+    let expected_page = slots
+        .find_by_gfn(gfn)
+        .and_then(|s| s.gfn_to_hva(gfn))
+        .map(|hva| hva.raw() >> PAGE_SHIFT);
+    if tag.is_free() || expected_page != Some(tag.host_page()) {
+        let source = vm.host.arena().report_stale(pfn, FrameTag::FREE, tag);
+        return Err(VcpuExit::StaleTranslation { gpa, source });
+    }
+    drop(srcu);
+    Ok(())
 }
 
 /// The checked word access to the frame a translation names (DESIGN invariant 2). A write stores
