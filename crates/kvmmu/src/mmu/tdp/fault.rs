@@ -174,12 +174,11 @@ impl TdpMmu {
             return FaultOutcome::Spurious;
         }
         // The owner word beside the leaf, written before the install CAS (G3).
-        let owner = host_page.map_or(0, |hp| {
-            Owners::encode(
-                hp - (gfn - crate::geometry::align_down(gfn, level)),
-                pfn.raw(),
-            )
-        });
+        // (A block whose host pages would start below 0 cannot be aligned as the caller
+        // checked; it records "unknown" rather than a wrapped page.)
+        let owner = host_page
+            .and_then(|hp| hp.checked_sub(gfn - crate::geometry::align_down(gfn, level)))
+            .map_or(0, |base| Owners::encode(base, pfn.raw()));
         // SAFETY: as the walk above: the table holding `sptep` is a root table we hold a
         // reference to or was reached under `_rcu` (P1, P4).
         let owners = unsafe { leaf_table.owners() };

@@ -229,6 +229,34 @@ mod tests {
     }
 
     #[test]
+    fn owner_word_names_the_host_page_of_each_frame_of_its_own_leaf_only() {
+        // A 2M leaf whose first frame 0x2000 backs host page 0x9000.
+        let w = Owners::encode(0x9000, 0x2000);
+        assert_eq!(Owners::expected_host_page(w, 0x2000, 0x2000), Some(0x9000));
+        assert_eq!(Owners::expected_host_page(w, 0x2000, 0x2005), Some(0x9005));
+        // Another leaf (another first frame) in the same slot: not this word's.
+        assert_eq!(Owners::expected_host_page(w, 0x3000, 0x3000), None);
+        // Never recorded.
+        assert_eq!(Owners::expected_host_page(0, 0x2000, 0x2000), None);
+        // Host page 0 is a real page, distinct from "unknown".
+        assert_eq!(
+            Owners::expected_host_page(Owners::encode(0, 7), 7, 7),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn owner_words_start_unknown_and_sit_beside_a_one_page_table() {
+        let t = TablePtr::alloc();
+        // SAFETY: `t` was just allocated and is owned by this test.
+        let owners = unsafe { t.owners() };
+        assert!((0..ENTRIES).all(|i| owners.at(i).load(Ordering::Relaxed) == 0));
+        assert_eq!(core::mem::size_of::<TablePage>(), 2 * 4096);
+        // SAFETY: never published; freed once.
+        unsafe { t.free() };
+    }
+
+    #[test]
     fn geometry_matches_addr_helpers() {
         let gfn = (3u64 << 27) | (5 << 18) | (7 << 9) | 11;
         for l in 1..=4 {
