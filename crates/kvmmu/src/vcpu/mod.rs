@@ -430,9 +430,11 @@ impl GuestMode<'_> {
                         return Err(VcpuExit::DirtyRingFull);
                     }
                     let outcome = self.leave_guest_mode_for(|v| {
-                        let root = v.root.clone().ok_or(VcpuExit::VmDead)?;
+                        // Borrowed, not cloned: a clone and its drop are two atomic RMWs on
+                        // the root's shared reference count per fault.
+                        let root = v.root.as_ref().ok_or(VcpuExit::VmDead)?;
                         v.stats.faults += 1;
-                        v.vm.page_fault(&root, gpa, write.is_some(), v.dirty_ring.as_deref())
+                        v.vm.page_fault(root, gpa, write.is_some(), v.dirty_ring.as_deref())
                     })?;
                     if self.vcpu.dirty_ring_soft_full() {
                         return Err(VcpuExit::DirtyRingFull);
