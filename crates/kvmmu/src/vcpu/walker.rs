@@ -111,8 +111,7 @@ pub(super) fn walk_and_access(
 }
 
 /// The fill check of a leaf without a usable recorded owner: the frame must back the host page
-/// the memslot maps the gfn to.
-#[cold]
+/// the memslot maps the gfn to. (Not `#[cold]`: every shadow-MMU fill takes it.)
 #[inline(never)]
 fn check_against_memslots(
     vm: &VmInner,
