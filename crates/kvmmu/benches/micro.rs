@@ -1,7 +1,8 @@
 //! Criterion micro-benchmarks of kvmmu's hot paths, each calling the library's public API exactly as
 //! the VM and vCPU layers do: SPTE walk, software TLB hit and miss, TDP leaf install, zap, lockless
 //! and locked aging of one table and of a 4 GiB range, whole-vCPU translation (warm TLB and TLB
-//! miss, TDP and shadow), SRCU/RCU read-side entry, the whole vCPU fault path (walk miss, fault,
+//! miss, TDP and shadow), SRCU read-side entry (alone and beside a second reader thread), RCU
+//! read-side entry, the whole vCPU fault path (walk miss, fault,
 //! GUP with host frame allocation, install), lock-free (shared `mmu_lock`) vs locked (exclusive)
 //! installs from parallel threads, and the shadow MMU's rmap
 //! add/remove/age, and lockless vs locked aging of long rmap chains with bit-lock contention.
@@ -290,10 +291,33 @@ fn age_once(env: &Env, range: GfnRange, locked: bool) -> bool {
 }
 
 fn read_side(c: &mut Criterion) {
-    let srcu = Srcu::new();
+    let srcu = Arc::new(Srcu::new());
     c.bench_function("srcu/read_lock_unlock", |b| {
         b.iter(|| black_box(srcu.read_lock()))
     });
+    // The same with a second thread entering and leaving read sections of the same domain in a
+    // loop (each thread writes its own stripe: no shared line between the two readers).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let other = {
+        let (srcu, stop) = (Arc::clone(&srcu), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            // ORDERING: Relaxed: a stop flag; nothing is published through it.
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..1024 {
+                    black_box(srcu.read_lock());
+                }
+                n += 1024;
+            }
+            n
+        })
+    };
+    c.bench_function("srcu/read_lock_unlock_2_threads", |b| {
+        b.iter(|| black_box(srcu.read_lock()))
+    });
+    // ORDERING: Relaxed: as above.
+    stop.store(true, Ordering::Relaxed);
+    black_box(other.join().expect("the second reader panicked"));
     let rcu = Rcu::new();
     c.bench_function("rcu/pin_unpin", |b| b.iter(|| black_box(rcu.pin())));
     let lock = MmuLock::new();

@@ -159,20 +159,26 @@ impl Mmu {
         }
     }
 
-    /// The simulated CPU's page walk for `gfn` through `root`, setting A (and D on a write).
+    /// The simulated CPU's page walk for `gfn` through `root`, setting A (and D on a write), with
+    /// no lock, no RCU and no SRCU. On a hit it also returns the host page the frame must back
+    /// per the owner recorded at install, where one was (TDP leaves installed by a fault; `None`
+    /// otherwise: the caller checks the memslots then; G3 in docs/locking.md).
     ///
     /// # Safety
     /// The caller is a vCPU in guest mode that acknowledges remote TLB flushes only at instruction
-    /// boundaries, and this walk is inside one instruction (shadow S2; the TDP walk pins RCU).
+    /// boundaries, and this walk is inside one instruction (shadow S2; TDP G1).
     #[inline]
-    pub unsafe fn hardware_walk(&self, root: &MmuRoot, gfn: Gfn, write: bool) -> HwWalk {
+    pub unsafe fn hardware_walk(
+        &self,
+        root: &MmuRoot,
+        gfn: Gfn,
+        write: bool,
+    ) -> (HwWalk, Option<u64>) {
         match root {
-            MmuRoot::Tdp(root) => {
-                let rcu = self.tdp.rcu().pin();
-                self.tdp.hardware_walk(root, gfn, write, &rcu)
-            }
+            // SAFETY: this function's contract (G1).
+            MmuRoot::Tdp(root) => unsafe { self.tdp.guest_walk(root, gfn, write) },
             // SAFETY: this function's contract (shadow S2).
-            MmuRoot::Shadow(root) => unsafe { self.shadow.hardware_walk(root, gfn, write) },
+            MmuRoot::Shadow(root) => (unsafe { self.shadow.hardware_walk(root, gfn, write) }, None),
         }
     }
 
@@ -180,14 +186,20 @@ impl Mmu {
     /// (read for TDP, write for shadow), runs `precheck` under it (the caller's retry rule; an
     /// `Err` is returned as is and nothing is installed), retries if `root` was invalidated, and
     /// installs the leaf. `rmaps` are the memslot's rmap arrays (required by the shadow MMU).
+    /// `host_page` is the host page (`hva >> 12`) that `req.pfn` backs, recorded beside a TDP leaf
+    /// as its owner (G3 in docs/locking.md; `None` records none).
     ///
     /// # Panics
     /// If the shadow MMU is given no rmaps (a VM-layer bug: shadow memslots always have them).
+    // The owner (`host_page`) rides beside the request rather than in `MapRequest`, whose
+    // literals in tests and benches stay unchanged; hence one argument over clippy's limit.
+    #[allow(clippy::too_many_arguments)]
     pub fn map<E>(
         &self,
         lock: &MmuLock,
         root: &MmuRoot,
         req: &MapRequest,
+        host_page: Option<u64>,
         rmaps: Option<&SlotRmaps>,
         flusher: &impl RemoteTlbFlush,
         precheck: impl FnOnce(&MmuRead) -> Result<(), E>,
@@ -200,7 +212,9 @@ impl Mmu {
                     return Ok(FaultOutcome::Retry(RetryReason::InvalidRoot));
                 }
                 let rcu = self.tdp.rcu().pin();
-                Ok(self.tdp.map(root, req, mmu.witness(), &rcu))
+                Ok(self
+                    .tdp
+                    .map_owned(root, req, host_page, mmu.witness(), &rcu))
             }
             MmuRoot::Shadow(root) => {
                 let mmu = lock.write();

@@ -8,6 +8,16 @@
 //! stripe with Release. A writer publishes a new pointer (Release), then `synchronize` flips `idx`
 //! and waits until the old index's unlock sum equals its lock sum, and does so twice.
 //!
+//! **Owned stripes (issue 15).** A thread claims one of [`OWNED_STRIPES`] stripe numbers for its
+//! lifetime (a global claim word, released when the thread exits); in every domain, stripe `k`'s
+//! `unlock` counters are then written only by the thread owning `k` (a guard is not `Send`), so
+//! its unlock is a plain `Release` store of the counter plus one (Linux's per-CPU `this_cpu_inc`,
+//! which is not atomic against other CPUs either), not a locked RMW: a reader writes only its own
+//! line, and the unlock costs a store. Threads that find every number claimed use the shared
+//! stripe with RMWs, as before. The lock increment stays a locked RMW on every stripe: it is
+//! fence B as well (see `increment_then_full_fence`). See docs/locking.md, "SRCU readers write
+//! their own line".
+//!
 //! Invariants:
 //! 1. **Grace period.** `synchronize` returns only after every read section that started before it
 //!    was called has ended: such a reader incremented `lock[i]` for some `i`, and both indices are
@@ -36,11 +46,14 @@ use super::atomic::{AtomicPtr, AtomicUsize, Ordering, fence};
 use super::lock_rank::{self, LockRank, RankToken};
 use super::{Arc, Mutex};
 
-/// Number of counter stripes (a power of two). Small under loom to keep the state space small.
+/// Stripes a thread can own exclusively (one bit each in the global claim word). Small under loom
+/// to keep the state space small.
 #[cfg(not(loom))]
-const MAX_STRIPES: usize = 64;
+const OWNED_STRIPES: usize = 64;
 #[cfg(loom)]
-const MAX_STRIPES: usize = 2;
+const OWNED_STRIPES: usize = 3;
+/// The index of the shared stripe, used with read-modify-writes by every thread that owns none.
+const SHARED: usize = OWNED_STRIPES;
 
 /// One stripe: the lock and unlock counters of both indices, alone in its cache line(s).
 #[repr(align(128))]
@@ -64,8 +77,7 @@ pub struct Srcu {
     idx: AtomicUsize,
     /// Serializes grace periods (Linux's `srcu_gp_mutex`).
     gp_lock: Mutex<()>,
-    /// `stripes.len() - 1`; `stripes.len()` is a power of two.
-    stripe_mask: usize,
+    /// `OWNED_STRIPES` owned stripes, then the shared one (index [`SHARED`]).
     stripes: Box<[Stripe]>,
 }
 
@@ -83,57 +95,107 @@ impl Default for Srcu {
     }
 }
 
-/// The stripe index hint of the current thread (any value is correct; it only spreads writes).
-#[cfg(not(loom))]
-#[inline]
-fn thread_stripe() -> usize {
-    use std::cell::Cell;
-    use std::sync::atomic::AtomicUsize as StdAtomicUsize;
-    static NEXT: StdAtomicUsize = StdAtomicUsize::new(0);
-    thread_local! {
-        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
-    }
-    STRIPE.with(|s| {
-        let v = s.get();
-        if v != usize::MAX {
-            return v;
+/// The stripe this thread owns, or [`SHARED`]: the thread's claim on a stripe number, released
+/// when the thread exits (its thread-local destructor).
+#[cfg(not(any(loom, feature = "shuttle")))]
+mod claim {
+    use super::{OWNED_STRIPES, SHARED};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const _: () = assert!(OWNED_STRIPES == 64, "one claim bit per owned stripe");
+
+    /// Bit `k` set: stripe number `k` is owned by a live thread.
+    static CLAIMED: AtomicU64 = AtomicU64::new(0);
+
+    /// This thread's claim.
+    pub(super) struct Claim(usize);
+
+    impl Claim {
+        fn new() -> Claim {
+            // ORDERING: Relaxed first read; the CAS re-validates.
+            let mut cur = CLAIMED.load(Ordering::Relaxed);
+            loop {
+                let free = !cur;
+                if free == 0 {
+                    return Claim(SHARED);
+                }
+                let k = free.trailing_zeros() as usize;
+                // ORDERING: Acquire on success pairs with the previous owner's Release in `drop`:
+                // its last plain stores to stripe `k`'s counters (in every domain) happen-before
+                // our first load of them, so our read-increment-store continues from its value.
+                match CLAIMED.compare_exchange_weak(
+                    cur,
+                    cur | (1 << k),
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return Claim(k),
+                    Err(now) => cur = now,
+                }
+            }
         }
-        // ORDERING: Relaxed: the counter only hands out distinct-ish hints; no data is published.
-        let v = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        s.set(v);
-        v
-    })
+    }
+
+    impl Drop for Claim {
+        fn drop(&mut self) {
+            if self.0 < OWNED_STRIPES {
+                // ORDERING: Release: see `Claim::new`.
+                CLAIMED.fetch_and(!(1u64 << self.0), Ordering::Release);
+            }
+        }
+    }
+
+    thread_local! {
+        static CLAIM: Claim = Claim::new();
+    }
+
+    /// The stripe the calling thread owns, or [`SHARED`] (no number free, or the thread is
+    /// exiting and its claim is gone).
+    #[inline]
+    pub(super) fn stripe() -> usize {
+        CLAIM.try_with(|c| c.0).unwrap_or(SHARED)
+    }
 }
 
-/// Under loom the hint must be deterministic across re-executions: derive it from the loom thread
-/// number.
+/// Under shuttle every scheduled "thread" may share one OS thread's thread-locals: all use the
+/// shared stripe.
+#[cfg(all(feature = "shuttle", not(loom)))]
+mod claim {
+    /// Always the shared stripe.
+    #[inline]
+    pub(super) fn stripe() -> usize {
+        super::SHARED
+    }
+}
+
+/// Under loom the stripe is the loom thread number (unique within an execution, so owned by
+/// construction, and deterministic across re-executions); threads past [`OWNED_STRIPES`] share.
 #[cfg(loom)]
-#[inline]
-fn thread_stripe() -> usize {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    // `ThreadId`'s `Hash` includes loom's execution id, which changes between executions; its
-    // `Debug` form shows only the per-execution thread number.
-    let mut h = DefaultHasher::new();
-    format!("{:?}", loom::thread::current().id()).hash(&mut h);
-    h.finish() as usize
+mod claim {
+    /// The loom thread number if below `OWNED_STRIPES`, else the shared stripe.
+    pub(super) fn stripe() -> usize {
+        // `ThreadId`'s `Debug` form is `ThreadId(N)`, N the per-execution thread number.
+        let id = format!("{:?}", loom::thread::current().id());
+        let n: usize = id
+            .trim_start_matches("ThreadId(")
+            .trim_end_matches(')')
+            .parse()
+            .unwrap_or(super::SHARED);
+        if n < super::OWNED_STRIPES {
+            n
+        } else {
+            super::SHARED
+        }
+    }
 }
 
 impl Srcu {
     /// Creates a domain with no readers.
     pub fn new() -> Srcu {
-        #[cfg(not(loom))]
-        let n = std::thread::available_parallelism()
-            .map_or(8, |n| n.get())
-            .saturating_mul(2)
-            .next_power_of_two()
-            .min(MAX_STRIPES);
-        #[cfg(loom)]
-        let n = MAX_STRIPES;
         Srcu {
             idx: AtomicUsize::new(0),
             gp_lock: Mutex::new(()),
-            stripe_mask: n - 1,
-            stripes: (0..n).map(|_| Stripe::new()).collect(),
+            stripes: (0..=OWNED_STRIPES).map(|_| Stripe::new()).collect(),
         }
     }
 
@@ -153,7 +215,7 @@ impl Srcu {
     #[inline]
     pub fn read_lock(&self) -> SrcuGuard<'_> {
         let rank = lock_rank::acquire(LockRank::MemslotsSrcu);
-        let stripe = thread_stripe() & self.stripe_mask;
+        let stripe = claim::stripe();
         // ORDERING: Relaxed: a stale index is harmless (invariant 2: both indices are drained after
         // every flip); the fence below orders the increment against the section's loads.
         let idx = self.idx.load(Ordering::Relaxed) & 1;
@@ -302,9 +364,25 @@ impl SrcuGuard<'_> {
 impl Drop for SrcuGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        // ORDERING: Release (Linux's fence C): every access of the section happens-before a writer's
-        // Acquire read of this counter, so before anything the writer frees after the grace period.
-        self.srcu.stripes[self.stripe].unlock[self.idx].fetch_add(1, Ordering::Release);
+        let counter = &self.srcu.stripes[self.stripe].unlock[self.idx];
+        if self.stripe != SHARED && claim::stripe() == self.stripe {
+            // An owned stripe: this thread is the only writer of its unlock counters (the guard
+            // is not `Send`, and the number is ours until the thread exits), so a load and a
+            // store are an increment (docs/locking.md, "SRCU readers write their own line").
+            // ORDERING: Relaxed load: we read our own last store (or, after a claim, the previous
+            // owner's, ordered by the claim's Acquire). Release store (Linux's fence C): every
+            // access of the section happens-before a writer's Acquire read of this counter, so
+            // before anything the writer frees after the grace period.
+            let v = counter.load(Ordering::Relaxed);
+            counter.store(v.wrapping_add(1), Ordering::Release);
+        } else {
+            // The shared stripe, or a guard that outlived its thread's claim (dropped by another
+            // thread-local's destructor after the claim's): an RMW. In the latter case a new
+            // owner's load-and-store could overwrite this increment; the unlock sum would then
+            // stay short and a grace period would wait forever (a hang, never an early free).
+            // ORDERING: Release, as above; an RMW because other threads write this stripe.
+            counter.fetch_add(1, Ordering::Release);
+        }
     }
 }
 

@@ -19,7 +19,8 @@
 //!    store and the arena's fence); anything else runs the general loop, which repeats none of
 //!    the fast path's work (a TLB miss walks at once and is counted once).
 //!
-//! A vCPU never blocks on a lock while in guest mode (it only pins RCU and SRCU, which never block),
+//! A vCPU never blocks on a lock while in guest mode (its walk pins nothing, docs/locking.md G1–G3;
+//! a fill without a recorded owner enters SRCU, which never blocks),
 //! so a thread that holds `mmu_lock` and waits for TLB-flush acknowledgements cannot deadlock with it.
 //!
 //! # The guest-mode contract
@@ -456,9 +457,11 @@ impl GuestMode<'_> {
                         return Err(VcpuExit::DirtyRingFull);
                     }
                     let outcome = match self.leave_guest_mode_for(|v| {
-                        let root = v.root.clone().ok_or(VcpuExit::VmDead)?;
+                        // Borrowed, not cloned: a clone and its drop are two atomic RMWs on
+                        // the root's shared reference count per fault.
+                        let root = v.root.as_ref().ok_or(VcpuExit::VmDead)?;
                         v.stats.faults += 1;
-                        v.handle_fault(&root, gpa, write, mask, fetch)
+                        v.handle_fault(root, gpa, write, mask, fetch)
                     })? {
                         nested::FaultResult::Outcome(o) => o,
                         nested::FaultResult::Emulated(v) => {

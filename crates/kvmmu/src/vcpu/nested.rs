@@ -495,7 +495,7 @@ impl Vcpu {
     /// fetch (NX huge pages; L1 only: EPT02 leaves are built executable, EPT12's X permission is
     /// not enforced on L2 fetches).
     pub(super) fn handle_fault(
-        &mut self,
+        &self,
         root: &MmuRoot,
         gpa: Gpa,
         write: Option<u64>,

@@ -3,13 +3,16 @@
 //! The checks that make a stale translation visible (DESIGN invariant 2):
 //! - a TLB entry remembers the owner tag of the frame it was filled from; every access compares it
 //!   with the frame's current tag (a frame freed or reused since the fill fails the check);
-//! - a fill validates that the frame backs the host page the memslot maps this gfn to (the memslot
-//!   set is loaded under SRCU *after* the walk; see `translate_and_access` for why that is both
-//!   free of false alarms and complete).
+//! - a fill validates that the frame backs the host page the leaf's installer recorded beside the
+//!   leaf (G3 in docs/locking.md): no lock, no RCU, no SRCU and no memslot lookup, as hardware.
+//!   Where no owner was recorded (shadow leaves, split or recovered TDP leaves) or the frame
+//!   disagrees with it, the fill falls back to the memslot check under SRCU (loaded *after* the
+//!   walk; see `walk_and_access` for why that is both free of false alarms and complete), so the
+//!   recorded owner only ever speeds a fill up and never decides a report.
 
 use super::tlb::TlbEntry;
 use super::{Vcpu, VcpuExit};
-use crate::addr::{Gpa, PAGE_SHIFT, Pfn};
+use crate::addr::{Gfn, Gpa, PAGE_SHIFT, Pfn};
 use crate::host::{FrameTag, StaleAccess};
 use crate::mmu::HwWalk;
 use crate::vm::VmInner;
@@ -83,14 +86,16 @@ pub(super) fn walk_and_access(
     let as_index = root.as_id().index();
     // In L2 mode the frame is checked against the L1 gfn the leaf maps (nested N1).
     // SAFETY (every walk below): this vCPU is in guest mode (`GuestMode::access` calls us between
-    // two request checks, i.e. inside one instruction), so no shadow page it reaches is freed
-    // before it acknowledges the next remote TLB flush (shadow S2).
-    let (hit, check_gfn) = if vcpu.l2.is_some() {
+    // two request checks, i.e. inside one instruction), so no table or shadow page it reaches is
+    // freed before it acknowledges the next remote TLB flush (TDP G1-G2 in docs/locking.md,
+    // shadow S2).
+    let (hit, check_gfn, expected_host_page) = if vcpu.l2.is_some() {
         // SAFETY: as above.
-        unsafe { vm.mmu.hardware_walk_l2(root, gfn, is_write) }
+        let (hit, l1_gfn) = unsafe { vm.mmu.hardware_walk_l2(root, gfn, is_write) };
+        (hit, l1_gfn, None)
     } else {
         // SAFETY: as above.
-        let mut hit = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
+        let (mut hit, mut host_page) = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
         // The shadow MMU's fast page fault runs here, still in guest mode (vm/fault.rs); not in
         // L2 mode, whose gfns are L2 gfns that no memslot maps (L2 faults go to vm/nested.rs).
         let miss = !matches!(hit, HwWalk::Hit { .. });
@@ -99,9 +104,9 @@ pub(super) fn walk_and_access(
             && unsafe { vm.fast_fault_in_guest(root, gfn, is_write, vcpu.dirty_ring.as_deref()) }
         {
             // SAFETY: as above.
-            hit = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
+            (hit, host_page) = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
         }
-        (hit, gfn)
+        (hit, gfn, host_page)
     };
     let HwWalk::Hit {
         pfn,
@@ -116,23 +121,13 @@ pub(super) fn walk_and_access(
     if fetch && !executable {
         return Ok(Access::Fault);
     }
-    // The memslot set is loaded *after* the walk. Loading it before could miss a slot created (or
-    // moved here) between the load and the walk, whose leaf another vCPU installed meanwhile: a
-    // false alarm. Loading after is complete for deletions too: a slot whose SPTEs we just walked
-    // is still visible (as itself or as its INVALID copy), because its deletion zaps, then waits for
-    // this in-guest vCPU to acknowledge a TLB flush, and only then publishes the set without it.
-    let srcu = vm.srcu_read();
-    let slots = vm.memslots[as_index].load(&srcu);
     let tag = vm.host.arena().tag(pfn);
-    let expected_page = slots
-        .find_by_gfn(check_gfn)
-        .and_then(|s| s.gfn_to_hva(check_gfn))
-        .map(|hva| hva.raw() >> PAGE_SHIFT);
-    if tag.is_free() || expected_page != Some(tag.host_page()) {
-        let source = vm.host.arena().report_stale(pfn, FrameTag::FREE, tag);
-        return Err(VcpuExit::StaleTranslation { gpa, source });
+    // G3: the frame still backs the host page the leaf's installer recorded: fill without SRCU
+    // or memslots. Otherwise decide on the memslots (in L2 mode, those of the L1 gfn the leaf
+    // maps).
+    if !(expected_host_page.is_some_and(|hp| !tag.is_free() && tag.host_page() == hp)) {
+        check_against_memslots(vm, as_index, check_gfn, gpa, pfn, tag)?;
     }
-    drop(srcu);
     vcpu.tlb.insert(TlbEntry {
         gfn,
         pfn,
@@ -144,6 +139,37 @@ pub(super) fn walk_and_access(
     frame_access(&vcpu.vm, gpa, pfn, tag, write, mask)
         .map(Access::Done)
         .map_err(|source| VcpuExit::StaleTranslation { gpa, source })
+}
+
+/// The fill check of a leaf without a usable recorded owner: the frame must back the host page
+/// the memslot maps `gfn` to (the accessed gfn, or in L2 mode the L1 gfn the leaf maps; `gpa` is
+/// the accessed address, for the report). (Not `#[cold]`: every shadow-MMU fill takes it.)
+#[inline(never)]
+fn check_against_memslots(
+    vm: &VmInner,
+    as_index: usize,
+    gfn: Gfn,
+    gpa: Gpa,
+    pfn: Pfn,
+    tag: FrameTag,
+) -> Result<(), VcpuExit> {
+    // The memslot set is loaded *after* the walk. Loading it before could miss a slot created (or
+    // moved here) between the load and the walk, whose leaf another vCPU installed meanwhile: a
+    // false alarm. Loading after is complete for deletions too: a slot whose SPTEs we just walked
+    // is still visible (as itself or as its INVALID copy), because its deletion zaps, then waits for
+    // this in-guest vCPU to acknowledge a TLB flush, and only then publishes the set without it.
+    let srcu = vm.srcu_read();
+    let slots = vm.memslots[as_index].load(&srcu);
+    let expected_page = slots
+        .find_by_gfn(gfn)
+        .and_then(|s| s.gfn_to_hva(gfn))
+        .map(|hva| hva.raw() >> PAGE_SHIFT);
+    if tag.is_free() || expected_page != Some(tag.host_page()) {
+        let source = vm.host.arena().report_stale(pfn, FrameTag::FREE, tag);
+        return Err(VcpuExit::StaleTranslation { gpa, source });
+    }
+    drop(srcu);
+    Ok(())
 }
 
 /// The checked word access to the frame a translation names (DESIGN invariant 2). A write stores

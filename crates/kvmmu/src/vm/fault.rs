@@ -278,9 +278,14 @@ impl VmInner {
             write_fault: write,
             prefetch: false,
         };
-        let outcome = self
-            .mmu
-            .map(&self.mmu_lock, root, &req, slot.rmaps(), self, |mmu| {
+        let outcome = self.mmu.map(
+            &self.mmu_lock,
+            root,
+            &req,
+            Some(hva.raw() >> crate::addr::PAGE_SHIFT),
+            slot.rmaps(),
+            self,
+            |mmu| {
                 if self.dead.load(Ordering::Acquire) {
                     return Err(Err(VcpuExit::VmDead));
                 }
@@ -300,7 +305,8 @@ impl VmInner {
                     mark_page_dirty(slot, gfn, ring);
                 }
                 Ok(())
-            });
+            },
+        );
         let outcome = match outcome {
             Ok(o) => o,
             Err(early) => return early,

@@ -14,8 +14,9 @@ use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
 use crate::sync::witness::MmuRead;
 
-use super::table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
+use super::table::{GFN_LIMIT, Owners, ROOT_LEVEL, TablePtr};
 use super::{Counters, RootRef, TdpMmu};
+use crate::geometry::index as sptep_index;
 use crate::mmu::types::{FaultOutcome, MapRequest, RetryReason};
 
 impl TdpMmu {
@@ -39,6 +40,23 @@ impl TdpMmu {
         mmu: &MmuRead,
         _rcu: &RcuGuard<'_>,
     ) -> FaultOutcome {
+        self.map_owned(root, req, None, mmu, _rcu)
+    }
+
+    /// [`TdpMmu::map`], recording beside the installed leaf that `req.pfn` backs host page
+    /// `host_page` (`hva >> 12`): the owner a vCPU's guest-mode walk checks the frame against
+    /// instead of the memslots (G3 in docs/locking.md). `None` records "unknown".
+    ///
+    /// # Panics
+    /// As [`TdpMmu::map`].
+    pub fn map_owned(
+        &self,
+        root: &RootRef,
+        req: &MapRequest,
+        host_page: Option<u64>,
+        mmu: &MmuRead,
+        _rcu: &RcuGuard<'_>,
+    ) -> FaultOutcome {
         self.check_lock(mmu.lock_id());
         self.assert_rcu_domain(_rcu);
         assert!(
@@ -59,7 +77,7 @@ impl TdpMmu {
         let mut level = ROOT_LEVEL;
         // Walk down to the target level; a huge leaf above it is split, a table at the target
         // level lowers the target.
-        let (sptep, old) = loop {
+        let (leaf_table, sptep, old) = loop {
             // SAFETY: `table` is the root table of a root we hold a reference to (P4), or a
             // table read from a present non-leaf SPTE under `_rcu`, which P1 keeps allocated
             // while `_rcu` is pinned; `_rcu` outlives this function's use of it.
@@ -85,7 +103,7 @@ impl TdpMmu {
             if level == target || kind == SpteKind::Leaf {
                 if kind != SpteKind::Table {
                     target = level;
-                    break (sptep, old);
+                    break (table, sptep, old);
                 }
                 // A table where the huge leaf would go: serve the fault below it.
                 target = level.down().unwrap_or(Level::L4K);
@@ -161,6 +179,22 @@ impl TdpMmu {
         if new == old {
             return FaultOutcome::Spurious;
         }
+        // The owner word beside the leaf, written before the install CAS (G3).
+        // (A block whose host pages would start below 0 cannot be aligned as the caller
+        // checked; it records "unknown" rather than a wrapped page.)
+        let owner = host_page
+            .and_then(|hp| hp.checked_sub(gfn - crate::geometry::align_down(gfn, level)))
+            .map_or(0, |base| Owners::encode(base, pfn.raw()));
+        // SAFETY: as the walk above: the table holding `sptep` is a root table we hold a
+        // reference to or was reached under `_rcu` (P1, P4).
+        let owners = unsafe { leaf_table.owners() };
+        // ORDERING: Relaxed: published by the install CAS's Release below, which a walker's
+        // Acquire load of the leaf pairs with (G3). A lost CAS leaves our word beside the winner's
+        // leaf: a racing fault maps the same gfn to the same frame (P3) and host page, or its
+        // pfn bits differ and the walker falls back to the memslots.
+        owners
+            .at(sptep_index(gfn, level))
+            .store(owner, Ordering::Relaxed);
         // ORDERING: Release, so a walker that Acquire-loads the leaf sees everything this thread
         // saw before installing it (e.g. the host's initialisation of the frame, via GUP).
         #[cfg(feature = "test-hooks")]

@@ -11,8 +11,10 @@
 //!   unlink tables, which `handle_removed_pt` then freezes and retires through `RcuGuard::defer`.
 //! - **Agers** (`age_gfn_range`, `test_age_gfn_range`; RCU only, no `mmu_lock`) clear Accessed with
 //!   one `fetch_and(!A)` where it is set, on valid roots only; they never touch a table pointer.
-//! - **The simulated CPU** (`hardware_walk`; RCU only) sets A, and D on writes, by a
-//!   compare-and-swap on a present leaf it has just checked allows the access.
+//! - **The simulated CPU** (`hardware_walk`, RCU only; `guest_walk`, a vCPU in guest mode, nothing
+//!   pinned: tables it reaches stay allocated by the flush handshake, G1 in docs/locking.md) sets
+//!   A, and D on writes, by a compare-and-swap on a present leaf it has just checked allows the
+//!   access.
 //!
 //! # Invariants (numbers cited by SAFETY / ORDERING comments as P1–P7)
 //! 1. **P1 (table lifetime)** A page-table page is reachable only from a root table or a present

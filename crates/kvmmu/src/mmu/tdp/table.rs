@@ -17,7 +17,8 @@ pub(crate) use crate::geometry::{ENTRIES, GFN_LIMIT, ROOT_LEVEL};
 #[cfg(test)]
 use crate::geometry::{align_down, pages};
 use crate::mmu::spte::{AtomicSpte, BASE_ADDR_MASK, Spte, make_nonleaf_spte};
-#[cfg(any(loom, test))]
+use crate::sync::atomic::AtomicU64;
+#[cfg(any(loom, test, feature = "broken-free-before-flush-ack"))]
 use crate::sync::atomic::Ordering;
 
 /// A page-table page.
@@ -44,10 +45,59 @@ impl Table {
     }
 }
 
+/// A table's allocation: the table, then the owner words of its entries beside it (as
+/// `struct kvm_mmu_page` keeps metadata beside `spt`). [`TablePtr`] points at its first field, so
+/// a `Table` stays exactly one page and the walk's pointer arithmetic is unchanged.
+#[repr(C, align(4096))]
+struct TablePage {
+    table: Table,
+    owners: Owners,
+}
+
+/// The owner word of each entry of one table: what the fault that installed the entry's leaf
+/// expected the leaf's frames to back (docs/locking.md, "The guest-mode TLB miss", G3).
+///
+/// Encoding ([`Owners::encode`]): bits 0..32 hold the host page (`hva >> 12`) of the leaf's first
+/// frame plus one, bits 32..64 the low 32 bits of the leaf's first pfn; 0 means unknown (a leaf
+/// installed by a path that records no owner: split children, recovered huge leaves, direct
+/// `TdpMmu::map` callers). A reader that finds an unknown word, or one whose pfn bits do not
+/// match the leaf it walked, falls back to the memslot check, so a stale or missing word can
+/// cost time but never decides a stale-translation report.
+#[repr(C)]
+pub(crate) struct Owners([AtomicU64; ENTRIES]);
+
+impl Owners {
+    /// The owner word of a leaf whose first frame `base_pfn` backs host page `base_host_page`.
+    #[inline]
+    pub(crate) fn encode(base_host_page: u64, base_pfn: u64) -> u64 {
+        (base_pfn << 32) | (base_host_page.wrapping_add(1) & 0xffff_ffff)
+    }
+
+    /// The host page that frame `pfn` of a leaf whose first frame is `base_pfn` must back, if
+    /// `word` recorded an owner for exactly that leaf.
+    #[inline]
+    pub(crate) fn expected_host_page(word: u64, base_pfn: u64, pfn: u64) -> Option<u64> {
+        let hp1 = word & 0xffff_ffff;
+        if hp1 == 0 || (word >> 32) != (base_pfn & 0xffff_ffff) {
+            return None;
+        }
+        Some(hp1 - 1 + (pfn - base_pfn))
+    }
+
+    /// The owner word of entry `i`.
+    #[inline]
+    pub(crate) fn at(&self, i: usize) -> &AtomicU64 {
+        &self.0[i]
+    }
+}
+
 /// Under loom a "freed" table is poisoned and leaked instead of deallocated, so that a read of a
 /// freed table is a detected assertion failure (spte.rs checks every access) rather than undefined
 /// behaviour the model cannot see.
-#[cfg(loom)]
+///
+/// The deliberately broken build `broken-free-before-flush-ack` (test-only) frees the same way, so
+/// that a vCPU walking a table freed before it acknowledged the flush is a detected failure.
+#[cfg(any(loom, feature = "broken-free-before-flush-ack"))]
 pub(crate) const POISON: Spte = Spte::from_raw(0xdead_0000_0000_0bad);
 
 /// A pointer to a page-table page: the only holder of raw table pointers.
@@ -68,10 +118,15 @@ unsafe impl Sync for TablePtr {}
 impl TablePtr {
     /// Allocates a table with every entry [`Spte::NONPRESENT`].
     pub(crate) fn alloc() -> TablePtr {
-        let table = Box::new(Table {
-            entries: core::array::from_fn(|_| AtomicSpte::new(Spte::NONPRESENT)),
+        let page = Box::new(TablePage {
+            table: Table {
+                entries: core::array::from_fn(|_| AtomicSpte::new(Spte::NONPRESENT)),
+            },
+            owners: Owners(core::array::from_fn(|_| AtomicU64::new(0))),
         });
-        TablePtr(NonNull::from(Box::leak(table)))
+        // `TablePage` is `repr(C)` with the table first: the cast keeps the whole allocation's
+        // provenance and points at the table.
+        TablePtr(NonNull::from(Box::leak(page)).cast::<Table>())
     }
 
     /// The non-leaf SPTE that links this table (`make_nonleaf_spte`).
@@ -105,6 +160,17 @@ impl TablePtr {
         unsafe { self.0.as_ref() }
     }
 
+    /// Borrows the owner words beside the table for `'a`.
+    ///
+    /// # Safety
+    /// As [`TablePtr::get`].
+    #[inline]
+    pub(crate) unsafe fn owners<'a>(self) -> &'a Owners {
+        // SAFETY: `self` points at the first field of a live `TablePage` (every `TablePtr` comes
+        // from `alloc`, and the caller upholds `get`'s contract); `owners` is its second field.
+        unsafe { &(*self.0.cast::<TablePage>().as_ptr()).owners }
+    }
+
     /// Frees the table.
     ///
     /// # Safety
@@ -124,11 +190,21 @@ impl TablePtr {
                 e.store_poison(POISON, Ordering::Relaxed);
             }
         }
-        #[cfg(not(loom))]
+        #[cfg(all(not(loom), feature = "broken-free-before-flush-ack"))]
         {
-            // SAFETY: the table came from `Box::leak` in `alloc`, and the caller guarantees it is
-            // unreachable and freed only once.
-            drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+            // SAFETY: as the loom arm: never deallocated in this test-only build.
+            let table = unsafe { self.get() };
+            for e in &table.entries {
+                // ORDERING: Relaxed: this build exists to be caught reading the poison; a walker
+                // that reads the table concurrently sees the poison or the old value, both fine.
+                e.store(POISON, Ordering::Relaxed);
+            }
+        }
+        #[cfg(all(not(loom), not(feature = "broken-free-before-flush-ack")))]
+        {
+            // SAFETY: the table is the first field of a `TablePage` that came from `Box::leak` in
+            // `alloc`, and the caller guarantees it is unreachable and freed only once.
+            drop(unsafe { Box::from_raw(self.0.cast::<TablePage>().as_ptr()) });
         }
     }
 }
@@ -148,6 +224,34 @@ mod tests {
         // SAFETY: `t` was just allocated and is owned by this test.
         let table = unsafe { t.get() };
         assert!((0..ENTRIES).all(|i| table.at(i).load(Ordering::Relaxed) == Spte::NONPRESENT));
+        // SAFETY: never published; freed once.
+        unsafe { t.free() };
+    }
+
+    #[test]
+    fn owner_word_names_the_host_page_of_each_frame_of_its_own_leaf_only() {
+        // A 2M leaf whose first frame 0x2000 backs host page 0x9000.
+        let w = Owners::encode(0x9000, 0x2000);
+        assert_eq!(Owners::expected_host_page(w, 0x2000, 0x2000), Some(0x9000));
+        assert_eq!(Owners::expected_host_page(w, 0x2000, 0x2005), Some(0x9005));
+        // Another leaf (another first frame) in the same slot: not this word's.
+        assert_eq!(Owners::expected_host_page(w, 0x3000, 0x3000), None);
+        // Never recorded.
+        assert_eq!(Owners::expected_host_page(0, 0x2000, 0x2000), None);
+        // Host page 0 is a real page, distinct from "unknown".
+        assert_eq!(
+            Owners::expected_host_page(Owners::encode(0, 7), 7, 7),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn owner_words_start_unknown_and_sit_beside_a_one_page_table() {
+        let t = TablePtr::alloc();
+        // SAFETY: `t` was just allocated and is owned by this test.
+        let owners = unsafe { t.owners() };
+        assert!((0..ENTRIES).all(|i| owners.at(i).load(Ordering::Relaxed) == 0));
+        assert_eq!(core::mem::size_of::<TablePage>(), 2 * 4096);
         // SAFETY: never published; freed once.
         unsafe { t.free() };
     }

@@ -1,5 +1,6 @@
-//! Lockless lookups: the simulated CPU's page walk (`hardware_walk`) and the oracle lookup
-//! (`leaf`). Both hold only an RCU guard (P1) and load every SPTE with `Acquire` (spte.rs O1).
+//! Lockless lookups: the simulated CPU's page walk (`hardware_walk` under an RCU guard, and
+//! `guest_walk`, a vCPU's walk in guest mode, which holds nothing: G1 in docs/locking.md) and the
+//! oracle lookup (`leaf`, RCU, P1). Every SPTE is loaded with `Acquire` (spte.rs O1).
 
 use crate::addr::{AsId, Gfn, Level};
 use crate::mmu::spte::{Spte, SpteKind};
@@ -7,7 +8,7 @@ use crate::mmu::types::{HwWalk, access_leaf};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
 
-use super::table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
+use super::table::{GFN_LIMIT, Owners, ROOT_LEVEL, TablePtr};
 use super::{RootRef, TdpMmu};
 
 /// Walks the tree under `table` to the leaf for `gfn`; returns the leaf slot's value and level,
@@ -70,6 +71,72 @@ impl TdpMmu {
             return HwWalk::NotPresent;
         };
         access_leaf(sptep, spte, level, gfn.raw(), write)
+    }
+
+    /// A vCPU's page walk in guest mode (`hardware_walk` without any guard): returns what
+    /// [`TdpMmu::hardware_walk`] returns and, on a hit, the host page the frame must back according
+    /// to the owner word recorded when the leaf was installed (`None` if the leaf has no recorded
+    /// owner; the caller then checks the memslots instead, G3).
+    ///
+    /// # Safety
+    /// The caller is a vCPU in guest mode that acknowledges remote TLB flushes only between two
+    /// accesses, and this walk is inside one access: every path that unlinks a table flushes remote
+    /// TLBs, waiting for that acknowledgement, before the table can be freed (G1, G2 in
+    /// docs/locking.md), so every table this walk reaches stays allocated until it returns.
+    /// `root` must belong to this `TdpMmu`.
+    #[inline]
+    pub unsafe fn guest_walk(
+        &self,
+        root: &RootRef,
+        gfn: Gfn,
+        write: bool,
+    ) -> (HwWalk, Option<u64>) {
+        debug_assert!(root.belongs_to(self), "guest_walk: foreign root");
+        let gfn = gfn.raw();
+        if gfn >= GFN_LIMIT {
+            return (HwWalk::NotPresent, None);
+        }
+        // The root table: we hold a reference to `root` (P4).
+        let mut table = root.table();
+        let mut level = ROOT_LEVEL;
+        loop {
+            let i = crate::geometry::index(gfn, level);
+            // SAFETY: the root table (P4), or a table read from a present non-leaf SPTE during
+            // this access, which G1 keeps allocated until the vCPU's next acknowledgement, after
+            // this function returns (this function's contract).
+            let sptep = unsafe { table.get::<'_>() }.at(i);
+            // ORDERING: O1 — the value may be followed into a child table, and a leaf's Acquire
+            // orders its install's owner-word store before our read of it (G3).
+            let spte = sptep.load(Ordering::Acquire);
+            #[cfg(feature = "broken-free-before-flush-ack")]
+            assert!(
+                spte != super::table::POISON,
+                "kvmmu: a vCPU in guest mode walked a freed page-table page (G1 violated)"
+            );
+            match spte.kind(level) {
+                SpteKind::Leaf => {
+                    let hit = access_leaf(sptep, spte, level, gfn, write);
+                    let HwWalk::Hit { pfn, level, .. } = hit else {
+                        return (hit, None);
+                    };
+                    let base_pfn = pfn.raw() - (gfn - crate::geometry::align_down(gfn, level));
+                    // SAFETY: as the entry above.
+                    let owners = unsafe { table.owners::<'_>() };
+                    // ORDERING: Relaxed: the leaf's Acquire load above (or access_leaf's, on a
+                    // lost A/D race) makes the owner store of the install that wrote that leaf
+                    // visible; a later install's word is told apart by its pfn bits (G3).
+                    let word = owners.at(i).load(Ordering::Relaxed);
+                    return (hit, Owners::expected_host_page(word, base_pfn, pfn.raw()));
+                }
+                SpteKind::Table => {
+                    table = TablePtr::from_spte(spte);
+                    level = level
+                        .down()
+                        .expect("a 4K SPTE is never a table (is_leaf holds at 4K)");
+                }
+                SpteKind::NonPresent | SpteKind::Frozen => return (HwWalk::NotPresent, None),
+            }
+        }
     }
 
     /// The present leaf mapping `gfn` in the valid root of `as_id`, with its level (for test

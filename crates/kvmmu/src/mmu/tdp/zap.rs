@@ -121,6 +121,17 @@ pub(super) unsafe fn handle_removed_pt(
     if dirty != 0 {
         Counters::add(&counters.dirty_leaves_zapped, dirty);
     }
+    // The deliberately broken build `broken-free-before-flush-ack` (test-only; its loom model
+    // asserts it is caught) frees the table right after unlinking it, before the remote TLB flush
+    // and its acknowledgements: a vCPU in guest mode, which walks without RCU (G1), may still be
+    // reading it.
+    if cfg!(feature = "broken-free-before-flush-ack") {
+        // SAFETY: none: this is the deliberate bug (the table is poisoned and leaked, never
+        // deallocated, in this build: table.rs).
+        unsafe { table.free() };
+        Counters::add(&counters.tables_freed, 1);
+        return leaves;
+    }
     let counters = Arc::clone(counters);
     rcu.defer(move || {
         // SAFETY: unlinked and frozen (P1); this callback runs after every RCU reader that could
