@@ -164,8 +164,10 @@ impl ShadowMmu {
                     .store(huge, Ordering::Release);
                 // SAFETY: the parent page is live under `mmu_lock` write; the SPTE leaves this
                 // rmap before the page is freed (prepare-zap of the parent, S1).
-                let pte = unsafe { parent_sp.sptep(crate::geometry::index(b, level)) };
-                let _ = rmap.pte_list_add(mmu, stats, pte);
+                // Under the leaf name (a direct page's leaves are tagged: `SpPtr::leaf_sptep`), the
+                // one its zap removes.
+                let pte = unsafe { parent_sp.leaf_sptep(crate::geometry::index(b, level)) };
+                let _ = rmap.rmap_add(mmu, stats, pte);
                 self.inner.pages.install(level);
                 super::mmu::add(&self.inner.counters.leaves_installed, 1);
                 formed += 1;

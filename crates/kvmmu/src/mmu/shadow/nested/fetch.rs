@@ -226,7 +226,7 @@ impl ShadowMmu {
                 panic!("kvmmu bug: a nested leaf for L1 gfn {old_gfn:?} has no memslot rmap (S6)");
             };
             // SAFETY: the page is live under `mmu_lock` write; the pointer the fault added.
-            let pte = unsafe { sp.sptep(i) };
+            let pte = unsafe { sp.leaf_sptep(i) };
             if let Err(e) = r.pte_list_remove(mmu, stats, pte) {
                 panic!("kvmmu bug: nested leaf not in its rmap: {e} (S6)");
             }
@@ -239,7 +239,7 @@ impl ShadowMmu {
         add(&self.inner.counters.leaves_installed, 1);
         self.inner.pages.install(Level::L4K);
         // SAFETY: the page is live; the entry leaves the rmap before the page is freed (S1).
-        let pte = unsafe { sp.sptep(i) };
+        let pte = unsafe { sp.leaf_sptep(i) };
         let before = rmap.rmap_add(mmu, stats, pte);
         if before > RMAP_RECYCLE_THRESHOLD {
             self.zap_rmap(rmap, Level::L4K, mmu);
@@ -288,7 +288,7 @@ impl ShadowMmu {
                     panic!("kvmmu bug: a nested leaf for L1 gfn {gfn:?} has no memslot rmap (S6)");
                 };
                 // SAFETY: the page is live; this is the pointer the fault added (S1).
-                let pte = unsafe { sp.sptep(i) };
+                let pte = unsafe { sp.leaf_sptep(i) };
                 if let Err(e) = rmap.pte_list_remove(mmu, stats, pte) {
                     panic!("kvmmu bug: nested leaf not in its rmap: {e} (S6)");
                 }
