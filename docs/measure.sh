@@ -14,6 +14,9 @@
 #   5. mmu-stress compare                                      [same section]
 #   6. access-tracking -p compare on the shadow MMU            [same section]
 #   7. vs-kvm (skipped without /dev/kvm)                       ["Held against the real kernel"]
+#   8. huge pages: THP leaves, NX huge pages counts            ["Huge pages, dirty logging, ..."]
+#   9. dirty logging: the four modes, eager splitting on THP   [same section]
+#  10. nested guests: lockless / locked shadow aging over L2   [same section]
 #
 # Needs jq. Progress goes to stderr, tables to stdout: `docs/measure.sh > tables.md`.
 # KVMMU=path/to/kvmmu uses an already-built binary instead of building the release one.
@@ -49,6 +52,7 @@ if ((QUICK)); then
     SH_BYTES=32M SH_RUNS=1
     MS=(-c 2 -m 512M -s 64M --age) MS_RUNS=1
     VS=(-b 32M --runs 1)
+    HP_BYTES=64M DL=(-v 2 -b 64M -i 2) DL_RUNS=1 NE_BYTES=32M NE_RUNS=1
 else
     RUN_BYTES=512M RUN_REPS=3
     BENCH=(--quick)
@@ -56,6 +60,7 @@ else
     SH_BYTES=128M SH_RUNS=3
     MS=(-c 2 -m 4G -s 256M --age) MS_RUNS=3
     VS=()
+    HP_BYTES=256M DL=(-v 2 -b 512M -i 3) DL_RUNS=3 NE_BYTES=128M NE_RUNS=3
 fi
 
 say() { echo "measure.sh: $*" >&2; }
@@ -200,4 +205,72 @@ if [[ -e /dev/kvm ]] && "$K" vs-kvm "${VS[@]}" --json >"$TMP/vs.json" 2>"$TMP/vs
 else
     echo "(skipped: no usable /dev/kvm here: $(head -c 200 "$TMP/vs.err" 2>/dev/null || true))"
 fi
+# --- 8. huge pages ------------------------------------------------------------------------------
+say "huge pages: access-tracking -s anonymous_thp, nx-huge-pages"
+echo
+echo "### Huge pages (README: Huge pages, dirty logging, memory overcommit)"
+show "kvmmu access-tracking -v 2 -b $HP_BYTES -s anonymous_thp --json [--mmu shadow]; kvmmu nx-huge-pages --json [--mmu shadow]"
+echo "| MMU | THP guest: pages_2m / pages_4k | nx-huge-pages (pages_2m, nx_lpage_splits) per step, recovery, final read |"
+echo "|---|---|---|"
+for mmu in tdp shadow; do
+    "$K" access-tracking -v 2 -b "$HP_BYTES" -s anonymous_thp --mmu "$mmu" --json >"$TMP/thp-$mmu.json"
+    "$K" nx-huge-pages --mmu "$mmu" --json >"$TMP/nx-$mmu.json"
+    thp=$(jq -r '"\(.counts.pages_2m) / \(.counts.pages_4k)"' "$TMP/thp-$mmu.json")
+    nx=$(jq -r '[.checks[] | select(.name != "VM created") | .detail | select(test("pages_2m, nx_lpage_splits")) | sub("^.*= "; "")] | join(" ")' "$TMP/nx-$mmu.json")
+    echo "| $mmu | $thp | $nx |"
+done
+
+# --- 9. dirty logging ---------------------------------------------------------------------------
+say "compare dirty-log-perf ${DL[*]}, $DL_RUNS run(s); -s anonymous_thp with eager splitting on/off"
+echo
+echo "### Dirty logging (README: Huge pages, dirty logging, memory overcommit)"
+show "kvmmu compare --runs $DL_RUNS --configs manual-log,classic-log,dirty-ring,d-bit dirty-log-perf ${DL[*]}"
+"$K" compare --runs "$DL_RUNS" --configs manual-log,classic-log,dirty-ring,d-bit --json \
+    dirty-log-perf "${DL[@]}" >"$TMP/dl.json"
+echo "| phase (medians) | manual-log | classic-log | dirty-ring | d-bit |"
+echo "|---|---|---|---|---|"
+jq -r "$DEFS"'
+  .rows[] | select(.name | test("dirty memory|get dirty log|clear dirty log|total"))
+  | .medians as $m | "| \(.name | sub("dirty_memory_total_seconds"; "dirty memory, all iterations")) | \($m[0] | ms(2)) | \($m[1] | ms(2)) | \($m[2] | ms(2)) | \($m[3] | ms(2)) |"' "$TMP/dl.json"
+echo
+show "kvmmu dirty-log-perf ${DL[*]} -s anonymous_thp --json [--eager-split off] [--mmu shadow]"
+echo "| MMU, eager split | enable | iteration 1 dirty | 2M leaves after populate / enable / disable | dirty-phase faults fast / slow |"
+echo "|---|---|---|---|---|"
+for mmu in tdp shadow; do
+    for eager in on off; do
+        "$K" dirty-log-perf "${DL[@]}" -s anonymous_thp --mmu "$mmu" --eager-split "$eager" --json >"$TMP/dlt.json"
+        jq -r --arg row "$mmu, $eager" "$DEFS"'
+          def secs($n): [.phases[] | select(.name == $n) | .seconds][0];
+          .counts as $c
+          | ([$c | to_entries[] | select(.key | test("^iter[0-9]+\\.dirty\\.pf_fixed$")) | .value] | add) as $slow
+          | "| \($row) | \(secs("enable dirty logging") | ms(2)) | \(secs("iteration 1 dirty memory") | ms(1)) | \($c["populate.pages_2m"]) / \($c["enable.pages_2m"]) / \($c["disable.pages_2m"]) | \($c["dirty_phases.pf_fast"]) / \($slow) |"' "$TMP/dlt.json"
+    done
+done
+
+# --- 10. nested guests --------------------------------------------------------------------------
+say "compare access-tracking --nested -p -v 2 -b $NE_BYTES, $NE_RUNS run(s)"
+echo
+echo "### Nested guests (README: Huge pages, dirty logging, memory overcommit)"
+show "kvmmu compare --configs lockless,locked --runs $NE_RUNS access-tracking --nested -p -v 2 -b $NE_BYTES"
+"$K" compare --configs lockless,locked --runs "$NE_RUNS" --json \
+    access-tracking --nested -p -v 2 -b "$NE_BYTES" >"$TMP/nested.json"
+jq -r "$DEFS"'
+  def row($n): [.rows[] | select(.name == $n)][0].medians;
+  (row("aging_avg_pass_s")) as $p | (row("vcpu_wall_time_s")) as $w
+  | "| quantity (L2 vCPUs over L1 on TDP, medians of '"$NE_RUNS"') | lockless | locked | locked / lockless |",
+    "|---|---|---|---|",
+    "| avg aging pass | \($p[0] | ms(2)) | \($p[1] | ms(2)) | **\($p[1] / $p[0] | x(2))** |",
+    "| vCPU wall time | \($w[0] | ms(2)) | \($w[1] | ms(2)) | \($w[1] / $w[0] | x(2)) |"' "$TMP/nested.json"
+echo
+show "kvmmu access-tracking --nested -v 2 -b $NE_BYTES --json    # and --aging locked"
+echo "| aging | indirect_shadow_pages | max_mmu_rmap_size | rmap_aged_sptes | rmap-bit waits (ager / writer) | per million aged |"
+echo "|---|---|---|---|---|---|"
+for aging in lockless locked; do
+    "$K" access-tracking --nested -v 2 -b "$NE_BYTES" --aging "$aging" --json >"$TMP/ne-$aging.json"
+    jq -r --arg a "$aging" "$DEFS"'
+      .counts as $c
+      | (($c.rmap_lock_contended_readonly + $c.rmap_lock_contended_writer) * 1e6
+         / (if $c.rmap_aged_sptes > 0 then $c.rmap_aged_sptes else 1 end)) as $pm
+      | "| \($a) | \($c.indirect_shadow_pages) | \($c.max_mmu_rmap_size) | \($c.rmap_aged_sptes) | \($c.rmap_lock_contended_readonly) / \($c.rmap_lock_contended_writer) | \($pm | fixed(2)) |"' "$TMP/ne-$aging.json"
+done
 say "done"
