@@ -163,8 +163,10 @@ impl ShadowMmu {
                     .entry(b)
                     .store(huge, Ordering::Release);
                 // SAFETY: the parent page is live under `mmu_lock` write; the SPTE leaves this
-                // rmap before the page is freed (prepare-zap of the parent, S1).
-                let pte = unsafe { parent_sp.sptep(crate::geometry::index(b, level)) };
+                // rmap before the page is freed (prepare-zap of the parent, S1). Listed under
+                // `leaf_sptep`, the name every leaf's rmap entry has (page.rs, S6), so the zap's
+                // removal finds it.
+                let pte = unsafe { parent_sp.leaf_sptep(crate::geometry::index(b, level)) };
                 let _ = rmap.pte_list_add(mmu, stats, pte);
                 self.inner.pages.install(level);
                 super::mmu::add(&self.inner.counters.leaves_installed, 1);
