@@ -298,10 +298,19 @@ impl HostMm {
             // range is in flight: the caller's retry protocol handles the refusal.
             return Err(GupError::OutOfFrames);
         }
-        // THP fallback: a 4K page, installed under the mutex (no other installer can race).
+        // THP fallback: a 4K page, installed under the mutex (no other installer can race). Charged
+        // like every 4K page (docs/invariants.md R1, R6): zap and eviction uncharge it, collapse
+        // uncharges its span. A refused charge sends the caller to direct reclaim.
+        let reclaim = &self.inner.reclaim;
+        if !reclaim.try_charge() {
+            return Err(GupError::OutOfFrames);
+        }
         let (pfn, tag) = match self.arena().alloc(page) {
             Ok(f) => f,
-            Err(_) => return Err(GupError::OutOfFrames),
+            Err(_) => {
+                reclaim.uncharge(1);
+                return Err(GupError::OutOfFrames);
+            }
         };
         // ORDERING: Release publishes the frame's tag and zero fill with the PTE (as GUP's CAS);
         // the mutex excludes every other installer of this VMA, so a store suffices.
@@ -309,6 +318,7 @@ impl HostMm {
             pte::encode(pfn.raw(), tag.generation(), want),
             Ordering::Release,
         );
+        reclaim.faulted_in(pfn, None);
         Ok(GupPage {
             pfn,
             tag,

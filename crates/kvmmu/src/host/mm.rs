@@ -538,7 +538,13 @@ impl HostMm {
                     level,
                 });
             }
-            if vma.huge != HugeMode::None {
+            // R6 (docs/invariants.md): a huge mode only decides how an empty PTE is filled. A swap
+            // entry is refaulted as a 4K page below, whatever the VMA's mode (reclaim R3, DESIGN
+            // invariant 6): the huge path would install a zero-filled frame over it. No race with
+            // the huge path's installers: they write only PTEs they saw 0 under the huge-fault
+            // mutex, and under `mmap_lock` read a 0 PTE never becomes a swap entry (eviction takes
+            // it for write).
+            if vma.huge != HugeMode::None && cur == 0 {
                 return self.gup_huge(vmas, vma, hva, write);
             }
             // A frame is needed (first touch, or a refault of a swap entry): charge it to the

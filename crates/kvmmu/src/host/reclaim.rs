@@ -23,7 +23,8 @@
 //!   [`MAX_NR_GENS`] generations exist and evicts until the charge is below the low watermark.
 //!
 //! Invariants:
-//! - R1. `charged` equals the number of host PTEs that are present (no GUP or zap in flight).
+//! - R1. `charged` equals the number of present host PTEs outside huge pages (R5; no GUP or zap
+//!   in flight).
 //! - R2. A page is evicted only inside a balanced invalidate pair (host H1): when its frame is
 //!   freed no secondary MMU maps it and no vCPU TLB holds it. (Feature
 //!   `broken-evict-no-invalidate` breaks exactly this, for the tests that must catch it.)
@@ -31,8 +32,13 @@
 //!   (swap S1, S3): data is never lost (DESIGN invariant 6).
 //! - R4. Lock order: the evictor's cursor lock, then the aging lock, then `mm_writer`; GUP holds
 //!   none of them when it enters direct reclaim (it dropped `mmap_lock`).
+//! - R5. Huge pages are neither charged nor evicted (`zap.rs`): eviction and `page_out` skip every
+//!   page whose span carries a huge marker. A split THP's pages are 4K pages (charged at the
+//!   split) and are evicted like any other; a 4K page of a THP mapping is charged at fault-in and
+//!   refaulted from its swap slot like any other (a huge page never forms over a swap entry).
 
 use super::frames::FrameArena;
+use super::huge::marker_level;
 use super::lru_gen::{FrameGens, MIN_NR_GENS};
 use super::mm::GupPage;
 use super::mm::HostMm;
@@ -40,7 +46,7 @@ use super::notifier::{InvalidateEvent, InvalidationPair, NotifierRange, YoungBit
 use super::swap::{MAX_SWAP_SLOTS, SwapDevice, SwapStats, swap_entry};
 use super::vma::{page_hva, pte, pte_frame};
 use super::{AGING_CHUNK_PAGES, GupError, HostError, ReclaimError};
-use crate::addr::{Hva, Pfn};
+use crate::addr::{Hva, Level, Pfn};
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::witness::thread_mmu_lock_wait_nanos;
 use crate::sync::{Condvar, Mutex, guest_mode};
@@ -410,7 +416,8 @@ impl HostMm {
     }
 
     /// Evicts every resident page of `[hva, hva + len)` to swap now, whatever its generation
-    /// (`madvise(MADV_PAGEOUT)`). Returns the pages evicted; stops early when swap is full.
+    /// (`madvise(MADV_PAGEOUT)`), but for pages of a huge page, which stay (R5). Returns the
+    /// pages evicted; stops early when swap is full.
     ///
     /// Errors: [`ReclaimError::NotEnabled`]; the range errors of [`HostMm::munmap`] as
     /// [`ReclaimError::Host`].
@@ -615,6 +622,12 @@ impl HostMm {
                     let v = w.load(Ordering::Relaxed);
                     v & pte::PRESENT != 0 && pte::pfn(v) == pfn.raw()
                 })
+                // R5 (docs/invariants.md): a page of a huge page is never evicted. Freeing one
+                // frame of the run would leave the marker, so GUP would keep reporting the span as
+                // huge and a secondary MMU would map a huge leaf over the freed (and reused) frame.
+                // The marker is stable here: only `mm_writer` holders clear it, and a huge install
+                // needs the whole span empty, which this present PTE is not.
+                && marker_level(&vmas.pt, page) == Level::L4K
         };
         if !backed {
             return Evicted::Skipped;
