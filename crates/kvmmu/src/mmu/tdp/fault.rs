@@ -210,8 +210,11 @@ impl TdpMmu {
         };
         match installed {
             Ok(_) => {
-                Counters::add(&counters.leaves_installed, 1);
-                if !old.is_shadow_present() {
+                // One striped add per install: `leaves_installed` is derived from these two
+                // (`Counters::leaves_installed`).
+                if old.is_shadow_present() {
+                    Counters::add(&counters.reinstalled, 1);
+                } else {
                     counters.pages.install(level);
                 }
                 FaultOutcome::Fixed
