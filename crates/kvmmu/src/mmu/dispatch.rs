@@ -211,10 +211,8 @@ impl Mmu {
                 if root.is_invalid() {
                     return Ok(FaultOutcome::Retry(RetryReason::InvalidRoot));
                 }
-                let rcu = self.tdp.rcu().pin();
-                Ok(self
-                    .tdp
-                    .map_owned(root, req, host_page, mmu.witness(), &rcu))
+                // No RCU pin: `mmu_lock` read keeps every table the walk reaches linked (F1).
+                Ok(self.tdp.map_locked(root, req, host_page, mmu.witness()))
             }
             MmuRoot::Shadow(root) => {
                 let mmu = lock.write();
