@@ -141,3 +141,54 @@ fn disabling_logging_recovers_the_huge_leaves_and_keeps_the_data() {
         }
     }
 }
+
+/// `leaves_installed` counts what faults installed, once each (DESIGN invariant 8): neither an
+/// eager split's children nor a huge leaf re-formed by recovery are counted, and `faults` stays
+/// the sum of every fault however it was resolved.
+#[test]
+fn tdp_leaves_installed_counts_fault_installs_only_across_split_and_recovery() {
+    let f = thp(MmuKind::Tdp, true);
+    let mut v = f.vm.create_vcpu().expect("vcpu");
+    for p in 0..PAGES {
+        v.write_u64(gpa(p), p).expect("populate");
+    }
+    let populated = f.vm.stats();
+    assert_eq!(populated.pages_2m, 2);
+    assert_eq!(
+        populated.tdp.leaves_installed, 2,
+        "two huge leaves installed"
+    );
+    assert_eq!(
+        populated.faults,
+        v.stats().faults,
+        "every fault counted once"
+    );
+    set_logging(&f, true);
+    let split = f.vm.stats();
+    assert_eq!(
+        split.pages_4k, PAGES,
+        "every huge leaf split into 4K leaves"
+    );
+    assert_eq!(
+        split.tdp.leaves_installed, 2,
+        "a split's children are not fault installs"
+    );
+    // Write-protected by logging: each write is a fault that makes a present leaf writable.
+    for p in 0..3 {
+        v.write_u64(gpa(p), p + 1).expect("write");
+    }
+    let written = f.vm.stats();
+    assert_eq!(
+        written.tdp.leaves_installed + written.pf_fast,
+        5,
+        "an install over a present leaf counts once (or is a fast fix)"
+    );
+    assert_eq!(written.faults, v.stats().faults, "every fault counted once");
+    set_logging(&f, false);
+    let recovered = f.vm.stats();
+    assert!(recovered.pages_2m >= 1, "a huge leaf was recovered");
+    assert_eq!(
+        recovered.tdp.leaves_installed, written.tdp.leaves_installed,
+        "recovered huge leaves are not fault installs"
+    );
+}

@@ -100,9 +100,10 @@ impl FrameArena {
             })
             .ok()?;
         if start > prev {
-            let mut s = self.stripes[stripe()].inner.lock();
-            s.free.extend((prev..start).map(|i| i as u32));
-            s.frees += (start - prev) as u64;
+            self.stripes[stripe()].with(|s| {
+                s.free.extend((prev..start).map(|i| i as u32));
+                s.frees += (start - prev) as u64;
+            });
         }
         Some(start)
     }

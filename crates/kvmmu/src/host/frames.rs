@@ -11,7 +11,11 @@
 //!
 //! Allocation is a per-thread striped free list (one mutex per stripe, uncontended in the common
 //! case) in front of a bump pointer over never-used frames; a thread whose stripe and the bump
-//! region are empty steals a batch from another stripe.
+//! region are empty steals a batch from another stripe. Each stripe publishes whether its list
+//! is non-empty in a hint word, so that an allocation from an empty stripe (every first touch
+//! of a fresh host) goes to the bump pointer without taking the stripe's mutex; the hint only
+//! orders the attempts, and the mutex-held pop still runs before the arena reports
+//! [`HostError::OutOfFrames`] (invariant 7).
 //!
 //! Invariants:
 //! 1. A frame is in exactly one of: never used (index ≥ bump pointer), on exactly one free list,
@@ -32,6 +36,11 @@
 //!    run ever had, so invariant 2 holds per frame. A run is freed either whole
 //!    ([`FrameArena::free_run`], back on the run list) or frame by frame ([`FrameArena::free`],
 //!    after a split); frames on a run list are on no other list (invariant 1).
+//! 7. A stripe's `nonempty` hint is written only under its mutex, after every change of its
+//!    list, so it is exact whenever the mutex is free; read without the mutex it may be stale,
+//!    which only lets an allocation take a never-used frame while a freed one waits on the list
+//!    (invariant 1 still holds). `alloc` fails only after a locked pop of its own stripe and a
+//!    steal from every other stripe found nothing, as before the hint.
 
 #[path = "frame_runs.rs"]
 mod runs;
@@ -40,7 +49,7 @@ use super::HostError;
 use super::words::AtomicWords;
 use crate::addr::Pfn;
 use crate::sync::Mutex;
-use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
+use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use crate::sync::percpu::{STRIPES, stripe};
 
 /// Number of 64-bit words in one 4 KiB frame.
@@ -140,6 +149,28 @@ pub struct FrameStats {
 #[derive(Default)]
 struct Stripe {
     inner: Mutex<StripeInner>,
+    /// `!inner.free.is_empty()`, written under `inner` after every change (invariant 7).
+    nonempty: AtomicBool,
+}
+
+impl Stripe {
+    /// Runs `f` on the stripe under its mutex, then republishes the non-empty hint.
+    #[inline]
+    fn with<R>(&self, f: impl FnOnce(&mut StripeInner) -> R) -> R {
+        let mut s = self.inner.lock();
+        let r = f(&mut s);
+        // ORDERING: Relaxed: a hint (invariant 7); whoever needs the list itself takes the
+        // mutex, whose acquire orders the list's contents.
+        self.nonempty.store(!s.free.is_empty(), Ordering::Relaxed);
+        r
+    }
+
+    /// The hint: false means the list was empty at its last change (invariant 7).
+    #[inline]
+    fn maybe_nonempty(&self) -> bool {
+        // ORDERING: Relaxed: a hint (invariant 7).
+        self.nonempty.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Default)]
@@ -244,11 +275,21 @@ impl FrameArena {
             return Err(HostError::BadHostPage { host_page });
         }
         let home = stripe();
-        let (index, reused) = match self.pop(home) {
+        // An empty-looking home stripe goes to the bump pointer without its mutex; the locked
+        // pop still runs before any steal or failure (invariant 7).
+        let popped = if self.stripes[home].maybe_nonempty() {
+            self.pop(home)
+        } else {
+            None
+        };
+        let (index, reused) = match popped {
             Some(i) => (i, true),
             None => match self.bump() {
                 Some(i) => (i, false),
-                None => (self.steal(home).ok_or(HostError::OutOfFrames)?, true),
+                None => match self.pop(home) {
+                    Some(i) => (i, true),
+                    None => (self.steal(home).ok_or(HostError::OutOfFrames)?, true),
+                },
             },
         };
         let word = &self.tags.as_slice()[index];
@@ -277,10 +318,11 @@ impl FrameArena {
     }
 
     fn pop(&self, stripe: usize) -> Option<usize> {
-        let mut s = self.stripes[stripe].inner.lock();
-        let i = s.free.pop()?;
-        s.reuse_allocs += 1;
-        Some(i as usize)
+        self.stripes[stripe].with(|s| {
+            let i = s.free.pop()?;
+            s.reuse_allocs += 1;
+            Some(i as usize)
+        })
     }
 
     fn bump(&self) -> Option<usize> {
@@ -298,22 +340,19 @@ impl FrameArena {
         let mut batch = [0u32; STEAL_BATCH];
         for k in 1..STRIPES {
             let victim = (home + k) % STRIPES;
-            let (got, taken) = {
-                let mut v = self.stripes[victim].inner.lock();
-                let Some(got) = v.free.pop() else { continue };
+            let Some((got, taken)) = self.stripes[victim].with(|v| {
+                let got = v.free.pop()?;
                 v.reuse_allocs += 1;
                 let take = (v.free.len() / 2).min(STEAL_BATCH);
                 let from = v.free.len() - take;
                 batch[..take].copy_from_slice(&v.free[from..]);
                 v.free.truncate(from);
-                (got, take)
+                Some((got, take))
+            }) else {
+                continue;
             };
             if taken > 0 {
-                self.stripes[home]
-                    .inner
-                    .lock()
-                    .free
-                    .extend_from_slice(&batch[..taken]);
+                self.stripes[home].with(|h| h.free.extend_from_slice(&batch[..taken]));
             }
             return Some(got as usize);
         }
@@ -342,9 +381,10 @@ impl FrameArena {
         // mutex, and stale accessors by invariant 3's fences, so nothing stronger is needed.
         word.compare_exchange(tag.0, freed, Ordering::AcqRel, Ordering::Acquire)
             .map_err(stale)?;
-        let mut s = self.stripes[stripe()].inner.lock();
-        s.free.push(pfn.raw() as u32);
-        s.frees += 1;
+        self.stripes[stripe()].with(|s| {
+            s.free.push(pfn.raw() as u32);
+            s.frees += 1;
+        });
         Ok(())
     }
 
@@ -576,112 +616,5 @@ impl FrameArena {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tag_round_trips_host_page_and_generation() {
-        let t = FrameTag::from_parts(FrameTag::MAX_HOST_PAGE, u32::MAX);
-        assert_eq!(t.host_page(), FrameTag::MAX_HOST_PAGE);
-        assert_eq!(t.generation(), u32::MAX);
-        assert!(!t.is_free());
-        assert!(FrameTag::FREE.is_free());
-        assert_eq!(FrameTag::from_parts(0, 0).host_page(), 0);
-        assert_ne!(FrameTag::from_parts(0, 0), FrameTag::FREE);
-    }
-
-    #[test]
-    fn invalid_frame_counts_are_rejected() {
-        assert!(matches!(
-            FrameArena::new(0),
-            Err(HostError::InvalidFrameCount { frames: 0 })
-        ));
-        assert!(matches!(
-            FrameArena::new(MAX_FRAMES + 1),
-            Err(HostError::InvalidFrameCount { .. })
-        ));
-    }
-
-    #[test]
-    fn reused_frame_is_zero_filled_with_new_generation() {
-        let a = FrameArena::new(1).unwrap();
-        let (p, t) = a.alloc(5).unwrap();
-        a.write_u64(p, 3, t, 0xdead).unwrap();
-        a.free(p, t).unwrap();
-        let (p2, t2) = a.alloc(6).unwrap();
-        assert_eq!(p2, p);
-        assert_ne!(t2, t);
-        assert_eq!(t2.generation(), t.generation() + 1);
-        assert_eq!(t2.host_page(), 6);
-        assert_eq!(a.read_u64(p2, 3, t2).unwrap(), 0);
-    }
-
-    #[test]
-    fn every_word_of_every_frame_keeps_its_own_value() {
-        let a = FrameArena::new(3).unwrap();
-        let frames: Vec<_> = (0..3).map(|i| a.alloc(i).unwrap()).collect();
-        for (f, &(p, t)) in frames.iter().enumerate() {
-            for w in 0..WORDS_PER_FRAME {
-                a.write_u64(p, w, t, (f * WORDS_PER_FRAME + w) as u64)
-                    .unwrap();
-            }
-        }
-        for (f, &(p, t)) in frames.iter().enumerate() {
-            for w in 0..WORDS_PER_FRAME {
-                assert_eq!(
-                    a.read_tagged(p, w, t).unwrap(),
-                    (f * WORDS_PER_FRAME + w) as u64
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn tagged_accesses_report_stale_free_and_out_of_range_frames() {
-        let a = FrameArena::new(1).unwrap();
-        let (p, t) = a.alloc(5).unwrap();
-        a.write_tagged(p, 0, t, 9).unwrap();
-        a.free(p, t).unwrap();
-        let (p2, t2) = a.alloc(6).unwrap();
-        assert_eq!(p2, p);
-        let e = a.read_tagged(p, 0, t).unwrap_err();
-        assert_eq!((e.expected, e.found), (t, t2));
-        let e = a.write_tagged(p, 0, t, 1).unwrap_err();
-        assert_eq!((e.expected, e.found), (t, t2));
-        assert_eq!(
-            a.read_tagged(p2, 0, t2).unwrap(),
-            0,
-            "the stale write was refused"
-        );
-        let e = a.read_tagged(Pfn::new(7), 0, t2).unwrap_err();
-        assert_eq!(e.found, FrameTag::FREE);
-        let e = a.read_tagged(p2, WORDS_PER_FRAME, t2).unwrap_err();
-        assert_eq!(e.found, FrameTag::FREE);
-        assert!(a.read_tagged(p2, 0, FrameTag::FREE).is_err());
-        assert_eq!(a.stats().stale_accesses, 5);
-    }
-
-    #[test]
-    fn frames_freed_by_one_thread_serve_another() {
-        let a = FrameArena::new(64).unwrap();
-        let frames: Vec<_> = (0..64).map(|i| a.alloc(i).unwrap()).collect();
-        assert!(matches!(a.alloc(99), Err(HostError::OutOfFrames)));
-        for &(p, t) in &frames {
-            a.free(p, t).unwrap();
-        }
-        // Another thread (usually on another stripe, so it steals) reuses every freed frame.
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let got: Vec<_> = (0..64).map(|i| a.alloc(i).unwrap()).collect();
-                assert!(matches!(a.alloc(99), Err(HostError::OutOfFrames)));
-                for (p, t) in got {
-                    a.free(p, t).unwrap();
-                }
-            });
-        });
-        let st = a.stats();
-        assert_eq!(st.allocated, 0);
-        assert_eq!(st.total_allocs, 128);
-        assert_eq!(st.total_frees, 128);
-    }
-}
+#[path = "frames_tests.rs"]
+mod tests;

@@ -211,10 +211,8 @@ impl Mmu {
                 if root.is_invalid() {
                     return Ok(FaultOutcome::Retry(RetryReason::InvalidRoot));
                 }
-                let rcu = self.tdp.rcu().pin();
-                Ok(self
-                    .tdp
-                    .map_owned(root, req, host_page, mmu.witness(), &rcu))
+                // No RCU pin: `mmu_lock` read keeps every table the walk reaches linked (F1).
+                Ok(self.tdp.map_locked(root, req, host_page, mmu.witness()))
             }
             MmuRoot::Shadow(root) => {
                 let mmu = lock.write();
@@ -668,7 +666,10 @@ impl Mmu {
         if cfg!(feature = "broken-no-write-protect-guest-tables") {
             return false;
         }
-        self.shadow.write_tracked_in(start, end)
+        // Most VMs track nothing: answer from the count, inlined here, so that the fault path's
+        // three checks cost a load each instead of three calls (the count is read the same way
+        // inside `write_tracked_in`, so the answer is the same).
+        self.shadow.write_tracked_gfns() != 0 && self.shadow.write_tracked_in(start, end)
     }
 
     /// `kvm_mmu_track_write` for L1's emulated write of word `word` of L1 page `gfn`, under

@@ -88,6 +88,19 @@ impl PageCounts {
         self.installed[slot(level)].add(1);
     }
 
+    /// `n` leaves of `level` became present at once (a split's table of children): one add.
+    #[inline]
+    pub(crate) fn install_n(&self, level: Level, n: u64) {
+        self.installed[slot(level)].add_nonzero(n);
+    }
+
+    /// Leaves ever installed, all levels together (monotonic; exact when no install is in
+    /// flight). The TDP MMU derives its `leaves_installed` from it, so that a fault's install
+    /// bumps one counter, not two.
+    pub(crate) fn installed_total(&self) -> u64 {
+        self.installed.iter().map(StripedCounter::sum).sum()
+    }
+
     /// `n` present leaves of `level` became non-present.
     #[inline]
     pub(crate) fn remove(&self, level: Level, n: u64) {

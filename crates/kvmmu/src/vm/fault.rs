@@ -141,7 +141,7 @@ impl VmInner {
                 if write {
                     mark_page_dirty(slot, gfn, ring);
                 }
-                self.counters.faults.add(1);
+                self.counters.faults_unfixed.add(1);
                 self.counters.pf_fast.add(1);
                 true
             }
@@ -161,12 +161,19 @@ impl VmInner {
         ring: Option<&DirtyRing>,
     ) -> Result<FaultOutcome, VcpuExit> {
         let _trace = tracing::trace_span!("page_fault", gfn = gpa.gfn().raw(), write).entered();
-        self.counters.faults.add(1);
-        let outcome = self.page_fault_inner(root, gpa.gfn(), gpa, write, fetch, ring)?;
-        if matches!(outcome, FaultOutcome::Retry(_)) {
-            self.counters.fault_retries.add(1);
+        let outcome = self.page_fault_inner(root, gpa.gfn(), gpa, write, fetch, ring);
+        // Every fault is counted once (DESIGN invariant 8): a `Fixed` outcome was counted by
+        // the path that fixed it (`pf_fixed` on the slow path, `faults_unfixed` on the fast
+        // path), every other outcome here.
+        match outcome {
+            Ok(FaultOutcome::Fixed) => {}
+            Ok(FaultOutcome::Retry(_)) => {
+                self.counters.faults_unfixed.add(1);
+                self.counters.fault_retries.add(1);
+            }
+            _ => self.counters.faults_unfixed.add(1),
         }
-        Ok(outcome)
+        outcome
     }
 
     fn page_fault_inner(
@@ -221,6 +228,8 @@ impl VmInner {
                         mark_page_dirty(slot, gfn, ring);
                     }
                     self.counters.pf_fast.add(1);
+                    // Counted here, not in `pf_fixed` (see `page_fault`).
+                    self.counters.faults_unfixed.add(1);
                     return Ok(FaultOutcome::Fixed);
                 }
                 FastFault::Spurious => return Ok(FaultOutcome::Spurious),

@@ -111,7 +111,9 @@ pub enum SetMemoryRegionError {
 /// lock or a flush that costs far more) stay plain atomics.
 #[derive(Debug, Default)]
 pub(crate) struct VmCounters {
-    pub(crate) faults: StripedCounter,
+    /// Faults not counted in `pf_fixed` (fast, spurious, retried, exits): `VmStats::faults` is
+    /// the sum of the two, so that a slow-path fix bumps one counter, not two.
+    pub(crate) faults_unfixed: StripedCounter,
     pub(crate) fault_retries: StripedCounter,
     pub(crate) memslot_swaps: AtomicU64,
     pub(crate) invalidate_starts: AtomicU64,
@@ -537,7 +539,7 @@ impl VmInner {
         let pages = self.mmu.page_stats();
         let shadow = self.mmu.shadow_stats();
         VmStats {
-            faults: c.faults.sum(),
+            faults: c.faults_unfixed.sum() + c.pf_fixed.sum(),
             fault_retries: c.fault_retries.sum(),
             memslot_swaps: c.memslot_swaps.load(Ordering::Relaxed),
             invalidate_starts: c.invalidate_starts.load(Ordering::Relaxed),

@@ -230,7 +230,23 @@ impl VmInner {
         ring: Option<&DirtyRing>,
     ) -> Result<FaultOutcome, VcpuExit> {
         let _trace = tracing::trace_span!("l2_page_fault", gfn = l2_gpa.gfn().raw()).entered();
-        self.counters.faults.add(1);
+        let outcome = self.l2_page_fault_inner(root, eptp, l2_gpa, write, ring);
+        // Counted once (DESIGN invariant 8): a `Fixed` outcome in `pf_fixed`, by the inner
+        // function, every other one here (`VmStats::faults` is the sum).
+        if !matches!(outcome, Ok(FaultOutcome::Fixed)) {
+            self.counters.faults_unfixed.add(1);
+        }
+        outcome
+    }
+
+    fn l2_page_fault_inner(
+        &self,
+        root: &MmuRoot,
+        eptp: Gpa,
+        l2_gpa: Gpa,
+        write: bool,
+        ring: Option<&DirtyRing>,
+    ) -> Result<FaultOutcome, VcpuExit> {
         let srcu = self.srcu_read();
         let sets: Vec<&Memslots> = self.memslots.iter().map(|c| c.load(&srcu)).collect();
         let slots = sets[0];

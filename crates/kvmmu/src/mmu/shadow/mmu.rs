@@ -361,6 +361,7 @@ impl ShadowMmu {
     }
 
     /// The number of write-tracked L1 gfns.
+    #[inline]
     pub fn write_tracked_gfns(&self) -> u64 {
         // ORDERING: see `track_gfn`.
         self.inner.write_tracked.load(Ordering::Relaxed)

@@ -57,8 +57,27 @@ impl TdpMmu {
         mmu: &MmuRead,
         _rcu: &RcuGuard<'_>,
     ) -> FaultOutcome {
-        self.check_lock(mmu.lock_id());
         self.assert_rcu_domain(_rcu);
+        self.map_locked(root, req, host_page, mmu)
+    }
+
+    /// [`TdpMmu::map_owned`] without an RCU pin: the fault path's entry (`Mmu::map`). The walk
+    /// needs none, because `mmu` proves `mmu_lock` is held (read) for the whole call and a table
+    /// link is removed only under `mmu_lock` write (P2), so every table reached from `root`
+    /// (which the caller holds a reference to, P4) stays linked, hence allocated, until `mmu` is
+    /// released (docs/locking.md "Fault path without an RCU pin", F1). A pin costs a `SeqCst`
+    /// fence per fault.
+    ///
+    /// # Panics
+    /// As [`TdpMmu::map`].
+    pub fn map_locked(
+        &self,
+        root: &RootRef,
+        req: &MapRequest,
+        host_page: Option<u64>,
+        mmu: &MmuRead,
+    ) -> FaultOutcome {
+        self.check_lock(mmu.lock_id());
         assert!(
             root.belongs_to(self),
             "map: the root belongs to another TdpMmu"
@@ -79,8 +98,10 @@ impl TdpMmu {
         // level lowers the target.
         let (leaf_table, sptep, old) = loop {
             // SAFETY: `table` is the root table of a root we hold a reference to (P4), or a
-            // table read from a present non-leaf SPTE under `_rcu`, which P1 keeps allocated
-            // while `_rcu` is pinned; `_rcu` outlives this function's use of it.
+            // table read from a present non-leaf SPTE while `mmu` (mmu_lock read, checked above
+            // to be this MMU's) is held: links are removed only under mmu_lock write (P2), so it
+            // stays linked, hence allocated (P1), until `mmu` is released, after this function
+            // (F1).
             let t = unsafe { table.get() };
             let sptep = t.entry(gfn, level);
             // ORDERING: O1 — we may follow the pointer into the child table.
@@ -186,7 +207,7 @@ impl TdpMmu {
             .and_then(|hp| hp.checked_sub(gfn - crate::geometry::align_down(gfn, level)))
             .map_or(0, |base| Owners::encode(base, pfn.raw()));
         // SAFETY: as the walk above: the table holding `sptep` is a root table we hold a
-        // reference to or was reached under `_rcu` (P1, P4).
+        // reference to or was reached while `mmu` is held (P1, P2, P4; F1).
         let owners = unsafe { leaf_table.owners() };
         // ORDERING: Relaxed: published by the install CAS's Release below, which a walker's
         // Acquire load of the leaf pairs with (G3). A lost CAS leaves our word beside the winner's
@@ -210,8 +231,11 @@ impl TdpMmu {
         };
         match installed {
             Ok(_) => {
-                Counters::add(&counters.leaves_installed, 1);
-                if !old.is_shadow_present() {
+                // One striped add per install: `leaves_installed` is derived from these two
+                // (`Counters::leaves_installed`).
+                if old.is_shadow_present() {
+                    Counters::add(&counters.reinstalled, 1);
+                } else {
                     counters.pages.install(level);
                 }
                 FaultOutcome::Fixed

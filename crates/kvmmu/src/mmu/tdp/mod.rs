@@ -123,7 +123,13 @@ pub struct TdpStats {
 pub(crate) struct Counters {
     tables_allocated: StripedCounter,
     tables_freed: StripedCounter,
-    leaves_installed: StripedCounter,
+    /// Faults' installs over a present leaf (a write or access-tracking upgrade). A fault's
+    /// install over a non-present SPTE is counted only in `pages` (one striped add per install,
+    /// not two); `leaves_installed` is derived (see [`Counters::leaves_installed`]).
+    reinstalled: StripedCounter,
+    /// Leaves counted in `pages` that no fault installed: a split's children, a recovered huge
+    /// leaf.
+    installed_not_by_fault: StripedCounter,
     leaves_zapped: StripedCounter,
     dirty_leaves_zapped: StripedCounter,
     roots_allocated: StripedCounter,
@@ -147,13 +153,26 @@ impl Counters {
     fn add(c: &StripedCounter, n: u64) {
         c.add_nonzero(n);
     }
+    /// `n` leaves entered `pages` without a fault installing them (splits, recovery).
+    #[inline]
+    pub(crate) fn not_by_fault(&self, n: u64) {
+        self.installed_not_by_fault.add_nonzero(n);
+    }
+    /// Leaves installed by faults: new leaves (all of `pages`' installs but the ones no fault
+    /// made) plus installs over a present leaf. Exact when no install is in flight (every
+    /// counter is monotonic; the subtrahend is read first, and a split bumps it after `pages`,
+    /// so a racing snapshot errs high, never wraps).
+    fn leaves_installed(&self) -> u64 {
+        let not_by_fault = self.installed_not_by_fault.sum();
+        (self.pages.installed_total() + self.reinstalled.sum()).saturating_sub(not_by_fault)
+    }
     fn snapshot(&self) -> TdpStats {
         // A snapshot need not be consistent across counters (percpu invariant 2 per counter).
         let r = |c: &StripedCounter| c.sum();
         TdpStats {
             tables_allocated: r(&self.tables_allocated),
             tables_freed: r(&self.tables_freed),
-            leaves_installed: r(&self.leaves_installed),
+            leaves_installed: self.leaves_installed(),
             leaves_zapped: r(&self.leaves_zapped),
             dirty_leaves_zapped: r(&self.dirty_leaves_zapped),
             roots_allocated: r(&self.roots_allocated),

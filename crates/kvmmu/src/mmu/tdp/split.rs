@@ -55,9 +55,8 @@ pub(crate) fn split_huge_spte(
             Ok(_) => {
                 let below = level.down().unwrap_or(Level::L4K);
                 counters.pages.remove(level, 1);
-                for _ in 0..ENTRIES {
-                    counters.pages.install(below);
-                }
+                counters.pages.install_n(below, ENTRIES as u64);
+                counters.not_by_fault(ENTRIES as u64);
                 Counters::add(&counters.huge_splits, 1);
                 return Ok(());
             }
@@ -218,6 +217,7 @@ impl TdpMmu {
                         };
                         let _ = leaves;
                         counters.pages.install(level);
+                        counters.not_by_fault(1);
                         formed += 1;
                         unlinked = true;
                     }

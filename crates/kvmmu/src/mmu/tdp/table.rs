@@ -152,7 +152,10 @@ impl TablePtr {
     /// The table must stay allocated for `'a`: either the caller owns it (P1: allocated and not
     /// yet freed), or it was reached from a root or a present non-leaf SPTE while an RCU guard that
     /// outlives `'a` was pinned (P1: unlinked tables are freed only after that guard is dropped),
-    /// or it is a root table of a root the caller holds a reference to or reached under RCU (P4).
+    /// or it is a root table of a root the caller holds a reference to or reached under RCU (P4),
+    /// or it was reached from such a root through present non-leaf SPTEs while the caller holds
+    /// this MMU's `mmu_lock` (either mode) for all of `'a` (P2: links are removed only under
+    /// `mmu_lock` write; docs/locking.md F1).
     #[inline]
     pub(crate) unsafe fn get<'a>(self) -> &'a Table {
         // SAFETY: the caller upholds this function's contract (the table is allocated for 'a);
