@@ -3,7 +3,78 @@
 
 use super::*;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a handshake waits for readers that are runnable before it declares them stuck. Far
+/// beyond any scheduling delay on a loaded machine: reaching it means a reader never ran again (a
+/// hang), not that it was slow. It bounds the wait; nothing is asserted about timing.
+const STUCK: Duration = Duration::from_secs(120);
+
+/// Read sections completed by each reader thread: the handshake that lets a writer wait until the
+/// readers really ran alongside it, instead of hoping the scheduler ran them (on a loaded machine
+/// it may not run them at all before the writers are done).
+struct Sections {
+    done: Vec<std::sync::atomic::AtomicUsize>,
+    /// Set by a reader that panicked, so writers waiting on it fail instead of hanging.
+    reader_panicked: AtomicBool,
+}
+
+/// Marks its reader dead if the reader unwinds (a failed assertion in a read section).
+struct PanicFlag<'a>(&'a AtomicBool);
+
+impl Drop for PanicFlag<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // ORDERING: SeqCst: a test flag; no data is published through it.
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Sections {
+    fn new(readers: usize) -> Sections {
+        Sections {
+            done: (0..readers)
+                .map(|_| std::sync::atomic::AtomicUsize::new(0))
+                .collect(),
+            reader_panicked: AtomicBool::new(false),
+        }
+    }
+
+    /// Reader `r` completed a section.
+    fn record(&self, r: usize) {
+        // ORDERING: SeqCst: test bookkeeping; the values themselves are checked by the readers.
+        self.done[r].fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Sections completed so far, per reader.
+    fn snapshot(&self) -> Vec<usize> {
+        // ORDERING: SeqCst, as in `record`.
+        self.done.iter().map(|d| d.load(Ordering::SeqCst)).collect()
+    }
+
+    /// Waits until every reader has completed a section after `seen` (a snapshot), yielding the
+    /// CPU meanwhile. Panics if a reader panicked or, as a bound, if a reader never completes one.
+    fn wait_all_past(&self, seen: &[usize]) {
+        let since = Instant::now();
+        loop {
+            let now = self.snapshot();
+            if now.iter().zip(seen).all(|(n, s)| n > s) {
+                return;
+            }
+            // ORDERING: SeqCst, as in `PanicFlag::drop`.
+            assert!(
+                !self.reader_panicked.load(Ordering::SeqCst),
+                "a reader panicked (see its message above)"
+            );
+            assert!(
+                since.elapsed() < STUCK,
+                "a runnable reader completed no read section for {STUCK:?}: {now:?} after {seen:?}"
+            );
+            std::thread::yield_now();
+        }
+    }
+}
 
 #[test]
 fn srcu_types_are_send_and_sync_guard_is_not_send() {
@@ -80,15 +151,22 @@ fn replace_hands_back_old_value_after_grace_period() {
 
 #[test]
 fn retired_values_are_never_freed_under_readers() {
-    // Readers check a value the writer poisons only after `Retired::wait`.
+    // Readers check a value the writer poisons only after `Retired::wait`. Before each replacement
+    // the writer waits until every reader has completed a section since the previous one, so the
+    // readers run alongside every retirement however the threads are scheduled.
     struct Val(std::sync::atomic::AtomicU64);
+    const READERS: usize = 2;
+    const REPLACEMENTS: u64 = 200;
     let s = Srcu::new();
     let cell = SrcuCell::new(Arc::new(Val(std::sync::atomic::AtomicU64::new(0))));
     let stop = AtomicBool::new(false);
-    let sections = std::sync::atomic::AtomicUsize::new(0);
+    let sections = Sections::new(READERS);
     std::thread::scope(|sc| {
-        for _ in 0..2 {
-            sc.spawn(|| {
+        for r in 0..READERS {
+            let (s, cell, stop, sections) = (&s, &cell, &stop, &sections);
+            sc.spawn(move || {
+                let _flag = PanicFlag(&sections.reader_panicked);
+                // ORDERING: Relaxed: the stop flag publishes nothing.
                 while !stop.load(Ordering::Relaxed) {
                     let g = s.read_lock();
                     let v = cell.load(&g);
@@ -97,36 +175,62 @@ fn retired_values_are_never_freed_under_readers() {
                     let b = v.0.load(Ordering::Relaxed);
                     assert_ne!(a, u64::MAX, "read a retired (poisoned) value");
                     assert_eq!(a, b, "value poisoned inside a read section");
-                    sections.fetch_add(1, Ordering::Relaxed);
+                    drop(g);
+                    sections.record(r);
                 }
             });
         }
-        // Keep replacing until the readers have run a fair number of sections concurrently.
-        let mut i = 1u64;
-        while i < 200 || (sections.load(Ordering::Relaxed) < 200 && i < 100_000) {
+        let stop_on_unwind = StopOnDrop(&stop);
+        for i in 1..=REPLACEMENTS {
+            let seen = sections.snapshot();
             let old = cell
                 .replace(Arc::new(Val(std::sync::atomic::AtomicU64::new(i))), &s)
                 .wait();
             old.0.store(u64::MAX, Ordering::Relaxed);
-            i += 1;
+            sections.wait_all_past(&seen);
         }
-        stop.store(true, Ordering::Relaxed);
+        drop(stop_on_unwind);
     });
-    assert!(sections.load(Ordering::Relaxed) > 0, "readers never ran");
+    for (r, n) in sections.snapshot().into_iter().enumerate() {
+        assert!(
+            n >= REPLACEMENTS as usize,
+            "reader {r} ran {n} sections, fewer than one per replacement"
+        );
+    }
+}
+
+/// Sets the readers' stop flag when dropped, also when the writer unwinds (a failed handshake),
+/// so the scope's readers end and the failure is reported instead of hanging the scope.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        // ORDERING: Relaxed: the stop flag publishes nothing.
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 #[test]
 fn concurrent_writers_and_nested_readers_never_see_retired_values() {
-    // Two writers (serialized by a mutex, as slots_lock does) plus a thread calling
-    // `synchronize` on its own, against readers that nest sections.
+    // Two writers (serialized by a mutex, as slots_lock does) plus a thread calling `synchronize`
+    // on its own, against readers that nest sections. After each retirement a writer waits until
+    // every reader has completed a section since its replacement began (a handshake), so the
+    // readers provably run throughout the writers' work, on their own stripes, however loaded the
+    // machine is.
+    const READERS: usize = 2;
+    const WRITERS: u64 = 2;
+    const REPLACEMENTS: u64 = 100;
     let s = Srcu::new();
     let cell = SrcuCell::new(Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let slots_lock = std::sync::Mutex::new(1u64);
     let stop = AtomicBool::new(false);
-    let sections = std::sync::atomic::AtomicUsize::new(0);
+    let sections = Sections::new(READERS);
     std::thread::scope(|sc| {
-        for _ in 0..2 {
-            sc.spawn(|| {
+        for r in 0..READERS {
+            let (s, cell, stop, sections) = (&s, &cell, &stop, &sections);
+            sc.spawn(move || {
+                let _flag = PanicFlag(&sections.reader_panicked);
+                // ORDERING: Relaxed: the stop flag publishes nothing.
                 while !stop.load(Ordering::Relaxed) {
                     let outer = s.read_lock();
                     let a = cell.load(&outer);
@@ -138,19 +242,23 @@ fn concurrent_writers_and_nested_readers_never_see_retired_values() {
                     std::thread::yield_now();
                     // The outer section still protects what it loaded.
                     assert_ne!(a.load(Ordering::Relaxed), u64::MAX, "outer value retired");
-                    sections.fetch_add(1, Ordering::Relaxed);
+                    drop(outer);
+                    sections.record(r);
                 }
             });
         }
         sc.spawn(|| {
+            // ORDERING: Relaxed: the stop flag publishes nothing.
             while !stop.load(Ordering::Relaxed) {
                 s.synchronize();
             }
         });
-        let writers: Vec<_> = (0..2)
+        let stop_on_unwind = StopOnDrop(&stop);
+        let writers: Vec<_> = (0..WRITERS)
             .map(|_| {
                 sc.spawn(|| {
-                    for _ in 0..100 {
+                    for _ in 0..REPLACEMENTS {
+                        let seen = sections.snapshot();
                         let retired = {
                             let mut next = slots_lock
                                 .lock()
@@ -160,6 +268,7 @@ fn concurrent_writers_and_nested_readers_never_see_retired_values() {
                             cell.replace(v, &s)
                         };
                         retired.wait().store(u64::MAX, Ordering::Relaxed);
+                        sections.wait_all_past(&seen);
                     }
                 })
             })
@@ -167,10 +276,18 @@ fn concurrent_writers_and_nested_readers_never_see_retired_values() {
         for w in writers {
             w.join().expect("writer panicked");
         }
-        stop.store(true, Ordering::Relaxed);
+        drop(stop_on_unwind);
     });
-    assert_eq!(cell.current().load(Ordering::Relaxed), 201);
-    assert!(sections.load(Ordering::Relaxed) > 0, "readers never ran");
+    assert_eq!(
+        cell.current().load(Ordering::Relaxed),
+        1 + WRITERS * REPLACEMENTS
+    );
+    for (r, n) in sections.snapshot().into_iter().enumerate() {
+        assert!(
+            n >= REPLACEMENTS as usize,
+            "reader {r} ran {n} sections, fewer than one per replacement of a writer"
+        );
+    }
 }
 
 #[test]
