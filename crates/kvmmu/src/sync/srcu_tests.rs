@@ -151,9 +151,9 @@ fn replace_hands_back_old_value_after_grace_period() {
 
 #[test]
 fn retired_values_are_never_freed_under_readers() {
-    // Readers check a value the writer poisons only after `Retired::wait`. Before each replacement
-    // the writer waits until every reader has completed a section since the previous one, so the
-    // readers run alongside every retirement however the threads are scheduled.
+    // Readers check a value the writer poisons only after `Retired::wait`. After each retirement
+    // the writer waits until every reader has completed a section since that replacement began,
+    // so the readers run alongside every retirement however the threads are scheduled.
     struct Val(std::sync::atomic::AtomicU64);
     const READERS: usize = 2;
     const REPLACEMENTS: u64 = 200;
