@@ -6,7 +6,7 @@
 
 use crate::addr::{AsId, Gfn, Level};
 use crate::geometry::{ROOT_LEVEL, index};
-use crate::mmu::spte::{ACCESSED_MASK, DIRTY_MASK, LeafAttrs, Spte, SpteKind, make_spte};
+use crate::mmu::spte::{LeafAttrs, Spte, SpteKind, make_spte};
 use crate::mmu::types::{
     FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason, access_leaf,
 };
@@ -14,6 +14,7 @@ use crate::sync::Arc;
 use crate::sync::atomic::Ordering;
 use crate::sync::witness::MmuWrite;
 
+use super::super::fault::upgrade_leaf;
 use super::super::mmu::{RmapLookup, ShadowMmu, ShadowRoot, State, add};
 use super::super::page::{Role, SpPtr};
 use super::super::rmap::{RMAP_RECYCLE_THRESHOLD, SptePtr};
@@ -203,19 +204,7 @@ impl ShadowMmu {
         let old = sptep.load(Ordering::Relaxed);
         if old.kind(Level::L4K) == SpteKind::Leaf {
             if old.pfn() == req.pfn && page.leaf_gfn(i) == req.gfn {
-                if !req.write_fault || old.is_writable() || !new.is_writable() {
-                    return FaultOutcome::Spurious;
-                }
-                let mut cur = old;
-                loop {
-                    let want =
-                        Spte::from_raw(new.raw() | (cur.raw() & (ACCESSED_MASK | DIRTY_MASK)));
-                    // ORDERING: Release as for a new leaf; on failure re-read (only A/D change).
-                    match sptep.compare_exchange(cur, want, Ordering::Release, Ordering::Relaxed) {
-                        Ok(_) => return FaultOutcome::Fixed,
-                        Err(actual) => cur = actual,
-                    }
-                }
+                return upgrade_leaf(sptep, old, new, req.write_fault);
             }
             // Another L1 page than the walk's: drop the old leaf first (spec §4 item 13).
             let old_gfn = page.leaf_gfn(i);
