@@ -138,11 +138,7 @@ impl TdpMmu {
         write: bool,
         rcu: &RcuGuard<'_>,
     ) -> FastFault {
-        assert!(
-            root.belongs_to(self),
-            "fast_page_fault: the root belongs to another TdpMmu"
-        );
-        self.assert_rcu_domain(rcu);
+        self.assert_walkable(root, rcu, "fast_page_fault");
         if root.is_invalid() || gfn.raw() >= GFN_LIMIT {
             return FastFault::Slow;
         }
