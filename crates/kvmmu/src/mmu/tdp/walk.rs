@@ -17,7 +17,7 @@ use super::{RootRef, TdpMmu};
 /// # Safety
 /// `table` must be a root table valid for `'g` (the caller holds a reference to its root, or
 /// found it under the RCU guard `'g`; P4).
-unsafe fn find_leaf<'g>(
+pub(super) unsafe fn find_leaf<'g>(
     table: TablePtr,
     gfn: u64,
     _rcu: &'g RcuGuard<'_>,
