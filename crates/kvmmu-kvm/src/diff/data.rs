@@ -10,13 +10,15 @@
 use std::sync::Arc;
 
 use kvmmu::MmuKind;
-use kvmmu::prelude::{MemFlags, MemoryRegion, Vm, VmConfig};
+use kvmmu::Prot;
+use kvmmu::VcpuExit;
+use kvmmu::prelude::{MemFlags, MemoryRegion, Vm};
 use kvmmu::{AsId, Gpa, Hva, SlotId};
-use kvmmu::{HostConfig, HostMm, Prot};
-use kvmmu::{Vcpu, VcpuExit};
 
+use super::access::{self, Answer, GuestAccess, SimAnswer};
+use super::setup::{SimSide, real_side};
 use super::{Divergence, FamilyError, Rng, Summary, errno_of, replay_command};
-use crate::guest::{self, Routine};
+use crate::guest::Routine;
 use crate::hostmem::{HostProt, HostRegion, PAGE};
 use crate::runner::{KvmExit, KvmVm};
 
@@ -47,25 +49,8 @@ pub enum Outcome {
 /// One operation of the sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DataOp {
-    /// Guest write of `value` at `gpa`.
-    Write {
-        /// Address.
-        gpa: u64,
-        /// Value.
-        value: u64,
-    },
-    /// Guest read at `gpa`.
-    Read {
-        /// Address.
-        gpa: u64,
-    },
-    /// Guest writes `base + i` at `gpas[i]`, in order, stopping at the first exit.
-    Batch {
-        /// Addresses.
-        gpas: Vec<u64>,
-        /// Value of the first write.
-        base: u64,
-    },
+    /// A guest access (write, read or batch of writes).
+    Access(GuestAccess),
     /// Create or change a slot (or delete it with `pages == 0`).
     Slot {
         /// Slot id.
@@ -118,58 +103,37 @@ pub enum HostFaultStyle {
 struct Sides {
     real: KvmVm,
     real_buf: Arc<HostRegion>,
-    host: HostMm,
-    vm: Vm,
-    vcpu: Vcpu,
-    sim_buf: Hva,
+    sim: SimSide,
     mapped: [bool; CHUNKS as usize],
     fault_style: HostFaultStyle,
 }
 
-fn kvm_outcome(exit: &KvmExit, value: Option<u64>) -> Outcome {
-    match exit {
-        KvmExit::Hlt => Outcome::Done(value),
+fn kvm_outcome(a: &Answer<KvmExit>) -> Outcome {
+    match a.exit {
+        KvmExit::Hlt => Outcome::Done(a.value),
         KvmExit::Mmio { .. } => Outcome::Mmio,
         KvmExit::HostFault { .. } => Outcome::HostFault,
         KvmExit::Other(_) => Outcome::Other,
     }
 }
 
-fn sim_outcome<T>(r: &Result<T, VcpuExit>, value: Option<u64>) -> Outcome {
-    match r {
-        Ok(_) => Outcome::Done(value),
-        Err(VcpuExit::NoMemslot { .. } | VcpuExit::ReadonlyMemslot { .. }) => Outcome::Mmio,
-        Err(VcpuExit::HostFault { .. }) => Outcome::HostFault,
-        Err(_) => Outcome::Other,
+fn sim_outcome(a: &SimAnswer) -> Outcome {
+    match &a.exit {
+        None => Outcome::Done(a.value),
+        Some(VcpuExit::NoMemslot { .. } | VcpuExit::ReadonlyMemslot { .. }) => Outcome::Mmio,
+        Some(VcpuExit::HostFault { .. }) => Outcome::HostFault,
+        Some(_) => Outcome::Other,
     }
 }
 
 impl Sides {
     fn new(mmu: MmuKind) -> Result<Sides, FamilyError> {
-        let mut real = KvmVm::open().map_err(FamilyError::setup)?;
-        real.enable_guest().map_err(FamilyError::setup)?;
-        let real_buf = Arc::new(HostRegion::new(BUF_PAGES * PAGE).map_err(FamilyError::setup)?);
-        real.adopt(Arc::clone(&real_buf));
-        let host = HostMm::new(HostConfig { frames: 1024 }).map_err(FamilyError::setup)?;
-        let vm = Vm::new(
-            &host,
-            VmConfig {
-                mmu,
-                ..VmConfig::default()
-            },
-        )
-        .map_err(FamilyError::setup)?;
-        let vcpu = vm.create_vcpu().map_err(FamilyError::setup)?;
-        let sim_buf = host
-            .mmap(BUF_PAGES * PAGE, Prot::READ | Prot::WRITE)
-            .map_err(FamilyError::setup)?;
+        let (real, real_buf) = real_side(BUF_PAGES * PAGE, |_| Ok(()))?;
+        let sim = SimSide::new(mmu, 1024, BUF_PAGES * PAGE, |_| Ok(()))?;
         let mut sides = Sides {
             real,
             real_buf,
-            host,
-            vm,
-            vcpu,
-            sim_buf,
+            sim,
             mapped: [true; CHUNKS as usize],
             fault_style: HostFaultStyle::Efault,
         };
@@ -220,75 +184,29 @@ impl Sides {
         let len = CHUNK_PAGES * PAGE;
         let sim_at = |base: Hva, off: u64| Hva::new(base.raw() + off);
         Ok(match op {
-            DataOp::Write { gpa, value } => {
-                let k = self
-                    .real
-                    .run(Routine::Store, *gpa, *value, 0)
-                    .map_err(FamilyError::setup)?;
-                let s = self.vcpu.write_u64(Gpa::new(*gpa), *value);
-                let (so, ko) = (sim_outcome(&s, None), kvm_outcome(&k.exit, None));
-                (
-                    format!("{so:?} {s:?}"),
-                    format!("{ko:?} {:?}", k.exit),
-                    self.agree(so, ko),
-                )
-            }
-            DataOp::Read { gpa } => {
-                let mut k = self
-                    .real
-                    .run(Routine::Load, *gpa, 0, 0)
-                    .map_err(FamilyError::setup)?;
-                let s = self.vcpu.read_u64(Gpa::new(*gpa));
-                let so = sim_outcome(&s, s.as_ref().ok().copied());
-                let mut ko = kvm_outcome(&k.exit, Some(k.regs.rax));
-                if so == Outcome::HostFault && !self.agree(so, ko) {
+            DataOp::Access(a) => {
+                let (s, mut k) = access::run_both(&mut self.real, &mut self.sim.vcpu, a)?;
+                let so = sim_outcome(&s);
+                let mut ko = kvm_outcome(&k.answer);
+                if matches!(a, GuestAccess::Read { .. })
+                    && so == Outcome::HostFault
+                    && !self.agree(so, ko)
+                {
                     // Once, under heavy load, the real host completed a read of a page this
                     // process had unmapped (docs/kvm-differences.md, "a read of unmapped memory
                     // that succeeds"): ask the real side once more before calling it a divergence.
                     std::thread::sleep(std::time::Duration::from_millis(1));
-                    k = self
-                        .real
-                        .run(Routine::Load, *gpa, 0, 0)
-                        .map_err(FamilyError::setup)?;
-                    ko = kvm_outcome(&k.exit, Some(k.regs.rax));
+                    k = access::run_kvm(&mut self.real, a)?;
+                    ko = kvm_outcome(&k.answer);
                 }
-                (
-                    format!("{so:?} {s:?}"),
-                    format!("{ko:?} {:?}", k.exit),
-                    self.agree(so, ko),
-                )
-            }
-            DataOp::Batch { gpas, base } => {
-                self.real.set_list(gpas).map_err(FamilyError::setup)?;
-                let k = self
-                    .real
-                    .run(
-                        Routine::StoreList,
-                        guest::RESERVED_GPA + guest::LIST_OFFSET,
-                        *base,
-                        gpas.len() as u64,
-                    )
-                    .map_err(FamilyError::setup)?;
-                let mut s_stop = (gpas.len(), Outcome::Done(None));
-                for (i, g) in gpas.iter().enumerate() {
-                    let r = self.vcpu.write_u64(Gpa::new(*g), base + i as u64);
-                    if r.is_err() {
-                        s_stop = (i, sim_outcome(&r, None));
-                        break;
-                    }
-                }
-                let ko = kvm_outcome(&k.exit, None);
-                let k_stop = if ko == Outcome::Done(None) {
-                    gpas.len()
-                } else {
-                    k.regs.rcx as usize
+                let ok = s.done == k.answer.done && self.agree(so, ko);
+                let sim = match a {
+                    // Counted as refused by `run` whatever the outcome, as before the batch
+                    // shared its executor.
+                    GuestAccess::Batch { .. } => format!("{} ({so:?})", s.describe(a)),
+                    _ => format!("{so:?} {}", s.describe(a)),
                 };
-                let ok = s_stop.0 == k_stop && self.agree(s_stop.1, ko);
-                (
-                    format!("stopped at {} with {:?}", s_stop.0, s_stop.1),
-                    format!("stopped at {k_stop} with {ko:?} {:?}", k.exit),
-                    ok,
-                )
+                (sim, format!("{ko:?} {}", k.describe()), ok)
             }
             DataOp::Slot {
                 id,
@@ -316,13 +234,13 @@ impl Sides {
                 let sim_hva = if *pages == 0 {
                     Hva::new(0)
                 } else {
-                    sim_at(self.sim_buf, off)
+                    sim_at(self.sim.buf, off)
                 };
                 let k = self
                     .real
                     .set_user_memory_region(0, *id, flags.bits(), gpa, size, real_hva)
                     .map_err(FamilyError::setup)?;
-                let s = self.vm.set_user_memory_region(MemoryRegion {
+                let s = self.sim.vm.set_user_memory_region(MemoryRegion {
                     slot: SlotId::new(*id),
                     as_id: AsId::new(0),
                     flags,
@@ -339,8 +257,9 @@ impl Sides {
                     .munmap(chunk_off(*chunk), len)
                     .map_err(FamilyError::setup)?;
                 let s = self
+                    .sim
                     .host
-                    .munmap(sim_at(self.sim_buf, chunk_off(*chunk)), len);
+                    .munmap(sim_at(self.sim.buf, chunk_off(*chunk)), len);
                 self.mapped[*chunk as usize] = false;
                 (format!("{s:?}"), "Ok".into(), s.is_ok())
             }
@@ -348,14 +267,14 @@ impl Sides {
                 self.real_buf
                     .mmap_fixed(chunk_off(*chunk), len, HostProt::ReadWrite)
                     .map_err(FamilyError::setup)?;
-                let at = sim_at(self.sim_buf, chunk_off(*chunk));
+                let at = sim_at(self.sim.buf, chunk_off(*chunk));
                 let unmapped = if self.mapped[*chunk as usize] {
-                    self.host.munmap(at, len).map(|_| ())
+                    self.sim.host.munmap(at, len).map(|_| ())
                 } else {
                     Ok(())
                 };
-                let s =
-                    unmapped.and_then(|()| self.host.mmap_fixed(at, len, Prot::READ | Prot::WRITE));
+                let s = unmapped
+                    .and_then(|()| self.sim.host.mmap_fixed(at, len, Prot::READ | Prot::WRITE));
                 self.mapped[*chunk as usize] = true;
                 (format!("{s:?}"), "Ok".into(), s.is_ok())
             }
@@ -369,8 +288,9 @@ impl Sides {
                     .mprotect(chunk_off(*chunk), len, hp)
                     .map_err(FamilyError::setup)?;
                 let s = self
+                    .sim
                     .host
-                    .mprotect(sim_at(self.sim_buf, chunk_off(*chunk)), len, sp);
+                    .mprotect(sim_at(self.sim.buf, chunk_off(*chunk)), len, sp);
                 (format!("{s:?}"), "Ok".into(), s.is_ok())
             }
             DataOp::Dontneed { chunk } => {
@@ -378,8 +298,9 @@ impl Sides {
                     .madvise_dontneed(chunk_off(*chunk), len)
                     .map_err(FamilyError::setup)?;
                 let s = self
+                    .sim
                     .host
-                    .madvise_dontneed(sim_at(self.sim_buf, chunk_off(*chunk)), len);
+                    .madvise_dontneed(sim_at(self.sim.buf, chunk_off(*chunk)), len);
                 (format!("{s:?}"), "Ok".into(), s.is_ok())
             }
         })
@@ -442,22 +363,22 @@ pub fn gen_op(rng: &mut Rng, vm: &Vm, sim_buf: Hva, mapped: &[bool], written: &[
     }
     let is_mapped = mapped[chunk as usize];
     match rng.below(100) {
-        0..=29 => DataOp::Write {
+        0..=29 => DataOp::Access(GuestAccess::Write {
             gpa: gen_gpa(rng, vm),
             value: rng.next_u64(),
-        },
-        30..=44 if !written.is_empty() => DataOp::Read {
+        }),
+        30..=44 if !written.is_empty() => DataOp::Access(GuestAccess::Read {
             gpa: written[rng.below(written.len() as u64) as usize],
-        },
-        30..=59 => DataOp::Read {
+        }),
+        30..=59 => DataOp::Access(GuestAccess::Read {
             gpa: gen_gpa(rng, vm),
-        },
+        }),
         60..=67 => {
             let n = 1 + rng.below(12);
-            DataOp::Batch {
+            DataOp::Access(GuestAccess::Batch {
                 gpas: (0..n).map(|_| gen_gpa(rng, vm)).collect(),
                 base: rng.next_u64() >> 8,
-            }
+            })
         }
         68..=81 => {
             let pages = if rng.chance(20) { 0 } else { 1 + rng.below(12) };
@@ -488,11 +409,15 @@ pub fn run(seed: u64, ops: usize, mmu: MmuKind, test: &str) -> Result<Summary, F
     let mut summary = Summary::default();
     let mut written: Vec<u64> = Vec::new();
     for index in 0..ops {
-        let op = gen_op(&mut rng, &sides.vm, sides.sim_buf, &sides.mapped, &written);
-        match &op {
-            DataOp::Write { gpa, .. } => written.push(*gpa),
-            DataOp::Batch { gpas, .. } => written.extend(gpas),
-            _ => {}
+        let op = gen_op(
+            &mut rng,
+            &sides.sim.vm,
+            sides.sim.buf,
+            &sides.mapped,
+            &written,
+        );
+        if let DataOp::Access(a) = &op {
+            written.extend(a.written());
         }
         if written.len() > 64 {
             written.drain(..written.len() - 64);

@@ -16,16 +16,15 @@
 //! compared exactly.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
-use kvmmu::prelude::{MemFlags, MemoryRegion, Vm, VmConfig};
+use kvmmu::prelude::{MemFlags, MemoryRegion};
 use kvmmu::{AsId, DirtyLogError, DirtyLogProtect, Gpa, Hva, MmuKind, SlotId};
-use kvmmu::{HostConfig, HostMm, Prot, Vcpu};
 
+use super::access::{self, GuestAccess};
+use super::setup::{SimSide, real_side};
 use super::{Divergence, FamilyError, Rng, Summary, errno_of, replay_command};
-use crate::guest::{self, Routine};
-use crate::hostmem::{HostRegion, PAGE};
-use crate::runner::{KvmExit, KvmVm};
+use crate::hostmem::PAGE;
+use crate::runner::KvmVm;
 
 /// Guest physical base of the test slots.
 const GPA_BASE: u64 = 0x10_0000;
@@ -52,25 +51,8 @@ const RING_ENTRIES: u32 = 1 << 16;
 /// One operation of the sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DirtyOp {
-    /// Guest write of `value` at `gpa` (`Routine::Store`).
-    Write {
-        /// Address.
-        gpa: u64,
-        /// Value.
-        value: u64,
-    },
-    /// Guest read at `gpa` (must dirty nothing).
-    Read {
-        /// Address.
-        gpa: u64,
-    },
-    /// Guest writes `base + i` at `gpas[i]` (`Routine::StoreList`).
-    Batch {
-        /// Addresses.
-        gpas: Vec<u64>,
-        /// Value of the first write.
-        base: u64,
-    },
+    /// A guest access (write, read, which must dirty nothing, or batch of writes).
+    Access(GuestAccess),
     /// `KVM_GET_DIRTY_LOG` of a slot: the bitmaps are compared.
     Harvest {
         /// Slot id.
@@ -121,10 +103,7 @@ pub fn ring_supported(real: &KvmVm) -> bool {
 
 struct Sides {
     real: KvmVm,
-    vm: Vm,
-    vcpu: Vcpu,
-    _host: HostMm,
-    sim_buf: Hva,
+    sim: SimSide,
     real_base: u64,
     logging: [bool; SLOTS.len()],
     /// The last bitmap harvested per slot (masks of clears are drawn from it).
@@ -142,32 +121,22 @@ fn flags(log: bool) -> MemFlags {
 
 impl Sides {
     fn new(mmu: MmuKind, mode: DirtyMode) -> Result<Sides, FamilyError> {
-        let mut real = KvmVm::open().map_err(FamilyError::setup)?;
-        if mode == DirtyMode::Ring {
-            real.enable_dirty_ring(RING_ENTRIES * 16)
-                .map_err(|e| FamilyError::Setup(format!("KVM_CAP_DIRTY_LOG_RING: errno {e}")))?;
-        }
-        real.enable_guest().map_err(FamilyError::setup)?;
-        let real_buf = Arc::new(HostRegion::new(BUF_PAGES * PAGE).map_err(FamilyError::setup)?);
+        let (real, real_buf) = real_side(BUF_PAGES * PAGE, |real| {
+            if mode == DirtyMode::Ring {
+                real.enable_dirty_ring(RING_ENTRIES * 16).map_err(|e| {
+                    FamilyError::Setup(format!("KVM_CAP_DIRTY_LOG_RING: errno {e}"))
+                })?;
+            }
+            Ok(())
+        })?;
         let real_base = real_buf.base();
-        real.adopt(real_buf);
-        let host = HostMm::new(HostConfig { frames: 1024 }).map_err(FamilyError::setup)?;
-        let vm = Vm::new(
-            &host,
-            VmConfig {
-                mmu,
-                ..VmConfig::default()
-            },
-        )
-        .map_err(FamilyError::setup)?;
-        if mode == DirtyMode::Ring {
-            vm.enable_dirty_ring(RING_ENTRIES)
-                .map_err(FamilyError::setup)?;
-        }
-        let vcpu = vm.create_vcpu().map_err(FamilyError::setup)?;
-        let sim_buf = host
-            .mmap(BUF_PAGES * PAGE, Prot::READ | Prot::WRITE)
-            .map_err(FamilyError::setup)?;
+        let sim = SimSide::new(mmu, 1024, BUF_PAGES * PAGE, |vm| {
+            if mode == DirtyMode::Ring {
+                vm.enable_dirty_ring(RING_ENTRIES)
+                    .map_err(FamilyError::setup)?;
+            }
+            Ok(())
+        })?;
         if let DirtyMode::Bitmap(protect) = mode {
             if let DirtyLogProtect::Manual { initially_set } = protect {
                 real.enable_manual_dirty_log_protect(initially_set)
@@ -175,15 +144,13 @@ impl Sides {
                         FamilyError::Setup(format!("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: errno {e}"))
                     })?;
             }
-            vm.set_dirty_log_protect(protect)
+            sim.vm
+                .set_dirty_log_protect(protect)
                 .map_err(FamilyError::setup)?;
         }
         let mut sides = Sides {
             real,
-            vm,
-            vcpu,
-            _host: host,
-            sim_buf,
+            sim,
             real_base,
             logging: [false; SLOTS.len()],
             last: Default::default(),
@@ -215,13 +182,13 @@ impl Sides {
                 self.real_base + first * PAGE,
             )
             .map_err(FamilyError::setup)?;
-        let s = self.vm.set_user_memory_region(MemoryRegion {
+        let s = self.sim.vm.set_user_memory_region(MemoryRegion {
             slot: SlotId::new(id),
             as_id: AsId::new(0),
             flags: flags(log),
             gpa: Gpa::new(gpa),
             size: pages * PAGE,
-            hva: Hva::new(self.sim_buf.raw() + first * PAGE),
+            hva: Hva::new(self.sim.buf.raw() + first * PAGE),
         });
         if s.is_ok() && k.is_ok() {
             self.logging[i] = log;
@@ -236,65 +203,17 @@ impl Sides {
     fn apply(&mut self, op: &DirtyOp) -> Result<(String, String, bool), FamilyError> {
         let errno = |r: &Result<(), i32>| r.err().unwrap_or(0);
         Ok(match op {
-            DirtyOp::Write { gpa, value } => {
-                let k = self
-                    .real
-                    .run(Routine::Store, *gpa, *value, 0)
-                    .map_err(FamilyError::setup)?;
-                let s = self.vcpu.write_u64(Gpa::new(*gpa), *value);
-                let ok = s.is_ok() == (k.exit == KvmExit::Hlt);
-                (format!("{s:?}"), format!("{:?}", k.exit), ok)
-            }
-            DirtyOp::Read { gpa } => {
-                let k = self
-                    .real
-                    .run(Routine::Load, *gpa, 0, 0)
-                    .map_err(FamilyError::setup)?;
-                let s = self.vcpu.read_u64(Gpa::new(*gpa));
-                let ok = match (&s, &k.exit) {
-                    (Ok(v), KvmExit::Hlt) => *v == k.regs.rax,
-                    (Err(_), e) => *e != KvmExit::Hlt,
-                    _ => false,
-                };
-                (
-                    format!("{s:?}"),
-                    format!("{:?} rax {:#x}", k.exit, k.regs.rax),
-                    ok,
-                )
-            }
-            DirtyOp::Batch { gpas, base } => {
-                self.real.set_list(gpas).map_err(FamilyError::setup)?;
-                let k = self
-                    .real
-                    .run(
-                        Routine::StoreList,
-                        guest::RESERVED_GPA + guest::LIST_OFFSET,
-                        *base,
-                        gpas.len() as u64,
-                    )
-                    .map_err(FamilyError::setup)?;
-                let mut stop = None;
-                for (i, g) in gpas.iter().enumerate() {
-                    if let Err(e) = self.vcpu.write_u64(Gpa::new(*g), base + i as u64) {
-                        stop = Some((i, e));
-                        break;
-                    }
-                }
-                let ok = match (&stop, &k.exit) {
-                    (None, KvmExit::Hlt) => true,
-                    (Some((i, _)), e) => *e != KvmExit::Hlt && k.regs.rcx as usize == *i,
-                    _ => false,
-                };
-                (
-                    format!("stopped at {:?}", stop.map(|s| s.0)),
-                    format!("{:?} rcx {}", k.exit, k.regs.rcx),
-                    ok,
-                )
+            DirtyOp::Access(a) => {
+                let (s, k) = access::run_both(&mut self.real, &mut self.sim.vcpu, a)?;
+                let ok = s.completed() == k.completed()
+                    && s.done == k.answer.done
+                    && s.value == k.answer.value;
+                (s.describe(a), k.describe(), ok)
             }
             DirtyOp::Harvest { slot } => {
                 let (id, _, pages) = SLOTS[usize::from(*slot)];
                 let k = self.real.get_dirty_log(0, id, pages);
-                let s = self.vm.get_dirty_log(AsId::new(0), SlotId::new(id));
+                let s = self.sim.vm.get_dirty_log(AsId::new(0), SlotId::new(id));
                 if let Ok(bm) = &s {
                     self.last[usize::from(*slot)] = bm.clone();
                 }
@@ -319,7 +238,7 @@ impl Sides {
                 let k = self
                     .real
                     .clear_dirty_log(0, id, *first_page, *num_pages, mask);
-                let s = self.vm.clear_dirty_log(
+                let s = self.sim.vm.clear_dirty_log(
                     AsId::new(0),
                     SlotId::new(id),
                     *first_page,
@@ -335,8 +254,8 @@ impl Sides {
             }
             DirtyOp::HarvestRing => {
                 let k = self.real.harvest_dirty_ring().map_err(FamilyError::setup)?;
-                let s = self.vm.collect_dirty_rings();
-                let r = self.vm.reset_dirty_rings();
+                let s = self.sim.vm.collect_dirty_rings();
+                let r = self.sim.vm.reset_dirty_rings();
                 let sim: Result<BTreeSet<(u32, u64)>, String> = match (s, r) {
                     (Ok(es), Ok(_)) => Ok(es
                         .iter()
@@ -411,19 +330,19 @@ impl Sides {
     fn gen_op(&self, rng: &mut Rng) -> DirtyOp {
         let manual = matches!(self.mode, DirtyMode::Bitmap(DirtyLogProtect::Manual { .. }));
         match rng.below(100) {
-            0..=34 => DirtyOp::Write {
+            0..=34 => DirtyOp::Access(GuestAccess::Write {
                 gpa: self.gen_gpa(rng),
                 value: rng.next_u64(),
-            },
-            35..=44 => DirtyOp::Read {
+            }),
+            35..=44 => DirtyOp::Access(GuestAccess::Read {
                 gpa: self.gen_gpa(rng),
-            },
+            }),
             45..=64 => {
                 let n = 1 + rng.below(32);
-                DirtyOp::Batch {
+                DirtyOp::Access(GuestAccess::Batch {
                     gpas: (0..n).map(|_| self.gen_gpa(rng)).collect(),
                     base: rng.next_u64() >> 8,
-                }
+                })
             }
             65..=79 if manual => self.gen_clear(rng),
             94..=96 => {

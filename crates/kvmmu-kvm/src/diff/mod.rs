@@ -12,9 +12,11 @@
 //! A family is a function `run(seed, ops, ..) -> Result<Summary, FamilyError>`; the integration
 //! test `tests/differential.rs` calls each for several seeds.
 
+pub mod access;
 pub mod data;
 pub mod dirty;
 pub mod memslots;
+pub mod setup;
 pub mod stats;
 
 use std::fmt;

@@ -9,16 +9,14 @@
 //! virtualization `pf_fixed` and `pages_4k` would count the same faults and leaves as kvmmu, up
 //! to the shadow MMU's prefetch (docs/kvm-differences.md).
 
-use std::sync::Arc;
-
 use kvmmu::MmuKind;
-use kvmmu::prelude::{MemFlags, MemoryRegion, Vm, VmConfig, VmStats};
+use kvmmu::prelude::{MemFlags, MemoryRegion, Vm, VmStats};
 use kvmmu::{AsId, Gpa, SlotId};
-use kvmmu::{HostConfig, HostMm, Prot};
 
 use super::FamilyError;
+use super::setup::{SimSide, real_side};
 use crate::guest::Routine;
-use crate::hostmem::{HostRegion, PAGE};
+use crate::hostmem::PAGE;
 use crate::runner::{KvmExit, KvmVm};
 use crate::stats::KvmStats;
 
@@ -65,29 +63,16 @@ fn live_leaves(s: &VmStats, mmu: MmuKind) -> i64 {
 
 /// Runs the workload over `pages` pages with kvmmu's `mmu`; returns the rows (every phase).
 pub fn run(pages: u64, mmu: MmuKind) -> Result<Vec<StatsRow>, FamilyError> {
-    let mut real = KvmVm::open().map_err(FamilyError::setup)?;
-    real.enable_guest().map_err(FamilyError::setup)?;
-    let buf = Arc::new(HostRegion::new(pages * PAGE).map_err(FamilyError::setup)?);
-    real.adopt(Arc::clone(&buf));
+    let (mut real, buf) = real_side(pages * PAGE, |_| Ok(()))?;
     real.set_user_memory_region(0, 0, 0, GPA, pages * PAGE, buf.base())
         .map_err(FamilyError::setup)?
         .map_err(FamilyError::setup)?;
-    let host = HostMm::new(HostConfig {
-        frames: (pages as usize) * 2 + 64,
-    })
-    .map_err(FamilyError::setup)?;
-    let vm = Vm::new(
-        &host,
-        VmConfig {
-            mmu,
-            ..VmConfig::default()
-        },
-    )
-    .map_err(FamilyError::setup)?;
-    let mut vcpu = vm.create_vcpu().map_err(FamilyError::setup)?;
-    let hva = host
-        .mmap(pages * PAGE, Prot::READ | Prot::WRITE)
-        .map_err(FamilyError::setup)?;
+    let SimSide {
+        host,
+        vm,
+        mut vcpu,
+        buf: hva,
+    } = SimSide::new(mmu, (pages as usize) * 2 + 64, pages * PAGE, |_| Ok(()))?;
     vm.set_user_memory_region(MemoryRegion {
         slot: SlotId::new(0),
         as_id: AsId::new(0),

@@ -165,6 +165,13 @@ pub(crate) struct Reclaim {
     pub(super) wake_pending: AtomicBool,
 }
 
+impl Reclaim {
+    /// The reclaim machinery, once [`HostMm::enable_reclaim`] has set it up.
+    fn enabled(&self) -> Result<&Active, ReclaimError> {
+        self.active.get().ok_or(ReclaimError::NotEnabled)
+    }
+}
+
 impl Default for Reclaim {
     fn default() -> Self {
         Reclaim {
@@ -379,12 +386,7 @@ impl HostMm {
     ///
     /// Errors: [`ReclaimError::NotEnabled`].
     pub fn generations(&self) -> Result<Vec<u64>, ReclaimError> {
-        let a = self
-            .inner
-            .reclaim
-            .active
-            .get()
-            .ok_or(ReclaimError::NotEnabled)?;
+        let a = self.inner.reclaim.enabled()?;
         let arena = self.arena();
         Ok(a.gens
             .histogram(|pfn| !arena.tag(Pfn::new(pfn as u64)).is_free()))
@@ -397,12 +399,7 @@ impl HostMm {
     /// [`HostError::InGuestMode`] from a thread holding a vCPU in guest mode.
     pub fn reclaim(&self, pages: u64) -> Result<u64, ReclaimError> {
         guest_mode::check("reclaim").map_err(HostError::from)?;
-        let a = self
-            .inner
-            .reclaim
-            .active
-            .get()
-            .ok_or(ReclaimError::NotEnabled)?;
+        let a = self.inner.reclaim.enabled()?;
         let mut done = 0;
         while done < pages {
             let want = (pages - done).min(SWAP_CLUSTER_MAX as u64) as usize;
@@ -425,12 +422,7 @@ impl HostMm {
         guest_mode::check("page_out").map_err(HostError::from)?;
         let (s, e) = super::mm::page_range(hva, len)?;
         super::mm::check_mapped(&self.inner.mmap_lock.read(), s, e)?;
-        let a = self
-            .inner
-            .reclaim
-            .active
-            .get()
-            .ok_or(ReclaimError::NotEnabled)?;
+        let a = self.inner.reclaim.enabled()?;
         let mut done = 0;
         for page in s..e {
             let pfn = {

@@ -17,6 +17,8 @@
 
 pub mod access_track;
 pub mod hugepage;
+#[cfg(feature = "test-hooks")]
+mod inject;
 pub mod shadow;
 pub mod spte;
 pub mod tdp;

@@ -367,20 +367,10 @@ impl MmuReadGuard<'_> {
     /// # Panics
     /// In debug builds, if a lock ranked after `mmu_lock` (an RCU guard, an rmap bit) is held.
     pub fn cond_resched(&mut self) -> bool {
-        // Checked even when uncontended, so the bug shows on every run, not only under contention.
-        lock_rank::assert_none_held_above(LockRank::MmuLock);
-        if !self.lock.is_contended() {
-            return false;
-        }
-        let g = self
-            .guard
-            .take()
-            .expect("MmuReadGuard invariant broken: guard is present outside cond_resched");
-        release_read_fair(g);
-        super::yield_now();
-        self.guard = Some(self.lock.lock_read());
-        self.lock.note_yield();
-        true
+        let lock = self.lock;
+        cond_resched(lock, &mut self.guard, release_read_fair, || {
+            lock.lock_read()
+        })
     }
 }
 
@@ -425,21 +415,35 @@ impl MmuWriteGuard<'_> {
     /// # Panics
     /// In debug builds, if a lock ranked after `mmu_lock` (an RCU guard, an rmap bit) is held.
     pub fn cond_resched(&mut self) -> bool {
-        // Checked even when uncontended, so the bug shows on every run, not only under contention.
-        lock_rank::assert_none_held_above(LockRank::MmuLock);
-        if !self.lock.is_contended() {
-            return false;
-        }
-        let g = self
-            .guard
-            .take()
-            .expect("MmuWriteGuard invariant broken: guard is present outside cond_resched");
-        release_write_fair(g);
-        super::yield_now();
-        self.guard = Some(self.lock.lock_write());
-        self.lock.note_yield();
-        true
+        let lock = self.lock;
+        cond_resched(lock, &mut self.guard, release_write_fair, || {
+            lock.lock_write()
+        })
     }
+}
+
+/// The `cond_resched` of both guards of `lock`: if another thread waits for it, releases `guard`
+/// fairly with `release`, yields, reacquires with `acquire` and returns true; otherwise returns
+/// false without releasing.
+fn cond_resched<G>(
+    lock: &MmuLock,
+    guard: &mut Option<G>,
+    release: fn(G),
+    acquire: impl FnOnce() -> G,
+) -> bool {
+    // Checked even when uncontended, so the bug shows on every run, not only under contention.
+    lock_rank::assert_none_held_above(LockRank::MmuLock);
+    if !lock.is_contended() {
+        return false;
+    }
+    let g = guard
+        .take()
+        .expect("mmu_lock guard invariant broken: guard is present outside cond_resched");
+    release(g);
+    super::yield_now();
+    *guard = Some(acquire());
+    lock.note_yield();
+    true
 }
 
 /// Releases a read guard, handing the lock directly to a waiter (parking_lot's fair unlock).

@@ -5,7 +5,8 @@ use crate::addr::{Gfn, Level};
 use crate::geometry::{GFN_LIMIT, index};
 use crate::mmu::hugepage::{leaf_pfn, max_leaf_level};
 use crate::mmu::spte::{
-    ACCESSED_MASK, DIRTY_MASK, LeafAttrs, Spte, SpteKind, make_spte_ad, resolve_access_tracked,
+    ACCESSED_MASK, AtomicSpte, DIRTY_MASK, LeafAttrs, Spte, SpteKind, make_spte_ad,
+    resolve_access_tracked,
 };
 use crate::mmu::types::{FaultOutcome, MapRequest, RemoteTlbFlush, RetryReason};
 use crate::sync::atomic::Ordering;
@@ -170,20 +171,7 @@ impl ShadowMmu {
                         Err(_) => FaultOutcome::Retry(RetryReason::CasLost),
                     };
                 }
-                if !req.write_fault || old.is_writable() || !new.is_writable() {
-                    return FaultOutcome::Spurious;
-                }
-                // Upgrade to writable, keeping A/D the CPU may be setting concurrently (O5).
-                let mut cur = old;
-                loop {
-                    let want =
-                        Spte::from_raw(new.raw() | (cur.raw() & (ACCESSED_MASK | DIRTY_MASK)));
-                    // ORDERING: Release as for a new leaf; on failure re-read (only A/D change).
-                    match sptep.compare_exchange(cur, want, Ordering::Release, Ordering::Relaxed) {
-                        Ok(_) => return FaultOutcome::Fixed,
-                        Err(actual) => cur = actual,
-                    }
-                }
+                upgrade_leaf(sptep, old, new, req.write_fault)
             }
             SpteKind::NonPresent => {
                 // ORDERING: Release, so a vCPU that Acquire-loads the leaf sees what we saw before
@@ -204,6 +192,29 @@ impl ShadowMmu {
             SpteKind::Table | SpteKind::Frozen => {
                 unreachable!("the map walk stops only at a leaf or a non-present SPTE (S2)")
             }
+        }
+    }
+}
+
+/// The fault on a present leaf for the same frame: a write fault that `new` allows but `old`
+/// does not upgrades the leaf to writable, keeping the A/D bits the CPU may be setting
+/// concurrently (O5); anything else is spurious. Under `mmu_lock` write, so only A/D change.
+pub(super) fn upgrade_leaf(
+    sptep: &AtomicSpte,
+    old: Spte,
+    new: Spte,
+    write_fault: bool,
+) -> FaultOutcome {
+    if !write_fault || old.is_writable() || !new.is_writable() {
+        return FaultOutcome::Spurious;
+    }
+    let mut cur = old;
+    loop {
+        let want = Spte::from_raw(new.raw() | (cur.raw() & (ACCESSED_MASK | DIRTY_MASK)));
+        // ORDERING: Release as for a new leaf; on failure re-read (only A/D change).
+        match sptep.compare_exchange(cur, want, Ordering::Release, Ordering::Relaxed) {
+            Ok(_) => return FaultOutcome::Fixed,
+            Err(actual) => cur = actual,
         }
     }
 }

@@ -99,57 +99,13 @@ impl ShadowMmu {
         invalid: &mut InvalidList,
     ) {
         let stats = &self.inner.rmap_stats;
-        let c = &self.inner.counters;
         // SAFETY: `mmu_lock` write; `sp` is live (S1).
         let page = unsafe { sp.get() };
         if page.is_invalid() {
             return;
         }
-        let level = page.role.level;
         for i in 0..ENTRIES {
-            let sptep = page.at(i);
-            // ORDERING: under `mmu_lock` write, non-leaf SPTEs are ours; a leaf is swapped below.
-            let cur = sptep.load(Ordering::Relaxed);
-            match cur.kind(level) {
-                SpteKind::NonPresent => {}
-                SpteKind::Leaf => {
-                    // Clear first, then remove from the rmap (spec §3.9: lockless readers may see
-                    // present → non-present, never the reverse).
-                    // ORDERING: atomic swap keeps a concurrent Dirty set by the CPU (item 19).
-                    let old = sptep.swap(Spte::NONPRESENT, Ordering::Relaxed);
-                    add(&c.leaves_zapped, 1);
-                    self.inner.pages.remove(level, 1);
-                    if old.is_dirty() {
-                        add(&c.dirty_leaves_zapped, 1);
-                    }
-                    let gfn = page.leaf_gfn(i);
-                    let Some(rmap) = sets.leaf_rmap(page.role.as_id, gfn, level) else {
-                        panic!("kvmmu bug: a shadow leaf for gfn {gfn:?} has no memslot rmap (S6)");
-                    };
-                    // SAFETY: the page is live; this is the pointer the fault added (S1).
-                    let pte = unsafe { sp.leaf_sptep(i) };
-                    if let Err(e) = rmap.pte_list_remove(mmu, stats, pte) {
-                        panic!("kvmmu bug: shadow leaf not in its rmap: {e} (S6)");
-                    }
-                }
-                SpteKind::Table => {
-                    let child = SpPtr::from_spte(cur);
-                    // ORDERING: vCPUs that still walk through the old link are covered by the
-                    // flush in commit-zap (S2); nothing is published.
-                    sptep.store(Spte::NONPRESENT, Ordering::Relaxed);
-                    // SAFETY: linked from a present SPTE under `mmu_lock` write: live (S1).
-                    let cpage = unsafe { child.get() };
-                    // SAFETY: `page` is live; this is the pointer the link added.
-                    let pte = unsafe { sp.sptep(i) };
-                    if let Err(e) = cpage.parent_ptes.pte_list_remove(mmu, stats, pte) {
-                        panic!("kvmmu bug: parent SPTE not in its child's parent list: {e} (S2)");
-                    }
-                    if cpage.parent_ptes.is_empty() {
-                        self.prepare_zap(state, child, sets, mmu, invalid);
-                    }
-                }
-                SpteKind::Frozen => unreachable!("the shadow MMU never freezes SPTEs (S2)"),
-            }
+            let _ = self.zap_spte(state, sp, i, sets, mmu, invalid);
         }
         // Unlink from the parents (`kvm_mmu_unlink_parents`): clear every SPTE pointing here.
         let _ = page.parent_ptes.zap_all(mmu, stats, |p| {
@@ -179,6 +135,78 @@ impl ShadowMmu {
             }
         } else {
             invalid.0.push(sp);
+        }
+    }
+
+    /// Zaps SPTE `i` of page `sp` (`mmu_page_zap_pte`): a leaf is cleared, then leaves its rmap; a
+    /// link leaves the child's parent list, and a child left without parents is prepare-zapped
+    /// onto `invalid`. True if something present was zapped (the caller flushes before dropping
+    /// `mmu_lock`).
+    pub(super) fn zap_spte(
+        &self,
+        state: &mut State,
+        sp: SpPtr,
+        i: usize,
+        sets: &(impl RmapLookup + ?Sized),
+        mmu: &MmuWrite,
+        invalid: &mut InvalidList,
+    ) -> bool {
+        let stats = &self.inner.rmap_stats;
+        // SAFETY: `mmu_lock` write; `sp` is live (S1).
+        let page = unsafe { sp.get() };
+        let level = page.role.level;
+        let sptep = page.at(i);
+        // ORDERING: under `mmu_lock` write, non-leaf SPTEs are ours; a leaf is swapped below.
+        let cur = sptep.load(Ordering::Relaxed);
+        match cur.kind(level) {
+            SpteKind::NonPresent => false,
+            SpteKind::Leaf => {
+                // Clear first, then remove from the rmap (spec §3.9: lockless readers may see
+                // present → non-present, never the reverse).
+                // ORDERING: atomic swap keeps a concurrent Dirty set by the CPU (item 19).
+                let old = sptep.swap(Spte::NONPRESENT, Ordering::Relaxed);
+                self.leaf_zapped(old, level);
+                let (as_id, gfn) = (page.role.as_id, page.leaf_gfn(i));
+                let Some(rmap) = sets.leaf_rmap(as_id, gfn, level) else {
+                    panic!(
+                        "kvmmu bug: a shadow leaf for gfn {gfn:?} of {as_id:?} has no memslot rmap (S6)"
+                    );
+                };
+                // SAFETY: the page is live; this is the pointer the fault added (S1).
+                let pte = unsafe { sp.leaf_sptep(i) };
+                if let Err(e) = rmap.pte_list_remove(mmu, stats, pte) {
+                    panic!("kvmmu bug: shadow leaf not in its rmap: {e} (S6)");
+                }
+                true
+            }
+            SpteKind::Table => {
+                let child = SpPtr::from_spte(cur);
+                // ORDERING: vCPUs that still walk through the old link are covered by the
+                // caller's flush (commit-zap's, S2); nothing is published.
+                sptep.store(Spte::NONPRESENT, Ordering::Relaxed);
+                // SAFETY: linked from a present SPTE under `mmu_lock` write: live (S1).
+                let cpage = unsafe { child.get() };
+                // SAFETY: `page` is live; this is the pointer the link added.
+                let pte = unsafe { sp.sptep(i) };
+                if let Err(e) = cpage.parent_ptes.pte_list_remove(mmu, stats, pte) {
+                    panic!("kvmmu bug: parent SPTE not in its child's parent list: {e} (S2)");
+                }
+                if cpage.parent_ptes.is_empty() {
+                    self.prepare_zap(state, child, sets, mmu, invalid);
+                }
+                true
+            }
+            SpteKind::Frozen => unreachable!("the shadow MMU never freezes SPTEs (S2)"),
+        }
+    }
+
+    /// Counts a zapped leaf `old` at `level`.
+    pub(super) fn leaf_zapped(&self, old: Spte, level: Level) {
+        let c = &self.inner.counters;
+        add(&c.leaves_zapped, 1);
+        self.inner.pages.remove(level, 1);
+        if old.is_dirty() {
+            add(&c.dirty_leaves_zapped, 1);
         }
     }
 

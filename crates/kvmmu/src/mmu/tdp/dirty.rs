@@ -27,13 +27,14 @@
 //! splits it in place and installs the 4K leaf.
 
 use crate::addr::{AsId, Gfn, GfnRange, Level};
-use crate::mmu::spte::{AtomicSpte, DIRTY_MASK, Spte, SpteKind, WRITABLE_MASK};
+use crate::mmu::spte::{AtomicSpte, DIRTY_MASK, Spte, WRITABLE_MASK};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
 use crate::sync::witness::MmuWrite;
 
 use super::iter::TdpIter;
-use super::table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
+use super::table::GFN_LIMIT;
+use super::walk::find_leaf;
 use super::{RootRef, TdpMmu};
 
 pub use crate::mmu::types::FastFault;
@@ -138,17 +139,15 @@ impl TdpMmu {
         write: bool,
         rcu: &RcuGuard<'_>,
     ) -> FastFault {
-        assert!(
-            root.belongs_to(self),
-            "fast_page_fault: the root belongs to another TdpMmu"
-        );
-        self.assert_rcu_domain(rcu);
+        self.assert_walkable(root, rcu, "fast_page_fault");
         if root.is_invalid() || gfn.raw() >= GFN_LIMIT {
             return FastFault::Slow;
         }
         // SAFETY: we hold a reference to `root`, so its table is allocated (P4); the tables below
         // are reached under `rcu` (P1).
-        let Some((sptep, old)) = (unsafe { find_4k_leaf(root.table(), gfn.raw(), rcu) }) else {
+        let Some((sptep, old, Level::L4K)) = (unsafe { find_leaf(root.table(), gfn.raw(), rcu) })
+        else {
+            // Not present, frozen, or a huge leaf: the slow path.
             return FastFault::Slow;
         };
         fix_fast(sptep, old, write)
@@ -161,32 +160,4 @@ pub(crate) fn clear_bits(sptep: &AtomicSpte, bit: u64) -> Spte {
     // ORDERING: D1 — atomicity keeps a concurrent A/D set or fast-path CAS (the latter then either
     // lands first and is cleared here, or fails); the remote TLB flush that follows orders vCPUs.
     sptep.fetch_and(!bit, Ordering::Relaxed)
-}
-
-/// Walks to the 4K leaf slot of `gfn`; `None` at a non-present entry, FROZEN or a huge leaf.
-///
-/// # Safety
-/// `table` is a root table valid for `'g` (the caller holds a reference to its root; P4).
-unsafe fn find_4k_leaf<'g>(
-    table: TablePtr,
-    gfn: u64,
-    _rcu: &'g RcuGuard<'_>,
-) -> Option<(&'g AtomicSpte, Spte)> {
-    let mut table = table;
-    let mut level = ROOT_LEVEL;
-    loop {
-        // SAFETY: the root table (this function's contract) or a table read from a present
-        // non-leaf SPTE while `_rcu` is pinned (P1).
-        let sptep = unsafe { table.get::<'g>() }.entry(gfn, level);
-        // ORDERING: O1 — the value may be followed into a child table.
-        let spte = sptep.load(Ordering::Acquire);
-        match spte.kind(level) {
-            SpteKind::Leaf if level == Level::L4K => return Some((sptep, spte)),
-            SpteKind::Table => {
-                table = TablePtr::from_spte(spte);
-                level = level.down()?;
-            }
-            _ => return None,
-        }
-    }
 }

@@ -12,6 +12,7 @@
 //!    hooks never make a correct MMU fail; they only make rare interleavings frequent.
 //! 2. With the feature off this module does not exist and the hook sites compile to nothing.
 
+use crate::mmu::inject::tick;
 use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 static CAS_FAIL_PERIOD: AtomicU32 = AtomicU32::new(0);
@@ -42,24 +43,6 @@ pub fn injected() -> (u64, u64) {
         CAS_FORCED.load(Ordering::Relaxed),
         YIELDS_FORCED.load(Ordering::Relaxed),
     )
-}
-
-fn tick(period: &AtomicU32, ticks: &AtomicU64, hits: &AtomicU64) -> bool {
-    // ORDERING: Relaxed: the period is a knob and the tick counter only spreads injections; no
-    // invariant depends on which pass is chosen (invariant 1).
-    let p = period.load(Ordering::Relaxed);
-    if p == 0 {
-        return false;
-    }
-    // ORDERING: as above.
-    let hit = ticks
-        .fetch_add(1, Ordering::Relaxed)
-        .is_multiple_of(u64::from(p));
-    if hit {
-        // ORDERING: statistics.
-        hits.fetch_add(1, Ordering::Relaxed);
-    }
-    hit
 }
 
 /// True if this CAS must be treated as lost (hook site in `map`).

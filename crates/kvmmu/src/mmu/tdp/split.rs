@@ -16,6 +16,7 @@ use crate::addr::{AsId, GfnRange, Level};
 use crate::mmu::hugepage::split_child_spte;
 use crate::mmu::spte::{AtomicSpte, Spte, SpteKind};
 use crate::sync::atomic::Ordering;
+use crate::sync::rcu::RcuGuard;
 use crate::sync::witness::MmuRead;
 
 use super::iter::TdpIter;
@@ -65,7 +66,36 @@ pub(crate) fn split_huge_spte(
     }
 }
 
+/// The gfns `[start, end)` of `range` the TDP MMU can map, or `None` if that is empty.
+fn gfn_span(range: GfnRange) -> Option<(u64, u64)> {
+    let start = range.start().raw();
+    let end = range.end().raw().min(GFN_LIMIT);
+    (start < end).then_some((start, end))
+}
+
 impl TdpMmu {
+    /// Walks the part of `range` the TDP MMU can map in every valid root of `as_id`: `visit` gets
+    /// an iterator at the first SPTE and the RCU guard it walks under, pinned for that root alone
+    /// and dropped only after `visit` returns (so a `visit` that unlinks tables flushes before the
+    /// frees it deferred can run, P6). Does nothing if that part is empty.
+    fn for_each_valid_root(
+        &self,
+        as_id: AsId,
+        range: GfnRange,
+        mut visit: impl FnMut(&mut TdpIter<'_>, &RcuGuard<'_>),
+    ) {
+        let Some((start, end)) = gfn_span(range) else {
+            return;
+        };
+        let roots = self.roots_of(Some(as_id));
+        for root in roots.iter().filter(|r| !r.is_invalid()) {
+            let guard = self.inner.rcu.pin();
+            // SAFETY: we hold a reference to `root`, so its table is allocated (P4).
+            let mut it = unsafe { TdpIter::new(root.table(), start, end, &guard) };
+            visit(&mut it, &guard);
+        }
+    }
+
     /// Splits every huge leaf above `target` that maps part of `range` in the roots of `as_id`,
     /// down to `target` (`kvm_tdp_mmu_try_split_huge_pages`, eager page splitting), under
     /// `mmu_lock` read. Returns the number of huge leaves split. Needs no TLB flush (module doc).
@@ -80,20 +110,9 @@ impl TdpMmu {
         mmu: &MmuRead,
     ) -> u64 {
         self.check_lock(mmu.lock_id());
-        let start = range.start().raw();
-        let end = range.end().raw().min(GFN_LIMIT);
-        if start >= end {
-            return 0;
-        }
         let counters = &self.inner.counters;
         let mut split = 0;
-        for root in &self.roots_of(Some(as_id)) {
-            if root.is_invalid() {
-                continue;
-            }
-            let guard = self.inner.rcu.pin();
-            // SAFETY: we hold a reference to `root`, so its table is allocated (P4).
-            let mut it = unsafe { TdpIter::new(root.table(), start, end, &guard) };
+        self.for_each_valid_root(as_id, range, |it, _| {
             while it.valid() {
                 let old = it.old();
                 // `next` re-reads the slot and steps into the new table (pre-order), so a 1G leaf
@@ -106,7 +125,7 @@ impl TdpMmu {
                 }
                 it.next();
             }
-        }
+        });
         split
     }
 }
@@ -134,21 +153,13 @@ impl TdpMmu {
         use crate::mmu::hugepage::max_leaf_level;
         use crate::mmu::spte::{ACCESSED_MASK, BASE_ADDR_MASK, DIRTY_MASK, PAGE_SIZE_MASK};
         self.check_lock(mmu.lock_id());
-        let start = range.start().raw();
-        let end = range.end().raw().min(GFN_LIMIT);
-        if start >= end {
+        let Some((start, end)) = gfn_span(range) else {
             return 0;
-        }
+        };
         let counters = &self.inner.counters;
         let mut formed = 0;
-        for root in &self.roots_of(Some(as_id)) {
-            if root.is_invalid() {
-                continue;
-            }
-            let guard = self.inner.rcu.pin();
+        self.for_each_valid_root(as_id, range, |it, guard| {
             let mut unlinked = false;
-            // SAFETY: we hold a reference to `root`, so its table is allocated (P4).
-            let mut it = unsafe { TdpIter::new(root.table(), start, end, &guard) };
             while it.valid() {
                 let level = it.level();
                 let old = it.old();
@@ -196,7 +207,7 @@ impl TdpMmu {
                         // SAFETY: unlinked just now under `mmu_lock` write with `guard` pinned;
                         // handed over once (P1); freed only after the flush below.
                         let _ = unsafe {
-                            super::zap::handle_removed_pt(child, child_level, &guard, counters)
+                            super::zap::handle_removed_pt(child, child_level, guard, counters)
                         };
                         unlinked = true;
                     } else if ok {
@@ -213,7 +224,7 @@ impl TdpMmu {
                         // SAFETY: unlinked just now under `mmu_lock` write with `guard` pinned;
                         // handed over once (P1); freed only after the flush below.
                         let leaves = unsafe {
-                            super::zap::handle_removed_pt(child, child_level, &guard, counters)
+                            super::zap::handle_removed_pt(child, child_level, guard, counters)
                         };
                         let _ = leaves;
                         counters.pages.install(level);
@@ -224,12 +235,12 @@ impl TdpMmu {
                 }
                 it.next();
             }
-            // P6: flush before the guard that deferred the frees is dropped.
+            // P6: flush before the guard that deferred the frees is dropped (it is dropped only
+            // after this closure returns).
             if unlinked {
                 flusher.flush_remote_tlbs();
             }
-            drop(guard);
-        }
+        });
         Counters::add(&counters.huge_recovered, formed);
         formed
     }

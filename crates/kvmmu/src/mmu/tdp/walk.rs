@@ -17,7 +17,7 @@ use super::{RootRef, TdpMmu};
 /// # Safety
 /// `table` must be a root table valid for `'g` (the caller holds a reference to its root, or
 /// found it under the RCU guard `'g`; P4).
-unsafe fn find_leaf<'g>(
+pub(super) unsafe fn find_leaf<'g>(
     table: TablePtr,
     gfn: u64,
     _rcu: &'g RcuGuard<'_>,
@@ -60,11 +60,7 @@ impl TdpMmu {
         write: bool,
         rcu: &RcuGuard<'_>,
     ) -> HwWalk {
-        assert!(
-            root.belongs_to(self),
-            "hardware_walk: the root belongs to another TdpMmu"
-        );
-        self.assert_rcu_domain(rcu);
+        self.assert_walkable(root, rcu, "hardware_walk");
         // SAFETY: we hold a reference to `root`, so its table is allocated (P4).
         let Some((sptep, spte, level)) = (unsafe { find_leaf(root.table(), gfn.raw(), rcu) })
         else {
@@ -161,5 +157,17 @@ impl TdpMmu {
             rcu.pins(&self.inner.rcu),
             "kvmmu: a TDP MMU was walked under an RcuGuard of another RCU domain (use `TdpMmu::rcu()`)"
         );
+    }
+
+    /// Asserts that `root` is one of this MMU's and `rcu` pins its RCU domain
+    /// ([`TdpMmu::assert_rcu_domain`]): the preconditions of a lock-free walk, checked by the
+    /// public entry point `caller`.
+    #[inline]
+    pub(super) fn assert_walkable(&self, root: &RootRef, rcu: &RcuGuard<'_>, caller: &str) {
+        assert!(
+            root.belongs_to(self),
+            "{caller}: the root belongs to another TdpMmu"
+        );
+        self.assert_rcu_domain(rcu);
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::addr::{AsId, Gfn, Level};
 use crate::geometry::{ROOT_LEVEL, index};
-use crate::mmu::spte::{ACCESSED_MASK, DIRTY_MASK, LeafAttrs, Spte, SpteKind, make_spte};
+use crate::mmu::spte::{LeafAttrs, Spte, SpteKind, make_spte};
 use crate::mmu::types::{
     FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush, RetryReason, access_leaf,
 };
@@ -14,7 +14,8 @@ use crate::sync::Arc;
 use crate::sync::atomic::Ordering;
 use crate::sync::witness::MmuWrite;
 
-use super::super::mmu::{RmapLookup, ShadowMmu, ShadowRoot, State, add};
+use super::super::fault::upgrade_leaf;
+use super::super::mmu::{RmapLookup, ShadowMmu, ShadowRoot, add};
 use super::super::page::{Role, SpPtr};
 use super::super::rmap::{RMAP_RECYCLE_THRESHOLD, SptePtr};
 use super::super::slot_rmaps::SlotRmaps;
@@ -107,7 +108,7 @@ impl ShadowMmu {
                 }
             }
             if old.kind(level) != SpteKind::NonPresent {
-                flush |= self.zap_nested_spte(&mut state, sp, i, sets, mmu, &mut invalid);
+                flush |= self.zap_spte(&mut state, sp, i, sets, mmu, &mut invalid);
             }
             let role = Role {
                 level: child_level,
@@ -203,25 +204,13 @@ impl ShadowMmu {
         let old = sptep.load(Ordering::Relaxed);
         if old.kind(Level::L4K) == SpteKind::Leaf {
             if old.pfn() == req.pfn && page.leaf_gfn(i) == req.gfn {
-                if !req.write_fault || old.is_writable() || !new.is_writable() {
-                    return FaultOutcome::Spurious;
-                }
-                let mut cur = old;
-                loop {
-                    let want =
-                        Spte::from_raw(new.raw() | (cur.raw() & (ACCESSED_MASK | DIRTY_MASK)));
-                    // ORDERING: Release as for a new leaf; on failure re-read (only A/D change).
-                    match sptep.compare_exchange(cur, want, Ordering::Release, Ordering::Relaxed) {
-                        Ok(_) => return FaultOutcome::Fixed,
-                        Err(actual) => cur = actual,
-                    }
-                }
+                return upgrade_leaf(sptep, old, new, req.write_fault);
             }
             // Another L1 page than the walk's: drop the old leaf first (spec §4 item 13).
             let old_gfn = page.leaf_gfn(i);
             // ORDERING: atomic swap keeps a concurrent Dirty (item 19).
             let _ = sptep.swap(Spte::NONPRESENT, Ordering::Relaxed);
-            self.leaf_zapped(old);
+            self.leaf_zapped(old, Level::L4K);
             let Some(r) = sets.leaf_rmap(L1_AS, old_gfn, Level::L4K) else {
                 panic!("kvmmu bug: a nested leaf for L1 gfn {old_gfn:?} has no memslot rmap (S6)");
             };
@@ -247,70 +236,6 @@ impl ShadowMmu {
             flush.flush_remote_tlbs();
         }
         FaultOutcome::Fixed
-    }
-
-    fn leaf_zapped(&self, old: Spte) {
-        let c = &self.inner.counters;
-        add(&c.leaves_zapped, 1);
-        self.inner.pages.remove(Level::L4K, 1);
-        if old.is_dirty() {
-            add(&c.dirty_leaves_zapped, 1);
-        }
-    }
-
-    /// Zaps SPTE `i` of indirect page `sp` (a leaf leaves its rmap; a link leaves the child's
-    /// parent list, and a child left without parents is prepare-zapped onto `invalid`). True if
-    /// something present was zapped (the caller flushes before dropping `mmu_lock`).
-    pub(super) fn zap_nested_spte(
-        &self,
-        state: &mut State,
-        sp: SpPtr,
-        i: usize,
-        sets: &(impl RmapLookup + ?Sized),
-        mmu: &MmuWrite,
-        invalid: &mut InvalidList,
-    ) -> bool {
-        let stats = &self.inner.rmap_stats;
-        // SAFETY: `mmu_lock` write; `sp` is live (S1).
-        let page = unsafe { sp.get() };
-        let level = page.role.level;
-        let sptep = page.at(i);
-        // ORDERING: under `mmu_lock` write; a leaf is swapped so a concurrent D is kept.
-        let cur = sptep.load(Ordering::Relaxed);
-        match cur.kind(level) {
-            SpteKind::NonPresent | SpteKind::Frozen => false,
-            SpteKind::Leaf => {
-                // ORDERING: as above.
-                let old = sptep.swap(Spte::NONPRESENT, Ordering::Relaxed);
-                self.leaf_zapped(old);
-                let gfn = page.leaf_gfn(i);
-                let Some(rmap) = sets.leaf_rmap(page.role.as_id, gfn, level) else {
-                    panic!("kvmmu bug: a nested leaf for L1 gfn {gfn:?} has no memslot rmap (S6)");
-                };
-                // SAFETY: the page is live; this is the pointer the fault added (S1).
-                let pte = unsafe { sp.leaf_sptep(i) };
-                if let Err(e) = rmap.pte_list_remove(mmu, stats, pte) {
-                    panic!("kvmmu bug: nested leaf not in its rmap: {e} (S6)");
-                }
-                true
-            }
-            SpteKind::Table => {
-                let child = SpPtr::from_spte(cur);
-                // ORDERING: walkers through the old link are covered by the caller's flush (S2).
-                sptep.store(Spte::NONPRESENT, Ordering::Relaxed);
-                // SAFETY: linked from a present SPTE under `mmu_lock` write: live (S1).
-                let cpage = unsafe { child.get() };
-                // SAFETY: `page` is live; this is the pointer the link added.
-                let pte = unsafe { sp.sptep(i) };
-                if let Err(e) = cpage.parent_ptes.pte_list_remove(mmu, stats, pte) {
-                    panic!("kvmmu bug: parent SPTE not in its child's parent list: {e} (S2)");
-                }
-                if cpage.parent_ptes.is_empty() {
-                    self.prepare_zap(state, child, sets, mmu, invalid);
-                }
-                true
-            }
-        }
     }
 
     /// The simulated CPU's walk of an EPT02 root for L2 gfn `l2_gfn` (as [`ShadowMmu`]'s direct

@@ -57,7 +57,7 @@ impl ShadowMmu {
                 if n >= WRITE_FLOODING_THRESHOLD {
                     self.prepare_zap(&mut state, sp, sets, mmu, &mut invalid);
                     add(&c.mmu_flooded, 1);
-                } else if self.zap_nested_spte(&mut state, sp, word, sets, mmu, &mut invalid) {
+                } else if self.zap_spte(&mut state, sp, word, sets, mmu, &mut invalid) {
                     add(&c.mmu_pte_write, 1);
                     flush = true;
                 }

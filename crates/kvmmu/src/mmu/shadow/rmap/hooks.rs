@@ -60,6 +60,7 @@ mod off {
 #[cfg(feature = "test-hooks")]
 mod imp {
     use super::YieldSite;
+    use crate::mmu::inject::tick;
     use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
     static CAS_FAIL_PERIOD: AtomicU32 = AtomicU32::new(0);
@@ -115,24 +116,6 @@ mod imp {
             yields_holding_lock: get(&YIELDS_HOLDING),
             yields_age_before_clear: get(&YIELDS_AGE),
         }
-    }
-
-    fn tick(period: &AtomicU32, ticks: &AtomicU64, hits: &AtomicU64) -> bool {
-        // ORDERING: Relaxed: the period is a knob and the tick counter only spreads injections;
-        // no invariant depends on which pass is chosen (invariant 1).
-        let p = period.load(Ordering::Relaxed);
-        if p == 0 {
-            return false;
-        }
-        // ORDERING: as above.
-        let hit = ticks
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(u64::from(p));
-        if hit {
-            // ORDERING: statistics.
-            hits.fetch_add(1, Ordering::Relaxed);
-        }
-        hit
     }
 
     /// True if this bit-lock CAS must be treated as failed (hook site in `lock_raw`).
