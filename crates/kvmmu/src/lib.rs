@@ -81,7 +81,7 @@ pub use host::{
 pub use sync::guest_mode::InGuestMode;
 #[cfg(not(loom))]
 pub use vcpu::{GuestMode, NestedError, NestedGuest, Vcpu, VcpuStats, tlb::TlbStats};
-#[cfg(not(feature = "shuttle"))]
+#[cfg(not(any(loom, feature = "shuttle")))]
 pub use vm::NxRecoveryWorker;
 #[cfg(not(loom))]
 pub use vm::dirty_log::{DirtyLogError, DirtyLogProtect, DirtyTracking};

@@ -100,10 +100,11 @@ pub(super) fn walk_and_access(
         // The shadow MMU's fast page fault runs here, still in guest mode (vm/fault.rs); not in
         // L2 mode, whose gfns are L2 gfns that no memslot maps (L2 faults go to vm/nested.rs).
         let miss = !matches!(hit, HwWalk::Hit { .. });
-        // SAFETY: as above (shadow S2).
-        if miss
-            && unsafe { vm.fast_fault_in_guest(root, gfn, is_write, vcpu.dirty_ring.as_deref()) }
-        {
+        let fixed = miss && {
+            // SAFETY: as above (shadow S2).
+            unsafe { vm.fast_fault_in_guest(root, gfn, is_write, vcpu.dirty_ring.as_deref()) }
+        };
+        if fixed {
             // SAFETY: as above.
             (hit, host_page) = unsafe { vm.mmu.hardware_walk(root, gfn, is_write) };
         }

@@ -261,7 +261,7 @@ fn scan_leaf_table(
     let (mut observed, mut cleared) = (0, 0);
     let mut i = lo;
     while i < hi {
-        if i % BLOCK == 0 && i + BLOCK <= hi && quiet_block(entries, i, mask) {
+        if i.is_multiple_of(BLOCK) && i + BLOCK <= hi && quiet_block(entries, i, mask) {
             i += BLOCK;
             continue;
         }

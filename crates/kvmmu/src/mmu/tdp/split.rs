@@ -67,9 +67,8 @@ pub(crate) fn split_huge_spte_owned(
         // before the huge leaf's Release install visible (G3); a later word for another leaf is
         // told apart by its pfn bits.
         let base = old.pfn().raw();
-        let hp = owner.and_then(|w| {
-            Owners::expected_host_page(w.load(Ordering::Relaxed), base, base)
-        });
+        let hp =
+            owner.and_then(|w| Owners::expected_host_page(w.load(Ordering::Relaxed), base, base));
         let step = level.down().map_or(1, crate::geometry::pages);
         // SAFETY: we own the unpublished table (P1).
         let owners = unsafe { child.owners() };
@@ -131,7 +130,13 @@ impl TdpMmu {
                 if it.level() > target && old.kind(it.level()) == SpteKind::Leaf && {
                     // SAFETY: we hold a reference to `root` (P4); tables below under `guard`.
                     let owner = unsafe {
-                        super::walk::owner_word(root.table(), it.gfn(), it.level(), it.sptep(), &guard)
+                        super::walk::owner_word(
+                            root.table(),
+                            it.gfn(),
+                            it.level(),
+                            it.sptep(),
+                            &guard,
+                        )
                     };
                     split_huge_spte_owned(it.sptep(), owner, old, it.level(), counters).is_ok()
                 } {

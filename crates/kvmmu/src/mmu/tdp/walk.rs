@@ -35,8 +35,7 @@ pub(super) unsafe fn owner_word<'g>(
         if l == level {
             // SAFETY: as the entry above.
             let owners = unsafe { table.owners::<'g>() };
-            return core::ptr::eq(entry, sptep)
-                .then(|| owners.at(crate::geometry::index(gfn, l)));
+            return core::ptr::eq(entry, sptep).then(|| owners.at(crate::geometry::index(gfn, l)));
         }
         // ORDERING: O1 — followed into the child table.
         let spte = entry.load(Ordering::Acquire);
