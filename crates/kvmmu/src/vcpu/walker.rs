@@ -5,7 +5,8 @@
 //!   with the frame's current tag (a frame freed or reused since the fill fails the check);
 //! - a fill validates that the frame backs the host page the leaf's installer recorded beside the
 //!   leaf (G3 in docs/locking.md): no lock, no RCU, no SRCU and no memslot lookup, as hardware.
-//!   Where no owner was recorded (shadow leaves, split or recovered TDP leaves) or the frame
+//!   Where no owner was recorded (shadow leaves; TDP leaves split from, or recovered out of, leaves
+//!   without one; a split inside a fault, which records none) or the frame
 //!   disagrees with it, the fill falls back to the memslot check under SRCU (loaded *after* the
 //!   walk; see `walk_and_access` for why that is both free of false alarms and complete), so the
 //!   recorded owner only ever speeds a fill up and never decides a report.

@@ -15,13 +15,13 @@
 use crate::addr::{AsId, GfnRange, Level};
 use crate::mmu::hugepage::split_child_spte;
 use crate::mmu::spte::{AtomicSpte, Spte, SpteKind};
-use crate::sync::atomic::Ordering;
+use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::rcu::RcuGuard;
 use crate::sync::witness::MmuRead;
 
 use super::iter::TdpIter;
-use super::table::{ENTRIES, GFN_LIMIT, TablePtr};
-use super::{Counters, TdpMmu};
+use super::table::{ENTRIES, GFN_LIMIT, Owners, TablePtr};
+use super::{Counters, RootRef, TdpMmu};
 
 /// Splits the huge leaf last seen as `old` at `level` in `sptep` into a populated table one
 /// level down. `Ok(())` once the table is linked; `Err(actual)` if the slot no longer holds a
@@ -30,6 +30,20 @@ use super::{Counters, TdpMmu};
 /// on a leaf that stays present.
 pub(crate) fn split_huge_spte(
     sptep: &AtomicSpte,
+    old: Spte,
+    level: Level,
+    counters: &Counters,
+) -> Result<(), Spte> {
+    split_huge_spte_owned(sptep, None, old, level, counters)
+}
+
+/// [`split_huge_spte`], also recording the children's owner words (G3) when `owner`, the word
+/// beside `sptep`, names the huge leaf (its pfn bits match): child `k` gets the huge leaf's claim
+/// for its own frames (host page `hp + k * pages`, first pfn `pfn + k * pages`), so the split
+/// changes no claim a vCPU's fill can act on. Otherwise the children record unknown (0).
+pub(crate) fn split_huge_spte_owned(
+    sptep: &AtomicSpte,
+    owner: Option<&AtomicU64>,
     mut old: Spte,
     level: Level,
     counters: &Counters,
@@ -49,6 +63,20 @@ pub(crate) fn split_huge_spte(
             // ORDERING: Relaxed: the table is published by the Release CAS below (O2).
             t.at(i)
                 .store(split_child_spte(old, level, i), Ordering::Relaxed);
+        }
+        // ORDERING: Relaxed: `old` was loaded with Acquire (O1), which makes the word stored
+        // before the huge leaf's Release install visible (G3); a later word for another leaf is
+        // told apart by its pfn bits.
+        let base = old.pfn().raw();
+        let hp =
+            owner.and_then(|w| Owners::expected_host_page(w.load(Ordering::Relaxed), base, base));
+        let step = level.down().map_or(1, crate::geometry::pages);
+        // SAFETY: we own the unpublished table (P1).
+        let owners = unsafe { child.owners() };
+        for i in 0..ENTRIES as u64 {
+            let word = hp.map_or(0, |hp| Owners::encode(hp + i * step, base + i * step));
+            // ORDERING: Relaxed: published with the children by the Release CAS below (G3).
+            owners.at(i as usize).store(word, Ordering::Relaxed);
         }
         // ORDERING: O2 — Release publishes the initialised children with the link; Acquire on
         // failure, as the value read is the next huge leaf to rebuild from (or a table to skip).
@@ -75,14 +103,14 @@ fn gfn_span(range: GfnRange) -> Option<(u64, u64)> {
 
 impl TdpMmu {
     /// Walks the part of `range` the TDP MMU can map in every valid root of `as_id`: `visit` gets
-    /// an iterator at the first SPTE and the RCU guard it walks under, pinned for that root alone
+    /// the root, an iterator at the first SPTE and the RCU guard it walks under, pinned for that root alone
     /// and dropped only after `visit` returns (so a `visit` that unlinks tables flushes before the
     /// frees it deferred can run, P6). Does nothing if that part is empty.
     fn for_each_valid_root(
         &self,
         as_id: AsId,
         range: GfnRange,
-        mut visit: impl FnMut(&mut TdpIter<'_>, &RcuGuard<'_>),
+        mut visit: impl FnMut(&RootRef, &mut TdpIter<'_>, &RcuGuard<'_>),
     ) {
         let Some((start, end)) = gfn_span(range) else {
             return;
@@ -92,7 +120,7 @@ impl TdpMmu {
             let guard = self.inner.rcu.pin();
             // SAFETY: we hold a reference to `root`, so its table is allocated (P4).
             let mut it = unsafe { TdpIter::new(root.table(), start, end, &guard) };
-            visit(&mut it, &guard);
+            visit(root, &mut it, &guard);
         }
     }
 
@@ -112,15 +140,24 @@ impl TdpMmu {
         self.check_lock(mmu.lock_id());
         let counters = &self.inner.counters;
         let mut split = 0;
-        self.for_each_valid_root(as_id, range, |it, _| {
+        self.for_each_valid_root(as_id, range, |root, it, guard| {
             while it.valid() {
                 let old = it.old();
                 // `next` re-reads the slot and steps into the new table (pre-order), so a 1G leaf
                 // split into 2M leaves has those split in turn.
-                if it.level() > target
-                    && old.kind(it.level()) == SpteKind::Leaf
-                    && split_huge_spte(it.sptep(), old, it.level(), counters).is_ok()
-                {
+                if it.level() > target && old.kind(it.level()) == SpteKind::Leaf && {
+                    // SAFETY: we hold a reference to `root` (P4); tables below under `guard`.
+                    let owner = unsafe {
+                        super::walk::owner_word(
+                            root.table(),
+                            it.gfn(),
+                            it.level(),
+                            it.sptep(),
+                            guard,
+                        )
+                    };
+                    split_huge_spte_owned(it.sptep(), owner, old, it.level(), counters).is_ok()
+                } {
                     split += 1;
                 }
                 it.next();
@@ -158,7 +195,7 @@ impl TdpMmu {
         };
         let counters = &self.inner.counters;
         let mut formed = 0;
-        self.for_each_valid_root(as_id, range, |it, guard| {
+        self.for_each_valid_root(as_id, range, |root, it, guard| {
             let mut unlinked = false;
             while it.valid() {
                 let level = it.level();
@@ -211,6 +248,41 @@ impl TdpMmu {
                         };
                         unlinked = true;
                     } else if ok {
+                        // The huge leaf's owner word (G3): the children's claims, if every child
+                        // recorded one and they form one run (child `i`: host page `hp + i *
+                        // pages`), are exactly the huge leaf's; otherwise unknown (0). Written
+                        // even when unknown, so no word of an earlier leaf in this slot survives.
+                        // SAFETY: as `t` above.
+                        let child_owners = unsafe { child.owners() };
+                        let step = pages(child_level);
+                        let base_pfn = first.pfn().raw();
+                        // ORDERING: Relaxed: under `mmu_lock` write no install races us; each
+                        // word was published with its child's leaf, which we read above.
+                        let hp0 = Owners::expected_host_page(
+                            child_owners.at(0).load(Ordering::Relaxed),
+                            base_pfn,
+                            base_pfn,
+                        );
+                        let run = hp0.filter(|&hp0| {
+                            (0..ENTRIES).all(|i| {
+                                let pfn = base_pfn + i as u64 * step;
+                                // ORDERING: as above.
+                                let w = child_owners.at(i).load(Ordering::Relaxed);
+                                Owners::expected_host_page(w, pfn, pfn)
+                                    == Some(hp0 + i as u64 * step)
+                            })
+                        });
+                        // SAFETY: we hold a reference to `root` (P4); tables below under `guard`.
+                        let slot = unsafe {
+                            super::walk::owner_word(root.table(), base, level, it.sptep(), guard)
+                        };
+                        if let Some(slot) = slot {
+                            // ORDERING: Relaxed: published by the leaf's Release store below (G3).
+                            slot.store(
+                                run.map_or(0, |hp0| Owners::encode(hp0, base_pfn)),
+                                Ordering::Relaxed,
+                            );
+                        }
                         let mut raw = first.raw() | PAGE_SIZE_MASK | ACCESSED_MASK;
                         if first.is_writable() {
                             raw |= DIRTY_MASK;
@@ -341,5 +413,118 @@ impl TdpMmu {
         }
         drop(guard);
         zapped
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::super::{RootRef, TdpMmu};
+    use crate::addr::{AsId, Gfn, GfnRange, Level, Pfn};
+    use crate::mmu::types::{FaultOutcome, HwWalk, MapRequest, RemoteTlbFlush};
+    use crate::sync::Arc;
+    use crate::sync::rcu::Rcu;
+    use crate::sync::witness::MmuLock;
+
+    /// No vCPUs: nothing to shoot down.
+    struct NoVcpus;
+    impl RemoteTlbFlush for NoVcpus {
+        fn flush_remote_tlbs(&self) {}
+    }
+
+    /// Host page of gfn `g` (memslot base 0x4000_0000 >> 12), and its frame.
+    const HP: u64 = 0x40_000;
+    const PFN: u64 = 0x2000;
+
+    /// A TDP MMU with one 2M leaf at gfns 0..512 (frames `PFN..`), installed by a fault that
+    /// recorded its owner (`Some(HP + 5)` for gfn 5) or none.
+    fn huge(owner: bool) -> (Arc<Rcu>, MmuLock, TdpMmu, RootRef) {
+        let rcu = Arc::new(Rcu::new());
+        let lock = MmuLock::new();
+        let tdp = TdpMmu::new(1, Arc::clone(&rcu));
+        let root = {
+            let mmu = lock.read();
+            let root = tdp.get_root(AsId::new(0), mmu.witness());
+            let guard = rcu.pin();
+            let req = MapRequest {
+                gfn: Gfn::new(5),
+                pfn: Pfn::new(PFN + 5),
+                level: Level::L2M,
+                host_writable: true,
+                write_fault: false,
+                prefetch: false,
+            };
+            let hp = owner.then_some(HP + 5);
+            assert_eq!(
+                tdp.map_owned(&root, &req, hp, mmu.witness(), &guard),
+                FaultOutcome::Fixed
+            );
+            root
+        };
+        (rcu, lock, tdp, root)
+    }
+
+    /// What a vCPU's fill of gfn `g` would be told: the leaf's level and the expected host page.
+    fn fill(tdp: &TdpMmu, root: &RootRef, g: u64) -> (Level, Option<u64>) {
+        // SAFETY: single-threaded test: nothing unlinks a table during the walk.
+        let (hit, owner) = unsafe { tdp.guest_walk(root, Gfn::new(g), false) };
+        let HwWalk::Hit { pfn, level, .. } = hit else {
+            panic!("gfn {g} is mapped");
+        };
+        assert_eq!(pfn.raw(), PFN + g, "gfn {g} maps its own frame");
+        (level, owner)
+    }
+
+    fn whole() -> GfnRange {
+        GfnRange::new(Gfn::new(0), Gfn::new(512)).expect("a non-empty range")
+    }
+
+    #[test]
+    fn split_children_and_a_recovered_leaf_keep_the_huge_leafs_recorded_owner() {
+        let (_rcu, lock, tdp, root) = huge(true);
+        assert_eq!(fill(&tdp, &root, 7), (Level::L2M, Some(HP + 7)));
+        let mmu = lock.read();
+        assert_eq!(
+            tdp.split_huge_pages(AsId::new(0), whole(), Level::L4K, mmu.witness()),
+            1
+        );
+        drop(mmu);
+        for g in [0, 1, 7, 255, 511] {
+            assert_eq!(
+                fill(&tdp, &root, g),
+                (Level::L4K, Some(HP + g)),
+                "split child {g} records the huge leaf's claim for its frame"
+            );
+        }
+        let mmu = lock.write();
+        let formed =
+            tdp.recover_huge_pages(AsId::new(0), whole(), |_, _| true, mmu.witness(), &NoVcpus);
+        drop(mmu);
+        assert_eq!(formed, 1);
+        for g in [0, 9, 511] {
+            assert_eq!(
+                fill(&tdp, &root, g),
+                (Level::L2M, Some(HP + g)),
+                "the recovered leaf records the children's run"
+            );
+        }
+    }
+
+    #[test]
+    fn a_huge_leaf_without_an_owner_splits_and_recovers_into_leaves_without_one() {
+        let (_rcu, lock, tdp, root) = huge(false);
+        assert_eq!(fill(&tdp, &root, 3), (Level::L2M, None));
+        let mmu = lock.read();
+        assert_eq!(
+            tdp.split_huge_pages(AsId::new(0), whole(), Level::L4K, mmu.witness()),
+            1
+        );
+        drop(mmu);
+        assert_eq!(fill(&tdp, &root, 3), (Level::L4K, None));
+        let mmu = lock.write();
+        let formed =
+            tdp.recover_huge_pages(AsId::new(0), whole(), |_, _| true, mmu.witness(), &NoVcpus);
+        drop(mmu);
+        assert_eq!(formed, 1);
+        assert_eq!(fill(&tdp, &root, 3), (Level::L2M, None));
     }
 }

@@ -59,8 +59,10 @@ struct TablePage {
 ///
 /// Encoding ([`Owners::encode`]): bits 0..32 hold the host page (`hva >> 12`) of the leaf's first
 /// frame plus one, bits 32..64 the low 32 bits of the leaf's first pfn; 0 means unknown (a leaf
-/// installed by a path that records no owner: split children, recovered huge leaves, direct
-/// `TdpMmu::map` callers). A reader that finds an unknown word, or one whose pfn bits do not
+/// installed by a path that records no owner: direct `TdpMmu::map` callers, the split a fault
+/// does on its way down, and split children or recovered huge leaves made from leaves without a
+/// recorded owner; `split_huge_pages` and `recover_huge_pages` carry known owners over, G4 in
+/// docs/locking.md). A reader that finds an unknown word, or one whose pfn bits do not
 /// match the leaf it walked, falls back to the memslot check, so a stale or missing word can
 /// cost time but never decides a stale-translation report.
 #[repr(C)]

@@ -11,6 +11,42 @@ use crate::sync::rcu::RcuGuard;
 use super::table::{GFN_LIMIT, Owners, ROOT_LEVEL, TablePtr};
 use super::{RootRef, TdpMmu};
 
+/// The owner word (G3) beside the entry `sptep`, which the caller read as the entry for `gfn` at
+/// `level`: found by walking from the root table `root` down to `level`. `None` if the walk does
+/// not arrive at `sptep` itself (the tree changed since the caller read it), so a caller never
+/// records or reads the word of another table's entry.
+///
+/// # Safety
+/// As [`find_leaf`]: `root` is a root table valid for `'g`, and the tables below it are reached
+/// under the RCU guard `'g` (P1, P4).
+pub(super) unsafe fn owner_word<'g>(
+    root: TablePtr,
+    gfn: u64,
+    level: Level,
+    sptep: &crate::mmu::spte::AtomicSpte,
+    _rcu: &'g RcuGuard<'_>,
+) -> Option<&'g crate::sync::atomic::AtomicU64> {
+    let mut table = root;
+    let mut l = ROOT_LEVEL;
+    loop {
+        // SAFETY: the root table (this function's contract) or a table read from a present
+        // non-leaf SPTE under `_rcu` (P1).
+        let entry = unsafe { table.get::<'g>() }.entry(gfn, l);
+        if l == level {
+            // SAFETY: as the entry above.
+            let owners = unsafe { table.owners::<'g>() };
+            return core::ptr::eq(entry, sptep).then(|| owners.at(crate::geometry::index(gfn, l)));
+        }
+        // ORDERING: O1 — followed into the child table.
+        let spte = entry.load(Ordering::Acquire);
+        if spte.kind(l) != SpteKind::Table {
+            return None;
+        }
+        table = TablePtr::from_spte(spte);
+        l = l.down()?;
+    }
+}
+
 /// Walks the tree under `table` to the leaf for `gfn`; returns the leaf slot's value and level,
 /// or `None` at the first entry that is not present (FROZEN included).
 ///
