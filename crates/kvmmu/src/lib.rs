@@ -59,7 +59,9 @@ pub mod internals;
 #[cfg(not(loom))]
 pub mod torture;
 
-use internals::{addr, geometry, mmu, sync, vm};
+use internals::{addr, geometry, mmu, sync};
+#[cfg(not(loom))]
+use internals::vm;
 #[cfg(not(loom))]
 use internals::{config, host, vcpu};
 

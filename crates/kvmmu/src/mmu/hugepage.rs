@@ -33,6 +33,11 @@ impl StripedCounter {
         // ORDERING: Relaxed: a statistic.
         self.0.fetch_add(n, crate::sync::atomic::Ordering::Relaxed);
     }
+    fn add_nonzero(&self, n: u64) {
+        if n != 0 {
+            self.add(n);
+        }
+    }
     fn sum(&self) -> u64 {
         // ORDERING: Relaxed: a statistic.
         self.0.load(crate::sync::atomic::Ordering::Relaxed)
