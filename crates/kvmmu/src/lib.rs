@@ -59,9 +59,9 @@ pub mod internals;
 #[cfg(not(loom))]
 pub mod torture;
 
-use internals::{addr, geometry, mmu, sync};
 #[cfg(not(loom))]
 use internals::vm;
+use internals::{addr, geometry, mmu, sync};
 #[cfg(not(loom))]
 use internals::{config, host, vcpu};
 
