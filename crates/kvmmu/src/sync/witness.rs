@@ -185,7 +185,9 @@ pub struct MmuLock {
     write_witness: MmuWrite,
     /// Threads blocked in an acquisition (invariant 2).
     waiters: AtomicUsize,
-    reads: AtomicU64,
+    /// Read acquisitions: one per fault, from every vCPU, so striped (a shared counter would add
+    /// a second contended line to the lock word's).
+    reads: super::percpu::StripedCounter,
     writes: AtomicU64,
     contended_reads: AtomicU64,
     contended_writes: AtomicU64,
@@ -215,7 +217,7 @@ impl MmuLock {
             read_witness: MmuRead { id },
             write_witness: MmuWrite { id },
             waiters: AtomicUsize::new(0),
-            reads: AtomicU64::new(0),
+            reads: super::percpu::StripedCounter::default(),
             writes: AtomicU64::new(0),
             contended_reads: AtomicU64::new(0),
             contended_writes: AtomicU64::new(0),
@@ -268,7 +270,7 @@ impl MmuLock {
     pub fn stats(&self) -> MmuLockStats {
         // ORDERING: Relaxed: independent statistics counters; no data is published through them.
         MmuLockStats {
-            read_acquisitions: self.reads.load(Ordering::Relaxed),
+            read_acquisitions: self.reads.sum(),
             write_acquisitions: self.writes.load(Ordering::Relaxed),
             contended_reads: self.contended_reads.load(Ordering::Relaxed),
             contended_writes: self.contended_writes.load(Ordering::Relaxed),
@@ -279,7 +281,7 @@ impl MmuLock {
     fn lock_read(&self) -> RwLockReadGuard<'_, ()> {
         // ORDERING (all counters here): Relaxed: statistics and an advisory waiter count; the lock
         // itself provides the acquire/release ordering for the data it protects.
-        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.reads.add(1);
         if let Some(g) = self.lock.try_read() {
             return g;
         }
