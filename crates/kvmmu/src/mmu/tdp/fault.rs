@@ -97,11 +97,11 @@ impl TdpMmu {
         // Walk down to the target level; a huge leaf above it is split, a table at the target
         // level lowers the target.
         let (leaf_table, sptep, old) = loop {
-            // SAFETY: `table` is the root table of a root we hold a reference to (P4), or a
-            // table read from a present non-leaf SPTE while `mmu` (mmu_lock read, checked above
-            // to be this MMU's) is held: links are removed only under mmu_lock write (P2), so it
-            // stays linked, hence allocated (P1), until `mmu` is released, after this function
-            // (F1).
+            // Why `table` is allocated: it is the root table of a root we hold a reference to
+            // (P4), or a table read from a present non-leaf SPTE while `mmu` (this MMU's
+            // mmu_lock, read) is held; links are removed only under mmu_lock write (P2), so it
+            // stays linked, hence allocated (P1), until `mmu` is released (F1).
+            // SAFETY: allocated for the whole call, as argued just above (P1, P2, P4, F1).
             let t = unsafe { table.get() };
             let sptep = t.entry(gfn, level);
             // ORDERING: O1 — we may follow the pointer into the child table.
