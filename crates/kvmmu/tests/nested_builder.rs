@@ -2,32 +2,16 @@
 //! is refused with a typed error that writes nothing.
 
 use kvmmu::prelude::*;
+
+#[path = "common/nested_vm.rs"]
+mod nested_vm;
 use kvmmu::{Ept12Entry, EptPerms};
 
 const MIB: u64 = 1 << 20;
 const POOL: u64 = 8 * MIB;
 
 fn setup(mmu: MmuKind) -> (HostMm, Vm, Vcpu) {
-    let host = HostMm::new(HostConfig { frames: 8192 }).unwrap();
-    let vm = Vm::new(
-        &host,
-        VmConfig {
-            mmu,
-            ..VmConfig::default()
-        },
-    )
-    .unwrap();
-    vm.enable_nested().unwrap();
-    let hva = host.mmap(16 * MIB, Prot::READ | Prot::WRITE).unwrap();
-    vm.set_user_memory_region(MemoryRegion {
-        slot: SlotId::new(0),
-        as_id: AsId::new(0),
-        flags: MemFlags::empty(),
-        gpa: Gpa::new(0),
-        size: 16 * MIB,
-        hva,
-    })
-    .unwrap();
+    let (host, vm, _hva) = nested_vm::nested_vm(mmu, 8192);
     let vcpu = vm.create_vcpu().unwrap();
     (host, vm, vcpu)
 }

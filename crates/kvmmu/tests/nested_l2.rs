@@ -3,6 +3,9 @@
 //! changes (remap, protect, unmap, malformed entries) reach L2 through write tracking.
 
 use kvmmu::prelude::*;
+
+#[path = "common/nested_vm.rs"]
+mod nested_vm;
 use kvmmu::{EptExit, ViolationReason};
 use kvmmu::{EptPerms, MisconfigReason};
 
@@ -23,26 +26,7 @@ struct Setup {
 }
 
 fn setup(mmu: MmuKind) -> Setup {
-    let host = HostMm::new(HostConfig { frames: 8192 }).unwrap();
-    let vm = Vm::new(
-        &host,
-        VmConfig {
-            mmu,
-            ..VmConfig::default()
-        },
-    )
-    .unwrap();
-    vm.enable_nested().unwrap();
-    let hva = host.mmap(16 * MIB, Prot::READ | Prot::WRITE).unwrap();
-    vm.set_user_memory_region(MemoryRegion {
-        slot: SlotId::new(0),
-        as_id: AsId::new(0),
-        flags: MemFlags::empty(),
-        gpa: Gpa::new(0),
-        size: 16 * MIB,
-        hva,
-    })
-    .unwrap();
+    let (host, vm, hva) = nested_vm::nested_vm(mmu, 8192);
     let mut l1 = vm.create_vcpu().unwrap();
     let mut guest = NestedGuest::new(&mut l1, Gpa::new(POOL), MIB).unwrap();
     // Two L2 ranges alias the same L1 pages: every L1 page has two indirect leaves.
