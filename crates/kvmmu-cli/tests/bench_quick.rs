@@ -72,6 +72,12 @@ fn quick_json_has_every_scenario_and_ratio() {
         "TLB-miss accesses/s per vCPU (M)",
         "warm TLB / raw load",
         "TLB miss / raw load",
+        "TLB miss / raw 4-level walk",
+        "warm TLB / raw load, page stride",
+        "TLB miss / raw load, page stride",
+        "TLB miss / raw 4-level walk, page stride",
+        "zero-cost translation / raw load (ceiling)",
+        "zero-cost translation / raw 4-level walk (ceiling)",
     ] {
         expected.push(e.to_string());
     }

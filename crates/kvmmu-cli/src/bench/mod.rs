@@ -16,6 +16,7 @@ mod huge;
 mod peers;
 mod rawwalk;
 mod report;
+mod translation;
 
 use crate::{MmuArg, size};
 use anyhow::ensure;
@@ -169,7 +170,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
             "aging" => aging(&mut r, mmu, pages, reps)?,
             "slowdown" => slowdown(&mut r, mmu, pages, reps)?,
             "fault" => fault_rate(&mut r, mmu, pages, reps)?,
-            "translation" => translation(&mut r, mmu, pages, reps)?,
+            "translation" => translation::translation(&mut r, mmu, pages, reps)?,
             "peers" => peer_ops(&mut r, mmu, pages, reps)?,
             "huge-populate" => huge::populate(&mut r, mmu, pages, reps, args.backing_src)?,
             "huge-aging" => huge::aging(&mut r, mmu, pages, reps, args.backing_src)?,
@@ -251,12 +252,17 @@ fn modes() -> [(AgingMode, &'static str); 2] {
     ]
 }
 
-fn per_sec(n: u64, t: Instant) -> f64 {
+pub(super) fn per_sec(n: u64, t: Instant) -> f64 {
     n as f64 / t.elapsed().as_secs_f64().max(1e-9)
 }
 
 /// A populated guest with a small TLB (so that re-touches miss and set Accessed).
-fn populated(mmu: MmuKind, aging: AgingMode, pages: u64, tlb: usize) -> anyhow::Result<Guest> {
+pub(super) fn populated(
+    mmu: MmuKind,
+    aging: AgingMode,
+    pages: u64,
+    tlb: usize,
+) -> anyhow::Result<Guest> {
     let mut g = Guest::new(pages, mmu, aging, 1, tlb)?;
     touch_write(&mut g.vcpus[0], 0..pages)?;
     Ok(g)
@@ -560,115 +566,6 @@ fn fault_rate(r: &mut Report, mmu: MmuKind, pages: u64, reps: u32) -> anyhow::Re
         "fraction of the limit",
         None,
     );
-    Ok(())
-}
-
-fn translation(r: &mut Report, mmu: MmuKind, pages: u64, reps: u32) -> anyhow::Result<()> {
-    let tlb = 2048usize.min((pages / 4) as usize).max(1);
-    let mut g = populated(mmu, AgingMode::Lockless, pages, tlb)?;
-    let warm_pages = (tlb / 2) as u64;
-    let warm_loops = (pages / warm_pages).max(1) * 4;
-    let raw: Vec<AtomicU64> = (0..pages * 8).map(|_| AtomicU64::new(1)).collect();
-    let tree = rawwalk::RawTree::new(guest::GUEST_GPA / PAGE_SIZE, pages);
-    let (mut warm, mut miss, mut raw_warm, mut raw_miss, mut miss_frac) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut raw_walk = Vec::new();
-    r.config
-        .push(("raw_walk_tables", tree.tables().to_string()));
-    for _ in 0..reps {
-        let v = &mut g.vcpus[0];
-        black_box(touch_read(v, warm_pages, 1)?);
-        let t = Instant::now();
-        for _ in 0..warm_loops {
-            black_box(touch_read(v, warm_pages, 1)?);
-        }
-        warm.push(per_sec(warm_pages * warm_loops, t) / 1e6);
-
-        let m0 = v.stats().tlb_misses;
-        let t = Instant::now();
-        black_box(touch_read(v, pages, 1)?);
-        miss.push(per_sec(pages, t) / 1e6);
-        miss_frac.push((v.stats().tlb_misses - m0) as f64 * 100.0 / pages as f64);
-
-        // The limit: a raw load of one word per page-sized stride (64 B here: a distinct line per
-        // access, as the frame reads are), hot set and whole range.
-        let t = Instant::now();
-        let mut sum = 0u64;
-        for _ in 0..warm_loops {
-            for p in 0..warm_pages as usize {
-                // ORDERING: Relaxed: a plain load is the limit being measured.
-                sum = sum.wrapping_add(raw[p * 8].load(Ordering::Relaxed));
-            }
-        }
-        black_box(sum);
-        raw_warm.push(per_sec(warm_pages * warm_loops, t) / 1e6);
-        let t = Instant::now();
-        for p in 0..pages as usize {
-            // ORDERING: Relaxed: as above.
-            sum = sum.wrapping_add(raw[p * 8].load(Ordering::Relaxed));
-        }
-        black_box(sum);
-        raw_miss.push(per_sec(pages, t) / 1e6);
-
-        // The raw-walk limit: the same gfns through a 4-level tree of the TDP geometry, walked by
-        // a bare loop, then the word the leaf names (rawwalk.rs).
-        let t = Instant::now();
-        black_box(tree.walk_all());
-        raw_walk.push(per_sec(pages, t) / 1e6);
-    }
-    let w = r.figure("translation", "kvmmu warm TLB", "M accesses/s", warm);
-    let m = r.figure("translation", "kvmmu TLB miss (walk)", "M accesses/s", miss);
-    r.figure(
-        "translation",
-        "kvmmu TLB-miss run: accesses that missed",
-        "%",
-        miss_frac,
-    );
-    let rw = r.figure(
-        "translation",
-        "raw load, hot set (limit)",
-        "M loads/s",
-        raw_warm,
-    );
-    let rm = r.figure(
-        "translation",
-        "raw load, whole range (limit)",
-        "M loads/s",
-        raw_miss,
-    );
-    r.ratio(
-        "warm-TLB accesses/s per vCPU (M)",
-        w,
-        "absolute, millions per second",
-        Some((100.0, true)),
-    );
-    r.ratio(
-        "TLB-miss accesses/s per vCPU (M)",
-        m,
-        "absolute, millions per second",
-        Some((30.0, true)),
-    );
-    let rwk = r.figure(
-        "translation",
-        "raw 4-level walk + load (limit)",
-        "M walks/s",
-        raw_walk,
-    );
-    r.ratio(
-        "warm TLB / raw load",
-        w / rw,
-        "fraction of the limit",
-        Some((0.15, true)),
-    );
-    r.ratio("TLB miss / raw load", m / rm, "fraction of the limit", None);
-    r.ratio(
-        "TLB miss / raw 4-level walk",
-        m / rwk,
-        "fraction of the raw-walk limit",
-        Some((0.2, true)),
-    );
-    drop(g.vcpus);
-    g.vm.shutdown();
     Ok(())
 }
 
