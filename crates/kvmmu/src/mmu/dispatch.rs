@@ -163,8 +163,9 @@ impl Mmu {
 
     /// The simulated CPU's page walk for `gfn` through `root`, setting A (and D on a write), with
     /// no lock, no RCU and no SRCU. On a hit it also returns the host page the frame must back
-    /// per the owner recorded at install, where one was (TDP leaves installed by a fault; `None`
-    /// otherwise: the caller checks the memslots then; G3 in docs/locking.md).
+    /// per the owner recorded at install, where one was (leaves installed by a fault, and split or
+    /// recovered from such leaves, in both MMUs; `None` otherwise: the caller checks the memslots
+    /// then; G3-G5 in docs/locking.md).
     ///
     /// # Safety
     /// The caller is a vCPU in guest mode that acknowledges remote TLB flushes only at instruction
@@ -180,7 +181,7 @@ impl Mmu {
             // SAFETY: this function's contract (G1).
             MmuRoot::Tdp(root) => unsafe { self.tdp.guest_walk(root, gfn, write) },
             // SAFETY: this function's contract (shadow S2).
-            MmuRoot::Shadow(root) => (unsafe { self.shadow.hardware_walk(root, gfn, write) }, None),
+            MmuRoot::Shadow(root) => unsafe { self.shadow.hardware_walk(root, gfn, write) },
         }
     }
 
@@ -188,8 +189,8 @@ impl Mmu {
     /// (read for TDP, write for shadow), runs `precheck` under it (the caller's retry rule; an
     /// `Err` is returned as is and nothing is installed), retries if `root` was invalidated, and
     /// installs the leaf. `rmaps` are the memslot's rmap arrays (required by the shadow MMU).
-    /// `host_page` is the host page (`hva >> 12`) that `req.pfn` backs, recorded beside a TDP leaf
-    /// as its owner (G3 in docs/locking.md; `None` records none).
+    /// `host_page` is the host page (`hva >> 12`) that `req.pfn` backs, recorded beside the leaf
+    /// as its owner (G3 in docs/locking.md for TDP, G5 for shadow; `None` records none).
     ///
     /// # Panics
     /// If the shadow MMU is given no rmaps (a VM-layer bug: shadow memslots always have them).
@@ -228,7 +229,9 @@ impl Mmu {
                         req.gfn
                     );
                 };
-                Ok(self.shadow.map(root, req, rmaps, mmu.witness(), flusher))
+                Ok(self
+                    .shadow
+                    .map_owned(root, req, host_page, rmaps, mmu.witness(), flusher))
             }
         }
     }

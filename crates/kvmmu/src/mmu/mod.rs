@@ -19,6 +19,7 @@ pub mod access_track;
 pub mod hugepage;
 #[cfg(feature = "test-hooks")]
 mod inject;
+mod owner;
 pub mod shadow;
 pub mod spte;
 pub mod tdp;

@@ -35,6 +35,25 @@ impl ShadowMmu {
         mmu: &MmuWrite,
         flush: &impl RemoteTlbFlush,
     ) -> FaultOutcome {
+        self.map_owned(root, req, None, rmaps, mmu, flush)
+    }
+
+    /// [`ShadowMmu::map`], recording beside a newly installed leaf the host page (`hva >> 12`)
+    /// that `req.pfn` backs (`host_page`, from the fault's GUP), so that a vCPU's guest-mode fill
+    /// of the leaf can check its frame without SRCU or the memslots (G5 in docs/locking.md;
+    /// `None` records "unknown", and those fills check the memslots).
+    ///
+    /// # Panics
+    /// As [`ShadowMmu::map`].
+    pub fn map_owned(
+        &self,
+        root: &ShadowRoot,
+        req: &MapRequest,
+        host_page: Option<u64>,
+        rmaps: &SlotRmaps,
+        mmu: &MmuWrite,
+        flush: &impl RemoteTlbFlush,
+    ) -> FaultOutcome {
         assert!(
             root.belongs_to(self),
             "map: the root belongs to another ShadowMmu"
@@ -80,7 +99,7 @@ impl ShadowMmu {
                             "kvmmu bug: map of gfn {gfn:#x} with the rmaps of a memslot not covering it"
                         );
                     };
-                    return self.set_leaf(sp, req, level, old, rmap, mmu, flush);
+                    return self.set_leaf(sp, req, host_page, level, old, rmap, mmu, flush);
                 }
                 // A shadow page where the huge leaf would go: serve the fault below it.
                 target = level.down().unwrap_or(Level::L4K);
@@ -127,6 +146,7 @@ impl ShadowMmu {
         &self,
         sp: SpPtr,
         req: &MapRequest,
+        host_page: Option<u64>,
         level: Level,
         old: Spte,
         rmap: &RmapHead,
@@ -174,8 +194,22 @@ impl ShadowMmu {
                 upgrade_leaf(sptep, old, new, req.write_fault)
             }
             SpteKind::NonPresent => {
+                // The owner word beside the leaf (G5), written even when unknown so that no word
+                // of an earlier leaf in this slot survives. (A present leaf keeps its pfn, P3, so
+                // the upgrades above keep the word of their own install.)
+                if let Some(word) = page.owner_word(index(gfn, level)) {
+                    let offset = gfn - crate::geometry::align_down(gfn, level);
+                    // ORDERING: Relaxed: published by the leaf's Release store below, which a
+                    // vCPU's Acquire load of the leaf pairs with (G5); under `mmu_lock` write no
+                    // other install writes this word.
+                    word.store(
+                        crate::mmu::owner::for_leaf(host_page, offset, pfn.raw()),
+                        Ordering::Relaxed,
+                    );
+                }
                 // ORDERING: Release, so a vCPU that Acquire-loads the leaf sees what we saw before
-                // installing it (the host's initialisation of the frame, via GUP).
+                // installing it (the host's initialisation of the frame, via GUP) and the owner
+                // word above.
                 sptep.store(new, Ordering::Release);
                 add(&self.inner.counters.leaves_installed, 1);
                 self.inner.pages.install(level);

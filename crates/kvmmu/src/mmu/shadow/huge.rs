@@ -142,6 +142,16 @@ impl ShadowMmu {
                 if !full && !empty {
                     continue;
                 }
+                // The huge leaf's owner word (G5, as TDP's G4): the children's claims if they
+                // form one run, else unknown; read before the page is unlinked.
+                let owner = crate::mmu::owner::recovered(
+                    crate::geometry::ENTRIES,
+                    child_level.pages(),
+                    base,
+                    // ORDERING: Relaxed: under `mmu_lock` write no install races us; each word
+                    // was written before its leaf, which we read above.
+                    |i| page.owner_word(i).map_or(0, |w| w.load(Ordering::Relaxed)),
+                );
                 // Unlinks the page (the parent SPTE becomes non-present) and takes its leaves
                 // off their rmaps; the page is freed after the batch's flush (S1).
                 self.prepare_zap(&mut state, child, &sets, mmu, &mut invalid);
@@ -156,12 +166,15 @@ impl ShadowMmu {
                 let Some(rmap) = rmaps.get(Gfn::new(b), level) else {
                     continue;
                 };
-                // ORDERING: Release, as a fault's install: a vCPU that Acquire-loads the leaf sees
-                // what this thread saw of the frames (spte.rs O2).
                 // SAFETY: the parent page is live under `mmu_lock` write (S1).
-                unsafe { parent_sp.get() }
-                    .entry(b)
-                    .store(huge, Ordering::Release);
+                let parent = unsafe { parent_sp.get() };
+                if let Some(word) = parent.owner_word(crate::geometry::index(b, level)) {
+                    // ORDERING: Relaxed: published by the leaf's Release store below (G5).
+                    word.store(owner, Ordering::Relaxed);
+                }
+                // ORDERING: Release, as a fault's install: a vCPU that Acquire-loads the leaf sees
+                // what this thread saw of the frames (spte.rs O2) and the owner word.
+                parent.entry(b).store(huge, Ordering::Release);
                 // SAFETY: the parent page is live under `mmu_lock` write; the SPTE leaves this
                 // rmap before the page is freed (prepare-zap of the parent, S1).
                 // Under the leaf name (a direct page's leaves are tagged: `SpPtr::leaf_sptep`), the

@@ -42,6 +42,10 @@ pub(crate) struct ShadowPage {
     /// Indirect 4K-level pages only (`shadowed_translation`): the L1 gfn each leaf maps, written
     /// under `mmu_lock` write before the leaf is published (`nested/`, N1).
     shadowed: Option<Box<[AtomicU64; ENTRIES]>>,
+    /// Direct pages only: the owner word of each entry's leaf (`mmu/owner.rs`; G5 in
+    /// docs/locking.md), written under `mmu_lock` write before the leaf is published and read by
+    /// a vCPU's guest-mode walk after its `Acquire` load of the leaf.
+    owners: Option<Box<[AtomicU64; ENTRIES]>>,
     /// Indirect pages only: L1 writes to the shadowed table since a fault last used the page
     /// (`write_flooding_count`); changed under `mmu_lock` write.
     pub(crate) write_flooding_count: AtomicU32,
@@ -91,6 +95,12 @@ impl ShadowPage {
         // ORDERING: see `leaf_gfn`.
         s[i].store(gfn.raw(), Ordering::Relaxed);
     }
+    /// The owner word of entry `i` of a direct page (`None` on an indirect page, whose leaves
+    /// record none: their fills check the L1 gfn's memslot).
+    #[inline]
+    pub(crate) fn owner_word(&self, i: usize) -> Option<&AtomicU64> {
+        self.owners.as_deref().map(|o| &o[i])
+    }
     /// True once prepare-zap ran on the page.
     #[inline]
     pub(crate) fn is_invalid(&self) -> bool {
@@ -121,6 +131,9 @@ impl SpPtr {
             root_count: AtomicUsize::new(root_count),
             invalid: AtomicBool::new(false),
             shadowed: (!role.direct && role.level == Level::L4K)
+                .then(|| Box::new(core::array::from_fn(|_| AtomicU64::new(0)))),
+            owners: role
+                .direct
                 .then(|| Box::new(core::array::from_fn(|_| AtomicU64::new(0)))),
             write_flooding_count: AtomicU32::new(0),
         });

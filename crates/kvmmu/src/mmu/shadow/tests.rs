@@ -419,3 +419,132 @@ fn an_rmap_past_the_recycle_threshold_is_zapped_and_flushed() {
     drop(root);
     assert_eq!(mmu.stats().rmap.live_descriptors(), 0);
 }
+
+/// The guest-mode walk's view of `gfn`: the frame and the host page the leaf's installer
+/// recorded for it (G5).
+fn walk_owner(mmu: &ShadowMmu, root: &ShadowRoot, g: u64) -> (Option<Pfn>, Option<u64>) {
+    // SAFETY: single-threaded test: nothing zaps or frees a page during the walk (S2).
+    let (hit, owner) = unsafe { mmu.hardware_walk(root, Gfn::new(g), false) };
+    match hit {
+        crate::mmu::HwWalk::Hit { pfn, .. } => (Some(pfn), owner),
+        _ => (None, owner),
+    }
+}
+
+#[test]
+fn a_fault_records_the_host_page_of_its_frame_and_the_guest_walk_returns_it_for_that_leaf_only() {
+    let mmu = ShadowMmu::new(1);
+    let lock = MmuLock::new();
+    let slot =
+        OneSlot(SlotRmaps::new(GfnRange::new(Gfn::new(0), Gfn::new(GFNS)).unwrap()).unwrap());
+    let mut w = lock.write();
+    let root = mmu.get_root(AsId::new(0), w.witness());
+    // gfn 3 with an owner, gfn 4 without (a direct `map` caller records none).
+    let out = mmu.map_owned(
+        &root,
+        &req(3, true),
+        Some(7003),
+        &slot.0,
+        w.witness(),
+        &NoFlush,
+    );
+    assert_eq!(out, FaultOutcome::Fixed);
+    assert_eq!(
+        mmu.map(&root, &req(4, true), &slot.0, w.witness(), &NoFlush),
+        FaultOutcome::Fixed
+    );
+    assert_eq!(
+        walk_owner(&mmu, &root, 3),
+        (Some(Pfn::new(103)), Some(7003))
+    );
+    assert_eq!(walk_owner(&mmu, &root, 4), (Some(Pfn::new(104)), None));
+    assert_eq!(
+        walk_owner(&mmu, &root, 5),
+        (None, None),
+        "no leaf, no owner"
+    );
+    // Zap gfn 3 and map it to another frame without an owner: the old word must not describe
+    // the new leaf.
+    let _ = mmu.zap_gfn_range(
+        &slot.0,
+        GfnRange::new(Gfn::new(3), Gfn::new(4)).unwrap(),
+        &mut w,
+        false,
+        &NoFlush,
+    );
+    let other = MapRequest {
+        pfn: Pfn::new(900),
+        ..req(3, true)
+    };
+    assert_eq!(
+        mmu.map(&root, &other, &slot.0, w.witness(), &NoFlush),
+        FaultOutcome::Fixed
+    );
+    assert_eq!(walk_owner(&mmu, &root, 3), (Some(Pfn::new(900)), None));
+    mmu.zap_all(&slot, w.witness()).commit(&NoFlush);
+}
+
+#[test]
+fn a_huge_leaf_claims_consecutive_host_pages_and_recovery_keeps_a_run_of_claims() {
+    let mmu = ShadowMmu::new(1);
+    let lock = MmuLock::new();
+    let slot =
+        OneSlot(SlotRmaps::new(GfnRange::new(Gfn::new(0), Gfn::new(GFNS)).unwrap()).unwrap());
+    let w = lock.write();
+    let root = mmu.get_root(AsId::new(0), w.witness());
+    // A 2M leaf for the block at gfn 512, faulted on gfn 519 whose frame backs host page 9000.
+    let huge = MapRequest {
+        gfn: Gfn::new(519),
+        pfn: Pfn::new(4096 + 7),
+        level: Level::L2M,
+        ..req(519, true)
+    };
+    assert_eq!(
+        mmu.map_owned(&root, &huge, Some(9000), &slot.0, w.witness(), &NoFlush),
+        FaultOutcome::Fixed
+    );
+    assert_eq!(
+        walk_owner(&mmu, &root, 512),
+        (Some(Pfn::new(4096)), Some(8993))
+    );
+    assert_eq!(
+        walk_owner(&mmu, &root, 1023),
+        (Some(Pfn::new(4096 + 511)), Some(8993 + 511))
+    );
+    // The block at gfn 0: 512 4K leaves on one run of frames and host pages, then recovered in
+    // place into one 2M leaf, which keeps the run; a block with one leaf lacking an owner
+    // (gfn 1024 + 5) recovers into a leaf without one.
+    for base in [0u64, 1024] {
+        for g in base..base + 512 {
+            let r = MapRequest {
+                pfn: Pfn::new(8192 + g),
+                ..req(g, true)
+            };
+            let owner = (g != 1029).then_some(20_000 + g);
+            assert_eq!(
+                mmu.map_owned(&root, &r, owner, &slot.0, w.witness(), &NoFlush),
+                FaultOutcome::Fixed
+            );
+        }
+    }
+    let (formed, batch) = mmu.recover_huge_in_place(
+        AsId::new(0),
+        &slot.0,
+        GfnRange::new(Gfn::new(0), Gfn::new(GFNS)).unwrap(),
+        |_, level| level == Level::L2M,
+        w.witness(),
+    );
+    batch.commit(&NoFlush);
+    assert_eq!(formed, 2, "both 4K blocks recovered");
+    assert_eq!(
+        walk_owner(&mmu, &root, 0),
+        (Some(Pfn::new(8192)), Some(20_000))
+    );
+    assert_eq!(
+        walk_owner(&mmu, &root, 300),
+        (Some(Pfn::new(8492)), Some(20_300))
+    );
+    assert_eq!(walk_owner(&mmu, &root, 1024), (Some(Pfn::new(9216)), None));
+    assert_eq!(walk_owner(&mmu, &root, 1029), (Some(Pfn::new(9221)), None));
+    mmu.zap_all(&slot, w.witness()).commit(&NoFlush);
+}
