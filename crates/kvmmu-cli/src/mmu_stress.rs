@@ -20,7 +20,7 @@
 //! is dead after `release` and its page-table pages were all freed.
 
 use crate::report::{Report, progress};
-use crate::vcpus::{PhaseTime, Span};
+use crate::vcpus::Span;
 use crate::{AgingArg, MmuArg, OutputArgs, size, vm_config};
 use anyhow::{Context, anyhow, bail, ensure};
 use clap::Args;
@@ -28,8 +28,10 @@ use kvmmu::PAGE_SIZE;
 use kvmmu::prelude::*;
 use kvmmu::{GupError, HostError, MAX_FRAMES};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+mod rendezvous;
+use rendezvous::{AbortOnDrop, Rendezvous, stage_times, wait_all_hit};
 
 /// Guest physical address of slot 1.
 const BASE_GPA: u64 = 1 << 32;
@@ -114,85 +116,6 @@ pub type WriteProtect<'a> = &'a (dyn Fn(&HostMm, Hva, u64) -> Result<(), HostErr
 /// The normal write-protect: `mprotect(PROT_READ)`.
 pub fn mprotect_read_only(host: &HostMm, hva: Hva, len: u64) -> Result<(), HostError> {
     host.mprotect(hva, len, Prot::READ)
-}
-
-/// A rendezvous of `parties` threads that any party can abort (so a failing vCPU never leaves the
-/// others waiting): the selftest's sign-flipping counter, with a condition variable.
-struct Rendezvous {
-    parties: usize,
-    state: Mutex<(u64, usize, bool)>,
-    cv: Condvar,
-}
-
-impl Rendezvous {
-    fn new(parties: usize) -> Rendezvous {
-        Rendezvous {
-            parties,
-            state: Mutex::new((0, 0, false)),
-            cv: Condvar::new(),
-        }
-    }
-
-    fn wait(&self) -> anyhow::Result<()> {
-        let mut s = self
-            .state
-            .lock()
-            .map_err(|_| anyhow!("rendezvous poisoned"))?;
-        if s.2 {
-            bail!("aborted: another thread failed");
-        }
-        let generation = s.0;
-        s.1 += 1;
-        if s.1 == self.parties {
-            s.0 += 1;
-            s.1 = 0;
-            self.cv.notify_all();
-            return Ok(());
-        }
-        while s.0 == generation && !s.2 {
-            s = self
-                .cv
-                .wait(s)
-                .map_err(|_| anyhow!("rendezvous poisoned"))?;
-        }
-        if s.0 == generation {
-            bail!("aborted: another thread failed");
-        }
-        Ok(())
-    }
-
-    /// [`Rendezvous::wait`], recording on the calling thread when it arrived and when it left.
-    fn wait_marked(&self, marks: &mut Vec<Span>) -> anyhow::Result<()> {
-        let start = Instant::now();
-        self.wait()?;
-        marks.push(Span {
-            start,
-            end: Instant::now(),
-        });
-        Ok(())
-    }
-
-    fn is_aborted(&self) -> bool {
-        self.state.lock().map_or(true, |s| s.2)
-    }
-
-    fn abort(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.2 = true;
-        }
-        self.cv.notify_all();
-    }
-}
-
-/// Aborts the rendezvous when dropped unless disarmed: covers early returns and panics.
-struct AbortOnDrop<'a>(&'a Rendezvous, bool);
-
-impl Drop for AbortOnDrop<'_> {
-    fn drop(&mut self) {
-        if !self.1 {
-            self.0.abort();
-        }
-    }
 }
 
 struct Shared {
@@ -342,26 +265,6 @@ fn vcpu_thread(
     }
     rv.wait_marked(marks)?;
     Ok(())
-}
-
-/// Waits (sleeping, bounded by [`MAX_WAIT_MS`] iterations) until every vCPU saw the EFAULT exit.
-fn wait_all_hit(i: usize, sh: &Shared, rv: &Rendezvous) -> anyhow::Result<()> {
-    for _ in 0..MAX_WAIT_MS {
-        // ORDERING: Acquire pairs with the Release of the last vCPU to hit the fault.
-        if sh.all_hit_ro.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        if rv.is_aborted() {
-            bail!("aborted: another thread failed");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    bail!(
-        "check 'every vCPU sees the EFAULT exit' failed: vCPU {i} waited {MAX_WAIT_MS} ms after \
-         its own; {} of {} vCPUs hit it",
-        sh.nr_ro_faults.load(Ordering::Acquire),
-        sh.vcpus
-    )
 }
 
 fn validate(a: &StressArgs) -> anyhow::Result<u64> {
@@ -760,26 +663,6 @@ pub fn run_with(a: &StressArgs, write_protect: WriteProtect<'_>) -> anyhow::Resu
     Ok(r)
 }
 
-/// The stages between consecutive rendezvous: stage `k` runs from the earliest time a participant
-/// left rendezvous `k` to the latest time one arrived at rendezvous `k + 1`, every instant read by
-/// the participant itself; each participant's own share is its leave-to-arrive interval.
-fn stage_times(marks: &[Vec<Span>], stages: usize) -> Vec<PhaseTime> {
-    (0..stages)
-        .map(|k| {
-            let spans: Vec<Span> = marks
-                .iter()
-                .filter_map(|m| {
-                    Some(Span {
-                        start: m.get(k)?.end,
-                        end: m.get(k + 1)?.start,
-                    })
-                })
-                .collect();
-            PhaseTime::from_spans(&spans)
-        })
-        .collect()
-}
-
 /// Runs the test as the selftest does.
 pub fn run(a: &StressArgs) -> anyhow::Result<Report> {
     run_with(a, &mprotect_read_only)
@@ -799,119 +682,4 @@ pub fn main(cmd: &StressCommand) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args() -> StressArgs {
-        StressArgs {
-            vcpus: 2,
-            max_mem: 4 << 20,
-            slot_size: 1 << 20,
-            mmu: MmuArg::Tdp,
-            aging: AgingArg::Lockless,
-            age: false,
-            tlb_entries: 64,
-            reclaim: false,
-            limit: None,
-            hugepages: false,
-            nested: false,
-        }
-    }
-
-    #[test]
-    fn every_stage_passes_with_the_vcpus_in_l2_on_both_mmus() {
-        for mmu in [MmuArg::Tdp, MmuArg::Shadow] {
-            let mut a = args();
-            a.nested = true;
-            a.mmu = mmu;
-            a.age = true;
-            let r = run(&a).unwrap();
-            assert!(r.passed, "{mmu:?}: {}", r.failures());
-            assert!(r.counts["indirect_shadow_pages"] > 0);
-        }
-    }
-
-    #[test]
-    fn with_hugepages_every_stage_passes_and_run_1_maps_2m_leaves() {
-        for mmu in [MmuArg::Tdp, MmuArg::Shadow] {
-            let mut a = args();
-            a.hugepages = true;
-            a.mmu = mmu;
-            a.slot_size = 4 << 20;
-            a.max_mem = 8 << 20;
-            let r = run(&a).unwrap();
-            assert!(r.passed, "{mmu:?}: {}", r.failures());
-            // Two slots alias the 4M buffer: 2 x 2 huge pages.
-            assert_eq!(r.counts["pages_2m_after_run_1"], 4, "{mmu:?}");
-            assert_eq!(r.config["backing_src"], "anonymous_hugetlb_2mb");
-        }
-    }
-
-    #[test]
-    fn hugepages_need_a_2m_multiple_slot_size() {
-        let mut a = args();
-        a.hugepages = true;
-        a.slot_size = 3 << 20;
-        let e = run(&a).unwrap_err().to_string();
-        assert!(e.contains("multiple of 2M"), "{e}");
-    }
-
-    #[test]
-    fn every_stage_passes_under_a_memory_limit_with_reclaim() {
-        let mut a = args();
-        a.reclaim = true;
-        a.limit = Some(512 << 10);
-        let r = run(&a).unwrap();
-        assert!(r.passed, "{}", r.failures());
-        assert!(r.counts["evicted"] > 0 && r.counts["refaults"] > 0);
-        a.limit = Some(2 << 20);
-        assert!(run(&a).unwrap_err().to_string().contains("--limit"));
-    }
-
-    #[test]
-    fn bad_flags_are_refused_before_running() {
-        let mut a = args();
-        a.vcpus = 0;
-        assert!(run(&a).unwrap_err().to_string().contains("--vcpus"));
-        let mut a = args();
-        a.slot_size = 12345;
-        assert!(run(&a).unwrap_err().to_string().contains("multiple of 4K"));
-        let mut a = args();
-        a.max_mem = 1 << 19;
-        assert!(
-            run(&a)
-                .unwrap_err()
-                .to_string()
-                .contains("at least one slot")
-        );
-        let mut a = args();
-        a.slot_size = 1 << 42;
-        a.max_mem = 1 << 43;
-        assert!(run(&a).unwrap_err().to_string().contains("frame arena"));
-    }
-
-    #[test]
-    fn slots_fill_max_mem_and_aliases_pass_every_check() {
-        let r = run(&args()).unwrap();
-        assert!(r.passed, "{}", r.failures());
-        assert_eq!(r.counts["slots"], 4);
-        assert_eq!(r.counts["guest_pages"], 4 * 256);
-    }
-
-    #[test]
-    fn rendezvous_abort_releases_waiters() {
-        let rv = Rendezvous::new(3);
-        std::thread::scope(|s| {
-            let h = s.spawn(|| rv.wait());
-            // Aborting while one party waits must wake it with an error.
-            for _ in 0..1_000_000 {
-                if rv.state.lock().unwrap().1 == 1 {
-                    break;
-                }
-                std::thread::yield_now();
-            }
-            rv.abort();
-            assert!(h.join().unwrap().is_err());
-        });
-    }
-}
+mod tests;
