@@ -129,6 +129,11 @@ pub struct TortureConfig {
     /// Forced yield period (0 = off) in the TDP fault, age and zap paths and at the rmap hook
     /// sites (bit-lock acquire, bit held, lockless aging); needs `test-hooks`.
     pub yield_period: u32,
+    /// Forced yield period (0 = off) inside a vCPU's guest-mode TDP walk, between loading a table
+    /// link and reading the child table (`kvmmu::internals::mmu::tdp::hooks`); needs `test-hooks`.
+    /// Widens the window in which a zap unlinks a table a walk is about to read (G1 in
+    /// docs/locking.md).
+    pub walk_yield_period: u32,
     /// Backing of guest memory: `Anonymous` or `AnonymousThp` (THP: the host actor's partial
     /// munmap/mprotect/madvise then split THPs; re-created ranges are advised huge again).
     /// hugetlb is refused: the host actor's random ranges would cut its pages.
@@ -189,6 +194,7 @@ impl Default for TortureConfig {
             stall_timeout: Duration::from_secs(20),
             cas_failure_period: 0,
             yield_period: 0,
+            walk_yield_period: 0,
             backing: crate::host::BackingSrc::Anonymous,
             nested: false,
             live: None,
@@ -211,7 +217,10 @@ pub enum TortureError {
         why: &'static str,
     },
     /// Fault injection was asked for in a build without feature `test-hooks`.
-    #[error("cas_failure_period / yield_period need kvmmu built with feature test-hooks")]
+    #[error(
+        "cas_failure_period / yield_period / walk_yield_period need kvmmu built with feature \
+         test-hooks"
+    )]
     HooksUnavailable,
     /// The host could not be set up.
     #[error("host set-up failed: {0}")]
@@ -351,7 +360,9 @@ impl TortureConfig {
         ) {
             return bad("backing", "must be anonymous or anonymous_thp");
         }
-        if cfg!(not(feature = "test-hooks")) && (self.cas_failure_period | self.yield_period) != 0 {
+        if cfg!(not(feature = "test-hooks"))
+            && (self.cas_failure_period | self.yield_period | self.walk_yield_period) != 0
+        {
             return Err(TortureError::HooksUnavailable);
         }
         self.vm_config().validate()?;
@@ -382,6 +393,7 @@ fn set_hooks(cfg: &TortureConfig) {
     use crate::mmu::tdp::hooks as tdp;
     tdp::set_cas_failure_period(cfg.cas_failure_period);
     tdp::set_yield_period(cfg.yield_period);
+    tdp::set_walk_yield_period(cfg.walk_yield_period);
     rmap::set_cas_failure_period(cfg.cas_failure_period);
     rmap::set_yield_period(cfg.yield_period);
 }

@@ -21,6 +21,9 @@ static CAS_TICKS: AtomicU64 = AtomicU64::new(0);
 static YIELD_TICKS: AtomicU64 = AtomicU64::new(0);
 static CAS_FORCED: AtomicU64 = AtomicU64::new(0);
 static YIELDS_FORCED: AtomicU64 = AtomicU64::new(0);
+static WALK_YIELD_PERIOD: AtomicU32 = AtomicU32::new(0);
+static WALK_YIELD_TICKS: AtomicU64 = AtomicU64::new(0);
+static WALK_YIELDS_FORCED: AtomicU64 = AtomicU64::new(0);
 
 /// Makes every `period`-th SPTE compare-and-swap of a fault (table link or leaf install) fail as
 /// if it lost a race; `0` turns injection off. Process-wide.
@@ -36,6 +39,23 @@ pub fn set_yield_period(period: u32) {
     YIELD_PERIOD.store(period, Ordering::Relaxed);
 }
 
+/// Makes every `period`-th step of a vCPU's guest-mode walk (`guest_walk`) from a table down to
+/// the child table it links call `yield_now` between loading the link and reading the child;
+/// `0` turns injection off. Process-wide, separate from [`set_yield_period`] so that a torture run
+/// can preempt walks often without slowing every other site. A preemption there is one a real
+/// thread can suffer anyway; it widens the window in which a zap can unlink (and, if broken,
+/// free) the child while the walk still holds its address (G1 in docs/locking.md).
+pub fn set_walk_yield_period(period: u32) {
+    // ORDERING: Relaxed: a tuning knob; no data is published through it.
+    WALK_YIELD_PERIOD.store(period, Ordering::Relaxed);
+}
+
+/// How many yields have been injected into guest-mode walks so far (process-wide).
+pub fn walk_yields() -> u64 {
+    // ORDERING: Relaxed: statistics.
+    WALK_YIELDS_FORCED.load(Ordering::Relaxed)
+}
+
 /// How many CAS failures and yields have been injected so far (process-wide).
 pub fn injected() -> (u64, u64) {
     // ORDERING: Relaxed: statistics.
@@ -48,6 +68,14 @@ pub fn injected() -> (u64, u64) {
 /// True if this CAS must be treated as lost (hook site in `map`).
 pub(super) fn force_cas_failure() -> bool {
     tick(&CAS_FAIL_PERIOD, &CAS_TICKS, &CAS_FORCED)
+}
+
+/// Yields the thread if this step of a guest-mode walk is chosen (hook site in `guest_walk`).
+#[inline]
+pub(super) fn maybe_yield_in_walk() {
+    if tick(&WALK_YIELD_PERIOD, &WALK_YIELD_TICKS, &WALK_YIELDS_FORCED) {
+        crate::sync::yield_now();
+    }
 }
 
 /// Yields the thread if this pass is chosen (hook sites in `map`, the ager and the zap).

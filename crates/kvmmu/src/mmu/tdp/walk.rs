@@ -161,6 +161,8 @@ impl TdpMmu {
                     return (hit, Owners::expected_host_page(word, base_pfn, pfn.raw()));
                 }
                 SpteKind::Table => {
+                    #[cfg(feature = "test-hooks")]
+                    super::hooks::maybe_yield_in_walk();
                     table = TablePtr::from_spte(spte);
                     level = level
                         .down()
