@@ -208,3 +208,41 @@ fn munmap_of_one_vma_inside_a_thp_splits_it_and_keeps_the_charge_exact() {
     assert_eq!(exact(&host, "munmap of the last VMA"), 0);
     assert_eq!(host.arena().stats().allocated, 0);
 }
+
+#[test]
+fn page_outs_racing_thp_installs_never_uncharge_a_huge_page_frame() {
+    // Race r5 (docs/locking.md) under real threads: one thread discards and re-faults a whole THP
+    // (512 PTE stores, then the marker) while another pages out its first pages. Whatever the
+    // interleaving, a page of a huge page is never evicted, so no uncharge is refused and the
+    // charge stays 0. Bounded on both sides; no timing assumption.
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let host = host();
+    enable(&host);
+    let hva = thp(&host, HUGE);
+    let done = Arc::new(AtomicBool::new(false));
+    let evictor = {
+        let (host, done) = (host.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut evicted = 0;
+            for i in 0..2_000_000u64 {
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                evicted += host.page_out(hva_of(hva, i % 4), PAGE).unwrap();
+            }
+            evicted
+        })
+    };
+    for round in 0..1_000u64 {
+        host.madvise_dontneed(hva, HUGE * PAGE).unwrap();
+        host.write_u64(hva_of(hva, 300), round).unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    let evicted = evictor.join().unwrap();
+    assert_eq!(evicted, 0, "no page of a THP was evicted");
+    assert_eq!(exact(&host, "after the race"), 0);
+    host.release();
+    assert_eq!(exact(&host, "release"), 0);
+    assert_eq!(host.arena().stats().stale_accesses, 0);
+}
