@@ -77,8 +77,8 @@ pub use host::{
 };
 #[cfg(not(loom))]
 pub use host::{
-    BackingSrc, MIN_LIMIT_FRAMES, ReclaimAging, ReclaimConfig, ReclaimError, ReclaimStats,
-    UnknownBackingSrc,
+    BackingSrc, ChargeUnderflow, MIN_LIMIT_FRAMES, ReclaimAging, ReclaimConfig, ReclaimError,
+    ReclaimStats, UnknownBackingSrc,
 };
 pub use sync::guest_mode::InGuestMode;
 #[cfg(not(loom))]

@@ -4,11 +4,15 @@
 //! splits, under the vCPUs' huge leaves; every oracle must pass, the data oracle above all (DESIGN
 //! invariant 6). Before R5/R6 held, every configuration here failed with Data violations.
 //!
-//! Ignored in the default run for now: one CI run of four (`tdp_lockless_...`, seed 0x7e8) found the
-//! reclaim charge counter wrapped below zero (a debug overflow panic in `Reclaim::try_charge`, called
-//! from the THP 4K fallback), i.e. some path uncharges a frame it never charged. The deterministic
-//! R5/R6 tests in `tests/reclaim_thp.rs` still run. Reproduce with
-//! `cargo test -p kvmmu --test torture_reclaim_thp -- --ignored` (repeat under load).
+//! Once ignored for a rare charge underflow (CI, `tdp_lockless_...`, seed 0x7e8: "attempt to add
+//! with overflow" in `Reclaim::try_charge` from the THP 4K fallback). The cause: an eviction
+//! checked a page under `mmap_lock` read while a THP install (also under `mmap_lock` read) had
+//! stored the page's PTE but not yet the span's marker, then evicted it under `mmap_lock` write
+//! without looking again: a frame out of a live THP was freed and uncharged though huge pages are
+//! never charged, wrapping the charge to `u64::MAX`, which `then_some(c + 1)` then overflowed.
+//! Deterministic tests: `tests/reclaim_charge.rs` and `host::reclaim::tests` (the eviction seam).
+//! The teardown oracle now also fails a run whose charge is not 0 after `release` or which
+//! refused an uncharge (docs/locking.md C1, C6).
 
 use kvmmu::internals::config::{AgingMode, MmuKind};
 use kvmmu::internals::host::BackingSrc;
@@ -47,25 +51,21 @@ fn assert_passes(mmu: MmuKind, aging: AgingMode, seeds: [u64; 3]) {
 }
 
 #[test]
-#[ignore = "open bug: under load the reclaim memory charge can underflow in this configuration (charged wrapped below 0: more uncharges than charges; seen once in two CI runs, 0 in 25 local runs); run with --ignored to reproduce"]
 fn shadow_lockless_reclaim_over_thp_passes_every_oracle() {
     assert_passes(MmuKind::Shadow, AgingMode::Lockless, [0x7e1, 0x7e2, 0x7e3]);
 }
 
 #[test]
-#[ignore = "open bug: under load the reclaim memory charge can underflow in this configuration (charged wrapped below 0: more uncharges than charges; seen once in two CI runs, 0 in 25 local runs); run with --ignored to reproduce"]
 fn shadow_locked_reclaim_over_thp_passes_every_oracle() {
     assert_passes(MmuKind::Shadow, AgingMode::Locked, [0x7e4, 0x7e5, 0x7e6]);
 }
 
 #[test]
-#[ignore = "open bug: under load the reclaim memory charge can underflow in this configuration (charged wrapped below 0: more uncharges than charges; seen once in two CI runs, 0 in 25 local runs); run with --ignored to reproduce"]
 fn tdp_lockless_reclaim_over_thp_passes_every_oracle() {
     assert_passes(MmuKind::Tdp, AgingMode::Lockless, [0x7e7, 0x7e8, 0x7e9]);
 }
 
 #[test]
-#[ignore = "open bug: under load the reclaim memory charge can underflow in this configuration (charged wrapped below 0: more uncharges than charges; seen once in two CI runs, 0 in 25 local runs); run with --ignored to reproduce"]
 fn tdp_locked_reclaim_over_thp_passes_every_oracle() {
     assert_passes(MmuKind::Tdp, AgingMode::Locked, [0x7ea, 0x7eb, 0x7ec]);
 }

@@ -58,6 +58,7 @@
 //!   is, for invalidations and `release`.
 
 mod aging;
+mod charge;
 mod frames;
 mod huge;
 mod idle;
@@ -73,6 +74,7 @@ mod vma;
 mod words;
 mod zap;
 
+pub use charge::{ChargeAudit, ChargeUnderflow};
 pub use frames::{
     FrameArena, FrameStats, FrameTag, MAX_FRAMES, RUN_1G, RUN_2M, StaleAccess, WORDS_PER_FRAME,
 };

@@ -2,8 +2,9 @@
 //! kswapd thread (`mm/vmscan.c`'s MGLRU path, reduced to one anonymous "memcg").
 //!
 //! Protocol:
-//! - **Budget.** Every frame that backs a host page is *charged* (GUP's first touch or refault)
-//!   and uncharged when the page is zapped or evicted. Under a limit ([`HostMm::enable_reclaim`])
+//! - **Budget.** Every frame that backs a host 4K page is *charged* (GUP's first touch or refault,
+//!   a THP split) and uncharged when the page is zapped, evicted or collapsed (the `charge`
+//!   module states who charges what). Under a limit ([`HostMm::enable_reclaim`])
 //!   a charge beyond it is refused; GUP then runs **direct reclaim** (evicts a batch of
 //!   [`SWAP_CLUSTER_MAX`] pages) and retries, at most [`MAX_DIRECT_RECLAIM_ATTEMPTS`] times,
 //!   before it fails with `OutOfFrames` (the access is OOM-killed; no other page is touched).
@@ -23,8 +24,9 @@
 //!   [`MAX_NR_GENS`] generations exist and evicts until the charge is below the low watermark.
 //!
 //! Invariants:
-//! - R1. `charged` equals the number of present host PTEs outside huge pages (R5; no GUP or zap
-//!   in flight).
+//! - R1. `charged` equals the number of present host PTEs outside huge pages (R5; no GUP, zap or
+//!   eviction in flight; docs/locking.md C1-C6). It never wraps: an uncharge below zero is
+//!   refused and recorded ([`HostMm::charge_underflow`]).
 //! - R2. A page is evicted only inside a balanced invalidate pair (host H1): when its frame is
 //!   freed no secondary MMU maps it and no vCPU TLB holds it. (Feature
 //!   `broken-evict-no-invalidate` breaks exactly this, for the tests that must catch it.)
@@ -33,10 +35,12 @@
 //! - R4. Lock order: the evictor's cursor lock, then the aging lock, then `mm_writer`; GUP holds
 //!   none of them when it enters direct reclaim (it dropped `mmap_lock`).
 //! - R5. Huge pages are neither charged nor evicted (`zap.rs`): eviction and `page_out` skip every
-//!   page whose span carries a huge marker. A split THP's pages are 4K pages (charged at the
-//!   split) and are evicted like any other; a 4K page of a THP mapping is charged at fault-in and
+//!   page whose span carries a huge marker, checked again under `mmap_lock` write (a huge
+//!   install in flight stores its marker after its PTEs). A split THP's pages are 4K pages
+//!   (charged at the split) and are evicted like any other; a 4K page of a THP mapping is charged at fault-in and
 //!   refaulted from its swap slot like any other (a huge page never forms over a swap entry).
 
+use super::charge::ChargeUnderflow;
 use super::frames::FrameArena;
 use super::huge::marker_level;
 use super::lru_gen::{FrameGens, MIN_NR_GENS};
@@ -93,6 +97,9 @@ pub struct ReclaimStats {
     pub limit_frames: u64,
     /// Frames charged now (present host pages).
     pub charged: u64,
+    /// Uncharges refused because fewer frames were charged (a host accounting bug; 0 when the
+    /// accounting is exact, see [`HostMm::charge_underflow`]).
+    pub charge_underflows: u64,
     /// Pages evicted to swap.
     pub evicted: u64,
     /// Swapped-out pages faulted back in.
@@ -145,8 +152,13 @@ pub(super) struct KswapdState {
 
 /// The host's reclaim state (inside `HostMm`).
 pub(crate) struct Reclaim {
-    charged: AtomicU64,
-    limit: AtomicU64,
+    /// Frames charged (`charge` module).
+    pub(super) charged: AtomicU64,
+    /// The limit in frames (`u64::MAX` until reclaim is enabled).
+    pub(super) limit: AtomicU64,
+    /// Refused uncharges (`charge` module), and the first of them.
+    pub(super) underflows: AtomicU64,
+    pub(super) first_underflow: OnceLock<ChargeUnderflow>,
     pub(super) active: OnceLock<Active>,
     evicted: AtomicU64,
     refaults: AtomicU64,
@@ -177,6 +189,8 @@ impl Default for Reclaim {
         Reclaim {
             charged: AtomicU64::new(0),
             limit: AtomicU64::new(u64::MAX),
+            underflows: AtomicU64::new(0),
+            first_underflow: OnceLock::new(),
             active: OnceLock::new(),
             evicted: AtomicU64::new(0),
             refaults: AtomicU64::new(0),
@@ -209,43 +223,6 @@ impl Reclaim {
         (limit - gap, limit.saturating_sub(2 * gap))
     }
 
-    /// Charges one frame; false if that would pass the limit (R1).
-    #[inline]
-    pub(super) fn try_charge(&self) -> bool {
-        // ORDERING: Relaxed: the limit is set once, before the limit matters to anyone.
-        let limit = self.limit.load(Ordering::Relaxed);
-        // ORDERING: SeqCst: the charge and `wake_pending` form kswapd's wake-up handshake (a
-        // Dekker pattern with kswapd's store of `wake_pending` then load of `charged`; see
-        // `kswapd_main`): one of the two always sees the other's store.
-        let Ok(old) = self
-            .charged
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
-                (c < limit).then_some(c + 1)
-            })
-        else {
-            return false;
-        };
-        if limit != u64::MAX && old + 1 > Self::watermarks(limit).0 {
-            self.wake_kswapd();
-        }
-        true
-    }
-
-    /// Uncharges `n` frames (R1).
-    #[inline]
-    /// Charges `n` frames without checking the limit: 4K pages that already exist (a THP split
-    /// into them), which a later zap uncharges one by one.
-    pub(super) fn charge_forced(&self, n: u64) {
-        // ORDERING: Relaxed: as `uncharge`.
-        self.charged.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub(super) fn uncharge(&self, n: u64) {
-        // ORDERING: Relaxed: a frame count; a waiting charger retries through direct reclaim,
-        // not through this store.
-        self.charged.fetch_sub(n, Ordering::Relaxed);
-    }
-
     /// Copies swap slot `slot` into the fresh frame `pfn` (a refault in progress).
     pub(super) fn swap_in(&self, arena: &FrameArena, pfn: Pfn, slot: u32) {
         if let (Some(a), Some(words)) = (self.active.get(), arena.frame_contents(pfn)) {
@@ -273,7 +250,7 @@ impl Reclaim {
         }
     }
 
-    fn wake_kswapd(&self) {
+    pub(super) fn wake_kswapd(&self) {
         // ORDERING: SeqCst: see `try_charge`.
         if !self.wake_pending.swap(true, Ordering::SeqCst) {
             let st = self.kswapd.lock();
@@ -358,6 +335,7 @@ impl HostMm {
         ReclaimStats {
             limit_frames: ld(&r.limit),
             charged: ld(&r.charged),
+            charge_underflows: ld(&r.underflows),
             evicted: ld(&r.evicted),
             refaults: ld(&r.refaults),
             direct_reclaims: ld(&r.direct),
@@ -603,6 +581,7 @@ impl HostMm {
 
     /// Evicts host page `page` if frame `pfn` still backs it (module doc, R2, R3).
     fn evict_page(&self, a: &Active, page: u64, pfn: Pfn) -> Evicted {
+        let want_pfn = pfn;
         let inner = &*self.inner;
         let r = &inner.reclaim;
         let _w = inner.mm_writer.lock();
@@ -617,13 +596,15 @@ impl HostMm {
                 // R5 (docs/invariants.md): a page of a huge page is never evicted. Freeing one
                 // frame of the run would leave the marker, so GUP would keep reporting the span as
                 // huge and a secondary MMU would map a huge leaf over the freed (and reused) frame.
-                // The marker is stable here: only `mm_writer` holders clear it, and a huge install
-                // needs the whole span empty, which this present PTE is not.
+                // Only a first filter: a huge install in flight (`mmap_lock` read, like us) has
+                // stored this PTE but not yet its marker; the write section below decides.
                 && marker_level(&vmas.pt, page) == Level::L4K
         };
         if !backed {
             return Evicted::Skipped;
         }
+        #[cfg(all(test, not(loom)))]
+        tests::after_evict_check();
         let range = NotifierRange {
             start: page_hva(page),
             end: page_hva(page + 1),
@@ -659,7 +640,16 @@ impl HostMm {
                     // ORDERING: Relaxed: mmap_lock write excludes every other PTE user (H3).
                     let v = w.load(Ordering::Relaxed);
                     let (pfn, tag) = pte_frame(page, v);
-                    if v & pte::PRESENT == 0 {
+                    // Re-checked under `mmap_lock` write, which no huge install holds across
+                    // (installs run under `mmap_lock` read and store the marker last): the marker
+                    // seen here is final. A page whose marker landed after the read check above
+                    // belongs to a huge page, whose frames are not charged (R5, C3 in
+                    // docs/locking.md): evicting it freed a frame out of a live THP and uncharged
+                    // a frame never charged (the charge underflow of `torture_reclaim_thp`).
+                    if v & pte::PRESENT == 0
+                        || pfn != want_pfn
+                        || marker_level(&vmas.pt, page) != Level::L4K
+                    {
                         Evicted::Skipped
                     } else if let Some(slot) = inner
                         .arena
@@ -689,3 +679,7 @@ impl HostMm {
 
 // Keeps the min-generation constant referenced where the protocol states it.
 const _: () = assert!(MIN_NR_GENS < MAX_NR_GENS);
+
+#[cfg(all(test, not(loom)))]
+#[path = "reclaim_tests.rs"]
+mod tests;

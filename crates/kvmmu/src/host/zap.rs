@@ -4,8 +4,8 @@
 
 use core::ops::ControlFlow;
 
-use super::frames::FrameArena;
-use super::huge::zap_huge;
+use super::frames::{FrameArena, RUN_2M};
+use super::huge::{split_cut, zap_huge};
 use super::pgtable::PageTable;
 use super::reclaim::Reclaim;
 use super::swap::swap_slot;
@@ -17,6 +17,11 @@ use crate::sync::atomic::{AtomicU64, Ordering};
 /// writes only present PTEs, so an untouched range costs no memory.
 pub(super) fn zap_ptes(pt: &PageTable, s: u64, e: u64, arena: &FrameArena, reclaim: &Reclaim) {
     // Huge pages are never charged to the memory limit nor evicted (reclaim handles 4K pages).
+    // A THP the range cuts becomes 4K pages first, charged (docs/locking.md C4), so the loop below
+    // uncharges only charged frames. Structural operations split it before (`change_range`);
+    // `release` zaps VMA by VMA, and a VMA boundary may cut a THP (madvise(NOHUGEPAGE) or an
+    // mprotect that changed no protection split the VMA, not the THP).
+    reclaim.charge_forced(split_cut(pt, s, e) * RUN_2M as u64);
     zap_huge(pt, s, e, arena);
     let _ = pt.for_each_leaf(s, e, |first, ptes| {
         for (i, w) in ptes.iter().enumerate() {

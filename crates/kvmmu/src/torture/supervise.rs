@@ -162,6 +162,15 @@ pub(super) fn quiescence_checks(sh: &Shared, host: &HostMm, vm: Arc<Vm>) {
         Err(_) => fail("a VM reference outlived every actor".into()),
     }
     host.release();
+    // The reclaim charge (docs/locking.md C1, C6): nothing is present after release, and no
+    // uncharge was ever refused.
+    if let Some(e) = host.charge_underflow() {
+        fail(e.to_string());
+    }
+    let charged = host.reclaim_stats().charged;
+    if charged != 0 {
+        fail(format!("{charged} frames still charged after release"));
+    }
     let frames = host.arena().stats().allocated;
     if frames != 0 {
         fail(format!(
