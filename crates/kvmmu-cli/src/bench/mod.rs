@@ -660,7 +660,9 @@ fn slowdown(r: &mut Report, mmu: MmuKind, pages: u64, reps: u32) -> anyhow::Resu
 /// even on a machine where the two threads rarely run at once. The pass before is (0) none (A
 /// bits set), (1) on the vCPU's thread (the vCPU re-sets every A bit: a CAS per access), (2) on
 /// another thread (the same, and every SPTE line was last read or written by another core),
-/// (3) on another thread over another VM (the ager's memory traffic alone).
+/// (3) on another thread over another VM (the ager's memory traffic alone), (4) on the vCPU's
+/// thread over another VM (the same traffic through the vCPU's own caches: (1) minus (4) is what
+/// re-setting the A bits costs).
 fn slowdown_read_pass_costs(
     r: &mut Report,
     mmu: MmuKind,
@@ -680,7 +682,7 @@ fn slowdown_read_pass_costs(
         })??;
         Ok(())
     };
-    let mut t: [Vec<f64>; 4] = Default::default();
+    let mut t: [Vec<f64>; 5] = Default::default();
     black_box(touch_read(&mut g.vcpus[0], pages, 1)?);
     for _ in 0..reps {
         for (k, v) in t.iter_mut().enumerate() {
@@ -690,6 +692,9 @@ fn slowdown_read_pass_costs(
                 }
                 2 => age_elsewhere(&g.host, g.hva)?,
                 3 => age_elsewhere(&o.host, o.hva)?,
+                4 => {
+                    o.age()?;
+                }
                 _ => {}
             }
             let m = cpu_mark();
@@ -704,6 +709,7 @@ fn slowdown_read_pass_costs(
         "after an aging pass on the vCPU's thread",
         "after an aging pass on another thread",
         "after another thread aged another VM",
+        "after the vCPU's thread aged another VM",
     ];
     for (k, name) in names.iter().enumerate() {
         r.figure(
