@@ -21,7 +21,7 @@ use core::ops::ControlFlow;
 /// PTEs per cache line: the unit of the host aging pre-test.
 const LINE: usize = 8;
 /// PTEs (two cache lines) of the pre-test's fast path.
-const BLOCK: usize = 2 * LINE;
+const BLOCK: usize = crate::sync::block_or::BLOCK;
 
 impl HostMm {
     /// Clears the host young bits of a fully mapped range, calling `young` with the page number
@@ -50,12 +50,9 @@ impl HostMm {
                     .get(i..i + BLOCK)
                     .and_then(|b| <&[AtomicU64; BLOCK]>::try_from(b).ok())
                 {
-                    // ORDERING: Relaxed: young is a hint (a bit set just after the load is
-                    // seen by the next pass); nothing is dereferenced from the value.
-                    let any = block
-                        .iter()
-                        .fold(0, |acc, w| acc | w.load(Ordering::Relaxed));
-                    if any & pte::YOUNG == 0 {
+                    // Young is a hint (a bit set just after the read is seen by the next
+                    // pass); nothing is acted on from this OR (block_or invariant 2).
+                    if crate::sync::block_or::or_block(block) & pte::YOUNG == 0 {
                         i += BLOCK;
                         continue;
                     }

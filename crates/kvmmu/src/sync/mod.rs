@@ -23,11 +23,13 @@
 //! - [`rcu`]: epoch-based reclamation for page-table pages (crossbeam-epoch, one collector per VM);
 //! - [`witness`]: zero-sized proofs that a lock is held, passed to functions that need it;
 //! - [`lock_rank`]: a debug-build checker of the lock order in docs/locking.md;
+//! - [`block_or`]: the OR of a 16-word block in one pass, the aging scans' pre-test;
 //! - [`guest_mode`]: which threads hold a vCPU in guest mode, so that calls that could wait for
 //!   that vCPU's own TLB-flush acknowledgement are refused at their entry.
 //!
 //! The main types of the submodules are re-exported here (`kvmmu::internals::sync::{Srcu, Rcu, MmuLock, ..}`).
 
+pub(crate) mod block_or;
 pub mod guest_mode;
 pub mod lock_rank;
 pub(crate) mod percpu;
