@@ -250,15 +250,15 @@ impl Mmu {
         flusher: &impl RemoteTlbFlush,
         precheck: impl FnOnce(&MmuRead) -> Result<(), E>,
     ) -> Result<FaultOutcome, E> {
-        self.map_leaf(lock, root, req, host_page, rmaps, flusher, precheck)
-            .map(|(outcome, _)| outcome)
+        self.map_leaf(lock, root, req, host_page, rmaps, flusher, &mut None, precheck)
     }
 
-    /// [`Mmu::map`], also returning, for a [`FaultOutcome::Fixed`] outcome on a TDP root, the
-    /// translation of `req.gfn` through the leaf this call installed, if a walk of that leaf
-    /// would hit without setting anything ([`InstalledLeaf::of`]). The faulting vCPU may cache it
-    /// in its TLB instead of walking again (docs/locking.md F2). `None` otherwise (the shadow MMU,
-    /// any other outcome).
+    /// [`Mmu::map`], also storing in `installed`, for a [`FaultOutcome::Fixed`] outcome on a TDP
+    /// root, the translation of `req.gfn` through the leaf this call installed, if a walk of that
+    /// leaf would hit without setting anything ([`InstalledLeaf::of`]). The faulting vCPU may
+    /// cache it in its TLB instead of walking again (docs/locking.md F2). `installed` is left
+    /// alone otherwise (the shadow MMU, any other outcome). (An out-parameter rather than a
+    /// bigger return value: the fault path's `E` is large.)
     ///
     /// # Panics
     /// As [`Mmu::map`].
@@ -272,27 +272,30 @@ impl Mmu {
         host_page: Option<u64>,
         rmaps: Option<&SlotRmaps>,
         flusher: &impl RemoteTlbFlush,
+        installed: &mut Option<InstalledLeaf>,
         precheck: impl FnOnce(&MmuRead) -> Result<(), E>,
-    ) -> Result<(FaultOutcome, Option<InstalledLeaf>), E> {
+    ) -> Result<FaultOutcome, E> {
         match root {
             MmuRoot::Tdp(root) => {
                 let mmu = lock.read();
                 precheck(mmu.witness())?;
                 if root.is_invalid() {
-                    return Ok((FaultOutcome::Retry(RetryReason::InvalidRoot), None));
+                    return Ok(FaultOutcome::Retry(RetryReason::InvalidRoot));
                 }
                 // No RCU pin: `mmu_lock` read keeps every table the walk reaches linked (F1).
                 let (outcome, leaf) = self
                     .tdp
                     .map_locked_leaf(root, req, host_page, mmu.witness());
-                let leaf = leaf.and_then(|(spte, level)| InstalledLeaf::of(spte, level, req.gfn));
-                Ok((outcome, leaf))
+                if let Some((spte, level)) = leaf {
+                    *installed = InstalledLeaf::of(spte, level, req.gfn);
+                }
+                Ok(outcome)
             }
             MmuRoot::Shadow(root) => {
                 let mmu = lock.write();
                 precheck(mmu.read_witness())?;
                 if root.is_invalid() {
-                    return Ok((FaultOutcome::Retry(RetryReason::InvalidRoot), None));
+                    return Ok(FaultOutcome::Retry(RetryReason::InvalidRoot));
                 }
                 let Some(rmaps) = rmaps else {
                     panic!(
@@ -300,10 +303,7 @@ impl Mmu {
                         req.gfn
                     );
                 };
-                Ok((
-                    self.shadow.map(root, req, rmaps, mmu.witness(), flusher),
-                    None,
-                ))
+                Ok(self.shadow.map(root, req, rmaps, mmu.witness(), flusher))
             }
         }
     }

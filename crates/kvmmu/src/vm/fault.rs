@@ -304,13 +304,15 @@ impl VmInner {
             prefetch: false,
         };
         let host_page = hva.raw() >> crate::addr::PAGE_SHIFT;
-        let mapped = self.mmu.map_leaf(
+        let mut leaf = None;
+        let outcome = self.mmu.map_leaf(
             &self.mmu_lock,
             root,
             &req,
             Some(host_page),
             slot.rmaps(),
             self,
+            &mut leaf,
             |mmu| {
                 if self.dead.load(Ordering::Acquire) {
                     return Err(Err(VcpuExit::VmDead));
@@ -333,7 +335,7 @@ impl VmInner {
                 Ok(())
             },
         );
-        let (outcome, leaf) = match mapped {
+        let outcome = match outcome {
             Ok(o) => o,
             Err(early) => return early,
         };
