@@ -250,7 +250,9 @@ impl Mmu {
         flusher: &impl RemoteTlbFlush,
         precheck: impl FnOnce(&MmuRead) -> Result<(), E>,
     ) -> Result<FaultOutcome, E> {
-        self.map_leaf(lock, root, req, host_page, rmaps, flusher, &mut None, precheck)
+        self.map_leaf(
+            lock, root, req, host_page, rmaps, flusher, &mut None, precheck,
+        )
     }
 
     /// [`Mmu::map`], also storing in `installed`, for a [`FaultOutcome::Fixed`] outcome on a TDP
