@@ -29,6 +29,50 @@ pub enum MmuRoot {
     Shadow(ShadowRoot),
 }
 
+/// The translation of one gfn through a leaf a fault has just installed, as a hardware walk of
+/// that leaf would report it ([`HwWalk::Hit`]) if it set no bit: what the faulting vCPU may cache
+/// in its TLB without walking again (docs/locking.md F2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstalledLeaf {
+    /// The 4K frame of the gfn inside the leaf.
+    pub pfn: crate::addr::Pfn,
+    /// The leaf allows writes.
+    pub writable: bool,
+    /// Writes need not set Dirty (the leaf has it; or, A/D disabled, the leaf is writable).
+    pub dirty: bool,
+    /// The leaf allows instruction fetches.
+    pub executable: bool,
+}
+
+impl InstalledLeaf {
+    /// The translation of `gfn` through `spte` at `level`, if a read through it would hit without
+    /// the walk writing the leaf: a present leaf with Accessed set (A/D enabled), or one not
+    /// marked for access tracking (A/D disabled). This is exactly the no-write case of
+    /// `access_leaf` (mmu/types.rs), so a fill from it equals what the walk would have filled.
+    pub fn of(spte: Spte, level: Level, gfn: Gfn) -> Option<InstalledLeaf> {
+        if !spte.is_present_leaf(level) {
+            return None;
+        }
+        let dirty = if spte.ad_enabled() {
+            if !spte.is_accessed() {
+                return None;
+            }
+            spte.is_dirty()
+        } else {
+            if spte.is_access_tracked() {
+                return None;
+            }
+            spte.is_writable()
+        };
+        Some(InstalledLeaf {
+            pfn: super::hugepage::frame_in_leaf(gfn.raw(), spte.pfn(), level),
+            writable: spte.is_writable(),
+            dirty,
+            executable: spte.raw() & super::spte::EXECUTABLE_MASK != 0,
+        })
+    }
+}
+
 impl MmuRoot {
     /// True if this root's fast page fault runs in the faulting vCPU's walk, in guest mode
     /// ([`Mmu::fast_page_fault_in_guest`], shadow roots), rather than in the fault handler
@@ -207,6 +251,33 @@ impl Mmu {
         flusher: &impl RemoteTlbFlush,
         precheck: impl FnOnce(&MmuRead) -> Result<(), E>,
     ) -> Result<FaultOutcome, E> {
+        self.map_leaf(
+            lock, root, req, host_page, rmaps, flusher, &mut None, precheck,
+        )
+    }
+
+    /// [`Mmu::map`], also storing in `installed`, for a [`FaultOutcome::Fixed`] outcome on a TDP
+    /// root, the translation of `req.gfn` through the leaf this call installed, if a walk of that
+    /// leaf would hit without setting anything ([`InstalledLeaf::of`]). The faulting vCPU may
+    /// cache it in its TLB instead of walking again (docs/locking.md F2). `installed` is left
+    /// alone otherwise (the shadow MMU, any other outcome). (An out-parameter rather than a
+    /// bigger return value: the fault path's `E` is large.)
+    ///
+    /// # Panics
+    /// As [`Mmu::map`].
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub fn map_leaf<E>(
+        &self,
+        lock: &MmuLock,
+        root: &MmuRoot,
+        req: &MapRequest,
+        host_page: Option<u64>,
+        rmaps: Option<&SlotRmaps>,
+        flusher: &impl RemoteTlbFlush,
+        installed: &mut Option<InstalledLeaf>,
+        precheck: impl FnOnce(&MmuRead) -> Result<(), E>,
+    ) -> Result<FaultOutcome, E> {
         match root {
             MmuRoot::Tdp(root) => {
                 let mmu = lock.read();
@@ -215,7 +286,13 @@ impl Mmu {
                     return Ok(FaultOutcome::Retry(RetryReason::InvalidRoot));
                 }
                 // No RCU pin: `mmu_lock` read keeps every table the walk reaches linked (F1).
-                Ok(self.tdp.map_locked(root, req, host_page, mmu.witness()))
+                let (outcome, leaf) = self
+                    .tdp
+                    .map_locked_leaf(root, req, host_page, mmu.witness());
+                if let Some((spte, level)) = leaf {
+                    *installed = InstalledLeaf::of(spte, level, req.gfn);
+                }
+                Ok(outcome)
             }
             MmuRoot::Shadow(root) => {
                 let mmu = lock.write();

@@ -29,7 +29,7 @@ pub mod types;
 mod dispatch;
 
 #[cfg(not(loom))]
-pub use dispatch::{Mmu, MmuRoot};
+pub use dispatch::{InstalledLeaf, Mmu, MmuRoot};
 pub use hugepage::PageStats;
 pub use tdp::dirty::FastFault;
 pub use types::{

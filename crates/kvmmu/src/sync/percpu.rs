@@ -6,6 +6,9 @@
 //! 2. A [`StripedCounter`]'s value is the sum of its stripes; each stripe only grows, so a sum read
 //!    while other threads count is a value the counter had at some moment between the first and
 //!    the last stripe load (no torn 64-bit values, no decrease).
+//! 3. A [`StripedCounter`] stripe `k < STRIPES` is written only by the thread owning stripe
+//!    number `k` (the SRCU claim); the last stripe is shared and written with `fetch_add`. So no
+//!    add is lost although an owned stripe's add is a plain load and store.
 //!
 //! The atomics here are always std's, also under `cfg(loom)`: a statistic publishes nothing, so
 //! no loom model needs to explore its interleavings, and std's atomics can sit in a `static` and
@@ -41,20 +44,34 @@ pub(crate) fn stripe() -> usize {
 #[derive(Default)]
 struct PaddedCounter(AtomicU64);
 
-/// A monotonically increasing event counter striped over [`STRIPES`] cache lines.
+/// A statistics counter with one cache-padded stripe per owning thread plus a shared one.
+///
+/// Stripe `k < STRIPES` is written only by the thread that owns stripe number `k` (the SRCU claim,
+/// [`super::srcu::owned_stripe`], held for the thread's lifetime), so its `add` is a load and a
+/// store, not a locked read-modify-write; every other thread (numbers `>= STRIPES`, or none) adds
+/// to the shared stripe `STRIPES` with `fetch_add`. docs/locking.md, "Counters a thread owns".
 #[derive(Default)]
-pub(crate) struct StripedCounter([PaddedCounter; STRIPES]);
+pub(crate) struct StripedCounter([PaddedCounter; STRIPES + 1]);
 
 impl StripedCounter {
-    /// Adds `n` to the calling thread's stripe.
-    #[inline]
+    /// Adds `n` on the calling thread's stripe.
+    #[inline(always)]
     pub(crate) fn add(&self, n: u64) {
-        // ORDERING: Relaxed: a statistics counter; readers want a total, not a synchronisation
-        // point (invariant 2).
-        self.0[stripe()].0.fetch_add(n, Ordering::Relaxed);
+        let k = super::srcu::owned_stripe();
+        if let Some(own) = self.0.get(..STRIPES).and_then(|s| s.get(k)) {
+            // ORDERING: Relaxed load and store: only this thread writes stripe `k` while it owns
+            // number `k` (invariant 3), so no other add can fall between them; the previous
+            // owner's last store is ordered before this load by the claim's Release/Acquire
+            // hand-over (srcu.rs `claim`). Readers (`sum`) only need an untorn value.
+            let v = own.0.load(Ordering::Relaxed);
+            own.0.store(v.wrapping_add(n), Ordering::Relaxed);
+        } else {
+            // ORDERING: Relaxed: a statistic; the RMW keeps concurrent adds of sharing threads.
+            self.0[STRIPES].0.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
-    /// Adds `n` unless it is zero (skips touching even the own stripe's line).
+    /// [`Self::add`], skipped for 0.
     #[inline]
     pub(crate) fn add_nonzero(&self, n: u64) {
         if n != 0 {
@@ -62,9 +79,9 @@ impl StripedCounter {
         }
     }
 
-    /// Sum over all stripes.
+    /// The total.
     pub(crate) fn sum(&self) -> u64 {
-        // ORDERING: Relaxed: see `add`.
+        // ORDERING: Relaxed: statistics (invariant 2).
         self.0.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
     }
 }
@@ -92,6 +109,35 @@ mod tests {
             }
         });
         assert_eq!(c.sum(), 4000);
+    }
+
+    /// Invariant 3: more threads than owned stripes, in waves so that exiting threads release
+    /// their numbers and new ones claim them, all adding at once: an owned stripe written by two
+    /// threads, or a new owner not continuing from the last one's value, would lose adds.
+    #[test]
+    fn striped_counter_loses_no_add_across_owners_sharers_and_thread_churn() {
+        const WAVES: u64 = 3;
+        const THREADS: u64 = 32;
+        const ADDS: u64 = 100_000;
+        let c = StripedCounter::default();
+        for _ in 0..WAVES {
+            let start = std::sync::Barrier::new(THREADS as usize);
+            std::thread::scope(|s| {
+                for _ in 0..THREADS {
+                    s.spawn(|| {
+                        start.wait();
+                        for i in 0..ADDS {
+                            c.add(1);
+                            if i % 128 == 0 {
+                                // Interleave the threads on this (possibly small) machine.
+                                std::thread::yield_now();
+                            }
+                        }
+                    });
+                }
+            });
+        }
+        assert_eq!(c.sum(), WAVES * THREADS * ADDS);
     }
 
     #[test]

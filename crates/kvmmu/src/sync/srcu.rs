@@ -138,6 +138,9 @@ mod claim {
 
     impl Drop for Claim {
         fn drop(&mut self) {
+            // From now on this thread owns no number, for `owned` too (before the release: the
+            // number may be claimed by another thread right after it).
+            let _ = OWNED.try_with(|c| c.set(SHARED));
             if self.0 < OWNED_STRIPES {
                 // ORDERING: Release: see `Claim::new`.
                 CLAIMED.fetch_and(!(1u64 << self.0), Ordering::Release);
@@ -145,8 +148,26 @@ mod claim {
         }
     }
 
+    /// `OWNED` before this thread's first call of [`owned`].
+    const UNKNOWN: usize = usize::MAX;
+
     thread_local! {
         static CLAIM: Claim = Claim::new();
+        /// A copy of this thread's claim for [`owned`]: no destructor, so reading it is one
+        /// load; [`UNKNOWN`] until the first call, [`SHARED`] once the claim is released.
+        static OWNED: core::cell::Cell<usize> = const { core::cell::Cell::new(UNKNOWN) };
+    }
+
+    /// [`stripe`], cached in a destructor-free thread-local (the per-event counters' path).
+    #[inline(always)]
+    pub(super) fn owned() -> usize {
+        let k = OWNED.with(|c| c.get());
+        if k != UNKNOWN {
+            return k;
+        }
+        let k = stripe();
+        OWNED.with(|c| c.set(k));
+        k
     }
 
     /// The stripe the calling thread owns, or [`SHARED`] (no number free, or the thread is
@@ -187,6 +208,25 @@ mod claim {
             super::SHARED
         }
     }
+}
+
+/// The stripe number the calling thread owns for its lifetime (`claim`, below 64), or a number
+/// `>= 64` if it owns none (every number claimed, the thread exiting, or a loom/shuttle build).
+/// Another per-thread structure may use it to give each owning thread a slot that only that
+/// thread writes, with the same hand-over between successive owners (the claim's `Release` on
+/// release, `Acquire` on claim): `sync/percpu.rs`'s counters (docs/locking.md, "Counters a thread
+/// owns").
+#[cfg(not(any(loom, feature = "shuttle")))]
+#[inline(always)]
+pub(crate) fn owned_stripe() -> usize {
+    claim::owned()
+}
+
+/// Under loom and shuttle no thread owns a number for other structures (see above).
+#[cfg(any(loom, feature = "shuttle"))]
+#[inline]
+pub(crate) fn owned_stripe() -> usize {
+    usize::MAX
 }
 
 impl Srcu {

@@ -461,7 +461,15 @@ impl GuestMode<'_> {
                         // the root's shared reference count per fault.
                         let root = v.root.as_ref().ok_or(VcpuExit::VmDead)?;
                         v.stats.faults += 1;
-                        v.handle_fault(root, gpa, write, mask, fetch)
+                        let mut fill = None;
+                        let r = v.handle_fault(root, gpa, write, mask, fetch, &mut fill);
+                        // F2: cache the installed leaf now, outside guest mode, so that a flush
+                        // posted since the install is taken on re-entry and drops it; the retry
+                        // below then hits in the TLB instead of walking the new leaf again.
+                        if let Some(fill) = fill {
+                            walker::fill_from_fault(v, gpa.gfn(), fill);
+                        }
+                        r
                     })? {
                         nested::FaultResult::Outcome(o) => o,
                         nested::FaultResult::Emulated(v) => {

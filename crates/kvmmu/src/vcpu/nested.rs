@@ -493,7 +493,8 @@ impl Vcpu {
     /// Runs the fault for an access to `gpa` that missed: the L2 fault in L2 mode, the emulation
     /// of an L1 write to a write-tracked table, or the ordinary fault. `fetch`: an instruction
     /// fetch (NX huge pages; L1 only: EPT02 leaves are built executable, EPT12's X permission is
-    /// not enforced on L2 fetches).
+    /// not enforced on L2 fetches). `fill`: as [`VmInner::page_fault`](crate::vm::VmInner)'s
+    /// (the ordinary fault only).
     pub(super) fn handle_fault(
         &self,
         root: &MmuRoot,
@@ -501,6 +502,7 @@ impl Vcpu {
         write: Option<u64>,
         mask: u64,
         fetch: bool,
+        fill: &mut Option<crate::vm::FaultFill>,
     ) -> Result<FaultResult, VcpuExit> {
         let ring = self.dirty_ring.as_deref();
         if let Some(l2) = self.l2 {
@@ -522,7 +524,7 @@ impl Vcpu {
             );
         }
         self.vm
-            .page_fault(root, gpa, write.is_some(), fetch, ring)
+            .page_fault(root, gpa, write.is_some(), fetch, ring, fill)
             .map(FaultResult::Outcome)
     }
 

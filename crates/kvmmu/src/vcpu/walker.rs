@@ -195,3 +195,19 @@ fn frame_access(
         None => arena.read_tagged(pfn, word, tag),
     }
 }
+
+/// Caches the translation of `gfn` a fault of this vCPU has just installed, instead of walking the
+/// new leaf again (F2 in docs/locking.md). Called outside guest mode, after the fault and before
+/// re-entry: a flush posted since the install is taken on entry (request invariant 3) and drops
+/// the entry. The access checks the frame against the tag GUP read, which names the host page the
+/// leaf's owner word records (the check a walked fill makes, G3).
+pub(super) fn fill_from_fault(vcpu: &mut Vcpu, gfn: Gfn, fill: crate::vm::FaultFill) {
+    vcpu.tlb.insert(TlbEntry {
+        gfn,
+        pfn: fill.leaf.pfn,
+        tag: fill.tag.raw(),
+        writable: fill.leaf.writable,
+        dirty: fill.leaf.dirty,
+        executable: fill.leaf.executable,
+    });
+}

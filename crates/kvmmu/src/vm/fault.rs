@@ -16,8 +16,8 @@
 //! RETRY is control flow, not an error: the vCPU simply re-executes the access.
 
 use crate::addr::{Gfn, Gpa, Hva};
-use crate::host::{GupError, StaleAccess};
-use crate::mmu::{FastFault, FaultOutcome, MapRequest, MmuRoot, RetryReason};
+use crate::host::{FrameTag, GupError, StaleAccess};
+use crate::mmu::{FastFault, FaultOutcome, InstalledLeaf, MapRequest, MmuRoot, RetryReason};
 use crate::sync::atomic::Ordering;
 use crate::vm::VmInner;
 use crate::vm::dirty_log::mark_page_dirty;
@@ -95,6 +95,18 @@ pub enum VcpuExit {
     InGuestMode(#[from] crate::sync::guest_mode::InGuestMode),
 }
 
+/// The translation a fault installed, with the tag GUP read from its frame: what the faulting vCPU
+/// caches in its TLB before it re-enters guest mode, instead of walking the new leaf again
+/// (docs/locking.md F2). Its access then checks the frame against this tag, as an access through
+/// a walked fill checks it against the tag read at the fill.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FaultFill {
+    /// The leaf's translation of the faulting gfn.
+    pub(crate) leaf: InstalledLeaf,
+    /// The frame's tag when GUP resolved the host page; it names that host page.
+    pub(crate) tag: FrameTag,
+}
+
 impl VmInner {
     /// The shadow MMU's fast page fault, tried by the faulting vCPU inside its walk, before it
     /// leaves guest mode (docs/locking.md "Dirty logging" D2, D3; "A/D-disabled aging" AD2): a
@@ -151,7 +163,8 @@ impl VmInner {
     }
 
     /// Handles one fault on `gpa` for a vCPU whose current root is `root`; `fetch`: the access
-    /// was an instruction fetch.
+    /// was an instruction fetch. On a `Fixed` outcome, `fill` receives the translation installed,
+    /// if the vCPU may cache it without a walk (F2); it is left alone otherwise.
     pub(crate) fn page_fault(
         &self,
         root: &MmuRoot,
@@ -159,9 +172,10 @@ impl VmInner {
         write: bool,
         fetch: bool,
         ring: Option<&DirtyRing>,
+        fill: &mut Option<FaultFill>,
     ) -> Result<FaultOutcome, VcpuExit> {
         let _trace = tracing::trace_span!("page_fault", gfn = gpa.gfn().raw(), write).entered();
-        let outcome = self.page_fault_inner(root, gpa.gfn(), gpa, write, fetch, ring);
+        let outcome = self.page_fault_inner(root, gpa.gfn(), gpa, write, fetch, ring, fill);
         // Every fault is counted once (DESIGN invariant 8): a `Fixed` outcome was counted by
         // the path that fixed it (`pf_fixed` on the slow path, `faults_unfixed` on the fast
         // path), every other outcome here.
@@ -176,6 +190,7 @@ impl VmInner {
         outcome
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn page_fault_inner(
         &self,
         root: &MmuRoot,
@@ -184,6 +199,7 @@ impl VmInner {
         write: bool,
         fetch: bool,
         ring: Option<&DirtyRing>,
+        fill: &mut Option<FaultFill>,
     ) -> Result<FaultOutcome, VcpuExit> {
         let srcu = self.srcu_read();
         let Some(cell) = self.memslots.get(root.as_id().index()) else {
@@ -287,13 +303,16 @@ impl VmInner {
             write_fault: write,
             prefetch: false,
         };
-        let outcome = self.mmu.map(
+        let host_page = hva.raw() >> crate::addr::PAGE_SHIFT;
+        let mut leaf = None;
+        let outcome = self.mmu.map_leaf(
             &self.mmu_lock,
             root,
             &req,
-            Some(hva.raw() >> crate::addr::PAGE_SHIFT),
+            Some(host_page),
             slot.rmaps(),
             self,
+            &mut leaf,
             |mmu| {
                 if self.dead.load(Ordering::Acquire) {
                     return Err(Err(VcpuExit::VmDead));
@@ -323,6 +342,19 @@ impl VmInner {
         drop(srcu);
         if outcome == FaultOutcome::Fixed {
             self.counters.pf_fixed.add(1);
+            // F2: the vCPU may cache the installed leaf with the tag GUP read, if that tag names
+            // the host page the memslot maps the gfn to (what a walk's fill checks, G3) and the
+            // leaf maps the gfn to GUP's frame (always, P3; checked as it is free).
+            if let Some(leaf) = leaf
+                && leaf.pfn == page.pfn
+                && !page.tag.is_free()
+                && page.tag.host_page() == host_page
+            {
+                *fill = Some(FaultFill {
+                    leaf,
+                    tag: page.tag,
+                });
+            }
         }
         if let Some(max) = nx_disallowed
             && matches!(outcome, FaultOutcome::Fixed | FaultOutcome::Spurious)

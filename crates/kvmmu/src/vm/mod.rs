@@ -35,6 +35,7 @@ mod nested;
 pub mod request;
 pub mod seq;
 
+pub(crate) use fault::FaultFill;
 pub use fault::VcpuExit;
 
 use crate::addr::{AsId, Gfn, Level};

@@ -9,7 +9,7 @@
 use super::split::split_huge_spte;
 use crate::addr::Level;
 use crate::mmu::hugepage::{leaf_pfn, max_leaf_level};
-use crate::mmu::spte::{LeafAttrs, SpteKind, make_spte_ad, resolve_access_tracked};
+use crate::mmu::spte::{LeafAttrs, Spte, SpteKind, make_spte_ad, resolve_access_tracked};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
 use crate::sync::witness::MmuRead;
@@ -77,6 +77,23 @@ impl TdpMmu {
         host_page: Option<u64>,
         mmu: &MmuRead,
     ) -> FaultOutcome {
+        self.map_locked_leaf(root, req, host_page, mmu).0
+    }
+
+    /// [`TdpMmu::map_locked`], also returning, when the outcome is [`FaultOutcome::Fixed`], the
+    /// leaf this call installed and its level: the value of its winning CAS, which the faulting
+    /// vCPU may cache in its TLB before it re-enters guest mode (docs/locking.md F2). `None` for
+    /// every other outcome.
+    ///
+    /// # Panics
+    /// As [`TdpMmu::map`].
+    pub fn map_locked_leaf(
+        &self,
+        root: &RootRef,
+        req: &MapRequest,
+        host_page: Option<u64>,
+        mmu: &MmuRead,
+    ) -> (FaultOutcome, Option<(Spte, Level)>) {
         self.check_lock(mmu.lock_id());
         assert!(
             root.belongs_to(self),
@@ -84,11 +101,11 @@ impl TdpMmu {
         );
         // ORDERING: `invalid` is written under `mmu_lock` write and we hold it for read (P5).
         if root.root().invalid.load(Ordering::Relaxed) {
-            return FaultOutcome::Retry(RetryReason::InvalidRoot);
+            return (FaultOutcome::Retry(RetryReason::InvalidRoot), None);
         }
         let gfn = req.gfn.raw();
         if gfn >= GFN_LIMIT {
-            return FaultOutcome::OutOfRange;
+            return (FaultOutcome::OutOfRange, None);
         }
         let counters: &Counters = &self.inner.counters;
         let mut target = req.level.min(max_leaf_level());
@@ -108,14 +125,14 @@ impl TdpMmu {
             let mut old = sptep.load(Ordering::Acquire);
             let mut kind = old.kind(level);
             if kind == SpteKind::Frozen {
-                return FaultOutcome::Retry(RetryReason::Frozen);
+                return (FaultOutcome::Retry(RetryReason::Frozen), None);
             }
             if kind == SpteKind::Leaf && level > target {
                 // A huge leaf where the fault wants a smaller one (dirty logging): split it in
                 // place (P8) and continue into the new table, as `kvm_tdp_mmu_map` does.
                 if split_huge_spte(sptep, old, level, counters).is_err() {
                     Counters::add(&counters.cas_retries, 1);
-                    return FaultOutcome::Retry(RetryReason::CasLost);
+                    return (FaultOutcome::Retry(RetryReason::CasLost), None);
                 }
                 // ORDERING: O1, as above.
                 old = sptep.load(Ordering::Acquire);
@@ -160,7 +177,7 @@ impl TdpMmu {
                             unsafe { child.free() };
                             Counters::add(&counters.tables_freed, 1);
                             Counters::add(&counters.cas_retries, 1);
-                            return FaultOutcome::Retry(RetryReason::CasLost);
+                            return (FaultOutcome::Retry(RetryReason::CasLost), None);
                         }
                     }
                 }
@@ -178,7 +195,7 @@ impl TdpMmu {
                 );
                 // A leaf marked for access tracking allows no access: it is restored below.
                 if !old.is_access_tracked() && (!req.write_fault || old.is_writable()) {
-                    return FaultOutcome::Spurious;
+                    return (FaultOutcome::Spurious, None);
                 }
             }
             SpteKind::NonPresent => {}
@@ -198,7 +215,7 @@ impl TdpMmu {
             new = resolve_access_tracked(old, new);
         }
         if new == old {
-            return FaultOutcome::Spurious;
+            return (FaultOutcome::Spurious, None);
         }
         // The owner word beside the leaf, written before the install CAS (G3).
         // (A block whose host pages would start below 0 cannot be aligned as the caller
@@ -238,11 +255,11 @@ impl TdpMmu {
                 } else {
                     counters.pages.install(level);
                 }
-                FaultOutcome::Fixed
+                (FaultOutcome::Fixed, Some((new, level)))
             }
             Err(_) => {
                 Counters::add(&counters.cas_retries, 1);
-                FaultOutcome::Retry(RetryReason::CasLost)
+                (FaultOutcome::Retry(RetryReason::CasLost), None)
             }
         }
     }
