@@ -139,9 +139,17 @@ pub(super) fn walk_and_access(
         dirty,
         executable,
     });
-    frame_access(&vcpu.vm, gpa, pfn, tag, write, mask)
-        .map(Access::Done)
-        .map_err(|source| VcpuExit::StaleTranslation { gpa, source })
+    // The fill's own `Acquire` load of the tag above is the check before the access (frame arena
+    // invariants 3-4): one tag load fewer than `frame_access`.
+    let word = (gpa.page_offset() / 8) as usize;
+    let arena = vm.host.arena();
+    match write {
+        Some(v) if mask == u64::MAX => arena.write_after_tag(pfn, word, tag, v).map(|()| v),
+        Some(v) => arena.write_masked_tagged(pfn, word, tag, v, mask),
+        None => arena.read_after_tag(pfn, word, tag),
+    }
+    .map(Access::Done)
+    .map_err(|source| VcpuExit::StaleTranslation { gpa, source })
 }
 
 /// The fill check of a leaf without a usable recorded owner: the frame must back the host page
