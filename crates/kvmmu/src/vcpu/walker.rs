@@ -65,7 +65,9 @@ pub(super) fn translate_and_access(
 
 /// The TLB-miss half of an access: walk the root, validate and fill the TLB, then access. An
 /// instruction fetch (`fetch`) through a leaf without X is a fault (the walk still set A).
-#[inline(never)]
+/// Inlined into `GuestMode::access_slow`, which is already out of line: a call of its own cost a
+/// second prologue and a `Result` returned through memory on every TLB miss (issue 15).
+#[inline(always)]
 pub(super) fn walk_and_access(
     vcpu: &mut Vcpu,
     gpa: Gpa,
