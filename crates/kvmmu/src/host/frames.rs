@@ -501,6 +501,7 @@ impl FrameArena {
     /// [`FrameArena::write_tagged`] for a caller that loaded `expect` with [`FrameArena::tag`]
     /// just before, as [`FrameArena::read_after_tag`]: that `Acquire` load is the check before the
     /// store (the store cannot be performed before it), so only the check after it is made here.
+    /// A `FREE` `expect` is refused before the store.
     #[inline(always)]
     pub fn write_after_tag(
         &self,
@@ -510,6 +511,10 @@ impl FrameArena {
         v: u64,
     ) -> Result<(), StaleAccess> {
         match self.locate(pfn, word) {
+            Ok((tag, _)) if expect.is_free() => {
+                // ORDERING: Relaxed: only reported.
+                Err(self.stale(pfn, expect, tag.load(Ordering::Relaxed)))
+            }
             Ok((tag, data)) => self.write_rechecked(pfn, tag, data, expect, v),
             Err(_) => Err(self.report_stale(pfn, expect, FrameTag::FREE)),
         }
