@@ -481,6 +481,45 @@ impl FrameArena {
         }
     }
 
+    /// [`FrameArena::read_tagged`] for a caller that loaded `expect` itself with
+    /// [`FrameArena::tag`] just before (a vCPU's TLB fill): that `Acquire` load, program-ordered
+    /// before this read's load of the word, is the check before the read, so only the check after
+    /// it (invariant 4) is made here. A `FREE` `expect` is reported, as by `read_tagged`.
+    #[inline(always)]
+    pub fn read_after_tag(
+        &self,
+        pfn: Pfn,
+        word: usize,
+        expect: FrameTag,
+    ) -> Result<u64, StaleAccess> {
+        match self.locate(pfn, word) {
+            Ok((tag, data)) => self.read_rechecked(pfn, tag, data, expect),
+            Err(_) => Err(self.report_stale(pfn, expect, FrameTag::FREE)),
+        }
+    }
+
+    /// [`FrameArena::write_tagged`] for a caller that loaded `expect` with [`FrameArena::tag`]
+    /// just before, as [`FrameArena::read_after_tag`]: that `Acquire` load is the check before the
+    /// store (the store cannot be performed before it), so only the check after it is made here.
+    /// A `FREE` `expect` is refused before the store.
+    #[inline(always)]
+    pub fn write_after_tag(
+        &self,
+        pfn: Pfn,
+        word: usize,
+        expect: FrameTag,
+        v: u64,
+    ) -> Result<(), StaleAccess> {
+        match self.locate(pfn, word) {
+            Ok((tag, _)) if expect.is_free() => {
+                // ORDERING: Relaxed: only reported.
+                Err(self.stale(pfn, expect, tag.load(Ordering::Relaxed)))
+            }
+            Ok((tag, data)) => self.write_rechecked(pfn, tag, data, expect, v),
+            Err(_) => Err(self.report_stale(pfn, expect, FrameTag::FREE)),
+        }
+    }
+
     /// [`FrameArena::write_u64`] for the vCPU's access path, with errors as in
     /// [`FrameArena::read_tagged`].
     #[inline(always)]
@@ -542,6 +581,18 @@ impl FrameArena {
         // ORDERING: Relaxed: the caller's knowledge of `expect` came through a release/acquire
         // publication that already orders the frame's zero fill before this access.
         self.check(pfn, expect, tag.load(Ordering::Relaxed))?;
+        self.read_rechecked(pfn, tag, data, expect)
+    }
+
+    /// The read and the check after it (invariant 4); the caller made the check before it.
+    #[inline(always)]
+    fn read_rechecked(
+        &self,
+        pfn: Pfn,
+        tag: &AtomicU64,
+        data: &AtomicU64,
+        expect: FrameTag,
+    ) -> Result<u64, StaleAccess> {
         // ORDERING: Relaxed load, then an acquire fence before re-reading the tag: if the value
         // came from a later owner (a release store, or a zero fill behind alloc's SeqCst fence)
         // the fence synchronises with it and the re-read sees the new tag (invariant 4).
@@ -562,6 +613,19 @@ impl FrameArena {
     ) -> Result<(), StaleAccess> {
         // ORDERING: Relaxed: see read_located.
         self.check(pfn, expect, tag.load(Ordering::Relaxed))?;
+        self.write_rechecked(pfn, tag, data, expect, v)
+    }
+
+    /// The store and the check after it (invariant 3); the caller made the check before it.
+    #[inline(always)]
+    fn write_rechecked(
+        &self,
+        pfn: Pfn,
+        tag: &AtomicU64,
+        data: &AtomicU64,
+        expect: FrameTag,
+        v: u64,
+    ) -> Result<(), StaleAccess> {
         // ORDERING: Release so that a reader observing this value synchronises with us
         // (invariant 4); then a SeqCst fence pairing with alloc's fence (invariant 3) so the
         // re-read of the tag cannot miss a reallocation our store raced with. This is a

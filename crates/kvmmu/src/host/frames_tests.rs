@@ -85,6 +85,41 @@ fn tagged_accesses_report_stale_free_and_out_of_range_frames() {
 }
 
 #[test]
+fn accesses_after_the_callers_tag_load_still_report_a_frame_reused_since() {
+    let a = FrameArena::new(1).unwrap();
+    let (p, t) = a.alloc(5).unwrap();
+    // A TLB fill: the caller loads the tag, then accesses with only the check after.
+    let seen = a.tag(p);
+    assert_eq!(seen, t);
+    a.write_after_tag(p, 1, seen, 9).unwrap();
+    assert_eq!(a.read_after_tag(p, 1, seen).unwrap(), 9);
+    // The frame is freed and reused between the caller's tag load and the access.
+    a.free(p, t).unwrap();
+    let (p2, t2) = a.alloc(6).unwrap();
+    assert_eq!(p2, p);
+    let e = a.read_after_tag(p, 1, seen).unwrap_err();
+    assert_eq!((e.expected, e.found), (t, t2));
+    let e = a.write_after_tag(p, 1, seen, 3).unwrap_err();
+    assert_eq!((e.expected, e.found), (t, t2));
+    // Without a check before the store, a store racing a reuse lands and is then reported, as
+    // one in `write_tagged`'s window between its two checks: reported, never silent (invariant 3).
+    assert_eq!(a.read_tagged(p2, 1, t2).unwrap(), 3);
+    // A free tag, a pfn outside the arena and a word past the frame are reported too.
+    assert!(a.read_after_tag(p2, 0, FrameTag::FREE).is_err());
+    assert!(a.write_after_tag(p2, 0, FrameTag::FREE, 1).is_err());
+    assert_eq!(
+        a.read_tagged(p2, 0, t2).unwrap(),
+        0,
+        "a FREE expect stores nothing"
+    );
+    let e = a.read_after_tag(Pfn::new(7), 0, t2).unwrap_err();
+    assert_eq!(e.found, FrameTag::FREE);
+    let e = a.write_after_tag(p2, WORDS_PER_FRAME, t2, 1).unwrap_err();
+    assert_eq!(e.found, FrameTag::FREE);
+    assert_eq!(a.stats().stale_accesses, 6);
+}
+
+#[test]
 fn frames_freed_by_one_thread_serve_another() {
     let a = FrameArena::new(64).unwrap();
     let frames: Vec<_> = (0..64).map(|i| a.alloc(i).unwrap()).collect();

@@ -16,18 +16,24 @@
 //! `entries` (rounded up to a power of two, clamped to `WAYS ..= MAX_ENTRIES`) split into sets of
 //! [`Tlb::WAYS`] = 4 ways, indexed by the low bits of the gfn like a hardware STLB indexes by the low
 //! virtual-page bits, so consecutive gfns use different sets. The default, [`Tlb::DEFAULT_ENTRIES`] =
-//! 2048 (512 sets × 4), is a real second-level TLB's 1536 entries rounded up. Each set's tags,
-//! validity generations and tree-PLRU bits share one cache line; the entries sit in a parallel array,
-//! so a hit touches two lines and a miss one.
+//! 2048 (512 sets × 4), is a real second-level TLB's 1536 entries rounded up. Each set's keys (gfn
+//! and validity generation in one word per way) and tree-PLRU bits share one cache line; the entries
+//! sit in a parallel array, so a hit touches two lines and a miss one. A way's key is
+//! `generation << 52 | gfn` (a gfn is a 64-bit address shifted right by 12, so it fits 52 bits): a
+//! lookup compares one word per way, and a fill tells a free way by the key's generation field.
 //!
 //! # Invariants
 //!
-//! 1. A way is valid iff its generation equals the TLB's current generation (never 0). `flush_all`
-//!    advances the generation, invalidating every way in O(1); when the generation would wrap to 0
-//!    every way's generation is reset to 0 first, so no way from before the wrap can look valid.
+//! 1. A way is valid iff the generation field of its key equals the TLB's current generation (never
+//!    0; 12 bits). `flush_all` advances the generation, invalidating every way in O(1); when the
+//!    generation would pass [`MAX_GENERATION`] every key is reset to 0 (generation 0) first, so no
+//!    way from before the wrap can look valid.
 //! 2. At most one valid way per set holds a given gfn (`insert` replaces an existing translation).
 //! 3. A lookup matches on the gfn passed to `insert`; changing `gfn` through the `&mut TlbEntry` that
 //!    `lookup` returns does not re-index the entry.
+//! 4. `last_miss` is nonzero only if it is the key (current generation and gfn) of a lookup that
+//!    missed, and no `insert` or `flush_all` ran since: then no valid way holds that key, so
+//!    an `insert` of that gfn needs no replace search. (`flush_gfn` keeps it: it only drops ways.)
 
 use crate::addr::{Gfn, Pfn};
 
@@ -80,13 +86,27 @@ pub struct TlbStats {
 
 const WAYS: usize = 4;
 
+/// Bits of a key below its generation field: a gfn is at most 52 bits (`u64` address >> 12).
+const GEN_SHIFT: u32 = 52;
+/// The largest generation (the key's top 12 bits); the next `flush_all` resets every key.
+const MAX_GENERATION: u64 = (1 << (64 - GEN_SHIFT)) - 1;
+
+/// The key of `gfn` in generation `generation` (invariant 1).
+#[inline(always)]
+fn key(generation: u64, gfn: Gfn) -> u64 {
+    // A gfn is a 64-bit guest address shifted right by PAGE_SHIFT, so its top 12 bits are 0 and
+    // the generation field cannot alias gfn bits.
+    debug_assert_eq!(gfn.raw() >> GEN_SHIFT, 0, "a gfn wider than 52 bits");
+    (generation << GEN_SHIFT) | gfn.raw()
+}
+
 /// One set's lookup metadata: exactly one cache line.
 #[derive(Clone, Copy, Debug)]
 #[repr(C, align(64))]
 struct SetTags {
-    gfns: [u64; WAYS],
-    /// Way `w` is valid iff `gens[w] == Tlb::generation` (invariant 1).
-    gens: [u32; WAYS],
+    /// Way `w` is valid iff `keys[w] >> GEN_SHIFT == Tlb::generation` (invariant 1); its gfn is
+    /// then the low bits.
+    keys: [u64; WAYS],
     /// Tree pseudo-LRU: bit 0 = which half was used less recently (0: ways 0–1, 1: ways 2–3),
     /// bit 1 = within ways 0–1 (0: way 0 is older), bit 2 = within ways 2–3 (0: way 2 is older).
     plru: u8,
@@ -94,8 +114,7 @@ struct SetTags {
 
 impl SetTags {
     const EMPTY: SetTags = SetTags {
-        gfns: [0; WAYS],
-        gens: [0; WAYS],
+        keys: [0; WAYS],
         plru: 0,
     };
 
@@ -128,7 +147,11 @@ pub struct Tlb {
     /// `entries[set * WAYS + way]`.
     entries: Box<[TlbEntry]>,
     set_mask: u64,
-    generation: u32,
+    /// The current generation, `1..=MAX_GENERATION` (invariant 1).
+    generation: u64,
+    /// The key of the last lookup that missed, if no insert or `flush_all` came after it; else 0
+    /// (never a valid key: generation 0). Invariant 4.
+    last_miss: u64,
     stats: TlbStats,
 }
 
@@ -159,6 +182,7 @@ impl Tlb {
             entries: vec![TlbEntry::EMPTY; entries].into_boxed_slice(),
             set_mask: sets as u64 - 1,
             generation: 1,
+            last_miss: 0,
             stats: TlbStats::default(),
         }
     }
@@ -175,11 +199,13 @@ impl Tlb {
         (gfn.raw() & self.set_mask) as usize
     }
 
-    /// The valid way of `set` holding `gfn`, if any.
+    /// The valid way of `set` holding `gfn`, if any: one compare per way (the key holds the
+    /// generation, invariant 1).
     #[inline(always)]
     fn find(&self, set: usize, gfn: Gfn) -> Option<usize> {
+        let k = key(self.generation, gfn);
         let t = &self.tags[set];
-        (0..WAYS).find(|&w| t.gens[w] == self.generation && t.gfns[w] == gfn.raw())
+        (0..WAYS).find(|&w| t.keys[w] == k)
     }
 
     /// Looks `gfn` up; on a hit returns the entry (mutable, e.g. to record that D was set) and marks
@@ -195,33 +221,40 @@ impl Tlb {
             }
             None => {
                 self.stats.misses += 1;
+                self.last_miss = key(self.generation, gfn);
                 None
             }
         }
     }
 
     /// Fills a translation: replaces the gfn's existing one, else takes an invalid way, else evicts
-    /// the set's pseudo-least-recently-used way.
+    /// the set's pseudo-least-recently-used way. Inlined into the fill (issue 15).
+    #[inline]
     pub fn insert(&mut self, e: TlbEntry) {
         self.stats.inserts += 1;
         let set = self.set_of(e.gfn);
+        let k = key(self.generation, e.gfn);
         let generation = self.generation;
-        let way = match self.find(set, e.gfn) {
-            Some(way) => way,
-            None => {
-                let t = &self.tags[set];
-                match (0..WAYS).find(|&w| t.gens[w] != generation) {
-                    Some(way) => way,
-                    None => {
-                        self.stats.evictions += 1;
-                        t.victim()
-                    }
-                }
-            }
-        };
+        // Invariant 4: the last lookup missed on this very key and nothing changed the TLB since,
+        // so no way holds the gfn and the replace search (invariant 2) can be skipped: the common
+        // fill, right after the miss that caused its walk.
+        let absent = self.last_miss == k;
+        self.last_miss = 0;
         let t = &mut self.tags[set];
-        t.gfns[way] = e.gfn.raw();
-        t.gens[way] = generation;
+        let way = match (!absent)
+            .then(|| t.keys.iter().position(|&x| x == k))
+            .flatten()
+        {
+            Some(way) => way,
+            None => match t.keys.iter().position(|&x| x >> GEN_SHIFT != generation) {
+                Some(way) => way,
+                None => {
+                    self.stats.evictions += 1;
+                    t.victim()
+                }
+            },
+        };
+        t.keys[way] = k;
         t.touch(way);
         self.entries[set * WAYS + way] = e;
     }
@@ -229,21 +262,24 @@ impl Tlb {
     /// Drops every translation (O(1): advances the generation, invariant 1).
     pub fn flush_all(&mut self) {
         self.stats.flushes += 1;
-        self.generation = self.generation.wrapping_add(1);
-        if self.generation == 0 {
+        self.last_miss = 0;
+        if self.generation == MAX_GENERATION {
             for t in self.tags.iter_mut() {
-                t.gens = [0; WAYS];
+                t.keys = [0; WAYS];
             }
             self.generation = 1;
+        } else {
+            self.generation += 1;
         }
     }
 
     /// Drops the translation of `gfn`, if cached.
     pub fn flush_gfn(&mut self, gfn: Gfn) {
         self.stats.gfn_flushes += 1;
+        // `last_miss` stays: dropping a translation keeps every absent gfn absent.
         let set = self.set_of(gfn);
         if let Some(way) = self.find(set, gfn) {
-            self.tags[set].gens[way] = 0;
+            self.tags[set].keys[way] = 0;
         }
     }
 
@@ -381,12 +417,55 @@ mod tests {
     fn generation_wrap_does_not_resurrect_entries() {
         let mut tlb = Tlb::new(8);
         tlb.insert(entry(5, 50));
-        tlb.generation = u32::MAX;
+        tlb.generation = MAX_GENERATION;
         tlb.insert(entry(6, 60));
         tlb.flush_all(); // wraps: must reset every way
         assert_eq!(tlb.generation, 1);
         assert!(tlb.lookup(Gfn::new(5)).is_none());
         assert!(tlb.lookup(Gfn::new(6)).is_none());
+    }
+
+    #[test]
+    fn the_widest_gfn_hits_and_stays_apart_from_the_generation_field() {
+        let mut tlb = Tlb::new(8);
+        let wide = (1u64 << GEN_SHIFT) - 1;
+        tlb.insert(entry(wide, 1));
+        assert_eq!(tlb.lookup(Gfn::new(wide)).map(|e| e.pfn), Some(Pfn::new(1)));
+        // Same set, same low bits, other generation: not a hit after a flush.
+        tlb.flush_all();
+        assert!(tlb.lookup(Gfn::new(wide)).is_none());
+    }
+
+    #[test]
+    fn a_way_dropped_by_flush_gfn_is_reused_before_any_eviction() {
+        let mut tlb = Tlb::new(4); // one set of four ways
+        for g in 0..4 {
+            tlb.insert(entry(g, g));
+        }
+        tlb.flush_gfn(Gfn::new(2));
+        tlb.insert(entry(9, 9));
+        assert_eq!(tlb.stats().evictions, 0);
+        for g in [0, 1, 3, 9] {
+            assert!(tlb.lookup(Gfn::new(g)).is_some(), "gfn {g} not resident");
+        }
+    }
+
+    #[test]
+    fn a_fill_after_a_miss_and_a_refill_after_a_hit_keep_one_way_per_gfn() {
+        let mut tlb = Tlb::new(4); // one set of four ways
+        assert!(tlb.lookup(Gfn::new(1)).is_none());
+        tlb.insert(entry(1, 10)); // fill right after its miss: no replace search
+        assert!(tlb.lookup(Gfn::new(1)).is_some());
+        tlb.insert(entry(1, 11)); // refill after a hit (a write needing D): replaces
+        assert!(tlb.lookup(Gfn::new(2)).is_none());
+        tlb.insert(entry(1, 12)); // the last miss was another gfn: replaces
+        tlb.insert(entry(2, 20)); // a stale hint is never used after an insert
+        tlb.insert(entry(2, 21));
+        let ways = tlb.tags[0].keys.iter().filter(|&&x| x != 0).count();
+        assert_eq!(ways, 2, "one way per gfn (invariant 2)");
+        assert_eq!(tlb.lookup(Gfn::new(1)).map(|e| e.pfn), Some(Pfn::new(12)));
+        assert_eq!(tlb.lookup(Gfn::new(2)).map(|e| e.pfn), Some(Pfn::new(21)));
+        assert_eq!(tlb.stats().evictions, 0);
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! - a TLB entry remembers the owner tag of the frame it was filled from; every access compares it
 //!   with the frame's current tag (a frame freed or reused since the fill fails the check);
 //! - a fill validates that the frame backs the host page the leaf's installer recorded beside the
-//!   leaf (G3 in docs/locking.md): no lock, no RCU, no SRCU and no memslot lookup, as hardware.
-//!   Where no owner was recorded (shadow leaves; TDP leaves split from, or recovered out of, leaves
-//!   without one; a split inside a fault, which records none) or the frame
+//!   leaf (G3 in docs/locking.md; G5 for the shadow MMU's direct pages): no lock, no RCU, no SRCU
+//!   and no memslot lookup, as hardware. Where no owner was recorded (L2 leaves, in indirect
+//!   shadow pages; leaves split from, or recovered out of, leaves without one; a split inside a
+//!   TDP fault, which records none) or the frame
 //!   disagrees with it, the fill falls back to the memslot check under SRCU (loaded *after* the
 //!   walk; see `walk_and_access` for why that is both free of false alarms and complete), so the
 //!   recorded owner only ever speeds a fill up and never decides a report.
@@ -65,7 +66,9 @@ pub(super) fn translate_and_access(
 
 /// The TLB-miss half of an access: walk the root, validate and fill the TLB, then access. An
 /// instruction fetch (`fetch`) through a leaf without X is a fault (the walk still set A).
-#[inline(never)]
+/// Inlined into `GuestMode::access_slow`, which is already out of line: a call of its own cost a
+/// second prologue and a `Result` returned through memory on every TLB miss (issue 15).
+#[inline(always)]
 pub(super) fn walk_and_access(
     vcpu: &mut Vcpu,
     gpa: Gpa,
@@ -139,14 +142,22 @@ pub(super) fn walk_and_access(
         dirty,
         executable,
     });
-    frame_access(&vcpu.vm, gpa, pfn, tag, write, mask)
-        .map(Access::Done)
-        .map_err(|source| VcpuExit::StaleTranslation { gpa, source })
+    // The fill's own `Acquire` load of the tag above is the check before the access (frame arena
+    // invariants 3-4): one tag load fewer than `frame_access`.
+    let word = (gpa.page_offset() / 8) as usize;
+    let arena = vm.host.arena();
+    match write {
+        Some(v) if mask == u64::MAX => arena.write_after_tag(pfn, word, tag, v).map(|()| v),
+        Some(v) => arena.write_masked_tagged(pfn, word, tag, v, mask),
+        None => arena.read_after_tag(pfn, word, tag),
+    }
+    .map(Access::Done)
+    .map_err(|source| VcpuExit::StaleTranslation { gpa, source })
 }
 
 /// The fill check of a leaf without a usable recorded owner: the frame must back the host page
 /// the memslot maps `gfn` to (the accessed gfn, or in L2 mode the L1 gfn the leaf maps; `gpa` is
-/// the accessed address, for the report). (Not `#[cold]`: every shadow-MMU fill takes it.)
+/// the accessed address, for the report). (Not `#[cold]`: every L2 fill takes it.)
 #[inline(never)]
 fn check_against_memslots(
     vm: &VmInner,
