@@ -6,8 +6,7 @@
 //! - a fill validates that the frame backs the host page the leaf's installer recorded beside the
 //!   leaf (G3 in docs/locking.md; G5 for the shadow MMU's direct pages): no lock, no RCU, no SRCU
 //!   and no memslot lookup, as hardware. Where no owner was recorded (L2 leaves, in indirect
-//!   shadow pages; leaves split from, or recovered out of, leaves without one; a split inside a
-//!   TDP fault, which records none) or the frame
+//!   shadow pages; leaves split from, or recovered out of, leaves without one) or the frame
 //!   disagrees with it, the fill falls back to the memslot check under SRCU (loaded *after* the
 //!   walk; see `walk_and_access` for why that is both free of false alarms and complete), so the
 //!   recorded owner only ever speeds a fill up and never decides a report.

@@ -6,7 +6,7 @@
 //! target level lowers the target; a huge leaf above the target is split in place (P8). At the target, a present leaf that already allows the access
 //! is spurious, otherwise the new leaf is installed with one CAS from the value read (P3).
 
-use super::split::split_huge_spte;
+use super::split::split_huge_spte_owned;
 use crate::addr::Level;
 use crate::mmu::hugepage::{leaf_pfn, max_leaf_level};
 use crate::mmu::spte::{LeafAttrs, Spte, SpteKind, make_spte_ad, resolve_access_tracked};
@@ -129,8 +129,12 @@ impl TdpMmu {
             }
             if kind == SpteKind::Leaf && level > target {
                 // A huge leaf where the fault wants a smaller one (dirty logging): split it in
-                // place (P8) and continue into the new table, as `kvm_tdp_mmu_map` does.
-                if split_huge_spte(sptep, old, level, counters).is_err() {
+                // place (P8) and continue into the new table, as `kvm_tdp_mmu_map` does. The
+                // children get the huge leaf's claim for their frames (G4), read beside it after
+                // the Acquire load above.
+                // SAFETY: `t`'s allocation, as argued above (P1, P2, P4, F1).
+                let owner = unsafe { table.owners() }.at(sptep_index(gfn, level));
+                if split_huge_spte_owned(sptep, Some(owner), old, level, counters).is_err() {
                     Counters::add(&counters.cas_retries, 1);
                     return (FaultOutcome::Retry(RetryReason::CasLost), None);
                 }

@@ -28,19 +28,11 @@ use super::{Counters, RootRef, TdpMmu};
 /// present huge leaf (it was zapped, split or frozen meanwhile: nothing changed). Re-reads and
 /// rebuilds while only the leaf's bits change under it (A/D, permission), so it never gives up
 /// on a leaf that stays present.
-pub(crate) fn split_huge_spte(
-    sptep: &AtomicSpte,
-    old: Spte,
-    level: Level,
-    counters: &Counters,
-) -> Result<(), Spte> {
-    split_huge_spte_owned(sptep, None, old, level, counters)
-}
-
-/// [`split_huge_spte`], also recording the children's owner words (G3) when `owner`, the word
-/// beside `sptep`, names the huge leaf (its pfn bits match): child `k` gets the huge leaf's claim
-/// for its own frames (host page `hp + k * pages`, first pfn `pfn + k * pages`), so the split
-/// changes no claim a vCPU's fill can act on. Otherwise the children record unknown (0).
+///
+/// Also records the children's owner words (G3, G4) when `owner`, the word beside `sptep`, names
+/// the huge leaf (its pfn bits match): child `k` gets the huge leaf's claim for its own frames
+/// (host page `hp + k * pages`, first pfn `pfn + k * pages`), so the split changes no claim a
+/// vCPU's fill can act on. Otherwise (or with `owner` `None`) the children record unknown (0).
 pub(crate) fn split_huge_spte_owned(
     sptep: &AtomicSpte,
     owner: Option<&AtomicU64>,
@@ -254,34 +246,22 @@ impl TdpMmu {
                         // even when unknown, so no word of an earlier leaf in this slot survives.
                         // SAFETY: as `t` above.
                         let child_owners = unsafe { child.owners() };
-                        let step = pages(child_level);
                         let base_pfn = first.pfn().raw();
-                        // ORDERING: Relaxed: under `mmu_lock` write no install races us; each
-                        // word was published with its child's leaf, which we read above.
-                        let hp0 = Owners::expected_host_page(
-                            child_owners.at(0).load(Ordering::Relaxed),
+                        let word = crate::mmu::owner::recovered(
+                            ENTRIES,
+                            pages(child_level),
                             base_pfn,
-                            base_pfn,
+                            // ORDERING: Relaxed: under `mmu_lock` write no install races us;
+                            // each word was published with its child's leaf, read above.
+                            |i| child_owners.at(i).load(Ordering::Relaxed),
                         );
-                        let run = hp0.filter(|&hp0| {
-                            (0..ENTRIES).all(|i| {
-                                let pfn = base_pfn + i as u64 * step;
-                                // ORDERING: as above.
-                                let w = child_owners.at(i).load(Ordering::Relaxed);
-                                Owners::expected_host_page(w, pfn, pfn)
-                                    == Some(hp0 + i as u64 * step)
-                            })
-                        });
                         // SAFETY: we hold a reference to `root` (P4); tables below under `guard`.
                         let slot = unsafe {
                             super::walk::owner_word(root.table(), base, level, it.sptep(), guard)
                         };
                         if let Some(slot) = slot {
                             // ORDERING: Relaxed: published by the leaf's Release store below (G3).
-                            slot.store(
-                                run.map_or(0, |hp0| Owners::encode(hp0, base_pfn)),
-                                Ordering::Relaxed,
-                            );
+                            slot.store(word, Ordering::Relaxed);
                         }
                         let mut raw = first.raw() | PAGE_SIZE_MASK | ACCESSED_MASK;
                         if first.is_writable() {
@@ -526,5 +506,32 @@ mod tests {
         drop(mmu);
         assert_eq!(formed, 1);
         assert_eq!(fill(&tdp, &root, 3), (Level::L2M, None));
+    }
+
+    #[test]
+    fn a_fault_that_splits_a_huge_leaf_on_its_way_down_gives_the_children_its_claim() {
+        let (rcu, lock, tdp, root) = huge(true);
+        // A 4K fault (dirty logging wants small leaves) on gfn 9 of the owned 2M leaf: the map
+        // splits the leaf in place, then finds gfn 9's child already present (spurious).
+        let mmu = lock.read();
+        let guard = rcu.pin();
+        let req = MapRequest {
+            gfn: Gfn::new(9),
+            pfn: Pfn::new(PFN + 9),
+            level: Level::L4K,
+            host_writable: true,
+            write_fault: false,
+            prefetch: false,
+        };
+        let _ = tdp.map_owned(&root, &req, Some(HP + 9), mmu.witness(), &guard);
+        drop(guard);
+        drop(mmu);
+        for g in [0, 8, 10, 511] {
+            assert_eq!(
+                fill(&tdp, &root, g),
+                (Level::L4K, Some(HP + g)),
+                "child {g} of the fault's split keeps the huge leaf's claim for its frame"
+            );
+        }
     }
 }

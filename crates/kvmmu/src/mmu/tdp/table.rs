@@ -57,33 +57,28 @@ struct TablePage {
 /// The owner word of each entry of one table: what the fault that installed the entry's leaf
 /// expected the leaf's frames to back (docs/locking.md, "The guest-mode TLB miss", G3).
 ///
-/// Encoding ([`Owners::encode`]): bits 0..32 hold the host page (`hva >> 12`) of the leaf's first
-/// frame plus one, bits 32..64 the low 32 bits of the leaf's first pfn; 0 means unknown (a leaf
-/// installed by a path that records no owner: direct `TdpMmu::map` callers, the split a fault
-/// does on its way down, and split children or recovered huge leaves made from leaves without a
-/// recorded owner; `split_huge_pages` and `recover_huge_pages` carry known owners over, G4 in
-/// docs/locking.md). A reader that finds an unknown word, or one whose pfn bits do not
+/// Encoding: `mmu/owner.rs`, shared with the shadow MMU; 0 means unknown (a leaf installed by a
+/// path that records no owner: direct `TdpMmu::map` callers, and split children or recovered
+/// huge leaves made from leaves without a recorded owner; splits and recovery carry known owners
+/// over, G4 in docs/locking.md). A reader that finds an unknown word, or one whose pfn bits do not
 /// match the leaf it walked, falls back to the memslot check, so a stale or missing word can
 /// cost time but never decides a stale-translation report.
 #[repr(C)]
 pub(crate) struct Owners([AtomicU64; ENTRIES]);
 
 impl Owners {
-    /// The owner word of a leaf whose first frame `base_pfn` backs host page `base_host_page`.
+    /// The owner word of a leaf whose first frame `base_pfn` backs host page `base_host_page`
+    /// ([`crate::mmu::owner::encode`]).
     #[inline]
     pub(crate) fn encode(base_host_page: u64, base_pfn: u64) -> u64 {
-        (base_pfn << 32) | (base_host_page.wrapping_add(1) & 0xffff_ffff)
+        crate::mmu::owner::encode(base_host_page, base_pfn)
     }
 
     /// The host page that frame `pfn` of a leaf whose first frame is `base_pfn` must back, if
-    /// `word` recorded an owner for exactly that leaf.
+    /// `word` recorded an owner for exactly that leaf ([`crate::mmu::owner::expected_host_page`]).
     #[inline]
     pub(crate) fn expected_host_page(word: u64, base_pfn: u64, pfn: u64) -> Option<u64> {
-        let hp1 = word & 0xffff_ffff;
-        if hp1 == 0 || (word >> 32) != (base_pfn & 0xffff_ffff) {
-            return None;
-        }
-        Some(hp1 - 1 + (pfn - base_pfn))
+        crate::mmu::owner::expected_host_page(word, base_pfn, pfn)
     }
 
     /// The owner word of entry `i`.
