@@ -30,6 +30,7 @@ pub(crate) fn expected_host_page(word: u64, base_pfn: u64, pfn: u64) -> Option<u
 /// `gfn`'s own frame (the fault's GUP) and the leaf's first pfn: the claim moved to the leaf's
 /// first frame; unknown (0) if there is no claim or the block's host pages would start below 0.
 #[inline]
+#[cfg_attr(loom, allow(dead_code))] // the shadow MMU, its only caller, is not built under loom
 pub(crate) fn for_leaf(host_page: Option<u64>, offset_in_leaf: u64, base_pfn: u64) -> u64 {
     host_page
         .and_then(|hp| hp.checked_sub(offset_in_leaf))
