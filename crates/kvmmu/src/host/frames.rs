@@ -440,6 +440,20 @@ impl FrameArena {
         Ok((&tags[index], data))
     }
 
+    /// [`FrameArena::locate`] for the vCPU's access path: a `pfn` outside the arena or a
+    /// `word >= 512` names no frame at all, and is reported (and counted) as found
+    /// [`FrameTag::FREE`].
+    #[inline(always)]
+    fn locate_tagged(
+        &self,
+        pfn: Pfn,
+        word: usize,
+        expect: FrameTag,
+    ) -> Result<(&AtomicU64, &AtomicU64), StaleAccess> {
+        self.locate(pfn, word)
+            .map_err(|_| self.report_stale(pfn, expect, FrameTag::FREE))
+    }
+
     /// Reads word `word` of frame `pfn`, which must carry tag `expect` before and after the read.
     ///
     /// Errors: [`HostError::Stale`] (counted in [`FrameStats::stale_accesses`]) on a tag
@@ -475,10 +489,8 @@ impl FrameArena {
     /// [`FrameTag::FREE`] (and counted).
     #[inline(always)]
     pub fn read_tagged(&self, pfn: Pfn, word: usize, expect: FrameTag) -> Result<u64, StaleAccess> {
-        match self.locate(pfn, word) {
-            Ok((tag, data)) => self.read_located(pfn, tag, data, expect),
-            Err(_) => Err(self.report_stale(pfn, expect, FrameTag::FREE)),
-        }
+        let (tag, data) = self.locate_tagged(pfn, word, expect)?;
+        self.read_located(pfn, tag, data, expect)
     }
 
     /// [`FrameArena::read_tagged`] for a caller that loaded `expect` itself with
@@ -492,10 +504,8 @@ impl FrameArena {
         word: usize,
         expect: FrameTag,
     ) -> Result<u64, StaleAccess> {
-        match self.locate(pfn, word) {
-            Ok((tag, data)) => self.read_rechecked(pfn, tag, data, expect),
-            Err(_) => Err(self.report_stale(pfn, expect, FrameTag::FREE)),
-        }
+        let (tag, data) = self.locate_tagged(pfn, word, expect)?;
+        self.read_rechecked(pfn, tag, data, expect)
     }
 
     /// [`FrameArena::write_tagged`] for a caller that loaded `expect` with [`FrameArena::tag`]
@@ -510,14 +520,12 @@ impl FrameArena {
         expect: FrameTag,
         v: u64,
     ) -> Result<(), StaleAccess> {
-        match self.locate(pfn, word) {
-            Ok((tag, _)) if expect.is_free() => {
-                // ORDERING: Relaxed: only reported.
-                Err(self.stale(pfn, expect, tag.load(Ordering::Relaxed)))
-            }
-            Ok((tag, data)) => self.write_rechecked(pfn, tag, data, expect, v),
-            Err(_) => Err(self.report_stale(pfn, expect, FrameTag::FREE)),
+        let (tag, data) = self.locate_tagged(pfn, word, expect)?;
+        if expect.is_free() {
+            // ORDERING: Relaxed: only reported.
+            return Err(self.stale(pfn, expect, tag.load(Ordering::Relaxed)));
         }
+        self.write_rechecked(pfn, tag, data, expect, v)
     }
 
     /// [`FrameArena::write_u64`] for the vCPU's access path, with errors as in
@@ -530,10 +538,8 @@ impl FrameArena {
         expect: FrameTag,
         v: u64,
     ) -> Result<(), StaleAccess> {
-        match self.locate(pfn, word) {
-            Ok((tag, data)) => self.write_located(pfn, tag, data, expect, v),
-            Err(_) => Err(self.report_stale(pfn, expect, FrameTag::FREE)),
-        }
+        let (tag, data) = self.locate_tagged(pfn, word, expect)?;
+        self.write_located(pfn, tag, data, expect, v)
     }
 
     /// Stores the bits of `v` selected by `mask` into a word and keeps its other bits, atomically
@@ -548,10 +554,7 @@ impl FrameArena {
         v: u64,
         mask: u64,
     ) -> Result<u64, StaleAccess> {
-        let (tag, data) = match self.locate(pfn, word) {
-            Ok(located) => located,
-            Err(_) => return Err(self.report_stale(pfn, expect, FrameTag::FREE)),
-        };
+        let (tag, data) = self.locate_tagged(pfn, word, expect)?;
         // ORDERING: as write_located: Relaxed check, then a Release update so a reader observing
         // the new value synchronises with us, then the SeqCst fence before re-checking the tag
         // (the store-buffering pattern with alloc's fence, invariant 3).

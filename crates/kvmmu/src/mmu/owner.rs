@@ -30,7 +30,6 @@ pub(crate) fn expected_host_page(word: u64, base_pfn: u64, pfn: u64) -> Option<u
 /// `gfn`'s own frame (the fault's GUP) and the leaf's first pfn: the claim moved to the leaf's
 /// first frame; unknown (0) if there is no claim or the block's host pages would start below 0.
 #[inline]
-#[cfg_attr(loom, allow(dead_code))] // the shadow MMU, its only caller, is not built under loom
 pub(crate) fn for_leaf(host_page: Option<u64>, offset_in_leaf: u64, base_pfn: u64) -> u64 {
     host_page
         .and_then(|hp| hp.checked_sub(offset_in_leaf))
@@ -63,6 +62,16 @@ mod tests {
         assert_eq!(expected_host_page(w, 7, 9), Some(102));
         assert_eq!(expected_host_page(w, 8, 8), None, "another leaf's pfn bits");
         assert_eq!(expected_host_page(0, 7, 7), None, "unknown");
+        // A 2M leaf whose first frame 0x2000 backs host page 0x9000 (moved from tdp/table.rs).
+        let w = encode(0x9000, 0x2000);
+        assert_eq!(expected_host_page(w, 0x2000, 0x2000), Some(0x9000));
+        assert_eq!(expected_host_page(w, 0x2000, 0x2005), Some(0x9005));
+        // Another leaf (another first frame) in the same slot: not this word's.
+        assert_eq!(expected_host_page(w, 0x3000, 0x3000), None);
+        // Never recorded.
+        assert_eq!(expected_host_page(0, 0x2000, 0x2000), None);
+        // Host page 0 is a real page, distinct from "unknown".
+        assert_eq!(expected_host_page(encode(0, 7), 7, 7), Some(0));
     }
 
     #[test]

@@ -27,12 +27,13 @@ pub(crate) const BLOCK: usize = 16;
 pub(crate) fn or_block(block: &[AtomicU64; BLOCK]) -> u64 {
     let p = block.as_ptr();
     let out: u64;
-    // SAFETY: `p` points to 128 readable bytes (the array, borrowed for the call), which the
-    // block only reads (`readonly`); `movdqu` has no alignment requirement and each word is
-    // 8-byte aligned (an `AtomicU64`), so each 8-byte half is read atomically (invariant 1). An
-    // `asm!` block is opaque to the Rust memory model: its reads are the hardware's, equivalent
-    // to 16 `Relaxed` loads, so they race with no Rust access (the words are only ever accessed
-    // atomically). Only the named xmm registers are clobbered; no stack, no flags.
+    // Why the block below is sound: `p` points to 128 readable bytes (the array, borrowed for
+    // the call), which the block only reads (`readonly`); `movdqu` has no alignment requirement
+    // and each word is 8-byte aligned (an `AtomicU64`), so each 8-byte half is read atomically
+    // (invariant 1). An `asm!` block is opaque to the Rust memory model: its reads are the
+    // hardware's, equivalent to 16 `Relaxed` loads, so they race with no Rust access (the words
+    // are only ever accessed atomically). Only the named xmm registers are clobbered.
+    // SAFETY: 128 readable bytes, read only, each word whole (the argument just above).
     unsafe {
         core::arch::asm!(
             "movdqu {a}, [{p}]",

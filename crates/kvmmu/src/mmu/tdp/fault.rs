@@ -14,7 +14,7 @@ use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
 use crate::sync::witness::MmuRead;
 
-use super::table::{GFN_LIMIT, Owners, ROOT_LEVEL, TablePtr};
+use super::table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
 use super::{Counters, RootRef, TdpMmu};
 use crate::geometry::index as sptep_index;
 use crate::mmu::types::{FaultOutcome, MapRequest, RetryReason};
@@ -224,9 +224,8 @@ impl TdpMmu {
         // The owner word beside the leaf, written before the install CAS (G3).
         // (A block whose host pages would start below 0 cannot be aligned as the caller
         // checked; it records "unknown" rather than a wrapped page.)
-        let owner = host_page
-            .and_then(|hp| hp.checked_sub(gfn - crate::geometry::align_down(gfn, level)))
-            .map_or(0, |base| Owners::encode(base, pfn.raw()));
+        let offset = gfn - crate::geometry::align_down(gfn, level);
+        let owner = crate::mmu::owner::for_leaf(host_page, offset, pfn.raw());
         // SAFETY: as the walk above: the table holding `sptep` is a root table we hold a
         // reference to or was reached while `mmu` is held (P1, P2, P4; F1).
         let owners = unsafe { leaf_table.owners() };

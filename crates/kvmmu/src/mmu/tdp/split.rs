@@ -20,8 +20,9 @@ use crate::sync::rcu::RcuGuard;
 use crate::sync::witness::MmuRead;
 
 use super::iter::TdpIter;
-use super::table::{ENTRIES, GFN_LIMIT, Owners, TablePtr};
+use super::table::{ENTRIES, GFN_LIMIT, TablePtr};
 use super::{Counters, RootRef, TdpMmu};
+use crate::mmu::owner;
 
 /// Splits the huge leaf last seen as `old` at `level` in `sptep` into a populated table one
 /// level down. `Ok(())` once the table is linked; `Err(actual)` if the slot no longer holds a
@@ -61,12 +62,12 @@ pub(crate) fn split_huge_spte_owned(
         // told apart by its pfn bits.
         let base = old.pfn().raw();
         let hp =
-            owner.and_then(|w| Owners::expected_host_page(w.load(Ordering::Relaxed), base, base));
+            owner.and_then(|w| owner::expected_host_page(w.load(Ordering::Relaxed), base, base));
         let step = level.down().map_or(1, crate::geometry::pages);
         // SAFETY: we own the unpublished table (P1).
         let owners = unsafe { child.owners() };
         for i in 0..ENTRIES as u64 {
-            let word = hp.map_or(0, |hp| Owners::encode(hp + i * step, base + i * step));
+            let word = hp.map_or(0, |hp| owner::encode(hp + i * step, base + i * step));
             // ORDERING: Relaxed: published with the children by the Release CAS below (G3).
             owners.at(i as usize).store(word, Ordering::Relaxed);
         }
@@ -247,7 +248,7 @@ impl TdpMmu {
                         // SAFETY: as `t` above.
                         let child_owners = unsafe { child.owners() };
                         let base_pfn = first.pfn().raw();
-                        let word = crate::mmu::owner::recovered(
+                        let word = owner::recovered(
                             ENTRIES,
                             pages(child_level),
                             base_pfn,

@@ -67,20 +67,6 @@ struct TablePage {
 pub(crate) struct Owners([AtomicU64; ENTRIES]);
 
 impl Owners {
-    /// The owner word of a leaf whose first frame `base_pfn` backs host page `base_host_page`
-    /// ([`crate::mmu::owner::encode`]).
-    #[inline]
-    pub(crate) fn encode(base_host_page: u64, base_pfn: u64) -> u64 {
-        crate::mmu::owner::encode(base_host_page, base_pfn)
-    }
-
-    /// The host page that frame `pfn` of a leaf whose first frame is `base_pfn` must back, if
-    /// `word` recorded an owner for exactly that leaf ([`crate::mmu::owner::expected_host_page`]).
-    #[inline]
-    pub(crate) fn expected_host_page(word: u64, base_pfn: u64, pfn: u64) -> Option<u64> {
-        crate::mmu::owner::expected_host_page(word, base_pfn, pfn)
-    }
-
     /// The owner word of entry `i`.
     #[inline]
     pub(crate) fn at(&self, i: usize) -> &AtomicU64 {
@@ -226,23 +212,6 @@ mod tests {
         assert!((0..ENTRIES).all(|i| table.at(i).load(Ordering::Relaxed) == Spte::NONPRESENT));
         // SAFETY: never published; freed once.
         unsafe { t.free() };
-    }
-
-    #[test]
-    fn owner_word_names_the_host_page_of_each_frame_of_its_own_leaf_only() {
-        // A 2M leaf whose first frame 0x2000 backs host page 0x9000.
-        let w = Owners::encode(0x9000, 0x2000);
-        assert_eq!(Owners::expected_host_page(w, 0x2000, 0x2000), Some(0x9000));
-        assert_eq!(Owners::expected_host_page(w, 0x2000, 0x2005), Some(0x9005));
-        // Another leaf (another first frame) in the same slot: not this word's.
-        assert_eq!(Owners::expected_host_page(w, 0x3000, 0x3000), None);
-        // Never recorded.
-        assert_eq!(Owners::expected_host_page(0, 0x2000, 0x2000), None);
-        // Host page 0 is a real page, distinct from "unknown".
-        assert_eq!(
-            Owners::expected_host_page(Owners::encode(0, 7), 7, 7),
-            Some(0)
-        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::mmu::types::{HwWalk, access_leaf};
 use crate::sync::atomic::Ordering;
 use crate::sync::rcu::RcuGuard;
 
-use super::table::{GFN_LIMIT, Owners, ROOT_LEVEL, TablePtr};
+use super::table::{GFN_LIMIT, ROOT_LEVEL, TablePtr};
 use super::{RootRef, TdpMmu};
 
 /// The owner word (G3) beside the entry `sptep`, which the caller read as the entry for `gfn` at
@@ -158,7 +158,10 @@ impl TdpMmu {
                     // lost A/D race) makes the owner store of the install that wrote that leaf
                     // visible; a later install's word is told apart by its pfn bits (G3).
                     let word = owners.at(i).load(Ordering::Relaxed);
-                    return (hit, Owners::expected_host_page(word, base_pfn, pfn.raw()));
+                    return (
+                        hit,
+                        crate::mmu::owner::expected_host_page(word, base_pfn, pfn.raw()),
+                    );
                 }
                 SpteKind::Table => {
                     #[cfg(feature = "test-hooks")]
